@@ -1,0 +1,554 @@
+//! Applying a verified reply to the data tree, atomically with respect to crashes.
+//!
+//! Three stages, each with its own guarantee:
+//! 1. [`plan`] (pure) decides whether the reply may be applied to the tree as scanned and turns its
+//!    operations into [`Step`]s. It refuses unless the result is exactly the generation the reply promises
+//!    and no step would cross a symbolic link or touch a device file.
+//! 2. [`stage`] decompresses every new file into a staging directory on the data tree's file system,
+//!    checking size and BLAKE3 as it writes, and fsyncs. Nothing in the data tree changes; a failure here
+//!    (a bad payload, a full disk) leaves the tree exactly as it was.
+//! 3. [`Journal::commit`] durably records the steps, then [`Journal::execute`] performs them with renames.
+//!    Every step is idempotent, so after a crash the next run calls [`Journal::execute`] again and the tree
+//!    ends as the new generation. Before the journal is committed the old generation stands; after, the new
+//!    one is reached on the next run, never a mix.
+//!
+//! Replaced and deleted files are kept (by rename or hard link) under the staging directory's `previous/`
+//! until the apply is recorded, so an operator can see what was there.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Digest, Entry, Listed, Manifest, Mode, Op, ordered};
+use crate::path::RelPath;
+use crate::protocol::{Reason, Refusal, Reply};
+use crate::scan::{ForeignKind, Scan};
+
+/// What to do with files in the data tree that the owner does not list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExtra {
+    /// Remove them, so the tree is exactly the generation (the default).
+    #[default]
+    Delete,
+    /// Leave them alone; files the owner once sent and later removed are still deleted.
+    Keep,
+}
+
+/// One change to the data tree, in the order executed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// Move a file or symlink out of the tree (into `previous/`).
+    RemoveFile {
+        /// Which.
+        path: RelPath,
+    },
+    /// Remove an empty directory.
+    RemoveDir {
+        /// Which.
+        path: RelPath,
+    },
+    /// Create a directory (mode 755).
+    Mkdir {
+        /// Which.
+        path: RelPath,
+    },
+    /// Rename a staged file into place.
+    Place {
+        /// Where.
+        path: RelPath,
+        /// The staged file's name inside the staging directory's `files/`.
+        staged: String,
+        /// The content's digest, to recognize a placement already done.
+        blake3: Digest,
+    },
+    /// Set a file's mode.
+    Chmod {
+        /// Which.
+        path: RelPath,
+        /// To what.
+        mode: Mode,
+    },
+}
+
+/// A checked plan for one reply.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The generation's full tree, as the recipient will hold it (kept extras aside).
+    pub target: Manifest,
+    /// The steps, in execution order.
+    pub steps: Vec<Step>,
+    /// Extras left in place because of [`OnExtra::Keep`].
+    pub kept: Vec<RelPath>,
+}
+
+fn local(detail: String) -> Refusal {
+    Refusal::new(Reason::LocalTree, detail)
+}
+
+/// Decides whether `reply` can be applied to the tree as `scan` found it, and how.
+///
+/// `previous` is the manifest of the generation applied before; with [`OnExtra::Keep`] only paths in it
+/// may be deleted.
+///
+/// # Errors
+/// A refusal: [`Reason::LocalTree`] when the tree holds a symlink leading outside it, a device file, or
+/// has changed since the request (its root is not the reply's `base`); [`Reason::BadPath`] when the
+/// operations do not form a valid tree; [`Reason::TreeMismatch`] when the result would not have the
+/// promised root.
+pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) -> Result<Plan, Refusal> {
+    let mut inside_links = BTreeSet::new();
+    for f in &scan.foreign {
+        match &f.kind {
+            ForeignKind::Symlink { target, escapes: true } => {
+                return Err(local(format!(
+                    "data tree holds symlink `{}` -> `{}`, which leads outside it",
+                    f.path,
+                    target.display()
+                )));
+            }
+            ForeignKind::Symlink { .. } => {
+                inside_links.insert(f.path.clone());
+            }
+            ForeignKind::Special(what) => {
+                return Err(local(format!("data tree holds a {what} at `{}`", f.path)));
+            }
+        }
+    }
+    let current = &scan.manifest;
+    if current.root() != reply.base {
+        return Err(local(format!(
+            "tree changed since the request was sent (root {} now, reply is for {})",
+            current.root().short(),
+            reply.base.short()
+        )));
+    }
+    let target = current
+        .apply(&reply.ops)
+        .map_err(|e| Refusal::new(Reason::BadPath, format!("operations do not form a valid tree: {e}")))?;
+    if target.root() != reply.root {
+        return Err(Refusal::new(
+            Reason::TreeMismatch,
+            format!("operations produce root {}, reply promises {}", target.root().short(), reply.root.short()),
+        ));
+    }
+    // A step must never pass through or land on a symlink, even one that stays inside the tree.
+    for op in &reply.ops {
+        let p = op.path();
+        if let Some(link) = p.ancestors().chain(std::iter::once(p.clone())).find(|a| inside_links.contains(a)) {
+            return Err(local(format!("`{p}` would be written through symlink `{link}`")));
+        }
+    }
+
+    let mut steps = Vec::new();
+    let mut kept: Vec<RelPath> = Vec::new();
+    let keep = |p: &RelPath| on_extra == OnExtra::Keep && previous.get(p).is_none() && target.get(p).is_none();
+    // Symlinks inside the tree are never part of a generation: remove them, or keep them as extras.
+    for link in &inside_links {
+        if keep(link) {
+            kept.push(link.clone());
+        } else {
+            steps.push(Step::RemoveFile { path: link.clone() });
+        }
+    }
+    let mut n_staged = 0usize;
+    for op in ordered(&reply.ops) {
+        match op {
+            Op::Delete { path } => {
+                let has_kept_child = kept.iter().any(|k| k.starts_with(path));
+                if keep(path) || has_kept_child {
+                    kept.push(path.clone());
+                    continue;
+                }
+                match current.get(path) {
+                    Some(Entry::Dir) => steps.push(Step::RemoveDir { path: path.clone() }),
+                    _ => steps.push(Step::RemoveFile { path: path.clone() }),
+                }
+            }
+            Op::Mkdir { path } => steps.push(Step::Mkdir { path: path.clone() }),
+            Op::Put { path, blake3, .. } => {
+                steps.push(Step::Place { path: path.clone(), staged: format!("{n_staged:08}"), blake3: *blake3 });
+                n_staged += 1;
+            }
+            Op::Chmod { path, mode } => steps.push(Step::Chmod { path: path.clone(), mode: *mode }),
+        }
+    }
+    // Every file that gets placed ends with a chmod to its final mode, so a re-run after a crash is exact.
+    for op in &reply.ops {
+        if let Op::Put { path, mode, .. } = op {
+            steps.push(Step::Chmod { path: path.clone(), mode: *mode });
+        }
+    }
+    Ok(Plan { target, steps, kept })
+}
+
+/// Why staging failed: the reply is bad (refuse it) or the machine is (report and retry later).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A payload does not decompress to what the control part promised.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// Local I/O failed (full disk, permissions): the reply may be fine.
+    #[error("failed to stage files in `{}`: {source}", dir.display())]
+    Io {
+        /// The staging directory.
+        dir: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// Decompresses every put of `reply` into `stage_dir/files/`, verifying each file's size and BLAKE3 as it
+/// is written, and fsyncs them. `payload(id)` returns a verified payload attachment.
+///
+/// Memory stays bounded by the zstd window: each file streams from its frame to disk.
+///
+/// # Errors
+/// See [`StageError`]. On error the staging directory may hold partial files; the caller removes it.
+pub fn stage<'a>(plan: &Plan, reply: &Reply, payload: &dyn Fn(&str) -> Option<&'a [u8]>, stage_dir: &Path) -> Result<(), StageError> {
+    let files = stage_dir.join("files");
+    let io_err = |source| StageError::Io { dir: stage_dir.to_path_buf(), source };
+    fs::create_dir_all(&files).map_err(io_err)?;
+    let mut puts = reply.ops.iter().filter_map(|op| match op {
+        Op::Put { path, size, blake3, source, .. } => Some((path, *size, *blake3, source)),
+        _ => None,
+    });
+    for step in &plan.steps {
+        let Step::Place { path, staged, .. } = step else { continue };
+        let (put_path, size, blake3, source) = loop {
+            let next = puts.next().expect("plan has one place step per put");
+            if next.0 == path {
+                break next;
+            }
+        };
+        debug_assert_eq!(put_path, path);
+        let src = source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
+        let data = payload(&src.payload)
+            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", src.payload)))?;
+        let frame = usize::try_from(src.offset)
+            .ok()
+            .zip(usize::try_from(src.offset + src.length).ok())
+            .and_then(|(a, b)| data.get(a..b))
+            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("put `{path}` points outside its payload")))?;
+        let out_path = files.join(staged);
+        let out = File::create(&out_path).map_err(io_err)?;
+        let (written, digest) = decompress_into(frame, size, out).map_err(|e| match e {
+            DecodeError::Io(source) => StageError::Io { dir: stage_dir.to_path_buf(), source },
+            DecodeError::Bad(why) => StageError::Refused(Refusal::new(Reason::BadPayload, format!("`{path}`: {why}"))),
+        })?;
+        if written != size || digest != blake3 {
+            return Err(Refusal::new(
+                Reason::BadPayload,
+                format!("`{path}` unpacks to {written} bytes with digest {}, control part says {size} bytes, {}", digest.short(), blake3.short()),
+            )
+            .into());
+        }
+    }
+    File::open(&files).and_then(|d| d.sync_all()).map_err(io_err)?;
+    Ok(())
+}
+
+enum DecodeError {
+    Io(io::Error),
+    Bad(String),
+}
+
+/// Streams the zstd `frame` into `out`, refusing to produce more than `limit` bytes; returns the bytes
+/// written and their digest.
+fn decompress_into(frame: &[u8], limit: u64, out: File) -> Result<(u64, Digest), DecodeError> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
+    dec.window_log_max(31).map_err(|e| DecodeError::Bad(e.to_string()))?;
+    let mut dec = dec.single_frame();
+    let mut w = BufWriter::new(out);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = dec.read(&mut buf).map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(DecodeError::Bad(format!("unpacks to more than the declared {limit} bytes")));
+        }
+        h.update(&buf[..n]);
+        w.write_all(&buf[..n]).map_err(DecodeError::Io)?;
+    }
+    let f = w.into_inner().map_err(|e| DecodeError::Io(e.into_error()))?;
+    f.sync_all().map_err(DecodeError::Io)?;
+    Ok((total, h.finalize().into()))
+}
+
+/// The durable record of an apply in progress. Present in the state directory exactly while the data tree
+/// may be between two generations.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Journal {
+    /// Journal format version.
+    pub version: u32,
+    /// The data tree.
+    pub data_root: PathBuf,
+    /// The staging directory of this apply.
+    pub stage_dir: PathBuf,
+    /// Generation being applied.
+    pub generation: u64,
+    /// The reply's id.
+    pub reply_id: String,
+    /// The nonce the reply answered.
+    pub nonce: String,
+    /// BLAKE3 of the raw message, for the seen-store.
+    pub message: Digest,
+    /// Number of operations in the reply (for history).
+    pub ops: usize,
+    /// The generation's full tree.
+    pub target: Vec<Listed>,
+    /// The steps.
+    pub steps: Vec<Step>,
+}
+
+impl Journal {
+    /// Path of the journal file in a state directory.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("journal.json")
+    }
+
+    /// Reads the journal of `state_dir`, if an apply was interrupted.
+    ///
+    /// # Errors
+    /// An unreadable or corrupt journal: the operator must look.
+    pub fn load(state_dir: &Path) -> Result<Option<Journal>> {
+        let path = Journal::path(state_dir);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).with_context(|| format!("journal `{}` is corrupt", path.display()))?,
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("failed to read `{}`", path.display())),
+        }
+    }
+
+    /// Durably writes the journal: from this moment the apply will be finished, by this run or the next.
+    ///
+    /// # Errors
+    /// I/O errors; the tree is untouched then.
+    pub fn commit(&self, state_dir: &Path) -> Result<()> {
+        let path = Journal::path(state_dir);
+        let mut tmp = tempfile::NamedTempFile::new_in(state_dir)?;
+        serde_json::to_writer(&mut tmp, self)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).with_context(|| format!("failed to write `{}`", path.display()))?;
+        File::open(state_dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Removes the journal and the staging directory once the apply is recorded.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn finish(&self, state_dir: &Path) -> Result<()> {
+        let path = Journal::path(state_dir);
+        fs::remove_file(&path).with_context(|| format!("failed to remove `{}`", path.display()))?;
+        File::open(state_dir)?.sync_all()?;
+        if self.stage_dir.exists() {
+            fs::remove_dir_all(&self.stage_dir)
+                .with_context(|| format!("failed to remove staging directory `{}`", self.stage_dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The generation's manifest.
+    ///
+    /// # Errors
+    /// A corrupt journal.
+    pub fn target(&self) -> Result<Manifest> {
+        Ok(Manifest::from_listing(self.target.clone())?)
+    }
+
+    /// Performs every step. Safe to call again after a crash at any point: each step checks whether it was
+    /// already done.
+    ///
+    /// # Errors
+    /// I/O errors, or a tree changed under the apply so that a step cannot be completed.
+    pub fn execute(&self) -> Result<()> {
+        let root = &self.data_root;
+        let files = self.stage_dir.join("files");
+        let previous = self.stage_dir.join("previous");
+        fs::create_dir_all(&previous)?;
+        let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = |p: &RelPath| root.join(p.as_str());
+            match step {
+                Step::RemoveFile { path } => {
+                    let full = at(path);
+                    match fs::symlink_metadata(&full) {
+                        // Done before, or the path became a directory in a later step of a previous run.
+                        Err(e) if is_gone(&e) => {}
+                        Ok(m) if m.is_dir() => {}
+                        Ok(_) => {
+                            fs::rename(&full, previous.join(format!("{i:08}")))
+                                .with_context(|| format!("failed to remove `{}`", full.display()))?;
+                            dirty.insert(parent_of(&full));
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("failed to inspect `{}`", full.display())),
+                    }
+                }
+                Step::RemoveDir { path } => {
+                    let full = at(path);
+                    match fs::symlink_metadata(&full) {
+                        Ok(m) if m.is_dir() => {
+                            fs::remove_dir(&full).with_context(|| format!("failed to remove directory `{}`", full.display()))?;
+                            dirty.insert(parent_of(&full));
+                        }
+                        _ => {}
+                    }
+                }
+                Step::Mkdir { path } => {
+                    let full = at(path);
+                    match fs::create_dir(&full) {
+                        Ok(()) => {
+                            dirty.insert(parent_of(&full));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&full)?.is_dir() => {}
+                        Err(e) => return Err(e).with_context(|| format!("failed to create directory `{}`", full.display())),
+                    }
+                    fs::set_permissions(&full, fs::Permissions::from_mode(0o755))?;
+                }
+                Step::Place { path, staged, blake3 } => {
+                    let full = at(path);
+                    let src = files.join(staged);
+                    if src.exists() {
+                        // Keep the old content, if any, for the operator.
+                        if fs::symlink_metadata(&full).is_ok_and(|m| m.is_file()) {
+                            let keep = previous.join(format!("{i:08}"));
+                            if !keep.exists() {
+                                fs::hard_link(&full, &keep).ok();
+                            }
+                        }
+                        fs::rename(&src, &full).with_context(|| format!("failed to place `{}`", full.display()))?;
+                        dirty.insert(parent_of(&full));
+                    } else {
+                        // Placed by an earlier run; make sure it is what we placed.
+                        let (_, got) = crate::scan::hash_file(&full)
+                            .with_context(|| format!("cannot finish the interrupted apply: `{}` is gone", full.display()))?;
+                        anyhow::ensure!(
+                            got == *blake3,
+                            "cannot finish the interrupted apply: `{}` was changed by someone else",
+                            full.display()
+                        );
+                    }
+                }
+                Step::Chmod { path, mode } => {
+                    let full = at(path);
+                    fs::set_permissions(&full, fs::Permissions::from_mode(mode.bits()))
+                        .with_context(|| format!("failed to set the mode of `{}`", full.display()))?;
+                }
+            }
+        }
+        for dir in dirty {
+            if let Ok(d) = File::open(&dir) {
+                d.sync_all().with_context(|| format!("failed to sync `{}`", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    // ENOTDIR: a parent became a file in a later step.
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Nonce;
+    use crate::manifest::{FileMeta, diff};
+    use crate::protocol::{Kind, VERSION};
+    use crate::scan::Foreign;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn tree(items: &[(&str, Option<&[u8]>)]) -> Manifest {
+        let mut m = Manifest::new();
+        for (path, c) in items {
+            m.insert(
+                p(path),
+                c.map_or(Entry::Dir, |c| Entry::File(FileMeta { size: c.len() as u64, mode: Mode::Regular, blake3: Digest::of(c) })),
+            );
+        }
+        m.validate().unwrap();
+        m
+    }
+
+    fn reply_for(from: &Manifest, to: &Manifest) -> Reply {
+        Reply {
+            mailferry: VERSION,
+            kind: Kind::Reply,
+            recipient: "r".into(),
+            nonce: Nonce([0; 16]),
+            request_seq: 1,
+            reply_id: "x".into(),
+            part: 1,
+            parts: 1,
+            created: 0,
+            generation: 1,
+            root: to.root(),
+            base: from.root(),
+            ops: diff(from, to),
+            payloads: vec![],
+        }
+    }
+
+    #[test]
+    fn plan_refuses_unsafe_trees_and_mismatches() {
+        let from = tree(&[("a", None), ("a/x", Some(b"1"))]);
+        let to = tree(&[("a", None), ("a/x", Some(b"2"))]);
+        let ok = Scan { manifest: from.clone(), foreign: vec![] };
+        assert!(plan(&ok, &from, &reply_for(&from, &to), OnExtra::Delete).is_ok());
+
+        let mut lying = reply_for(&from, &to);
+        lying.root = Digest([9; 32]);
+        assert_eq!(plan(&ok, &from, &lying, OnExtra::Delete).unwrap_err().reason, Reason::TreeMismatch);
+
+        let drifted = Scan { manifest: tree(&[("a", None)]), foreign: vec![] };
+        assert_eq!(plan(&drifted, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+
+        for kind in [
+            ForeignKind::Symlink { target: "/etc".into(), escapes: true },
+            ForeignKind::Special("character device"),
+        ] {
+            let bad = Scan { manifest: from.clone(), foreign: vec![Foreign { path: p("z"), kind }] };
+            assert_eq!(plan(&bad, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+        }
+        let through_link = Scan {
+            manifest: from.clone(),
+            foreign: vec![Foreign { path: p("a/x"), kind: ForeignKind::Symlink { target: "y".into(), escapes: false } }],
+        };
+        assert_eq!(plan(&through_link, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+    }
+
+    #[test]
+    fn keep_leaves_extras_but_deletes_what_the_owner_removed() {
+        let previous = tree(&[("old", Some(b"o"))]);
+        let local = tree(&[("old", Some(b"o")), ("mine", None), ("mine/notes", Some(b"n"))]);
+        let target = tree(&[("new", Some(b"n"))]);
+        let scan = Scan { manifest: local.clone(), foreign: vec![] };
+        let plan = plan(&scan, &previous, &reply_for(&local, &target), OnExtra::Keep).unwrap();
+        assert_eq!(plan.kept, vec![p("mine/notes"), p("mine")]);
+        assert!(plan.steps.contains(&Step::RemoveFile { path: p("old") }));
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::RemoveFile { path } | Step::RemoveDir { path } if path.as_str().starts_with("mine"))));
+    }
+}

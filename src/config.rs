@@ -1,0 +1,368 @@
+//! Node configuration files (`owner.toml`, `recipient.toml`) and enrollment files.
+//!
+//! Files are TOML with kebab-case keys; unknown keys are errors, so a typo never silently falls back to a
+//! default. Relative paths are resolved against the directory of the file that names them. Secrets never
+//! live in a config file: the recipient's key is in its own file (mode 0600, checked on load), the owner's
+//! keys in its state database.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::apply::OnExtra;
+use crate::crypto::Key;
+use crate::limits::Limits;
+
+/// `humantime` strings ("90s", "15m", "2h") for durations.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration: {e}")))
+    }
+}
+
+/// How a node sends and receives mail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TransportConfig {
+    /// A Maildir spool: mail to address A is delivered into `root/A/`.
+    Maildir {
+        /// The spool directory.
+        root: PathBuf,
+    },
+}
+
+/// The `[owner]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OwnerSection {
+    /// The owner's mail address; recipients send requests here.
+    pub address: String,
+    /// The authoritative source tree that `publish` snapshots.
+    pub source: PathBuf,
+    /// State directory (database, content store, outbox). Default: the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// How often `run` checks for requests when not in `--once` mode. Default 1m.
+    #[serde(with = "duration", default = "default_owner_interval")]
+    pub interval: Duration,
+    /// zstd level for the content store (1-19). Default 9.
+    #[serde(default = "default_level")]
+    pub compression_level: i32,
+}
+
+fn default_owner_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_level() -> i32 {
+    9
+}
+fn default_recipient_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+
+/// The `[recipient]` table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RecipientSection {
+    /// The name the owner registered this recipient under.
+    pub name: String,
+    /// This recipient's mail address (replies arrive here).
+    pub address: String,
+    /// The owner's address (requests go there).
+    pub owner_address: String,
+    /// The data tree kept in sync.
+    pub data: PathBuf,
+    /// State directory. Default: the config file's directory. Must not be inside `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// File holding the 64-hex-digit key (mode 0600).
+    pub key_file: PathBuf,
+    /// Where new files are staged; must be on the data tree's file system. Default: `STATE/staging` when
+    /// that is on the same file system, else `.NAME.mailferry-staging` beside the data tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_dir: Option<PathBuf>,
+    /// How often `run` requests an update. Default 1h.
+    #[serde(with = "duration", default = "default_recipient_interval")]
+    pub interval: Duration,
+    /// How long a request may stay unanswered before it counts as lost. Default 6h.
+    #[serde(with = "duration", default = "default_reply_timeout")]
+    pub reply_timeout: Duration,
+    /// What to do with files the owner does not list. Default `delete`.
+    #[serde(default)]
+    pub on_extra: OnExtra,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawFile {
+    owner: Option<OwnerSection>,
+    recipient: Option<RecipientSection>,
+    transport: TransportConfig,
+    #[serde(default)]
+    limits: Limits,
+}
+
+/// A loaded owner configuration, paths resolved.
+#[derive(Clone, Debug)]
+pub struct OwnerConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The `[owner]` table.
+    pub owner: OwnerSection,
+    /// The `[transport]` table.
+    pub transport: TransportConfig,
+    /// The `[limits]` table.
+    pub limits: Limits,
+    /// Resolved state directory.
+    pub state_dir: PathBuf,
+}
+
+/// A loaded recipient configuration, paths resolved.
+#[derive(Clone, Debug)]
+pub struct RecipientConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The `[recipient]` table.
+    pub recipient: RecipientSection,
+    /// The `[transport]` table.
+    pub transport: TransportConfig,
+    /// The `[limits]` table.
+    pub limits: Limits,
+    /// Resolved state directory.
+    pub state_dir: PathBuf,
+}
+
+/// Either role's configuration.
+#[derive(Clone, Debug)]
+pub enum NodeConfig {
+    /// An owner.
+    Owner(OwnerConfig),
+    /// A recipient.
+    Recipient(RecipientConfig),
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+fn resolve_transport(base: &Path, t: TransportConfig) -> TransportConfig {
+    match t {
+        TransportConfig::Maildir { root } => TransportConfig::Maildir { root: resolve(base, &root) },
+    }
+}
+
+impl NodeConfig {
+    /// Reads and checks a config file of either role.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, invalid TOML, unknown keys, both or neither role, or a recipient state
+    /// directory inside its data tree.
+    pub fn load(path: &Path) -> Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow::format_err!("config file `{}` does not exist", path.display())
+            } else {
+                anyhow::Error::new(e).context(format!("failed to read config file `{}`", path.display()))
+            }
+        })?;
+        let raw: RawFile = toml::from_str(&text).with_context(|| format!("config file `{}` is invalid", path.display()))?;
+        let path = std::path::absolute(path)?;
+        let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let transport = resolve_transport(&base, raw.transport);
+        match (raw.owner, raw.recipient) {
+            (Some(mut owner), None) => {
+                owner.source = resolve(&base, &owner.source);
+                let state_dir = owner.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
+                crate::transport::maildir::check_address(&owner.address).map_err(anyhow::Error::msg)?;
+                Ok(NodeConfig::Owner(OwnerConfig { path, owner, transport, limits: raw.limits, state_dir }))
+            }
+            (None, Some(mut recipient)) => {
+                recipient.data = resolve(&base, &recipient.data);
+                recipient.key_file = resolve(&base, &recipient.key_file);
+                recipient.staging_dir = recipient.staging_dir.as_deref().map(|s| resolve(&base, s));
+                let state_dir = recipient.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
+                check_state_outside_data(&state_dir, &recipient.data)?;
+                Ok(NodeConfig::Recipient(RecipientConfig { path, recipient, transport, limits: raw.limits, state_dir }))
+            }
+            (Some(_), Some(_)) => bail!("config file `{}` has both [owner] and [recipient]", path.display()),
+            (None, None) => bail!("config file `{}` has neither [owner] nor [recipient]", path.display()),
+        }
+    }
+}
+
+/// Refuses a state directory inside the data tree (or the data tree inside the state directory): the
+/// recipient's own state must never be synced, deleted or overwritten by an apply.
+///
+/// # Errors
+/// When they overlap.
+pub fn check_state_outside_data(state_dir: &Path, data: &Path) -> Result<()> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()));
+    let (s, d) = (canon(state_dir), canon(data));
+    if s.starts_with(&d) || d.starts_with(&s) {
+        bail!(
+            "state directory `{}` and data tree `{}` overlap: mailferry's state must live outside the data tree",
+            s.display(),
+            d.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a key file, refusing one that group or others can read.
+///
+/// # Errors
+/// A missing, unreadable, too-open or malformed key file.
+pub fn read_key_file(path: &Path) -> Result<Key> {
+    let meta = std::fs::metadata(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "key file `{}` is readable by others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
+    Key::from_hex(&text).with_context(|| format!("key file `{}` is invalid", path.display()))
+}
+
+/// Writes `contents` to `path` with mode 0600, creating it exclusively (never overwriting a secret).
+///
+/// # Errors
+/// An existing file or I/O errors.
+pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("failed to create `{}`", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// What a recipient needs to join an owner, written by `owner add-recipient`. Contains the key: keep it
+/// secret and carry it by a trusted path.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Enrollment {
+    /// Enrollment format version (1).
+    pub mailferry_enrollment: u32,
+    /// The owner's address.
+    pub owner_address: String,
+    /// The recipient's registered name.
+    pub name: String,
+    /// The recipient's registered address: the only address replies go to.
+    pub address: String,
+    /// The recipient's key, 64 hex digits.
+    pub key: String,
+    /// The key's public id.
+    pub key_id: String,
+    /// How the owner expects to exchange mail.
+    pub transport: TransportHint,
+}
+
+/// Transport hints in an enrollment file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TransportHint {
+    /// `maildir` or `mail`.
+    pub kind: String,
+    /// Suggested request interval.
+    pub interval: String,
+}
+
+impl Enrollment {
+    /// Reads an enrollment file, refusing one that others can read.
+    ///
+    /// # Errors
+    /// A missing, too-open or invalid file.
+    pub fn load(path: &Path) -> Result<Enrollment> {
+        read_key_mode(path)?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read enrollment file `{}`", path.display()))?;
+        let e: Enrollment = toml::from_str(&text).with_context(|| format!("enrollment file `{}` is invalid", path.display()))?;
+        if e.mailferry_enrollment != 1 {
+            bail!("enrollment file `{}` has version {}, this build reads 1", path.display(), e.mailferry_enrollment);
+        }
+        Ok(e)
+    }
+}
+
+fn read_key_mode(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("failed to read `{}`", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!("`{}` holds a key but is readable by others (mode {mode:o}); run `chmod 600 {}`", path.display(), path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_both_roles_and_refuses_typos() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = dir.path().join("owner.toml");
+        std::fs::write(
+            &owner,
+            "[owner]\naddress = \"o@x\"\nsource = \"src\"\ninterval = \"90s\"\n[transport]\nkind = \"maildir\"\nroot = \"spool\"\n",
+        )
+        .unwrap();
+        let NodeConfig::Owner(o) = NodeConfig::load(&owner).unwrap() else { panic!("owner expected") };
+        assert_eq!(o.owner.interval, Duration::from_secs(90));
+        assert_eq!(o.owner.source, dir.path().join("src"));
+        assert_eq!(o.transport, TransportConfig::Maildir { root: dir.path().join("spool") });
+        assert_eq!(o.limits, Limits::default());
+
+        std::fs::write(&owner, "[owner]\naddress = \"o@x\"\nsource = \"s\"\nintervall = \"1m\"\n[transport]\nkind = \"maildir\"\nroot = \"s\"\n").unwrap();
+        let err = format!("{:#}", NodeConfig::load(&owner).unwrap_err());
+        assert!(err.contains("intervall"), "{err}");
+        std::fs::write(&owner, "[owner]\naddress = \"o@x\"\nsource = \"s\"\n[transport]\nkind = \"carrier-pigeon\"\n").unwrap();
+        assert!(NodeConfig::load(&owner).is_err());
+        assert!(format!("{:#}", NodeConfig::load(&dir.path().join("nope.toml")).unwrap_err()).contains("does not exist"));
+    }
+
+    #[test]
+    fn recipient_state_must_not_be_inside_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("data/r.toml");
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(
+            &cfg,
+            "[recipient]\nname = \"r\"\naddress = \"r@x\"\nowner-address = \"o@x\"\ndata = \".\"\nkey-file = \"k\"\n[transport]\nkind = \"maildir\"\nroot = \"/tmp/s\"\n",
+        )
+        .unwrap();
+        assert!(format!("{:#}", NodeConfig::load(&cfg).unwrap_err()).contains("overlap"));
+    }
+
+    #[test]
+    fn key_files_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        write_secret(&k, &Key::generate().to_hex()).unwrap();
+        read_key_file(&k).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(format!("{:#}", read_key_file(&k).unwrap_err()).contains("readable by others"));
+        assert!(write_secret(&k, "again").is_err(), "secrets are never overwritten");
+    }
+}

@@ -1,0 +1,586 @@
+//! The node's state database (SQLite): generations, recipients, nonces, seen messages, rejections.
+//!
+//! The database is the durable memory that makes the protocol safe across restarts: which nonces are
+//! outstanding or answered, which sequence numbers were seen, which messages were already handled (by the
+//! BLAKE3 of their raw bytes), and every refusal with its reason. It lives in the node's state directory,
+//! never in the data tree, and is created readable by its owner only because it holds keys.
+//!
+//! Both roles share one schema; each uses the tables it needs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::manifest::{Digest, Listed, Manifest};
+use crate::protocol::envelope::Hints;
+use crate::protocol::{Kind, Refusal};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE manifests (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE generations (
+    number INTEGER PRIMARY KEY, root TEXT NOT NULL, created INTEGER NOT NULL,
+    files INTEGER NOT NULL, bytes INTEGER NOT NULL, manifest BLOB NOT NULL);
+CREATE TABLE recipients (
+    name TEXT PRIMARY KEY, address TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL,
+    created INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0,
+    last_request_at INTEGER, last_reply_at INTEGER, last_receipt_at INTEGER,
+    applied_generation INTEGER, applied_root TEXT);
+CREATE TABLE requests (
+    nonce TEXT PRIMARY KEY, recipient TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
+    reply_id TEXT NOT NULL, generation INTEGER NOT NULL, ops INTEGER NOT NULL, reply_bytes INTEGER NOT NULL);
+CREATE TABLE outstanding (nonce TEXT PRIMARY KEY, seq INTEGER NOT NULL, sent_at INTEGER NOT NULL);
+CREATE TABLE seen (digest TEXT PRIMARY KEY, at INTEGER NOT NULL, outcome TEXT NOT NULL);
+CREATE TABLE rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+    sender TEXT, message_id TEXT, subject TEXT, digest TEXT);
+CREATE TABLE receipts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL, at INTEGER NOT NULL, nonce TEXT NOT NULL,
+    reply_id TEXT NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL, status TEXT NOT NULL,
+    UNIQUE (recipient, reply_id));
+CREATE TABLE applied (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL,
+    reply_id TEXT NOT NULL, nonce TEXT NOT NULL, ops INTEGER NOT NULL);
+";
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// An open state database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+/// A refused message as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// Reason code.
+    pub reason: String,
+    /// Details.
+    pub detail: String,
+    /// Claimed sender (untrusted).
+    pub sender: Option<String>,
+    /// Message-ID (untrusted).
+    pub message_id: Option<String>,
+    /// Subject (untrusted).
+    pub subject: Option<String>,
+}
+
+/// A registered recipient, as the owner knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientRow {
+    /// Name.
+    pub name: String,
+    /// Registered address: the only one replies go to.
+    pub address: String,
+    /// Key in hex (secret; never serialized for output).
+    #[serde(skip)]
+    pub key_hex: String,
+    /// Public key id.
+    pub key_id: String,
+    /// Highest request sequence number seen.
+    pub last_seq: u64,
+    /// Last authenticated request.
+    pub last_request_at: Option<u64>,
+    /// Last reply sent.
+    pub last_reply_at: Option<u64>,
+    /// Last receipt.
+    pub last_receipt_at: Option<u64>,
+    /// Generation the last receipt reported.
+    pub applied_generation: Option<u64>,
+    /// Root the last receipt reported.
+    pub applied_root: Option<String>,
+}
+
+/// A published generation's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationRow {
+    /// Number, from 1.
+    pub number: u64,
+    /// Tree root.
+    pub root: Digest,
+    /// When published.
+    pub created: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Bytes in regular files.
+    pub bytes: u64,
+}
+
+fn pack_manifest(m: &Manifest) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(&m.listing())?;
+    Ok(zstd::bulk::compress(&json, 3)?)
+}
+
+fn unpack_manifest(data: &[u8]) -> Result<Manifest> {
+    let json = zstd::stream::decode_all(data).context("stored manifest is corrupt")?;
+    let listing: Vec<Listed> = serde_json::from_slice(&json).context("stored manifest is corrupt")?;
+    Ok(Manifest::from_listing(listing)?)
+}
+
+impl Db {
+    /// Opens or creates the database at `path` (mode 0600), applying the schema.
+    ///
+    /// # Errors
+    /// I/O or SQLite errors, or a database from a newer mailferry.
+    pub fn open(path: &Path) -> Result<Db> {
+        let existed = path.exists();
+        let conn = Connection::open(path).with_context(|| format!("failed to open state database `{}`", path.display()))?;
+        if !existed {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("failed to restrict `{}`", path.display()))?;
+        }
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        match version {
+            0 => {
+                conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+            }
+            SCHEMA_VERSION => {}
+            v => anyhow::bail!(
+                "state database `{}` has schema version {v}, newer than this mailferry understands ({SCHEMA_VERSION})",
+                path.display()
+            ),
+        }
+        Ok(Db { conn })
+    }
+
+    /// Runs `f` in one transaction, committed only if `f` succeeds.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or SQLite errors.
+    pub fn transaction<T>(&mut self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    // ---- shared ----
+
+    /// A value from the key-value table.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    /// Sets a value in the key-value table.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// A numeric meta value, 0 when absent.
+    ///
+    /// # Errors
+    /// SQLite errors or a non-numeric value.
+    pub fn meta_u64(&self, key: &str) -> Result<u64> {
+        Ok(self.meta(key)?.map(|v| v.parse()).transpose().with_context(|| format!("meta {key} is not a number"))?.unwrap_or(0))
+    }
+
+    /// The outcome recorded for a message with raw-bytes digest `digest`, if it was handled before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn seen(&self, digest: &Digest) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT outcome FROM seen WHERE digest = ?1", [digest.to_hex()], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Records that a message was handled with `outcome` ("processed" or "rejected").
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn mark_seen(&self, digest: &Digest, outcome: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO seen (digest, at, outcome) VALUES (?1, ?2, ?3)",
+            params![digest.to_hex(), now() as i64, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// Records a refused message.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_rejection(&self, refusal: &Refusal, hints: &Hints, digest: &Digest) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO rejections (at, reason, detail, sender, message_id, subject, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now() as i64,
+                refusal.reason.code(),
+                refusal.detail,
+                hints.from,
+                hints.message_id,
+                hints.subject,
+                digest.to_hex()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every recorded rejection, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rejections(&self) -> Result<Vec<Rejection>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT at, reason, detail, sender, message_id, subject FROM rejections ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(Rejection {
+                at: r.get::<_, i64>(0)? as u64,
+                reason: r.get(1)?,
+                detail: r.get(2)?,
+                sender: r.get(3)?,
+                message_id: r.get(4)?,
+                subject: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of recorded rejections.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rejection_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT count(*) FROM rejections", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    // ---- owner ----
+
+    /// Stores a new generation and returns its number.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn add_generation(&self, m: &Manifest) -> Result<u64> {
+        let number = self.latest_generation()?.map_or(1, |g| g.number + 1);
+        let (files, bytes) = m.file_stats();
+        self.conn.execute(
+            "INSERT INTO generations (number, root, created, files, bytes, manifest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![number as i64, m.root().to_hex(), now() as i64, files as i64, bytes as i64, pack_manifest(m)?],
+        )?;
+        Ok(number)
+    }
+
+    /// The newest generation, if any was published.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn latest_generation(&self) -> Result<Option<GenerationRow>> {
+        self.conn
+            .query_row(
+                "SELECT number, root, created, files, bytes FROM generations ORDER BY number DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)),
+            )
+            .optional()?
+            .map(|(n, root, c, f, b)| {
+                Ok(GenerationRow {
+                    number: n as u64,
+                    root: Digest::from_hex(&root).map_err(anyhow::Error::msg)?,
+                    created: c as u64,
+                    files: f as u64,
+                    bytes: b as u64,
+                })
+            })
+            .transpose()
+    }
+
+    /// The manifest of generation `number`.
+    ///
+    /// # Errors
+    /// SQLite errors, a missing generation, or a corrupt manifest.
+    pub fn generation_manifest(&self, number: u64) -> Result<Manifest> {
+        let data: Vec<u8> = self
+            .conn
+            .query_row("SELECT manifest FROM generations WHERE number = ?1", [number as i64], |r| r.get(0))
+            .optional()?
+            .with_context(|| format!("generation {number} does not exist"))?;
+        unpack_manifest(&data)
+    }
+
+    /// Registers a recipient.
+    ///
+    /// # Errors
+    /// SQLite errors, including a name that is taken.
+    pub fn add_recipient(&self, name: &str, address: &str, key_hex: &str, key_id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO recipients (name, address, key, key_id, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![name, address, key_hex, key_id, now() as i64],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    anyhow::format_err!("a recipient named {name:?} is already registered")
+                }
+                e => e.into(),
+            })?;
+        Ok(())
+    }
+
+    /// A registered recipient by name.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn recipient(&self, name: &str) -> Result<Option<RecipientRow>> {
+        Ok(self.recipients_where("WHERE name = ?1", [name])?.pop())
+    }
+
+    /// Every registered recipient, by name.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn recipients(&self) -> Result<Vec<RecipientRow>> {
+        self.recipients_where("ORDER BY name", [])
+    }
+
+    fn recipients_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<RecipientRow>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT name, address, key, key_id, last_seq, last_request_at, last_reply_at, last_receipt_at,
+                    applied_generation, applied_root FROM recipients {clause}"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok(RecipientRow {
+                name: r.get(0)?,
+                address: r.get(1)?,
+                key_hex: r.get(2)?,
+                key_id: r.get(3)?,
+                last_seq: r.get::<_, i64>(4)? as u64,
+                last_request_at: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                last_reply_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+                last_receipt_at: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+                applied_generation: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+                applied_root: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether a request nonce was answered before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn request_answered(&self, nonce: &str) -> Result<bool> {
+        Ok(self.conn.query_row("SELECT count(*) FROM requests WHERE nonce = ?1", [nonce], |r| r.get::<_, i64>(0))? > 0)
+    }
+
+    /// Records an answered request and advances the recipient's sequence number.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_answer(
+        &self,
+        recipient: &str,
+        nonce: &str,
+        seq: u64,
+        reply_id: &str,
+        generation: u64,
+        ops: usize,
+        reply_bytes: usize,
+    ) -> Result<()> {
+        let t = now() as i64;
+        self.conn.execute(
+            "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![nonce, recipient, seq as i64, t, reply_id, generation as i64, ops as i64, reply_bytes as i64],
+        )?;
+        self.conn.execute(
+            "UPDATE recipients SET last_seq = ?2, last_request_at = ?3, last_reply_at = ?3 WHERE name = ?1",
+            params![recipient, seq as i64, t],
+        )?;
+        Ok(())
+    }
+
+    /// Whether `nonce` was a request of `recipient` that the owner answered.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM requests WHERE nonce = ?1 AND recipient = ?2",
+            params![nonce, recipient],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    /// Records a receipt and what it says the recipient now has.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_receipt(&self, r: &crate::protocol::Receipt) -> Result<()> {
+        let t = now() as i64;
+        let status = serde_json::to_value(r.status)?.as_str().unwrap_or("applied").to_owned();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO receipts (recipient, at, nonce, reply_id, generation, root, status)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![r.recipient, t, r.nonce.to_hex(), r.reply_id, r.generation as i64, r.root.to_hex(), status],
+        )?;
+        self.conn.execute(
+            "UPDATE recipients SET last_receipt_at = ?2, applied_generation = ?3, applied_root = ?4 WHERE name = ?1",
+            params![r.recipient, t, r.generation as i64, r.root.to_hex()],
+        )?;
+        Ok(())
+    }
+
+    // ---- recipient ----
+
+    /// Takes the next request sequence number.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn next_seq(&self) -> Result<u64> {
+        let seq = self.meta_u64("seq")? + 1;
+        self.set_meta("seq", &seq.to_string())?;
+        Ok(seq)
+    }
+
+    /// Records a request as sent and awaiting its reply.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn add_outstanding(&self, nonce: &str, seq: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO outstanding (nonce, seq, sent_at) VALUES (?1, ?2, ?3)",
+            params![nonce, seq as i64, now() as i64],
+        )?;
+        self.set_meta("last_request_at", &now().to_string())
+    }
+
+    /// When the request with `nonce` was sent, if it is still outstanding.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outstanding(&self, nonce: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT sent_at FROM outstanding WHERE nonce = ?1", [nonce], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    }
+
+    /// The send time of the newest outstanding request.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn newest_outstanding(&self) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT max(sent_at) FROM outstanding", [], |r| r.get::<_, Option<i64>>(0))?
+            .map(|v| v as u64))
+    }
+
+    /// Number of outstanding requests.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outstanding_count(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT count(*) FROM outstanding", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Marks a request answered: its nonce is no longer accepted.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn close_outstanding(&self, nonce: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM outstanding WHERE nonce = ?1", [nonce])?;
+        self.set_meta("last_reply_at", &now().to_string())
+    }
+
+    /// Forgets outstanding requests older than `max_age` seconds, keeping the newest 16 in any case.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn expire_outstanding(&self, max_age: u64) -> Result<()> {
+        let cutoff = now().saturating_sub(max_age) as i64;
+        self.conn.execute(
+            "DELETE FROM outstanding WHERE sent_at < ?1
+               AND nonce NOT IN (SELECT nonce FROM outstanding ORDER BY sent_at DESC LIMIT 16)",
+            [cutoff],
+        )?;
+        Ok(())
+    }
+
+    /// The generation, root and manifest this recipient last applied.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
+        let generation = self.meta_u64("applied_generation")?;
+        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        let manifest: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0))
+            .optional()?;
+        let manifest = manifest.map(|d| unpack_manifest(&d)).transpose()?.unwrap_or_default();
+        Ok((generation, root, manifest))
+    }
+
+    /// Records a completed apply: the new generation, its root and manifest, and the history row.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_applied(&self, generation: u64, manifest: &Manifest, reply_id: &str, nonce: &str, ops: usize) -> Result<()> {
+        let root = manifest.root();
+        self.set_meta("applied_generation", &generation.to_string())?;
+        self.set_meta("applied_root", &root.to_hex())?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('applied', ?1)",
+            [pack_manifest(manifest)?],
+        )?;
+        self.conn.execute(
+            "INSERT INTO applied (at, generation, root, reply_id, nonce, ops) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now() as i64, generation as i64, root.to_hex(), reply_id, nonce, ops as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Whether a reply with this id was applied already.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn reply_applied(&self, reply_id: &str) -> Result<bool> {
+        Ok(self.conn.query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))? > 0)
+    }
+}
+
+/// What kind of message a refusal concerned, when known; recorded for the log.
+pub fn kind_name(kind: Option<Kind>) -> &'static str {
+    match kind {
+        Some(Kind::Request) => "request",
+        Some(Kind::Reply) => "reply",
+        Some(Kind::Receipt) => "receipt",
+        None => "unknown",
+    }
+}

@@ -1,0 +1,67 @@
+//! mailferry keeps a recipient's data tree in sync with an owner's, using nothing but email.
+//!
+//! # Bird's-eye view
+//!
+//! A **recipient** scans its data tree, and mails the owner an authenticated **request**: its name, a fresh
+//! nonce, a sequence number, the generation it has applied and what is in its tree now. The **owner**
+//! checks the request against the recipient it registered, diffs the tree against its newest immutable
+//! **generation**, and mails back a **reply** to the recipient's *registered* address: the operations that
+//! turn the recipient's tree into the generation, with the new contents zstd-compressed, all authenticated
+//! by an HMAC over the control part under that recipient's own key. The recipient verifies everything,
+//! stages the new files beside the tree, commits a journal, and renames them into place; after a crash the
+//! next run finishes the journal, so the tree is the old generation or the new one. It then mails a
+//! **receipt**, which the owner records.
+//!
+//! ```text
+//!  recipient                                   owner
+//!  scan ─► request(nonce, seq, gen, inventory) ─►  verify MAC, seq, nonce ─► diff vs generation
+//!  verify ◄─ reply(nonce, gen, root, ops, payloads) ◄─ pack from content store
+//!  stage ─► journal ─► rename ─► receipt ─────────►  record
+//! ```
+//!
+//! # Code map
+//!
+//! Pure core (no I/O, unit-tested):
+//! - [`path`]: validated tree-relative paths; the one place hostile names are refused.
+//! - [`manifest`]: trees, tree roots, [`manifest::diff`] and [`manifest::Manifest::apply`].
+//! - [`crypto`]: keys, HMAC-SHA256, nonces.
+//! - [`protocol`]: control messages (request, reply, receipt), auth part, refusal reasons, and
+//!   [`protocol::envelope`] for MIME.
+//! - [`limits`]: bounds on what one message may make a node do.
+//! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
+//!
+//! I/O shell:
+//! - [`scan`]: reads a tree into a manifest (never follows symlinks).
+//! - [`store`]: the owner's content-addressed store of every published file.
+//! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
+//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree.
+//! - [`transport`]: the only code that moves mail ([`transport::maildir`] spool).
+//! - [`node`]: owner and recipient drivers tying it together; the outbox.
+//! - [`config`]: config and enrollment files.
+//!
+//! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes.
+//!
+//! # Invariants
+//! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name,
+//!   which only selects the key. Headers, subject and text parts are never trusted.
+//! - No byte reaches the data tree before the whole reply is verified and every new file is staged and
+//!   checked against its BLAKE3.
+//! - Replies go only to the address registered for a recipient.
+//! - mailferry's own state (database, journal, outbox, keys) never lives inside a data tree.
+//! - The core modules listed above as pure do no I/O; only [`transport`] talks to mail systems.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod apply;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod limits;
+pub mod manifest;
+pub mod node;
+pub mod path;
+pub mod protocol;
+pub mod scan;
+pub mod store;
+pub mod transport;

@@ -1,0 +1,643 @@
+//! The model of a tree: what is in it, its root digest, and the operations that turn one tree into another.
+//!
+//! A [`Manifest`] maps validated paths to entries (directories and regular files with size, mode and
+//! BLAKE3 digest). Its [`Manifest::root`] is the digest both sides compare to decide that two trees are
+//! equal. [`diff`] computes the operations from one manifest to another and [`Manifest::apply`] replays
+//! them, which is how a recipient checks a reply *before* touching its tree: the manifest that the reply
+//! would produce must have exactly the root the owner promised.
+//!
+//! Pure: no I/O here. Reading a tree from disk is [`crate::scan`]'s job.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::path::RelPath;
+
+/// A BLAKE3 digest, written as 64 lowercase hex digits on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Digest of `data`.
+    pub fn of(data: &[u8]) -> Digest {
+        Digest(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lowercase hex form.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// The first 12 hex digits, for humans.
+    pub fn short(&self) -> String {
+        hex(&self.0[..6])
+    }
+
+    /// Parses 64 hex digits.
+    ///
+    /// # Errors
+    /// When `s` is not exactly 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<Digest, String> {
+        let bytes = unhex(s).ok_or_else(|| format!("{s:?} is not a hex digest"))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| format!("{s:?} is not a 32-byte digest"))?;
+        Ok(Digest(arr))
+    }
+}
+
+impl From<blake3::Hash> for Digest {
+    fn from(h: blake3::Hash) -> Digest {
+        Digest(*h.as_bytes())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.short())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+        let s = String::deserialize(d)?;
+        Digest::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Lowercase hex encoding.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Decodes lowercase or uppercase hex; `None` if it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
+}
+
+/// A file's permission bits as mailferry manages them: executable or not.
+///
+/// Only `0o644` and `0o755` exist on the wire. Set-uid, set-gid, sticky and write-for-others bits are never
+/// carried, so a message cannot plant a set-uid binary or a world-writable file.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Mode {
+    /// `0o644`.
+    Regular,
+    /// `0o755`.
+    Executable,
+}
+
+impl Mode {
+    /// The mode of a file whose permission bits are `bits`: executable when the owner may execute it.
+    pub fn from_bits(bits: u32) -> Mode {
+        if bits & 0o100 != 0 { Mode::Executable } else { Mode::Regular }
+    }
+
+    /// The permission bits written to disk.
+    pub fn bits(self) -> u32 {
+        match self {
+            Mode::Regular => 0o644,
+            Mode::Executable => 0o755,
+        }
+    }
+}
+
+impl Serialize for Mode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.bits())
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
+        match u32::deserialize(d)? {
+            0o644 => Ok(Mode::Regular),
+            0o755 => Ok(Mode::Executable),
+            other => Err(serde::de::Error::custom(format!("file mode {other:o} is not 644 or 755"))),
+        }
+    }
+}
+
+/// A regular file's identity: what two trees must agree on for the file to count as equal.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileMeta {
+    /// Length in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: Mode,
+    /// BLAKE3 of the content.
+    pub blake3: Digest,
+}
+
+/// One entry of a tree.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Entry {
+    /// A directory (listed explicitly so that empty directories are part of the tree).
+    Dir,
+    /// A regular file.
+    File(FileMeta),
+}
+
+/// An entry with its path, as listed in requests and stored manifests.
+///
+/// On the wire a directory is `{"path":"a"}` and a file `{"path":"a/x","size":5,"mode":420,"blake3":"..."}`.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(try_from = "WireListed", into = "WireListed")]
+pub struct Listed {
+    /// Where the entry is.
+    pub path: RelPath,
+    /// `None` for a directory.
+    pub file: Option<FileMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct WireListed {
+    path: RelPath,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blake3: Option<Digest>,
+}
+
+impl TryFrom<WireListed> for Listed {
+    type Error = String;
+    fn try_from(w: WireListed) -> Result<Listed, String> {
+        let file = match (w.size, w.mode, w.blake3) {
+            (None, None, None) => None,
+            (Some(size), Some(mode), Some(blake3)) => Some(FileMeta { size, mode, blake3 }),
+            _ => return Err(format!("entry `{}` must have all of size, mode and blake3, or none", w.path)),
+        };
+        Ok(Listed { path: w.path, file })
+    }
+}
+
+impl From<Listed> for WireListed {
+    fn from(l: Listed) -> WireListed {
+        WireListed {
+            path: l.path,
+            size: l.file.map(|f| f.size),
+            mode: l.file.map(|f| f.mode),
+            blake3: l.file.map(|f| f.blake3),
+        }
+    }
+}
+
+/// Why a set of entries or operations does not form a valid tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TreeError {
+    /// The same path is listed twice.
+    #[error("path `{0}` is listed twice")]
+    Duplicate(RelPath),
+    /// An entry's parent is missing or is a file.
+    #[error("`{0}` has no parent directory in the tree")]
+    Orphan(RelPath),
+    /// Two paths that a case-insensitive file system would treat as one.
+    #[error("`{0}` and `{1}` differ only in case")]
+    CaseCollision(RelPath, RelPath),
+    /// An operation names a path that is not there, or is of the wrong type.
+    #[error("operation on `{path}` does not fit the tree: {why}")]
+    BadOp {
+        /// The path operated on.
+        path: RelPath,
+        /// What did not fit.
+        why: &'static str,
+    },
+}
+
+/// A whole tree: every directory and regular file by path.
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+pub struct Manifest {
+    entries: BTreeMap<RelPath, Entry>,
+}
+
+impl Manifest {
+    /// The empty tree.
+    pub fn new() -> Manifest {
+        Manifest::default()
+    }
+
+    /// Builds a manifest from a listing and checks that it forms a tree (see [`Manifest::validate`]).
+    ///
+    /// # Errors
+    /// Duplicates, orphans and case collisions.
+    pub fn from_listing(listing: Vec<Listed>) -> Result<Manifest, TreeError> {
+        let mut entries = BTreeMap::new();
+        for l in listing {
+            let entry = l.file.map_or(Entry::Dir, Entry::File);
+            if entries.insert(l.path.clone(), entry).is_some() {
+                return Err(TreeError::Duplicate(l.path));
+            }
+        }
+        let m = Manifest { entries };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The listing form, sorted by path.
+    pub fn listing(&self) -> Vec<Listed> {
+        self.entries
+            .iter()
+            .map(|(path, e)| Listed {
+                path: path.clone(),
+                file: match e {
+                    Entry::Dir => None,
+                    Entry::File(f) => Some(*f),
+                },
+            })
+            .collect()
+    }
+
+    /// Adds or replaces an entry without checking tree shape; call [`Manifest::validate`] when done.
+    pub fn insert(&mut self, path: RelPath, entry: Entry) {
+        self.entries.insert(path, entry);
+    }
+
+    /// The entry at `path`.
+    pub fn get(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries.get(path)
+    }
+
+    /// Every entry, sorted by path.
+    pub fn iter(&self) -> impl Iterator<Item = (&RelPath, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// Number of entries (files and directories).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the tree is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Number of regular files and their total size.
+    pub fn file_stats(&self) -> (usize, u64) {
+        self.entries.values().fold((0, 0), |(n, b), e| match e {
+            Entry::File(f) => (n + 1, b + f.size),
+            Entry::Dir => (n, b),
+        })
+    }
+
+    /// Checks that the entries form a tree: every parent is a listed directory and no two paths collide
+    /// on a case-insensitive file system.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), TreeError> {
+        let mut folded: HashMap<String, &RelPath> = HashMap::with_capacity(self.entries.len());
+        for path in self.entries.keys() {
+            if let Some(parent) = path.parent()
+                && self.entries.get(&parent) != Some(&Entry::Dir)
+            {
+                return Err(TreeError::Orphan(path.clone()));
+            }
+            if let Some(other) = folded.insert(path.fold_key(), path) {
+                return Err(TreeError::CaseCollision(other.clone(), path.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tree root: a BLAKE3 digest over every entry in path order.
+    ///
+    /// Two trees have the same root exactly when they have the same paths, types, sizes, modes and
+    /// contents. The encoding is documented in `docs/protocol.md` ("Tree root").
+    pub fn root(&self) -> Digest {
+        let mut h = blake3::Hasher::new_derive_key("mailferry tree root v1");
+        for (path, entry) in &self.entries {
+            let p = path.as_str().as_bytes();
+            match entry {
+                Entry::Dir => {
+                    h.update(b"d");
+                    h.update(&(p.len() as u64).to_le_bytes());
+                    h.update(p);
+                }
+                Entry::File(f) => {
+                    h.update(b"f");
+                    h.update(&(p.len() as u64).to_le_bytes());
+                    h.update(p);
+                    h.update(&f.mode.bits().to_le_bytes());
+                    h.update(&f.size.to_le_bytes());
+                    h.update(&f.blake3.0);
+                }
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// Replays `ops` on a copy of this tree and returns the result, checked to be a valid tree.
+    ///
+    /// Operations are applied in the canonical order of [`Op::phase`]: deletes (deepest first), then
+    /// directories (shallowest first), then file contents, then modes. That is also the order in which
+    /// [`crate::apply`] touches the disk.
+    ///
+    /// # Errors
+    /// An operation that does not fit (deleting what is not there, a mode change on a missing file) or a
+    /// result that is not a valid tree.
+    pub fn apply(&self, ops: &[Op]) -> Result<Manifest, TreeError> {
+        let mut out = self.clone();
+        for op in ordered(ops) {
+            match op {
+                Op::Delete { path } => {
+                    if out.entries.remove(path).is_none() {
+                        return Err(TreeError::BadOp { path: path.clone(), why: "deleting a path that does not exist" });
+                    }
+                }
+                Op::Mkdir { path } => match out.entries.get(path) {
+                    None => {
+                        out.entries.insert(path.clone(), Entry::Dir);
+                    }
+                    Some(_) => {
+                        return Err(TreeError::BadOp { path: path.clone(), why: "creating a directory that exists" });
+                    }
+                },
+                Op::Put { path, size, mode, blake3, .. } => {
+                    if out.entries.get(path) == Some(&Entry::Dir) {
+                        return Err(TreeError::BadOp { path: path.clone(), why: "writing a file over a directory" });
+                    }
+                    out.entries.insert(path.clone(), Entry::File(FileMeta { size: *size, mode: *mode, blake3: *blake3 }));
+                }
+                Op::Chmod { path, mode } => match out.entries.get_mut(path) {
+                    Some(Entry::File(f)) => f.mode = *mode,
+                    _ => return Err(TreeError::BadOp { path: path.clone(), why: "changing the mode of a missing file" }),
+                },
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+}
+
+/// Where a put's content comes from.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Source {
+    /// The payload attachment holding the compressed bytes.
+    pub payload: String,
+    /// Offset of this file's zstd frame in the decoded payload.
+    pub offset: u64,
+    /// Length of the frame.
+    pub length: u64,
+}
+
+/// One step from a recipient's tree towards the target generation.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Op {
+    /// Remove a file or an (by then empty) directory.
+    Delete {
+        /// What to remove.
+        path: RelPath,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// What to create.
+        path: RelPath,
+    },
+    /// Write a file with this content and mode.
+    Put {
+        /// Where.
+        path: RelPath,
+        /// Length of the content.
+        size: u64,
+        /// Permission bits.
+        mode: Mode,
+        /// BLAKE3 of the content.
+        blake3: Digest,
+        /// Where the content is; `None` only while planning, before payloads are packed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<Source>,
+    },
+    /// Change only the mode of a file whose content is already right.
+    Chmod {
+        /// Which file.
+        path: RelPath,
+        /// Its new mode.
+        mode: Mode,
+    },
+}
+
+impl Op {
+    /// A put of `meta` at `path`, without a source yet.
+    pub fn put(path: RelPath, meta: FileMeta) -> Op {
+        Op::Put { path, size: meta.size, mode: meta.mode, blake3: meta.blake3, source: None }
+    }
+
+    /// The path the operation acts on.
+    pub fn path(&self) -> &RelPath {
+        match self {
+            Op::Delete { path } | Op::Mkdir { path } | Op::Put { path, .. } | Op::Chmod { path, .. } => path,
+        }
+    }
+
+    /// Sort key giving the order operations are applied in (see [`Manifest::apply`]).
+    pub fn phase(&self) -> (u8, i64, &RelPath) {
+        match self {
+            // Deepest first, so that a directory is empty when its turn comes.
+            Op::Delete { path } => (0, -(path.depth() as i64), path),
+            Op::Mkdir { path } => (1, path.depth() as i64, path),
+            Op::Put { path, .. } => (2, 0, path),
+            Op::Chmod { path, .. } => (3, 0, path),
+        }
+    }
+}
+
+/// `ops` in the order they are applied.
+pub fn ordered(ops: &[Op]) -> Vec<&Op> {
+    let mut v: Vec<&Op> = ops.iter().collect();
+    v.sort_by(|a, b| a.phase().cmp(&b.phase()));
+    v
+}
+
+/// The operations that turn `from` into `to`. Puts carry no [`Source`] yet.
+///
+/// Invariant: `from.apply(&diff(from, to)) == Ok(to)` whenever both are valid trees.
+pub fn diff(from: &Manifest, to: &Manifest) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for (path, old) in &from.entries {
+        match (old, to.entries.get(path)) {
+            (_, None) | (Entry::Dir, Some(Entry::File(_))) | (Entry::File(_), Some(Entry::Dir)) => {
+                ops.push(Op::Delete { path: path.clone() });
+            }
+            _ => {}
+        }
+    }
+    for (path, new) in &to.entries {
+        match (from.entries.get(path), new) {
+            (Some(Entry::Dir), Entry::Dir) => {}
+            (_, Entry::Dir) => ops.push(Op::Mkdir { path: path.clone() }),
+            (Some(Entry::File(old)), Entry::File(new)) if old.blake3 == new.blake3 && old.size == new.size => {
+                if old.mode != new.mode {
+                    ops.push(Op::Chmod { path: path.clone(), mode: new.mode });
+                }
+            }
+            (_, Entry::File(new)) => ops.push(Op::put(path.clone(), *new)),
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn file(content: &[u8], mode: Mode) -> Entry {
+        Entry::File(FileMeta { size: content.len() as u64, mode, blake3: Digest::of(content) })
+    }
+
+    fn tree(items: &[(&str, Option<&[u8]>)]) -> Manifest {
+        let mut m = Manifest::new();
+        for (path, content) in items {
+            m.insert(p(path), content.map_or(Entry::Dir, |c| file(c, Mode::Regular)));
+        }
+        m.validate().unwrap();
+        m
+    }
+
+    #[test]
+    fn root_depends_on_every_attribute() {
+        let base = tree(&[("a", None), ("a/x", Some(b"1"))]);
+        let mut roots = vec![base.root(), Manifest::new().root()];
+        let mut exec = base.clone();
+        exec.insert(p("a/x"), file(b"1", Mode::Executable));
+        roots.push(exec.root());
+        roots.push(tree(&[("a", None), ("a/x", Some(b"2"))]).root());
+        roots.push(tree(&[("a", None), ("a/y", Some(b"1"))]).root());
+        roots.push(tree(&[("a", None), ("a/x", Some(b"1")), ("b", None)]).root());
+        let unique: std::collections::HashSet<_> = roots.iter().collect();
+        assert_eq!(unique.len(), roots.len(), "distinct trees must have distinct roots");
+        assert_eq!(base.root(), tree(&[("a/x", Some(b"1")), ("a", None)]).root(), "order of insertion is irrelevant");
+    }
+
+    #[test]
+    fn validate_refuses_bad_shapes() {
+        let mut orphan = Manifest::new();
+        orphan.insert(p("a/b"), file(b"", Mode::Regular));
+        assert_eq!(orphan.validate(), Err(TreeError::Orphan(p("a/b"))));
+
+        let mut under_file = Manifest::new();
+        under_file.insert(p("a"), file(b"", Mode::Regular));
+        under_file.insert(p("a/b"), file(b"", Mode::Regular));
+        assert_eq!(under_file.validate(), Err(TreeError::Orphan(p("a/b"))));
+
+        let collide = Manifest::from_listing(vec![
+            Listed { path: p("README"), file: None },
+            Listed { path: p("readme"), file: None },
+        ]);
+        assert!(matches!(collide, Err(TreeError::CaseCollision(..))));
+
+        let dup = Manifest::from_listing(vec![Listed { path: p("a"), file: None }, Listed { path: p("a"), file: None }]);
+        assert_eq!(dup, Err(TreeError::Duplicate(p("a"))));
+    }
+
+    #[test]
+    fn diff_handles_type_changes_and_modes() {
+        let from = tree(&[("a", Some(b"file")), ("d", None), ("d/x", Some(b"x")), ("keep", Some(b"k"))]);
+        let mut to = tree(&[("a", None), ("a/inner", Some(b"i")), ("d", Some(b"now a file")), ("keep", Some(b"k"))]);
+        to.insert(p("keep"), file(b"k", Mode::Executable));
+        let ops = diff(&from, &to);
+        assert!(ops.contains(&Op::Chmod { path: p("keep"), mode: Mode::Executable }));
+        assert_eq!(from.apply(&ops).unwrap(), to);
+    }
+
+    #[test]
+    fn apply_refuses_ops_that_do_not_fit() {
+        let t = tree(&[("a", Some(b"1"))]);
+        assert!(t.apply(&[Op::Delete { path: p("nope") }]).is_err());
+        assert!(t.apply(&[Op::Chmod { path: p("nope"), mode: Mode::Executable }]).is_err());
+        let put = Op::put(p("x/y"), FileMeta { size: 0, mode: Mode::Regular, blake3: Digest::of(b"") });
+        assert_eq!(t.apply(&[put]), Err(TreeError::Orphan(p("x/y"))));
+    }
+
+    #[test]
+    fn listing_round_trips_through_json() {
+        let t = tree(&[("a", None), ("a/x", Some(b"hello")), ("e", Some(b""))]);
+        let json = serde_json::to_string(&t.listing()).unwrap();
+        assert!(json.contains(r#"{"path":"a"}"#), "{json}");
+        let back = Manifest::from_listing(serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(back, t);
+        assert!(serde_json::from_str::<Vec<Listed>>(r#"[{"path":"x","size":1,"mode":420,"blake3":"00"}]"#).is_err());
+        assert!(serde_json::from_str::<Vec<Listed>>(r#"[{"path":"x","bogus":1}]"#).is_err(), "unknown fields are refused");
+    }
+
+    fn arb_tree() -> impl Strategy<Value = Manifest> {
+        let names = prop::sample::select(vec!["a", "b", "c", "d"]);
+        let content = prop::collection::vec(any::<u8>(), 0..4);
+        prop::collection::vec((prop::collection::vec(names, 1..4), prop::option::of((content, any::<bool>()))), 0..12)
+            .prop_map(|items| {
+                let mut m = Manifest::new();
+                for (comps, leaf) in items {
+                    let full = comps.join("/");
+                    let path = RelPath::new(&full).unwrap();
+                    // Directories for the ancestors, unless an ancestor is already a file.
+                    if path.ancestors().any(|a| matches!(m.get(&a), Some(Entry::File(_)))) {
+                        continue;
+                    }
+                    if m.iter().any(|(q, _)| q.starts_with(&path) && *q != path) {
+                        continue;
+                    }
+                    for a in path.ancestors() {
+                        m.insert(a, Entry::Dir);
+                    }
+                    let entry = match leaf {
+                        None => Entry::Dir,
+                        Some((c, exec)) => file(&c, if exec { Mode::Executable } else { Mode::Regular }),
+                    };
+                    m.insert(path, entry);
+                }
+                m.validate().unwrap();
+                m
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn diff_then_apply_reaches_the_target(from in arb_tree(), to in arb_tree()) {
+            let ops = diff(&from, &to);
+            let got = from.apply(&ops).unwrap();
+            prop_assert_eq!(got.root(), to.root());
+            prop_assert_eq!(got, to);
+        }
+
+        #[test]
+        fn diff_of_equal_trees_is_empty(t in arb_tree()) {
+            prop_assert!(diff(&t, &t).is_empty());
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The recipient: asks the owner for updates, verifies replies completely, and applies them atomically.
+//!
+//! Order of checks for a reply (each refusal is recorded and the message filed as rejected): size limit,
+//! MIME structure, auth part names this recipient, MAC under this recipient's key, control part decodes
+//! (paths, modes, limits), the nonce is outstanding, the generation is not older than the applied one,
+//! every attachment is listed and every listed payload has its digest, the local tree is safe and is the
+//! one the reply was computed for, the operations produce exactly the promised root, and every file
+//! unpacks to its promised size and digest. Only then does the journal commit and the tree change.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{Handled, Outbox, RunReport, keep_rejected, lock_state};
+use crate::apply::{self, Journal, OnExtra, StageError};
+use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
+use crate::crypto::{Key, Nonce};
+use crate::db::{Db, now};
+use crate::manifest::Digest;
+use crate::protocol::envelope::{self, Outgoing};
+use crate::protocol::{self, Auth, Control, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want};
+use crate::scan;
+use crate::transport::Transport;
+
+/// A recipient node with its state open.
+#[derive(Debug)]
+pub struct Recipient {
+    cfg: RecipientConfig,
+    db: Db,
+    key: Key,
+    outbox: Outbox,
+    _lock: std::fs::File,
+}
+
+/// The recipient's view for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientStatus {
+    /// Always "recipient".
+    pub role: &'static str,
+    /// Registered name.
+    pub name: String,
+    /// The data tree.
+    pub data: PathBuf,
+    /// Generation applied, 0 for none.
+    pub generation: u64,
+    /// Root of the applied generation.
+    pub root: Option<String>,
+    /// When the last request was sent.
+    pub last_request_at: Option<u64>,
+    /// When the last authenticated reply was accepted.
+    pub last_reply_at: Option<u64>,
+    /// Requests awaiting replies.
+    pub outstanding: u64,
+    /// Refused messages recorded.
+    pub rejected: u64,
+    /// An interrupted apply waiting to be finished.
+    pub interrupted_apply: bool,
+    /// Outgoing mail not yet accepted by the transport.
+    pub outbox: super::OutboxStatus,
+}
+
+/// Creates a recipient: `DIR/recipient.toml` and `DIR/recipient.key` from an enrollment file.
+///
+/// # Errors
+/// An unreadable or too-open enrollment file, a state directory inside the data tree, an existing
+/// config, or I/O errors.
+pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -> Result<PathBuf> {
+    let e = Enrollment::load(enrollment)?;
+    let key = Key::from_hex(&e.key).with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("failed to create data tree `{}`", data.display()))?;
+    crate::config::check_state_outside_data(dir, data)?;
+    let path = dir.join("recipient.toml");
+    if path.exists() {
+        bail!("`{}` already exists", path.display());
+    }
+    let key_file = dir.join("recipient.key");
+    write_secret(&key_file, &format!("{}\n", key.to_hex()))?;
+    let section = RecipientSection {
+        name: e.name.clone(),
+        address: e.address.clone(),
+        owner_address: e.owner_address.clone(),
+        data: std::path::absolute(data)?,
+        state_dir: None,
+        key_file: PathBuf::from("recipient.key"),
+        staging_dir: None,
+        interval: humantime::parse_duration(&e.transport.interval).unwrap_or(std::time::Duration::from_secs(3600)),
+        reply_timeout: std::time::Duration::from_secs(6 * 3600),
+        on_extra: OnExtra::Delete,
+    };
+    let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
+    #[derive(Serialize)]
+    struct File<'a> {
+        recipient: &'a RecipientSection,
+        transport: &'a TransportConfig,
+    }
+    let text = format!(
+        "# mailferry recipient configuration (see README.md, \"Configuration\").\n{}",
+        toml::to_string(&File { recipient: &section, transport: &transport })?
+    );
+    std::fs::write(&path, text).with_context(|| format!("failed to write `{}`", path.display()))?;
+    Db::open(&dir.join("state.db"))?;
+    Ok(path)
+}
+
+impl Recipient {
+    /// Opens the recipient's state, taking the state directory's lock, and finishes an interrupted apply.
+    ///
+    /// # Errors
+    /// A locked state directory, an unreadable or too-open key file, or an interrupted apply that cannot be
+    /// finished.
+    pub fn open(cfg: RecipientConfig) -> Result<Recipient> {
+        let lock = lock_state(&cfg.state_dir)?;
+        let key = read_key_file(&cfg.recipient.key_file)?;
+        let db = Db::open(&cfg.state_dir.join("state.db"))?;
+        let outbox = Outbox::open(&cfg.state_dir)?;
+        let mut r = Recipient { cfg, db, key, outbox, _lock: lock };
+        r.recover()?;
+        Ok(r)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RecipientConfig {
+        &self.cfg
+    }
+
+    /// Finishes an apply that a crash interrupted after its journal was committed.
+    fn recover(&mut self) -> Result<()> {
+        let Some(journal) = Journal::load(&self.cfg.state_dir)? else { return Ok(()) };
+        warn!(generation = journal.generation, "finishing an apply that was interrupted");
+        journal.execute().context("failed to finish the interrupted apply")?;
+        self.complete(&journal)?;
+        Ok(())
+    }
+
+    /// Records a finished apply and queues its receipt; then removes the journal.
+    fn complete(&mut self, journal: &Journal) -> Result<()> {
+        let target = journal.target()?;
+        let nonce = Nonce::from_hex(&journal.nonce).map_err(anyhow::Error::msg)?;
+        self.db.transaction(|db| {
+            if !db.reply_applied(&journal.reply_id)? {
+                db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
+            }
+            db.close_outstanding(&journal.nonce)?;
+            db.mark_seen(&journal.message, "processed")
+        })?;
+        self.queue_receipt(nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
+        journal.finish(&self.cfg.state_dir)?;
+        Ok(())
+    }
+
+    fn queue_receipt(&self, nonce: Nonce, reply_id: &str, generation: u64, root: Digest, status: ReceiptStatus) -> Result<()> {
+        let receipt = Receipt {
+            mailferry: VERSION,
+            kind: Kind::Receipt,
+            recipient: self.cfg.recipient.name.clone(),
+            nonce,
+            reply_id: reply_id.to_owned(),
+            created: now(),
+            generation,
+            root,
+            status,
+        };
+        let control = protocol::encode(&receipt);
+        let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
+        let raw = envelope::build(&Outgoing {
+            from: &self.cfg.recipient.address,
+            to: &self.cfg.recipient.owner_address,
+            subject: format!("mailferry: {} has generation {generation}", self.cfg.recipient.name),
+            text: format!(
+                "This is an automatic receipt from mailferry: recipient {:?} now has generation {generation}.\n",
+                self.cfg.recipient.name
+            ),
+            kind: Kind::Receipt,
+            control: &control,
+            auth: &auth,
+            payloads: vec![],
+        })?;
+        self.outbox.put(&format!("receipt-{reply_id}"), &self.cfg.recipient.address, &self.cfg.recipient.owner_address, &raw)
+    }
+
+    /// Applies every verified reply waiting, then, if `request` and no request is still awaiting its reply,
+    /// sends a fresh one.
+    ///
+    /// # Errors
+    /// Transport or local failures (a full disk while staging, an unreadable data tree).
+    pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
+        let mut report = RunReport::default();
+        report.sent += self.outbox.flush(transport).await?.sent;
+        for msg in transport.fetch().await? {
+            let handled = self.handle(&msg.raw)?;
+            report.count(&handled);
+            if let Some(d) = handled.disposition()
+                && let Err(e) = transport.settle(&msg.id, d).await
+            {
+                warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again");
+            }
+        }
+        if request {
+            report.requested = self.maybe_request()?;
+        }
+        report.sent += self.outbox.flush(transport).await?.sent;
+        Ok(report)
+    }
+
+    /// Handles messages that arrived outside the transport (`mailferry deliver`), then sends receipts.
+    ///
+    /// # Errors
+    /// As [`Recipient::run_once`].
+    pub async fn deliver<T: Transport>(&mut self, transport: &mut T, messages: &[Vec<u8>]) -> Result<RunReport> {
+        let mut report = RunReport::default();
+        for raw in messages {
+            let handled = self.handle(raw)?;
+            if matches!(handled, Handled::Refused(_)) {
+                keep_rejected(&self.cfg.state_dir, raw)?;
+            }
+            report.count(&handled);
+        }
+        report.sent += self.outbox.flush(transport).await?.sent;
+        Ok(report)
+    }
+
+    /// Sends a request unless one sent less than `reply-timeout` ago is still unanswered. Returns whether
+    /// one was queued.
+    ///
+    /// # Errors
+    /// An unreadable data tree or state failures.
+    pub fn maybe_request(&mut self) -> Result<bool> {
+        let timeout = self.cfg.recipient.reply_timeout.as_secs();
+        self.db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
+        if let Some(sent) = self.db.newest_outstanding()?
+            && now().saturating_sub(sent) < timeout
+        {
+            info!("a request sent {}s ago is still awaiting its reply; not sending another", now().saturating_sub(sent));
+            return Ok(false);
+        }
+        let data = &self.cfg.recipient.data;
+        let scan = scan::scan(data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
+        let (generation, _, _) = self.db.applied()?;
+        let nonce = Nonce::generate();
+        let seq = self.db.transaction(|db| {
+            let seq = db.next_seq()?;
+            db.add_outstanding(&nonce.to_hex(), seq)?;
+            Ok(seq)
+        })?;
+        let req = Request {
+            mailferry: VERSION,
+            kind: Kind::Request,
+            recipient: self.cfg.recipient.name.clone(),
+            nonce,
+            seq,
+            created: now(),
+            generation,
+            root: scan.manifest.root(),
+            inventory: scan.manifest.listing(),
+            want: Want::Latest,
+        };
+        let control = protocol::encode(&req);
+        let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
+        let raw = envelope::build(&Outgoing {
+            from: &self.cfg.recipient.address,
+            to: &self.cfg.recipient.owner_address,
+            subject: format!("mailferry: update request from {} (generation {generation})", self.cfg.recipient.name),
+            text: format!(
+                "This is an automatic update request from mailferry recipient {:?}, which has generation {generation}.\n",
+                self.cfg.recipient.name
+            ),
+            kind: Kind::Request,
+            control: &control,
+            auth: &auth,
+            payloads: vec![],
+        })?;
+        self.outbox.put(&format!("request-{seq:010}"), &self.cfg.recipient.address, &self.cfg.recipient.owner_address, &raw)?;
+        info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued");
+        Ok(true)
+    }
+
+    /// Verifies one raw message and, if it is a good reply, applies it. Idempotent.
+    ///
+    /// # Errors
+    /// Local failures (unreadable tree, full disk while staging, state database); the message should then
+    /// stay in the inbox to be tried again.
+    pub fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
+        let digest = Digest::of(raw);
+        if let Some(outcome) = self.db.seen(&digest)? {
+            return Ok(Handled::Duplicate { rejected: outcome == "rejected" });
+        }
+        match self.evaluate(raw, &digest)? {
+            Ok(h) => Ok(h),
+            Err(refusal) => {
+                let hints = envelope::hints(raw);
+                self.db.transaction(|db| {
+                    db.record_rejection(&refusal, &hints, &digest)?;
+                    db.mark_seen(&digest, "rejected")
+                })?;
+                warn!(
+                    reason = refusal.reason.code(),
+                    from = hints.from.as_deref().unwrap_or("-"),
+                    message_id = hints.message_id.as_deref().unwrap_or("-"),
+                    "refused message: {}",
+                    refusal.detail
+                );
+                Ok(Handled::Refused(refusal))
+            }
+        }
+    }
+
+    fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        let me = self.cfg.recipient.name.clone();
+        let limits = self.cfg.limits.clone();
+        macro_rules! refuse {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(r) => return Ok(Err(r)),
+                }
+            };
+        }
+        let parsed = refuse!(envelope::parse(raw, limits.max_message_bytes));
+        let auth = refuse!(protocol::decode_auth(&parsed.auth));
+        if auth.recipient != me {
+            return Ok(Err(Refusal::new(
+                Reason::WrongRecipient,
+                format!("message is for recipient {:?}, this is {me:?}", auth.recipient),
+            )));
+        }
+        refuse!(protocol::verify_mac(&self.key, &auth, &parsed.control));
+        let reply = match refuse!(protocol::decode_control(&parsed.control, &limits)) {
+            Control::Reply(r) => r,
+            other => {
+                return Ok(Err(Refusal::new(Reason::Unexpected, format!("a recipient does not accept a {}", other.kind()))));
+            }
+        };
+        if reply.recipient != me {
+            return Ok(Err(Refusal::new(Reason::WrongRecipient, format!("reply is for {:?}, this is {me:?}", reply.recipient))));
+        }
+        let nonce = reply.nonce.to_hex();
+        if self.db.outstanding(&nonce)?.is_none() {
+            let why = if self.db.reply_applied(&reply.reply_id)? {
+                format!("reply {} was applied before (replayed)", reply.reply_id)
+            } else {
+                format!("reply answers nonce {nonce}, which is not outstanding (replayed, or answered already)")
+            };
+            return Ok(Err(Refusal::new(Reason::Replay, why)));
+        }
+        let (applied, _, previous) = self.db.applied()?;
+        if reply.generation < applied {
+            return Ok(Err(Refusal::new(
+                Reason::Rollback,
+                format!("reply brings generation {}, older than the applied {applied}", reply.generation),
+            )));
+        }
+        if reply.parts != 1 {
+            return Ok(Err(Refusal::new(Reason::Unexpected, format!("reply in {} parts; this build reads single-part replies", reply.parts))));
+        }
+        refuse!(check_payloads(&reply, &parsed.attachments));
+
+        let data = self.cfg.recipient.data.clone();
+        let scan = scan::scan(&data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
+        if reply.generation == applied && reply.ops.is_empty() && scan.manifest.root() == reply.root && scan.foreign.is_empty() {
+            self.db.transaction(|db| {
+                db.close_outstanding(&nonce)?;
+                db.mark_seen(digest, "processed")
+            })?;
+            info!(generation = applied, "owner confirms the tree is current");
+            return Ok(Ok(Handled::Current { generation: applied }));
+        }
+        let plan = refuse!(apply::plan(&scan, &previous, &reply, self.cfg.recipient.on_extra));
+        let stage_dir = self.staging_root()?.join(&reply.reply_id);
+        if stage_dir.exists() {
+            std::fs::remove_dir_all(&stage_dir).with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
+        }
+        let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
+        match apply::stage(&plan, &reply, &payload, &stage_dir) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&stage_dir);
+                match e {
+                    StageError::Refused(r) => return Ok(Err(r)),
+                    io @ StageError::Io { .. } => return Err(anyhow::Error::new(io).context("the data tree is unchanged")),
+                }
+            }
+        }
+        let journal = Journal {
+            version: 1,
+            data_root: data,
+            stage_dir,
+            generation: reply.generation,
+            reply_id: reply.reply_id.clone(),
+            nonce,
+            message: *digest,
+            ops: reply.ops.len(),
+            target: plan.target.listing(),
+            steps: plan.steps,
+        };
+        journal.commit(&self.cfg.state_dir)?;
+        journal.execute().context("apply interrupted; the next run finishes it")?;
+        self.complete(&journal)?;
+        if !plan.kept.is_empty() {
+            info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
+        }
+        info!(generation = reply.generation, ops = reply.ops.len(), root = %reply.root.short(), "applied");
+        Ok(Ok(Handled::Applied { generation: reply.generation, ops: reply.ops.len() }))
+    }
+
+    /// Where files are staged: on the data tree's file system, outside the data tree.
+    fn staging_root(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.cfg.recipient.staging_dir {
+            std::fs::create_dir_all(dir)?;
+            return Ok(dir.clone());
+        }
+        let data = &self.cfg.recipient.data;
+        let in_state = self.cfg.state_dir.join("staging");
+        std::fs::create_dir_all(&in_state)?;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
+        if dev(&in_state)? == dev(data).with_context(|| format!("data tree `{}` is missing", data.display()))? {
+            return Ok(in_state);
+        }
+        let parent = data.parent().context("the data tree has no parent directory")?;
+        let name = data.file_name().map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+        let beside = parent.join(format!(".{name}.mailferry-staging"));
+        std::fs::create_dir_all(&beside).with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
+        Ok(beside)
+    }
+
+    /// The recipient's status.
+    ///
+    /// # Errors
+    /// State failures.
+    pub fn status(&self) -> Result<RecipientStatus> {
+        let (generation, root, _) = self.db.applied()?;
+        Ok(RecipientStatus {
+            role: "recipient",
+            name: self.cfg.recipient.name.clone(),
+            data: self.cfg.recipient.data.clone(),
+            generation,
+            root: root.map(|r| r.to_hex()),
+            last_request_at: self.db.meta("last_request_at")?.and_then(|v| v.parse().ok()),
+            last_reply_at: self.db.meta("last_reply_at")?.and_then(|v| v.parse().ok()),
+            outstanding: self.db.outstanding_count()?,
+            rejected: self.db.rejection_count()?,
+            interrupted_apply: Journal::path(&self.cfg.state_dir).exists(),
+            outbox: self.outbox.status()?,
+        })
+    }
+
+    /// The state database, for `mailferry log`.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// Every attachment must be a listed payload and every listed payload must be present with its size and
+/// digest: an unlisted attachment is refused, not ignored.
+fn check_payloads(reply: &Reply, attachments: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), Refusal> {
+    let listed: BTreeSet<&str> = reply.payloads.iter().map(|p| p.id.as_str()).collect();
+    if let Some(extra) = attachments.keys().find(|k| !listed.contains(k.as_str())) {
+        return Err(Refusal::new(Reason::BadPayload, format!("attachment {extra:?} is not listed in the control part")));
+    }
+    for p in &reply.payloads {
+        let bytes = attachments
+            .get(&p.id)
+            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", p.id)))?;
+        if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
+            return Err(Refusal::new(
+                Reason::BadPayload,
+                format!("payload {:?} does not match its digest ({} bytes, expected {})", p.id, bytes.len(), p.size),
+            ));
+        }
+    }
+    Ok(())
+}

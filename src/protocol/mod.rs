@@ -1,0 +1,550 @@
+//! Protocol v1: the control messages, how they are authenticated, and why a message is refused.
+//!
+//! Every mailferry message is ordinary MIME mail (see [`envelope`]) carrying three kinds of attachment:
+//! the **control part** (`control.json`, canonical UTF-8 JSON, one line), the **auth part** (`auth.json`,
+//! naming the recipient and key and holding the HMAC-SHA256 of the control part's decoded bytes) and, in
+//! replies, **payload parts** whose BLAKE3 digests the control part lists. Nothing else of the mail is
+//! trusted: headers, subject and text are hints for humans and filters.
+//!
+//! Pure: parsing, encoding and verification only. The format is specified in `docs/protocol.md`; keep the
+//! two in step.
+
+pub mod envelope;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{Key, Nonce};
+use crate::limits::Limits;
+use crate::manifest::{Digest, Listed, Op, hex, unhex};
+
+/// The protocol version this build speaks; carried in every control and auth part.
+pub const VERSION: u32 = 1;
+
+/// The MAC algorithm of v1.
+pub const MAC_ALG: &str = "hmac-sha256";
+
+/// What kind of control message this is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Recipient → owner: what I have, what I want.
+    Request,
+    /// Owner → recipient: the operations that bring the recipient to a generation.
+    Reply,
+    /// Recipient → owner: what I did with a reply.
+    Receipt,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Request => "request",
+            Kind::Reply => "reply",
+            Kind::Receipt => "receipt",
+        })
+    }
+}
+
+/// What a recipient asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Want {
+    /// The newest published generation.
+    Latest,
+}
+
+/// A recipient's authenticated request.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Request {
+    /// Protocol version, always [`VERSION`].
+    pub mailferry: u32,
+    /// Always [`Kind::Request`].
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// The recipient's registered name.
+    pub recipient: String,
+    /// Fresh random value the reply must echo.
+    pub nonce: Nonce,
+    /// Per-recipient counter, strictly increasing.
+    pub seq: u64,
+    /// Seconds since the Unix epoch when the request was made (a hint; freshness comes from the nonce).
+    pub created: u64,
+    /// The generation last applied, 0 for none.
+    pub generation: u64,
+    /// Root of the tree as it is on disk now.
+    pub root: Digest,
+    /// Every directory and file in the tree now.
+    pub inventory: Vec<Listed>,
+    /// What the recipient wants.
+    pub want: Want,
+}
+
+/// A payload attachment listed in a reply.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Payload {
+    /// The attachment's file name in the MIME message.
+    pub id: String,
+    /// Decoded length in bytes.
+    pub size: u64,
+    /// BLAKE3 of the decoded bytes.
+    pub blake3: Digest,
+}
+
+/// The owner's authenticated reply to one request.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Reply {
+    /// Protocol version, always [`VERSION`].
+    pub mailferry: u32,
+    /// Always [`Kind::Reply`].
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// The recipient this reply is for.
+    pub recipient: String,
+    /// The nonce of the request answered.
+    pub nonce: Nonce,
+    /// The seq of the request answered.
+    pub request_seq: u64,
+    /// Random id shared by all parts of this reply.
+    pub reply_id: String,
+    /// This part's number, from 1.
+    pub part: u32,
+    /// How many parts the reply has.
+    pub parts: u32,
+    /// Seconds since the Unix epoch when the reply was made (a hint).
+    pub created: u64,
+    /// The generation this reply brings the recipient to.
+    pub generation: u64,
+    /// Root of that whole generation.
+    pub root: Digest,
+    /// Root of the recipient tree the operations were computed against (the request's `root`).
+    pub base: Digest,
+    /// The operations, in any order (they are applied in canonical order).
+    pub ops: Vec<Op>,
+    /// The payload attachments of this part.
+    pub payloads: Vec<Payload>,
+}
+
+/// What a recipient did with a reply.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReceiptStatus {
+    /// The tree now is the reply's generation.
+    Applied,
+    /// The tree already was the reply's generation.
+    Current,
+}
+
+/// A recipient's authenticated receipt.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Receipt {
+    /// Protocol version, always [`VERSION`].
+    pub mailferry: u32,
+    /// Always [`Kind::Receipt`].
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// The recipient's registered name.
+    pub recipient: String,
+    /// The nonce of the request whose reply this acknowledges.
+    pub nonce: Nonce,
+    /// The reply acknowledged.
+    pub reply_id: String,
+    /// Seconds since the Unix epoch (a hint).
+    pub created: u64,
+    /// Generation now applied.
+    pub generation: u64,
+    /// Root of the tree now.
+    pub root: Digest,
+    /// Outcome.
+    pub status: ReceiptStatus,
+}
+
+/// The auth part: which key, and the MAC of the control part's exact decoded bytes.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Auth {
+    /// Protocol version, always [`VERSION`].
+    pub mailferry: u32,
+    /// The recipient whose key made the MAC (selects the key; not trusted until the MAC verifies).
+    pub recipient: String,
+    /// Public id of the key (see [`Key::id`]).
+    pub key_id: String,
+    /// Always [`MAC_ALG`].
+    pub alg: String,
+    /// The tag, 64 hex digits.
+    pub mac: String,
+}
+
+impl Auth {
+    /// The auth part for `control` under `key`.
+    pub fn sign(recipient: &str, key: &Key, control: &[u8]) -> Auth {
+        Auth {
+            mailferry: VERSION,
+            recipient: recipient.to_owned(),
+            key_id: key.id(),
+            alg: MAC_ALG.to_owned(),
+            mac: hex(&key.mac(control)),
+        }
+    }
+}
+
+/// A decoded control message of any kind.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Control {
+    /// A request.
+    Request(Request),
+    /// A reply.
+    Reply(Box<Reply>),
+    /// A receipt.
+    Receipt(Receipt),
+}
+
+impl Control {
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Control::Request(_) => Kind::Request,
+            Control::Reply(_) => Kind::Reply,
+            Control::Receipt(_) => Kind::Receipt,
+        }
+    }
+
+    /// The recipient named inside.
+    pub fn recipient(&self) -> &str {
+        match self {
+            Control::Request(r) => &r.recipient,
+            Control::Reply(r) => &r.recipient,
+            Control::Receipt(r) => &r.recipient,
+        }
+    }
+}
+
+/// Canonical bytes of a control message: compact JSON, fields in declaration order, no newline.
+///
+/// # Panics
+/// Never in practice: the control types contain nothing JSON cannot encode.
+pub fn encode<T: Serialize>(control: &T) -> Vec<u8> {
+    serde_json::to_vec(control).expect("control messages always encode")
+}
+
+/// A stable, machine-readable reason for refusing a message; shown in logs, the state database and
+/// `mailferry log --rejected`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Reason {
+    /// Not a mailferry message, or its structure is broken.
+    Malformed,
+    /// A protocol version this build does not speak.
+    UnsupportedVersion,
+    /// Over a configured limit.
+    Limit,
+    /// The MAC does not verify under the named recipient's key.
+    BadMac,
+    /// The named recipient is not registered.
+    UnknownRecipient,
+    /// Authenticated, but for another recipient than this node.
+    WrongRecipient,
+    /// A request or reply seen before, or a reply to a nonce not outstanding.
+    Replay,
+    /// A reply for an older generation than the one applied.
+    Rollback,
+    /// A payload whose digest or size does not match the control part, or an attachment not listed.
+    BadPayload,
+    /// A hostile path or a tree that cannot be formed.
+    BadPath,
+    /// The reply does not produce the tree root it promises.
+    TreeMismatch,
+    /// The local tree has changed since the request the reply answers, or holds something unsafe.
+    LocalTree,
+    /// The message kind makes no sense for this node (a reply sent to an owner).
+    Unexpected,
+}
+
+impl Reason {
+    /// The kebab-case code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::UnsupportedVersion => "unsupported-version",
+            Reason::Limit => "limit",
+            Reason::BadMac => "bad-mac",
+            Reason::UnknownRecipient => "unknown-recipient",
+            Reason::WrongRecipient => "wrong-recipient",
+            Reason::Replay => "replay",
+            Reason::Rollback => "rollback",
+            Reason::BadPayload => "bad-payload",
+            Reason::BadPath => "bad-path",
+            Reason::TreeMismatch => "tree-mismatch",
+            Reason::LocalTree => "local-tree",
+            Reason::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// Why a message was refused: a [`Reason`] and a sentence for the operator.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("{}: {detail}", reason.code())]
+pub struct Refusal {
+    /// Machine-readable reason.
+    pub reason: Reason,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// A refusal for `reason`.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Refusal {
+        Refusal { reason, detail: detail.into() }
+    }
+}
+
+/// Reads the auth part. It is not trusted yet: it only tells which key to check the MAC with.
+///
+/// # Errors
+/// A refusal when the part is not a v1 auth part.
+pub fn decode_auth(bytes: &[u8]) -> Result<Auth, Refusal> {
+    if bytes.len() > 4096 {
+        return Err(Refusal::new(Reason::Malformed, "auth part is larger than 4096 bytes"));
+    }
+    check_version(bytes, "auth part")?;
+    let auth: Auth = serde_json::from_slice(bytes)
+        .map_err(|e| Refusal::new(Reason::Malformed, format!("auth part is not valid: {e}")))?;
+    if auth.alg != MAC_ALG {
+        return Err(Refusal::new(Reason::UnsupportedVersion, format!("unknown MAC algorithm {:?}", auth.alg)));
+    }
+    Ok(auth)
+}
+
+/// Checks the MAC of `control` against `auth` under `key`, in constant time.
+///
+/// # Errors
+/// [`Reason::BadMac`] when it does not verify.
+pub fn verify_mac(key: &Key, auth: &Auth, control: &[u8]) -> Result<(), Refusal> {
+    let tag = unhex(&auth.mac).ok_or_else(|| Refusal::new(Reason::BadMac, "MAC is not hex"))?;
+    if !key.verify(control, &tag) {
+        return Err(Refusal::new(
+            Reason::BadMac,
+            format!("MAC does not verify under the key of recipient {:?}", auth.recipient),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Head {
+    mailferry: u32,
+    #[serde(rename = "type", default)]
+    kind: Option<Kind>,
+}
+
+fn check_version(bytes: &[u8], what: &str) -> Result<Option<Kind>, Refusal> {
+    let head: Head = serde_json::from_slice(bytes)
+        .map_err(|e| Refusal::new(Reason::Malformed, format!("{what} is not a mailferry JSON object: {e}")))?;
+    if head.mailferry != VERSION {
+        return Err(Refusal::new(
+            Reason::UnsupportedVersion,
+            format!("{what} speaks protocol version {}, this build speaks {VERSION}", head.mailferry),
+        ));
+    }
+    Ok(head.kind)
+}
+
+/// Decodes an authenticated control part and checks what can be checked without local state: version,
+/// kind, field consistency and limits.
+///
+/// Call only after [`verify_mac`] succeeded: a control part is never interpreted before it is
+/// authenticated.
+///
+/// # Errors
+/// A refusal naming the first problem.
+pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal> {
+    let kind = check_version(bytes, "control part")?
+        .ok_or_else(|| Refusal::new(Reason::Malformed, "control part has no type"))?;
+    let malformed = |e: serde_json::Error| {
+        // Path errors surface through serde as custom messages; give them their own reason.
+        let msg = e.to_string();
+        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
+        Refusal::new(reason, format!("{kind} control part is not valid: {msg}"))
+    };
+    let control = match kind {
+        Kind::Request => Control::Request(serde_json::from_slice(bytes).map_err(malformed)?),
+        Kind::Reply => Control::Reply(Box::new(serde_json::from_slice(bytes).map_err(malformed)?)),
+        Kind::Receipt => Control::Receipt(serde_json::from_slice(bytes).map_err(malformed)?),
+    };
+    match &control {
+        Control::Request(r) => {
+            if r.inventory.len() > limits.max_inventory_entries {
+                return Err(Refusal::new(
+                    Reason::Limit,
+                    format!("inventory has {} entries, limit is {}", r.inventory.len(), limits.max_inventory_entries),
+                ));
+            }
+        }
+        Control::Reply(r) => check_reply_shape(r, limits)?,
+        Control::Receipt(_) => {}
+    }
+    Ok(control)
+}
+
+fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
+    if r.part == 0 || r.part > r.parts || r.parts as usize > limits.max_parts {
+        return Err(Refusal::new(Reason::Limit, format!("part {} of {} is out of range", r.part, r.parts)));
+    }
+    if r.ops.len() > limits.max_files_per_reply {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("reply has {} operations, limit is {}", r.ops.len(), limits.max_files_per_reply),
+        ));
+    }
+    let mut total: u64 = 0;
+    let payloads: BTreeMap<&str, &Payload> = r.payloads.iter().map(|p| (p.id.as_str(), p)).collect();
+    if payloads.len() != r.payloads.len() {
+        return Err(Refusal::new(Reason::Malformed, "a payload id is listed twice"));
+    }
+    for p in &r.payloads {
+        if !valid_payload_id(&p.id) {
+            return Err(Refusal::new(Reason::Malformed, format!("payload id {:?} is not allowed", p.id)));
+        }
+    }
+    for op in &r.ops {
+        if let Op::Put { path, size, source, .. } = op {
+            if *size > limits.max_file_bytes {
+                return Err(Refusal::new(
+                    Reason::Limit,
+                    format!("`{path}` is {size} bytes, limit per file is {}", limits.max_file_bytes),
+                ));
+            }
+            total = total.saturating_add(*size);
+            let src = source
+                .as_ref()
+                .ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
+            let payload = payloads.get(src.payload.as_str()).ok_or_else(|| {
+                Refusal::new(Reason::BadPayload, format!("put `{path}` names unlisted payload {:?}", src.payload))
+            })?;
+            if src.offset.checked_add(src.length).is_none_or(|end| end > payload.size) {
+                return Err(Refusal::new(Reason::BadPayload, format!("put `{path}` points outside its payload")));
+            }
+        }
+    }
+    if total > limits.max_reply_bytes {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("reply unpacks to {total} bytes, limit is {}", limits.max_reply_bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// Payload ids are short, boring file names: `[a-z0-9][a-z0-9.-]{0,63}`.
+pub fn valid_payload_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && !id.starts_with('.')
+        && id != envelope::CONTROL_NAME
+        && id != envelope::AUTH_NAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{FileMeta, Mode, Source};
+    use crate::path::RelPath;
+
+    fn reply() -> Reply {
+        let content = b"hello";
+        Reply {
+            mailferry: VERSION,
+            kind: Kind::Reply,
+            recipient: "site1".into(),
+            nonce: Nonce([7; 16]),
+            request_seq: 3,
+            reply_id: "r1".into(),
+            part: 1,
+            parts: 1,
+            created: 0,
+            generation: 2,
+            root: Digest([1; 32]),
+            base: Digest([2; 32]),
+            ops: vec![Op::Put {
+                path: RelPath::new("a/b").unwrap(),
+                size: 5,
+                mode: Mode::Executable,
+                blake3: Digest::of(content),
+                source: Some(Source { payload: "p1.zst".into(), offset: 0, length: 10 }),
+            }],
+            payloads: vec![Payload { id: "p1.zst".into(), size: 10, blake3: Digest([3; 32]) }],
+        }
+    }
+
+    #[test]
+    fn reply_round_trips_and_is_one_line() {
+        let r = reply();
+        let bytes = encode(&r);
+        assert!(!bytes.contains(&b'\n'));
+        assert!(bytes.starts_with(br#"{"mailferry":1,"type":"reply""#), "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(decode_control(&bytes, &Limits::default()).unwrap(), Control::Reply(Box::new(r)));
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let limits = Limits::default();
+        let cases: Vec<(Vec<u8>, Reason)> = vec![
+            (b"not json".to_vec(), Reason::Malformed),
+            (br#"{"mailferry":2,"type":"reply"}"#.to_vec(), Reason::UnsupportedVersion),
+            (br#"{"mailferry":1}"#.to_vec(), Reason::Malformed),
+            (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "../b").into_bytes(), Reason::BadPath),
+            (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "/etc/b").into_bytes(), Reason::BadPath),
+            (String::from_utf8(encode(&reply())).unwrap().replace("\"mode\":493", "\"mode\":2541").into_bytes(), Reason::Malformed),
+            (String::from_utf8(encode(&reply())).unwrap().replace("\"length\":10", "\"length\":11").into_bytes(), Reason::BadPayload),
+            (String::from_utf8(encode(&reply())).unwrap().replace("\"parts\":1", "\"parts\":0").into_bytes(), Reason::Limit),
+            (
+                String::from_utf8(encode(&reply())).unwrap().replace("\"recipient\"", "\"extra\":1,\"recipient\"").into_bytes(),
+                Reason::Malformed,
+            ),
+        ];
+        for (bytes, want) in cases {
+            let got = decode_control(&bytes, &limits).expect_err(&String::from_utf8_lossy(&bytes));
+            assert_eq!(got.reason, want, "{got}");
+        }
+        let mut non_utf8 = encode(&reply());
+        let at = non_utf8.windows(3).position(|w| w == b"a/b").unwrap();
+        non_utf8[at] = 0xff;
+        assert_eq!(decode_control(&non_utf8, &limits).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn limits_are_enforced_before_use() {
+        let small = Limits { max_file_bytes: 4, ..Limits::default() };
+        assert_eq!(decode_control(&encode(&reply()), &small).unwrap_err().reason, Reason::Limit);
+        let few = Limits { max_files_per_reply: 0, ..Limits::default() };
+        assert_eq!(decode_control(&encode(&reply()), &few).unwrap_err().reason, Reason::Limit);
+    }
+
+    #[test]
+    fn mac_binds_control_to_key() {
+        let key = Key::generate();
+        let control = encode(&reply());
+        let auth = Auth::sign("site1", &key, &control);
+        let auth = decode_auth(&encode(&auth)).unwrap();
+        verify_mac(&key, &auth, &control).unwrap();
+        let mut flipped = control.clone();
+        flipped[20] ^= 1;
+        assert_eq!(verify_mac(&key, &auth, &flipped).unwrap_err().reason, Reason::BadMac);
+        assert_eq!(verify_mac(&Key::generate(), &auth, &control).unwrap_err().reason, Reason::BadMac);
+    }
+
+    #[test]
+    fn file_meta_is_consistent_with_listing() {
+        let l = Listed { path: RelPath::new("x").unwrap(), file: Some(FileMeta { size: 1, mode: Mode::Regular, blake3: Digest([0; 32]) }) };
+        let json = String::from_utf8(encode(&l)).unwrap();
+        assert!(json.contains("\"mode\":420"), "{json}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Reading a tree from disk into a [`Manifest`].
+//!
+//! The walk never follows symbolic links. Directories and regular files become manifest entries; symbolic
+//! links and special files (devices, FIFOs, sockets) are reported separately as [`Foreign`] entries,
+//! because mailferry never creates, follows or writes through them, and the caller decides whether their
+//! presence is acceptable. Names that are not valid [`RelPath`]s (non-UTF-8, control characters...) stop
+//! the scan with an error naming the file: mailferry cannot describe them, so it must not guess.
+//!
+//! Files are hashed on all cores. This module only reads.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::manifest::{Digest, Entry, FileMeta, Manifest, Mode, TreeError};
+use crate::path::{PathError, RelPath};
+
+/// A non-regular entry found in a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    /// Where it is.
+    pub path: RelPath,
+    /// What it is.
+    pub kind: ForeignKind,
+}
+
+/// What a [`Foreign`] entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForeignKind {
+    /// A symbolic link; `escapes` when its target is absolute or climbs out of the tree.
+    Symlink {
+        /// The link's target as stored.
+        target: PathBuf,
+        /// Whether following it would leave the tree.
+        escapes: bool,
+    },
+    /// A block or character device, FIFO or socket.
+    Special(&'static str),
+}
+
+/// A tree as found on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    /// The directories and regular files.
+    pub manifest: Manifest,
+    /// Everything else.
+    pub foreign: Vec<Foreign>,
+}
+
+/// Why a tree could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    /// An I/O failure on a path.
+    #[error("failed to read `{}`: {source}", path.display())]
+    Io {
+        /// The path being read.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A name mailferry cannot represent.
+    #[error("cannot manage `{}`: {source}", path.display())]
+    BadName {
+        /// The offending file.
+        path: PathBuf,
+        /// Which rule it breaks.
+        source: PathError,
+    },
+    /// The tree's names collide on a case-insensitive file system, or similar.
+    #[error("tree at `{}` is not portable: {source}", root.display())]
+    Tree {
+        /// The tree root.
+        root: PathBuf,
+        /// What is wrong.
+        source: TreeError,
+    },
+}
+
+/// Reads the size and BLAKE3 of one regular file; the function [`scan_with`] calls per file.
+pub type FileReader<'a> = dyn Fn(&Path) -> io::Result<(u64, Digest)> + Sync + 'a;
+
+/// Scans `root`, hashing every regular file with [`hash_file`].
+///
+/// # Errors
+/// See [`ScanError`].
+pub fn scan(root: &Path) -> Result<Scan, ScanError> {
+    scan_with(root, &hash_file)
+}
+
+/// Scans `root`, calling `read` once for every regular file (in parallel) to learn its size and digest.
+/// The owner uses this to hash and store content in a single read.
+///
+/// # Errors
+/// See [`ScanError`].
+pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> {
+    let mut out = Scan::default();
+    let mut files: Vec<(RelPath, PathBuf, Mode)> = Vec::new();
+    for item in walkdir::WalkDir::new(root).follow_links(false).min_depth(1) {
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(root).to_path_buf();
+            ScanError::Io { path, source: e.into_io_error().unwrap_or_else(|| io::Error::other("walk failed")) }
+        })?;
+        let full = item.path();
+        let rel_os = full.strip_prefix(root).expect("walkdir yields paths below its root");
+        let rel = RelPath::from_bytes(rel_os.as_os_str().as_encoded_bytes())
+            .map_err(|source| ScanError::BadName { path: full.to_path_buf(), source })?;
+        let ft = item.file_type();
+        if ft.is_dir() {
+            out.manifest.insert(rel, Entry::Dir);
+        } else if ft.is_file() {
+            let meta = item.metadata().map_err(|e| ScanError::Io {
+                path: full.to_path_buf(),
+                source: e.into_io_error().unwrap_or_else(|| io::Error::other("stat failed")),
+            })?;
+            files.push((rel, full.to_path_buf(), Mode::from_bits(meta.permissions().mode())));
+        } else if ft.is_symlink() {
+            let target = fs::read_link(full).map_err(|source| ScanError::Io { path: full.to_path_buf(), source })?;
+            let escapes = link_escapes(&rel, &target);
+            out.foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target, escapes } });
+        } else {
+            let what = if ft.is_block_device() {
+                "block device"
+            } else if ft.is_char_device() {
+                "character device"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else {
+                "socket"
+            };
+            out.foreign.push(Foreign { path: rel, kind: ForeignKind::Special(what) });
+        }
+    }
+    for (rel, meta) in hash_all(&files, read)? {
+        out.manifest.insert(rel, Entry::File(meta));
+    }
+    out.manifest.validate().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
+    Ok(out)
+}
+
+fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result<Vec<(RelPath, FileMeta)>, ScanError> {
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(files.len()));
+    let first_error = Mutex::new(None);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(files.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((rel, full, mode)) = files.get(i) else { break };
+                    match read(full) {
+                        Ok((size, blake3)) => {
+                            results.lock().expect("no panics while held").push((rel.clone(), FileMeta { size, mode: *mode, blake3 }));
+                        }
+                        Err(source) => {
+                            first_error.lock().expect("no panics while held").get_or_insert(ScanError::Io { path: full.clone(), source });
+                            // Stop the other workers early.
+                            next.store(files.len(), Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().expect("no panics while held") {
+        return Err(e);
+    }
+    Ok(results.into_inner().expect("no panics while held"))
+}
+
+/// Size and BLAKE3 of a regular file, reading it once in 256 KiB chunks. Refuses to open anything but a
+/// regular file (a FIFO swapped in would block forever).
+///
+/// # Errors
+/// I/O errors, and `InvalidInput` when the path is not a regular file.
+pub fn hash_file(path: &Path) -> io::Result<(u64, Digest)> {
+    let mut f = open_regular(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, h.finalize().into()))
+}
+
+/// Opens `path` for reading without following a final symlink and without blocking on a FIFO, and checks
+/// that it is a regular file.
+///
+/// # Errors
+/// I/O errors, and `InvalidInput` when the path is not a regular file.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("`{}` is not a regular file", path.display())));
+    }
+    Ok(f)
+}
+
+/// Whether a symlink at `link` (tree-relative) with `target` points outside the tree, judged lexically.
+pub fn link_escapes(link: &RelPath, target: &Path) -> bool {
+    if target.is_absolute() {
+        return true;
+    }
+    let mut depth = link.depth() as i64 - 1;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return true,
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn scans_files_dirs_and_foreign_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/empty")).unwrap();
+        fs::write(root.join("a/x"), b"hello").unwrap();
+        fs::write(root.join("run.sh"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o750)).unwrap();
+        symlink("x", root.join("a/inside")).unwrap();
+        symlink("../../etc", root.join("a/outside")).unwrap();
+        let s = scan(root).unwrap();
+        let p = |s: &str| RelPath::new(s).unwrap();
+        assert_eq!(s.manifest.get(&p("a/empty")), Some(&Entry::Dir));
+        match s.manifest.get(&p("a/x")) {
+            Some(Entry::File(f)) => assert_eq!((f.size, f.blake3, f.mode), (5, Digest::of(b"hello"), Mode::Regular)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.manifest.get(&p("run.sh")), Some(Entry::File(f)) if f.mode == Mode::Executable));
+        let mut foreign = s.foreign.clone();
+        foreign.sort_by(|a, b| a.path.cmp(&b.path));
+        assert!(matches!(&foreign[0].kind, ForeignKind::Symlink { escapes: false, .. }));
+        assert!(matches!(&foreign[1].kind, ForeignKind::Symlink { escapes: true, .. }));
+        assert_eq!(s.manifest.len(), 4);
+    }
+
+    #[test]
+    fn refuses_names_it_cannot_represent() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(OsStr::from_bytes(b"bad\xffname")), b"").unwrap();
+        assert!(matches!(scan(dir.path()), Err(ScanError::BadName { .. })));
+    }
+
+    #[test]
+    fn escape_judgement() {
+        let l = RelPath::new("a/b/link").unwrap();
+        for (target, escapes) in [("x", false), ("../x", false), ("../../x", false), ("../../../x", true), ("/etc", true), ("c/../../../../x", true)] {
+            assert_eq!(link_escapes(&l, Path::new(target)), escapes, "{target}");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Transports: the only code that moves mail in and out of a node.
+//!
+//! A transport delivers raw RFC 5322 messages to an address and hands back the messages waiting in the
+//! node's own mailbox. It knows nothing about the protocol: it never parses control parts, never decides
+//! whether a message is valid, and never touches the data tree or the state database. The node drivers in
+//! [`crate::node`] decide what a message means and then tell the transport where to file it with
+//! [`Disposition`].
+//!
+//! Two kinds exist:
+//! - [`maildir`]: a Maildir spool shared by nodes on one machine, or carried between machines as files.
+//! - `mail` (SMTP submission + IMAP), for nodes that talk to real mail servers.
+//!
+//! # Invariant
+//! Every transport files a message exactly once: a message handed out by [`Transport::fetch`] stays
+//! where it is until [`Transport::settle`] moves it, so a crash between the two means the message is
+//! fetched again and the node's seen-store (keyed by the message's content digest) keeps it from being
+//! acted on twice.
+
+pub mod maildir;
+
+use std::fmt;
+
+/// A message found in the node's mailbox, not yet trusted in any way.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Transport-specific handle used to settle the message (a Maildir file name, an IMAP UID).
+    pub id: String,
+    /// The raw message bytes, exactly as stored.
+    pub raw: Vec<u8>,
+}
+
+/// Where a handled message is filed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Understood and acted on (or a harmless duplicate): moved to the processed folder.
+    Processed,
+    /// Refused: moved to the rejected folder so that an operator can look at it.
+    Rejected,
+}
+
+/// What went wrong, in the terms a retry policy needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// Worth retrying later: connection refused, timeout, SMTP 4xx.
+    Transient,
+    /// Credentials refused.
+    Auth,
+    /// Retrying the same thing will fail the same way: SMTP 5xx, message too large, bad address.
+    Permanent,
+    /// Local I/O on the spool or outbox failed.
+    Io,
+}
+
+/// A transport failure with enough context to act on and to show to an operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct TransportError {
+    /// What kind of failure this is.
+    pub kind: TransportErrorKind,
+    /// What the transport was doing, naming the server, user, folder or path involved.
+    pub what: String,
+    /// The underlying cause.
+    #[source]
+    pub source: anyhow::Error,
+}
+
+impl TransportError {
+    /// Builds an error of `kind` while doing `what`.
+    pub fn new(kind: TransportErrorKind, what: impl Into<String>, source: impl Into<anyhow::Error>) -> Self {
+        TransportError { kind, what: what.into(), source: source.into() }
+    }
+
+    /// Local I/O failure while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        TransportError::new(TransportErrorKind::Io, what, source)
+    }
+}
+
+/// The seam between the node drivers and the mail system.
+///
+/// Implementations must be safe to call again after any error: a failed `send` has either delivered the
+/// message or not (never a partial message), a failed `settle` leaves the message where it was.
+#[allow(async_fn_in_trait)]
+pub trait Transport: fmt::Debug {
+    /// Delivers `raw` to the mailbox of `to`, sent from `from`.
+    async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError>;
+
+    /// Returns the messages waiting in this node's own mailbox, oldest first, without moving them.
+    async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError>;
+
+    /// Files a fetched message as processed or rejected.
+    async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError>;
+}
+
+/// The transport a node's config selects, dispatched statically.
+#[derive(Debug)]
+pub enum AnyTransport {
+    /// A Maildir spool.
+    Maildir(maildir::MaildirTransport),
+}
+
+impl AnyTransport {
+    /// Opens the transport `config` describes for the node whose own address is `own`.
+    ///
+    /// # Errors
+    /// When the transport cannot be set up (an unusable address, an uncreatable spool).
+    pub fn open(config: &crate::config::TransportConfig, own: &str) -> Result<AnyTransport, TransportError> {
+        match config {
+            crate::config::TransportConfig::Maildir { root } => Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?)),
+        }
+    }
+}
+
+impl Transport for AnyTransport {
+    async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.send(from, to, raw).await,
+        }
+    }
+
+    async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.fetch().await,
+        }
+    }
+
+    async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.settle(id, disposition).await,
+        }
+    }
+}
