@@ -211,7 +211,12 @@ pub enum StageError {
 ///
 /// # Errors
 /// See [`StageError`]. On error the staging directory may hold partial files; the caller removes it.
-pub fn stage<'a>(plan: &Plan, reply: &Reply, payload: &dyn Fn(&str) -> Option<&'a [u8]>, stage_dir: &Path) -> Result<(), StageError> {
+pub fn stage<'a>(
+    plan: &Plan,
+    reply: &Reply,
+    payload: &dyn Fn(&str) -> Option<&'a [u8]>,
+    stage_dir: &Path,
+) -> Result<(), StageError> {
     let files = stage_dir.join("files");
     let io_err = |source| StageError::Io { dir: stage_dir.to_path_buf(), source };
     fs::create_dir_all(&files).map_err(io_err)?;
@@ -228,7 +233,8 @@ pub fn stage<'a>(plan: &Plan, reply: &Reply, payload: &dyn Fn(&str) -> Option<&'
             }
         };
         debug_assert_eq!(put_path, path);
-        let src = source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
+        let src =
+            source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
         let data = payload(&src.payload)
             .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", src.payload)))?;
         let frame = usize::try_from(src.offset)
@@ -245,7 +251,11 @@ pub fn stage<'a>(plan: &Plan, reply: &Reply, payload: &dyn Fn(&str) -> Option<&'
         if written != size || digest != blake3 {
             return Err(Refusal::new(
                 Reason::BadPayload,
-                format!("`{path}` unpacks to {written} bytes with digest {}, control part says {size} bytes, {}", digest.short(), blake3.short()),
+                format!(
+                    "`{path}` unpacks to {written} bytes with digest {}, control part says {size} bytes, {}",
+                    digest.short(),
+                    blake3.short()
+                ),
             )
             .into());
         }
@@ -262,7 +272,8 @@ enum DecodeError {
 /// Streams the zstd `frame` into `out`, refusing to produce more than `limit` bytes; returns the bytes
 /// written and their digest.
 fn decompress_into(frame: &[u8], limit: u64, out: File) -> Result<(u64, Digest), DecodeError> {
-    let mut dec = zstd::stream::read::Decoder::with_buffer(frame).map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
+    let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
+        .map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
     dec.window_log_max(31).map_err(|e| DecodeError::Bad(e.to_string()))?;
     let mut dec = dec.single_frame();
     let mut w = BufWriter::new(out);
@@ -403,7 +414,8 @@ impl Journal {
                     let full = at(path);
                     match fs::symlink_metadata(&full) {
                         Ok(m) if m.is_dir() => {
-                            fs::remove_dir(&full).with_context(|| format!("failed to remove directory `{}`", full.display()))?;
+                            fs::remove_dir(&full)
+                                .with_context(|| format!("failed to remove directory `{}`", full.display()))?;
                             dirty.insert(parent_of(&full));
                         }
                         _ => {}
@@ -415,8 +427,11 @@ impl Journal {
                         Ok(()) => {
                             dirty.insert(parent_of(&full));
                         }
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&full)?.is_dir() => {}
-                        Err(e) => return Err(e).with_context(|| format!("failed to create directory `{}`", full.display())),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&full)?.is_dir() => {
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("failed to create directory `{}`", full.display()));
+                        }
                     }
                     fs::set_permissions(&full, fs::Permissions::from_mode(0o755))?;
                 }
@@ -435,8 +450,9 @@ impl Journal {
                         dirty.insert(parent_of(&full));
                     } else {
                         // Placed by an earlier run; make sure it is what we placed.
-                        let (_, got) = crate::scan::hash_file(&full)
-                            .with_context(|| format!("cannot finish the interrupted apply: `{}` is gone", full.display()))?;
+                        let (_, got) = crate::scan::hash_file(&full).with_context(|| {
+                            format!("cannot finish the interrupted apply: `{}` is gone", full.display())
+                        })?;
                         anyhow::ensure!(
                             got == *blake3,
                             "cannot finish the interrupted apply: `{}` was changed by someone else",
@@ -486,7 +502,9 @@ mod tests {
         for (path, c) in items {
             m.insert(
                 p(path),
-                c.map_or(Entry::Dir, |c| Entry::File(FileMeta { size: c.len() as u64, mode: Mode::Regular, blake3: Digest::of(c) })),
+                c.map_or(Entry::Dir, |c| {
+                    Entry::File(FileMeta { size: c.len() as u64, mode: Mode::Regular, blake3: Digest::of(c) })
+                }),
             );
         }
         m.validate().unwrap();
@@ -524,20 +542,31 @@ mod tests {
         assert_eq!(plan(&ok, &from, &lying, OnExtra::Delete).unwrap_err().reason, Reason::TreeMismatch);
 
         let drifted = Scan { manifest: tree(&[("a", None)]), foreign: vec![] };
-        assert_eq!(plan(&drifted, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+        assert_eq!(
+            plan(&drifted, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason,
+            Reason::LocalTree
+        );
 
-        for kind in [
-            ForeignKind::Symlink { target: "/etc".into(), escapes: true },
-            ForeignKind::Special("character device"),
-        ] {
+        for kind in
+            [ForeignKind::Symlink { target: "/etc".into(), escapes: true }, ForeignKind::Special("character device")]
+        {
             let bad = Scan { manifest: from.clone(), foreign: vec![Foreign { path: p("z"), kind }] };
-            assert_eq!(plan(&bad, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+            assert_eq!(
+                plan(&bad, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason,
+                Reason::LocalTree
+            );
         }
         let through_link = Scan {
             manifest: from.clone(),
-            foreign: vec![Foreign { path: p("a/x"), kind: ForeignKind::Symlink { target: "y".into(), escapes: false } }],
+            foreign: vec![Foreign {
+                path: p("a/x"),
+                kind: ForeignKind::Symlink { target: "y".into(), escapes: false },
+            }],
         };
-        assert_eq!(plan(&through_link, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason, Reason::LocalTree);
+        assert_eq!(
+            plan(&through_link, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason,
+            Reason::LocalTree
+        );
     }
 
     #[test]
@@ -549,6 +578,8 @@ mod tests {
         let plan = plan(&scan, &previous, &reply_for(&local, &target), OnExtra::Keep).unwrap();
         assert_eq!(plan.kept, vec![p("mine/notes"), p("mine")]);
         assert!(plan.steps.contains(&Step::RemoveFile { path: p("old") }));
-        assert!(!plan.steps.iter().any(|s| matches!(s, Step::RemoveFile { path } | Step::RemoveDir { path } if path.as_str().starts_with("mine"))));
+        assert!(!plan.steps.iter().any(
+            |s| matches!(s, Step::RemoveFile { path } | Step::RemoveDir { path } if path.as_str().starts_with("mine"))
+        ));
     }
 }

@@ -180,7 +180,8 @@ impl NodeConfig {
                 anyhow::Error::new(e).context(format!("failed to read config file `{}`", path.display()))
             }
         })?;
-        let raw: RawFile = toml::from_str(&text).with_context(|| format!("config file `{}` is invalid", path.display()))?;
+        let raw: RawFile =
+            toml::from_str(&text).with_context(|| format!("config file `{}` is invalid", path.display()))?;
         let path = std::path::absolute(path)?;
         let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let transport = resolve_transport(&base, raw.transport);
@@ -211,7 +212,8 @@ impl NodeConfig {
 /// # Errors
 /// When they overlap.
 pub fn check_state_outside_data(state_dir: &Path, data: &Path) -> Result<()> {
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()));
+    let canon =
+        |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()));
     let (s, d) = (canon(state_dir), canon(data));
     if s.starts_with(&d) || d.starts_with(&s) {
         bail!(
@@ -237,7 +239,8 @@ pub fn read_key_file(path: &Path) -> Result<Key> {
             path.display()
         );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
     Key::from_hex(&text).with_context(|| format!("key file `{}` is invalid", path.display()))
 }
 
@@ -297,8 +300,10 @@ impl Enrollment {
     /// A missing, too-open or invalid file.
     pub fn load(path: &Path) -> Result<Enrollment> {
         read_key_mode(path)?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read enrollment file `{}`", path.display()))?;
-        let e: Enrollment = toml::from_str(&text).with_context(|| format!("enrollment file `{}` is invalid", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read enrollment file `{}`", path.display()))?;
+        let e: Enrollment =
+            toml::from_str(&text).with_context(|| format!("enrollment file `{}` is invalid", path.display()))?;
         if e.mailferry_enrollment != 1 {
             bail!("enrollment file `{}` has version {}, this build reads 1", path.display(), e.mailferry_enrollment);
         }
@@ -310,7 +315,11 @@ fn read_key_mode(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).with_context(|| format!("failed to read `{}`", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        bail!("`{}` holds a key but is readable by others (mode {mode:o}); run `chmod 600 {}`", path.display(), path.display());
+        bail!(
+            "`{}` holds a key but is readable by others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
     }
     Ok(())
 }
@@ -337,9 +346,12 @@ mod tests {
         std::fs::write(&owner, "[owner]\naddress = \"o@x\"\nsource = \"s\"\nintervall = \"1m\"\n[transport]\nkind = \"maildir\"\nroot = \"s\"\n").unwrap();
         let err = format!("{:#}", NodeConfig::load(&owner).unwrap_err());
         assert!(err.contains("intervall"), "{err}");
-        std::fs::write(&owner, "[owner]\naddress = \"o@x\"\nsource = \"s\"\n[transport]\nkind = \"carrier-pigeon\"\n").unwrap();
+        std::fs::write(&owner, "[owner]\naddress = \"o@x\"\nsource = \"s\"\n[transport]\nkind = \"carrier-pigeon\"\n")
+            .unwrap();
         assert!(NodeConfig::load(&owner).is_err());
-        assert!(format!("{:#}", NodeConfig::load(&dir.path().join("nope.toml")).unwrap_err()).contains("does not exist"));
+        assert!(
+            format!("{:#}", NodeConfig::load(&dir.path().join("nope.toml")).unwrap_err()).contains("does not exist")
+        );
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl Db {
     /// I/O or SQLite errors, or a database from a newer mailferry.
     pub fn open(path: &Path) -> Result<Db> {
         let existed = path.exists();
-        let conn = Connection::open(path).with_context(|| format!("failed to open state database `{}`", path.display()))?;
+        let conn =
+            Connection::open(path).with_context(|| format!("failed to open state database `{}`", path.display()))?;
         if !existed {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("failed to restrict `{}`", path.display()))?;
@@ -202,7 +203,12 @@ impl Db {
     /// # Errors
     /// SQLite errors or a non-numeric value.
     pub fn meta_u64(&self, key: &str) -> Result<u64> {
-        Ok(self.meta(key)?.map(|v| v.parse()).transpose().with_context(|| format!("meta {key} is not a number"))?.unwrap_or(0))
+        Ok(self
+            .meta(key)?
+            .map(|v| v.parse())
+            .transpose()
+            .with_context(|| format!("meta {key} is not a number"))?
+            .unwrap_or(0))
     }
 
     /// The outcome recorded for a message with raw-bytes digest `digest`, if it was handled before.
@@ -253,9 +259,8 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rejections(&self) -> Result<Vec<Rejection>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT at, reason, detail, sender, message_id, subject FROM rejections ORDER BY id")?;
+        let mut st =
+            self.conn.prepare("SELECT at, reason, detail, sender, message_id, subject FROM rejections ORDER BY id")?;
         let rows = st.query_map([], |r| {
             Ok(Rejection {
                 at: r.get::<_, i64>(0)? as u64,
@@ -302,7 +307,15 @@ impl Db {
             .query_row(
                 "SELECT number, root, created, files, bytes FROM generations ORDER BY number DESC LIMIT 1",
                 [],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
             )
             .optional()?
             .map(|(n, root, c, f, b)| {
@@ -539,10 +552,8 @@ impl Db {
     pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
         let generation = self.meta_u64("applied_generation")?;
         let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
-        let manifest: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0))
-            .optional()?;
+        let manifest: Option<Vec<u8>> =
+            self.conn.query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0)).optional()?;
         let manifest = manifest.map(|d| unpack_manifest(&d)).transpose()?.unwrap_or_default();
         Ok((generation, root, manifest))
     }
@@ -551,7 +562,14 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn record_applied(&self, generation: u64, manifest: &Manifest, reply_id: &str, nonce: &str, ops: usize) -> Result<()> {
+    pub fn record_applied(
+        &self,
+        generation: u64,
+        manifest: &Manifest,
+        reply_id: &str,
+        nonce: &str,
+        ops: usize,
+    ) -> Result<()> {
         let root = manifest.root();
         self.set_meta("applied_generation", &generation.to_string())?;
         self.set_meta("applied_root", &root.to_hex())?;
@@ -571,7 +589,10 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn reply_applied(&self, reply_id: &str) -> Result<bool> {
-        Ok(self.conn.query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))? > 0)
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
+            > 0)
     }
 }
 

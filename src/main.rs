@@ -1,1 +1,24 @@
-fn main() {}
+//! The `mailferry` command. Everything that knows about the terminal, clap and exit codes is in [`cli`].
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::parse();
+    cli::init_logging(&args);
+    match cli::run(args) {
+        Ok(code) => code.into(),
+        Err(err) => {
+            // A closed pipe (`mailferry status | head`) is not an error worth reporting.
+            if err
+                .chain()
+                .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            cli::Exit::Error.into()
+        }
+    }
+}

@@ -89,13 +89,10 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Decodes lowercase or uppercase hex; `None` if it is not hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
 }
 
 /// A file's permission bits as mailferry manages them: executable or not.
@@ -370,7 +367,10 @@ impl Manifest {
             match op {
                 Op::Delete { path } => {
                     if out.entries.remove(path).is_none() {
-                        return Err(TreeError::BadOp { path: path.clone(), why: "deleting a path that does not exist" });
+                        return Err(TreeError::BadOp {
+                            path: path.clone(),
+                            why: "deleting a path that does not exist",
+                        });
                     }
                 }
                 Op::Mkdir { path } => match out.entries.get(path) {
@@ -385,11 +385,17 @@ impl Manifest {
                     if out.entries.get(path) == Some(&Entry::Dir) {
                         return Err(TreeError::BadOp { path: path.clone(), why: "writing a file over a directory" });
                     }
-                    out.entries.insert(path.clone(), Entry::File(FileMeta { size: *size, mode: *mode, blake3: *blake3 }));
+                    out.entries
+                        .insert(path.clone(), Entry::File(FileMeta { size: *size, mode: *mode, blake3: *blake3 }));
                 }
                 Op::Chmod { path, mode } => match out.entries.get_mut(path) {
                     Some(Entry::File(f)) => f.mode = *mode,
-                    _ => return Err(TreeError::BadOp { path: path.clone(), why: "changing the mode of a missing file" }),
+                    _ => {
+                        return Err(TreeError::BadOp {
+                            path: path.clone(),
+                            why: "changing the mode of a missing file",
+                        });
+                    }
                 },
             }
         }
@@ -562,7 +568,8 @@ mod tests {
         ]);
         assert!(matches!(collide, Err(TreeError::CaseCollision(..))));
 
-        let dup = Manifest::from_listing(vec![Listed { path: p("a"), file: None }, Listed { path: p("a"), file: None }]);
+        let dup =
+            Manifest::from_listing(vec![Listed { path: p("a"), file: None }, Listed { path: p("a"), file: None }]);
         assert_eq!(dup, Err(TreeError::Duplicate(p("a"))));
     }
 
@@ -593,7 +600,10 @@ mod tests {
         let back = Manifest::from_listing(serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(back, t);
         assert!(serde_json::from_str::<Vec<Listed>>(r#"[{"path":"x","size":1,"mode":420,"blake3":"00"}]"#).is_err());
-        assert!(serde_json::from_str::<Vec<Listed>>(r#"[{"path":"x","bogus":1}]"#).is_err(), "unknown fields are refused");
+        assert!(
+            serde_json::from_str::<Vec<Listed>>(r#"[{"path":"x","bogus":1}]"#).is_err(),
+            "unknown fields are refused"
+        );
     }
 
     fn arb_tree() -> impl Strategy<Value = Manifest> {

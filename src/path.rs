@@ -211,7 +211,8 @@ mod tests {
 
     #[test]
     fn refuses_hostile_paths() {
-        let cases: &[(&str, fn(&PathError) -> bool)] = &[
+        type Check = fn(&PathError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, PathError::Empty)),
             ("/etc/passwd", |e| matches!(e, PathError::Absolute(_))),
             ("..", |e| matches!(e, PathError::DotDot(_))),

@@ -154,10 +154,16 @@ fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result
                     let Some((rel, full, mode)) = files.get(i) else { break };
                     match read(full) {
                         Ok((size, blake3)) => {
-                            results.lock().expect("no panics while held").push((rel.clone(), FileMeta { size, mode: *mode, blake3 }));
+                            results
+                                .lock()
+                                .expect("no panics while held")
+                                .push((rel.clone(), FileMeta { size, mode: *mode, blake3 }));
                         }
                         Err(source) => {
-                            first_error.lock().expect("no panics while held").get_or_insert(ScanError::Io { path: full.clone(), source });
+                            first_error
+                                .lock()
+                                .expect("no panics while held")
+                                .get_or_insert(ScanError::Io { path: full.clone(), source });
                             // Stop the other workers early.
                             next.store(files.len(), Ordering::Relaxed);
                             break;
@@ -201,10 +207,7 @@ pub fn hash_file(path: &Path) -> io::Result<(u64, Digest)> {
 /// I/O errors, and `InvalidInput` when the path is not a regular file.
 pub fn open_regular(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
     if !f.metadata()?.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("`{}` is not a regular file", path.display())));
     }
@@ -274,7 +277,14 @@ mod tests {
     #[test]
     fn escape_judgement() {
         let l = RelPath::new("a/b/link").unwrap();
-        for (target, escapes) in [("x", false), ("../x", false), ("../../x", false), ("../../../x", true), ("/etc", true), ("c/../../../../x", true)] {
+        for (target, escapes) in [
+            ("x", false),
+            ("../x", false),
+            ("../../x", false),
+            ("../../../x", true),
+            ("/etc", true),
+            ("c/../../../../x", true),
+        ] {
             assert_eq!(link_escapes(&l, Path::new(target)), escapes, "{target}");
         }
     }

@@ -54,7 +54,11 @@ impl Store {
             let before = f.metadata()?;
             let (size, digest, tmp) = self.compress_from(&mut f)?;
             let after = fs::symlink_metadata(source)?;
-            if before.len() != after.len() || before.mtime_nsec() != after.mtime_nsec() || before.mtime() != after.mtime() || size != after.len() {
+            if before.len() != after.len()
+                || before.mtime_nsec() != after.mtime_nsec()
+                || before.mtime() != after.mtime()
+                || size != after.len()
+            {
                 drop(tmp);
                 continue;
             }

@@ -85,7 +85,8 @@ impl Handled {
 /// # Errors
 /// When another process holds it, or the lock file cannot be created.
 pub fn lock_state(state_dir: &Path) -> Result<File> {
-    fs::create_dir_all(state_dir).with_context(|| format!("failed to create state directory `{}`", state_dir.display()))?;
+    fs::create_dir_all(state_dir)
+        .with_context(|| format!("failed to create state directory `{}`", state_dir.display()))?;
     let path = state_dir.join("lock");
     let f = File::create(&path).with_context(|| format!("failed to create `{}`", path.display()))?;
     match f.try_lock() {
@@ -158,7 +159,11 @@ impl Outbox {
                 to = Some(v.to_owned());
             }
         }
-        Ok((from.context("outbox header has no from")?, to.context("outbox header has no to")?, data[nl + 1..].to_vec()))
+        Ok((
+            from.context("outbox header has no from")?,
+            to.context("outbox header has no to")?,
+            data[nl + 1..].to_vec(),
+        ))
     }
 
     /// Sends everything queued, oldest first. Permanent failures move the message to `failed/` and are
@@ -204,7 +209,10 @@ impl Outbox {
     /// I/O errors.
     pub fn status(&self) -> Result<OutboxStatus> {
         let count = |d: &Path| -> Result<usize> {
-            Ok(fs::read_dir(d)?.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "eml")).count())
+            Ok(fs::read_dir(d)?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                .count())
         };
         Ok(OutboxStatus { pending: count(&self.dir)?, failed: count(&self.dir.join("failed"))? })
     }

@@ -135,7 +135,8 @@ impl Owner {
     /// # Errors
     /// A taken name, an unusable address, an existing `out`, or I/O errors.
     pub fn add_recipient(&mut self, name: &str, address: &str, out: &Path) -> Result<Enrollment> {
-        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
             bail!("recipient name {name:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`");
         }
         check_address(address).map_err(anyhow::Error::msg)?;
@@ -217,10 +218,10 @@ impl Owner {
         for msg in transport.fetch().await? {
             let handled = self.handle(&msg.raw)?;
             report.count(&handled);
-            if let Some(d) = handled.disposition() {
-                if let Err(e) = transport.settle(&msg.id, d).await {
-                    warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again");
-                }
+            if let Some(d) = handled.disposition()
+                && let Err(e) = transport.settle(&msg.id, d).await
+            {
+                warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again");
             }
         }
         report.sent += self.outbox.flush(transport).await?.sent;
@@ -331,7 +332,10 @@ impl Owner {
             Control::Request(req) => self.answer(&rec, &key, &req),
             Control::Receipt(r) => {
                 if !self.db.answered_for(&rec.name, &r.nonce.to_hex())? {
-                    return Ok(Err(Refusal::new(Reason::Replay, format!("receipt for nonce {} that was never answered", r.nonce))));
+                    return Ok(Err(Refusal::new(
+                        Reason::Replay,
+                        format!("receipt for nonce {} that was never answered", r.nonce),
+                    )));
                 }
                 Ok(Ok(Action::Receipt(r)))
             }
@@ -416,8 +420,8 @@ impl Owner {
     }
 
     /// Fills in every put's [`Source`], packing each distinct content's stored zstd frame once.
-    fn pack(&self, ops: &mut [Op]) -> Result<(Vec<Payload>, Vec<(String, Vec<u8>)>)> {
-        let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    fn pack(&self, ops: &mut [Op]) -> Result<(Vec<Payload>, Vec<Blob>)> {
+        let mut blobs: Vec<Blob> = Vec::new();
         let mut placed: HashMap<Digest, Source> = HashMap::new();
         for op in ops.iter_mut() {
             let Op::Put { blake3, source, .. } = op else { continue };
@@ -462,6 +466,9 @@ impl Owner {
         &self.db
     }
 }
+
+/// A payload attachment being packed: its id and bytes.
+type Blob = (String, Vec<u8>);
 
 enum Action {
     Answer {

@@ -22,7 +22,9 @@ use crate::crypto::{Key, Nonce};
 use crate::db::{Db, now};
 use crate::manifest::Digest;
 use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{self, Auth, Control, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want};
+use crate::protocol::{
+    self, Auth, Control, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want,
+};
 use crate::scan;
 use crate::transport::Transport;
 
@@ -70,7 +72,8 @@ pub struct RecipientStatus {
 /// config, or I/O errors.
 pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -> Result<PathBuf> {
     let e = Enrollment::load(enrollment)?;
-    let key = Key::from_hex(&e.key).with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
+    let key = Key::from_hex(&e.key)
+        .with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -157,7 +160,14 @@ impl Recipient {
         Ok(())
     }
 
-    fn queue_receipt(&self, nonce: Nonce, reply_id: &str, generation: u64, root: Digest, status: ReceiptStatus) -> Result<()> {
+    fn queue_receipt(
+        &self,
+        nonce: Nonce,
+        reply_id: &str,
+        generation: u64,
+        root: Digest,
+        status: ReceiptStatus,
+    ) -> Result<()> {
         let receipt = Receipt {
             mailferry: VERSION,
             kind: Kind::Receipt,
@@ -184,7 +194,12 @@ impl Recipient {
             auth: &auth,
             payloads: vec![],
         })?;
-        self.outbox.put(&format!("receipt-{reply_id}"), &self.cfg.recipient.address, &self.cfg.recipient.owner_address, &raw)
+        self.outbox.put(
+            &format!("receipt-{reply_id}"),
+            &self.cfg.recipient.address,
+            &self.cfg.recipient.owner_address,
+            &raw,
+        )
     }
 
     /// Applies every verified reply waiting, then, if `request` and no request is still awaiting its reply,
@@ -239,7 +254,10 @@ impl Recipient {
         if let Some(sent) = self.db.newest_outstanding()?
             && now().saturating_sub(sent) < timeout
         {
-            info!("a request sent {}s ago is still awaiting its reply; not sending another", now().saturating_sub(sent));
+            info!(
+                "a request sent {}s ago is still awaiting its reply; not sending another",
+                now().saturating_sub(sent)
+            );
             return Ok(false);
         }
         let data = &self.cfg.recipient.data;
@@ -278,7 +296,12 @@ impl Recipient {
             auth: &auth,
             payloads: vec![],
         })?;
-        self.outbox.put(&format!("request-{seq:010}"), &self.cfg.recipient.address, &self.cfg.recipient.owner_address, &raw)?;
+        self.outbox.put(
+            &format!("request-{seq:010}"),
+            &self.cfg.recipient.address,
+            &self.cfg.recipient.owner_address,
+            &raw,
+        )?;
         info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued");
         Ok(true)
     }
@@ -336,11 +359,17 @@ impl Recipient {
         let reply = match refuse!(protocol::decode_control(&parsed.control, &limits)) {
             Control::Reply(r) => r,
             other => {
-                return Ok(Err(Refusal::new(Reason::Unexpected, format!("a recipient does not accept a {}", other.kind()))));
+                return Ok(Err(Refusal::new(
+                    Reason::Unexpected,
+                    format!("a recipient does not accept a {}", other.kind()),
+                )));
             }
         };
         if reply.recipient != me {
-            return Ok(Err(Refusal::new(Reason::WrongRecipient, format!("reply is for {:?}, this is {me:?}", reply.recipient))));
+            return Ok(Err(Refusal::new(
+                Reason::WrongRecipient,
+                format!("reply is for {:?}, this is {me:?}", reply.recipient),
+            )));
         }
         let nonce = reply.nonce.to_hex();
         if self.db.outstanding(&nonce)?.is_none() {
@@ -359,13 +388,20 @@ impl Recipient {
             )));
         }
         if reply.parts != 1 {
-            return Ok(Err(Refusal::new(Reason::Unexpected, format!("reply in {} parts; this build reads single-part replies", reply.parts))));
+            return Ok(Err(Refusal::new(
+                Reason::Unexpected,
+                format!("reply in {} parts; this build reads single-part replies", reply.parts),
+            )));
         }
         refuse!(check_payloads(&reply, &parsed.attachments));
 
         let data = self.cfg.recipient.data.clone();
         let scan = scan::scan(&data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
-        if reply.generation == applied && reply.ops.is_empty() && scan.manifest.root() == reply.root && scan.foreign.is_empty() {
+        if reply.generation == applied
+            && reply.ops.is_empty()
+            && scan.manifest.root() == reply.root
+            && scan.foreign.is_empty()
+        {
             self.db.transaction(|db| {
                 db.close_outstanding(&nonce)?;
                 db.mark_seen(digest, "processed")
@@ -376,7 +412,8 @@ impl Recipient {
         let plan = refuse!(apply::plan(&scan, &previous, &reply, self.cfg.recipient.on_extra));
         let stage_dir = self.staging_root()?.join(&reply.reply_id);
         if stage_dir.exists() {
-            std::fs::remove_dir_all(&stage_dir).with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
+            std::fs::remove_dir_all(&stage_dir)
+                .with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
         }
         let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
         match apply::stage(&plan, &reply, &payload, &stage_dir) {
@@ -385,7 +422,9 @@ impl Recipient {
                 let _ = std::fs::remove_dir_all(&stage_dir);
                 match e {
                     StageError::Refused(r) => return Ok(Err(r)),
-                    io @ StageError::Io { .. } => return Err(anyhow::Error::new(io).context("the data tree is unchanged")),
+                    io @ StageError::Io { .. } => {
+                        return Err(anyhow::Error::new(io).context("the data tree is unchanged"));
+                    }
                 }
             }
         }
@@ -427,7 +466,8 @@ impl Recipient {
         let parent = data.parent().context("the data tree has no parent directory")?;
         let name = data.file_name().map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
         let beside = parent.join(format!(".{name}.mailferry-staging"));
-        std::fs::create_dir_all(&beside).with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
+        std::fs::create_dir_all(&beside)
+            .with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
         Ok(beside)
     }
 
@@ -463,7 +503,10 @@ impl Recipient {
 fn check_payloads(reply: &Reply, attachments: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), Refusal> {
     let listed: BTreeSet<&str> = reply.payloads.iter().map(|p| p.id.as_str()).collect();
     if let Some(extra) = attachments.keys().find(|k| !listed.contains(k.as_str())) {
-        return Err(Refusal::new(Reason::BadPayload, format!("attachment {extra:?} is not listed in the control part")));
+        return Err(Refusal::new(
+            Reason::BadPayload,
+            format!("attachment {extra:?} is not listed in the control part"),
+        ));
     }
     for p in &reply.payloads {
         let bytes = attachments

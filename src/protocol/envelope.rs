@@ -111,14 +111,10 @@ fn hints_of(m: &mail_parser::Message<'_>) -> Hints {
 /// when the control or auth part is missing or present twice, or an attachment name repeats.
 pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
     if raw.len() as u64 > max_bytes {
-        return Err(Refusal::new(
-            Reason::Limit,
-            format!("message is {} bytes, limit is {max_bytes}", raw.len()),
-        ));
+        return Err(Refusal::new(Reason::Limit, format!("message is {} bytes, limit is {max_bytes}", raw.len())));
     }
-    let msg = MessageParser::default()
-        .parse(raw)
-        .ok_or_else(|| Refusal::new(Reason::Malformed, "not a MIME message"))?;
+    let msg =
+        MessageParser::default().parse(raw).ok_or_else(|| Refusal::new(Reason::Malformed, "not a MIME message"))?;
     let mut control = None;
     let mut auth = None;
     let mut attachments = BTreeMap::new();
@@ -146,7 +142,8 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
         }
     }
     let hints = hints_of(&msg);
-    let control = control.ok_or_else(|| Refusal::new(Reason::Malformed, "no control part (not a mailferry message)"))?;
+    let control =
+        control.ok_or_else(|| Refusal::new(Reason::Malformed, "no control part (not a mailferry message)"))?;
     let auth = auth.ok_or_else(|| Refusal::new(Reason::Malformed, "no auth part"))?;
     Ok(Parsed { control, auth, attachments, hints })
 }
@@ -171,7 +168,8 @@ mod tests {
 
     #[test]
     fn binary_payloads_survive_exactly() {
-        let payload: Vec<u8> = (0..=255u8).cycle().take(100_000).chain(b"\r\n.\r\nFrom x\n\0".iter().copied()).collect();
+        let payload: Vec<u8> =
+            (0..=255u8).cycle().take(100_000).chain(b"\r\n.\r\nFrom x\n\0".iter().copied()).collect();
         let raw = sample(&payload);
         let parsed = parse(&raw, u64::MAX).unwrap();
         assert_eq!(parsed.control, br#"{"mailferry":1,"type":"reply"}"#);

@@ -502,11 +502,23 @@ mod tests {
             (br#"{"mailferry":1}"#.to_vec(), Reason::Malformed),
             (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "../b").into_bytes(), Reason::BadPath),
             (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "/etc/b").into_bytes(), Reason::BadPath),
-            (String::from_utf8(encode(&reply())).unwrap().replace("\"mode\":493", "\"mode\":2541").into_bytes(), Reason::Malformed),
-            (String::from_utf8(encode(&reply())).unwrap().replace("\"length\":10", "\"length\":11").into_bytes(), Reason::BadPayload),
-            (String::from_utf8(encode(&reply())).unwrap().replace("\"parts\":1", "\"parts\":0").into_bytes(), Reason::Limit),
             (
-                String::from_utf8(encode(&reply())).unwrap().replace("\"recipient\"", "\"extra\":1,\"recipient\"").into_bytes(),
+                String::from_utf8(encode(&reply())).unwrap().replace("\"mode\":493", "\"mode\":2541").into_bytes(),
+                Reason::Malformed,
+            ),
+            (
+                String::from_utf8(encode(&reply())).unwrap().replace("\"length\":10", "\"length\":11").into_bytes(),
+                Reason::BadPayload,
+            ),
+            (
+                String::from_utf8(encode(&reply())).unwrap().replace("\"parts\":1", "\"parts\":0").into_bytes(),
+                Reason::Limit,
+            ),
+            (
+                String::from_utf8(encode(&reply()))
+                    .unwrap()
+                    .replace("\"recipient\"", "\"extra\":1,\"recipient\"")
+                    .into_bytes(),
                 Reason::Malformed,
             ),
         ];
@@ -543,7 +555,10 @@ mod tests {
 
     #[test]
     fn file_meta_is_consistent_with_listing() {
-        let l = Listed { path: RelPath::new("x").unwrap(), file: Some(FileMeta { size: 1, mode: Mode::Regular, blake3: Digest([0; 32]) }) };
+        let l = Listed {
+            path: RelPath::new("x").unwrap(),
+            file: Some(FileMeta { size: 1, mode: Mode::Regular, blake3: Digest([0; 32]) }),
+        };
         let json = String::from_utf8(encode(&l)).unwrap();
         assert!(json.contains("\"mode\":420"), "{json}");
     }

@@ -57,7 +57,9 @@ impl MaildirTransport {
     /// # Errors
     /// An address that cannot name a directory, or a spool that cannot be created.
     pub fn new(root: &Path, own: &str) -> Result<MaildirTransport, TransportError> {
-        check_address(own).map_err(|m| TransportError::new(TransportErrorKind::Permanent, "invalid own address", anyhow::Error::msg(m)))?;
+        check_address(own).map_err(|m| {
+            TransportError::new(TransportErrorKind::Permanent, "invalid own address", anyhow::Error::msg(m))
+        })?;
         let t = MaildirTransport { root: root.to_path_buf(), own: own.to_owned() };
         ensure_maildir(&t.inbox())?;
         Ok(t)
@@ -94,8 +96,13 @@ impl MaildirTransport {
 
 impl Transport for MaildirTransport {
     async fn send(&mut self, _from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
-        check_address(to)
-            .map_err(|m| TransportError::new(TransportErrorKind::Permanent, format!("cannot deliver to {to:?}"), anyhow::Error::msg(m)))?;
+        check_address(to).map_err(|m| {
+            TransportError::new(
+                TransportErrorKind::Permanent,
+                format!("cannot deliver to {to:?}"),
+                anyhow::Error::msg(m),
+            )
+        })?;
         MaildirTransport::deliver_into(&self.root.join(to), raw)?;
         Ok(())
     }

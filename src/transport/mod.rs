@@ -107,7 +107,9 @@ impl AnyTransport {
     /// When the transport cannot be set up (an unusable address, an uncreatable spool).
     pub fn open(config: &crate::config::TransportConfig, own: &str) -> Result<AnyTransport, TransportError> {
         match config {
-            crate::config::TransportConfig::Maildir { root } => Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?)),
+            crate::config::TransportConfig::Maildir { root } => {
+                Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?))
+            }
         }
     }
 }

@@ -1,0 +1,520 @@
+//! Command-line interface: parsing, dispatch, human and JSON output, exit codes.
+//!
+//! Data and `--json` go to stdout; narration, warnings and logs go to stderr. Exit codes: 0 success,
+//! 1 `status` found something that needs attention, 2 error.
+
+mod demo;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use mailferry::config::NodeConfig;
+use mailferry::db::Rejection;
+use mailferry::node::RunReport;
+use mailferry::node::owner::{self, Owner};
+use mailferry::node::recipient::{self, Recipient};
+use mailferry::transport::AnyTransport;
+use tracing::{info, warn};
+
+/// Typed exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything is fine.
+    Success,
+    /// `status`: the node needs attention (interrupted apply, failed outgoing mail).
+    Attention,
+    /// An error was reported.
+    Error,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> std::process::ExitCode {
+        std::process::ExitCode::from(match e {
+            Exit::Success => 0,
+            Exit::Attention => 1,
+            Exit::Error => 2,
+        })
+    }
+}
+
+/// Store-and-forward file-tree updates whose only transport is email.
+#[derive(Debug, Parser)]
+#[command(name = "mailferry", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Commands of the node that publishes the authoritative tree.
+    #[command(subcommand)]
+    Owner(OwnerCommand),
+    /// Commands of a node that keeps a data tree in sync with an owner.
+    #[command(subcommand)]
+    Recipient(RecipientCommand),
+    /// Show a node's generation, tree root, last request and reply, and refusals.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand messages to a node from files or stdin (an MTA pipe, a USB stick).
+    Deliver {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Message files; stdin when none.
+        #[arg(value_name = "EML")]
+        files: Vec<PathBuf>,
+    },
+    /// List refused messages with their reasons.
+    Log {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Refused messages (the only log kept so far).
+        #[arg(long)]
+        rejected: bool,
+        /// One JSON object per line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole story in a temporary directory: publish, sync, change, sync, tamper.
+    Demo {
+        /// Keep the demo's files in this directory instead of a temporary one.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The node's config file (owner.toml or recipient.toml).
+    #[arg(long, value_name = "FILE", env = "MAILFERRY_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum OwnerCommand {
+    /// Create an owner: DIR/owner.toml, its state database and content store.
+    Init {
+        /// Directory for the config and state.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The authoritative source tree.
+        #[arg(long, value_name = "TREE")]
+        source: PathBuf,
+        /// The owner's mail address.
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        /// Maildir spool root.
+        #[arg(long, value_name = "SPOOL")]
+        transport_root: PathBuf,
+    },
+    /// Register a recipient with a fresh key and write its enrollment file (mode 0600).
+    AddRecipient {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The recipient's name.
+        #[arg(long)]
+        name: String,
+        /// The recipient's mail address: the only address replies go to.
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        /// Where to write the enrollment file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Snapshot the source tree into the next immutable generation.
+    Publish {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Answer requests: once with --once, else until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Answer every pending request, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RecipientCommand {
+    /// Create a recipient from an enrollment file: DIR/recipient.toml and DIR/recipient.key.
+    Init {
+        /// Directory for the config and state (outside the data tree).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The data tree to keep in sync.
+        #[arg(long, value_name = "TREE")]
+        data: PathBuf,
+        /// The enrollment file from `owner add-recipient`.
+        #[arg(long, value_name = "FILE")]
+        enrollment: PathBuf,
+        /// Maildir spool root.
+        #[arg(long, value_name = "SPOOL")]
+        transport_root: PathBuf,
+    },
+    /// Apply replies and request updates: once with --once, else until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Apply waiting replies, request if nothing is outstanding, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Only apply; send no request.
+        #[arg(long)]
+        no_request: bool,
+    },
+}
+
+/// Parses the command line.
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
+/// Sends logs to stderr; `MAILFERRY_LOG` (tracing filter syntax) overrides -v/-q.
+pub fn init_logging(cli: &Cli) {
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let default = if matches!(cli.command, Command::Demo { .. }) && cli.verbose == 0 { "warn" } else { default };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILFERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("mailferry={default},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Runs the parsed command.
+///
+/// # Errors
+/// Whatever the command reports; `main` prints it and exits 2.
+pub fn run(cli: Cli) -> Result<Exit> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> Result<Exit> {
+    match command {
+        Command::Owner(c) => owner_command(c).await,
+        Command::Recipient(c) => recipient_command(c).await,
+        Command::Status { config, json } => status(&config.config, json),
+        Command::Deliver { config, files } => deliver(&config.config, &files).await,
+        Command::Log { config, rejected: _, json } => log(&config.config, json),
+        Command::Demo { keep } => demo::run(keep.as_deref()).await,
+    }
+}
+
+fn load_owner(path: &Path) -> Result<Owner> {
+    match NodeConfig::load(path)? {
+        NodeConfig::Owner(cfg) => Owner::open(cfg),
+        NodeConfig::Recipient(_) => {
+            bail!("`{}` is a recipient's config; this command needs the owner's", path.display())
+        }
+    }
+}
+
+fn load_recipient(path: &Path) -> Result<Recipient> {
+    match NodeConfig::load(path)? {
+        NodeConfig::Recipient(cfg) => Recipient::open(cfg),
+        NodeConfig::Owner(_) => bail!("`{}` is an owner's config; this command needs a recipient's", path.display()),
+    }
+}
+
+async fn owner_command(c: OwnerCommand) -> Result<Exit> {
+    match c {
+        OwnerCommand::Init { dir, source, address, transport_root } => {
+            let path = owner::init(&dir, &source, &address, &transport_root)?;
+            eprintln!("created owner `{}` for {address}", path.display());
+            eprintln!(
+                "next: mailferry owner add-recipient --config {} --name NAME --address ADDR --out FILE",
+                path.display()
+            );
+        }
+        OwnerCommand::AddRecipient { config, name, address, out } => {
+            let mut o = load_owner(&config.config)?;
+            let e = o.add_recipient(&name, &address, &out)?;
+            eprintln!("registered recipient {name:?} at {address} (key id {})", e.key_id);
+            eprintln!(
+                "wrote enrollment file `{}` (mode 600): it holds the key, carry it by a trusted path",
+                out.display()
+            );
+        }
+        OwnerCommand::Publish { config } => {
+            let mut o = load_owner(&config.config)?;
+            let p = o.publish()?;
+            if p.new {
+                println!("generation {} root {} ({} files, {} bytes)", p.generation, p.root, p.files, p.bytes);
+            } else {
+                println!(
+                    "generation {} root {} (unchanged: source equals the latest generation)",
+                    p.generation, p.root
+                );
+            }
+        }
+        OwnerCommand::Run { config, once } => {
+            let mut o = load_owner(&config.config)?;
+            let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
+            if once {
+                let r = o.run_once(&mut t).await?;
+                summary("owner", &r);
+            } else {
+                let interval = o.config().owner.interval;
+                let mut stop = Shutdown::new()?;
+                info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
+                loop {
+                    match o.run_once(&mut t).await {
+                        Ok(r) if r.messages > 0 => summary("owner", &r),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %format!("{e:#}"), "run failed; retrying next interval"),
+                    }
+                    if stop.sleep(interval).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Exit::Success)
+}
+
+async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
+    match c {
+        RecipientCommand::Init { dir, data, enrollment, transport_root } => {
+            let path = recipient::init(&dir, &data, &enrollment, &transport_root)?;
+            eprintln!("created recipient `{}` for data tree `{}`", path.display(), data.display());
+            eprintln!("next: mailferry recipient run --config {} --once", path.display());
+        }
+        RecipientCommand::Run { config, once, no_request } => {
+            let mut r = load_recipient(&config.config)?;
+            let mut t = AnyTransport::open(&r.config().transport, &r.config().recipient.address)?;
+            if once {
+                let rep = r.run_once(&mut t, !no_request).await?;
+                summary("recipient", &rep);
+            } else {
+                let interval = r.config().recipient.interval;
+                // Check the inbox often so that replies are applied soon after they arrive; request on
+                // `interval`, with up to 10% jitter so that a fleet does not ask all at once.
+                let poll = interval.min(Duration::from_secs(30));
+                let mut next_request = std::time::Instant::now();
+                let mut stop = Shutdown::new()?;
+                info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
+                loop {
+                    let due = !no_request && std::time::Instant::now() >= next_request;
+                    match r.run_once(&mut t, due).await {
+                        Ok(rep) => {
+                            if rep.requested {
+                                next_request =
+                                    std::time::Instant::now() + interval + (interval / 10).mul_f64(rand_unit());
+                            }
+                            if rep.messages > 0 || rep.requested {
+                                summary("recipient", &rep);
+                            }
+                        }
+                        Err(e) => warn!(error = %format!("{e:#}"), "run failed; retrying"),
+                    }
+                    if stop.sleep(poll).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(Exit::Success)
+}
+
+/// Waits between daemon steps and notices SIGINT and SIGTERM. Signals are only looked at between steps,
+/// so a step in progress (an apply, a reply being written) always finishes.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn new() -> Result<Shutdown> {
+        Ok(Shutdown { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())? })
+    }
+
+    /// Sleeps for `d`; true when a signal asked to stop.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = tokio::signal::ctrl_c() => true,
+            _ = self.term.recv() => true,
+        };
+        if stop {
+            info!("stopping");
+        }
+        stop
+    }
+}
+
+fn rand_unit() -> f64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap_or_default();
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn summary(role: &str, r: &RunReport) {
+    eprintln!(
+        "{role}: {} message(s): {} handled, {} refused, {} duplicate, {} waiting; {} sent{}",
+        r.messages,
+        r.handled,
+        r.refused,
+        r.duplicates,
+        r.deferred,
+        r.sent,
+        if r.requested { "; request sent" } else { "" }
+    );
+}
+
+fn fmt_time(t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let ago = mailferry::db::now().saturating_sub(t);
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t));
+            format!("{at} ({} ago)", humantime::format_duration(Duration::from_secs(ago)))
+        }
+    }
+}
+
+fn status(path: &Path, json: bool) -> Result<Exit> {
+    let mut out = std::io::stdout().lock();
+    match NodeConfig::load(path)? {
+        NodeConfig::Owner(cfg) => {
+            let s = Owner::open(cfg)?.status()?;
+            if json {
+                serde_json::to_writer(&mut out, &s)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "role:        owner ({})", s.address)?;
+                match &s.generation {
+                    Some(g) => writeln!(
+                        out,
+                        "generation:  {} ({} files, {} bytes, published {})",
+                        g.number,
+                        g.files,
+                        g.bytes,
+                        fmt_time(Some(g.created))
+                    )?,
+                    None => writeln!(out, "generation:  none published")?,
+                }
+                if let Some(g) = &s.generation {
+                    writeln!(out, "tree root:   {}", g.root)?;
+                }
+                writeln!(out, "rejected:    {}", s.rejected)?;
+                writeln!(out, "outbox:      {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+                writeln!(out, "recipients:  {}", s.recipients.len())?;
+                for r in &s.recipients {
+                    let applied = r.applied_generation.map_or("unknown".into(), |g| format!("generation {g}"));
+                    writeln!(out, "  {} <{}>: {applied}", r.name, r.address)?;
+                    writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
+                    writeln!(out, "    last reply:   {}", fmt_time(r.last_reply_at))?;
+                    writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;
+                }
+            }
+            Ok(if s.outbox.failed > 0 { Exit::Attention } else { Exit::Success })
+        }
+        NodeConfig::Recipient(cfg) => {
+            let s = Recipient::open(cfg)?.status()?;
+            if json {
+                serde_json::to_writer(&mut out, &s)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "role:         recipient {:?} (data `{}`)", s.name, s.data.display())?;
+                writeln!(
+                    out,
+                    "generation:   {}",
+                    if s.generation == 0 { "none applied".into() } else { s.generation.to_string() }
+                )?;
+                writeln!(out, "tree root:    {}", s.root.as_deref().unwrap_or("-"))?;
+                writeln!(out, "last request: {}", fmt_time(s.last_request_at))?;
+                writeln!(out, "last reply:   {}", fmt_time(s.last_reply_at))?;
+                writeln!(out, "outstanding:  {}", s.outstanding)?;
+                writeln!(out, "rejected:     {}", s.rejected)?;
+                writeln!(out, "outbox:       {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+                if s.interrupted_apply {
+                    writeln!(out, "WARNING: an interrupted apply is waiting; the next run finishes it")?;
+                }
+            }
+            Ok(if s.outbox.failed > 0 || s.interrupted_apply { Exit::Attention } else { Exit::Success })
+        }
+    }
+}
+
+fn read_messages(files: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
+    if files.is_empty() {
+        let mut raw = Vec::new();
+        std::io::stdin().lock().read_to_end(&mut raw).context("failed to read a message from stdin")?;
+        return Ok(vec![raw]);
+    }
+    files.iter().map(|f| std::fs::read(f).with_context(|| format!("failed to read `{}`", f.display()))).collect()
+}
+
+async fn deliver(path: &Path, files: &[PathBuf]) -> Result<Exit> {
+    let messages = read_messages(files)?;
+    let report = match NodeConfig::load(path)? {
+        NodeConfig::Owner(cfg) => {
+            let mut o = Owner::open(cfg)?;
+            let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
+            let r = o.deliver(&mut t, &messages).await?;
+            summary("owner", &r);
+            r
+        }
+        NodeConfig::Recipient(cfg) => {
+            let mut rcp = Recipient::open(cfg)?;
+            let mut t = AnyTransport::open(&rcp.config().transport, &rcp.config().recipient.address)?;
+            let r = rcp.deliver(&mut t, &messages).await?;
+            summary("recipient", &r);
+            r
+        }
+    };
+    if report.deferred > 0 {
+        warn!("{} message(s) could not be handled yet; deliver them again later", report.deferred);
+    }
+    Ok(Exit::Success)
+}
+
+fn log(path: &Path, json: bool) -> Result<Exit> {
+    let rows: Vec<Rejection> = match NodeConfig::load(path)? {
+        NodeConfig::Owner(cfg) => Owner::open(cfg)?.db().rejections()?,
+        NodeConfig::Recipient(cfg) => Recipient::open(cfg)?.db().rejections()?,
+    };
+    let mut out = std::io::stdout().lock();
+    for r in rows {
+        if json {
+            serde_json::to_writer(&mut out, &r)?;
+            writeln!(out)?;
+        } else {
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(r.at));
+            writeln!(
+                out,
+                "{at} {} from={} message-id={} {}",
+                r.reason,
+                r.sender.as_deref().unwrap_or("-"),
+                r.message_id.as_deref().unwrap_or("-"),
+                r.detail
+            )?;
+        }
+    }
+    Ok(Exit::Success)
+}
