@@ -466,6 +466,7 @@ impl Journal {
                         .with_context(|| format!("failed to set the mode of `{}`", full.display()))?;
                 }
             }
+            crate::failpoint::hit("apply-step");
         }
         for dir in dirty {
             if let Ok(d) = File::open(&dir) {

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::manifest::{Digest, Listed, Manifest};
+use crate::protocol::Refusal;
 use crate::protocol::envelope::Hints;
-use crate::protocol::{Kind, Refusal};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -35,7 +35,7 @@ CREATE TABLE requests (
     nonce TEXT PRIMARY KEY, recipient TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
     reply_id TEXT NOT NULL, generation INTEGER NOT NULL, ops INTEGER NOT NULL, reply_bytes INTEGER NOT NULL);
 CREATE TABLE outstanding (nonce TEXT PRIMARY KEY, seq INTEGER NOT NULL, sent_at INTEGER NOT NULL);
-CREATE TABLE seen (digest TEXT PRIMARY KEY, at INTEGER NOT NULL, outcome TEXT NOT NULL);
+CREATE TABLE seen (digest TEXT PRIMARY KEY, at INTEGER NOT NULL, outcome TEXT NOT NULL, settled INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
     sender TEXT, message_id TEXT, subject TEXT, digest TEXT);
@@ -43,6 +43,9 @@ CREATE TABLE receipts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL, at INTEGER NOT NULL, nonce TEXT NOT NULL,
     reply_id TEXT NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL, status TEXT NOT NULL,
     UNIQUE (recipient, reply_id));
+CREATE TABLE outbox (
+    name TEXT PRIMARY KEY, queued_at INTEGER NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
+    raw BLOB NOT NULL, failed_at INTEGER, error TEXT);
 CREATE TABLE applied (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL,
     reply_id TEXT NOT NULL, nonce TEXT NOT NULL, ops INTEGER NOT NULL);
@@ -57,6 +60,17 @@ pub fn now() -> u64 {
 #[derive(Debug)]
 pub struct Db {
     conn: Connection,
+}
+
+/// What the seen-store knows about a message handled before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// It was refused.
+    pub rejected: bool,
+    /// Its transport filed it (or it came through `deliver`).
+    pub settled: bool,
+    /// When it was handled.
+    pub at: u64,
 }
 
 /// A refused message as recorded.
@@ -211,15 +225,31 @@ impl Db {
             .unwrap_or(0))
     }
 
-    /// The outcome recorded for a message with raw-bytes digest `digest`, if it was handled before.
+    /// What is recorded about a message with raw-bytes digest `digest`, if it was handled before.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn seen(&self, digest: &Digest) -> Result<Option<String>> {
+    pub fn seen(&self, digest: &Digest) -> Result<Option<Seen>> {
         Ok(self
             .conn
-            .query_row("SELECT outcome FROM seen WHERE digest = ?1", [digest.to_hex()], |r| r.get(0))
+            .query_row("SELECT outcome, settled, at FROM seen WHERE digest = ?1", [digest.to_hex()], |r| {
+                Ok(Seen {
+                    rejected: r.get::<_, String>(0)? == "rejected",
+                    settled: r.get::<_, i64>(1)? != 0,
+                    at: r.get::<_, i64>(2)? as u64,
+                })
+            })
             .optional()?)
+    }
+
+    /// Records that a handled message was filed by its transport (or arrived outside one): from now on an
+    /// identical copy is a replay, not a re-fetch after a crash.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn mark_settled(&self, digest: &Digest) -> Result<()> {
+        self.conn.execute("UPDATE seen SET settled = 1 WHERE digest = ?1", [digest.to_hex()])?;
+        Ok(())
     }
 
     /// Records that a message was handled with `outcome` ("processed" or "rejected").
@@ -280,6 +310,82 @@ impl Db {
     /// SQLite errors.
     pub fn rejection_count(&self) -> Result<u64> {
         Ok(self.conn.query_row("SELECT count(*) FROM rejections", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    // ---- outbox ----
+
+    /// Queues `raw` for `to` under `name`, replacing a message queued under the same name. Call it in the
+    /// same transaction as the state change that depends on the message being sent.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_put(&self, name: &str, from: &str, to: &str, raw: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO outbox (name, queued_at, sender, rcpt, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, now() as i64, from, to, raw],
+        )?;
+        Ok(())
+    }
+
+    /// Names of queued messages not marked failed, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_pending(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare("SELECT name FROM outbox WHERE failed_at IS NULL ORDER BY queued_at, name")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A queued message: sender, recipient, raw bytes.
+    ///
+    /// # Errors
+    /// SQLite errors or no such message.
+    pub fn outbox_get(&self, name: &str) -> Result<(String, String, Vec<u8>)> {
+        Ok(self.conn.query_row("SELECT sender, rcpt, raw FROM outbox WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?)
+    }
+
+    /// Removes a message the transport accepted.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_sent(&self, name: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM outbox WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// Marks a message the transport refused permanently; it is kept but not retried.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_failed(&self, name: &str, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE outbox SET failed_at = ?2, error = ?3 WHERE name = ?1",
+            params![name, now() as i64, error],
+        )?;
+        Ok(())
+    }
+
+    /// Counts of pending and failed messages, and the last failure's text.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_counts(&self) -> Result<(u64, u64, Option<String>)> {
+        let (pending, failed): (i64, i64) =
+            self.conn.query_row("SELECT count(*) - count(failed_at), count(failed_at) FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let last: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT error FROM outbox WHERE failed_at IS NOT NULL ORDER BY failed_at DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok((pending as u64, failed as u64, last))
     }
 
     // ---- owner ----
@@ -398,6 +504,16 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a recipient: its key stops verifying at once.
+    ///
+    /// # Errors
+    /// SQLite errors, or no such recipient.
+    pub fn remove_recipient(&self, name: &str) -> Result<()> {
+        let n = self.conn.execute("DELETE FROM recipients WHERE name = ?1", [name])?;
+        anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
+        Ok(())
     }
 
     /// Whether a request nonce was answered before.
@@ -593,15 +709,5 @@ impl Db {
             .conn
             .query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
             > 0)
-    }
-}
-
-/// What kind of message a refusal concerned, when known; recorded for the log.
-pub fn kind_name(kind: Option<Kind>) -> &'static str {
-    match kind {
-        Some(Kind::Request) => "request",
-        Some(Kind::Reply) => "reply",
-        Some(Kind::Receipt) => "receipt",
-        None => "unknown",
     }
 }

@@ -38,6 +38,7 @@
 //! - [`transport`]: the only code that moves mail ([`transport::maildir`] spool).
 //! - [`node`]: owner and recipient drivers tying it together; the outbox.
 //! - [`config`]: config and enrollment files.
+//! - [`failpoint`]: crash points that tests arm through the environment.
 //!
 //! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes.
 //!
@@ -57,6 +58,7 @@ pub mod apply;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod failpoint;
 pub mod limits;
 pub mod manifest;
 pub mod node;

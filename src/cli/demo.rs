@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use mailferry::config::NodeConfig;
 use mailferry::manifest::Digest;
+use mailferry::node::Node;
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
 use mailferry::scan;
@@ -121,7 +122,10 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
     drop(site);
 
     heading(6, "Result");
-    let latest = open_owner(&d)?.status()?.generation.context("no generation")?;
+    let latest = {
+        let NodeConfig::Owner(cfg) = NodeConfig::load(&d.owner_cfg)? else { bail!("wrong role") };
+        owner::status(&cfg)?.generation.context("no generation")?
+    };
     let have = scan::scan(&d.data)?.manifest.root();
     if have == latest.root {
         say(&format!("  recipient tree == owner generation {} (root {})", latest.number, have));

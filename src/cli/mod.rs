@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mailferry::config::NodeConfig;
-use mailferry::db::Rejection;
+use mailferry::db::{Db, Rejection};
 use mailferry::node::RunReport;
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
@@ -134,6 +134,14 @@ enum OwnerCommand {
         /// Where to write the enrollment file.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+    /// Unregister a recipient; its key stops verifying at once.
+    RemoveRecipient {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The recipient's name.
+        #[arg(long)]
+        name: String,
     },
     /// Snapshot the source tree into the next immutable generation.
     Publish {
@@ -258,6 +266,10 @@ async fn owner_command(c: OwnerCommand) -> Result<Exit> {
                 "wrote enrollment file `{}` (mode 600): it holds the key, carry it by a trusted path",
                 out.display()
             );
+        }
+        OwnerCommand::RemoveRecipient { config, name } => {
+            load_owner(&config.config)?.remove_recipient(&name)?;
+            eprintln!("removed recipient {name:?}; its requests are refused from now on");
         }
         OwnerCommand::Publish { config } => {
             let mut o = load_owner(&config.config)?;
@@ -401,7 +413,7 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
     let mut out = std::io::stdout().lock();
     match NodeConfig::load(path)? {
         NodeConfig::Owner(cfg) => {
-            let s = Owner::open(cfg)?.status()?;
+            let s = owner::status(&cfg)?;
             if json {
                 serde_json::to_writer(&mut out, &s)?;
                 writeln!(out)?;
@@ -435,7 +447,7 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
             Ok(if s.outbox.failed > 0 { Exit::Attention } else { Exit::Success })
         }
         NodeConfig::Recipient(cfg) => {
-            let s = Recipient::open(cfg)?.status()?;
+            let s = recipient::status(&cfg)?;
             if json {
                 serde_json::to_writer(&mut out, &s)?;
                 writeln!(out)?;
@@ -496,8 +508,8 @@ async fn deliver(path: &Path, files: &[PathBuf]) -> Result<Exit> {
 
 fn log(path: &Path, json: bool) -> Result<Exit> {
     let rows: Vec<Rejection> = match NodeConfig::load(path)? {
-        NodeConfig::Owner(cfg) => Owner::open(cfg)?.db().rejections()?,
-        NodeConfig::Recipient(cfg) => Recipient::open(cfg)?.db().rejections()?,
+        NodeConfig::Owner(cfg) => Db::open(&cfg.state_dir.join("state.db"))?.rejections()?,
+        NodeConfig::Recipient(cfg) => Db::open(&cfg.state_dir.join("state.db"))?.rejections()?,
     };
     let mut out = std::io::stdout().lock();
     for r in rows {

@@ -15,15 +15,16 @@ pub mod owner;
 pub mod recipient;
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::db::Db;
 use crate::manifest::Digest;
-use crate::protocol::Refusal;
+use crate::protocol::envelope;
+use crate::protocol::{Reason, Refusal};
 use crate::transport::{Transport, TransportErrorKind};
 
 /// What became of one incoming message.
@@ -80,6 +81,113 @@ impl Handled {
     }
 }
 
+/// What the owner and recipient drivers share: a state database and a way to act on one message.
+pub trait Node {
+    /// The state database.
+    fn db(&self) -> &Db;
+
+    /// The state directory.
+    fn state_dir(&self) -> &Path;
+
+    /// Acts on one message that the seen-store has not handled before and makes the effects durable.
+    /// Outer `Err` is a local failure (the message stays where it is); a refusal is `Ok(Err(..))`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>>;
+
+    /// Decides what one raw message means, acts on it, and records the outcome. Idempotent: the same bytes
+    /// are acted on once. A copy of a message whose original was already filed is refused as a replay; a
+    /// message handled but never filed (a crash in between) is a harmless re-fetch.
+    ///
+    /// # Errors
+    /// Local failures (database, store, outbox, a full disk); the message should then stay where it is.
+    fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
+        let digest = Digest::of(raw);
+        if let Some(seen) = self.db().seen(&digest)? {
+            if !seen.settled {
+                return Ok(Handled::Duplicate { rejected: seen.rejected });
+            }
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seen.at));
+            let refusal = Refusal::new(
+                Reason::Replay,
+                format!("identical to a message handled at {at} (replayed, or delivered twice)"),
+            );
+            record_refusal(self.db(), &refusal, raw, &digest, false)?;
+            return Ok(Handled::Refused(refusal));
+        }
+        match self.act(raw, &digest)? {
+            Ok(h) => Ok(h),
+            Err(refusal) => {
+                record_refusal(self.db(), &refusal, raw, &digest, true)?;
+                Ok(Handled::Refused(refusal))
+            }
+        }
+    }
+}
+
+/// Records and logs a refusal (and, for a first sighting, the seen-store entry).
+fn record_refusal(db: &Db, refusal: &Refusal, raw: &[u8], digest: &Digest, first: bool) -> Result<()> {
+    let hints = envelope::hints(raw);
+    db.record_rejection(refusal, &hints, digest)?;
+    if first {
+        db.mark_seen(digest, "rejected")?;
+    }
+    warn!(
+        reason = refusal.reason.code(),
+        from = hints.from.as_deref().unwrap_or("-"),
+        message_id = hints.message_id.as_deref().unwrap_or("-"),
+        "refused message: {}",
+        refusal.detail
+    );
+    Ok(())
+}
+
+/// Handles everything in the node's inbox, filing each message once its effects are durable.
+///
+/// # Errors
+/// Transport fetch failures and local failures.
+pub async fn process_inbox<N: Node, T: Transport>(
+    node: &mut N,
+    transport: &mut T,
+    report: &mut RunReport,
+) -> Result<()> {
+    for msg in transport.fetch().await? {
+        let handled = node.handle(&msg.raw)?;
+        report.count(&handled);
+        crate::failpoint::hit("before-settle");
+        if let Some(d) = handled.disposition() {
+            match transport.settle(&msg.id, d).await {
+                Ok(()) => node.db().mark_settled(&Digest::of(&msg.raw))?,
+                Err(e) => {
+                    warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handles messages that arrived outside the transport (`mailferry deliver`); refused ones are kept in
+/// `STATE/rejected/`.
+///
+/// # Errors
+/// Local failures.
+pub fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
+    for raw in messages {
+        let handled = node.handle(raw)?;
+        if matches!(handled, Handled::Refused(_)) {
+            let kept = keep_rejected(node.state_dir(), raw)?;
+            info!("kept refused message as `{}`", kept.display());
+        }
+        if !matches!(handled, Handled::Deferred(_)) {
+            node.db().mark_settled(&Digest::of(raw))?;
+        }
+        report.count(&handled);
+    }
+    Ok(())
+}
+
 /// Takes the state directory's lock so that two runs never interleave.
 ///
 /// # Errors
@@ -98,103 +206,51 @@ pub fn lock_state(state_dir: &Path) -> Result<File> {
     }
 }
 
-/// Outgoing messages waiting for the transport, one file each in `STATE/outbox/`.
+/// Outgoing messages waiting for the transport, kept in the state database's `outbox` table.
 ///
-/// A file is written (fsynced, renamed into place) before anything that depends on the message being sent
-/// is recorded, and removed only after the transport accepted the message. Names are chosen by the caller
-/// and deterministic (`reply-<nonce>`), so writing the same message twice leaves one file.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    dir: PathBuf,
-}
+/// A message is queued in the same database transaction as the state change that depends on it (the
+/// request recorded as answered, the apply recorded, the nonce recorded as outstanding), so a crash can
+/// never leave one without the other. It is removed only after the transport accepted it. Names are
+/// deterministic (`reply-<nonce>`, `receipt-<reply id>`, `request-<seq>`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outbox;
 
 /// Outbox contents, for `status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxStatus {
     /// Messages waiting to be sent.
-    pub pending: usize,
-    /// Messages the transport refused permanently (kept in `outbox/failed/`).
-    pub failed: usize,
+    pub pending: u64,
+    /// Messages the transport refused permanently (kept, not retried).
+    pub failed: u64,
+    /// The last permanent failure.
+    pub last_error: Option<String>,
 }
 
-const OUTBOX_MAGIC: &str = "mailferry-outbox 1";
-
 impl Outbox {
-    /// The outbox of a state directory.
+    /// Sends everything queued, oldest first. Permanent failures are marked and not retried; transient
+    /// ones stay queued for the next flush.
     ///
     /// # Errors
-    /// When it cannot be created.
-    pub fn open(state_dir: &Path) -> Result<Outbox> {
-        let dir = state_dir.join("outbox");
-        fs::create_dir_all(dir.join("failed")).with_context(|| format!("failed to create `{}`", dir.display()))?;
-        Ok(Outbox { dir })
-    }
-
-    /// Durably queues `raw` for `to` under `name`.
-    ///
-    /// # Errors
-    /// I/O errors.
-    pub fn put(&self, name: &str, from: &str, to: &str, raw: &[u8]) -> Result<()> {
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        writeln!(tmp, "{OUTBOX_MAGIC} from={from} to={to}")?;
-        tmp.write_all(raw)?;
-        tmp.as_file().sync_all()?;
-        let dest = self.dir.join(format!("{name}.eml"));
-        tmp.persist(&dest).with_context(|| format!("failed to write `{}`", dest.display()))?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(())
-    }
-
-    fn read(path: &Path) -> Result<(String, String, Vec<u8>)> {
-        let data = fs::read(path).with_context(|| format!("failed to read `{}`", path.display()))?;
-        let nl = data.iter().position(|&b| b == b'\n').context("outbox file has no header line")?;
-        let head = std::str::from_utf8(&data[..nl]).context("outbox header is not UTF-8")?;
-        let rest = head.strip_prefix(OUTBOX_MAGIC).context("not a mailferry outbox file")?;
-        let mut from = None;
-        let mut to = None;
-        for field in rest.split_whitespace() {
-            if let Some(v) = field.strip_prefix("from=") {
-                from = Some(v.to_owned());
-            } else if let Some(v) = field.strip_prefix("to=") {
-                to = Some(v.to_owned());
-            }
-        }
-        Ok((
-            from.context("outbox header has no from")?,
-            to.context("outbox header has no to")?,
-            data[nl + 1..].to_vec(),
-        ))
-    }
-
-    /// Sends everything queued, oldest first. Permanent failures move the message to `failed/` and are
-    /// not retried; transient ones stay queued for the next flush.
-    ///
-    /// # Errors
-    /// Only local I/O errors on the outbox itself; transport failures are logged and counted.
-    pub async fn flush<T: Transport>(&self, transport: &mut T) -> Result<FlushReport> {
+    /// Only local failures on the state database; transport failures are logged and counted.
+    pub async fn flush<T: Transport>(db: &Db, transport: &mut T) -> Result<FlushReport> {
         let mut report = FlushReport::default();
-        let mut names: Vec<PathBuf> = fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-            .collect();
-        names.sort_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok());
-        for path in names {
-            let (from, to, raw) = Outbox::read(&path)?;
+        for name in db.outbox_pending()? {
+            let (from, to, raw) = db.outbox_get(&name)?;
             match transport.send(&from, &to, &raw).await {
                 Ok(()) => {
-                    fs::remove_file(&path).with_context(|| format!("failed to remove `{}`", path.display()))?;
+                    db.outbox_sent(&name)?;
                     report.sent += 1;
-                    info!(to = %to, bytes = raw.len(), "sent");
+                    info!(to = %to, bytes = raw.len(), "sent {name}");
                 }
                 Err(e) if e.kind == TransportErrorKind::Permanent => {
-                    let dest = self.dir.join("failed").join(path.file_name().expect("outbox files have names"));
-                    fs::rename(&path, &dest)?;
-                    warn!(to = %to, error = %format!("{e:#}"), "message refused permanently; kept in `{}`", dest.display());
+                    let text = format!("{e:#}");
+                    db.outbox_failed(&name, &text)?;
+                    warn!(to = %to, error = %text, "{name} refused permanently; not retrying");
                     report.failed += 1;
-                    report.last_error = Some(format!("{e:#}"));
+                    report.last_error = Some(text);
                 }
                 Err(e) => {
-                    warn!(to = %to, error = %format!("{e:#}"), "send failed; will retry");
+                    warn!(to = %to, error = %format!("{e:#}"), "sending {name} failed; will retry");
                     report.deferred += 1;
                     report.last_error = Some(format!("{e:#}"));
                 }
@@ -206,15 +262,10 @@ impl Outbox {
     /// What is queued.
     ///
     /// # Errors
-    /// I/O errors.
-    pub fn status(&self) -> Result<OutboxStatus> {
-        let count = |d: &Path| -> Result<usize> {
-            Ok(fs::read_dir(d)?
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
-                .count())
-        };
-        Ok(OutboxStatus { pending: count(&self.dir)?, failed: count(&self.dir.join("failed"))? })
+    /// SQLite errors.
+    pub fn status(db: &Db) -> Result<OutboxStatus> {
+        let (pending, failed, last_error) = db.outbox_counts()?;
+        Ok(OutboxStatus { pending, failed, last_error })
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Handled, Outbox, RunReport, keep_rejected, lock_state};
+use super::{Handled, Node, Outbox, RunReport, deliver_messages, lock_state, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, TransportConfig, TransportHint, write_secret};
 use crate::crypto::{Key, random_id};
 use crate::db::{Db, GenerationRow, RecipientRow, now};
@@ -31,7 +31,6 @@ pub struct Owner {
     cfg: OwnerConfig,
     db: Db,
     store: Store,
-    outbox: Outbox,
     manifests: HashMap<u64, Manifest>,
     _lock: std::fs::File,
 }
@@ -121,8 +120,7 @@ impl Owner {
         let lock = lock_state(&cfg.state_dir)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let store = Store::open(&cfg.state_dir.join("store"), cfg.owner.compression_level)?;
-        let outbox = Outbox::open(&cfg.state_dir)?;
-        Ok(Owner { cfg, db, store, outbox, manifests: HashMap::new(), _lock: lock })
+        Ok(Owner { cfg, db, store, manifests: HashMap::new(), _lock: lock })
     }
 
     /// The configuration.
@@ -214,17 +212,9 @@ impl Owner {
     /// Transport or state failures that stop the run; refusals of single messages are not errors.
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
-        report.sent += self.outbox.flush(transport).await?.sent;
-        for msg in transport.fetch().await? {
-            let handled = self.handle(&msg.raw)?;
-            report.count(&handled);
-            if let Some(d) = handled.disposition()
-                && let Err(e) = transport.settle(&msg.id, d).await
-            {
-                warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again");
-            }
-        }
-        report.sent += self.outbox.flush(transport).await?.sent;
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        process_inbox(self, transport, &mut report).await?;
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
     }
 
@@ -234,66 +224,9 @@ impl Owner {
     /// As [`Owner::run_once`].
     pub async fn deliver<T: Transport>(&mut self, transport: &mut T, messages: &[Vec<u8>]) -> Result<RunReport> {
         let mut report = RunReport::default();
-        for raw in messages {
-            let handled = self.handle(raw)?;
-            if matches!(handled, Handled::Refused(_)) {
-                keep_rejected(&self.cfg.state_dir, raw)?;
-            }
-            report.count(&handled);
-        }
-        report.sent += self.outbox.flush(transport).await?.sent;
+        deliver_messages(self, messages, &mut report)?;
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
-    }
-
-    /// Decides what one raw message means and makes its effects durable (reply in the outbox, receipt or
-    /// refusal recorded). Idempotent: the same bytes are acted on once.
-    ///
-    /// # Errors
-    /// Local failures (database, store, outbox); the message should then stay where it is.
-    pub fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
-        let digest = Digest::of(raw);
-        if let Some(outcome) = self.db.seen(&digest)? {
-            return Ok(Handled::Duplicate { rejected: outcome == "rejected" });
-        }
-        let hints = envelope::hints(raw);
-        match self.evaluate(raw)? {
-            Ok(Action::Answer { recipient, nonce, seq, generation, reply_id, ops, raw: reply, to }) => {
-                // The reply is durable in the outbox before the request counts as answered.
-                self.outbox.put(&format!("reply-{nonce}"), &self.cfg.owner.address, &to, &reply)?;
-                self.db.transaction(|db| {
-                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, reply.len())?;
-                    db.mark_seen(&digest, "processed")
-                })?;
-                info!(recipient = %recipient, generation, ops, bytes = reply.len(), to = %to, "answered request");
-                Ok(Handled::Answered { recipient, generation, ops })
-            }
-            Ok(Action::Receipt(r)) => {
-                self.db.transaction(|db| {
-                    db.record_receipt(&r)?;
-                    db.mark_seen(&digest, "processed")
-                })?;
-                info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
-                Ok(Handled::Receipt { recipient: r.recipient, generation: r.generation })
-            }
-            Ok(Action::Defer(why)) => {
-                warn!("{why}");
-                Ok(Handled::Deferred(why))
-            }
-            Err(refusal) => {
-                self.db.transaction(|db| {
-                    db.record_rejection(&refusal, &hints, &digest)?;
-                    db.mark_seen(&digest, "rejected")
-                })?;
-                warn!(
-                    reason = refusal.reason.code(),
-                    from = hints.from.as_deref().unwrap_or("-"),
-                    message_id = hints.message_id.as_deref().unwrap_or("-"),
-                    "refused message: {}",
-                    refusal.detail
-                );
-                Ok(Handled::Refused(refusal))
-            }
-        }
     }
 
     /// The pure-ish decision: verifies the message and builds the reply. Outer `Err` is a local failure,
@@ -446,24 +379,72 @@ impl Owner {
         Ok((payloads, blobs))
     }
 
-    /// The owner's status.
+    /// Unregisters a recipient: its key stops verifying at once.
     ///
     /// # Errors
-    /// State failures.
-    pub fn status(&self) -> Result<OwnerStatus> {
-        Ok(OwnerStatus {
-            role: "owner",
-            address: self.cfg.owner.address.clone(),
-            generation: self.db.latest_generation()?,
-            recipients: self.db.recipients()?,
-            rejected: self.db.rejection_count()?,
-            outbox: self.outbox.status()?,
-        })
+    /// No such recipient, or state failures.
+    pub fn remove_recipient(&mut self, name: &str) -> Result<()> {
+        self.db.remove_recipient(name)
+    }
+}
+
+/// The owner's status, read without taking the state lock (so it works while the daemon runs).
+///
+/// # Errors
+/// State failures.
+pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
+    let db = Db::open(&cfg.state_dir.join("state.db"))?;
+    Ok(OwnerStatus {
+        role: "owner",
+        address: cfg.owner.address.clone(),
+        generation: db.latest_generation()?,
+        recipients: db.recipients()?,
+        rejected: db.rejection_count()?,
+        outbox: Outbox::status(&db)?,
+    })
+}
+
+impl Node for Owner {
+    fn db(&self) -> &Db {
+        &self.db
     }
 
-    /// The state database, for `mailferry log`.
-    pub fn db(&self) -> &Db {
-        &self.db
+    fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        let action = match self.evaluate(raw)? {
+            Ok(a) => a,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        Ok(Ok(match action {
+            Action::Answer { recipient, nonce, seq, generation, reply_id, ops, raw: reply, to } => {
+                // The reply is queued in the same transaction that records the request as answered: a
+                // crash leaves both or neither, so every request is answered exactly once.
+                let from = &self.cfg.owner.address;
+                self.db.transaction(|db| {
+                    db.outbox_put(&format!("reply-{nonce}"), from, &to, &reply)?;
+                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, reply.len())?;
+                    db.mark_seen(digest, "processed")
+                })?;
+                crate::failpoint::hit("owner-queued");
+                info!(recipient = %recipient, generation, ops, bytes = reply.len(), to = %to, "answered request");
+                Handled::Answered { recipient, generation, ops }
+            }
+            Action::Receipt(r) => {
+                self.db.transaction(|db| {
+                    db.record_receipt(&r)?;
+                    db.mark_seen(digest, "processed")
+                })?;
+                info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
+                Handled::Receipt { recipient: r.recipient, generation: r.generation }
+            }
+            Action::Defer(why) => {
+                warn!("{why}");
+                Handled::Deferred(why)
+            }
+        }))
     }
 }
 

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Handled, Outbox, RunReport, keep_rejected, lock_state};
+use super::{Handled, Node, Outbox, RunReport, deliver_messages, lock_state, process_inbox};
 use crate::apply::{self, Journal, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce};
@@ -34,7 +34,6 @@ pub struct Recipient {
     cfg: RecipientConfig,
     db: Db,
     key: Key,
-    outbox: Outbox,
     _lock: std::fs::File,
 }
 
@@ -124,8 +123,7 @@ impl Recipient {
         let lock = lock_state(&cfg.state_dir)?;
         let key = read_key_file(&cfg.recipient.key_file)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
-        let outbox = Outbox::open(&cfg.state_dir)?;
-        let mut r = Recipient { cfg, db, key, outbox, _lock: lock };
+        let mut r = Recipient { cfg, db, key, _lock: lock };
         r.recover()?;
         Ok(r)
     }
@@ -144,30 +142,33 @@ impl Recipient {
         Ok(())
     }
 
-    /// Records a finished apply and queues its receipt; then removes the journal.
+    /// Records a finished apply and queues its receipt in one transaction; then removes the journal.
     fn complete(&mut self, journal: &Journal) -> Result<()> {
         let target = journal.target()?;
         let nonce = Nonce::from_hex(&journal.nonce).map_err(anyhow::Error::msg)?;
+        let receipt =
+            self.receipt(nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
                 db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
             }
             db.close_outstanding(&journal.nonce)?;
-            db.mark_seen(&journal.message, "processed")
+            db.mark_seen(&journal.message, "processed")?;
+            db.outbox_put(&format!("receipt-{}", journal.reply_id), from, to, &receipt)
         })?;
-        self.queue_receipt(nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
         journal.finish(&self.cfg.state_dir)?;
         Ok(())
     }
 
-    fn queue_receipt(
+    fn receipt(
         &self,
         nonce: Nonce,
         reply_id: &str,
         generation: u64,
         root: Digest,
         status: ReceiptStatus,
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let receipt = Receipt {
             mailferry: VERSION,
             kind: Kind::Receipt,
@@ -181,7 +182,7 @@ impl Recipient {
         };
         let control = protocol::encode(&receipt);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
-        let raw = envelope::build(&Outgoing {
+        Ok(envelope::build(&Outgoing {
             from: &self.cfg.recipient.address,
             to: &self.cfg.recipient.owner_address,
             subject: format!("mailferry: {} has generation {generation}", self.cfg.recipient.name),
@@ -193,13 +194,7 @@ impl Recipient {
             control: &control,
             auth: &auth,
             payloads: vec![],
-        })?;
-        self.outbox.put(
-            &format!("receipt-{reply_id}"),
-            &self.cfg.recipient.address,
-            &self.cfg.recipient.owner_address,
-            &raw,
-        )
+        })?)
     }
 
     /// Applies every verified reply waiting, then, if `request` and no request is still awaiting its reply,
@@ -209,20 +204,12 @@ impl Recipient {
     /// Transport or local failures (a full disk while staging, an unreadable data tree).
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
-        report.sent += self.outbox.flush(transport).await?.sent;
-        for msg in transport.fetch().await? {
-            let handled = self.handle(&msg.raw)?;
-            report.count(&handled);
-            if let Some(d) = handled.disposition()
-                && let Err(e) = transport.settle(&msg.id, d).await
-            {
-                warn!(id = %msg.id, error = %format!("{e:#}"), "could not file message; it will be seen again");
-            }
-        }
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        process_inbox(self, transport, &mut report).await?;
         if request {
             report.requested = self.maybe_request()?;
         }
-        report.sent += self.outbox.flush(transport).await?.sent;
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
     }
 
@@ -232,14 +219,8 @@ impl Recipient {
     /// As [`Recipient::run_once`].
     pub async fn deliver<T: Transport>(&mut self, transport: &mut T, messages: &[Vec<u8>]) -> Result<RunReport> {
         let mut report = RunReport::default();
-        for raw in messages {
-            let handled = self.handle(raw)?;
-            if matches!(handled, Handled::Refused(_)) {
-                keep_rejected(&self.cfg.state_dir, raw)?;
-            }
-            report.count(&handled);
-        }
-        report.sent += self.outbox.flush(transport).await?.sent;
+        deliver_messages(self, messages, &mut report)?;
+        report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
     }
 
@@ -264,11 +245,7 @@ impl Recipient {
         let scan = scan::scan(data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
         let (generation, _, _) = self.db.applied()?;
         let nonce = Nonce::generate();
-        let seq = self.db.transaction(|db| {
-            let seq = db.next_seq()?;
-            db.add_outstanding(&nonce.to_hex(), seq)?;
-            Ok(seq)
-        })?;
+        let seq = self.db.meta_u64("seq")? + 1;
         let req = Request {
             mailferry: VERSION,
             kind: Kind::Request,
@@ -296,44 +273,15 @@ impl Recipient {
             auth: &auth,
             payloads: vec![],
         })?;
-        self.outbox.put(
-            &format!("request-{seq:010}"),
-            &self.cfg.recipient.address,
-            &self.cfg.recipient.owner_address,
-            &raw,
-        )?;
+        // The nonce becomes outstanding in the same transaction that queues the request.
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
+        self.db.transaction(|db| {
+            anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
+            db.add_outstanding(&nonce.to_hex(), seq)?;
+            db.outbox_put(&format!("request-{seq:010}"), from, to, &raw)
+        })?;
         info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued");
         Ok(true)
-    }
-
-    /// Verifies one raw message and, if it is a good reply, applies it. Idempotent.
-    ///
-    /// # Errors
-    /// Local failures (unreadable tree, full disk while staging, state database); the message should then
-    /// stay in the inbox to be tried again.
-    pub fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
-        let digest = Digest::of(raw);
-        if let Some(outcome) = self.db.seen(&digest)? {
-            return Ok(Handled::Duplicate { rejected: outcome == "rejected" });
-        }
-        match self.evaluate(raw, &digest)? {
-            Ok(h) => Ok(h),
-            Err(refusal) => {
-                let hints = envelope::hints(raw);
-                self.db.transaction(|db| {
-                    db.record_rejection(&refusal, &hints, &digest)?;
-                    db.mark_seen(&digest, "rejected")
-                })?;
-                warn!(
-                    reason = refusal.reason.code(),
-                    from = hints.from.as_deref().unwrap_or("-"),
-                    message_id = hints.message_id.as_deref().unwrap_or("-"),
-                    "refused message: {}",
-                    refusal.detail
-                );
-                Ok(Handled::Refused(refusal))
-            }
-        }
     }
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
@@ -409,7 +357,17 @@ impl Recipient {
             info!(generation = applied, "owner confirms the tree is current");
             return Ok(Ok(Handled::Current { generation: applied }));
         }
-        let plan = refuse!(apply::plan(&scan, &previous, &reply, self.cfg.recipient.on_extra));
+        let plan = match apply::plan(&scan, &previous, &reply, self.cfg.recipient.on_extra) {
+            Ok(p) => p,
+            Err(r) => {
+                if r.reason == Reason::LocalTree {
+                    // An authentic reply that no longer fits this tree: it is answered, so the next run
+                    // asks again at once instead of waiting for `reply-timeout`.
+                    self.db.close_outstanding(&nonce)?;
+                }
+                return Ok(Err(r));
+            }
+        };
         let stage_dir = self.staging_root()?.join(&reply.reply_id);
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
@@ -441,7 +399,9 @@ impl Recipient {
             steps: plan.steps,
         };
         journal.commit(&self.cfg.state_dir)?;
+        crate::failpoint::hit("apply-committed");
         journal.execute().context("apply interrupted; the next run finishes it")?;
+        crate::failpoint::hit("apply-done");
         self.complete(&journal)?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
@@ -470,31 +430,41 @@ impl Recipient {
             .with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
         Ok(beside)
     }
+}
 
-    /// The recipient's status.
-    ///
-    /// # Errors
-    /// State failures.
-    pub fn status(&self) -> Result<RecipientStatus> {
-        let (generation, root, _) = self.db.applied()?;
-        Ok(RecipientStatus {
-            role: "recipient",
-            name: self.cfg.recipient.name.clone(),
-            data: self.cfg.recipient.data.clone(),
-            generation,
-            root: root.map(|r| r.to_hex()),
-            last_request_at: self.db.meta("last_request_at")?.and_then(|v| v.parse().ok()),
-            last_reply_at: self.db.meta("last_reply_at")?.and_then(|v| v.parse().ok()),
-            outstanding: self.db.outstanding_count()?,
-            rejected: self.db.rejection_count()?,
-            interrupted_apply: Journal::path(&self.cfg.state_dir).exists(),
-            outbox: self.outbox.status()?,
-        })
+/// The recipient's status, read without taking the state lock and without finishing an interrupted apply.
+///
+/// # Errors
+/// State failures.
+pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
+    let db = Db::open(&cfg.state_dir.join("state.db"))?;
+    let (generation, root, _) = db.applied()?;
+    Ok(RecipientStatus {
+        role: "recipient",
+        name: cfg.recipient.name.clone(),
+        data: cfg.recipient.data.clone(),
+        generation,
+        root: root.map(|r| r.to_hex()),
+        last_request_at: db.meta("last_request_at")?.and_then(|v| v.parse().ok()),
+        last_reply_at: db.meta("last_reply_at")?.and_then(|v| v.parse().ok()),
+        outstanding: db.outstanding_count()?,
+        rejected: db.rejection_count()?,
+        interrupted_apply: Journal::path(&cfg.state_dir).exists(),
+        outbox: Outbox::status(&db)?,
+    })
+}
+
+impl Node for Recipient {
+    fn db(&self) -> &Db {
+        &self.db
     }
 
-    /// The state database, for `mailferry log`.
-    pub fn db(&self) -> &Db {
-        &self.db
+    fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        self.evaluate(raw, digest)
     }
 }
 

@@ -1,0 +1,109 @@
+//! Crash safety: the process is aborted (as by `kill -9`) at every step of an apply, and at the points
+//! where a message has been acted on but not yet filed. After the next run the tree must be exactly the new
+//! generation, nothing applied twice, nothing answered twice.
+
+use std::fs;
+use std::process::Command;
+
+use crate::util::*;
+
+fn run_with_failpoint(args: &[&str], point: &str) -> std::process::Output {
+    Command::new(bin()).args(args).env("MAILFERRY_FAILPOINT", point).output().unwrap()
+}
+
+fn crashed(out: &std::process::Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    out.status.signal() == Some(6) // SIGABRT
+}
+
+/// A world whose recipient has generation 1 and a reply to generation 2 waiting, with many steps.
+fn pending_update() -> (World, Site) {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    for i in 0..12 {
+        put(&w.source, &format!("many/f{i}"), format!("v1 {i}").as_bytes(), 0o644);
+    }
+    w.publish();
+    w.sync(&site);
+    for i in 0..12 {
+        put(&w.source, &format!("many/f{i}"), format!("v2 {i}").as_bytes(), 0o644);
+    }
+    fs::remove_dir_all(w.source.join("old")).unwrap();
+    fs::remove_file(w.source.join("typechange")).unwrap();
+    put(&w.source, "typechange/x", b"x", 0o755);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    (w, site)
+}
+
+#[test]
+fn killed_at_every_apply_step_the_next_run_finishes_the_generation() {
+    let mut k = 1;
+    loop {
+        let (w, site) = pending_update();
+        let v1 = snapshot(&site.data);
+        let args = ["recipient", "run", "--config", site.config.as_str(), "--once", "--no-request"];
+        let out = run_with_failpoint(&args, &format!("apply-step:{k}"));
+        if !crashed(&out) {
+            // k is past the last step: the run completed normally.
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(k > 10, "the update should have many steps, had {}", k - 1);
+            assert_same_tree(&w.source, &site.data);
+            break;
+        }
+        assert_ne!(snapshot(&site.data), v1, "step {k} ran, so the tree is between generations on disk");
+        let status = run(&["status", "--config", &site.config]);
+        assert_eq!(status.status.code(), Some(1), "status flags the interrupted apply");
+        assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted apply"));
+        site.run(false);
+        assert_same_tree(&w.source, &site.data);
+        assert_eq!(site.status()["generation"], 2, "after crash at step {k}");
+        assert_eq!(site.rejections(), Vec::<String>::new(), "the re-fetched reply is not a replay (step {k})");
+        // The receipt arrives exactly once.
+        w.owner_run();
+        assert_eq!(w.owner_status()["recipients"][0]["applied_generation"], 2);
+        k += 1;
+    }
+}
+
+#[test]
+fn killed_around_the_journal_commit_the_tree_is_old_or_new() {
+    for point in ["apply-committed:1", "apply-done:1", "before-settle:1"] {
+        let (w, site) = pending_update();
+        let v1 = snapshot(&site.data);
+        let args = ["recipient", "run", "--config", site.config.as_str(), "--once", "--no-request"];
+        let out = run_with_failpoint(&args, point);
+        assert!(crashed(&out), "{point} was reached");
+        let now = snapshot(&site.data);
+        if point == "apply-committed:1" {
+            assert_eq!(now, v1, "nothing was touched before the first step");
+        }
+        site.run(false);
+        assert_same_tree(&w.source, &site.data);
+        assert_eq!(site.status()["generation"], 2);
+        assert!(site.rejections().is_empty(), "{point}: {:?}", site.rejections());
+    }
+}
+
+#[test]
+fn owner_killed_while_answering_replies_exactly_once() {
+    for point in ["owner-queued:1", "before-settle:1"] {
+        let w = World::new();
+        let site = w.site("site1");
+        varied_tree(&w.source);
+        w.publish();
+        site.run(true);
+        let args = ["owner", "run", "--config", w.owner_config.as_str(), "--once"];
+        let out = run_with_failpoint(&args, point);
+        assert!(crashed(&out), "{point} was reached");
+        w.owner_run();
+        w.owner_run();
+        let replies = fs::read_dir(site.maildir(&w).join("new")).unwrap().count();
+        assert_eq!(replies, 1, "{point}: exactly one reply");
+        site.run(false);
+        assert_same_tree(&w.source, &site.data);
+        assert!(rejections(&w.owner_config).is_empty(), "{point}");
+    }
+}

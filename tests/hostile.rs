@@ -1,0 +1,391 @@
+//! Hostile and broken input: every case must be refused with its reason recorded and the tree unchanged.
+
+use std::fs;
+use std::path::Path;
+
+use mailferry::protocol::envelope::{self, Outgoing};
+use mailferry::protocol::{Auth, Kind};
+
+use crate::util::*;
+
+/// A world with one synced recipient and generation 2 published (so the next reply carries changes).
+fn world_with_pending_change() -> (World, Site) {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    put(&w.source, "README", b"version 2\n", 0o644);
+    put(&w.source, "added/new.bin", &[7u8; 5000], 0o644);
+    w.publish();
+    (w, site)
+}
+
+/// Rewrites the control part of the message at `path` with `edit`, then signs it again with `key`, as
+/// an attacker holding the key (or a bug in the owner) would. This isolates the checks after the MAC.
+fn resign(path: &Path, key: &mailferry::crypto::Key, recipient: &str, edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    let raw = fs::read(path).unwrap();
+    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
+    let control = edit(parsed.control.clone());
+    assert_ne!(control, parsed.control, "the edit must change the control part");
+    let auth = mailferry::protocol::encode(&Auth::sign(recipient, key, &control));
+    let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let rebuilt = envelope::build(&Outgoing {
+        from: OWNER,
+        to: "site1@customer.test",
+        subject: "forged".into(),
+        text: "forged".into(),
+        kind: Kind::Reply,
+        control: &control,
+        auth: &auth,
+        payloads,
+    })
+    .unwrap();
+    fs::write(path, rebuilt).unwrap();
+}
+
+fn replace(control: Vec<u8>, from: &str, to: &[u8]) -> Vec<u8> {
+    let s = control;
+    let at =
+        s.windows(from.len()).position(|w| w == from.as_bytes()).unwrap_or_else(|| panic!("{from:?} not in control"));
+    [&s[..at], to, &s[at + from.len()..]].concat()
+}
+
+/// Applies the pending reply and checks it was refused for `reason` with the tree unchanged.
+fn expect_refused(w: &World, site: &Site, reason: &str) {
+    let before = snapshot(&site.data);
+    let refused_before = site.rejections().len();
+    let log = site.run(false);
+    assert_eq!(snapshot(&site.data), before, "tree changed after a refused reply; log:\n{log}");
+    let reasons = site.rejections();
+    assert_eq!(reasons.len(), refused_before + 1, "one refusal recorded; log:\n{log}");
+    assert_eq!(reasons.last().unwrap(), reason, "log:\n{log}");
+    assert!(log.contains("refused message"), "refusal is logged:\n{log}");
+    assert_eq!(fs::read_dir(site.maildir(w).join(".rejected/cur")).unwrap().count(), refused_before + 1);
+    assert_eq!(site.status()["generation"], 1);
+}
+
+/// Flips one alphanumeric character somewhere after `marker` in the raw message.
+fn flip_after(path: &Path, marker: &str, skip: usize) {
+    let mut raw = fs::read(path).unwrap();
+    let at = raw.windows(marker.len()).position(|w| w == marker.as_bytes()).unwrap();
+    let body = at + raw[at..].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let pos = (body + skip..raw.len()).find(|&i| raw[i].is_ascii_alphanumeric()).unwrap();
+    raw[pos] = if raw[pos] == b'Q' { b'R' } else { b'Q' };
+    fs::write(path, raw).unwrap();
+}
+
+#[test]
+fn tampered_control_part_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    flip_after(&reply, "control.json", 30);
+    expect_refused(&w, &site, "bad-mac");
+}
+
+#[test]
+fn tampered_payload_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    flip_after(&reply, "p1.zst", 50);
+    expect_refused(&w, &site, "bad-payload");
+}
+
+#[test]
+fn payload_that_unpacks_to_other_content_is_refused() {
+    // Even with a valid MAC, a file whose content does not hash to the listed digest never lands.
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let key = site.key();
+    let raw = fs::read(&reply).unwrap();
+    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
+    let control: serde_json::Value = serde_json::from_slice(&parsed.control).unwrap();
+    let readme = control["ops"].as_array().unwrap().iter().find(|o| o["path"] == "README").unwrap();
+    let digest = readme["blake3"].as_str().unwrap().to_owned();
+    resign(&reply, &key, "site1", |c| {
+        replace(c, &digest, mailferry::manifest::Digest::of(b"other").to_hex().as_bytes())
+    });
+    // The root no longer matches either, so it is refused before staging.
+    expect_refused(&w, &site, "tree-mismatch");
+}
+
+#[test]
+fn unlisted_attachment_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let raw = fs::read(&reply).unwrap();
+    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
+    let mut payloads: Vec<(&str, &[u8])> = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    payloads.push(("evil.sh", b"#!/bin/sh\nrm -rf /\n"));
+    let rebuilt = envelope::build(&Outgoing {
+        from: OWNER,
+        to: &site.address,
+        subject: "x".into(),
+        text: "x".into(),
+        kind: Kind::Reply,
+        control: &parsed.control,
+        auth: &parsed.auth,
+        payloads,
+    })
+    .unwrap();
+    fs::write(&reply, rebuilt).unwrap();
+    expect_refused(&w, &site, "bad-payload");
+}
+
+#[test]
+fn reply_for_another_recipient_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let other = w.site("site2");
+    let reply = w.pending_reply(&other);
+    site.run(true);
+    let stolen = site.maildir(&w).join("new").join("stolen");
+    fs::rename(&reply, &stolen).unwrap();
+    expect_refused(&w, &site, "wrong-recipient");
+}
+
+#[test]
+fn replayed_old_reply_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let copy = fs::read(&reply).unwrap();
+    site.run(false);
+    assert_eq!(site.status()["generation"], 2);
+    w.owner_run();
+    // Move on to generation 3, then replay generation 2's reply under a new name.
+    put(&w.source, "README", b"version 3\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    assert_eq!(site.status()["generation"], 3);
+    let before = snapshot(&site.data);
+    fs::write(site.maildir(&w).join("new/replayed"), &copy).unwrap();
+    let log = site.run(false);
+    assert_eq!(snapshot(&site.data), before);
+    assert_eq!(site.rejections(), ["replay"], "{log}");
+    assert_eq!(site.status()["generation"], 3);
+}
+
+#[test]
+fn reply_to_a_nonce_never_sent_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let key = site.key();
+    let raw = fs::read(&reply).unwrap();
+    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
+    let control: serde_json::Value = serde_json::from_slice(&parsed.control).unwrap();
+    let nonce = control["nonce"].as_str().unwrap().to_owned();
+    resign(&reply, &key, "site1", |c| replace(c, &nonce, "00000000000000000000000000000000".as_bytes()));
+    // The real reply was consumed by the edit; the forged one answers nothing we asked.
+    let before = snapshot(&site.data);
+    site.run(false);
+    assert_eq!(snapshot(&site.data), before);
+    assert_eq!(site.rejections(), ["replay"]);
+}
+
+#[test]
+fn rollback_to_an_older_generation_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let key = site.key();
+    resign(&reply, &key, "site1", |c| replace(c, "\"generation\":2", b"\"generation\":0"));
+    expect_refused(&w, &site, "rollback");
+}
+
+/// Every hostile path or mode, put into a correctly signed reply, is refused before anything is written.
+#[test]
+fn hostile_paths_are_refused() {
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("dotdot", b"../escape", "bad-path"),
+        ("dotdot-inner", b"added/../../escape", "bad-path"),
+        ("absolute", b"/tmp/mailferry-escape", "bad-path"),
+        ("empty-component", b"added//new.bin", "bad-path"),
+        ("dot", b"./added/new.bin", "bad-path"),
+        ("nul", b"added/new\\u0000.bin", "bad-path"),
+        ("backslash", b"added\\\\..\\\\..\\\\x", "bad-path"),
+        ("control-char", b"added/new\\n.bin", "bad-path"),
+        ("non-utf8", b"added/new\xff.bin", "malformed"),
+        ("empty", b"", "bad-path"),
+    ];
+    for (name, hostile, reason) in cases {
+        let (w, site) = world_with_pending_change();
+        let reply = w.pending_reply(&site);
+        resign(&reply, &site.key(), "site1", |c| replace(c, "added/new.bin", hostile));
+        eprintln!("case {name}");
+        expect_refused(&w, &site, reason);
+        assert!(!Path::new("/tmp/mailferry-escape").exists());
+    }
+}
+
+#[test]
+fn setuid_and_odd_modes_are_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    resign(&reply, &site.key(), "site1", |c| {
+        let s = String::from_utf8(c).unwrap();
+        let at = s.find("\"path\":\"added/new.bin\"").unwrap();
+        let mode_at = at + s[at..].find("\"mode\":420").unwrap();
+        format!("{}\"mode\":2541{}", &s[..mode_at], &s[mode_at + "\"mode\":420".len()..]).into_bytes()
+    });
+    expect_refused(&w, &site, "malformed");
+}
+
+#[test]
+fn case_insensitive_collisions_are_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    // Add a second directory that differs only in case from an existing one.
+    resign(&reply, &site.key(), "site1", |c| {
+        replace(c, "\"ops\":[", b"\"ops\":[{\"op\":\"mkdir\",\"path\":\"DATA\"},")
+    });
+    expect_refused(&w, &site, "bad-path");
+}
+
+#[test]
+fn symlink_leading_outside_the_tree_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let outside = w.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let _reply = w.pending_reply(&site);
+    // Someone plants a symlink in the data tree after the request went out.
+    std::os::unix::fs::symlink(&outside, site.data.join("added")).unwrap();
+    expect_refused(&w, &site, "local-tree");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing was written through the link");
+}
+
+#[test]
+fn special_files_in_the_tree_are_refused() {
+    // A FIFO always; a character device where this process may create one (as root).
+    for (name, cmd) in [("fifo", vec!["mkfifo"]), ("null-device", vec!["mknod", "-m", "666"])] {
+        let (w, site) = world_with_pending_change();
+        let _reply = w.pending_reply(&site);
+        let path = site.data.join(name);
+        let mut c = std::process::Command::new(cmd[0]);
+        c.args(&cmd[1..]).arg(&path);
+        if name == "null-device" {
+            c.args(["c", "1", "3"]);
+        }
+        if !c.status().is_ok_and(|s| s.success()) {
+            assert_ne!(name, "fifo", "mkfifo must work");
+            continue;
+        }
+        expect_refused(&w, &site, "local-tree");
+        // The reply was authentic but unusable: the recipient asks again at once, and once the special
+        // file is gone the sync goes through.
+        fs::remove_file(&path).unwrap();
+        w.sync(&site);
+        assert_same_tree(&w.source, &site.data);
+    }
+}
+
+#[test]
+fn oversized_message_is_refused_before_parsing() {
+    let (w, site) = world_with_pending_change();
+    let cfg = fs::read_to_string(&site.config).unwrap();
+    fs::write(&site.config, format!("{cfg}\n[limits]\nmax-message-bytes = 2000\n")).unwrap();
+    let _reply = w.pending_reply(&site);
+    expect_refused(&w, &site, "limit");
+}
+
+#[test]
+fn forged_sender_headers_do_not_redirect_replies() {
+    let (w, site) = world_with_pending_change();
+    site.run(true);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let req = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    let raw = String::from_utf8(fs::read(&req).unwrap()).unwrap();
+    let forged = raw.replacen(
+        "From: <site1@customer.test>",
+        "From: <attacker@evil.test>\r\nReply-To: <attacker@evil.test>\r\nSender: <attacker@evil.test>",
+        1,
+    );
+    assert_ne!(forged, raw, "From header found");
+    fs::write(&req, forged).unwrap();
+    w.owner_run();
+    assert!(!w.spool.join("attacker@evil.test").exists(), "nothing was sent to the forged address");
+    assert_eq!(
+        fs::read_dir(site.maildir(&w).join("new")).unwrap().count(),
+        1,
+        "the reply went to the registered address"
+    );
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn requests_from_unknown_or_removed_recipients_are_refused() {
+    let (w, site) = world_with_pending_change();
+    ok(&["owner", "remove-recipient", "--config", &w.owner_config, "--name", "site1"]);
+    site.run(true);
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["unknown-recipient"]);
+    assert!(!site.maildir(&w).join("new").read_dir().unwrap().any(|_| true), "no reply was sent");
+    let err = fails(&["owner", "remove-recipient", "--config", &w.owner_config, "--name", "nobody"], 2);
+    assert!(err.contains("no recipient named \"nobody\""), "{err}");
+}
+
+#[test]
+fn a_request_signed_with_another_key_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let other = w.site("site2");
+    // site2 claims to be site1: it signs with its own key but names site1.
+    fs::write(
+        other.dir.join("recipient.toml"),
+        fs::read_to_string(&other.config).unwrap().replace("name = \"site2\"", "name = \"site1\""),
+    )
+    .unwrap();
+    other.run(true);
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["bad-mac"]);
+    let _ = site;
+}
+
+#[test]
+fn user_mistakes_get_one_clear_line() {
+    let w = World::new();
+    let site = w.site("site1");
+    let err = fails(&["status", "--config", "/nonexistent/owner.toml"], 2);
+    assert_eq!(err.trim(), "error: config file `/nonexistent/owner.toml` does not exist");
+
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(site.dir.join("recipient.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    let err = fails(&["recipient", "run", "--config", &site.config, "--once"], 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("readable by others") && err.contains("chmod 600"), "{err}");
+
+    let err = fails(&["owner", "publish", "--config", &site.config], 2);
+    assert!(err.contains("is a recipient's config"), "{err}");
+
+    let enrollment = w.path("site1.enrollment");
+    let err = fails(
+        &[
+            "owner",
+            "add-recipient",
+            "--config",
+            &w.owner_config,
+            "--name",
+            "site1",
+            "--address",
+            "x@y",
+            "--out",
+            w.path("again").to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(err.contains("already registered"), "{err}");
+    assert!(enrollment.exists());
+}
+
+#[test]
+fn enrollment_files_are_private() {
+    let w = World::new();
+    let _site = w.site("site1");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(w.path("site1.enrollment")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = fs::read_to_string(w.path("site1.enrollment")).unwrap();
+    for key in ["owner-address", "name = \"site1\"", "address = \"site1@customer.test\"", "key = ", "[transport]"] {
+        assert!(text.contains(key), "enrollment lacks {key}: {text}");
+    }
+    // Keys differ per recipient.
+    let other = w.site("site2");
+    assert_ne!(_site.key(), other.key());
+}

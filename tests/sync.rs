@@ -1,0 +1,195 @@
+//! End-to-end syncs over the Maildir transport, through the real binary.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use crate::util::*;
+
+#[test]
+fn first_and_incremental_sync_of_a_varied_tree() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    assert_eq!(w.publish(), 1);
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+
+    // Edit, add, delete, rename, exec bit on and off, file <-> directory, a new empty directory.
+    put(&w.source, "README", b"hello again\n", 0o644);
+    put(&w.source, "new/file.txt", b"new\n", 0o644);
+    fs::remove_dir_all(w.source.join("old")).unwrap();
+    fs::rename(w.source.join("data/blob.bin"), w.source.join("data/renamed.bin")).unwrap();
+    fs::set_permissions(w.source.join("deep/a/b/c/d/e/leaf.txt"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(w.source.join("bin/tool"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::remove_file(w.source.join("typechange")).unwrap();
+    put(&w.source, "typechange/now-a-dir.txt", b"inside\n", 0o644);
+    fs::remove_dir_all(w.source.join("dir-to-file")).unwrap();
+    put(&w.source, "dir-to-file", b"now a file\n", 0o644);
+    fs::create_dir_all(w.source.join("another/empty")).unwrap();
+    assert_eq!(w.publish(), 2);
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+
+    let status = site.status();
+    assert_eq!(status["generation"], 2);
+    assert_eq!(status["rejected"], 0);
+    assert_eq!(status["outbox"]["pending"], 0);
+    let owner = w.owner_status();
+    assert_eq!(owner["generation"]["number"], 2);
+    assert_eq!(owner["recipients"][0]["applied_generation"], 2, "the receipt was recorded: {owner}");
+    assert_eq!(owner["rejected"], 0);
+    // Handled mail was filed as processed.
+    assert_eq!(fs::read_dir(site.maildir(&w).join("new")).unwrap().count(), 0);
+    assert!(fs::read_dir(site.maildir(&w).join("cur")).unwrap().count() >= 2);
+}
+
+#[test]
+fn a_published_generation_is_immutable() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    let snapshot = w.path("published-copy");
+    copy_tree(&w.source, &snapshot);
+    put(&w.source, "README", b"edited after publish\n", 0o644);
+    put(&w.source, "leak.txt", b"must not arrive\n", 0o644);
+    w.sync(&site);
+    assert_same_tree(&snapshot, &site.data);
+}
+
+#[test]
+fn publishing_an_unchanged_tree_makes_no_new_generation() {
+    let w = World::new();
+    put(&w.source, "a", b"1", 0o644);
+    assert_eq!(w.publish(), 1);
+    let out = ok(&["owner", "publish", "--config", &w.owner_config]);
+    assert!(out.starts_with("generation 1 ") && out.contains("unchanged"), "{out}");
+}
+
+#[test]
+fn thousands_of_files_then_a_few_dozen_changes() {
+    let w = World::new();
+    let site = w.site("big");
+    for d in 0..40 {
+        for f in 0..75 {
+            put(&w.source, &format!("d{d:02}/f{f:03}.txt"), format!("file {d} {f}\n").repeat(20).as_bytes(), 0o644);
+        }
+    }
+    w.publish();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    for i in 0..36 {
+        put(&w.source, &format!("d{:02}/f{:03}.txt", i, i), format!("changed {i}\n").as_bytes(), 0o644);
+    }
+    for i in 0..6 {
+        fs::remove_file(w.source.join(format!("d39/f{i:03}.txt"))).unwrap();
+        put(&w.source, &format!("added/n{i}.txt"), b"added\n", 0o644);
+    }
+    w.publish();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn extras_are_deleted_by_default_and_kept_on_request() {
+    let w = World::new();
+    let del = w.site("del");
+    let keep = w.site("keep");
+    let cfg = fs::read_to_string(&keep.config).unwrap().replace("on-extra = \"delete\"", "on-extra = \"keep\"");
+    assert!(cfg.contains("on-extra = \"keep\""), "{cfg}");
+    fs::write(&keep.config, cfg).unwrap();
+    for s in [&del, &keep] {
+        put(&s.data, "local/notes.txt", b"mine\n", 0o644);
+        put(&s.data, "shared.txt", b"local version\n", 0o644);
+    }
+    put(&w.source, "shared.txt", b"owner version\n", 0o644);
+    put(&w.source, "owned.txt", b"owner\n", 0o644);
+    w.publish();
+    w.sync(&del);
+    w.sync(&keep);
+    assert_same_tree(&w.source, &del.data);
+    assert_eq!(fs::read(keep.data.join("local/notes.txt")).unwrap(), b"mine\n", "keep leaves extras");
+    assert_eq!(fs::read(keep.data.join("shared.txt")).unwrap(), b"owner version\n", "owned paths are still synced");
+
+    // A file the owner removes is deleted even with keep.
+    fs::remove_file(w.source.join("owned.txt")).unwrap();
+    w.publish();
+    w.sync(&keep);
+    assert!(!keep.data.join("owned.txt").exists());
+    assert!(keep.data.join("local/notes.txt").exists());
+    assert_eq!(keep.status()["generation"], 2);
+}
+
+#[test]
+fn local_drift_is_repaired_on_the_next_sync() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    put(&site.data, "README", b"someone edited this\n", 0o644);
+    fs::remove_file(site.data.join("data/empty")).unwrap();
+    put(&site.data, "stray", b"x", 0o644);
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+}
+
+#[test]
+fn an_unanswered_request_is_not_repeated_until_it_times_out() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "a", b"1", 0o644);
+    site.run(true);
+    site.run(true);
+    let owner_new = w.spool.join(OWNER).join("new");
+    assert_eq!(fs::read_dir(&owner_new).unwrap().count(), 1, "second run must not send a second request");
+    // With a zero reply-timeout the outstanding request counts as lost at once.
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+    fs::write(&site.config, cfg).unwrap();
+    site.run(true);
+    assert_eq!(fs::read_dir(&owner_new).unwrap().count(), 2);
+    // The owner has nothing published: requests wait in the inbox, nothing is refused.
+    let err = w.owner_run();
+    assert!(err.contains("nothing is published yet"), "{err}");
+    assert_eq!(fs::read_dir(&owner_new).unwrap().count(), 2);
+    w.publish();
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn deliver_carries_mail_between_two_machines() {
+    // Two machines, each with its own spool; files move by hand (a USB stick) and enter with `deliver`.
+    let w = World::new();
+    let site = w.site("airgap");
+    let site_spool = w.path("site-spool");
+    let cfg =
+        fs::read_to_string(&site.config).unwrap().replace(w.spool.to_str().unwrap(), site_spool.to_str().unwrap());
+    fs::write(&site.config, cfg).unwrap();
+    varied_tree(&w.source);
+    w.publish();
+
+    site.run(true);
+    let requests: Vec<_> =
+        fs::read_dir(site_spool.join(OWNER).join("new")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(requests.len(), 1);
+    let usb = w.path("usb");
+    fs::create_dir_all(&usb).unwrap();
+    fs::copy(&requests[0], usb.join("request.eml")).unwrap();
+    ok(&["deliver", "--config", &w.owner_config, usb.join("request.eml").to_str().unwrap()]);
+
+    let replies: Vec<_> = fs::read_dir(site.maildir(&w).join("new")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(replies.len(), 1, "the owner's reply is in its own spool");
+    // The reply travels on stdin this time, as from an MTA pipe.
+    let out = std::process::Command::new(bin())
+        .args(["deliver", "--config", &site.config])
+        .stdin(fs::File::open(&replies[0]).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+}

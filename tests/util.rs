@@ -1,0 +1,286 @@
+//! Test harness: a temporary world with a spool, an owner and recipients, driven through the real binary.
+//!
+//! Failures panic with the command, its exit status, stdout and stderr. Trees are compared by an
+//! independent walk (not by mailferry's own scanner), so a scanner bug cannot hide a sync bug.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const OWNER: &str = "owner@vendor.test";
+
+/// Path of the binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mailferry"))
+}
+
+/// Runs mailferry with `args`; returns the output whatever the exit status.
+pub fn run(args: &[&str]) -> Output {
+    run_env(args, &[])
+}
+
+/// Runs mailferry with `args` and extra environment variables.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("MAILFERRY_FAILPOINT")
+        .env("MAILFERRY_LOG", "mailferry=info")
+        .output()
+        .expect("failed to start the mailferry binary")
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "command: mailferry {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs mailferry and panics unless it succeeds; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(out.status.success(), "expected success\n{}", describe(args, &out));
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// Runs mailferry and panics unless it fails with exit code `code`; returns stderr.
+pub fn fails(args: &[&str], code: i32) -> String {
+    let out = run(args);
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}\n{}", describe(args, &out));
+    String::from_utf8(out.stderr).expect("stderr is UTF-8")
+}
+
+/// Writes `data` at `root/rel` with `mode`, creating parents.
+pub fn put(root: &Path, rel: &str, data: &[u8], mode: u32) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(&p, data).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// What a tree holds, walked independently: path -> None for a directory, or (bytes, executable).
+pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(Vec<u8>, bool)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<(Vec<u8>, bool)>>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                out.insert(rel, None);
+                walk(root, &p, out);
+            } else if m.is_file() {
+                out.insert(rel, Some((fs::read(&p).unwrap(), m.permissions().mode() & 0o100 != 0)));
+            } else {
+                out.insert(format!("{rel} (special)"), None);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// Panics with the first difference unless the two trees hold the same paths, types, bytes and exec bits.
+pub fn assert_same_tree(want: &Path, got: &Path) {
+    let (a, b) = (snapshot(want), snapshot(got));
+    for (k, v) in &a {
+        match b.get(k) {
+            None => panic!("`{k}` is missing from `{}`", got.display()),
+            Some(w) if w != v => panic!("`{k}` differs between `{}` and `{}`", want.display(), got.display()),
+            _ => {}
+        }
+    }
+    if let Some(k) = b.keys().find(|k| !a.contains_key(*k)) {
+        panic!("`{k}` in `{}` should not be there", got.display());
+    }
+}
+
+/// Copies a tree (files, directories, exec bits).
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for (rel, e) in snapshot(from) {
+        match e {
+            None => fs::create_dir_all(to.join(&rel)).unwrap(),
+            Some((data, exec)) => put(to, &rel, &data, if exec { 0o755 } else { 0o644 }),
+        }
+    }
+}
+
+/// A recipient in the world.
+pub struct Site {
+    pub address: String,
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub config: String,
+}
+
+impl Site {
+    /// Its Maildir in the spool.
+    pub fn maildir(&self, w: &World) -> PathBuf {
+        w.spool.join(&self.address)
+    }
+
+    /// `recipient run --once`, with or without a request.
+    pub fn run(&self, request: bool) -> String {
+        let mut args = vec!["recipient", "run", "--config", &self.config, "--once"];
+        if !request {
+            args.push("--no-request");
+        }
+        let out = run(&args);
+        assert!(out.status.success(), "{}", describe(&args, &out));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// The key, from the recipient's key file.
+    pub fn key(&self) -> mailferry::crypto::Key {
+        mailferry::config::read_key_file(&self.dir.join("recipient.key")).unwrap()
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(&["status", "--config", &self.config, "--json"])).unwrap()
+    }
+
+    /// The refusal reasons recorded, oldest first.
+    pub fn rejections(&self) -> Vec<String> {
+        rejections(&self.config)
+    }
+}
+
+/// Reason codes of `mailferry log --rejected --json`.
+pub fn rejections(config: &str) -> Vec<String> {
+    ok(&["log", "--config", config, "--rejected", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A temporary world: a spool, an owner with a source tree, and recipients.
+pub struct World {
+    pub tmp: tempfile::TempDir,
+    pub spool: PathBuf,
+    pub source: PathBuf,
+    pub owner_config: String,
+}
+
+impl World {
+    pub fn new() -> World {
+        let tmp = tempfile::Builder::new().prefix("mailferry-test-").tempdir().unwrap();
+        let spool = tmp.path().join("spool");
+        let source = tmp.path().join("source");
+        fs::create_dir_all(&source).unwrap();
+        let owner_dir = tmp.path().join("owner");
+        ok(&[
+            "owner",
+            "init",
+            "--dir",
+            owner_dir.to_str().unwrap(),
+            "--source",
+            source.to_str().unwrap(),
+            "--address",
+            OWNER,
+            "--transport-root",
+            spool.to_str().unwrap(),
+        ]);
+        let owner_config = owner_dir.join("owner.toml").to_str().unwrap().to_owned();
+        World { tmp, spool, source, owner_config }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Enrolls and initializes a recipient called `name`.
+    pub fn site(&self, name: &str) -> Site {
+        let address = format!("{name}@customer.test");
+        let enrollment = self.path(&format!("{name}.enrollment"));
+        let e = enrollment.to_str().unwrap();
+        ok(&[
+            "owner",
+            "add-recipient",
+            "--config",
+            &self.owner_config,
+            "--name",
+            name,
+            "--address",
+            &address,
+            "--out",
+            e,
+        ]);
+        let dir = self.path(name);
+        let data = self.path(&format!("{name}-data"));
+        ok(&[
+            "recipient",
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--enrollment",
+            e,
+            "--transport-root",
+            self.spool.to_str().unwrap(),
+        ]);
+        let config = dir.join("recipient.toml").to_str().unwrap().to_owned();
+        Site { address, dir, data, config }
+    }
+
+    /// `owner publish`; returns the generation number.
+    pub fn publish(&self) -> u64 {
+        let out = ok(&["owner", "publish", "--config", &self.owner_config]);
+        out.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("publish printed {out:?}"))
+    }
+
+    /// `owner run --once`; returns stderr.
+    pub fn owner_run(&self) -> String {
+        let args = ["owner", "run", "--config", &self.owner_config, "--once"];
+        let out = run(&args);
+        assert!(out.status.success(), "{}", describe(&args, &out));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// One full exchange: request, answer, apply, receipt.
+    pub fn sync(&self, site: &Site) {
+        site.run(true);
+        self.owner_run();
+        site.run(false);
+        self.owner_run();
+    }
+
+    /// Sends a request and lets the owner answer; returns the path of the reply waiting for `site`.
+    pub fn pending_reply(&self, site: &Site) -> PathBuf {
+        site.run(true);
+        self.owner_run();
+        let new = site.maildir(self).join("new");
+        let mut files: Vec<PathBuf> = fs::read_dir(&new).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "expected one reply in `{}`", new.display());
+        files.pop().unwrap()
+    }
+
+    /// `status --json` of the owner.
+    pub fn owner_status(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(&["status", "--config", &self.owner_config, "--json"])).unwrap()
+    }
+}
+
+/// Builds a varied tree: nested directories, binary, empty and executable files, an empty directory.
+pub fn varied_tree(root: &Path) {
+    put(root, "README", b"hello\n", 0o644);
+    put(root, "bin/tool", b"#!/bin/sh\necho tool\n", 0o755);
+    let binary: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    put(root, "data/blob.bin", &binary, 0o644);
+    put(root, "data/empty", b"", 0o644);
+    put(root, "deep/a/b/c/d/e/leaf.txt", b"leaf\n", 0o644);
+    put(root, "names/with space & ünïcode.txt", b"x", 0o644);
+    put(root, "old/gone.txt", b"to be deleted\n", 0o644);
+    put(root, "typechange", b"a file that becomes a directory\n", 0o644);
+    put(root, "dir-to-file/inner.txt", b"inner\n", 0o644);
+    fs::create_dir_all(root.join("empty/dir")).unwrap();
+}
