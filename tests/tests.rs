@@ -8,3 +8,5 @@ mod sync;
 mod hostile;
 // kill -9 at every step of an apply and while answering.
 mod crash;
+// Protocol v1 messages from fixtures/ that must keep verifying.
+mod golden;

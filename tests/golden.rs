@@ -1,0 +1,73 @@
+//! Golden messages from `fixtures/mail/`: protocol v1 as it was first sent must keep verifying, decoding
+//! and unpacking exactly. A failure here means the wire format changed: bump the protocol version and
+//! update docs/protocol.md, do not just regenerate the fixtures.
+
+use std::path::PathBuf;
+
+use mailferry::apply::{self, OnExtra};
+use mailferry::crypto::Key;
+use mailferry::limits::Limits;
+use mailferry::manifest::{Digest, Manifest, Op};
+use mailferry::protocol::{self, Control, Kind, Reason, envelope};
+use mailferry::scan::Scan;
+
+fn fixture(rel: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn key() -> Key {
+    Key::from_hex(std::str::from_utf8(&fixture("keys/site1.fixture-key")).unwrap()).unwrap()
+}
+
+fn open(name: &str) -> (envelope::Parsed, Control) {
+    let parsed = envelope::parse(&fixture(&format!("mail/{name}.eml")), Limits::default().max_message_bytes).unwrap();
+    let auth = protocol::decode_auth(&parsed.auth).unwrap();
+    assert_eq!(auth.recipient, "site1");
+    assert_eq!(auth.key_id, key().id());
+    protocol::verify_mac(&key(), &auth, &parsed.control).unwrap();
+    let control = protocol::decode_control(&parsed.control, &Limits::default()).unwrap();
+    (parsed, control)
+}
+
+#[test]
+fn golden_request_receipt_and_reply_verify() {
+    let (_, request) = open("request");
+    assert_eq!(request.kind(), Kind::Request);
+    let Control::Request(r) = request else { unreachable!() };
+    assert_eq!((r.seq, r.generation, r.inventory.len()), (1, 0, 0));
+    assert_eq!(r.root, Manifest::new().root());
+
+    let (_, receipt) = open("receipt");
+    assert_eq!(receipt.kind(), Kind::Receipt);
+
+    let (parsed, reply) = open("reply");
+    let Control::Reply(reply) = reply else { panic!("not a reply") };
+    assert_eq!((reply.generation, reply.part, reply.parts), (1, 1, 1));
+    assert_eq!(reply.nonce, r.nonce, "the reply echoes the request's nonce");
+    assert_eq!(reply.base, r.root);
+    // Planning against the empty tree the request described, then staging, reproduces every file.
+    let scan = Scan::default();
+    let plan = apply::plan(&scan, &Manifest::new(), &reply, OnExtra::Delete).unwrap();
+    assert_eq!(plan.target.root(), reply.root);
+    let dir = tempfile::tempdir().unwrap();
+    let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
+    apply::stage(&plan, &reply, &payload, dir.path()).unwrap();
+    let puts = reply.ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+    assert_eq!(std::fs::read_dir(dir.path().join("files")).unwrap().count(), puts);
+    let hello = reply.ops.iter().find(|o| o.path().as_str() == "hello.txt").unwrap();
+    assert!(matches!(hello, Op::Put { blake3, .. } if *blake3 == Digest::of(b"hello\n")));
+}
+
+#[test]
+fn golden_reply_with_one_flipped_bit_is_refused() {
+    let raw = fixture("mail/reply.eml");
+    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
+    let auth = protocol::decode_auth(&parsed.auth).unwrap();
+    for i in (0..parsed.control.len()).step_by(7) {
+        let mut c = parsed.control.clone();
+        c[i] ^= 0x01;
+        let err = protocol::verify_mac(&key(), &auth, &c).expect_err("a changed control part must not verify");
+        assert_eq!(err.reason, Reason::BadMac);
+    }
+}
