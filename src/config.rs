@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::apply::OnExtra;
 use crate::crypto::Key;
 use crate::limits::Limits;
+use crate::transport::mail::{ImapConfig, MailConfig, SmtpConfig};
 
 /// `humantime` strings ("90s", "15m", "2h") for durations.
 mod duration {
@@ -33,14 +34,28 @@ mod duration {
 }
 
 /// How a node sends and receives mail.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+///
+/// `kind = "maildir"` takes `root` in the `[transport]` table. `kind = "mail"` takes its settings from the
+/// top-level `[smtp]` and `[imap]` tables (the layout the README documents); `[transport.smtp]` and
+/// `[transport.imap]` are accepted as well, but one file may not use both spellings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum TransportConfig {
     /// A Maildir spool: mail to address A is delivered into `root/A/`.
     Maildir {
         /// The spool directory.
         root: PathBuf,
     },
+    /// SMTP submission out, the node's own IMAP mailbox in. Boxed: the settings are large.
+    Mail(Box<MailConfig>),
+}
+
+/// The `[transport]` table as written.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawTransport {
+    Maildir { root: PathBuf },
+    Mail { smtp: Option<Box<SmtpConfig>>, imap: Option<Box<ImapConfig>> },
 }
 
 /// The `[owner]` table.
@@ -112,7 +127,9 @@ pub struct RecipientSection {
 struct RawFile {
     owner: Option<OwnerSection>,
     recipient: Option<RecipientSection>,
-    transport: TransportConfig,
+    transport: RawTransport,
+    smtp: Option<SmtpConfig>,
+    imap: Option<ImapConfig>,
     #[serde(default)]
     limits: Limits,
 }
@@ -160,9 +177,41 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
-fn resolve_transport(base: &Path, t: TransportConfig) -> TransportConfig {
+/// Builds the transport settings from the `[transport]`, `[smtp]` and `[imap]` tables, resolves relative
+/// paths (`root`, `password-file`, `ca-file`) against `base`, and checks the mail settings.
+fn resolve_transport(
+    base: &Path,
+    t: RawTransport,
+    smtp: Option<SmtpConfig>,
+    imap: Option<ImapConfig>,
+) -> Result<TransportConfig> {
     match t {
-        TransportConfig::Maildir { root } => TransportConfig::Maildir { root: resolve(base, &root) },
+        RawTransport::Maildir { root } => {
+            if smtp.is_some() || imap.is_some() {
+                bail!("[smtp] and [imap] are only used with [transport] kind = \"mail\", not \"maildir\"");
+            }
+            Ok(TransportConfig::Maildir { root: resolve(base, &root) })
+        }
+        RawTransport::Mail { smtp: nested_smtp, imap: nested_imap } => {
+            fn pick<T>(top: Option<T>, nested: Option<T>, name: &str) -> Result<T> {
+                match (top, nested) {
+                    (Some(t), None) | (None, Some(t)) => Ok(t),
+                    (Some(_), Some(_)) => {
+                        bail!(
+                            "both [{name}] and [transport.{name}] are set; keep one of them (the README uses [{name}])"
+                        )
+                    }
+                    (None, None) => bail!("[transport] kind = \"mail\" needs an [{name}] table"),
+                }
+            }
+            let mut mail = MailConfig {
+                smtp: pick(smtp, nested_smtp.map(|b| *b), "smtp")?,
+                imap: pick(imap, nested_imap.map(|b| *b), "imap")?,
+            };
+            mail.resolve_paths(base);
+            mail.validate()?;
+            Ok(TransportConfig::Mail(Box::new(mail)))
+        }
     }
 }
 
@@ -184,7 +233,8 @@ impl NodeConfig {
             toml::from_str(&text).with_context(|| format!("config file `{}` is invalid", path.display()))?;
         let path = std::path::absolute(path)?;
         let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let transport = resolve_transport(&base, raw.transport);
+        let transport = resolve_transport(&base, raw.transport, raw.smtp, raw.imap)
+            .with_context(|| format!("config file `{}` is invalid", path.display()))?;
         match (raw.owner, raw.recipient) {
             (Some(mut owner), None) => {
                 owner.source = resolve(&base, &owner.source);
@@ -352,6 +402,46 @@ mod tests {
         assert!(
             format!("{:#}", NodeConfig::load(&dir.path().join("nope.toml")).unwrap_err()).contains("does not exist")
         );
+    }
+
+    #[test]
+    fn mail_transport_tables_resolve_paths_and_refuse_mixups() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("owner.toml");
+        let owner = "[owner]\naddress = \"o@example.org\"\nsource = \"src\"\n";
+        let smtp =
+            "host = \"mail.example.org\"\nusername = \"o@example.org\"\npassword-file = \"pw\"\nca-file = \"ca.pem\"\n";
+        let imap = "host = \"mail.example.org\"\nsecurity = \"tls\"\nusername = \"o@example.org\"\npassword-command = \"cat pw\"\npoll-interval = \"5m\"\n";
+        let load = |text: String| {
+            std::fs::write(&cfg, text).unwrap();
+            NodeConfig::load(&cfg)
+        };
+
+        // The layout: top-level [smtp] and [imap].
+        let top = format!("{owner}[transport]\nkind = \"mail\"\n[smtp]\n{smtp}[imap]\n{imap}");
+        let NodeConfig::Owner(o) = load(top.clone()).unwrap() else { panic!("owner expected") };
+        let TransportConfig::Mail(mail) = &o.transport else { panic!("mail expected: {:?}", o.transport) };
+        assert_eq!(mail.smtp.password_file.as_deref(), Some(dir.path().join("pw").as_path()));
+        assert_eq!(mail.smtp.ca_file.as_deref(), Some(dir.path().join("ca.pem").as_path()));
+        assert_eq!(mail.imap.poll_interval, Duration::from_secs(300));
+        assert_eq!((mail.imap.inbox.as_str(), mail.imap.processed.as_str()), ("INBOX", "mailferry/processed"));
+
+        // Nested tables are the same settings.
+        let nested = format!("{owner}[transport]\nkind = \"mail\"\n[transport.smtp]\n{smtp}[transport.imap]\n{imap}");
+        let NodeConfig::Owner(n) = load(nested).unwrap() else { panic!("owner expected") };
+        assert_eq!(n.transport, o.transport);
+
+        let cases: Vec<(String, &str)> = vec![
+            (format!("{owner}[transport]\nkind = \"mail\"\n[smtp]\n{smtp}"), "needs an [imap] table"),
+            (format!("{top}[transport.imap]\n{imap}"), "both [imap] and [transport.imap]"),
+            (format!("{owner}[transport]\nkind = \"maildir\"\nroot = \"s\"\n[smtp]\n{smtp}"), "only used with"),
+            (top.replace("password-file = \"pw\"", "password = \"hunter2\""), "unknown field `password`"),
+            (top.replace("security = \"tls\"", "security = \"none\""), "invalid [imap] setting"),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", load(text.clone()).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in {err:?}\n{text}");
+        }
     }
 
     #[test]

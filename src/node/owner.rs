@@ -152,6 +152,7 @@ impl Owner {
             transport: TransportHint {
                 kind: match self.cfg.transport {
                     TransportConfig::Maildir { .. } => "maildir".into(),
+                    TransportConfig::Mail(_) => "mail".into(),
                 },
                 interval: "1h".into(),
             },

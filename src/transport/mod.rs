@@ -8,7 +8,7 @@
 //!
 //! Two kinds exist:
 //! - [`maildir`]: a Maildir spool shared by nodes on one machine, or carried between machines as files.
-//! - `mail` (SMTP submission + IMAP), for nodes that talk to real mail servers.
+//! - [`mail`] (SMTP submission + IMAP), for nodes that talk to real mail servers.
 //!
 //! # Invariant
 //! Every transport files a message exactly once: a message handed out by [`Transport::fetch`] stays
@@ -16,9 +16,13 @@
 //! fetched again and the node's seen-store (keyed by the message's content digest) keeps it from being
 //! acted on twice.
 
+pub mod mail;
 pub mod maildir;
 
 use std::fmt;
+use std::time::Duration;
+
+pub use mail::Wake;
 
 /// A message found in the node's mailbox, not yet trusted in any way.
 #[derive(Debug, Clone)]
@@ -98,6 +102,30 @@ pub trait Transport: fmt::Debug {
 pub enum AnyTransport {
     /// A Maildir spool.
     Maildir(maildir::MaildirTransport),
+    /// SMTP submission and an IMAP mailbox.
+    Mail(Box<mail::MailTransport>),
+}
+
+/// How a transport learns about new mail, for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveMode {
+    /// The spool is looked at every interval.
+    Interval,
+    /// IMAP IDLE: the server reports new mail as it arrives.
+    Idle,
+    /// IMAP polling every `poll-interval` (the server has no IDLE, or `idle = false`).
+    Poll,
+}
+
+impl ReceiveMode {
+    /// The word `status` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiveMode::Interval => "interval",
+            ReceiveMode::Idle => "idle",
+            ReceiveMode::Poll => "poll",
+        }
+    }
 }
 
 impl AnyTransport {
@@ -110,6 +138,47 @@ impl AnyTransport {
             crate::config::TransportConfig::Maildir { root } => {
                 Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?))
             }
+            crate::config::TransportConfig::Mail(mail) => {
+                let t = mail::MailTransport::new(mail).map_err(|e| {
+                    TransportError::new(TransportErrorKind::Permanent, "invalid mail transport settings", e)
+                })?;
+                Ok(AnyTransport::Mail(Box::new(t)))
+            }
+        }
+    }
+
+    /// Waits until new mail may have arrived, at most `max`: IMAP IDLE (or polling at `poll-interval`)
+    /// for the mail transport, a plain sleep of `max` for a spool.
+    ///
+    /// # Errors
+    /// The mail server could not be reached again before `max` passed, or refused the login.
+    pub async fn wait_for_mail(&mut self, max: Duration) -> Result<Wake, TransportError> {
+        match self {
+            AnyTransport::Maildir(_) => {
+                tokio::time::sleep(max).await;
+                Ok(Wake::MaybeNewMail)
+            }
+            AnyTransport::Mail(t) => t.wait_for_mail(max).await,
+        }
+    }
+
+    /// How new mail is noticed; `None` while the mail transport has not connected yet.
+    pub fn receive_mode(&self) -> Option<ReceiveMode> {
+        match self {
+            AnyTransport::Maildir(_) => Some(ReceiveMode::Interval),
+            AnyTransport::Mail(t) => t.receive_mode(),
+        }
+    }
+
+    /// Whether new mail is reported by the server (IMAP) rather than found by looking at a spool.
+    pub fn is_mail(&self) -> bool {
+        matches!(self, AnyTransport::Mail(_))
+    }
+
+    /// Closes server connections politely (a no-op for a spool).
+    pub async fn close(&mut self) {
+        if let AnyTransport::Mail(t) = self {
+            t.logout().await;
         }
     }
 }
@@ -118,18 +187,21 @@ impl Transport for AnyTransport {
     async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
         match self {
             AnyTransport::Maildir(t) => t.send(from, to, raw).await,
+            AnyTransport::Mail(t) => t.send(from, to, raw).await,
         }
     }
 
     async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError> {
         match self {
             AnyTransport::Maildir(t) => t.fetch().await,
+            AnyTransport::Mail(t) => t.fetch().await,
         }
     }
 
     async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError> {
         match self {
             AnyTransport::Maildir(t) => t.settle(id, disposition).await,
+            AnyTransport::Mail(t) => t.settle(id, disposition).await,
         }
     }
 }
