@@ -220,19 +220,18 @@ pub fn stage<'a>(
     let files = stage_dir.join("files");
     let io_err = |source| StageError::Io { dir: stage_dir.to_path_buf(), source };
     fs::create_dir_all(&files).map_err(io_err)?;
-    let mut puts = reply.ops.iter().filter_map(|op| match op {
-        Op::Put { path, size, blake3, source, .. } => Some((path, *size, *blake3, source)),
-        _ => None,
-    });
+    let puts: std::collections::HashMap<&RelPath, (u64, Digest, &Option<crate::manifest::Source>)> = reply
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Put { path, size, blake3, source, .. } => Some((path, (*size, *blake3, source))),
+            _ => None,
+        })
+        .collect();
     for step in &plan.steps {
         let Step::Place { path, staged, .. } = step else { continue };
-        let (put_path, size, blake3, source) = loop {
-            let next = puts.next().expect("plan has one place step per put");
-            if next.0 == path {
-                break next;
-            }
-        };
-        debug_assert_eq!(put_path, path);
+        let &(size, blake3, source) =
+            puts.get(path).ok_or_else(|| Refusal::new(Reason::Malformed, format!("no put for `{path}`")))?;
         let src =
             source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
         let data = payload(&src.payload)

@@ -241,10 +241,11 @@ impl Manifest {
         Manifest::default()
     }
 
-    /// Builds a manifest from a listing and checks that it forms a tree (see [`Manifest::validate`]).
+    /// Builds a manifest from a listing and checks that it forms a tree (see [`Manifest::validate_shape`]).
+    /// Case collisions are allowed here: a recipient's own tree may have them; a generation may not.
     ///
     /// # Errors
-    /// Duplicates, orphans and case collisions.
+    /// Duplicates and orphans.
     pub fn from_listing(listing: Vec<Listed>) -> Result<Manifest, TreeError> {
         let mut entries = BTreeMap::new();
         for l in listing {
@@ -254,7 +255,7 @@ impl Manifest {
             }
         }
         let m = Manifest { entries };
-        m.validate()?;
+        m.validate_shape()?;
         Ok(m)
     }
 
@@ -305,19 +306,31 @@ impl Manifest {
         })
     }
 
-    /// Checks that the entries form a tree: every parent is a listed directory and no two paths collide
-    /// on a case-insensitive file system.
+    /// Checks that the entries form a tree: every parent is a listed directory.
     ///
     /// # Errors
-    /// The first problem found.
-    pub fn validate(&self) -> Result<(), TreeError> {
-        let mut folded: HashMap<String, &RelPath> = HashMap::with_capacity(self.entries.len());
+    /// The first orphan found.
+    pub fn validate_shape(&self) -> Result<(), TreeError> {
         for path in self.entries.keys() {
             if let Some(parent) = path.parent()
                 && self.entries.get(&parent) != Some(&Entry::Dir)
             {
                 return Err(TreeError::Orphan(path.clone()));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that the entries form a tree that every file system can hold: the shape (see
+    /// [`Manifest::validate_shape`]) and no two paths that collide on a case-insensitive file system.
+    /// Generations and reply results must pass this.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), TreeError> {
+        self.validate_shape()?;
+        let mut folded: HashMap<String, &RelPath> = HashMap::with_capacity(self.entries.len());
+        for path in self.entries.keys() {
             if let Some(other) = folded.insert(path.fold_key(), path) {
                 return Err(TreeError::CaseCollision(other.clone(), path.clone()));
             }
@@ -565,8 +578,12 @@ mod tests {
         let collide = Manifest::from_listing(vec![
             Listed { path: p("README"), file: None },
             Listed { path: p("readme"), file: None },
-        ]);
-        assert!(matches!(collide, Err(TreeError::CaseCollision(..))));
+        ])
+        .expect("a recipient's tree may hold names that differ in case");
+        assert!(matches!(collide.validate(), Err(TreeError::CaseCollision(..))));
+        assert!(collide.apply(&[]).is_err(), "but no reply may produce such a tree");
+        let fixed = collide.apply(&[Op::Delete { path: p("readme") }]).unwrap();
+        assert_eq!(fixed.len(), 1);
 
         let dup =
             Manifest::from_listing(vec![Listed { path: p("a"), file: None }, Listed { path: p("a"), file: None }]);

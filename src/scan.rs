@@ -137,7 +137,7 @@ pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> 
     for (rel, meta) in hash_all(&files, read)? {
         out.manifest.insert(rel, Entry::File(meta));
     }
-    out.manifest.validate().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
+    out.manifest.validate_shape().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
     Ok(out)
 }
 

@@ -65,6 +65,8 @@ pub struct OwnerStatus {
     pub rejected: u64,
     /// Outgoing mail not yet accepted by the transport.
     pub outbox: super::OutboxStatus,
+    /// The last server error and how new mail is noticed.
+    pub transport: super::TransportStatus,
 }
 
 /// Creates an owner: `DIR/owner.toml`, the state database and content store.
@@ -187,6 +189,8 @@ impl Owner {
             );
         }
         let manifest = scan.manifest;
+        // Recipients may run on case-insensitive file systems: a generation must be portable.
+        manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
         if let Some(latest) = self.db.latest_generation()?
@@ -402,6 +406,7 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
         recipients: db.recipients()?,
         rejected: db.rejection_count()?,
         outbox: Outbox::status(&db)?,
+        transport: super::TransportStatus::read(&db)?,
     })
 }
 

@@ -413,6 +413,19 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
             return Err(Refusal::new(Reason::Malformed, format!("payload id {:?} is not allowed", p.id)));
         }
     }
+    // A path may be deleted once and created (or changed) once: that is a type change. Anything more is a
+    // reply no owner writes.
+    let mut deleted = std::collections::HashSet::new();
+    let mut written = std::collections::HashSet::new();
+    for op in &r.ops {
+        let fresh = match op {
+            Op::Delete { path } => deleted.insert(path),
+            other => written.insert(other.path()),
+        };
+        if !fresh {
+            return Err(Refusal::new(Reason::Malformed, format!("`{}` is operated on twice", op.path())));
+        }
+    }
     for op in &r.ops {
         if let Op::Put { path, size, source, .. } = op {
             if *size > limits.max_file_bytes {
@@ -530,6 +543,20 @@ mod tests {
         let at = non_utf8.windows(3).position(|w| w == b"a/b").unwrap();
         non_utf8[at] = 0xff;
         assert_eq!(decode_control(&non_utf8, &limits).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn a_path_is_deleted_and_written_at_most_once() {
+        let mut r = reply();
+        let put = r.ops[0].clone();
+        r.ops.push(put);
+        assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
+        let mut r = reply();
+        let path = r.ops[0].path().clone();
+        r.ops.push(Op::Delete { path: path.clone() });
+        assert!(decode_control(&encode(&r), &Limits::default()).is_ok(), "delete + put is a type change");
+        r.ops.push(Op::Delete { path });
+        assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
     }
 
     #[test]
