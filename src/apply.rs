@@ -273,7 +273,10 @@ enum DecodeError {
 fn decompress_into(frame: &[u8], limit: u64, out: File) -> Result<(u64, Digest), DecodeError> {
     let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
         .map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
-    dec.window_log_max(31).map_err(|e| DecodeError::Bad(e.to_string()))?;
+    // A frame may not make us reserve a window larger than the file it declares (8 MiB at least, which
+    // covers every level's default window), so a tiny file cannot cost gigabytes of memory.
+    let needed = 64 - limit.max(1).leading_zeros() + 1;
+    dec.window_log_max(needed.clamp(23, 31)).map_err(|e| DecodeError::Bad(e.to_string()))?;
     let mut dec = dec.single_frame();
     let mut w = BufWriter::new(out);
     let mut h = blake3::Hasher::new();

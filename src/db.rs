@@ -552,14 +552,29 @@ impl Db {
         Ok(())
     }
 
-    /// Whether `nonce` was a request of `recipient` that the owner answered.
+    /// The reply id and generation the owner sent for `recipient`'s request `nonce`, if it answered it.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<bool> {
+    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(String, u64)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT reply_id, generation FROM requests WHERE nonce = ?1 AND recipient = ?2",
+                params![nonce, recipient],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()?)
+    }
+
+    /// Whether a receipt for this reply was recorded already.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
         Ok(self.conn.query_row(
-            "SELECT count(*) FROM requests WHERE nonce = ?1 AND recipient = ?2",
-            params![nonce, recipient],
+            "SELECT count(*) FROM receipts WHERE recipient = ?1 AND reply_id = ?2",
+            params![recipient, reply_id],
             |r| r.get::<_, i64>(0),
         )? > 0)
     }
@@ -607,14 +622,14 @@ impl Db {
         self.set_meta("last_request_at", &now().to_string())
     }
 
-    /// When the request with `nonce` was sent, if it is still outstanding.
+    /// The sequence number of the request with `nonce`, if it is still outstanding.
     ///
     /// # Errors
     /// SQLite errors.
     pub fn outstanding(&self, nonce: &str) -> Result<Option<u64>> {
         Ok(self
             .conn
-            .query_row("SELECT sent_at FROM outstanding WHERE nonce = ?1", [nonce], |r| r.get::<_, i64>(0))
+            .query_row("SELECT seq FROM outstanding WHERE nonce = ?1", [nonce], |r| r.get::<_, i64>(0))
             .optional()?
             .map(|v| v as u64))
     }

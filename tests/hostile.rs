@@ -389,3 +389,106 @@ fn enrollment_files_are_private() {
     let other = w.site("site2");
     assert_ne!(_site.key(), other.key());
 }
+
+#[test]
+fn reply_id_that_names_a_path_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let victim = w.path("victim");
+    fs::create_dir_all(&victim).unwrap();
+    fs::write(victim.join("precious"), b"keep me").unwrap();
+    let reply = w.pending_reply(&site);
+    let raw = fs::read(&reply).unwrap();
+    let control: serde_json::Value = serde_json::from_slice(&envelope::parse(&raw, u64::MAX).unwrap().control).unwrap();
+    let id = control["reply-id"].as_str().unwrap().to_owned();
+    let evil = format!("../../../../../../..{}", victim.display());
+    resign(&reply, &site.key(), "site1", |c| replace(c, &id, evil.as_bytes()));
+    expect_refused(&w, &site, "malformed");
+    assert_eq!(fs::read(victim.join("precious")).unwrap(), b"keep me");
+}
+
+#[test]
+fn reply_naming_another_request_or_same_generation_with_other_root_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    resign(&reply, &site.key(), "site1", |c| replace(c, "\"request-seq\":2", b"\"request-seq\":1"));
+    expect_refused(&w, &site, "malformed");
+
+    // Generation 1 is applied; a reply claiming generation 1 with another root is a rollback in disguise.
+    let reply = w.pending_reply(&site);
+    resign(&reply, &site.key(), "site1", |c| replace(c, "\"generation\":2", b"\"generation\":1"));
+    expect_refused(&w, &site, "rollback");
+    // The refused replies answered their requests: the next run asks again and the sync completes.
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn auth_part_naming_another_key_is_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let raw = String::from_utf8(fs::read(&reply).unwrap()).unwrap();
+    let parsed = envelope::parse(raw.as_bytes(), u64::MAX).unwrap();
+    let mut auth: serde_json::Value = serde_json::from_slice(&parsed.auth).unwrap();
+    auth["key-id"] = "0000000000000000".into();
+    let auth = serde_json::to_vec(&auth).unwrap();
+    let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let rebuilt = envelope::build(&Outgoing {
+        from: OWNER,
+        to: &site.address,
+        subject: "x".into(),
+        text: "x".into(),
+        kind: Kind::Reply,
+        control: &parsed.control,
+        auth: &auth,
+        payloads,
+    })
+    .unwrap();
+    fs::write(&reply, rebuilt).unwrap();
+    expect_refused(&w, &site, "bad-mac");
+}
+
+#[test]
+fn receipts_must_match_the_reply_that_was_sent() {
+    let (w, site) = world_with_pending_change();
+    site.run(true);
+    w.owner_run();
+    site.run(false);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let receipt = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    let original = fs::read(&receipt).unwrap();
+    resign(&receipt, &site.key(), "site1", |c| replace(c, "\"generation\":2", b"\"generation\":99"));
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["malformed"]);
+    assert_ne!(w.owner_status()["recipients"][0]["applied_generation"], 99);
+    // The genuine receipt is recorded once; a second copy is a replay.
+    fs::write(owner_new.join("genuine"), &original).unwrap();
+    w.owner_run();
+    assert_eq!(w.owner_status()["recipients"][0]["applied_generation"], 2);
+    fs::write(owner_new.join("again"), &original).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["malformed", "replay"]);
+}
+
+#[test]
+fn request_with_an_attachment_is_refused() {
+    let (w, site) = world_with_pending_change();
+    site.run(true);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let req = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    let parsed = envelope::parse(&fs::read(&req).unwrap(), u64::MAX).unwrap();
+    let rebuilt = envelope::build(&Outgoing {
+        from: &site.address,
+        to: OWNER,
+        subject: "x".into(),
+        text: "x".into(),
+        kind: Kind::Request,
+        control: &parsed.control,
+        auth: &parsed.auth,
+        payloads: vec![("extra.bin", b"surprise")],
+    })
+    .unwrap();
+    fs::write(&req, rebuilt).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["bad-payload"]);
+    assert_eq!(fs::read_dir(site.maildir(&w).join("new")).unwrap().count(), 0, "no reply");
+}

@@ -7,15 +7,15 @@ mod demo;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mailferry::config::NodeConfig;
 use mailferry::db::{Db, Rejection};
-use mailferry::node::RunReport;
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
+use mailferry::node::{self, Node as _, Outbox, RunReport};
 use mailferry::transport::AnyTransport;
 use tracing::{info, warn};
 
@@ -287,22 +287,12 @@ async fn owner_command(c: OwnerCommand) -> Result<Exit> {
             let mut o = load_owner(&config.config)?;
             let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
             if once {
-                let r = o.run_once(&mut t).await?;
-                summary("owner", &r);
+                let res = o.run_once(&mut t).await;
+                note_step(o.db(), &t, &res)?;
+                t.close().await;
+                summary("owner", &res?);
             } else {
-                let interval = o.config().owner.interval;
-                let mut stop = Shutdown::new()?;
-                info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
-                loop {
-                    match o.run_once(&mut t).await {
-                        Ok(r) if r.messages > 0 => summary("owner", &r),
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %format!("{e:#}"), "run failed; retrying next interval"),
-                    }
-                    if stop.sleep(interval).await {
-                        break;
-                    }
-                }
+                owner_daemon(&mut o, &mut t).await?;
             }
         }
     }
@@ -320,62 +310,196 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
             let mut r = load_recipient(&config.config)?;
             let mut t = AnyTransport::open(&r.config().transport, &r.config().recipient.address)?;
             if once {
-                let rep = r.run_once(&mut t, !no_request).await?;
-                summary("recipient", &rep);
+                let res = r.run_once(&mut t, !no_request).await;
+                note_step(r.db(), &t, &res)?;
+                t.close().await;
+                summary("recipient", &res?);
             } else {
-                let interval = r.config().recipient.interval;
-                // Check the inbox often so that replies are applied soon after they arrive; request on
-                // `interval`, with up to 10% jitter so that a fleet does not ask all at once.
-                let poll = interval.min(Duration::from_secs(30));
-                let mut next_request = std::time::Instant::now();
-                let mut stop = Shutdown::new()?;
-                info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
-                loop {
-                    let due = !no_request && std::time::Instant::now() >= next_request;
-                    match r.run_once(&mut t, due).await {
-                        Ok(rep) => {
-                            if rep.requested {
-                                next_request =
-                                    std::time::Instant::now() + interval + (interval / 10).mul_f64(rand_unit());
-                            }
-                            if rep.messages > 0 || rep.requested {
-                                summary("recipient", &rep);
-                            }
-                        }
-                        Err(e) => warn!(error = %format!("{e:#}"), "run failed; retrying"),
-                    }
-                    if stop.sleep(poll).await {
-                        break;
-                    }
-                }
+                recipient_daemon(&mut r, &mut t, no_request).await?;
             }
         }
     }
     Ok(Exit::Success)
 }
 
-/// Waits between daemon steps and notices SIGINT and SIGTERM. Signals are only looked at between steps,
-/// so a step in progress (an apply, a reply being written) always finishes.
+/// Records what a step left behind for `status` (the last error, or that all went well; how new mail is
+/// noticed). Returns true when the step needs a retry soon: it failed, or mail is still queued because
+/// the server could not take it.
+fn note_step(db: &Db, t: &AnyTransport, res: &Result<RunReport>) -> Result<bool> {
+    if let Some(mode) = t.receive_mode() {
+        node::record_receive_mode(db, mode.as_str())?;
+    }
+    match res {
+        Err(e) => {
+            node::record_transport_error(db, &format!("{e:#}"))?;
+            Ok(true)
+        }
+        Ok(_) if Outbox::status(db)?.pending > 0 => Ok(true),
+        Ok(_) => {
+            node::record_transport_ok(db)?;
+            Ok(false)
+        }
+    }
+}
+
+/// `owner run` without `--once`: answers whatever is waiting, then waits for news. With the mail
+/// transport that wait is IMAP IDLE (or polling at `poll-interval` when the server has no IDLE), so a
+/// request is answered as soon as it is delivered; the owner also runs every `interval` regardless. A
+/// spool is looked at every `interval`. Failures are retried after a capped exponential backoff.
+async fn owner_daemon(o: &mut Owner, t: &mut AnyTransport) -> Result<()> {
+    let interval = o.config().owner.interval;
+    let mut stop = Shutdown::new()?;
+    let mut backoff = Backoff::new();
+    info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
+    loop {
+        let res = o.run_once(t).await;
+        match &res {
+            Ok(r) if r.messages > 0 || r.sent > 0 => summary("owner", r),
+            Ok(_) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
+        }
+        if note_step(o.db(), t, &res)? {
+            let delay = backoff.failed();
+            info!(retry_in = %humantime::format_duration(delay), "retrying soon");
+            if stop.sleep(delay).await {
+                break;
+            }
+            continue;
+        }
+        backoff.reset();
+        match stop.until(t.wait_for_mail(interval)).await {
+            None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                node::record_transport_error(o.db(), &format!("{e:#}"))?;
+                let delay = backoff.failed();
+                warn!(error = %format!("{e:#}"), retry_in = %humantime::format_duration(delay), "waiting for mail failed");
+                if stop.sleep(delay).await {
+                    break;
+                }
+            }
+        }
+    }
+    t.close().await;
+    Ok(())
+}
+
+/// `recipient run` without `--once`: requests on `interval` (plus up to 10% jitter so that a fleet does not
+/// ask all at once), applies replies as they arrive (IMAP IDLE, or polling; a spool is looked at at least
+/// every 30 s), and asks again once an unanswered request is `reply-timeout` old.
+async fn recipient_daemon(r: &mut Recipient, t: &mut AnyTransport, no_request: bool) -> Result<()> {
+    let interval = r.config().recipient.interval;
+    let mut next_request = Instant::now();
+    let mut stop = Shutdown::new()?;
+    let mut backoff = Backoff::new();
+    info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
+    loop {
+        let due = !no_request && Instant::now() >= next_request;
+        let res = r.run_once(t, due).await;
+        match &res {
+            Ok(rep) => {
+                if rep.requested {
+                    next_request = Instant::now() + interval + (interval / 10).mul_f64(rand_unit());
+                } else if due {
+                    // An unanswered request holds the next one back until it is `reply-timeout` old.
+                    next_request = match r.request_blocked_until()? {
+                        Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(mailferry::db::now()) + 1),
+                        None => Instant::now() + interval,
+                    };
+                }
+                if rep.messages > 0 || rep.requested {
+                    summary("recipient", rep);
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
+        }
+        if note_step(r.db(), t, &res)? {
+            let delay = backoff.failed();
+            info!(retry_in = %humantime::format_duration(delay), "retrying soon");
+            if stop.sleep(delay).await {
+                break;
+            }
+            continue;
+        }
+        backoff.reset();
+        let mut max = if no_request { interval } else { next_request.saturating_duration_since(Instant::now()) };
+        if !t.is_mail() {
+            max = max.min(Duration::from_secs(30));
+        }
+        match stop.until(t.wait_for_mail(max)).await {
+            None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                node::record_transport_error(r.db(), &format!("{e:#}"))?;
+                let delay = backoff.failed();
+                warn!(error = %format!("{e:#}"), retry_in = %humantime::format_duration(delay), "waiting for mail failed");
+                if stop.sleep(delay).await {
+                    break;
+                }
+            }
+        }
+    }
+    t.close().await;
+    Ok(())
+}
+
+/// Capped exponential backoff between retries of a failed daemon step: 1 s after the first failure,
+/// doubling up to 5 minutes, back to 1 s after a step succeeds.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(300);
+
+    fn new() -> Backoff {
+        Backoff { next: Backoff::MIN }
+    }
+
+    /// The delay before the next retry.
+    fn failed(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Backoff::MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = Backoff::MIN;
+    }
+}
+
+/// Notices SIGINT and SIGTERM for the daemons. Signals are only acted on while waiting between steps (a
+/// signal that arrives during a step is kept and ends the next wait at once), so a step in progress (an
+/// apply, a reply being written, a message being filed) always finishes.
 struct Shutdown {
     term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
 impl Shutdown {
     fn new() -> Result<Shutdown> {
-        Ok(Shutdown { term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())? })
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// Runs `f` until it finishes (`Some`) or a signal asks to stop (`None`; `f` is dropped, which for
+    /// IMAP IDLE drops the connection).
+    async fn until<F: Future>(&mut self, f: F) -> Option<F::Output> {
+        let out = tokio::select! {
+            v = f => Some(v),
+            _ = self.int.recv() => None,
+            _ = self.term.recv() => None,
+        };
+        if out.is_none() {
+            info!("stopping");
+        }
+        out
     }
 
     /// Sleeps for `d`; true when a signal asked to stop.
     async fn sleep(&mut self, d: Duration) -> bool {
-        let stop = tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = tokio::signal::ctrl_c() => true,
-            _ = self.term.recv() => true,
-        };
-        if stop {
-            info!("stopping");
-        }
-        stop
+        self.until(tokio::time::sleep(d)).await.is_none()
     }
 }
 
@@ -409,6 +533,38 @@ fn fmt_time(t: Option<u64>) -> String {
     }
 }
 
+/// The `status` lines about mail: a permanently refused message, the last server error, how new mail is
+/// noticed. `pad` aligns them with the role's other lines.
+fn write_transport_status(
+    out: &mut impl Write,
+    pad: &str,
+    outbox: &node::OutboxStatus,
+    t: &node::TransportStatus,
+) -> Result<()> {
+    if let Some(e) = &outbox.last_error {
+        writeln!(out, "refused:    {pad} {e}")?;
+    }
+    match (&t.last_error, t.failing()) {
+        (Some(e), true) => writeln!(out, "last error: {pad} {} ({e})", fmt_time(t.last_error_at))?,
+        (Some(e), false) => writeln!(
+            out,
+            "last error: {pad} {} ({e}); fine again since {}",
+            fmt_time(t.last_error_at),
+            fmt_time(t.last_ok_at)
+        )?,
+        (None, _) => writeln!(out, "last error: {pad} none")?,
+    }
+    let mode = match t.receive_mode.as_deref() {
+        Some("idle") => "IMAP IDLE (new mail is reported by the server)",
+        Some("poll") => "IMAP polling every poll-interval (no IDLE)",
+        Some("interval") => "spool checked every interval",
+        Some(other) => other,
+        None => "not known yet (no run so far)",
+    };
+    writeln!(out, "receiving:  {pad} {mode}, as of {}", fmt_time(t.receive_mode_at))?;
+    Ok(())
+}
+
 fn status(path: &Path, json: bool) -> Result<Exit> {
     let mut out = std::io::stdout().lock();
     match NodeConfig::load(path)? {
@@ -435,6 +591,7 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                 }
                 writeln!(out, "rejected:    {}", s.rejected)?;
                 writeln!(out, "outbox:      {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+                write_transport_status(&mut out, "", &s.outbox, &s.transport)?;
                 writeln!(out, "recipients:  {}", s.recipients.len())?;
                 for r in &s.recipients {
                     let applied = r.applied_generation.map_or("unknown".into(), |g| format!("generation {g}"));
@@ -444,7 +601,7 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                     writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;
                 }
             }
-            Ok(if s.outbox.failed > 0 { Exit::Attention } else { Exit::Success })
+            Ok(if s.outbox.failed > 0 || s.transport.failing() { Exit::Attention } else { Exit::Success })
         }
         NodeConfig::Recipient(cfg) => {
             let s = recipient::status(&cfg)?;
@@ -464,11 +621,16 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                 writeln!(out, "outstanding:  {}", s.outstanding)?;
                 writeln!(out, "rejected:     {}", s.rejected)?;
                 writeln!(out, "outbox:       {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+                write_transport_status(&mut out, " ", &s.outbox, &s.transport)?;
                 if s.interrupted_apply {
                     writeln!(out, "WARNING: an interrupted apply is waiting; the next run finishes it")?;
                 }
             }
-            Ok(if s.outbox.failed > 0 || s.interrupted_apply { Exit::Attention } else { Exit::Success })
+            Ok(if s.outbox.failed > 0 || s.interrupted_apply || s.transport.failing() {
+                Exit::Attention
+            } else {
+                Exit::Success
+            })
         }
     }
 }

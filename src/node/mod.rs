@@ -245,11 +245,13 @@ impl Outbox {
                 Err(e) if e.kind == TransportErrorKind::Permanent => {
                     let text = format!("{e:#}");
                     db.outbox_failed(&name, &text)?;
+                    record_transport_error(db, &text)?;
                     warn!(to = %to, error = %text, "{name} refused permanently; not retrying");
                     report.failed += 1;
                     report.last_error = Some(text);
                 }
                 Err(e) => {
+                    record_transport_error(db, &format!("{e:#}"))?;
                     warn!(to = %to, error = %format!("{e:#}"), "sending {name} failed; will retry");
                     report.deferred += 1;
                     report.last_error = Some(format!("{e:#}"));
@@ -267,6 +269,84 @@ impl Outbox {
         let (pending, failed, last_error) = db.outbox_counts()?;
         Ok(OutboxStatus { pending, failed, last_error })
     }
+}
+
+/// `meta` keys behind [`TransportStatus`]: written by the process that holds the lock, read by `status`
+/// without it.
+const META_LAST_ERROR: &str = "transport.last_error";
+const META_LAST_ERROR_AT: &str = "transport.last_error_at";
+const META_LAST_OK_AT: &str = "transport.last_ok_at";
+const META_RECEIVE_MODE: &str = "transport.receive_mode";
+const META_RECEIVE_MODE_AT: &str = "transport.receive_mode_at";
+
+/// What `status` shows about the mail system: the last server error and how new mail is noticed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransportStatus {
+    /// The last error a mail server (or the spool) reported, as shown to the operator.
+    pub last_error: Option<String>,
+    /// When it happened (Unix seconds).
+    pub last_error_at: Option<u64>,
+    /// When a run last completed with nothing left to retry (Unix seconds); later than `last_error_at`
+    /// means the error is over.
+    pub last_ok_at: Option<u64>,
+    /// `idle`, `poll` (IMAP) or `interval` (spool), as the last run found it.
+    pub receive_mode: Option<String>,
+    /// When `receive_mode` was recorded (Unix seconds).
+    pub receive_mode_at: Option<u64>,
+}
+
+impl TransportStatus {
+    /// Reads what the last run recorded.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn read(db: &Db) -> Result<TransportStatus> {
+        let num = |key: &str| -> Result<Option<u64>> { Ok(db.meta(key)?.and_then(|v| v.parse().ok())) };
+        Ok(TransportStatus {
+            last_error: db.meta(META_LAST_ERROR)?,
+            last_error_at: num(META_LAST_ERROR_AT)?,
+            last_ok_at: num(META_LAST_OK_AT)?,
+            receive_mode: db.meta(META_RECEIVE_MODE)?,
+            receive_mode_at: num(META_RECEIVE_MODE_AT)?,
+        })
+    }
+
+    /// True when the last thing recorded is an error (no successful run since).
+    pub fn failing(&self) -> bool {
+        match (self.last_error_at, self.last_ok_at) {
+            (Some(err), Some(ok)) => err > ok,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Records a transport or run error for `status`.
+///
+/// # Errors
+/// SQLite errors.
+pub fn record_transport_error(db: &Db, text: &str) -> Result<()> {
+    db.set_meta(META_LAST_ERROR, text)?;
+    db.set_meta(META_LAST_ERROR_AT, &crate::db::now().to_string())
+}
+
+/// Records that a run finished with nothing left to retry.
+///
+/// # Errors
+/// SQLite errors.
+pub fn record_transport_ok(db: &Db) -> Result<()> {
+    db.set_meta(META_LAST_OK_AT, &crate::db::now().to_string())
+}
+
+/// Records how the running daemon notices new mail (`idle`, `poll`, `interval`).
+///
+/// # Errors
+/// SQLite errors.
+pub fn record_receive_mode(db: &Db, mode: &str) -> Result<()> {
+    if db.meta(META_RECEIVE_MODE)?.as_deref() != Some(mode) {
+        db.set_meta(META_RECEIVE_MODE, mode)?;
+    }
+    db.set_meta(META_RECEIVE_MODE_AT, &crate::db::now().to_string())
 }
 
 /// The result of [`Outbox::flush`].

@@ -253,8 +253,18 @@ impl Owner {
             )));
         };
         let key = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
+        if auth.key_id != key.id() {
+            return Ok(Err(Refusal::new(
+                Reason::BadMac,
+                format!("message names key {}, {:?}'s key is {}", auth.key_id, rec.name, key.id()),
+            )));
+        }
         if let Err(r) = protocol::verify_mac(&key, &auth, &parsed.control) {
             return Ok(Err(r));
+        }
+        // Requests and receipts carry no payloads: any attachment besides control and auth is refused.
+        if let Some(name) = parsed.attachments.keys().next() {
+            return Ok(Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))));
         }
         let control = match protocol::decode_control(&parsed.control, &limits) {
             Ok(c) => c,
@@ -269,10 +279,25 @@ impl Owner {
         match control {
             Control::Request(req) => self.answer(&rec, &key, &req),
             Control::Receipt(r) => {
-                if !self.db.answered_for(&rec.name, &r.nonce.to_hex())? {
+                let Some((reply_id, generation)) = self.db.answered_for(&rec.name, &r.nonce.to_hex())? else {
                     return Ok(Err(Refusal::new(
                         Reason::Replay,
                         format!("receipt for nonce {} that was never answered", r.nonce),
+                    )));
+                };
+                if r.reply_id != reply_id || r.generation != generation {
+                    return Ok(Err(Refusal::new(
+                        Reason::Malformed,
+                        format!(
+                            "receipt names reply {} and generation {}, but the reply sent was {reply_id} with generation {generation}",
+                            r.reply_id, r.generation
+                        ),
+                    )));
+                }
+                if self.db.receipt_recorded(&rec.name, &r.reply_id)? {
+                    return Ok(Err(Refusal::new(
+                        Reason::Replay,
+                        format!("a receipt for reply {reply_id} was recorded before"),
                     )));
                 }
                 Ok(Ok(Action::Receipt(r)))

@@ -62,6 +62,8 @@ pub struct RecipientStatus {
     pub interrupted_apply: bool,
     /// Outgoing mail not yet accepted by the transport.
     pub outbox: super::OutboxStatus,
+    /// The last server error and how new mail is noticed.
+    pub transport: super::TransportStatus,
 }
 
 /// Creates a recipient: `DIR/recipient.toml` and `DIR/recipient.key` from an enrollment file.
@@ -224,6 +226,16 @@ impl Recipient {
         Ok(report)
     }
 
+    /// When [`Recipient::maybe_request`] will next send a request (Unix seconds), if an unanswered request
+    /// holds it back now: the newest outstanding request's time plus `reply-timeout`.
+    ///
+    /// # Errors
+    /// State failures.
+    pub fn request_blocked_until(&self) -> Result<Option<u64>> {
+        let timeout = self.cfg.recipient.reply_timeout.as_secs();
+        Ok(self.db.newest_outstanding()?.map(|sent| sent + timeout).filter(|at| *at > now()))
+    }
+
     /// Sends a request unless one sent less than `reply-timeout` ago is still unanswered. Returns whether
     /// one was queued.
     ///
@@ -303,6 +315,12 @@ impl Recipient {
                 format!("message is for recipient {:?}, this is {me:?}", auth.recipient),
             )));
         }
+        if auth.key_id != self.key.id() {
+            return Ok(Err(Refusal::new(
+                Reason::BadMac,
+                format!("message is authenticated with key {}, this recipient's key is {}", auth.key_id, self.key.id()),
+            )));
+        }
         refuse!(protocol::verify_mac(&self.key, &auth, &parsed.control));
         let reply = match refuse!(protocol::decode_control(&parsed.control, &limits)) {
             Control::Reply(r) => r,
@@ -320,19 +338,64 @@ impl Recipient {
             )));
         }
         let nonce = reply.nonce.to_hex();
-        if self.db.outstanding(&nonce)?.is_none() {
+        let Some(seq) = self.db.outstanding(&nonce)? else {
             let why = if self.db.reply_applied(&reply.reply_id)? {
                 format!("reply {} was applied before (replayed)", reply.reply_id)
             } else {
                 format!("reply answers nonce {nonce}, which is not outstanding (replayed, or answered already)")
             };
             return Ok(Err(Refusal::new(Reason::Replay, why)));
+        };
+        // From here on the reply is authentic and answers a request of ours: whatever happens, that request
+        // is answered, so the next run asks again at once instead of waiting for `reply-timeout`.
+        let res = self.answer_reply(&reply, &parsed, digest, &nonce, seq)?;
+        if res.is_err() {
+            self.db.close_outstanding(&nonce)?;
         }
-        let (applied, _, previous) = self.db.applied()?;
+        Ok(res)
+    }
+
+    /// The checks and the apply for an authentic reply to an outstanding request.
+    fn answer_reply(
+        &mut self,
+        reply: &Reply,
+        parsed: &envelope::Parsed,
+        digest: &Digest,
+        nonce: &str,
+        seq: u64,
+    ) -> Result<Result<Handled, Refusal>> {
+        macro_rules! refuse {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(r) => return Ok(Err(r)),
+                }
+            };
+        }
+        if reply.request_seq != seq {
+            return Ok(Err(Refusal::new(
+                Reason::Malformed,
+                format!("reply names request {}, but nonce {nonce} belongs to request {seq}", reply.request_seq),
+            )));
+        }
+        let (applied, applied_root, previous) = self.db.applied()?;
         if reply.generation < applied {
             return Ok(Err(Refusal::new(
                 Reason::Rollback,
                 format!("reply brings generation {}, older than the applied {applied}", reply.generation),
+            )));
+        }
+        if reply.generation == applied
+            && let Some(root) = applied_root
+            && root != reply.root
+        {
+            return Ok(Err(Refusal::new(
+                Reason::Rollback,
+                format!(
+                    "reply brings generation {applied} with root {}, but generation {applied} has root {}",
+                    reply.root.short(),
+                    root.short()
+                ),
             )));
         }
         if reply.parts != 1 {
@@ -341,7 +404,7 @@ impl Recipient {
                 format!("reply in {} parts; this build reads single-part replies", reply.parts),
             )));
         }
-        refuse!(check_payloads(&reply, &parsed.attachments));
+        refuse!(check_payloads(reply, &parsed.attachments));
 
         let data = self.cfg.recipient.data.clone();
         let scan = scan::scan(&data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
@@ -350,31 +413,20 @@ impl Recipient {
             && scan.manifest.root() == reply.root
             && scan.foreign.is_empty()
         {
-            self.db.transaction(|db| {
-                db.close_outstanding(&nonce)?;
-                db.mark_seen(digest, "processed")
-            })?;
-            info!(generation = applied, "owner confirms the tree is current");
-            return Ok(Ok(Handled::Current { generation: applied }));
+            return self.current(nonce, digest, applied);
         }
-        let plan = match apply::plan(&scan, &previous, &reply, self.cfg.recipient.on_extra) {
-            Ok(p) => p,
-            Err(r) => {
-                if r.reason == Reason::LocalTree {
-                    // An authentic reply that no longer fits this tree: it is answered, so the next run
-                    // asks again at once instead of waiting for `reply-timeout`.
-                    self.db.close_outstanding(&nonce)?;
-                }
-                return Ok(Err(r));
-            }
-        };
+        let plan = refuse!(apply::plan(&scan, &previous, reply, self.cfg.recipient.on_extra));
+        if plan.steps.is_empty() && reply.generation == applied {
+            // Only kept extras differ from the generation: nothing to do.
+            return self.current(nonce, digest, applied);
+        }
         let stage_dir = self.staging_root()?.join(&reply.reply_id);
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
                 .with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
         }
         let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
-        match apply::stage(&plan, &reply, &payload, &stage_dir) {
+        match apply::stage(&plan, reply, &payload, &stage_dir) {
             Ok(()) => {}
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&stage_dir);
@@ -392,7 +444,7 @@ impl Recipient {
             stage_dir,
             generation: reply.generation,
             reply_id: reply.reply_id.clone(),
-            nonce,
+            nonce: nonce.to_owned(),
             message: *digest,
             ops: reply.ops.len(),
             target: plan.target.listing(),
@@ -408,6 +460,16 @@ impl Recipient {
         }
         info!(generation = reply.generation, ops = reply.ops.len(), root = %reply.root.short(), "applied");
         Ok(Ok(Handled::Applied { generation: reply.generation, ops: reply.ops.len() }))
+    }
+
+    /// Records a reply that confirms the tree is current.
+    fn current(&mut self, nonce: &str, digest: &Digest, generation: u64) -> Result<Result<Handled, Refusal>> {
+        self.db.transaction(|db| {
+            db.close_outstanding(nonce)?;
+            db.mark_seen(digest, "processed")
+        })?;
+        info!(generation, "owner confirms the tree is current");
+        Ok(Ok(Handled::Current { generation }))
     }
 
     /// Where files are staged: on the data tree's file system, outside the data tree.
@@ -451,6 +513,7 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         rejected: db.rejection_count()?,
         interrupted_apply: Journal::path(&cfg.state_dir).exists(),
         outbox: Outbox::status(&db)?,
+        transport: super::TransportStatus::read(&db)?,
     })
 }
 

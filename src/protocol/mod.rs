@@ -388,12 +388,19 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
             }
         }
         Control::Reply(r) => check_reply_shape(r, limits)?,
-        Control::Receipt(_) => {}
+        Control::Receipt(r) => {
+            if !valid_reply_id(&r.reply_id) {
+                return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
+            }
+        }
     }
     Ok(control)
 }
 
 fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
+    if !valid_reply_id(&r.reply_id) {
+        return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
+    }
     if r.part == 0 || r.part > r.parts || r.parts as usize > limits.max_parts {
         return Err(Refusal::new(Reason::Limit, format!("part {} of {} is out of range", r.part, r.parts)));
     }
@@ -455,12 +462,17 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Reply ids are 32 lowercase hex digits (they name a staging directory, so nothing else is allowed).
+pub fn valid_reply_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Payload ids are short, boring file names: `[a-z0-9][a-z0-9.-]{0,63}`.
 pub fn valid_payload_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-        && !id.starts_with('.')
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    id.len() <= 64
+        && id.bytes().next().is_some_and(alnum)
+        && id.bytes().all(|b| alnum(b) || b == b'.' || b == b'-')
         && id != envelope::CONTROL_NAME
         && id != envelope::AUTH_NAME
 }
@@ -479,7 +491,7 @@ mod tests {
             recipient: "site1".into(),
             nonce: Nonce([7; 16]),
             request_seq: 3,
-            reply_id: "r1".into(),
+            reply_id: "0123456789abcdef0123456789abcdef".into(),
             part: 1,
             parts: 1,
             created: 0,
@@ -543,6 +555,18 @@ mod tests {
         let at = non_utf8.windows(3).position(|w| w == b"a/b").unwrap();
         non_utf8[at] = 0xff;
         assert_eq!(decode_control(&non_utf8, &limits).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn ids_that_name_files_are_strict() {
+        for bad in ["../evil-reply-id", "/tmp/x", "0123456789abcdef0123456789abcde", "0123456789ABCDEF0123456789ABCDEF"]
+        {
+            let r = Reply { reply_id: bad.into(), ..reply() };
+            assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed, "{bad}");
+        }
+        for (id, ok) in [("p1.zst", true), ("-p1", false), (".p1", false), ("P1", false), ("", false), ("a/b", false)] {
+            assert_eq!(valid_payload_id(id), ok, "{id:?}");
+        }
     }
 
     #[test]
