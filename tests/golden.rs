@@ -71,3 +71,61 @@ fn golden_reply_with_one_flipped_bit_is_refused() {
         assert_eq!(err.reason, Reason::BadMac);
     }
 }
+
+/// Runs every check a recipient runs on a reply that does not need local state (the nonce and the
+/// generation are the state's business), then plans and stages it against the empty tree it was made for.
+fn verify_as_recipient(raw: &[u8]) -> Result<usize, Reason> {
+    let parsed = envelope::parse(raw, Limits::default().max_message_bytes).map_err(|r| r.reason)?;
+    let auth = protocol::decode_auth(&parsed.auth).map_err(|r| r.reason)?;
+    if auth.key_id != key().id() {
+        return Err(Reason::BadMac);
+    }
+    protocol::verify_mac(&key(), &auth, &parsed.control).map_err(|r| r.reason)?;
+    let Control::Reply(reply) = protocol::decode_control(&parsed.control, &Limits::default()).map_err(|r| r.reason)?
+    else {
+        return Err(Reason::Unexpected);
+    };
+    protocol::check_payloads(&reply, &parsed.attachments).map_err(|r| r.reason)?;
+    let plan = apply::plan(&Scan::default(), &Manifest::new(), &reply, OnExtra::Delete).map_err(|r| r.reason)?;
+    let dir = tempfile::tempdir().unwrap();
+    let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
+    apply::stage(&plan, &reply, &payload, dir.path()).map_err(|e| match e {
+        apply::StageError::Refused(r) => r.reason,
+        other => panic!("{other}"),
+    })?;
+    Ok(std::fs::read_dir(dir.path().join("files")).unwrap().count())
+}
+
+fn corpus(sub: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/relay").join(sub);
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .map(|p| (p.file_name().unwrap().to_str().unwrap().to_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn relay_rewrites_that_keep_decoded_bytes_verify() {
+    let original = verify_as_recipient(&fixture("mail/reply.eml")).unwrap();
+    let cases = corpus("ok");
+    assert!(cases.len() >= 15, "the corpus is in fixtures/relay/ok");
+    for (name, raw) in cases {
+        assert_eq!(verify_as_recipient(&raw), Ok(original), "{name} must verify and unpack like the original");
+    }
+}
+
+#[test]
+fn relay_rewrites_that_change_decoded_bytes_are_refused() {
+    let cases = corpus("bad");
+    assert!(cases.len() >= 6, "the corpus is in fixtures/relay/bad");
+    for (name, raw) in cases {
+        // Files are named CASE.REASON.eml.
+        let want = name.trim_end_matches(".eml").rsplit('.').next().unwrap().to_owned();
+        let got = verify_as_recipient(&raw).expect_err(&name);
+        assert_eq!(got.code(), want, "{name}");
+    }
+}

@@ -7,7 +7,6 @@
 //! one the reply was computed for, the operations produce exactly the promised root, and every file
 //! unpacks to its promised size and digest. Only then does the journal commit and the tree change.
 
-use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -404,7 +403,7 @@ impl Recipient {
                 format!("reply in {} parts; this build reads single-part replies", reply.parts),
             )));
         }
-        refuse!(check_payloads(reply, &parsed.attachments));
+        refuse!(protocol::check_payloads(reply, &parsed.attachments));
 
         let data = self.cfg.recipient.data.clone();
         let scan = scan::scan(&data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
@@ -529,28 +528,4 @@ impl Node for Recipient {
     fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         self.evaluate(raw, digest)
     }
-}
-
-/// Every attachment must be a listed payload and every listed payload must be present with its size and
-/// digest: an unlisted attachment is refused, not ignored.
-fn check_payloads(reply: &Reply, attachments: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<(), Refusal> {
-    let listed: BTreeSet<&str> = reply.payloads.iter().map(|p| p.id.as_str()).collect();
-    if let Some(extra) = attachments.keys().find(|k| !listed.contains(k.as_str())) {
-        return Err(Refusal::new(
-            Reason::BadPayload,
-            format!("attachment {extra:?} is not listed in the control part"),
-        ));
-    }
-    for p in &reply.payloads {
-        let bytes = attachments
-            .get(&p.id)
-            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", p.id)))?;
-        if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
-            return Err(Refusal::new(
-                Reason::BadPayload,
-                format!("payload {:?} does not match its digest ({} bytes, expected {})", p.id, bytes.len(), p.size),
-            ));
-        }
-    }
-    Ok(())
 }

@@ -11,7 +11,7 @@
 
 pub mod envelope;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -458,6 +458,33 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
             Reason::Limit,
             format!("reply unpacks to {total} bytes, limit is {}", limits.max_reply_bytes),
         ));
+    }
+    Ok(())
+}
+
+/// Every attachment must be a listed payload and every listed payload must be present with its size and
+/// digest: an unlisted attachment is refused, not ignored.
+///
+/// # Errors
+/// [`Reason::BadPayload`] naming the first attachment that does not fit.
+pub fn check_payloads(reply: &Reply, attachments: &BTreeMap<String, Vec<u8>>) -> Result<(), Refusal> {
+    let listed: BTreeSet<&str> = reply.payloads.iter().map(|p| p.id.as_str()).collect();
+    if let Some(extra) = attachments.keys().find(|k| !listed.contains(k.as_str())) {
+        return Err(Refusal::new(
+            Reason::BadPayload,
+            format!("attachment {extra:?} is not listed in the control part"),
+        ));
+    }
+    for p in &reply.payloads {
+        let bytes = attachments
+            .get(&p.id)
+            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", p.id)))?;
+        if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
+            return Err(Refusal::new(
+                Reason::BadPayload,
+                format!("payload {:?} does not match its digest ({} bytes, expected {})", p.id, bytes.len(), p.size),
+            ));
+        }
     }
     Ok(())
 }
