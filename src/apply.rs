@@ -195,7 +195,7 @@ pub enum StageError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     /// Local I/O failed (full disk, permissions): the reply may be fine.
-    #[error("failed to stage files in `{}`: {source}", dir.display())]
+    #[error("failed to stage files in `{}`", dir.display())]
     Io {
         /// The staging directory.
         dir: PathBuf,

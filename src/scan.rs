@@ -55,7 +55,7 @@ pub struct Scan {
 #[non_exhaustive]
 pub enum ScanError {
     /// An I/O failure on a path.
-    #[error("failed to read `{}`: {source}", path.display())]
+    #[error("failed to read `{}`", path.display())]
     Io {
         /// The path being read.
         path: PathBuf,
@@ -63,7 +63,7 @@ pub enum ScanError {
         source: io::Error,
     },
     /// A name mailferry cannot represent.
-    #[error("cannot manage `{}`: {source}", path.display())]
+    #[error("cannot manage `{}`", path.display())]
     BadName {
         /// The offending file.
         path: PathBuf,
@@ -71,7 +71,7 @@ pub enum ScanError {
         source: PathError,
     },
     /// The tree's names collide on a case-insensitive file system, or similar.
-    #[error("tree at `{}` is not portable: {source}", root.display())]
+    #[error("tree at `{}` is not portable", root.display())]
     Tree {
         /// The tree root.
         root: PathBuf,

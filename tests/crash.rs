@@ -107,3 +107,68 @@ fn owner_killed_while_answering_replies_exactly_once() {
         assert!(rejections(&w.owner_config).is_empty(), "{point}");
     }
 }
+
+/// Unmounts a tmpfs when the test ends, however it ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "the full-disk test mounts a small tmpfs and needs root (CI runs as root)"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let st = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_while_staging_leaves_the_tree_and_the_reply_alone() {
+    let w = World::new();
+    let fs_root = w.path("small-fs");
+    let disk = Tmpfs::mount(&fs_root, "600k");
+    let site = w.site("site1");
+    // Move the data tree onto the small file system (staging then goes beside it, on the same one).
+    let data = fs_root.join("data");
+    fs::create_dir_all(&data).unwrap();
+    let cfg = fs::read_to_string(&site.config).unwrap().replace(site.data.to_str().unwrap(), data.to_str().unwrap());
+    fs::write(&site.config, cfg).unwrap();
+    put(&w.source, "small.txt", b"fits\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    assert_same_tree(&w.source, &data);
+    let v1 = snapshot(&data);
+
+    // 1 MiB that does not compress cannot be staged in 600 KiB.
+    let noise: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761).rotate_left(7) >> 3) as u8).collect();
+    put(&w.source, "big.bin", &noise, 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let out = run(&["recipient", "run", "--config", &site.config, "--once", "--no-request"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("No space left on device") && err.contains("data tree is unchanged"), "{err}");
+    assert_eq!(snapshot(&data), v1, "the tree is still generation 1");
+    assert!(site.rejections().is_empty(), "a full disk is not the message's fault");
+    assert_eq!(fs::read_dir(site.maildir(&w).join("new")).unwrap().count(), 1, "the reply waits in the inbox");
+    assert_eq!(site.status()["generation"], 1);
+
+    // With room, the same reply applies.
+    disk.resize("8m");
+    site.run(false);
+    assert_same_tree(&w.source, &data);
+    assert_eq!(site.status()["generation"], 2);
+}
