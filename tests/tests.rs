@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real processes, real files.
 
+mod support;
 mod util;
 
 // Syncing real trees end to end over the Maildir transport.
@@ -10,3 +11,8 @@ mod hostile;
 mod crash;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
+// Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.
+// The mail transport on its own, through the library.
+mod live_transport;
+// Owners and recipients with kind = "mail", through the binary.
+mod live_mail;

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# start.sh - start (or confirm running) a throwaway mail system on 127.0.0.1 for mailferry's live tests.
+# Packages: scripts/install-test-deps.sh. Rust side: tests/support/mailserver.rs.
+#
+# Env (all optional; values are remembered in $MAILTEST_DIR/settings.env):
+#   MAILTEST_DIR               base dir (default /tmp/mailtest; keep it short: unix socket paths)
+#   MAILTEST_PORT_OFFSET       added to every port (default 0): IMAP 1143, IMAPS 1993,
+#                              B: SMTP 2525, submission 2587, submissions 2465,
+#                              A: SMTP 3525, submission 3587, submissions 3465
+#   MAILTEST_RELAY             1 (default) also start relay MTA A (site side) -> B; 0 = only B
+#   MAILTEST_DOMAIN            mail domain (default example.test)
+#   MAILTEST_USERS             "addr:pass addr:pass ..." (default owner@, site1@, site2@)
+#   MAILTEST_SIZE_LIMIT        message_size_limit for both MTAs (default 10485760 = 10 MiB)
+#   MAILTEST_SIZE_LIMIT_A/_B   per-MTA override
+#   MAILTEST_CATCHALL_PASSWORD password for any t-*@DOMAIN user (default test-secret; '' = off)
+#   MAILTEST_IMAP_CAPABILITY   Dovecot imap_capability after login (default: Dovecot's own list);
+#                              e.g. "IMAP4rev1 IDLE UIDPLUS" for a server without MOVE
+#   MAILTEST_RESET=1           wipe MAILTEST_DIR first (stops what runs there)
+#   MAILTEST_QUIET=1           no progress messages on stderr
+#
+# Prints KEY=VALUE lines (ports, CA cert path, users) on stdout, also saved in
+# $MAILTEST_DIR/ports.env, and exits once every daemon accepts connections.
+# Idempotent: components already running are left alone; stopped ones are started.
+# Must run as root (Postfix/Dovecot drop privileges to postfix/dovecot/dovenull/mail).
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+T0=$(mt_now_ms)
+[ "$(id -u)" = 0 ] || mt_die "must run as root (Postfix's master starts as root and drops privileges)"
+for b in postfix postconf postqueue dovecot doveconf openssl flock runuser; do
+  command -v "$b" >/dev/null || mt_die "$b not installed: run scripts/install-test-deps.sh as root (installs postfix dovecot-imapd dovecot-lmtpd)"
+done
+
+mt_settings
+mt_guard_base
+if [ "${MAILTEST_RESET:-0}" = 1 ] && [ -d "$BASE" ]; then
+  "$MT_LIB_DIR/stop.sh" >/dev/null 2>&1 || true
+  rm -rf "$BASE"
+  mt_settings
+fi
+mkdir -p "$BASE"
+chmod 0755 "$BASE"
+# Serialize concurrent starts (parallel test processes). fd 9 is closed for daemons.
+exec 9>"$BASE/.lock"
+flock -w 120 9 || mt_die "timeout waiting for $BASE/.lock"
+mt_settings   # re-read: another process may have written settings while we waited
+
+MAIL_UID=$(id -u mail); MAIL_GID=$(id -g mail)
+mkdir -p "$TLS" "$DV" "$DV/mail" "$DV/state" "$LOGS"
+chown "$MAIL_UID:$MAIL_GID" "$DV/mail"
+chmod 0755 "$DV" "$TLS" "$LOGS"
+
+# Every uid the daemons use must be able to reach BASE (mktemp -d gives 0700!).
+runuser -u dovecot -- test -x "$DV" 2>/dev/null \
+  || mt_die "$BASE is not reachable by unprivileged users; every parent dir needs o+x"
+
+# ---------------------------------------------------------------- TLS (once per base dir)
+if [ ! -s "$TLS/server-chain.pem" ]; then
+  t=$(mt_now_ms)
+  (
+    cd "$TLS"
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout ca.key -out ca.pem -days 3650 -subj "/CN=mailtest CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth" \
+      "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:mail.$DOMAIN,DNS:imap.$DOMAIN,DNS:mx-a.$DOMAIN,DNS:mx-b.$DOMAIN" > server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -set_serial "0x$(openssl rand -hex 8)" \
+      -days 3650 -extfile server.ext -out server.pem 2>/dev/null
+    cat server.pem ca.pem > server-chain.pem.tmp && mv server-chain.pem.tmp server-chain.pem
+    chmod 0644 ./*.pem; chmod 0600 ca.key server.key
+  )
+  mt_log "tls: CA + server cert generated in $(( $(mt_now_ms) - t )) ms ($TLS/ca.pem)"
+fi
+
+# ---------------------------------------------------------------- Dovecot
+write_dovecot_conf() {
+  local f=$DV/users.tmp a
+  : > "$f"
+  for a in $USERS; do
+    printf '%s:{PLAIN}%s::::::\n' "${a%%:*}" "${a#*:}" >> "$f"
+  done
+  chmod 0644 "$f"; mv "$f" "$DV/users"   # dovecot re-reads passwd-file when it changes
+
+  local catchall=""
+  if [ -n "$CATCHALL" ]; then
+    catchall="passdb {
+  driver = static
+  args = password=$CATCHALL
+  username_filter = t-*@$DOMAIN
+}"
+  fi
+  local imap_caps=""
+  if [ -n "$IMAP_CAPS" ]; then imap_caps="  imap_capability = $IMAP_CAPS"; fi
+  cat > "$DV/dovecot.conf.tmp" <<EOF
+# generated by start.sh - do not edit (rewritten on every start)
+instance_name = mailtest-$OFF
+base_dir = $DV_RUN
+state_dir = $DV/state
+log_path = $LOGS/dovecot.log
+protocols = imap lmtp
+listen = 127.0.0.1
+shutdown_clients = yes
+
+ssl = yes
+ssl_cert = <$TLS/server-chain.pem
+ssl_key = <$TLS/server.key
+ssl_dh = </usr/share/dovecot/dh.pem
+ssl_min_protocol = TLSv1.2
+
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+
+first_valid_uid = $MAIL_UID
+first_valid_gid = $MAIL_GID
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mailbox_idle_check_interval = 1 secs
+imap_idle_notify_interval = 2 mins
+
+namespace inbox {
+  inbox = yes
+  mailbox Drafts {
+    special_use = \Drafts
+    auto = subscribe
+  }
+  mailbox Sent {
+    special_use = \Sent
+    auto = subscribe
+  }
+  mailbox Trash {
+    special_use = \Trash
+    auto = subscribe
+  }
+  mailbox Junk {
+    special_use = \Junk
+    auto = subscribe
+  }
+  mailbox Archive {
+    special_use = \Archive
+    auto = subscribe
+  }
+}
+
+# First passdb: authenticates nobody ("noauthenticate") but stores "nodelay" in the request,
+# which Dovecot keeps when a later passdb fails. Without it Dovecot 2.3.19 applies its
+# per-IP auth penalty (2, 4, 8, 15 s after each failure from 127.0.0.1, also delaying later
+# *successful* logins and Postfix SASL); login_trusted_networks and auth_failure_delay=0 do
+# not disable that penalty in 2.3.19. With it, wrong-password tests fail instantly.
+passdb {
+  driver = static
+  args = noauthenticate nodelay=yes
+}
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%Lu $DV/users
+}
+$catchall
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$DV/mail/%Ld/%Ln
+}
+
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $IMAP_PORT
+  }
+  inet_listener imaps {
+    address = 127.0.0.1
+    port = $IMAPS_PORT
+    ssl = yes
+  }
+}
+service lmtp {
+  unix_listener lmtp {
+    mode = 0666
+  }
+}
+service auth {
+  unix_listener auth-postfix {
+    mode = 0666
+  }
+}
+protocol imap {
+  mail_max_userip_connections = 1000
+$imap_caps
+}
+protocol lmtp {
+  postmaster_address = postmaster@$DOMAIN
+}
+EOF
+  mt_install "$DV/dovecot.conf.tmp" "$DV/dovecot.conf"
+}
+
+start_dovecot() {
+  write_dovecot_conf
+  if mt_running dovecot; then mt_log "dovecot: already running"; return 0; fi
+  local p; for p in $(mt_ports_of dovecot); do
+    mt_accepts "$p" && mt_die "port $p already in use by something else (try MAILTEST_PORT_OFFSET)"
+  done
+  local t; t=$(mt_now_ms)
+  # fd 9 (lock) must not leak into the daemon; stdio must not hold the caller's pipes.
+  dovecot -c "$DV/dovecot.conf" </dev/null >>"$LOGS/dovecot.stdout" 2>&1 9>&- \
+    || { cat "$LOGS/dovecot.stdout" >&2; tail -n 20 "$LOGS/dovecot.log" >&2 2>/dev/null; mt_die "dovecot failed to start"; }
+  mt_wait_ports $(mt_ports_of dovecot)
+  until [ -S "$LMTP_SOCK" ] && [ -S "$AUTH_SOCK" ]; do sleep 0.02; done
+  mt_running dovecot || mt_die "dovecot: master not running after start (see $LOGS/dovecot.log)"
+  mt_log "dovecot: started (pid $(mt_pid dovecot)) in $(( $(mt_now_ms) - t )) ms"
+}
+
+# ---------------------------------------------------------------- Postfix
+# write_postfix_conf a|b
+write_postfix_conf() {
+  local c=$1 m=$BASE/mta-$1 d=$BASE/mta-$1/conf smtp subm subms size
+  # config dir must hold only root-owned files (postfix check walks it); queue and
+  # data dirs live beside it. data_directory must be owned by mail_owner.
+  mkdir -p "$d" "$m/spool" "$m/data"
+  chown postfix:postfix "$m/data"; chmod 0700 "$m/data"
+  if [ "$c" = b ]; then smtp=$B_SMTP_PORT subm=$B_SUBM_PORT subms=$B_SUBMS_PORT size=$SIZE_B
+  else smtp=$A_SMTP_PORT subm=$A_SUBM_PORT subms=$A_SUBMS_PORT size=$SIZE_A; fi
+
+  {
+    cat <<EOF
+# generated by start.sh - do not edit (rewritten on every start)
+compatibility_level = 3.6
+queue_directory = $m/spool
+data_directory = $m/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx-$c.$DOMAIN
+mydomain = $DOMAIN
+myorigin = \$mydomain
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = $LOGS/mta-$c.log
+maillog_file_prefixes = $LOGS
+smtpd_banner = \$myhostname ESMTP mailtest
+biff = no
+append_dot_mydomain = no
+alias_maps =
+alias_database =
+local_recipient_maps =
+local_transport = error:5.1.1 local delivery disabled (mailtest)
+relay_transport = error:5.7.1 external delivery disabled (mailtest)
+smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+smtputf8_enable = yes
+
+# fast retries + no artificial delays (tests)
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 5s
+smtpd_error_sleep_time = 0
+in_flow_delay = 0
+smtp_connect_timeout = 5s
+
+message_size_limit = $size
+mailbox_size_limit = 0
+virtual_mailbox_limit = 0
+
+smtpd_tls_chain_files = $TLS/server.key, $TLS/server-chain.pem
+smtpd_tls_security_level = may
+smtpd_tls_auth_only = no
+smtpd_tls_received_header = yes
+smtp_tls_security_level = may
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = $AUTH_SOCK
+smtpd_sasl_auth_enable = no
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination
+EOF
+    if [ "$c" = b ]; then cat <<EOF
+
+# owner side: deliver the test domain to Dovecot over LMTP, nothing leaves the box
+virtual_mailbox_domains = $DOMAIN
+virtual_mailbox_maps = regexp:$d/vmailbox.regexp
+virtual_transport = lmtp:unix:$LMTP_SOCK
+default_transport = error:5.7.1 external delivery disabled (mailtest)
+relayhost =
+EOF
+    else cat <<EOF
+
+# site side: relay everything to MTA B (store-and-forward smarthost)
+relayhost = [127.0.0.1]:$B_SMTP_PORT
+default_transport = smtp
+relay_domains =
+EOF
+    fi
+  } > "$d/main.cf.tmp"
+  mt_install "$d/main.cf.tmp" "$d/main.cf"
+  # every address in the domain is accepted; Dovecot's LMTP rejects unknown users (-> bounce)
+  printf '/@%s$/ OK\n' "${DOMAIN//./\\.}" > "$d/vmailbox.regexp.tmp"
+  mt_install "$d/vmailbox.regexp.tmp" "$d/vmailbox.regexp"
+
+  cat > "$d/master.cf.tmp" <<EOF
+# generated by start.sh. chroot column is n everywhere (no /var/spool/postfix copies needed)
+# service                type  private unpriv chroot wakeup maxproc command
+127.0.0.1:$smtp         inet  n       -      n      -      -       smtpd
+127.0.0.1:$subm         inet  n       -      n      -      -       smtpd
+  -o syslog_name=postfix/submission
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+127.0.0.1:$subms        inet  n       -      n      -      -       smtpd
+  -o syslog_name=postfix/submissions
+  -o smtpd_tls_wrappermode=yes
+  -o smtpd_tls_security_level=encrypt
+  -o smtpd_sasl_auth_enable=yes
+  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject
+  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+tlsmgr     unix  -       -       n       1000?   1       tlsmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+proxywrite unix  -       -       n       -       1       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+lmtp       unix  -       -       n       -       -       lmtp
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+EOF
+  mt_install "$d/master.cf.tmp" "$d/master.cf"
+}
+
+start_postfix() {
+  local c=$1
+  write_postfix_conf "$c"
+  if mt_running "$c"; then mt_log "mta-$c: already running"; return 0; fi
+  local p; for p in $(mt_ports_of "$c"); do
+    mt_accepts "$p" && mt_die "port $p already in use by something else (try MAILTEST_PORT_OFFSET)"
+  done
+  local t; t=$(mt_now_ms)
+  # "postfix start" normally runs "post-install create-missing" + "postfix check" (~0.4 s)
+  # before "master -w" (which returns only once the master has bound its sockets). We create
+  # the queue dirs ourselves (same owners/modes as create-missing) and skip the checks via
+  # the quick-start flag file that postfix-script honours.
+  local q=$BASE/mta-$c/spool sub
+  mkdir -p "$q/pid"
+  for sub in active bounce corrupt defer deferred flush hold incoming private saved trace; do
+    [ -d "$q/$sub" ] || install -d -o postfix -g root -m 0700 "$q/$sub"
+  done
+  [ -d "$q/maildrop" ] || install -d -o postfix -g postdrop -m 0730 "$q/maildrop"
+  [ -d "$q/public" ]   || install -d -o postfix -g postdrop -m 0710 "$q/public"
+  touch "$q/quick-start"
+  mt_postfix "$c" start </dev/null >>"$LOGS/mta-$c.stdout" 2>&1 9>&- \
+    || { cat "$LOGS/mta-$c.stdout" >&2; tail -n 20 "$LOGS/mta-$c.log" >&2 2>/dev/null; mt_die "postfix mta-$c failed to start"; }
+  mt_wait_ports $(mt_ports_of "$c")
+  mt_running "$c" || mt_die "mta-$c: master not running after start (see $LOGS/mta-$c.log)"
+  mt_log "mta-$c: started (pid $(mt_pid "$c")) in $(( $(mt_now_ms) - t )) ms"
+}
+
+# ---------------------------------------------------------------- go
+mt_save_settings
+start_dovecot
+start_postfix b
+if [ "$RELAY" = 1 ]; then start_postfix a; fi
+
+mt_print_env > "$BASE/ports.env.tmp" && mv "$BASE/ports.env.tmp" "$BASE/ports.env"
+cat "$BASE/ports.env"
+mt_log "ready in $(( $(mt_now_ms) - T0 )) ms (base $BASE)"
