@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Digest, Entry, Listed, Manifest, Mode, Op, ordered};
+use crate::manifest::{Digest, Entry, LinkTarget, Listed, Manifest, Mode, Op, ordered};
 use crate::path::RelPath;
 use crate::protocol::{Reason, Refusal, Reply};
 use crate::scan::{ForeignKind, Scan};
@@ -68,6 +68,13 @@ pub enum Step {
         /// The content's digest, to recognize a placement already done.
         blake3: Digest,
     },
+    /// Create or replace a symbolic link (made beside the tree, then renamed into place).
+    Link {
+        /// Where.
+        path: RelPath,
+        /// What it points to.
+        target: LinkTarget,
+    },
     /// Set a file's mode.
     Chmod {
         /// Which.
@@ -103,23 +110,17 @@ fn local(detail: String) -> Refusal {
 /// operations do not form a valid tree; [`Reason::TreeMismatch`] when the result would not have the
 /// promised root.
 pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) -> Result<Plan, Refusal> {
-    let mut inside_links = BTreeSet::new();
-    for f in &scan.foreign {
-        match &f.kind {
-            ForeignKind::Symlink { target, escapes: true } => {
-                return Err(local(format!(
-                    "data tree holds symlink `{}` -> `{}`, which leads outside it",
-                    f.path,
-                    target.display()
-                )));
-            }
-            ForeignKind::Symlink { .. } => {
-                inside_links.insert(f.path.clone());
-            }
-            ForeignKind::Special(what) => {
-                return Err(local(format!("data tree holds a {what} at `{}`", f.path)));
-            }
-        }
+    // Symbolic links inside the tree are ordinary entries of the manifest; what is left here is what
+    // mailferry must not touch at all.
+    if let Some(f) = scan.foreign.first() {
+        return Err(local(match &f.kind {
+            ForeignKind::Symlink { target } => format!(
+                "data tree holds symlink `{}` -> `{}`, which leads outside it or cannot be represented",
+                f.path,
+                target.display()
+            ),
+            ForeignKind::Special(what) => format!("data tree holds a {what} at `{}`", f.path),
+        }));
     }
     let current = &scan.manifest;
     if current.root() != reply.base {
@@ -138,25 +139,12 @@ pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) 
             format!("operations produce root {}, reply promises {}", target.root().short(), reply.root.short()),
         ));
     }
-    // A step must never pass through or land on a symlink, even one that stays inside the tree.
-    for op in &reply.ops {
-        let p = op.path();
-        if let Some(link) = p.ancestors().chain(std::iter::once(p.clone())).find(|a| inside_links.contains(a)) {
-            return Err(local(format!("`{p}` would be written through symlink `{link}`")));
-        }
-    }
+    // No step passes through a symlink: replaying the operations above refused any path below a link
+    // (its parent would not be a directory), and the executor never follows a link it writes over.
 
     let mut steps = Vec::new();
     let mut kept: Vec<RelPath> = Vec::new();
     let keep = |p: &RelPath| on_extra == OnExtra::Keep && previous.get(p).is_none() && target.get(p).is_none();
-    // Symlinks inside the tree are never part of a generation: remove them, or keep them as extras.
-    for link in &inside_links {
-        if keep(link) {
-            kept.push(link.clone());
-        } else {
-            steps.push(Step::RemoveFile { path: link.clone() });
-        }
-    }
     let mut n_staged = 0usize;
     for op in ordered(&reply.ops) {
         match op {
@@ -176,6 +164,7 @@ pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) 
                 steps.push(Step::Place { path: path.clone(), staged: format!("{n_staged:08}"), blake3: *blake3 });
                 n_staged += 1;
             }
+            Op::Link { path, target } => steps.push(Step::Link { path: path.clone(), target: target.clone() }),
             Op::Chmod { path, mode } => steps.push(Step::Chmod { path: path.clone(), mode: *mode }),
         }
     }
@@ -393,7 +382,9 @@ impl Journal {
         let root = &self.data_root;
         let files = self.stage_dir.join("files");
         let previous = self.stage_dir.join("previous");
+        let links = self.stage_dir.join("links");
         fs::create_dir_all(&previous)?;
+        fs::create_dir_all(&links)?;
         let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
         for (i, step) in self.steps.iter().enumerate() {
             let at = |p: &RelPath| root.join(p.as_str());
@@ -460,6 +451,20 @@ impl Journal {
                             "cannot finish the interrupted apply: `{}` was changed by someone else",
                             full.display()
                         );
+                    }
+                }
+                Step::Link { path, target } => {
+                    let full = at(path);
+                    let already = fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink())
+                        && fs::read_link(&full).is_ok_and(|t| t.as_os_str() == target.as_str());
+                    if !already {
+                        let tmp = links.join(format!("{i:08}"));
+                        let _ = fs::remove_file(&tmp);
+                        std::os::unix::fs::symlink(target.as_str(), &tmp)
+                            .with_context(|| format!("failed to create link `{}`", tmp.display()))?;
+                        fs::rename(&tmp, &full)
+                            .with_context(|| format!("failed to place link `{}`", full.display()))?;
+                        dirty.insert(parent_of(&full));
                     }
                 }
                 Step::Chmod { path, mode } => {
@@ -550,26 +555,21 @@ mod tests {
             Reason::LocalTree
         );
 
-        for kind in
-            [ForeignKind::Symlink { target: "/etc".into(), escapes: true }, ForeignKind::Special("character device")]
-        {
+        for kind in [ForeignKind::Symlink { target: "/etc".into() }, ForeignKind::Special("character device")] {
             let bad = Scan { manifest: from.clone(), foreign: vec![Foreign { path: p("z"), kind }] };
             assert_eq!(
                 plan(&bad, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason,
                 Reason::LocalTree
             );
         }
-        let through_link = Scan {
-            manifest: from.clone(),
-            foreign: vec![Foreign {
-                path: p("a/x"),
-                kind: ForeignKind::Symlink { target: "y".into(), escapes: false },
-            }],
-        };
-        assert_eq!(
-            plan(&through_link, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err().reason,
-            Reason::LocalTree
-        );
+        // A path below a symlink that the tree manages is refused: the link is not a directory.
+        let mut linked = from.clone();
+        linked.insert(p("a"), Entry::Link(LinkTarget::new("elsewhere").unwrap()));
+        linked.insert(p("elsewhere"), Entry::Dir);
+        let mut via = reply_for(&from, &to);
+        via.base = linked.root();
+        let through_link = Scan { manifest: linked, foreign: vec![] };
+        assert_eq!(plan(&through_link, &from, &via, OnExtra::Delete).unwrap_err().reason, Reason::BadPath);
     }
 
     #[test]

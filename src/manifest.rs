@@ -150,25 +150,68 @@ pub struct FileMeta {
     pub blake3: Digest,
 }
 
+/// The target of a symbolic link: a relative path that, resolved from the link's directory, stays inside
+/// the tree (checked by [`Manifest::validate_shape`], which knows where the link is).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
+#[serde(transparent)]
+pub struct LinkTarget(String);
+
+impl LinkTarget {
+    /// Validates the form of a target: relative, `/`-separated, no empty components, no NUL, backslash or
+    /// control character, at most 1024 bytes. `..` and `.` components are allowed here.
+    ///
+    /// # Errors
+    /// A message naming the rule broken.
+    pub fn new(s: &str) -> Result<LinkTarget, String> {
+        if s.is_empty() || s.len() > 1024 {
+            return Err(format!("link target {s:?} is empty or longer than 1024 bytes"));
+        }
+        if s.starts_with('/') {
+            return Err(format!("link target {s:?} is absolute"));
+        }
+        if s.contains('\\') || s.chars().any(char::is_control) {
+            return Err(format!("link target {s:?} contains a backslash or a control character"));
+        }
+        if s.split('/').any(str::is_empty) {
+            return Err(format!("link target {s:?} has an empty component"));
+        }
+        Ok(LinkTarget(s.to_owned()))
+    }
+
+    /// The target as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for LinkTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LinkTarget, D::Error> {
+        LinkTarget::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// One entry of a tree.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Entry {
     /// A directory (listed explicitly so that empty directories are part of the tree).
     Dir,
     /// A regular file.
     File(FileMeta),
+    /// A symbolic link that stays inside the tree.
+    Link(LinkTarget),
 }
 
 /// An entry with its path, as listed in requests and stored manifests.
 ///
-/// On the wire a directory is `{"path":"a"}` and a file `{"path":"a/x","size":5,"mode":420,"blake3":"..."}`.
+/// On the wire a directory is `{"path":"a"}`, a file `{"path":"a/x","size":5,"mode":420,"blake3":"..."}`
+/// and a symbolic link `{"path":"a/l","link":"x"}`.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(try_from = "WireListed", into = "WireListed")]
 pub struct Listed {
     /// Where the entry is.
     pub path: RelPath,
-    /// `None` for a directory.
-    pub file: Option<FileMeta>,
+    /// What it is.
+    pub entry: Entry,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,27 +224,38 @@ struct WireListed {
     mode: Option<Mode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     blake3: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<LinkTarget>,
 }
 
 impl TryFrom<WireListed> for Listed {
     type Error = String;
     fn try_from(w: WireListed) -> Result<Listed, String> {
-        let file = match (w.size, w.mode, w.blake3) {
-            (None, None, None) => None,
-            (Some(size), Some(mode), Some(blake3)) => Some(FileMeta { size, mode, blake3 }),
-            _ => return Err(format!("entry `{}` must have all of size, mode and blake3, or none", w.path)),
+        let entry = match (w.size, w.mode, w.blake3, w.link) {
+            (None, None, None, None) => Entry::Dir,
+            (Some(size), Some(mode), Some(blake3), None) => Entry::File(FileMeta { size, mode, blake3 }),
+            (None, None, None, Some(target)) => Entry::Link(target),
+            _ => {
+                return Err(format!("entry `{}` must be a directory, a file (size, mode, blake3) or a link", w.path));
+            }
         };
-        Ok(Listed { path: w.path, file })
+        Ok(Listed { path: w.path, entry })
     }
 }
 
 impl From<Listed> for WireListed {
     fn from(l: Listed) -> WireListed {
+        let (file, link) = match l.entry {
+            Entry::Dir => (None, None),
+            Entry::File(f) => (Some(f), None),
+            Entry::Link(t) => (None, Some(t)),
+        };
         WireListed {
             path: l.path,
-            size: l.file.map(|f| f.size),
-            mode: l.file.map(|f| f.mode),
-            blake3: l.file.map(|f| f.blake3),
+            size: file.map(|f| f.size),
+            mode: file.map(|f| f.mode),
+            blake3: file.map(|f| f.blake3),
+            link,
         }
     }
 }
@@ -219,6 +273,9 @@ pub enum TreeError {
     /// Two paths that a case-insensitive file system would treat as one.
     #[error("`{0}` and `{1}` differ only in case")]
     CaseCollision(RelPath, RelPath),
+    /// A symbolic link whose target leads outside the tree.
+    #[error("link `{0}` points outside the tree")]
+    LinkEscapes(RelPath),
     /// An operation names a path that is not there, or is of the wrong type.
     #[error("operation on `{path}` does not fit the tree: {why}")]
     BadOp {
@@ -249,8 +306,7 @@ impl Manifest {
     pub fn from_listing(listing: Vec<Listed>) -> Result<Manifest, TreeError> {
         let mut entries = BTreeMap::new();
         for l in listing {
-            let entry = l.file.map_or(Entry::Dir, Entry::File);
-            if entries.insert(l.path.clone(), entry).is_some() {
+            if entries.insert(l.path.clone(), l.entry).is_some() {
                 return Err(TreeError::Duplicate(l.path));
             }
         }
@@ -261,16 +317,7 @@ impl Manifest {
 
     /// The listing form, sorted by path.
     pub fn listing(&self) -> Vec<Listed> {
-        self.entries
-            .iter()
-            .map(|(path, e)| Listed {
-                path: path.clone(),
-                file: match e {
-                    Entry::Dir => None,
-                    Entry::File(f) => Some(*f),
-                },
-            })
-            .collect()
+        self.entries.iter().map(|(path, e)| Listed { path: path.clone(), entry: e.clone() }).collect()
     }
 
     /// Adds or replaces an entry without checking tree shape; call [`Manifest::validate`] when done.
@@ -302,20 +349,26 @@ impl Manifest {
     pub fn file_stats(&self) -> (usize, u64) {
         self.entries.values().fold((0, 0), |(n, b), e| match e {
             Entry::File(f) => (n + 1, b + f.size),
-            Entry::Dir => (n, b),
+            Entry::Dir | Entry::Link(_) => (n, b),
         })
     }
 
-    /// Checks that the entries form a tree: every parent is a listed directory.
+    /// Checks that the entries form a tree: every parent is a listed directory, and every symbolic link's
+    /// target, resolved lexically from where the link is, stays inside the tree.
     ///
     /// # Errors
-    /// The first orphan found.
+    /// The first orphan or escaping link found.
     pub fn validate_shape(&self) -> Result<(), TreeError> {
-        for path in self.entries.keys() {
+        for (path, entry) in &self.entries {
             if let Some(parent) = path.parent()
                 && self.entries.get(&parent) != Some(&Entry::Dir)
             {
                 return Err(TreeError::Orphan(path.clone()));
+            }
+            if let Entry::Link(target) = entry
+                && link_escapes(path, target.as_str())
+            {
+                return Err(TreeError::LinkEscapes(path.clone()));
             }
         }
         Ok(())
@@ -360,6 +413,14 @@ impl Manifest {
                     h.update(&f.size.to_le_bytes());
                     h.update(&f.blake3.0);
                 }
+                Entry::Link(t) => {
+                    let t = t.as_str().as_bytes();
+                    h.update(b"l");
+                    h.update(&(p.len() as u64).to_le_bytes());
+                    h.update(p);
+                    h.update(&(t.len() as u64).to_le_bytes());
+                    h.update(t);
+                }
             }
         }
         h.finalize().into()
@@ -400,6 +461,12 @@ impl Manifest {
                     }
                     out.entries
                         .insert(path.clone(), Entry::File(FileMeta { size: *size, mode: *mode, blake3: *blake3 }));
+                }
+                Op::Link { path, target } => {
+                    if out.entries.get(path) == Some(&Entry::Dir) {
+                        return Err(TreeError::BadOp { path: path.clone(), why: "writing a link over a directory" });
+                    }
+                    out.entries.insert(path.clone(), Entry::Link(target.clone()));
                 }
                 Op::Chmod { path, mode } => match out.entries.get_mut(path) {
                     Some(Entry::File(f)) => f.mode = *mode,
@@ -457,6 +524,13 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<Source>,
     },
+    /// Create or replace a symbolic link.
+    Link {
+        /// Where.
+        path: RelPath,
+        /// What it points to (relative, inside the tree).
+        target: LinkTarget,
+    },
     /// Change only the mode of a file whose content is already right.
     Chmod {
         /// Which file.
@@ -475,7 +549,11 @@ impl Op {
     /// The path the operation acts on.
     pub fn path(&self) -> &RelPath {
         match self {
-            Op::Delete { path } | Op::Mkdir { path } | Op::Put { path, .. } | Op::Chmod { path, .. } => path,
+            Op::Delete { path }
+            | Op::Mkdir { path }
+            | Op::Put { path, .. }
+            | Op::Link { path, .. }
+            | Op::Chmod { path, .. } => path,
         }
     }
 
@@ -485,7 +563,7 @@ impl Op {
             // Deepest first, so that a directory is empty when its turn comes.
             Op::Delete { path } => (0, -(path.depth() as i64), path),
             Op::Mkdir { path } => (1, path.depth() as i64, path),
-            Op::Put { path, .. } => (2, 0, path),
+            Op::Put { path, .. } | Op::Link { path, .. } => (2, 0, path),
             Op::Chmod { path, .. } => (3, 0, path),
         }
     }
@@ -504,11 +582,15 @@ pub fn ordered(ops: &[Op]) -> Vec<&Op> {
 pub fn diff(from: &Manifest, to: &Manifest) -> Vec<Op> {
     let mut ops = Vec::new();
     for (path, old) in &from.entries {
-        match (old, to.entries.get(path)) {
-            (_, None) | (Entry::Dir, Some(Entry::File(_))) | (Entry::File(_), Some(Entry::Dir)) => {
-                ops.push(Op::Delete { path: path.clone() });
-            }
-            _ => {}
+        // A directory is replaced by deleting it; a file or link is replaced by renaming over it, except by
+        // a directory.
+        let replaced = match (old, to.entries.get(path)) {
+            (_, None) => true,
+            (Entry::Dir, Some(new)) => *new != Entry::Dir,
+            (_, Some(new)) => *new == Entry::Dir,
+        };
+        if replaced {
+            ops.push(Op::Delete { path: path.clone() });
         }
     }
     for (path, new) in &to.entries {
@@ -521,9 +603,31 @@ pub fn diff(from: &Manifest, to: &Manifest) -> Vec<Op> {
                 }
             }
             (_, Entry::File(new)) => ops.push(Op::put(path.clone(), *new)),
+            (Some(Entry::Link(old)), Entry::Link(new)) if old == new => {}
+            (_, Entry::Link(target)) => ops.push(Op::Link { path: path.clone(), target: target.clone() }),
         }
     }
     ops
+}
+
+/// Whether a link at `link` (tree-relative) pointing at `target` leads outside the tree, judged lexically:
+/// absolute targets do, and so does any `..` that climbs above the tree's root.
+pub fn link_escapes(link: &RelPath, target: &str) -> bool {
+    if target.starts_with('/') {
+        return true;
+    }
+    let mut depth = link.depth() as i64 - 1;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -576,8 +680,8 @@ mod tests {
         assert_eq!(under_file.validate(), Err(TreeError::Orphan(p("a/b"))));
 
         let collide = Manifest::from_listing(vec![
-            Listed { path: p("README"), file: None },
-            Listed { path: p("readme"), file: None },
+            Listed { path: p("README"), entry: Entry::Dir },
+            Listed { path: p("readme"), entry: Entry::Dir },
         ])
         .expect("a recipient's tree may hold names that differ in case");
         assert!(matches!(collide.validate(), Err(TreeError::CaseCollision(..))));
@@ -585,8 +689,10 @@ mod tests {
         let fixed = collide.apply(&[Op::Delete { path: p("readme") }]).unwrap();
         assert_eq!(fixed.len(), 1);
 
-        let dup =
-            Manifest::from_listing(vec![Listed { path: p("a"), file: None }, Listed { path: p("a"), file: None }]);
+        let dup = Manifest::from_listing(vec![
+            Listed { path: p("a"), entry: Entry::Dir },
+            Listed { path: p("a"), entry: Entry::Dir },
+        ]);
         assert_eq!(dup, Err(TreeError::Duplicate(p("a"))));
     }
 
@@ -626,14 +732,16 @@ mod tests {
     fn arb_tree() -> impl Strategy<Value = Manifest> {
         let names = prop::sample::select(vec!["a", "b", "c", "d"]);
         let content = prop::collection::vec(any::<u8>(), 0..4);
+        // A leaf is a directory (None), a file (content, exec) or, when the content is empty and exec set,
+        // a link to a sibling name.
         prop::collection::vec((prop::collection::vec(names, 1..4), prop::option::of((content, any::<bool>()))), 0..12)
             .prop_map(|items| {
                 let mut m = Manifest::new();
                 for (comps, leaf) in items {
                     let full = comps.join("/");
                     let path = RelPath::new(&full).unwrap();
-                    // Directories for the ancestors, unless an ancestor is already a file.
-                    if path.ancestors().any(|a| matches!(m.get(&a), Some(Entry::File(_)))) {
+                    // Directories for the ancestors, unless an ancestor is already a file or a link.
+                    if path.ancestors().any(|a| matches!(m.get(&a), Some(Entry::File(_) | Entry::Link(_)))) {
                         continue;
                     }
                     if m.iter().any(|(q, _)| q.starts_with(&path) && *q != path) {
@@ -644,6 +752,7 @@ mod tests {
                     }
                     let entry = match leaf {
                         None => Entry::Dir,
+                        Some((c, true)) if c.is_empty() => Entry::Link(LinkTarget::new("sibling").unwrap()),
                         Some((c, exec)) => file(&c, if exec { Mode::Executable } else { Mode::Regular }),
                     };
                     m.insert(path, entry);

@@ -1,9 +1,9 @@
 //! Reading a tree from disk into a [`Manifest`].
 //!
-//! The walk never follows symbolic links. Directories and regular files become manifest entries; symbolic
-//! links and special files (devices, FIFOs, sockets) are reported separately as [`Foreign`] entries,
-//! because mailferry never creates, follows or writes through them, and the caller decides whether their
-//! presence is acceptable. Names that are not valid [`RelPath`]s (non-UTF-8, control characters...) stop
+//! The walk never follows symbolic links. Directories, regular files and symbolic links that stay inside
+//! the tree become manifest entries; links that lead outside it and special files (devices, FIFOs,
+//! sockets) are reported separately as [`Foreign`] entries, because mailferry never creates, follows or
+//! writes through them, and the caller decides whether their presence is acceptable. Names that are not valid [`RelPath`]s (non-UTF-8, control characters...) stop
 //! the scan with an error naming the file: mailferry cannot describe them, so it must not guess.
 //!
 //! Files are hashed on all cores. This module only reads.
@@ -11,11 +11,11 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::manifest::{Digest, Entry, FileMeta, Manifest, Mode, TreeError};
+use crate::manifest::{Digest, Entry, FileMeta, LinkTarget, Manifest, Mode, TreeError};
 use crate::path::{PathError, RelPath};
 
 /// A non-regular entry found in a tree.
@@ -30,12 +30,10 @@ pub struct Foreign {
 /// What a [`Foreign`] entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForeignKind {
-    /// A symbolic link; `escapes` when its target is absolute or climbs out of the tree.
+    /// A symbolic link whose target leads outside the tree (or is not a valid UTF-8 relative path).
     Symlink {
         /// The link's target as stored.
         target: PathBuf,
-        /// Whether following it would leave the tree.
-        escapes: bool,
     },
     /// A block or character device, FIFO or socket.
     Special(&'static str),
@@ -119,8 +117,14 @@ pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> 
             files.push((rel, full.to_path_buf(), Mode::from_bits(meta.permissions().mode())));
         } else if ft.is_symlink() {
             let target = fs::read_link(full).map_err(|source| ScanError::Io { path: full.to_path_buf(), source })?;
-            let escapes = link_escapes(&rel, &target);
-            out.foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target, escapes } });
+            let managed = target
+                .to_str()
+                .and_then(|t| LinkTarget::new(t).ok())
+                .filter(|t| !crate::manifest::link_escapes(&rel, t.as_str()));
+            match managed {
+                Some(t) => out.manifest.insert(rel, Entry::Link(t)),
+                None => out.foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target } }),
+            }
         } else {
             let what = if ft.is_block_device() {
                 "block device"
@@ -214,26 +218,6 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-/// Whether a symlink at `link` (tree-relative) with `target` points outside the tree, judged lexically.
-pub fn link_escapes(link: &RelPath, target: &Path) -> bool {
-    if target.is_absolute() {
-        return true;
-    }
-    let mut depth = link.depth() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return true,
-        }
-        if depth < 0 {
-            return true;
-        }
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -258,11 +242,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(s.manifest.get(&p("run.sh")), Some(Entry::File(f)) if f.mode == Mode::Executable));
-        let mut foreign = s.foreign.clone();
-        foreign.sort_by(|a, b| a.path.cmp(&b.path));
-        assert!(matches!(&foreign[0].kind, ForeignKind::Symlink { escapes: false, .. }));
-        assert!(matches!(&foreign[1].kind, ForeignKind::Symlink { escapes: true, .. }));
-        assert_eq!(s.manifest.len(), 4);
+        assert_eq!(s.manifest.get(&p("a/inside")), Some(&Entry::Link(LinkTarget::new("x").unwrap())));
+        assert_eq!(s.foreign.len(), 1);
+        assert_eq!(s.foreign[0].path, p("a/outside"));
+        assert!(matches!(&s.foreign[0].kind, ForeignKind::Symlink { .. }));
+        assert_eq!(s.manifest.len(), 5);
     }
 
     #[test]
@@ -276,6 +260,7 @@ mod tests {
 
     #[test]
     fn escape_judgement() {
+        use crate::manifest::link_escapes;
         let l = RelPath::new("a/b/link").unwrap();
         for (target, escapes) in [
             ("x", false),
@@ -285,7 +270,7 @@ mod tests {
             ("/etc", true),
             ("c/../../../../x", true),
         ] {
-            assert_eq!(link_escapes(&l, Path::new(target)), escapes, "{target}");
+            assert_eq!(link_escapes(&l, target), escapes, "{target}");
         }
     }
 }

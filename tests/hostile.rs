@@ -492,3 +492,27 @@ fn request_with_an_attachment_is_refused() {
     assert_eq!(rejections(&w.owner_config), ["bad-payload"]);
     assert_eq!(fs::read_dir(site.maildir(&w).join("new")).unwrap().count(), 0, "no reply");
 }
+
+#[test]
+fn links_that_escape_or_are_written_through_are_refused() {
+    let cases: &[(&str, &[u8], &str)] = &[
+        // A link whose target climbs out of the tree.
+        ("escaping", b"{\"op\":\"link\",\"path\":\"evil\",\"target\":\"../../../../../../etc\"},", "bad-path"),
+        // An absolute target does not even decode.
+        ("absolute", b"{\"op\":\"link\",\"path\":\"evil\",\"target\":\"/etc\"},", "malformed"),
+        // A link to a directory, then something created "inside" it: its parent is not a directory.
+        (
+            "through",
+            b"{\"op\":\"link\",\"path\":\"via\",\"target\":\"data\"},{\"op\":\"mkdir\",\"path\":\"via/x\"},",
+            "bad-path",
+        ),
+    ];
+    for (name, ops, reason) in cases {
+        let (w, site) = world_with_pending_change();
+        let reply = w.pending_reply(&site);
+        resign(&reply, &site.key(), "site1", |c| replace(c, "\"ops\":[", &[b"\"ops\":[".as_slice(), ops].concat()));
+        eprintln!("case {name}");
+        expect_refused(&w, &site, reason);
+        assert!(!site.data.join("evil").exists() && !site.data.join("via").exists());
+    }
+}

@@ -193,3 +193,49 @@ fn deliver_carries_mail_between_two_machines() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 1);
 }
+
+#[test]
+fn symlinks_inside_the_tree_are_synced() {
+    use std::os::unix::fs::symlink;
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "lib/libfoo.so.1.2", b"\x7fELF pretend", 0o755);
+    symlink("libfoo.so.1.2", w.source.join("lib/libfoo.so.1")).unwrap();
+    symlink("libfoo.so.1", w.source.join("lib/libfoo.so")).unwrap();
+    symlink("../lib", w.source.join("lib/up")).unwrap();
+    put(&w.source, "conf/real.conf", b"x=1\n", 0o644);
+    symlink("conf", w.source.join("conf-link")).unwrap();
+    w.publish();
+    w.sync(&site);
+    let read = |p: &str| fs::read_link(site.data.join(p)).unwrap();
+    assert_eq!(read("lib/libfoo.so"), std::path::Path::new("libfoo.so.1"));
+    assert_eq!(read("lib/up"), std::path::Path::new("../lib"));
+    assert_eq!(fs::read(site.data.join("lib/libfoo.so")).unwrap(), b"\x7fELF pretend", "links resolve inside the tree");
+
+    // Retarget a link, turn a link into a file, a directory into a link, and a link into a directory.
+    fs::remove_file(w.source.join("lib/libfoo.so")).unwrap();
+    symlink("libfoo.so.1.2", w.source.join("lib/libfoo.so")).unwrap();
+    fs::remove_file(w.source.join("lib/up")).unwrap();
+    put(&w.source, "lib/up", b"now a file\n", 0o644);
+    fs::remove_dir_all(w.source.join("conf")).unwrap();
+    fs::remove_file(w.source.join("conf-link")).unwrap();
+    symlink("lib", w.source.join("conf")).unwrap();
+    put(&w.source, "conf-link/inner", b"dir now\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    assert_eq!(read("lib/libfoo.so"), std::path::Path::new("libfoo.so.1.2"));
+    assert_eq!(read("conf"), std::path::Path::new("lib"));
+    assert_eq!(fs::read(site.data.join("lib/up")).unwrap(), b"now a file\n");
+    assert_eq!(fs::read(site.data.join("conf-link/inner")).unwrap(), b"dir now\n");
+    assert_eq!(site.status()["generation"], 2);
+    assert_eq!(site.status()["rejected"], 0);
+}
+
+#[test]
+fn publishing_a_symlink_that_leads_outside_is_refused() {
+    let w = World::new();
+    put(&w.source, "a", b"1", 0o644);
+    std::os::unix::fs::symlink("/etc/passwd", w.source.join("escape")).unwrap();
+    let err = fails(&["owner", "publish", "--config", &w.owner_config], 2);
+    assert!(err.contains("escape") && err.contains("outside the tree"), "{err}");
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use mailferry::config::NodeConfig;
-use mailferry::manifest::Digest;
+use mailferry::manifest::{Digest, Entry};
 use mailferry::node::Node;
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
@@ -222,6 +222,7 @@ fn sample_tree(root: &Path) -> Result<()> {
     write(&root.join("etc/empty.conf"), b"", 0o644)?;
     write(&root.join("scripts/rotate.sh"), b"#!/bin/sh\nexit 0\n", 0o644)?;
     fs::create_dir_all(root.join("var/cache"))?;
+    std::os::unix::fs::symlink("main.cvd", root.join("db/current.cvd"))?;
     Ok(())
 }
 
@@ -248,15 +249,16 @@ fn change_tree(root: &Path) -> Result<()> {
 fn show_tree(root: &Path) -> Result<()> {
     let s = scan::scan(root)?;
     for l in s.manifest.listing() {
-        match l.file {
-            None => say(&format!("    {}/", l.path)),
-            Some(f) => say(&format!(
+        match l.entry {
+            Entry::Dir => say(&format!("    {}/", l.path)),
+            Entry::File(f) => say(&format!(
                 "    {}  {} bytes{}  {}",
                 l.path,
                 f.size,
                 if f.mode == mailferry::manifest::Mode::Executable { ", executable" } else { "" },
                 f.blake3.short()
             )),
+            Entry::Link(t) => say(&format!("    {} -> {}", l.path, t.as_str())),
         }
     }
     Ok(())

@@ -179,11 +179,13 @@ impl Owner {
             .with_context(|| format!("failed to publish `{}`", source.display()))?;
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
-                ForeignKind::Symlink { target, .. } => format!("a symlink (-> `{}`)", target.display()),
+                ForeignKind::Symlink { target } => {
+                    format!("a symlink leading outside the tree (-> `{}`)", target.display())
+                }
                 ForeignKind::Special(what) => format!("a {what}"),
             };
             bail!(
-                "cannot publish `{}`: `{}` is {what}; mailferry carries only regular files and directories",
+                "cannot publish `{}`: `{}` is {what}; mailferry carries regular files, directories and symlinks that stay inside the tree",
                 source.display(),
                 f.path
             );

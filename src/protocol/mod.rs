@@ -507,7 +507,7 @@ pub fn valid_payload_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{FileMeta, Mode, Source};
+    use crate::manifest::{Entry, FileMeta, LinkTarget, Mode, Source};
     use crate::path::RelPath;
 
     fn reply() -> Reply {
@@ -635,9 +635,15 @@ mod tests {
     fn file_meta_is_consistent_with_listing() {
         let l = Listed {
             path: RelPath::new("x").unwrap(),
-            file: Some(FileMeta { size: 1, mode: Mode::Regular, blake3: Digest([0; 32]) }),
+            entry: Entry::File(FileMeta { size: 1, mode: Mode::Regular, blake3: Digest([0; 32]) }),
         };
         let json = String::from_utf8(encode(&l)).unwrap();
         assert!(json.contains("\"mode\":420"), "{json}");
+        let link = Listed { path: RelPath::new("l").unwrap(), entry: Entry::Link(LinkTarget::new("x").unwrap()) };
+        assert_eq!(String::from_utf8(encode(&link)).unwrap(), r#"{"path":"l","link":"x"}"#);
+        for bad in [r#"{"path":"l","link":"/etc"}"#, r#"{"path":"l","link":"x","size":1}"#, r#"{"path":"l","link":""}"#]
+        {
+            assert!(serde_json::from_str::<Listed>(bad).is_err(), "{bad}");
+        }
     }
 }
