@@ -239,3 +239,45 @@ fn publishing_a_symlink_that_leads_outside_is_refused() {
     let err = fails(&["owner", "publish", "--config", &w.owner_config], 2);
     assert!(err.contains("escape") && err.contains("outside the tree"), "{err}");
 }
+
+#[test]
+fn publishing_while_the_owner_daemon_runs() {
+    use std::time::{Duration, Instant};
+    let w = World::new();
+    let site = w.site("site1");
+    let cfg = fs::read_to_string(&w.owner_config).unwrap().replace("interval = \"1m\"", "interval = \"300ms\"");
+    fs::write(&w.owner_config, cfg).unwrap();
+    put(&w.source, "a.txt", b"one\n", 0o644);
+    w.publish();
+    let mut daemon = std::process::Command::new(bin())
+        .args(["owner", "run", "--config", &w.owner_config])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for_reply = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fs::read_dir(site.maildir(&w).join("new")).unwrap().count() == 0 {
+            assert!(Instant::now() < deadline, "the daemon did not answer within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    site.run(true);
+    wait_for_reply();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+
+    // Publishing does not need the daemon to stop: it waits, at most, for the step in progress.
+    put(&w.source, "b.txt", b"two\n", 0o644);
+    let started = Instant::now();
+    assert_eq!(w.publish(), 2);
+    assert!(started.elapsed() < Duration::from_secs(10), "publish waited {:?}", started.elapsed());
+    site.run(true);
+    wait_for_reply();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+
+    // SIGTERM stops it cleanly.
+    std::process::Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "daemon exit after SIGTERM: {status:?}");
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use mailferry::config::NodeConfig;
+use mailferry::config::{NodeConfig, OwnerConfig, RecipientConfig};
 use mailferry::db::{Db, Rejection};
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
@@ -241,13 +241,6 @@ fn load_owner(path: &Path) -> Result<Owner> {
     }
 }
 
-fn load_recipient(path: &Path) -> Result<Recipient> {
-    match NodeConfig::load(path)? {
-        NodeConfig::Recipient(cfg) => Recipient::open(cfg),
-        NodeConfig::Owner(_) => bail!("`{}` is an owner's config; this command needs a recipient's", path.display()),
-    }
-}
-
 async fn owner_command(c: OwnerCommand) -> Result<Exit> {
     match c {
         OwnerCommand::Init { dir, source, address, transport_root } => {
@@ -284,15 +277,18 @@ async fn owner_command(c: OwnerCommand) -> Result<Exit> {
             }
         }
         OwnerCommand::Run { config, once } => {
-            let mut o = load_owner(&config.config)?;
-            let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
+            let NodeConfig::Owner(cfg) = NodeConfig::load(&config.config)? else {
+                bail!("`{}` is a recipient's config; this command needs the owner's", config.config.display());
+            };
+            let mut t = AnyTransport::open(&cfg.transport, &cfg.owner.address)?;
             if once {
+                let mut o = Owner::open(cfg)?;
                 let res = o.run_once(&mut t).await;
                 note_step(o.db(), &t, &res)?;
                 t.close().await;
                 summary("owner", &res?);
             } else {
-                owner_daemon(&mut o, &mut t).await?;
+                owner_daemon(&cfg, &mut t).await?;
             }
         }
     }
@@ -307,15 +303,18 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
             eprintln!("next: mailferry recipient run --config {} --once", path.display());
         }
         RecipientCommand::Run { config, once, no_request } => {
-            let mut r = load_recipient(&config.config)?;
-            let mut t = AnyTransport::open(&r.config().transport, &r.config().recipient.address)?;
+            let NodeConfig::Recipient(cfg) = NodeConfig::load(&config.config)? else {
+                bail!("`{}` is an owner's config; this command needs a recipient's", config.config.display());
+            };
+            let mut t = AnyTransport::open(&cfg.transport, &cfg.recipient.address)?;
             if once {
+                let mut r = Recipient::open(cfg)?;
                 let res = r.run_once(&mut t, !no_request).await;
                 note_step(r.db(), &t, &res)?;
                 t.close().await;
                 summary("recipient", &res?);
             } else {
-                recipient_daemon(&mut r, &mut t, no_request).await?;
+                recipient_daemon(&cfg, &mut t, no_request).await?;
             }
         }
     }
@@ -346,19 +345,26 @@ fn note_step(db: &Db, t: &AnyTransport, res: &Result<RunReport>) -> Result<bool>
 /// transport that wait is IMAP IDLE (or polling at `poll-interval` when the server has no IDLE), so a
 /// request is answered as soon as it is delivered; the owner also runs every `interval` regardless. A
 /// spool is looked at every `interval`. Failures are retried after a capped exponential backoff.
-async fn owner_daemon(o: &mut Owner, t: &mut AnyTransport) -> Result<()> {
-    let interval = o.config().owner.interval;
+///
+/// The state lock is taken for each step and released while waiting, so `owner publish` and
+/// `owner add-recipient` work while the daemon runs.
+async fn owner_daemon(cfg: &OwnerConfig, t: &mut AnyTransport) -> Result<()> {
+    let interval = cfg.owner.interval;
+    let db = Db::open(&cfg.state_dir.join("state.db"))?;
     let mut stop = Shutdown::new()?;
     let mut backoff = Backoff::new();
     info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
     loop {
-        let res = o.run_once(t).await;
+        let res = match Owner::open(cfg.clone()) {
+            Ok(mut o) => o.run_once(t).await,
+            Err(e) => Err(e),
+        };
         match &res {
             Ok(r) if r.messages > 0 || r.sent > 0 => summary("owner", r),
             Ok(_) => {}
             Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
         }
-        if note_step(o.db(), t, &res)? {
+        if note_step(&db, t, &res)? {
             let delay = backoff.failed();
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
             if stop.sleep(delay).await {
@@ -371,7 +377,7 @@ async fn owner_daemon(o: &mut Owner, t: &mut AnyTransport) -> Result<()> {
             None => break,
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                node::record_transport_error(o.db(), &format!("{e:#}"))?;
+                node::record_transport_error(&db, &format!("{e:#}"))?;
                 let delay = backoff.failed();
                 warn!(error = %format!("{e:#}"), retry_in = %humantime::format_duration(delay), "waiting for mail failed");
                 if stop.sleep(delay).await {
@@ -387,22 +393,35 @@ async fn owner_daemon(o: &mut Owner, t: &mut AnyTransport) -> Result<()> {
 /// `recipient run` without `--once`: requests on `interval` (plus up to 10% jitter so that a fleet does not
 /// ask all at once), applies replies as they arrive (IMAP IDLE, or polling; a spool is looked at at least
 /// every 30 s), and asks again once an unanswered request is `reply-timeout` old.
-async fn recipient_daemon(r: &mut Recipient, t: &mut AnyTransport, no_request: bool) -> Result<()> {
-    let interval = r.config().recipient.interval;
+///
+/// The state lock is taken for each step and released while waiting.
+async fn recipient_daemon(cfg: &RecipientConfig, t: &mut AnyTransport, no_request: bool) -> Result<()> {
+    let interval = cfg.recipient.interval;
+    let db = Db::open(&cfg.state_dir.join("state.db"))?;
     let mut next_request = Instant::now();
     let mut stop = Shutdown::new()?;
     let mut backoff = Backoff::new();
     info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
     loop {
         let due = !no_request && Instant::now() >= next_request;
-        let res = r.run_once(t, due).await;
+        let mut blocked_until = None;
+        let res = match Recipient::open(cfg.clone()) {
+            Ok(mut r) => {
+                let res = r.run_once(t, due).await;
+                if matches!(&res, Ok(rep) if due && !rep.requested) {
+                    blocked_until = r.request_blocked_until()?;
+                }
+                res
+            }
+            Err(e) => Err(e),
+        };
         match &res {
             Ok(rep) => {
                 if rep.requested {
                     next_request = Instant::now() + interval + (interval / 10).mul_f64(rand_unit());
                 } else if due {
                     // An unanswered request holds the next one back until it is `reply-timeout` old.
-                    next_request = match r.request_blocked_until()? {
+                    next_request = match blocked_until {
                         Some(at) => Instant::now() + Duration::from_secs(at.saturating_sub(mailferry::db::now()) + 1),
                         None => Instant::now() + interval,
                     };
@@ -413,7 +432,7 @@ async fn recipient_daemon(r: &mut Recipient, t: &mut AnyTransport, no_request: b
             }
             Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
         }
-        if note_step(r.db(), t, &res)? {
+        if note_step(&db, t, &res)? {
             let delay = backoff.failed();
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
             if stop.sleep(delay).await {
@@ -430,7 +449,7 @@ async fn recipient_daemon(r: &mut Recipient, t: &mut AnyTransport, no_request: b
             None => break,
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                node::record_transport_error(r.db(), &format!("{e:#}"))?;
+                node::record_transport_error(&db, &format!("{e:#}"))?;
                 let delay = backoff.failed();
                 warn!(error = %format!("{e:#}"), retry_in = %humantime::format_duration(delay), "waiting for mail failed");
                 if stop.sleep(delay).await {

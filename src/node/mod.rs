@@ -188,7 +188,8 @@ pub fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mu
     Ok(())
 }
 
-/// Takes the state directory's lock so that two runs never interleave.
+/// Takes the state directory's lock so that two runs never interleave, waiting up to ten minutes for
+/// another process to finish its step.
 ///
 /// # Errors
 /// When another process holds it, or the lock file cannot be created.
@@ -197,14 +198,34 @@ pub fn lock_state(state_dir: &Path) -> Result<File> {
         .with_context(|| format!("failed to create state directory `{}`", state_dir.display()))?;
     let path = state_dir.join("lock");
     let f = File::create(&path).with_context(|| format!("failed to create `{}`", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => {
-            anyhow::bail!("another mailferry process is using state directory `{}`", state_dir.display())
+    // Daemons hold the lock only while they work on a step, so waiting a little is the normal case (a
+    // `publish` while the owner daemon answers a request); waiting very long means something is stuck.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                if !said {
+                    info!("waiting for another mailferry process to finish with `{}`", state_dir.display());
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another mailferry process has held state directory `{}` for over {} minutes",
+                state_dir.display(),
+                LOCK_WAIT.as_secs() / 60
+            ),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("failed to lock `{}`", path.display()));
+            }
         }
-        Err(fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("failed to lock `{}`", path.display())),
     }
 }
+
+/// How long [`lock_state`] waits for another process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Outgoing messages waiting for the transport, kept in the state database's `outbox` table.
 ///

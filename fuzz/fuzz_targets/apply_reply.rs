@@ -1,0 +1,64 @@
+//! A decoded reply applied to a scratch tree: the first byte picks a small starting tree, the rest is a
+//! control part followed (after a NUL) by one payload. Planning must refuse or produce steps that, staged and
+//! executed in a temporary directory, leave exactly the promised tree; nothing may be written outside it.
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use libfuzzer_sys::fuzz_target;
+use mailferry::apply::{self, Journal, OnExtra};
+use mailferry::limits::Limits;
+use mailferry::manifest::Digest;
+use mailferry::protocol::{self, Control};
+use mailferry::scan;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&pick, rest)) = data.split_first() else { return };
+    let (control, payload) = match rest.iter().position(|&b| b == 0) {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let Ok(Control::Reply(reply)) = protocol::decode_control(control, &Limits::default()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    if pick & 1 == 1 {
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/x"), b"x").unwrap();
+    }
+    if pick & 2 == 2 {
+        std::fs::write(root.join("b"), b"").unwrap();
+    }
+    let mut attachments = BTreeMap::new();
+    if let Some(p) = reply.payloads.first() {
+        attachments.insert(p.id.clone(), payload.to_vec());
+    }
+    if protocol::check_payloads(&reply, &attachments).is_err() {
+        return;
+    }
+    let Ok(scan) = scan::scan(&root) else { return };
+    let Ok(plan) = apply::plan(&scan, &scan.manifest, &reply, OnExtra::Delete) else { return };
+    let stage = dir.path().join("stage");
+    let lookup = |id: &str| attachments.get(id).map(Vec::as_slice);
+    if apply::stage(&plan, &reply, &lookup, &stage).is_err() {
+        return;
+    }
+    let journal = Journal {
+        version: 1,
+        data_root: root.clone(),
+        stage_dir: stage,
+        generation: reply.generation,
+        reply_id: reply.reply_id.clone(),
+        nonce: reply.nonce.to_hex(),
+        message: Digest::of(data),
+        ops: reply.ops.len(),
+        target: plan.target.listing(),
+        steps: plan.steps.clone(),
+    };
+    journal.execute().expect("a planned and staged apply executes");
+    let after = scan::scan(&root).expect("the tree is readable");
+    assert_eq!(after.manifest.root(), reply.root, "the tree is exactly the promised generation");
+    // Nothing escaped: the temporary directory holds only data/ and stage/.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.len() <= 2, "{names:?}");
+});
