@@ -8,7 +8,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::mailserver::{self, MailServer};
@@ -281,57 +281,6 @@ fn mail_sync_implicit_tls_submission_and_imap_starttls() {
     first_and_incremental(mailserver::shared(), (SUBMISSIONS_TLS, IMAP_STARTTLS), (SUBMISSIONS_TLS, IMAP_STARTTLS));
 }
 
-/// The owner as a daemon, killed with SIGTERM at the end.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn owner(config: &str, log: PathBuf) -> Daemon {
-        let child = Command::new(bin())
-            .args(["owner", "run", "--config", config])
-            .env_remove("MAILFERRY_FAILPOINT")
-            .env("MAILFERRY_LOG", "mailferry=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("failed to start `owner run`");
-        Daemon { child, log }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        // The `kill` command keeps the tests free of `unsafe`; the pid is our own child's.
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("failed to run kill");
-        assert!(killed.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "owner daemon exited with {status}\n{}", self.log());
-                return self.log();
-            }
-            assert!(Instant::now() < deadline, "owner daemon did not stop within 15 s of SIGTERM\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn owner_daemon_in_idle_answers_within_two_seconds() {
     let m = mailserver::shared();
@@ -339,7 +288,7 @@ fn owner_daemon_in_idle_answers_within_two_seconds() {
     let s = w.site("idle", SUBMISSION_STARTTLS, IMAPS);
     varied_tree(&w.source);
     w.publish();
-    let daemon = Daemon::owner(&w.owner.config, w.tmp.path().join("owner-daemon.log"));
+    let daemon = Daemon::start(&["owner", "run", "--config", &w.owner.config], w.tmp.path().join("owner-daemon.log"));
     wait_until(30, "the owner daemon to report IMAP IDLE in status", || {
         w.owner.status()["transport"]["receive_mode"] == "idle"
     });

@@ -249,14 +249,10 @@ fn publishing_while_the_owner_daemon_runs() {
     fs::write(&w.owner_config, cfg).unwrap();
     put(&w.source, "a.txt", b"one\n", 0o644);
     w.publish();
-    let mut daemon = std::process::Command::new(bin())
-        .args(["owner", "run", "--config", &w.owner_config])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let daemon = Daemon::start(&["owner", "run", "--config", &w.owner_config], w.path("owner-daemon.log"));
     let wait_for_reply = || {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while fs::read_dir(site.maildir(&w).join("new")).unwrap().count() == 0 {
+        while count(&site.maildir(&w).join("new")) == 0 {
             assert!(Instant::now() < deadline, "the daemon did not answer within 20 s");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -277,7 +273,32 @@ fn publishing_while_the_owner_daemon_runs() {
     assert_same_tree(&w.source, &site.data);
 
     // SIGTERM stops it cleanly.
-    std::process::Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
-    let status = daemon.wait().unwrap();
-    assert!(status.success(), "daemon exit after SIGTERM: {status:?}");
+    daemon.stop();
+}
+
+#[test]
+fn the_recipient_daemon_requests_applies_and_stops_on_sigterm() {
+    use std::time::{Duration, Instant};
+    let w = World::new();
+    let site = w.site("site1");
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("interval = \"1h\"", "interval = \"1s\"");
+    assert!(cfg.contains("interval = \"1s\""), "{cfg}");
+    fs::write(&site.config, cfg).unwrap();
+    varied_tree(&w.source);
+    w.publish();
+    let daemon = Daemon::start(&["recipient", "run", "--config", &site.config], w.path("recipient-daemon.log"));
+    let owner_inbox = w.spool.join(OWNER).join("new");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The daemon requests by itself; the owner answers; the daemon applies as the reply arrives.
+    while count(&owner_inbox) == 0 {
+        assert!(Instant::now() < deadline, "the daemon sent no request");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.owner_run();
+    while site.status()["generation"] != 1 {
+        assert!(Instant::now() < deadline, "the daemon did not apply the reply");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_same_tree(&w.source, &site.data);
+    daemon.stop();
 }

@@ -284,3 +284,62 @@ pub fn varied_tree(root: &Path) {
     put(root, "dir-to-file/inner.txt", b"inner\n", 0o644);
     fs::create_dir_all(root.join("empty/dir")).unwrap();
 }
+
+/// Files in a directory; 0 when it does not exist yet (a Maildir is created on first delivery).
+pub fn count(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// A mailferry daemon started by a test, its log in a file. Dropping it kills it, so a failing test leaves
+/// nothing behind.
+pub struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `mailferry ARGS` in the background, logging to `log`.
+    pub fn start(args: &[&str], log: PathBuf) -> Daemon {
+        let child = Command::new(bin())
+            .args(args)
+            .env_remove("MAILFERRY_FAILPOINT")
+            .env("MAILFERRY_LOG", "mailferry=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("failed to start the mailferry daemon");
+        Daemon { child, log }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (at most 15 s) for a clean exit; returns the log.
+    pub fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        // The `kill` command keeps the tests free of `unsafe`; the pid is our own child's.
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("failed to run kill");
+        assert!(killed.success(), "kill -TERM {pid} failed");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exited with {status}\n{}", self.log());
+                return self.log();
+            }
+            assert!(std::time::Instant::now() < deadline, "daemon did not stop within 15 s of SIGTERM\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
