@@ -33,6 +33,34 @@ mod duration {
     }
 }
 
+/// Optional `humantime` durations.
+mod duration_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration: {e}")))
+    }
+}
+
+impl RecipientSection {
+    /// How long without a fresh reply before the recipient is stale.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after.unwrap_or(self.interval * 3)
+    }
+}
+
 /// How a node sends and receives mail.
 ///
 /// `kind = "maildir"` takes `root` in the `[transport]` table. `kind = "mail"` takes its settings from the
@@ -120,6 +148,13 @@ pub struct RecipientSection {
     /// What to do with files the owner does not list. Default `delete`.
     #[serde(default)]
     pub on_extra: OnExtra,
+    /// With no fresh, authenticated reply for this long the recipient reports itself stale (an attacker
+    /// may be withholding updates). Default: three `interval`s.
+    #[serde(default, with = "duration_opt", skip_serializing_if = "Option::is_none")]
+    pub stale_after: Option<Duration>,
+    /// Where to mail a notice when the recipient becomes stale (once per stale spell). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_address: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -161,7 +161,11 @@ impl Db {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         match version {
             0 => {
-                conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))?;
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} INSERT INTO meta (key, value) VALUES ('created_at', '{}'); \
+                     PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                    now()
+                ))?;
             }
             SCHEMA_VERSION => {}
             v => anyhow::bail!(
@@ -176,7 +180,7 @@ impl Db {
     ///
     /// # Errors
     /// Whatever `f` returns, or SQLite errors.
-    pub fn transaction<T>(&mut self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+    pub fn transaction<T>(&self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         match f(self) {
             Ok(v) => {
@@ -659,7 +663,25 @@ impl Db {
     /// SQLite errors.
     pub fn close_outstanding(&self, nonce: &str) -> Result<()> {
         self.conn.execute("DELETE FROM outstanding WHERE nonce = ?1", [nonce])?;
-        self.set_meta("last_reply_at", &now().to_string())
+        Ok(())
+    }
+
+    /// Records that a fresh, authenticated reply was accepted now (applied, or confirming the tree is
+    /// current): the clock that staleness is measured on.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn mark_fresh_reply(&self) -> Result<()> {
+        self.set_meta("last_reply_at", &now().to_string())?;
+        self.set_meta("stale_notified_at", "")
+    }
+
+    /// When this state database was created (the start of the staleness clock before any reply).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn created_at(&self) -> Result<Option<u64>> {
+        Ok(self.meta("created_at")?.and_then(|v| v.parse().ok()))
     }
 
     /// Forgets outstanding requests older than `max_age` seconds, keeping the newest 16 in any case.

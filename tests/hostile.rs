@@ -516,3 +516,39 @@ fn links_that_escape_or_are_written_through_are_refused() {
         assert!(!site.data.join("evil").exists() && !site.data.join("via").exists());
     }
 }
+
+/// An attacker who withholds every reply cannot make the recipient believe it is current: after
+/// `stale-after` without a fresh, authenticated reply it says it is stale, and tells an admin once.
+#[test]
+fn withheld_updates_make_the_recipient_report_itself_stale() {
+    let w = World::new();
+    let site = w.site("site1");
+    let cfg = fs::read_to_string(&site.config).unwrap();
+    fs::write(
+        &site.config,
+        cfg.replace("[transport]", "stale-after = \"2s\"\nadmin-address = \"admin@customer.test\"\n\n[transport]"),
+    )
+    .unwrap();
+    put(&w.source, "a", b"1", 0o644);
+    w.publish();
+    site.run(true);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    // The owner's reply never arrives (withheld): the recipient is stale.
+    let out = run(&["status", "--config", &site.config]);
+    assert_eq!(out.status.code(), Some(1), "status exits 1 when stale");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("STALE"));
+    assert_eq!(site.status()["stale"], true);
+    let log = site.run(false);
+    assert!(log.contains("updates may be withheld"), "{log}");
+    site.run(false);
+    let admin = w.spool.join("admin@customer.test").join("new");
+    assert_eq!(count(&admin), 1, "one notice per stale spell");
+    let notice = fs::read_to_string(fs::read_dir(&admin).unwrap().next().unwrap().unwrap().path()).unwrap();
+    assert!(notice.contains("recipient site1 is stale"), "{notice}");
+
+    // A fresh reply ends the spell.
+    w.owner_run();
+    site.run(false);
+    assert_eq!(site.status()["stale"], false);
+    assert_eq!(site.status()["generation"], 1);
+}

@@ -143,9 +143,12 @@ impl Site {
         mailferry::config::read_key_file(&self.dir.join("recipient.key")).unwrap()
     }
 
-    /// `status --json`.
+    /// `status --json` (exit 0, or 1 when the node needs attention).
     pub fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&ok(&["status", "--config", &self.config, "--json"])).unwrap()
+        let args = ["status", "--config", &self.config, "--json"];
+        let out = run(&args);
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{}", describe(&args, &out));
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// The refusal reasons recorded, oldest first.

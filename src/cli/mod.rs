@@ -311,6 +311,10 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
                 let mut r = Recipient::open(cfg)?;
                 let res = r.run_once(&mut t, !no_request).await;
                 note_step(r.db(), &t, &res)?;
+                if res.is_ok() && recipient::notice_staleness(r.db(), r.config())? {
+                    // Send the admin notice, if one was queued, now rather than on the next run.
+                    Outbox::flush(r.db(), &mut t).await?;
+                }
                 t.close().await;
                 summary("recipient", &res?);
             } else {
@@ -399,10 +403,16 @@ async fn recipient_daemon(cfg: &RecipientConfig, t: &mut AnyTransport, no_reques
     let interval = cfg.recipient.interval;
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
     let mut next_request = Instant::now();
+    let mut next_stale_check = Instant::now();
     let mut stop = Shutdown::new()?;
     let mut backoff = Backoff::new();
     info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
     loop {
+        if Instant::now() >= next_stale_check {
+            // Warns (and queues the admin notice, sent by the step below) at most once an interval.
+            recipient::notice_staleness(&db, cfg)?;
+            next_stale_check = Instant::now() + interval;
+        }
         let due = !no_request && Instant::now() >= next_request;
         let mut blocked_until = None;
         let res = match Recipient::open(cfg.clone()) {
@@ -644,8 +654,15 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                 if s.interrupted_apply {
                     writeln!(out, "WARNING: an interrupted apply is waiting; the next run finishes it")?;
                 }
+                if s.stale {
+                    writeln!(
+                        out,
+                        "STALE: no fresh reply from the owner for longer than stale-after ({}); updates may be withheld",
+                        humantime::format_duration(Duration::from_secs(s.stale_after))
+                    )?;
+                }
             }
-            Ok(if s.outbox.failed > 0 || s.interrupted_apply || s.transport.failing() {
+            Ok(if s.outbox.failed > 0 || s.interrupted_apply || s.transport.failing() || s.stale {
                 Exit::Attention
             } else {
                 Exit::Success

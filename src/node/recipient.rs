@@ -61,6 +61,10 @@ pub struct RecipientStatus {
     pub interrupted_apply: bool,
     /// Outgoing mail not yet accepted by the transport.
     pub outbox: super::OutboxStatus,
+    /// No fresh, authenticated reply for longer than `stale-after` (updates may be withheld).
+    pub stale: bool,
+    /// The `stale-after` in force, in seconds.
+    pub stale_after: u64,
     /// The last server error and how new mail is noticed.
     pub transport: super::TransportStatus,
 }
@@ -98,6 +102,8 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
         interval: humantime::parse_duration(&e.transport.interval).unwrap_or(std::time::Duration::from_secs(3600)),
         reply_timeout: std::time::Duration::from_secs(6 * 3600),
         on_extra: OnExtra::Delete,
+        stale_after: None,
+        admin_address: None,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -155,6 +161,7 @@ impl Recipient {
                 db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
             }
             db.close_outstanding(&journal.nonce)?;
+            db.mark_fresh_reply()?;
             db.mark_seen(&journal.message, "processed")?;
             db.outbox_put(&format!("receipt-{}", journal.reply_id), from, to, &receipt)
         })?;
@@ -465,6 +472,7 @@ impl Recipient {
     fn current(&mut self, nonce: &str, digest: &Digest, generation: u64) -> Result<Result<Handled, Refusal>> {
         self.db.transaction(|db| {
             db.close_outstanding(nonce)?;
+            db.mark_fresh_reply()?;
             db.mark_seen(digest, "processed")
         })?;
         info!(generation, "owner confirms the tree is current");
@@ -512,8 +520,64 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         rejected: db.rejection_count()?,
         interrupted_apply: Journal::path(&cfg.state_dir).exists(),
         outbox: Outbox::status(&db)?,
+        stale: stale_since(&db, cfg)?.is_some(),
+        stale_after: cfg.recipient.stale_after().as_secs(),
         transport: super::TransportStatus::read(&db)?,
     })
+}
+
+/// How long the recipient has gone without a fresh, authenticated reply, if that is longer than its
+/// `stale-after`. The clock starts at the last accepted reply, or when the recipient was set up.
+///
+/// # Errors
+/// State failures.
+pub fn stale_since(db: &Db, cfg: &RecipientConfig) -> Result<Option<std::time::Duration>> {
+    let since = db.meta("last_reply_at")?.and_then(|v| v.parse::<u64>().ok()).or(db.created_at()?);
+    let Some(since) = since else { return Ok(None) };
+    let quiet = std::time::Duration::from_secs(now().saturating_sub(since));
+    // Times are whole seconds: stale once the quiet reaches `stale-after`.
+    Ok((quiet >= cfg.recipient.stale_after()).then_some(quiet))
+}
+
+/// If the recipient is stale and has an `admin-address`, queues one notice per stale spell. Returns whether
+/// it is stale.
+///
+/// # Errors
+/// State failures.
+pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
+    let Some(quiet) = stale_since(db, cfg)? else { return Ok(false) };
+    let r = &cfg.recipient;
+    warn!(
+        quiet = %humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
+        "no fresh reply from the owner for longer than stale-after ({}): updates may be withheld",
+        humantime::format_duration(r.stale_after())
+    );
+    let Some(admin) = &r.admin_address else { return Ok(true) };
+    if db.meta("stale_notified_at")?.is_some_and(|v| !v.is_empty()) {
+        return Ok(true);
+    }
+    let text = format!(
+        "mailferry recipient {:?} (data tree `{}`) has had no fresh, authenticated reply from {} for {}.\n\
+         Its stale-after is {}. Updates may be withheld, or mail between the sites is failing.\n\
+         Run `mailferry status --config {}` on the recipient for details.\n",
+        r.name,
+        r.data.display(),
+        r.owner_address,
+        humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
+        humantime::format_duration(r.stale_after()),
+        cfg.path.display()
+    );
+    let raw = mail_builder::MessageBuilder::new()
+        .from(r.address.as_str())
+        .to(admin.as_str())
+        .subject(format!("mailferry: recipient {} is stale", r.name))
+        .text_body(text)
+        .write_to_vec()?;
+    db.transaction(|db| {
+        db.outbox_put(&format!("stale-notice-{}", now()), &r.address, admin, &raw)?;
+        db.set_meta("stale_notified_at", &now().to_string())
+    })?;
+    Ok(true)
 }
 
 impl Node for Recipient {
