@@ -293,10 +293,14 @@ fn owner_daemon_in_idle_answers_within_two_seconds() {
         w.owner.status()["transport"]["receive_mode"] == "idle"
     });
 
-    // `owner publish` needs the state lock that the daemon holds, so every round asks for generation 1:
-    // the first reply carries the tree, the later ones say it is current.
+    // Every round publishes a new generation while the daemon runs (it holds the state lock only while it
+    // answers), so each reply carries an update.
     let mut latencies = Vec::new();
-    for _ in 0..3 {
+    for round in 0..3 {
+        if round > 0 {
+            put(&w.source, &format!("round-{round}.txt"), format!("update {round}\n").as_bytes(), 0o644);
+            w.publish();
+        }
         // From the moment the request is accepted by the submission server to the reply being in the
         // recipient's mailbox: delivery to the owner, IDLE wake-up, answer, submission, delivery back.
         s.run(true);
@@ -311,7 +315,7 @@ fn owner_daemon_in_idle_answers_within_two_seconds() {
         assert!(*l < Duration::from_secs(2), "reply took {l:?} (all: {latencies:?})\n{}", daemon.log());
     }
     // The receipts are recorded by the daemon too.
-    wait_until(30, "the receipt", || w.owner.status()["recipients"][0]["applied_generation"] == 1);
+    wait_until(30, "the receipt", || w.owner.status()["recipients"][0]["applied_generation"] == 3);
     let log = daemon.stop();
     assert!(log.contains("stopping"), "{log}");
     w.owner.assert_outbox_empty();
