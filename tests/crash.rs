@@ -21,13 +21,14 @@ fn pending_update() -> (World, Site) {
     let w = World::new();
     let site = w.site("site1");
     varied_tree(&w.source);
-    for i in 0..12 {
-        put(&w.source, &format!("many/f{i}"), format!("v1 {i}").as_bytes(), 0o644);
+    for i in 0..50 {
+        put(&w.source, &format!("many/f{i:02}"), format!("v1 {i}").as_bytes(), 0o644);
     }
     w.publish();
     w.sync(&site);
-    for i in 0..12 {
-        put(&w.source, &format!("many/f{i}"), format!("v2 {i}").as_bytes(), 0o644);
+    // 50 changed files: a place and a mode step each, plus deletes, a type change and directories.
+    for i in 0..50 {
+        put(&w.source, &format!("many/f{i:02}"), format!("v2 {i}").as_bytes(), 0o644);
     }
     fs::remove_dir_all(w.source.join("old")).unwrap();
     fs::remove_file(w.source.join("typechange")).unwrap();
@@ -49,7 +50,7 @@ fn killed_at_every_apply_step_the_next_run_finishes_the_generation() {
         if !crashed(&out) {
             // k is past the last step: the run completed normally.
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            assert!(k > 10, "the update should have many steps, had {}", k - 1);
+            assert!(k > 100, "killed at only {} distinct points; the update should have more steps", k - 1);
             assert_same_tree(&w.source, &site.data);
             break;
         }
