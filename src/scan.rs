@@ -10,7 +10,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,6 +95,67 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> {
+    Ok(walk(root, read, None)?.scan)
+}
+
+/// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
+/// changes `ctime`, which no one can set back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Stamp {
+    /// Length.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// Inode number.
+    pub ino: u64,
+    /// Mode bits.
+    pub mode: u32,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        Stamp {
+            size: m.len(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            ino: m.ino(),
+            mode: m.mode(),
+        }
+    }
+}
+
+/// Digests of files as they were when last hashed, by path.
+pub type StatCache = std::collections::HashMap<RelPath, (Stamp, Digest)>;
+
+/// The result of [`scan_cached`].
+#[derive(Debug)]
+pub struct CachedScan {
+    /// The tree.
+    pub scan: Scan,
+    /// The cache to keep for the next scan.
+    pub cache: StatCache,
+    /// How many files had to be read.
+    pub hashed: usize,
+}
+
+/// Scans `root`, reading only files whose [`Stamp`] differs from the one in `cache`. Files changed within
+/// two seconds of the scan are hashed but not cached: a later write in the same clock tick could leave
+/// their stamp unchanged (git's "racily clean" problem).
+///
+/// # Errors
+/// See [`ScanError`].
+pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanError> {
+    walk(root, &hash_file, Some(cache))
+}
+
+fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result<CachedScan, ScanError> {
+    let started_ns =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    let racy_after = started_ns - 2_000_000_000;
+    let mut new_cache = StatCache::new();
+    let mut stamps: std::collections::HashMap<RelPath, Stamp> = std::collections::HashMap::new();
     let mut out = Scan::default();
     let mut files: Vec<(RelPath, PathBuf, Mode)> = Vec::new();
     for item in walkdir::WalkDir::new(root).follow_links(false).min_depth(1) {
@@ -114,7 +175,18 @@ pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> 
                 path: full.to_path_buf(),
                 source: e.into_io_error().unwrap_or_else(|| io::Error::other("stat failed")),
             })?;
-            files.push((rel, full.to_path_buf(), Mode::from_bits(meta.permissions().mode())));
+            let mode = Mode::from_bits(meta.permissions().mode());
+            let stamp = Stamp::of(&meta);
+            match cache.and_then(|c| c.get(&rel)) {
+                Some((old, digest)) if *old == stamp => {
+                    new_cache.insert(rel.clone(), (stamp, *digest));
+                    out.manifest.insert(rel, Entry::File(FileMeta { size: stamp.size, mode, blake3: *digest }));
+                }
+                _ => {
+                    stamps.insert(rel.clone(), stamp);
+                    files.push((rel, full.to_path_buf(), mode));
+                }
+            }
         } else if ft.is_symlink() {
             let target = fs::read_link(full).map_err(|source| ScanError::Io { path: full.to_path_buf(), source })?;
             let managed = target
@@ -138,11 +210,18 @@ pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> 
             out.foreign.push(Foreign { path: rel, kind: ForeignKind::Special(what) });
         }
     }
+    let hashed = files.len();
     for (rel, meta) in hash_all(&files, read)? {
+        if let Some(stamp) = stamps.get(&rel)
+            && stamp.size == meta.size
+            && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after
+        {
+            new_cache.insert(rel.clone(), (*stamp, meta.blake3));
+        }
         out.manifest.insert(rel, Entry::File(meta));
     }
     out.manifest.validate_shape().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
-    Ok(out)
+    Ok(CachedScan { scan: out, cache: new_cache, hashed })
 }
 
 fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result<Vec<(RelPath, FileMeta)>, ScanError> {
@@ -247,6 +326,42 @@ mod tests {
         assert_eq!(s.foreign[0].path, p("a/outside"));
         assert!(matches!(&s.foreign[0].kind, ForeignKind::Symlink { .. }));
         assert_eq!(s.manifest.len(), 5);
+    }
+
+    #[test]
+    fn the_stat_cache_skips_unchanged_files_and_notices_changed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("a"), b"one").unwrap();
+        fs::write(root.join("b"), b"two").unwrap();
+        let first = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!(first.hashed, 2);
+        assert!(first.cache.is_empty(), "files written just now are racily clean: not cached");
+        // Pretend the files were hashed long ago, as they would be on a real tree.
+        let old: StatCache = first
+            .cache
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .chain(first.scan.manifest.iter().filter_map(|(p, e)| match e {
+                Entry::File(f) => {
+                    Some((p.clone(), (Stamp::of(&fs::metadata(root.join(p.as_str())).unwrap()), f.blake3)))
+                }
+                _ => None,
+            }))
+            .collect();
+        let again = scan_cached(root, &old).unwrap();
+        assert_eq!(again.hashed, 0, "an unchanged tree is not read");
+        assert_eq!(again.scan.manifest, first.scan.manifest);
+        // Same size, and the modification time put back: the status change time still gives it away.
+        let m = fs::metadata(root.join("b")).unwrap();
+        fs::write(root.join("b"), b"TWO").unwrap();
+        let f = fs::File::options().write(true).open(root.join("b")).unwrap();
+        f.set_modified(m.modified().unwrap()).unwrap();
+        let changed = scan_cached(root, &old).unwrap();
+        assert_eq!(changed.hashed, 1);
+        assert!(
+            matches!(changed.scan.manifest.get(&RelPath::new("b").unwrap()), Some(Entry::File(f)) if f.blake3 == Digest::of(b"TWO"))
+        );
     }
 
     #[test]

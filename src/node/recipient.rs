@@ -259,8 +259,7 @@ impl Recipient {
             );
             return Ok(false);
         }
-        let data = &self.cfg.recipient.data;
-        let scan = scan::scan(data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
+        let scan = self.scan_tree()?;
         let (generation, _, _) = self.db.applied()?;
         let nonce = Nonce::generate();
         let seq = self.db.meta_u64("seq")? + 1;
@@ -413,7 +412,7 @@ impl Recipient {
         refuse!(protocol::check_payloads(reply, &parsed.attachments));
 
         let data = self.cfg.recipient.data.clone();
-        let scan = scan::scan(&data).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
+        let scan = self.scan_tree()?;
         if reply.generation == applied
             && reply.ops.is_empty()
             && scan.manifest.root() == reply.root
@@ -466,6 +465,17 @@ impl Recipient {
         }
         info!(generation = reply.generation, ops = reply.ops.len(), root = %reply.root.short(), "applied");
         Ok(Ok(Handled::Applied { generation: reply.generation, ops: reply.ops.len() }))
+    }
+
+    /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
+    fn scan_tree(&self) -> Result<scan::Scan> {
+        let data = &self.cfg.recipient.data;
+        let old = self.db.stat_cache()?;
+        let c =
+            scan::scan_cached(data, &old).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
+        self.db.transaction(|db| db.save_stat_cache(&old, &c.cache))?;
+        tracing::debug!(entries = c.scan.manifest.len(), hashed = c.hashed, "scanned the data tree");
+        Ok(c.scan)
     }
 
     /// Records a reply that confirms the tree is current.
