@@ -315,15 +315,7 @@ pub fn check_state_outside_data(state_dir: &Path, data: &Path) -> Result<()> {
 /// # Errors
 /// A missing, unreadable, too-open or malformed key file.
 pub fn read_key_file(path: &Path) -> Result<Key> {
-    let meta = std::fs::metadata(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "key file `{}` is readable by others (mode {mode:o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
+    ensure_private(path)?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("failed to read key file `{}`", path.display()))?;
     Key::from_hex(&text).with_context(|| format!("key file `{}` is invalid", path.display()))
@@ -384,7 +376,7 @@ impl Enrollment {
     /// # Errors
     /// A missing, too-open or invalid file.
     pub fn load(path: &Path) -> Result<Enrollment> {
-        read_key_mode(path)?;
+        ensure_private(path)?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("failed to read enrollment file `{}`", path.display()))?;
         let e: Enrollment =
@@ -396,7 +388,8 @@ impl Enrollment {
     }
 }
 
-fn read_key_mode(path: &Path) -> Result<()> {
+/// Refuses a file holding a key that group or others can read.
+fn ensure_private(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).with_context(|| format!("failed to read `{}`", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {

@@ -686,14 +686,14 @@ async fn deliver(path: &Path, files: &[PathBuf]) -> Result<Exit> {
         NodeConfig::Owner(cfg) => {
             let mut o = Owner::open(cfg)?;
             let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
-            let r = o.deliver(&mut t, &messages).await?;
+            let r = node::deliver(&mut o, &mut t, &messages).await?;
             summary("owner", &r);
             r
         }
         NodeConfig::Recipient(cfg) => {
             let mut rcp = Recipient::open(cfg)?;
             let mut t = AnyTransport::open(&rcp.config().transport, &rcp.config().recipient.address)?;
-            let r = rcp.deliver(&mut t, &messages).await?;
+            let r = node::deliver(&mut rcp, &mut t, &messages).await?;
             summary("recipient", &r);
             r
         }

@@ -168,12 +168,23 @@ pub async fn process_inbox<N: Node, T: Transport>(
     Ok(())
 }
 
-/// Handles messages that arrived outside the transport (`mailferry deliver`); refused ones are kept in
-/// `STATE/rejected/`.
+/// Handles messages that arrived outside the transport (`mailferry deliver`: files, an MTA pipe), then
+/// sends what that queued (replies, receipts). Refused messages are kept in `STATE/rejected/`.
 ///
 /// # Errors
 /// Local failures.
-pub fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
+pub async fn deliver<N: Node, T: Transport>(
+    node: &mut N,
+    transport: &mut T,
+    messages: &[Vec<u8>],
+) -> Result<RunReport> {
+    let mut report = RunReport::default();
+    deliver_messages(node, messages, &mut report)?;
+    report.sent += Outbox::flush(node.db(), transport).await?.sent;
+    Ok(report)
+}
+
+fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
     for raw in messages {
         let handled = node.handle(raw)?;
         if matches!(handled, Handled::Refused(_)) {

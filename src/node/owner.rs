@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Handled, Node, Outbox, RunReport, deliver_messages, lock_state, process_inbox};
+use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, TransportConfig, TransportHint, write_secret};
 use crate::crypto::{Key, random_id};
 use crate::db::{Db, GenerationRow, RecipientRow, now};
@@ -221,17 +221,6 @@ impl Owner {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.db, transport).await?.sent;
         process_inbox(self, transport, &mut report).await?;
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
-        Ok(report)
-    }
-
-    /// Handles messages that arrived outside the transport (`mailferry deliver`), then sends the replies.
-    ///
-    /// # Errors
-    /// As [`Owner::run_once`].
-    pub async fn deliver<T: Transport>(&mut self, transport: &mut T, messages: &[Vec<u8>]) -> Result<RunReport> {
-        let mut report = RunReport::default();
-        deliver_messages(self, messages, &mut report)?;
         report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
     }

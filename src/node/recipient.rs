@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Handled, Node, Outbox, RunReport, deliver_messages, lock_state, process_inbox};
+use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
 use crate::apply::{self, Journal, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce};
@@ -217,17 +217,6 @@ impl Recipient {
         if request {
             report.requested = self.maybe_request()?;
         }
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
-        Ok(report)
-    }
-
-    /// Handles messages that arrived outside the transport (`mailferry deliver`), then sends receipts.
-    ///
-    /// # Errors
-    /// As [`Recipient::run_once`].
-    pub async fn deliver<T: Transport>(&mut self, transport: &mut T, messages: &[Vec<u8>]) -> Result<RunReport> {
-        let mut report = RunReport::default();
-        deliver_messages(self, messages, &mut report)?;
         report.sent += Outbox::flush(&self.db, transport).await?.sent;
         Ok(report)
     }
