@@ -103,6 +103,9 @@ pub struct OwnerSection {
     /// zstd level for the content store (1-19). Default 9.
     #[serde(default = "default_level")]
     pub compression_level: i32,
+    /// Where to mail a summary of refused messages (at most one an hour). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_address: Option<String>,
 }
 
 fn default_owner_interval() -> Duration {
@@ -152,7 +155,8 @@ pub struct RecipientSection {
     /// may be withholding updates). Default: three `interval`s.
     #[serde(default, with = "duration_opt", skip_serializing_if = "Option::is_none")]
     pub stale_after: Option<Duration>,
-    /// Where to mail a notice when the recipient becomes stale (once per stale spell). Default: none.
+    /// Where to mail a notice when the recipient becomes stale (once per stale spell), and a summary of
+    /// refused messages (at most one an hour). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_address: Option<String>,
 }

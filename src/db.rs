@@ -352,6 +352,30 @@ impl Db {
         Ok(())
     }
 
+    /// Rejections recorded after id `after`, oldest first, with their ids.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rejections_after(&self, after: i64) -> Result<Vec<(i64, Rejection)>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, at, reason, detail, sender, message_id, subject FROM rejections WHERE id > ?1 ORDER BY id",
+        )?;
+        let rows = st.query_map([after], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                Rejection {
+                    at: r.get::<_, i64>(1)? as u64,
+                    reason: r.get(2)?,
+                    detail: r.get(3)?,
+                    sender: r.get(4)?,
+                    message_id: r.get(5)?,
+                    subject: r.get(6)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Every recorded rejection, oldest first.
     ///
     /// # Errors

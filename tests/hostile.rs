@@ -552,3 +552,30 @@ fn withheld_updates_make_the_recipient_report_itself_stale() {
     assert_eq!(site.status()["stale"], false);
     assert_eq!(site.status()["generation"], 1);
 }
+
+#[test]
+fn an_admin_gets_one_summary_of_refused_messages_an_hour() {
+    let (w, site) = world_with_pending_change();
+    let cfg = fs::read_to_string(&w.owner_config).unwrap();
+    fs::write(&w.owner_config, cfg.replace("[transport]", "admin-address = \"security@vendor.test\"\n\n[transport]"))
+        .unwrap();
+    let owner_new = w.spool.join(OWNER).join("new");
+    for i in 0..2 {
+        site.run(true);
+        let req = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+        let raw = String::from_utf8(fs::read(&req).unwrap()).unwrap();
+        // A forged copy: the control part altered, the sender claimed to be someone else.
+        fs::write(&req, raw.replacen("From: <site1@customer.test>", &format!("From: <mallory{i}@evil.test>"), 1))
+            .unwrap();
+        flip_after(&req, "control.json", 40);
+        w.owner_run();
+        // The refused request stays answered-for by nobody: let the recipient ask again at once.
+        let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+        fs::write(&site.config, cfg).unwrap();
+    }
+    assert_eq!(rejections(&w.owner_config), ["bad-mac", "bad-mac"]);
+    let admin = w.spool.join("security@vendor.test").join("new");
+    assert_eq!(count(&admin), 1, "one summary within the hour");
+    let summary = fs::read_to_string(fs::read_dir(&admin).unwrap().next().unwrap().unwrap().path()).unwrap();
+    assert!(summary.contains("bad-mac") && summary.contains("mallory0@evil.test"), "{summary}");
+}

@@ -285,6 +285,9 @@ async fn owner_command(c: OwnerCommand) -> Result<Exit> {
                 let mut o = Owner::open(cfg)?;
                 let res = o.run_once(&mut t).await;
                 note_step(o.db(), &t, &res)?;
+                let c = &o.config().owner;
+                admin_summary(o.db(), &mut t, &c.address, c.admin_address.as_deref(), &format!("owner {}", c.address))
+                    .await?;
                 t.close().await;
                 summary("owner", &res?);
             } else {
@@ -311,6 +314,9 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
                 let mut r = Recipient::open(cfg)?;
                 let res = r.run_once(&mut t, !no_request).await;
                 note_step(r.db(), &t, &res)?;
+                let c = &r.config().recipient;
+                admin_summary(r.db(), &mut t, &c.address, c.admin_address.as_deref(), &format!("recipient {}", c.name))
+                    .await?;
                 if res.is_ok() && recipient::notice_staleness(r.db(), r.config())? {
                     // Send the admin notice, if one was queued, now rather than on the next run.
                     Outbox::flush(r.db(), &mut t).await?;
@@ -323,6 +329,17 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
         }
     }
     Ok(Exit::Success)
+}
+
+/// If the node has an admin address, mails it a summary of newly refused messages (at most one an hour),
+/// sending it at once.
+async fn admin_summary(db: &Db, t: &mut AnyTransport, from: &str, admin: Option<&str>, node: &str) -> Result<()> {
+    if let Some(admin) = admin
+        && node::summarize_rejections(db, from, admin, node)?
+    {
+        Outbox::flush(db, t).await?;
+    }
+    Ok(())
 }
 
 /// Records what a step left behind for `status` (the last error, or that all went well; how new mail is
@@ -368,6 +385,9 @@ async fn owner_daemon(cfg: &OwnerConfig, t: &mut AnyTransport) -> Result<()> {
             Ok(_) => {}
             Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
         }
+        let owner = &cfg.owner;
+        admin_summary(&db, t, &owner.address, owner.admin_address.as_deref(), &format!("owner {}", owner.address))
+            .await?;
         if note_step(&db, t, &res)? {
             let delay = backoff.failed();
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
@@ -442,6 +462,8 @@ async fn recipient_daemon(cfg: &RecipientConfig, t: &mut AnyTransport, no_reques
             }
             Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
         }
+        let rc = &cfg.recipient;
+        admin_summary(&db, t, &rc.address, rc.admin_address.as_deref(), &format!("recipient {}", rc.name)).await?;
         if note_step(&db, t, &res)? {
             let delay = backoff.failed();
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
@@ -687,6 +709,9 @@ async fn deliver(path: &Path, files: &[PathBuf]) -> Result<Exit> {
             let mut o = Owner::open(cfg)?;
             let mut t = AnyTransport::open(&o.config().transport, &o.config().owner.address)?;
             let r = node::deliver(&mut o, &mut t, &messages).await?;
+            let c = &o.config().owner;
+            admin_summary(o.db(), &mut t, &c.address, c.admin_address.as_deref(), &format!("owner {}", c.address))
+                .await?;
             summary("owner", &r);
             r
         }
@@ -694,6 +719,9 @@ async fn deliver(path: &Path, files: &[PathBuf]) -> Result<Exit> {
             let mut rcp = Recipient::open(cfg)?;
             let mut t = AnyTransport::open(&rcp.config().transport, &rcp.config().recipient.address)?;
             let r = node::deliver(&mut rcp, &mut t, &messages).await?;
+            let c = &rcp.config().recipient;
+            admin_summary(rcp.db(), &mut t, &c.address, c.admin_address.as_deref(), &format!("recipient {}", c.name))
+                .await?;
             summary("recipient", &r);
             r
         }

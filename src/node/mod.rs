@@ -199,6 +199,49 @@ fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut Ru
     Ok(())
 }
 
+/// How often, at most, an admin gets a summary of refused messages.
+const REJECTION_SUMMARY_EVERY: u64 = 3600;
+
+/// Queues a summary of the messages refused since the last summary to `admin`, at most once an hour.
+/// Returns whether one was queued; the caller's next outbox flush sends it.
+///
+/// # Errors
+/// State failures.
+pub fn summarize_rejections(db: &Db, from: &str, admin: &str, node: &str) -> Result<bool> {
+    let reported: i64 = db.meta("rejections_reported_id")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let last_at: u64 = db.meta("rejections_reported_at")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let now = crate::db::now();
+    if now.saturating_sub(last_at) < REJECTION_SUMMARY_EVERY {
+        return Ok(false);
+    }
+    let new = db.rejections_after(reported)?;
+    let Some((last_id, _)) = new.last() else { return Ok(false) };
+    let mut text = format!("mailferry {node} refused {} message(s) since the last summary:\n\n", new.len());
+    for (_, r) in &new {
+        let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.at));
+        text.push_str(&format!(
+            "{at}  {}  from {}  message-id {}\n    {}\n",
+            r.reason,
+            r.sender.as_deref().unwrap_or("-"),
+            r.message_id.as_deref().unwrap_or("-"),
+            r.detail
+        ));
+    }
+    text.push_str("\nThe senders and message ids are as claimed by the messages; nothing of them was trusted.\n");
+    let raw = mail_builder::MessageBuilder::new()
+        .from(from)
+        .to(admin)
+        .subject(format!("mailferry: {} refused message(s) at {node}", new.len()))
+        .text_body(text)
+        .write_to_vec()?;
+    db.transaction(|db| {
+        db.outbox_put(&format!("rejections-{last_id}"), from, admin, &raw)?;
+        db.set_meta("rejections_reported_id", &last_id.to_string())?;
+        db.set_meta("rejections_reported_at", &now.to_string())
+    })?;
+    Ok(true)
+}
+
 /// Takes the state directory's lock so that two runs never interleave, waiting up to ten minutes for
 /// another process to finish its step.
 ///

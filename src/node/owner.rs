@@ -90,6 +90,7 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         state_dir: None,
         interval: std::time::Duration::from_secs(60),
         compression_level: 9,
+        admin_address: None,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
