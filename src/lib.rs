@@ -31,16 +31,20 @@
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //!
 //! I/O shell:
-//! - [`scan`]: reads a tree into a manifest (never follows symlinks).
+//! - [`scan`]: reads a tree into a manifest (never follows symlinks); the stat cache that lets a rescan
+//!   read only changed files.
 //! - [`store`]: the owner's content-addressed store of every published file.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
 //! - [`apply`] (staging, journal, execution): the only code that writes into a data tree.
-//! - [`transport`]: the only code that moves mail ([`transport::maildir`] spool).
-//! - [`node`]: owner and recipient drivers tying it together; the outbox.
+//! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
+//!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
+//! - [`node`]: owner and recipient drivers tying it together; the outbox (in the state database);
+//!   staleness and admin notices.
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //!
-//! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes.
+//! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes; it also
+//! runs the daemons (a step at a time under the state lock, IDLE or polling in between, capped backoff).
 //!
 //! # Invariants
 //! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name,
@@ -49,6 +53,8 @@
 //!   checked against its BLAKE3.
 //! - Replies go only to the address registered for a recipient.
 //! - mailferry's own state (database, journal, outbox, keys) never lives inside a data tree.
+//! - Anything that depends on a message being sent is committed in the same database transaction that
+//!   queues the message, and a message is filed by its transport only after its effects are durable.
 //! - The core modules listed above as pure do no I/O; only [`transport`] talks to mail systems.
 
 #![forbid(unsafe_code)]
