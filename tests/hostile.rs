@@ -65,12 +65,16 @@ fn expect_refused(w: &World, site: &Site, reason: &str) {
     assert_eq!(site.status()["generation"], 1);
 }
 
-/// Flips one alphanumeric character somewhere after `marker` in the raw message.
+/// Flips one alphanumeric character of the encoded body of the part named `marker`, about `skip` bytes in
+/// (wrapping around in a short body), so the decoded bytes change and the MIME structure does not.
 fn flip_after(path: &Path, marker: &str, skip: usize) {
     let mut raw = fs::read(path).unwrap();
     let at = raw.windows(marker.len()).position(|w| w == marker.as_bytes()).unwrap();
     let body = at + raw[at..].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let pos = (body + skip..raw.len()).find(|&i| raw[i].is_ascii_alphanumeric()).unwrap();
+    let end = body + raw[body..].windows(4).position(|w| w == b"\r\n--").unwrap();
+    let alnum: Vec<usize> = (body..end).filter(|&i| raw[i].is_ascii_alphanumeric()).collect();
+    assert!(!alnum.is_empty(), "part {marker} has an empty body");
+    let pos = alnum[skip % alnum.len()];
     raw[pos] = if raw[pos] == b'Q' { b'R' } else { b'Q' };
     fs::write(path, raw).unwrap();
 }

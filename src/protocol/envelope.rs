@@ -127,6 +127,11 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
         };
         // Parts without a file name are text for humans (our summary, a list footer): ignored.
         let Some(name) = part.attachment_name() else { continue };
+        // A decoder that meets a byte outside the encoding's alphabet gives up; relays never produce
+        // that, corruption does. Say so rather than hand on undecoded bytes.
+        if part.is_encoding_problem {
+            return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} is not validly encoded")));
+        }
         let slot = match name {
             CONTROL_NAME => &mut control,
             AUTH_NAME => &mut auth,
@@ -177,6 +182,17 @@ mod tests {
         assert_eq!(parsed.attachments["p1.zst"], payload);
         assert_eq!(parsed.hints.from.as_deref(), Some("owner@example.org"));
         assert!(String::from_utf8_lossy(&raw).contains("X-Mailferry: 1 reply"));
+    }
+
+    #[test]
+    fn refuses_corrupt_transfer_encoding() {
+        let raw = sample(&[7u8; 3000]);
+        let at = raw.windows(6).position(|w| w == b"p1.zst").unwrap();
+        let body = at + raw[at..].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let mut bad = raw.clone();
+        let nl = body + bad[body..].iter().position(|&b| b == b'\n').unwrap();
+        bad[nl] = 0x0b;
+        assert_eq!(parse(&bad, u64::MAX).unwrap_err().reason, Reason::Malformed);
     }
 
     #[test]
