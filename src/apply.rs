@@ -533,6 +533,7 @@ mod tests {
             generation: 1,
             root: to.root(),
             base: from.root(),
+            need_full_inventory: false,
             ops: diff(from, to),
             payloads: vec![],
         }

@@ -325,6 +325,11 @@ impl Manifest {
         self.entries.insert(path, entry);
     }
 
+    /// Removes the entry at `path`, returning it.
+    pub fn remove(&mut self, path: &RelPath) -> Option<Entry> {
+        self.entries.remove(path)
+    }
+
     /// The entry at `path`.
     pub fn get(&self, path: &RelPath) -> Option<&Entry> {
         self.entries.get(path)

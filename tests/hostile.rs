@@ -583,3 +583,22 @@ fn an_admin_gets_one_summary_of_refused_messages_an_hour() {
     let summary = fs::read_to_string(fs::read_dir(&admin).unwrap().next().unwrap().unwrap().path()).unwrap();
     assert!(summary.contains("bad-mac") && summary.contains("mallory0@evil.test"), "{summary}");
 }
+
+#[test]
+fn a_request_naming_an_unknown_generation_gets_asked_for_the_full_tree() {
+    let (w, site) = world_with_pending_change();
+    site.run(true);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let req = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    // The recipient claims a generation this owner never published (say, its state was restored).
+    resign(&req, &site.key(), "site1", |c| replace(c, "\"generation\":1", b"\"generation\":7"));
+    w.owner_run();
+    assert!(rejections(&w.owner_config).is_empty());
+    site.run(false);
+    assert!(site.rejections().is_empty(), "the owner's answer is authentic: {:?}", site.rejections());
+    assert_eq!(site.status()["generation"], 1, "nothing applied yet");
+    // The next request lists the whole tree, and the sync completes.
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 2);
+}

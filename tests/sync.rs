@@ -302,3 +302,54 @@ fn the_recipient_daemon_requests_applies_and_stops_on_sigterm() {
     assert_same_tree(&w.source, &site.data);
     daemon.stop();
 }
+
+/// The request waiting in the owner's inbox: its control part and its raw size.
+fn waiting_request(w: &World) -> (serde_json::Value, usize) {
+    let new = w.spool.join(OWNER).join("new");
+    let files: Vec<_> = fs::read_dir(&new).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one request waits");
+    let raw = fs::read(&files[0]).unwrap();
+    let parsed = mailferry::protocol::envelope::parse(&raw, u64::MAX).unwrap();
+    (serde_json::from_slice(&parsed.control).unwrap(), raw.len())
+}
+
+#[test]
+fn requests_grow_with_drift_not_with_the_tree() {
+    let w = World::new();
+    let site = w.site("site1");
+    for d in 0..20 {
+        for f in 0..50 {
+            put(&w.source, &format!("d{d:02}/f{f:02}.txt"), format!("{d} {f}\n").as_bytes(), 0o644);
+        }
+    }
+    w.publish();
+    site.run(true);
+    let (first, first_size) = waiting_request(&w);
+    assert_eq!(first["inventory-kind"], "full", "first contact lists the whole tree");
+    w.owner_run();
+    site.run(false);
+    w.owner_run();
+
+    // 1,020 entries, unchanged: the request says so in a few hundred bytes of control part.
+    site.run(true);
+    let (unchanged, size) = waiting_request(&w);
+    assert_eq!(unchanged["inventory-kind"], "changes");
+    assert_eq!(unchanged["inventory"].as_array().unwrap().len(), 0);
+    assert!(size < 4096, "an unchanged tree's request is {size} bytes of mail (first contact: {first_size})");
+    w.owner_run();
+    site.run(false);
+
+    // Local drift: the request lists exactly what drifted, and the reply repairs it.
+    put(&site.data, "d03/f07.txt", b"edited locally\n", 0o644);
+    fs::remove_file(site.data.join("d04/f08.txt")).unwrap();
+    put(&site.data, "stray.txt", b"x", 0o644);
+    site.run(true);
+    let (drift, _) = waiting_request(&w);
+    let listed: Vec<&str> =
+        drift["inventory"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["d03/f07.txt", "stray.txt"]);
+    assert_eq!(drift["removed"], serde_json::json!(["d04/f08.txt"]));
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}

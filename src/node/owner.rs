@@ -17,7 +17,7 @@ use crate::crypto::{Key, random_id};
 use crate::db::{Db, GenerationRow, RecipientRow, now};
 use crate::manifest::{Digest, Manifest, Op, Source, diff};
 use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{self, Auth, Control, Kind, Payload, Reason, Refusal, Reply, Request, VERSION};
+use crate::protocol::{self, Auth, Control, InventoryKind, Kind, Payload, Reason, Refusal, Reply, Request, VERSION};
 use crate::scan::{ForeignKind, scan_with};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
@@ -308,21 +308,49 @@ impl Owner {
                 format!("request seq {} is not newer than {} (replayed or reordered)", req.seq, rec.last_seq),
             )));
         }
-        let inventory = match Manifest::from_listing(req.inventory.clone()) {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}")))),
-        };
-        if inventory.root() != req.root {
-            return Ok(Err(Refusal::new(Reason::Malformed, "request root does not match its inventory")));
-        }
         let Some(generation) = self.db.latest_generation()? else {
             return Ok(Ok(Action::Defer(format!(
                 "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`)",
                 rec.name
             ))));
         };
+        // The recipient's tree: listed whole, or rebuilt from the generation it names plus its changes.
+        let inventory = match req.inventory_kind {
+            InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}"))));
+                }
+            },
+            InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
+            InventoryKind::Changes => {
+                let mut m = self.manifest(req.generation)?.clone();
+                for p in &req.removed {
+                    if m.remove(p).is_none() {
+                        return Ok(Err(Refusal::new(
+                            Reason::Malformed,
+                            format!("request removes `{p}`, which generation {} does not have", req.generation),
+                        )));
+                    }
+                }
+                for l in &req.inventory {
+                    m.insert(l.path.clone(), l.entry.clone());
+                }
+                if let Err(e) = m.validate_shape() {
+                    return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}"))));
+                }
+                Some(m)
+            }
+        };
+        if let Some(inv) = &inventory
+            && inv.root() != req.root
+        {
+            return Ok(Err(Refusal::new(Reason::Malformed, "request root does not match its inventory")));
+        }
         let target = self.manifest(generation.number)?.clone();
-        let mut ops = diff(&inventory, &target);
+        // Without a tree to diff against (a generation this owner does not know), ask for the full one.
+        let need_full_inventory = inventory.is_none();
+        let mut ops = inventory.map_or_else(Vec::new, |inv| diff(&inv, &target));
         let (payloads, blobs) = self.pack(&mut ops)?;
         let reply_id = random_id(16);
         let reply = Reply {
@@ -338,6 +366,7 @@ impl Owner {
             generation: generation.number,
             root: generation.root,
             base: req.root,
+            need_full_inventory,
             ops,
             payloads,
         };

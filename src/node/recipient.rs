@@ -19,10 +19,10 @@ use crate::apply::{self, Journal, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce};
 use crate::db::{Db, now};
-use crate::manifest::Digest;
+use crate::manifest::{Digest, Listed};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want,
+    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want,
 };
 use crate::scan;
 use crate::transport::Transport;
@@ -249,7 +249,23 @@ impl Recipient {
             return Ok(false);
         }
         let scan = self.scan_tree()?;
-        let (generation, _, _) = self.db.applied()?;
+        let (generation, _, applied) = self.db.applied()?;
+        // After first contact only the drift from the applied generation travels, unless the owner asked
+        // for the whole tree.
+        let full = generation == 0 || self.db.meta("need_full_inventory")?.as_deref() == Some("1");
+        let (inventory_kind, inventory, removed) = if full {
+            (InventoryKind::Full, scan.manifest.listing(), Vec::new())
+        } else {
+            let changed = scan
+                .manifest
+                .iter()
+                .filter(|(p, e)| applied.get(p) != Some(*e))
+                .map(|(p, e)| Listed { path: p.clone(), entry: e.clone() })
+                .collect();
+            let removed =
+                applied.iter().filter(|(p, _)| scan.manifest.get(p).is_none()).map(|(p, _)| p.clone()).collect();
+            (InventoryKind::Changes, changed, removed)
+        };
         let nonce = Nonce::generate();
         let seq = self.db.meta_u64("seq")? + 1;
         let req = Request {
@@ -261,7 +277,9 @@ impl Recipient {
             created: now(),
             generation,
             root: scan.manifest.root(),
-            inventory: scan.manifest.listing(),
+            inventory_kind,
+            inventory,
+            removed,
             want: Want::Latest,
         };
         let control = protocol::encode(&req);
@@ -284,6 +302,9 @@ impl Recipient {
         self.db.transaction(|db| {
             anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
             db.add_outstanding(&nonce.to_hex(), seq)?;
+            if full {
+                db.set_meta("need_full_inventory", "")?;
+            }
             db.outbox_put(&format!("request-{seq:010}"), from, to, &raw)
         })?;
         info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued");
@@ -399,6 +420,17 @@ impl Recipient {
             )));
         }
         refuse!(protocol::check_payloads(reply, &parsed.attachments));
+        if reply.need_full_inventory {
+            if !reply.ops.is_empty() {
+                return Ok(Err(Refusal::new(
+                    Reason::Malformed,
+                    "a reply asking for a full inventory carries operations",
+                )));
+            }
+            info!("the owner asked for the full tree; the next request lists it");
+            self.db.set_meta("need_full_inventory", "1")?;
+            return self.current(nonce, digest, applied);
+        }
 
         let data = self.cfg.recipient.data.clone();
         let scan = self.scan_tree()?;

@@ -77,10 +77,29 @@ pub struct Request {
     pub generation: u64,
     /// Root of the tree as it is on disk now.
     pub root: Digest,
-    /// Every directory and file in the tree now.
+    /// Whether `inventory` is the whole tree or only what differs from `generation`.
+    #[serde(default)]
+    pub inventory_kind: InventoryKind,
+    /// [`InventoryKind::Full`]: every entry of the tree now. [`InventoryKind::Changes`]: only the entries
+    /// that are new or differ from generation `generation`.
     pub inventory: Vec<Listed>,
+    /// [`InventoryKind::Changes`] only: paths of generation `generation` that are gone from the tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<crate::path::RelPath>,
     /// What the recipient wants.
     pub want: Want,
+}
+
+/// How a request describes the recipient's tree.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InventoryKind {
+    /// Every entry (first contact, or when the owner asked for it).
+    #[default]
+    Full,
+    /// Only the difference from the generation the recipient applied: a request grows with local drift,
+    /// not with the size of the tree.
+    Changes,
 }
 
 /// A payload attachment listed in a reply.
@@ -126,6 +145,10 @@ pub struct Reply {
     pub base: Digest,
     /// The operations, in any order (they are applied in canonical order).
     pub ops: Vec<Op>,
+    /// The owner could not rebuild the recipient's tree from a changes-only request (it does not know the
+    /// generation named): the reply carries no operations, and the next request must list the full tree.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub need_full_inventory: bool,
     /// The payload attachments of this part.
     pub payloads: Vec<Payload>,
 }
@@ -380,7 +403,10 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
     };
     match &control {
         Control::Request(r) => {
-            if r.inventory.len() > limits.max_inventory_entries {
+            if r.inventory_kind == InventoryKind::Full && !r.removed.is_empty() {
+                return Err(Refusal::new(Reason::Malformed, "a full inventory lists no removed paths"));
+            }
+            if r.inventory.len() + r.removed.len() > limits.max_inventory_entries {
                 return Err(Refusal::new(
                     Reason::Limit,
                     format!("inventory has {} entries, limit is {}", r.inventory.len(), limits.max_inventory_entries),
@@ -525,6 +551,7 @@ mod tests {
             generation: 2,
             root: Digest([1; 32]),
             base: Digest([2; 32]),
+            need_full_inventory: false,
             ops: vec![Op::Put {
                 path: RelPath::new("a/b").unwrap(),
                 size: 5,
