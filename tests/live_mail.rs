@@ -184,18 +184,7 @@ impl<'m> MailWorld<'m> {
         let dir = self.tmp.path().join(name);
         let data = self.tmp.path().join(format!("{name}-data"));
         let spool = self.tmp.path().join("unused-spool");
-        ok(&[
-            "recipient",
-            "init",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--enrollment",
-            e,
-            "--transport-root",
-            spool.to_str().unwrap(),
-        ]);
+        init_recipient(&dir, &data, &enrollment, &spool);
         let config = dir.join("recipient.toml");
         switch_to_mail(&config, &mail_tables(self.m, &user, smtp, imap), &password);
         MailSite { node: Node { config: config.to_str().unwrap().to_owned(), user }, data }

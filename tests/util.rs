@@ -219,18 +219,7 @@ impl World {
         ]);
         let dir = self.path(name);
         let data = self.path(&format!("{name}-data"));
-        ok(&[
-            "recipient",
-            "init",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--enrollment",
-            e,
-            "--transport-root",
-            self.spool.to_str().unwrap(),
-        ]);
+        init_recipient(&dir, &data, &enrollment, &self.spool);
         let config = dir.join("recipient.toml").to_str().unwrap().to_owned();
         Site { address, dir, data, config }
     }
@@ -271,6 +260,22 @@ impl World {
     pub fn owner_status(&self) -> serde_json::Value {
         serde_json::from_str(&ok(&["status", "--config", &self.owner_config, "--json"])).unwrap()
     }
+}
+
+/// `mailferry recipient init` for a data tree `data` with its state in `dir`.
+pub fn init_recipient(dir: &Path, data: &Path, enrollment: &Path, spool: &Path) {
+    ok(&[
+        "recipient",
+        "init",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--enrollment",
+        enrollment.to_str().unwrap(),
+        "--transport-root",
+        spool.to_str().unwrap(),
+    ]);
 }
 
 /// Builds a varied tree: nested directories, binary, empty and executable files, an empty directory.
