@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Digest, Entry, LinkTarget, Listed, Manifest, Mode, Op, ordered};
+use crate::delta::{self, DecodeError};
+use crate::manifest::{Digest, Entry, LinkTarget, Listed, Manifest, Mode, Op, Source, ordered};
 use crate::path::RelPath;
-use crate::protocol::{Reason, Refusal, Reply};
+use crate::protocol::{Reason, Refusal, Update};
 use crate::scan::{ForeignKind, Scan};
 
 /// What to do with files in the data tree that the owner does not list.
@@ -109,7 +110,8 @@ fn local(detail: String) -> Refusal {
 /// has changed since the request (its root is not the reply's `base`); [`Reason::BadPath`] when the
 /// operations do not form a valid tree; [`Reason::TreeMismatch`] when the result would not have the
 /// promised root.
-pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) -> Result<Plan, Refusal> {
+pub fn plan(scan: &Scan, previous: &Manifest, update: &Update, on_extra: OnExtra) -> Result<Plan, Refusal> {
+    let (reply, ops) = (&update.head, &update.body.ops);
     // Symbolic links inside the tree are ordinary entries of the manifest; what is left here is what
     // mailferry must not touch at all.
     if let Some(f) = scan.foreign.first() {
@@ -131,7 +133,7 @@ pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) 
         )));
     }
     let target = current
-        .apply(&reply.ops)
+        .apply(ops)
         .map_err(|e| Refusal::new(Reason::BadPath, format!("operations do not form a valid tree: {e}")))?;
     if target.root() != reply.root {
         return Err(Refusal::new(
@@ -146,7 +148,7 @@ pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) 
     let mut kept: Vec<RelPath> = Vec::new();
     let keep = |p: &RelPath| on_extra == OnExtra::Keep && previous.get(p).is_none() && target.get(p).is_none();
     let mut n_staged = 0usize;
-    for op in ordered(&reply.ops) {
+    for op in ordered(ops) {
         match op {
             Op::Delete { path } => {
                 let has_kept_child = kept.iter().any(|k| k.starts_with(path));
@@ -169,7 +171,7 @@ pub fn plan(scan: &Scan, previous: &Manifest, reply: &Reply, on_extra: OnExtra) 
         }
     }
     // Every file that gets placed ends with a chmod to its final mode, so a re-run after a crash is exact.
-    for op in &reply.ops {
+    for op in ops {
         if let Op::Put { path, mode, .. } = op {
             steps.push(Step::Chmod { path: path.clone(), mode: *mode });
         }
@@ -193,23 +195,32 @@ pub enum StageError {
     },
 }
 
-/// Decompresses every put of `reply` into `stage_dir/files/`, verifying each file's size and BLAKE3 as it
-/// is written, and fsyncs them. `payload(id)` returns a verified payload attachment.
+/// Where [`stage`] finds content.
+pub struct Sources<'a> {
+    /// The reply's assembled, verified pack.
+    pub pack: &'a Path,
+    /// A path in the data tree whose content should have this digest (from the scan), for local copies
+    /// and delta bases.
+    pub local: &'a dyn Fn(&Digest) -> Option<PathBuf>,
+}
+
+/// Writes every put of `update` into `stage_dir/files/`, verifying each file's size and BLAKE3 as it is
+/// written, and fsyncs them. Content comes from the pack (a zstd frame, or a slice of a delta stream
+/// decoded against the recipient's own files) or is copied from another path of the tree.
 ///
-/// Memory stays bounded by the zstd window: each file streams from its frame to disk.
+/// Memory stays bounded by the zstd window: files stream from pack to disk; a delta stream holds only its
+/// prefix (the bases) in memory and is decoded to a file under `stage_dir/streams/` first.
 ///
 /// # Errors
-/// See [`StageError`]. On error the staging directory may hold partial files; the caller removes it.
-pub fn stage<'a>(
-    plan: &Plan,
-    reply: &Reply,
-    payload: &dyn Fn(&str) -> Option<&'a [u8]>,
-    stage_dir: &Path,
-) -> Result<(), StageError> {
+/// See [`StageError`]. A base or local copy that is not what the owner thought (the tree changed since
+/// the scan) is a [`Reason::LocalTree`] refusal. On error the staging directory may hold partial files;
+/// the caller removes it.
+pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) -> Result<(), StageError> {
     let files = stage_dir.join("files");
     let io_err = |source| StageError::Io { dir: stage_dir.to_path_buf(), source };
     fs::create_dir_all(&files).map_err(io_err)?;
-    let puts: std::collections::HashMap<&RelPath, (u64, Digest, &Option<crate::manifest::Source>)> = reply
+    let puts: std::collections::HashMap<&RelPath, (u64, Digest, &Option<Source>)> = update
+        .body
         .ops
         .iter()
         .filter_map(|op| match op {
@@ -217,25 +228,49 @@ pub fn stage<'a>(
             _ => None,
         })
         .collect();
+    let pack = File::open(src.pack).map_err(io_err)?;
+    let mut decoded: std::collections::HashMap<u32, PathBuf> = std::collections::HashMap::new();
     for step in &plan.steps {
         let Step::Place { path, staged, .. } = step else { continue };
         let &(size, blake3, source) =
             puts.get(path).ok_or_else(|| Refusal::new(Reason::Malformed, format!("no put for `{path}`")))?;
-        let src =
-            source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
-        let data = payload(&src.payload)
-            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", src.payload)))?;
-        let frame = usize::try_from(src.offset)
-            .ok()
-            .zip(usize::try_from(src.offset + src.length).ok())
-            .and_then(|(a, b)| data.get(a..b))
-            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("put `{path}` points outside its payload")))?;
+        let source =
+            source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no source")))?;
         let out_path = files.join(staged);
-        let out = File::create(&out_path).map_err(io_err)?;
-        let (written, digest) = decompress_into(frame, size, out).map_err(|e| match e {
-            DecodeError::Io(source) => StageError::Io { dir: stage_dir.to_path_buf(), source },
-            DecodeError::Bad(why) => StageError::Refused(Refusal::new(Reason::BadPayload, format!("`{path}`: {why}"))),
-        })?;
+        let out = BufWriter::new(File::create(&out_path).map_err(io_err)?);
+        let bad = |why: String| StageError::Refused(Refusal::new(Reason::BadPayload, format!("`{path}`: {why}")));
+        let (written, digest, out) = match source {
+            Source::Pack { offset, length } => {
+                let frame = io::BufReader::new(section(&pack, *offset, *length).map_err(io_err)?);
+                let mut out = out;
+                let (n, d) = delta::decompress(frame, &[], size, &mut out).map_err(|e| match e {
+                    DecodeError::Io(source) => io_err(source),
+                    DecodeError::Bad(why) => bad(why),
+                })?;
+                (n, d, out)
+            }
+            Source::Local => {
+                let from = (src.local)(&blake3).ok_or_else(|| {
+                    local(format!("`{path}` is to be copied from local content {}, which is gone", blake3.short()))
+                })?;
+                let f = crate::scan::open_regular(&from)
+                    .map_err(|e| local(format!("cannot read `{}` to copy it to `{path}`: {e}", from.display())))?;
+                copy_hashing(f.take(size.saturating_add(1)), out).map_err(io_err)?
+            }
+            Source::Delta { stream, start } => {
+                let file = match decoded.get(stream) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = decode_stream(update, *stream, &pack, src, stage_dir)?;
+                        decoded.insert(*stream, f.clone());
+                        f
+                    }
+                };
+                let f = section(&File::open(&file).map_err(io_err)?, *start, size).map_err(io_err)?;
+                copy_hashing(f, out).map_err(io_err)?
+            }
+        };
+        out.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
         if written != size || digest != blake3 {
             return Err(Refusal::new(
                 Reason::BadPayload,
@@ -248,44 +283,90 @@ pub fn stage<'a>(
             .into());
         }
     }
+    let _ = fs::remove_dir_all(stage_dir.join("streams"));
     File::open(&files).and_then(|d| d.sync_all()).map_err(io_err)?;
     Ok(())
 }
 
-enum DecodeError {
-    Io(io::Error),
-    Bad(String),
+/// `length` bytes of `file` from `offset`, as a reader of its own.
+fn section(file: &File, offset: u64, length: u64) -> io::Result<io::Take<File>> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(offset))?;
+    Ok(f.take(length))
 }
 
-/// Streams the zstd `frame` into `out`, refusing to produce more than `limit` bytes; returns the bytes
-/// written and their digest.
-fn decompress_into(frame: &[u8], limit: u64, out: File) -> Result<(u64, Digest), DecodeError> {
-    let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
-        .map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
-    // A frame may not make us reserve a window larger than the file it declares (8 MiB at least, which
-    // covers every level's default window), so a tiny file cannot cost gigabytes of memory.
-    let needed = 64 - limit.max(1).leading_zeros() + 1;
-    dec.window_log_max(needed.clamp(23, 31)).map_err(|e| DecodeError::Bad(e.to_string()))?;
-    let mut dec = dec.single_frame();
-    let mut w = BufWriter::new(out);
+/// Copies `from` into `out`; returns the bytes copied, their digest, and `out`.
+fn copy_hashing<R: Read>(mut from: R, mut out: BufWriter<File>) -> io::Result<(u64, Digest, BufWriter<File>)> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        let n = dec.read(&mut buf).map_err(|e| DecodeError::Bad(format!("bad zstd frame: {e}")))?;
+        let n = from.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        total += n as u64;
-        if total > limit {
-            return Err(DecodeError::Bad(format!("unpacks to more than the declared {limit} bytes")));
-        }
         h.update(&buf[..n]);
-        w.write_all(&buf[..n]).map_err(DecodeError::Io)?;
+        out.write_all(&buf[..n])?;
+        total += n as u64;
     }
-    let f = w.into_inner().map_err(|e| DecodeError::Io(e.into_error()))?;
-    f.sync_all().map_err(DecodeError::Io)?;
-    Ok((total, h.finalize().into()))
+    Ok((total, h.finalize().into(), out))
+}
+
+/// Decodes delta stream `index` into `stage_dir/streams/<index>`, with its bases read from the tree
+/// (each checked against its digest) as the prefix; checks the output's size and digest.
+fn decode_stream(
+    update: &Update,
+    index: u32,
+    pack: &File,
+    src: &Sources<'_>,
+    stage_dir: &Path,
+) -> Result<PathBuf, StageError> {
+    let io_err = |source| StageError::Io { dir: stage_dir.to_path_buf(), source };
+    let stream = usize::try_from(index)
+        .ok()
+        .and_then(|i| update.body.streams.get(i))
+        .ok_or_else(|| Refusal::new(Reason::Malformed, format!("no delta stream {index}")))?;
+    let mut prefix = Vec::with_capacity(usize::try_from(stream.prefix_size()).unwrap_or(0));
+    for base in &stream.bases {
+        let from = (src.local)(&base.blake3).ok_or_else(|| {
+            local(format!("delta base {} is not in the tree (it changed since the request)", base.blake3.short()))
+        })?;
+        let start = prefix.len();
+        crate::scan::open_regular(&from)
+            .and_then(|f| f.take(base.size.saturating_add(1)).read_to_end(&mut prefix))
+            .map_err(|e| local(format!("cannot read delta base `{}`: {e}", from.display())))?;
+        if Digest::of(&prefix[start..]) != base.blake3 {
+            return Err(local(format!(
+                "delta base `{}` is not {} any more (it changed since the request)",
+                from.display(),
+                base.blake3.short()
+            ))
+            .into());
+        }
+    }
+    let dir = stage_dir.join("streams");
+    fs::create_dir_all(&dir).map_err(io_err)?;
+    let path = dir.join(index.to_string());
+    let out = BufWriter::new(File::create(&path).map_err(io_err)?);
+    let frame = io::BufReader::new(section(pack, stream.offset, stream.length).map_err(io_err)?);
+    let bad =
+        |why: String| StageError::Refused(Refusal::new(Reason::BadPayload, format!("delta stream {index}: {why}")));
+    let mut out = out;
+    let (n, d) = delta::decompress(frame, &prefix, stream.size, &mut out).map_err(|e| match e {
+        DecodeError::Io(source) => io_err(source),
+        DecodeError::Bad(why) => bad(why),
+    })?;
+    out.flush().map_err(io_err)?;
+    if n != stream.size || d != stream.blake3 {
+        return Err(bad(format!(
+            "decodes to {n} bytes with digest {}, body says {} bytes, {}",
+            d.short(),
+            stream.size,
+            stream.blake3.short()
+        )));
+    }
+    Ok(path)
 }
 
 /// The durable record of an apply in progress. Present in the state directory exactly while the data tree
@@ -498,7 +579,7 @@ mod tests {
     use super::*;
     use crate::crypto::Nonce;
     use crate::manifest::{FileMeta, diff};
-    use crate::protocol::{Kind, VERSION};
+    use crate::protocol::{Body, Frame, Kind, Reply, VERSION};
     use crate::scan::Foreign;
 
     fn p(s: &str) -> RelPath {
@@ -519,8 +600,8 @@ mod tests {
         m
     }
 
-    fn reply_for(from: &Manifest, to: &Manifest) -> Reply {
-        Reply {
+    fn reply_for(from: &Manifest, to: &Manifest) -> Update {
+        let head = Reply {
             mailferry: VERSION,
             kind: Kind::Reply,
             recipient: "r".into(),
@@ -534,9 +615,10 @@ mod tests {
             root: to.root(),
             base: from.root(),
             need_full_inventory: false,
-            ops: diff(from, to),
             payloads: vec![],
-        }
+            body: Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
+        };
+        Update { head, body: Body { mailferry: VERSION, ops: diff(from, to), streams: vec![] } }
     }
 
     #[test]
@@ -547,7 +629,7 @@ mod tests {
         assert!(plan(&ok, &from, &reply_for(&from, &to), OnExtra::Delete).is_ok());
 
         let mut lying = reply_for(&from, &to);
-        lying.root = Digest([9; 32]);
+        lying.head.root = Digest([9; 32]);
         assert_eq!(plan(&ok, &from, &lying, OnExtra::Delete).unwrap_err().reason, Reason::TreeMismatch);
 
         let drifted = Scan { manifest: tree(&[("a", None)]), foreign: vec![] };
@@ -568,7 +650,7 @@ mod tests {
         linked.insert(p("a"), Entry::Link(LinkTarget::new("elsewhere").unwrap()));
         linked.insert(p("elsewhere"), Entry::Dir);
         let mut via = reply_for(&from, &to);
-        via.base = linked.root();
+        via.head.base = linked.root();
         let through_link = Scan { manifest: linked, foreign: vec![] };
         assert_eq!(plan(&through_link, &from, &via, OnExtra::Delete).unwrap_err().reason, Reason::BadPath);
     }

@@ -106,6 +106,28 @@ pub struct OwnerSection {
     /// Where to mail a summary of refused messages (at most one an hour). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_address: Option<String>,
+    /// Largest message the relays between owner and recipients accept, in bytes, headers and encoding
+    /// included. Replies larger than this (or than the SMTP server's `SIZE`, if smaller) travel in
+    /// several parts. Default 10,240,000; at least 65,536.
+    #[serde(default = "default_relay_limit")]
+    pub relay_limit: u64,
+    /// How many of the newest generations recipients can be updated from by delta (older ones are pruned
+    /// from the state database and content store; a recipient on a pruned generation gets whole files).
+    /// Default 16; at least 1.
+    #[serde(default = "default_keep_generations")]
+    pub keep_generations: u64,
+}
+
+/// Default `relay-limit`: a little under the common 10 MiB relay limit.
+pub const DEFAULT_RELAY_LIMIT: u64 = 10_240_000;
+/// Smallest `relay-limit` accepted.
+pub const MIN_RELAY_LIMIT: u64 = 65_536;
+
+fn default_relay_limit() -> u64 {
+    DEFAULT_RELAY_LIMIT
+}
+fn default_keep_generations() -> u64 {
+    16
 }
 
 fn default_owner_interval() -> Duration {
@@ -279,6 +301,16 @@ impl NodeConfig {
                 owner.source = resolve(&base, &owner.source);
                 let state_dir = owner.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
                 crate::transport::maildir::check_address(&owner.address).map_err(anyhow::Error::msg)?;
+                if owner.relay_limit < MIN_RELAY_LIMIT {
+                    bail!(
+                        "config file `{}`: relay-limit = {} is below the smallest usable {MIN_RELAY_LIMIT}",
+                        path.display(),
+                        owner.relay_limit
+                    );
+                }
+                if owner.keep_generations == 0 {
+                    bail!("config file `{}`: keep-generations must be at least 1", path.display());
+                }
                 Ok(NodeConfig::Owner(OwnerConfig { path, owner, transport, limits: raw.limits, state_dir }))
             }
             (None, Some(mut recipient)) => {

@@ -177,7 +177,13 @@ impl Db {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS stat_cache (
                 path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-                ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, mode INTEGER NOT NULL, digest BLOB NOT NULL)",
+                ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, mode INTEGER NOT NULL, digest BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS sent_parts (
+                reply_id TEXT NOT NULL, part INTEGER NOT NULL, recipient TEXT NOT NULL, created INTEGER NOT NULL,
+                raw BLOB NOT NULL, PRIMARY KEY (reply_id, part));
+             CREATE TABLE IF NOT EXISTS received_parts (
+                reply_id TEXT NOT NULL, part INTEGER NOT NULL, nonce TEXT NOT NULL, received_at INTEGER NOT NULL,
+                control BLOB NOT NULL, PRIMARY KEY (reply_id, part));",
         )?;
         Ok(Db { conn })
     }
@@ -659,6 +665,22 @@ impl Db {
             .optional()?)
     }
 
+    /// The generation of reply `reply_id` sent to `recipient`, if the owner sent it.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT generation FROM requests WHERE reply_id = ?1 AND recipient = ?2 LIMIT 1",
+                params![reply_id, recipient],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|g| g as u64))
+    }
+
     /// Whether a receipt for this reply was recorded already.
     ///
     /// # Errors
@@ -834,5 +856,108 @@ impl Db {
             .conn
             .query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
             > 0)
+    }
+
+    // ---- parts ----
+
+    /// Keeps a sent reply part, so that it can be sent again if it is lost.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn keep_sent_part(&self, reply_id: &str, part: u32, recipient: &str, raw: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sent_parts (reply_id, part, recipient, created, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![reply_id, part, recipient, now() as i64, raw],
+        )?;
+        Ok(())
+    }
+
+    /// The reply a queued reply part (outbox name `reply-NONCE-PART`) belongs to.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn reply_of_outbox_name(&self, name: &str) -> Result<Option<String>> {
+        let Some(nonce) = name.strip_prefix("reply-").and_then(|r| r.split('-').next()) else { return Ok(None) };
+        Ok(self.conn.query_row("SELECT reply_id FROM requests WHERE nonce = ?1", [nonce], |r| r.get(0)).optional()?)
+    }
+
+    /// A kept reply part of `recipient`'s, if it is still kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT raw FROM sent_parts WHERE reply_id = ?1 AND part = ?2 AND recipient = ?3",
+                params![reply_id, part, recipient],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Forgets the kept parts of a reply (its receipt arrived) or of every reply older than `max_age`
+    /// seconds. Returns how many parts were dropped.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn drop_sent_parts(&self, reply_id: Option<&str>, max_age: u64) -> Result<usize> {
+        let cutoff = now().saturating_sub(max_age) as i64;
+        Ok(self
+            .conn
+            .execute("DELETE FROM sent_parts WHERE reply_id = ?1 OR created < ?2", params![reply_id, cutoff])?)
+    }
+
+    /// Records a verified part of a reply (its chunk is on disk) with its control bytes.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_part(&self, reply_id: &str, part: u32, nonce: &str, control: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO received_parts (reply_id, part, nonce, received_at, control)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![reply_id, part, nonce, now() as i64, control],
+        )?;
+        Ok(())
+    }
+
+    /// The parts of a reply received so far, with their control bytes.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn received_parts(&self, reply_id: &str) -> Result<Vec<(u32, Vec<u8>)>> {
+        let mut st = self.conn.prepare("SELECT part, control FROM received_parts WHERE reply_id = ?1 ORDER BY part")?;
+        let rows = st.query_map([reply_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Incomplete replies: reply id, nonce, and when the last part arrived.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn partial_replies(&self) -> Result<Vec<(String, String, u64)>> {
+        let mut st = self.conn.prepare(
+            "SELECT reply_id, nonce, max(received_at) FROM received_parts GROUP BY reply_id ORDER BY 3 DESC",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets the received parts of a reply.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn forget_parts(&self, reply_id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM received_parts WHERE reply_id = ?1", [reply_id])?;
+        Ok(())
+    }
+
+    /// Forgets every outstanding request (a reply was applied: the tree they described is gone).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn close_all_outstanding(&self) -> Result<()> {
+        self.conn.execute("DELETE FROM outstanding", [])?;
+        Ok(())
     }
 }

@@ -64,6 +64,7 @@ pub mod apply;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod delta;
 pub mod failpoint;
 pub mod limits;
 pub mod manifest;

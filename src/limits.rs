@@ -22,6 +22,11 @@ pub struct Limits {
     pub max_reply_bytes: u64,
     /// Most entries a request's inventory may list. Default 2,000,000.
     pub max_inventory_entries: usize,
+    /// Largest reply body (the operation list, uncompressed). Default 1 GiB.
+    pub max_body_bytes: u64,
+    /// Largest window a delta stream may need (its prefix plus its output), which is what decoding it
+    /// holds in memory. Default 1 GiB.
+    pub max_delta_window: u64,
 }
 
 impl Default for Limits {
@@ -33,6 +38,8 @@ impl Default for Limits {
             max_file_bytes: 16 << 30,
             max_reply_bytes: 64 << 30,
             max_inventory_entries: 2_000_000,
+            max_body_bytes: 1 << 30,
+            max_delta_window: 1 << 30,
         }
     }
 }

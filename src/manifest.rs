@@ -491,14 +491,24 @@ impl Manifest {
 
 /// Where a put's content comes from.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct Source {
-    /// The payload attachment holding the compressed bytes.
-    pub payload: String,
-    /// Offset of this file's zstd frame in the decoded payload.
-    pub offset: u64,
-    /// Length of the frame.
-    pub length: u64,
+#[serde(tag = "from", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Source {
+    /// A zstd frame of the whole content, in the reply's pack.
+    Pack {
+        /// Offset of the frame in the pack.
+        offset: u64,
+        /// Length of the frame.
+        length: u64,
+    },
+    /// A slice of a delta stream's output.
+    Delta {
+        /// Index of the stream in the reply body.
+        stream: u32,
+        /// Where the content starts in the stream's output.
+        start: u64,
+    },
+    /// The recipient already has this content (same BLAKE3) under another path.
+    Local,
 }
 
 /// One step from a recipient's tree towards the target generation.

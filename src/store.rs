@@ -119,6 +119,18 @@ impl Store {
         fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("store object `{}`: {e}", path.display())))
     }
 
+    /// The stored zstd frame of `d`, opened for streaming, and its length.
+    ///
+    /// # Errors
+    /// `NotFound` when the store does not hold it.
+    pub fn open_frame(&self, d: &Digest) -> io::Result<(File, u64)> {
+        let path = self.object_path(d);
+        let f = File::open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("store object `{}`: {e}", path.display())))?;
+        let len = f.metadata()?.len();
+        Ok((f, len))
+    }
+
     /// The decompressed content of `d`.
     ///
     /// # Errors

@@ -8,7 +8,7 @@ use mailferry::apply::{self, OnExtra};
 use mailferry::crypto::Key;
 use mailferry::limits::Limits;
 use mailferry::manifest::{Digest, Manifest, Op};
-use mailferry::protocol::{self, Control, Kind, Reason, envelope};
+use mailferry::protocol::{self, Control, Kind, Reason, Reply, Update, envelope};
 use mailferry::scan::Scan;
 
 fn fixture(rel: &str) -> Vec<u8> {
@@ -30,6 +30,31 @@ fn open(name: &str) -> (envelope::Parsed, Control) {
     (parsed, control)
 }
 
+/// The update a single-part reply carries, and its pack (the one chunk) in a file.
+fn whole(reply: &Reply, parsed: &envelope::Parsed) -> Result<(Update, tempfile::NamedTempFile), Reason> {
+    let pack = &parsed.attachments[&reply.payloads[0].id];
+    let frame = usize::try_from(reply.body.offset)
+        .ok()
+        .zip(usize::try_from(reply.body.offset + reply.body.length).ok())
+        .and_then(|(a, b)| pack.get(a..b))
+        .ok_or(Reason::BadPayload)?;
+    let body = protocol::open_body(reply, frame, &Limits::default()).map_err(|r| r.reason)?;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), pack).unwrap();
+    Ok((Update { head: reply.clone(), body }, file))
+}
+
+/// Stages `update` into `dir` with nothing local to copy from.
+fn stage(update: &Update, pack: &std::path::Path, dir: &std::path::Path) -> Result<(), Reason> {
+    let plan = apply::plan(&Scan::default(), &Manifest::new(), update, OnExtra::Delete).map_err(|r| r.reason)?;
+    assert_eq!(plan.target.root(), update.head.root);
+    let nothing = |_: &Digest| None;
+    apply::stage(&plan, update, &apply::Sources { pack, local: &nothing }, dir).map_err(|e| match e {
+        apply::StageError::Refused(r) => r.reason,
+        other => panic!("{other}"),
+    })
+}
+
 #[test]
 fn golden_request_receipt_and_reply_verify() {
     let (_, request) = open("request");
@@ -47,15 +72,13 @@ fn golden_request_receipt_and_reply_verify() {
     assert_eq!(reply.nonce, r.nonce, "the reply echoes the request's nonce");
     assert_eq!(reply.base, r.root);
     // Planning against the empty tree the request described, then staging, reproduces every file.
-    let scan = Scan::default();
-    let plan = apply::plan(&scan, &Manifest::new(), &reply, OnExtra::Delete).unwrap();
-    assert_eq!(plan.target.root(), reply.root);
+    protocol::check_payloads(&reply, &parsed.attachments).unwrap();
+    let (update, pack) = whole(&reply, &parsed).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
-    apply::stage(&plan, &reply, &payload, dir.path()).unwrap();
-    let puts = reply.ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+    stage(&update, pack.path(), dir.path()).unwrap();
+    let puts = update.body.ops.iter().filter(|o| matches!(o, Op::Put { .. })).count();
     assert_eq!(std::fs::read_dir(dir.path().join("files")).unwrap().count(), puts);
-    let hello = reply.ops.iter().find(|o| o.path().as_str() == "hello.txt").unwrap();
+    let hello = update.body.ops.iter().find(|o| o.path().as_str() == "hello.txt").unwrap();
     assert!(matches!(hello, Op::Put { blake3, .. } if *blake3 == Digest::of(b"hello\n")));
 }
 
@@ -86,13 +109,9 @@ fn verify_as_recipient(raw: &[u8]) -> Result<usize, Reason> {
         return Err(Reason::Unexpected);
     };
     protocol::check_payloads(&reply, &parsed.attachments).map_err(|r| r.reason)?;
-    let plan = apply::plan(&Scan::default(), &Manifest::new(), &reply, OnExtra::Delete).map_err(|r| r.reason)?;
+    let (update, pack) = whole(&reply, &parsed)?;
     let dir = tempfile::tempdir().unwrap();
-    let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
-    apply::stage(&plan, &reply, &payload, dir.path()).map_err(|e| match e {
-        apply::StageError::Refused(r) => r.reason,
-        other => panic!("{other}"),
-    })?;
+    stage(&update, pack.path(), dir.path())?;
     Ok(std::fs::read_dir(dir.path().join("files")).unwrap().count())
 }
 

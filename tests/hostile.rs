@@ -3,8 +3,9 @@
 use std::fs;
 use std::path::Path;
 
+use mailferry::manifest::Digest;
 use mailferry::protocol::envelope::{self, Outgoing};
-use mailferry::protocol::{Auth, Kind};
+use mailferry::protocol::{Auth, Frame, Kind, Reply};
 
 use crate::util::*;
 
@@ -23,13 +24,42 @@ fn world_with_pending_change() -> (World, Site) {
 
 /// Rewrites the control part of the message at `path` with `edit`, then signs it again with `key`, as
 /// an attacker holding the key (or a bug in the owner) would. This isolates the checks after the MAC.
+///
+/// For a single-part reply `edit` sees the control part and the body (from the pack) as two lines, so it
+/// can change either; the pack and the control part's chunk and body entries are rebuilt to match.
 fn resign(path: &Path, key: &mailferry::crypto::Key, recipient: &str, edit: impl FnOnce(Vec<u8>) -> Vec<u8>) {
     let raw = fs::read(path).unwrap();
     let parsed = envelope::parse(&raw, u64::MAX).unwrap();
-    let control = edit(parsed.control.clone());
-    assert_ne!(control, parsed.control, "the edit must change the control part");
+    let head: serde_json::Value = serde_json::from_slice(&parsed.control).unwrap();
+    let (control, attachments) = if head["type"] == "reply" {
+        let reply: Reply = serde_json::from_slice(&parsed.control).unwrap();
+        let id = reply.payloads[0].id.clone();
+        let pack = &parsed.attachments[&id];
+        let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
+        let body = zstd::decode_all(&pack[at..at + len]).unwrap();
+        let both = edit([parsed.control.clone(), b"\n".to_vec(), body.clone()].concat());
+        let split = both.iter().position(|&b| b == b'\n').expect("the edit keeps the two lines");
+        let (control, new_body) = (&both[..split], &both[split + 1..]);
+        assert!(control != parsed.control || new_body != body, "the edit must change the reply");
+        let frame = zstd::encode_all(new_body, 3).unwrap();
+        let new_pack = [&pack[..at], frame.as_slice()].concat();
+        let mut reply: Reply = serde_json::from_slice(control).unwrap();
+        reply.body = Frame {
+            offset: at as u64,
+            length: frame.len() as u64,
+            size: new_body.len() as u64,
+            blake3: Digest::of(new_body),
+        };
+        reply.payloads[0].size = new_pack.len() as u64;
+        reply.payloads[0].blake3 = Digest::of(&new_pack);
+        (mailferry::protocol::encode(&reply), vec![(id, new_pack)])
+    } else {
+        let control = edit(parsed.control.clone());
+        assert_ne!(control, parsed.control, "the edit must change the control part");
+        (control, parsed.attachments.clone().into_iter().collect())
+    };
     let auth = mailferry::protocol::encode(&Auth::sign(recipient, key, &control));
-    let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let payloads = attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
     let rebuilt = envelope::build(&Outgoing {
         from: OWNER,
         to: "site1@customer.test",
@@ -42,6 +72,15 @@ fn resign(path: &Path, key: &mailferry::crypto::Key, recipient: &str, edit: impl
     })
     .unwrap();
     fs::write(path, rebuilt).unwrap();
+}
+
+/// The decoded body of the single-part reply at `path`.
+fn body_of(path: &Path) -> serde_json::Value {
+    let parsed = envelope::parse(&fs::read(path).unwrap(), u64::MAX).unwrap();
+    let reply: Reply = serde_json::from_slice(&parsed.control).unwrap();
+    let pack = &parsed.attachments[&reply.payloads[0].id];
+    let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
+    serde_json::from_slice(&zstd::decode_all(&pack[at..at + len]).unwrap()).unwrap()
 }
 
 fn replace(control: Vec<u8>, from: &str, to: &[u8]) -> Vec<u8> {
@@ -91,7 +130,7 @@ fn tampered_control_part_is_refused() {
 fn tampered_payload_is_refused() {
     let (w, site) = world_with_pending_change();
     let reply = w.pending_reply(&site);
-    flip_after(&reply, "p1.zst", 50);
+    flip_after(&reply, "pack-0001.bin", 50);
     expect_refused(&w, &site, "bad-payload");
 }
 
@@ -101,10 +140,8 @@ fn payload_that_unpacks_to_other_content_is_refused() {
     let (w, site) = world_with_pending_change();
     let reply = w.pending_reply(&site);
     let key = site.key();
-    let raw = fs::read(&reply).unwrap();
-    let parsed = envelope::parse(&raw, u64::MAX).unwrap();
-    let control: serde_json::Value = serde_json::from_slice(&parsed.control).unwrap();
-    let readme = control["ops"].as_array().unwrap().iter().find(|o| o["path"] == "README").unwrap();
+    let body = body_of(&reply);
+    let readme = body["ops"].as_array().unwrap().iter().find(|o| o["path"] == "README").unwrap();
     let digest = readme["blake3"].as_str().unwrap().to_owned();
     resign(&reply, &key, "site1", |c| {
         replace(c, &digest, mailferry::manifest::Digest::of(b"other").to_hex().as_bytes())

@@ -5,6 +5,8 @@ mod util;
 
 // Syncing real trees end to end over the Maildir transport.
 mod sync;
+// Deltas, local copies, replies in parts, lost parts sent again.
+mod transfer;
 // Forged, tampered, replayed, hostile and oversized input.
 mod hostile;
 // kill -9 at every step of an apply and while answering.

@@ -12,6 +12,7 @@
 //! - Outgoing mail goes through the [`Outbox`] first and leaves it only when the transport accepted it.
 
 pub mod owner;
+pub mod pack;
 pub mod recipient;
 
 use std::fs::{self, File};
@@ -52,6 +53,15 @@ pub enum Handled {
         generation: u64,
         /// Operations performed.
         ops: usize,
+    },
+    /// Recipient: one part of a reply kept until the others arrive.
+    PartKept {
+        /// The reply.
+        reply_id: String,
+        /// Parts kept so far.
+        have: u32,
+        /// Parts in the reply.
+        of: u32,
     },
     /// Recipient: a reply confirming the tree is current.
     Current {
@@ -317,8 +327,11 @@ impl Outbox {
                     report.sent += 1;
                     info!(to = %to, bytes = raw.len(), "sent {name}");
                 }
-                Err(e) if e.kind == TransportErrorKind::Permanent => {
+                Err(e) if matches!(e.kind, TransportErrorKind::Permanent | TransportErrorKind::TooLarge) => {
                     let text = format!("{e:#}");
+                    if e.kind == TransportErrorKind::TooLarge {
+                        report.too_large.push(TooLarge { name: name.clone(), to: to.clone(), bytes: raw.len() as u64 });
+                    }
                     db.outbox_failed(&name, &text)?;
                     record_transport_error(db, &text)?;
                     warn!(to = %to, error = %text, "{name} refused permanently; not retrying");
@@ -435,6 +448,19 @@ pub struct FlushReport {
     pub failed: usize,
     /// The last transport error, if any.
     pub last_error: Option<String>,
+    /// Messages refused as too large (also counted in `failed`).
+    pub too_large: Vec<TooLarge>,
+}
+
+/// A queued message the transport refused as too large.
+#[derive(Debug, Clone)]
+pub struct TooLarge {
+    /// Its outbox name.
+    pub name: String,
+    /// Its recipient address.
+    pub to: String,
+    /// Its size.
+    pub bytes: u64,
 }
 
 /// Keeps a copy of a refused message in `STATE/rejected/` (for messages that arrived outside the

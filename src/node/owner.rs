@@ -11,19 +11,20 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::pack::{Packed, Packer};
 use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, TransportConfig, TransportHint, write_secret};
 use crate::crypto::{Key, random_id};
 use crate::db::{Db, GenerationRow, RecipientRow, now};
-use crate::manifest::{Digest, Manifest, Op, Source, diff};
+use crate::manifest::{Digest, Manifest, diff};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{self, Auth, Control, InventoryKind, Kind, Payload, Reason, Refusal, Reply, Request, VERSION};
 use crate::scan::{ForeignKind, scan_with};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
 
-/// Largest payload attachment the owner packs before starting another one.
-const PAYLOAD_TARGET_BYTES: usize = 32 << 20;
+/// How long sent reply parts are kept for re-sending when no receipt arrives.
+const KEEP_SENT_PARTS: u64 = 14 * 24 * 3600;
 
 /// An owner node with its state open.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct Owner {
     db: Db,
     store: Store,
     manifests: HashMap<u64, Manifest>,
+    /// The outgoing server's `SIZE`, learned at the start of a run.
+    server_limit: Option<u64>,
     _lock: std::fs::File,
 }
 
@@ -91,6 +94,8 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         interval: std::time::Duration::from_secs(60),
         compression_level: 9,
         admin_address: None,
+        relay_limit: crate::config::DEFAULT_RELAY_LIMIT,
+        keep_generations: 16,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -123,7 +128,7 @@ impl Owner {
         let lock = lock_state(&cfg.state_dir)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let store = Store::open(&cfg.state_dir.join("store"), cfg.owner.compression_level)?;
-        Ok(Owner { cfg, db, store, manifests: HashMap::new(), _lock: lock })
+        Ok(Owner { cfg, db, store, manifests: HashMap::new(), server_limit: None, _lock: lock })
     }
 
     /// The configuration.
@@ -220,10 +225,39 @@ impl Owner {
     /// Transport or state failures that stop the run; refusals of single messages are not errors.
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        let flushed = Outbox::flush(&self.db, transport).await?;
+        self.learn_from(&flushed)?;
+        report.sent += flushed.sent;
+        self.server_limit = transport.size_limit().await;
         process_inbox(self, transport, &mut report).await?;
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        let flushed = Outbox::flush(&self.db, transport).await?;
+        self.learn_from(&flushed)?;
+        report.sent += flushed.sent;
         Ok(report)
+    }
+
+    /// A reply part refused as too large teaches the limit for its recipient: later replies to it are cut
+    /// into parts a quarter smaller than the refused one, and the refused reply's kept parts are dropped
+    /// so that the recipient's request for them is answered afresh, in the smaller parts. Each refusal
+    /// shrinks the limit, down to the smallest usable one, so this cannot loop.
+    fn learn_from(&mut self, flushed: &super::FlushReport) -> Result<()> {
+        for t in &flushed.too_large {
+            let Some(rec) = self.db.recipients()?.into_iter().find(|r| r.address == t.to) else { continue };
+            let limit = (t.bytes / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
+            let reply_id = self.db.reply_of_outbox_name(&t.name)?;
+            self.db.transaction(|db| {
+                db.set_meta(&format!("relay_limit.{}", rec.name), &limit.to_string())?;
+                if let Some(id) = &reply_id {
+                    db.drop_sent_parts(Some(id), KEEP_SENT_PARTS)?;
+                }
+                Ok(())
+            })?;
+            warn!(
+                recipient = %rec.name, refused = t.bytes, limit,
+                "a relay refused a reply part as too large; later replies to this recipient use smaller parts"
+            );
+        }
+        Ok(())
     }
 
     /// The pure-ish decision: verifies the message and builds the reply. Outer `Err` is a local failure,
@@ -347,19 +381,68 @@ impl Owner {
         {
             return Ok(Err(Refusal::new(Reason::Malformed, "request root does not match its inventory")));
         }
+        // The parts of an earlier reply that never arrived, if they are still kept.
+        if let Some(resend) = &req.resend {
+            let kept: Option<Vec<(u32, Vec<u8>)>> = resend
+                .parts
+                .iter()
+                .map(|&k| Ok(self.db.sent_part(&rec.name, &resend.reply_id, k)?.map(|raw| (k, raw))))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .collect();
+            // Parts asked for twice were lost twice: a relay on the way likely refuses them as too big
+            // (and its bounce went where mailferry does not look). Answer afresh in smaller parts.
+            let asked = self.db.meta_u64(&format!("resent.{}", resend.reply_id))?;
+            if asked >= 1
+                && let Some(parts) = &kept
+                && let Some(largest) = parts.iter().map(|(_, raw)| raw.len() as u64).max()
+            {
+                let limit = (largest / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
+                self.db.set_meta(&format!("relay_limit.{}", rec.name), &limit.to_string())?;
+                warn!(
+                    recipient = %rec.name, reply = %resend.reply_id, limit,
+                    "parts were lost twice; answering afresh with smaller parts"
+                );
+            }
+            match (kept, self.db.reply_generation(&rec.name, &resend.reply_id)?) {
+                (Some(parts), Some(generation)) if !parts.is_empty() && asked == 0 => {
+                    self.db.set_meta(&format!("resent.{}", resend.reply_id), "1")?;
+                    return Ok(Ok(Action::Resend {
+                        recipient: rec.name.clone(),
+                        nonce: req.nonce.to_hex(),
+                        seq: req.seq,
+                        generation,
+                        reply_id: resend.reply_id.clone(),
+                        parts,
+                        to: rec.address.clone(),
+                    }));
+                }
+                _ => info!(
+                    recipient = %rec.name,
+                    reply = %resend.reply_id,
+                    "parts asked for again are no longer kept; answering afresh"
+                ),
+            }
+        }
         let target = self.manifest(generation.number)?.clone();
         // Without a tree to diff against (a generation this owner does not know), ask for the full one.
         let need_full_inventory = inventory.is_none();
-        let mut ops = inventory.map_or_else(Vec::new, |inv| diff(&inv, &target));
-        let (payloads, blobs) = self.pack(&mut ops)?;
-        let reply_id = random_id(16);
-        let reply = Reply {
+        let ops = inventory.as_ref().map_or_else(Vec::new, |inv| diff(inv, &target));
+        let n_ops = ops.len();
+        let packer = Packer {
+            store: &self.store,
+            level: self.cfg.owner.compression_level,
+            cache: self.cfg.state_dir.join("deltas"),
+            tmp: self.cfg.state_dir.join("tmp"),
+        };
+        let packed = packer.pack(inventory.as_ref(), ops, req.full_content)?;
+        let head = Reply {
             mailferry: VERSION,
             kind: Kind::Reply,
             recipient: rec.name.clone(),
             nonce: req.nonce,
             request_seq: req.seq,
-            reply_id: reply_id.clone(),
+            reply_id: random_id(16),
             part: 1,
             parts: 1,
             created: now(),
@@ -367,67 +450,31 @@ impl Owner {
             root: generation.root,
             base: req.root,
             need_full_inventory,
-            ops,
-            payloads,
+            payloads: Vec::new(),
+            body: packed.body_frame,
         };
-        let control = protocol::encode(&reply);
-        let auth = protocol::encode(&Auth::sign(&rec.name, key, &control));
-        let n_ops = reply.ops.len();
-        let changed = if n_ops == 0 { "no changes: you are current".to_owned() } else { format!("{n_ops} changes") };
-        let text = format!(
-            "This is an automatic message from mailferry.\n\n\
-             It brings recipient {:?} to generation {} ({changed}).\n\
-             mailferry verifies and applies it; there is nothing to do by hand.\n",
-            rec.name, generation.number
-        );
-        let payload_refs: Vec<(&str, &[u8])> = blobs.iter().map(|(id, b)| (id.as_str(), b.as_slice())).collect();
-        let raw = envelope::build(&Outgoing {
-            from: &self.cfg.owner.address,
-            to: &rec.address,
-            subject: format!("mailferry: generation {} for {} ({changed})", generation.number, rec.name),
-            text,
-            kind: Kind::Reply,
-            control: &control,
-            auth: &auth,
-            payloads: payload_refs,
-        })?;
-        Ok(Ok(Action::Answer {
-            recipient: rec.name.clone(),
-            nonce: req.nonce.to_hex(),
-            seq: req.seq,
-            generation: generation.number,
-            reply_id,
+        let limit = self.relay_limit(&rec.name)?;
+        Ok(Ok(Action::Answer(Box::new(Answer {
+            head,
+            packed,
             ops: n_ops,
-            raw,
+            seq: req.seq,
+            key: key.clone(),
             to: rec.address.clone(),
-        }))
+            limit,
+        }))))
     }
 
-    /// Fills in every put's [`Source`], packing each distinct content's stored zstd frame once.
-    fn pack(&self, ops: &mut [Op]) -> Result<(Vec<Payload>, Vec<Blob>)> {
-        let mut blobs: Vec<Blob> = Vec::new();
-        let mut placed: HashMap<Digest, Source> = HashMap::new();
-        for op in ops.iter_mut() {
-            let Op::Put { blake3, source, .. } = op else { continue };
-            if let Some(s) = placed.get(blake3) {
-                *source = Some(s.clone());
-                continue;
-            }
-            let frame = self.store.frame(blake3)?;
-            if blobs.last().is_none_or(|(_, b)| !b.is_empty() && b.len() + frame.len() > PAYLOAD_TARGET_BYTES) {
-                blobs.push((format!("p{}.zst", blobs.len() + 1), Vec::new()));
-            }
-            let (id, buf) = blobs.last_mut().expect("just pushed");
-            let s = Source { payload: id.clone(), offset: buf.len() as u64, length: frame.len() as u64 };
-            buf.extend_from_slice(&frame);
-            placed.insert(*blake3, s.clone());
-            *source = Some(s);
-        }
-        let payloads = blobs
-            .iter()
-            .map(|(id, b)| Payload { id: id.clone(), size: b.len() as u64, blake3: Digest::of(b) })
-            .collect();
-        Ok((payloads, blobs))
+    /// The message size replies to `recipient` must fit: `relay-limit`, the server's `SIZE`, or what a
+    /// relay refusal taught, whichever is smallest.
+    fn relay_limit(&self, recipient: &str) -> Result<u64> {
+        let learned = self.db.meta(&format!("relay_limit.{recipient}"))?.and_then(|v| v.parse::<u64>().ok());
+        Ok([Some(self.cfg.owner.relay_limit), self.server_limit, learned]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.cfg.owner.relay_limit)
+            .max(crate::config::MIN_RELAY_LIMIT))
     }
 
     /// Unregisters a recipient: its key stops verifying at once.
@@ -471,22 +518,55 @@ impl Node for Owner {
             Err(refusal) => return Ok(Err(refusal)),
         };
         Ok(Ok(match action {
-            Action::Answer { recipient, nonce, seq, generation, reply_id, ops, raw: reply, to } => {
+            Action::Answer(answer) => {
+                let Answer { head, packed, ops, seq, key, to, limit } = *answer;
+                let (recipient, nonce, generation) = (head.recipient.clone(), head.nonce.to_hex(), head.generation);
+                let reply_id = head.reply_id.clone();
+                let stats = packed.stats;
                 // The reply is queued in the same transaction that records the request as answered: a
-                // crash leaves both or neither, so every request is answered exactly once.
-                let from = &self.cfg.owner.address;
-                self.db.transaction(|db| {
-                    db.outbox_put(&format!("reply-{nonce}"), from, &to, &reply)?;
-                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, reply.len())?;
-                    db.mark_seen(digest, "processed")
+                // crash leaves both or neither, so every request is answered exactly once. Parts are built
+                // one at a time, so memory follows the part size, not the reply.
+                let from = self.cfg.owner.address.clone();
+                let (parts, bytes) = self.db.transaction(|db| {
+                    let mut bytes = 0;
+                    let parts = split(&head, &packed, limit, &key, &from, &to, ops, |k, raw| {
+                        bytes += raw.len();
+                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
+                        db.keep_sent_part(&head.reply_id, k, &head.recipient, raw)
+                    })?;
+                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, bytes)?;
+                    db.mark_seen(digest, "processed")?;
+                    Ok((parts, bytes))
                 })?;
                 crate::failpoint::hit("owner-queued");
-                info!(recipient = %recipient, generation, ops, bytes = reply.len(), to = %to, "answered request");
+                info!(
+                    recipient = %recipient, generation, ops, parts, bytes, to = %to,
+                    local = stats.local, frames = stats.frames, streamed = stats.streamed,
+                    streams = stats.streams, cached = stats.cached,
+                    "answered request"
+                );
                 Handled::Answered { recipient, generation, ops }
+            }
+            Action::Resend { recipient, nonce, seq, generation, reply_id, parts, to } => {
+                let from = &self.cfg.owner.address;
+                let n = parts.len();
+                self.db.transaction(|db| {
+                    let mut bytes = 0;
+                    for (k, raw) in &parts {
+                        bytes += raw.len();
+                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), from, &to, raw)?;
+                    }
+                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, 0, bytes)?;
+                    db.mark_seen(digest, "processed")
+                })?;
+                info!(recipient = %recipient, reply = %reply_id, parts = n, "sent lost parts again");
+                Handled::Answered { recipient, generation, ops: 0 }
             }
             Action::Receipt(r) => {
                 self.db.transaction(|db| {
                     db.record_receipt(&r)?;
+                    // Its parts arrived: no need to keep them for sending again.
+                    db.drop_sent_parts(Some(&r.reply_id), KEEP_SENT_PARTS)?;
                     db.mark_seen(digest, "processed")
                 })?;
                 info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
@@ -500,18 +580,108 @@ impl Node for Owner {
     }
 }
 
-/// A payload attachment being packed: its id and bytes.
-type Blob = (String, Vec<u8>);
+/// A reply ready to be cut into parts.
+struct Answer {
+    head: Reply,
+    packed: Packed,
+    ops: usize,
+    seq: u64,
+    key: Key,
+    to: String,
+    limit: u64,
+}
+
+/// Cuts the pack into chunks that fit `limit` once encoded, and hands each finished part message to
+/// `emit` in order. Returns the number of parts.
+///
+/// # Errors
+/// Reading the pack, or `emit`'s errors.
+#[allow(clippy::too_many_arguments)]
+fn split(
+    head: &Reply,
+    packed: &Packed,
+    limit: u64,
+    key: &Key,
+    from: &str,
+    to: &str,
+    ops: usize,
+    mut emit: impl FnMut(u32, &[u8]) -> Result<()>,
+) -> Result<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let chunk_id = |k: u32| format!("pack-{k:04}.bin");
+    // The control part grows with the number of parts (each lists every chunk): find a chunk size that
+    // leaves room for it.
+    let mut chunk = envelope::chunk_size(limit, 0);
+    let mut parts;
+    loop {
+        parts = u32::try_from(packed.size.div_ceil(chunk).max(1)).context("reply needs too many parts")?;
+        let probe = Reply {
+            part: parts,
+            parts,
+            payloads: (1..=parts).map(|k| Payload { id: chunk_id(k), size: chunk, blake3: Digest([0; 32]) }).collect(),
+            ..head.clone()
+        };
+        let fits = envelope::chunk_size(limit, protocol::encode(&probe).len());
+        if fits >= chunk {
+            break;
+        }
+        chunk = fits;
+    }
+    let mut file = packed.file.reopen()?;
+    let mut read_chunk = |k: u32| -> Result<Vec<u8>> {
+        let start = u64::from(k - 1) * chunk;
+        let len = chunk.min(packed.size - start);
+        let mut buf = vec![0; usize::try_from(len)?];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        Ok(buf)
+    };
+    let mut payloads = Vec::with_capacity(parts as usize);
+    for k in 1..=parts {
+        let bytes = read_chunk(k)?;
+        payloads.push(Payload { id: chunk_id(k), size: bytes.len() as u64, blake3: Digest::of(&bytes) });
+    }
+    let changed = if ops == 0 { "no changes: you are current".to_owned() } else { format!("{ops} changes") };
+    for k in 1..=parts {
+        let bytes = read_chunk(k)?;
+        let reply = Reply { part: k, parts, payloads: payloads.clone(), ..head.clone() };
+        let control = protocol::encode(&reply);
+        let auth = protocol::encode(&Auth::sign(&head.recipient, key, &control));
+        let of = if parts > 1 { format!(", part {k} of {parts}") } else { String::new() };
+        let raw = envelope::build(&Outgoing {
+            from,
+            to,
+            subject: format!("mailferry: generation {} for {} ({changed}{of})", head.generation, head.recipient),
+            text: format!(
+                "This is an automatic message from mailferry.\n\n\
+                 It brings recipient {:?} to generation {} ({changed}{of}).\n\
+                 mailferry verifies and applies it; there is nothing to do by hand.\n",
+                head.recipient, head.generation
+            ),
+            kind: Kind::Reply,
+            control: &control,
+            auth: &auth,
+            payloads: vec![(&payloads[k as usize - 1].id, &bytes)],
+        })?;
+        anyhow::ensure!(
+            raw.len() as u64 <= limit,
+            "reply part {k} is {} bytes, over the {limit}-byte limit it was cut for (a bug)",
+            raw.len()
+        );
+        emit(k, &raw)?;
+    }
+    Ok(parts)
+}
 
 enum Action {
-    Answer {
+    Answer(Box<Answer>),
+    Resend {
         recipient: String,
         nonce: String,
         seq: u64,
         generation: u64,
         reply_id: String,
-        ops: usize,
-        raw: Vec<u8>,
+        parts: Vec<(u32, Vec<u8>)>,
         to: String,
     },
     Receipt(crate::protocol::Receipt),

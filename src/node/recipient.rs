@@ -7,6 +7,8 @@
 //! one the reply was computed for, the operations produce exactly the promised root, and every file
 //! unpacks to its promised size and digest. Only then does the journal commit and the tree change.
 
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -19,13 +21,24 @@ use crate::apply::{self, Journal, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce};
 use crate::db::{Db, now};
-use crate::manifest::{Digest, Listed};
+use crate::manifest::{Digest, Entry, Listed};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, VERSION, Want,
+    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, Resend, Update,
+    VERSION, Want,
 };
 use crate::scan;
 use crate::transport::Transport;
+
+/// Returns the refusal of a `Result<_, Refusal>` from the enclosing `Result<Result<_, Refusal>>` function.
+macro_rules! refuse {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return Ok(Err(r)),
+        }
+    };
+}
 
 /// A recipient node with its state open.
 #[derive(Debug)]
@@ -160,7 +173,8 @@ impl Recipient {
             if !db.reply_applied(&journal.reply_id)? {
                 db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
             }
-            db.close_outstanding(&journal.nonce)?;
+            // Any other request described the tree as it was before: none of them is answerable now.
+            db.close_all_outstanding()?;
             db.mark_fresh_reply()?;
             db.mark_seen(&journal.message, "processed")?;
             db.outbox_put(&format!("receipt-{}", journal.reply_id), from, to, &receipt)
@@ -239,8 +253,10 @@ impl Recipient {
     pub fn maybe_request(&mut self) -> Result<bool> {
         let timeout = self.cfg.recipient.reply_timeout.as_secs();
         self.db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
+        let resend = self.missing_parts()?;
+        let last_part = resend.as_ref().map_or(0, |(_, at)| *at);
         if let Some(sent) = self.db.newest_outstanding()?
-            && now().saturating_sub(sent) < timeout
+            && now().saturating_sub(sent.max(last_part)) < timeout
         {
             info!(
                 "a request sent {}s ago is still awaiting its reply; not sending another",
@@ -248,6 +264,8 @@ impl Recipient {
             );
             return Ok(false);
         }
+        let resend = resend.map(|(r, _)| r);
+        let full_content = self.db.meta("full_content")?.as_deref() == Some("1");
         let scan = self.scan_tree()?;
         let (generation, _, applied) = self.db.applied()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
@@ -281,6 +299,8 @@ impl Recipient {
             inventory,
             removed,
             want: Want::Latest,
+            full_content,
+            resend,
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
@@ -307,21 +327,40 @@ impl Recipient {
             }
             db.outbox_put(&format!("request-{seq:010}"), from, to, &raw)
         })?;
-        info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued");
+        match &req.resend {
+            Some(r) => {
+                info!(seq, reply = %r.reply_id, parts = ?r.parts, bytes = raw.len(), "request queued, asking for lost parts again")
+            }
+            None => info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued"),
+        }
         Ok(true)
+    }
+
+    /// The newest incomplete reply whose request is still outstanding, with the parts it lacks and when
+    /// its last part arrived. Incomplete replies whose request was given up are dropped.
+    fn missing_parts(&mut self) -> Result<Option<(Resend, u64)>> {
+        let mut found = None;
+        for (reply_id, nonce, at) in self.db.partial_replies()? {
+            let kept = self.db.received_parts(&reply_id)?;
+            let parts = kept.first().and_then(|(_, c)| serde_json::from_slice::<Reply>(c).ok()).map_or(0, |r| r.parts);
+            if self.db.outstanding(&nonce)?.is_none() {
+                info!(reply = %reply_id, "dropping the kept parts of a reply whose request was given up");
+                self.forget_parts(&reply_id)?;
+                continue;
+            }
+            if found.is_some() || parts == 0 {
+                continue;
+            }
+            let have: BTreeSet<u32> = kept.iter().map(|(k, _)| *k).collect();
+            let missing = (1..=parts).filter(|k| !have.contains(k)).collect();
+            found = Some((Resend { reply_id, parts: missing }, at));
+        }
+        Ok(found)
     }
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let me = self.cfg.recipient.name.clone();
         let limits = self.cfg.limits.clone();
-        macro_rules! refuse {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(r) => return Ok(Err(r)),
-                }
-            };
-        }
         let parsed = refuse!(envelope::parse(raw, limits.max_message_bytes));
         let auth = refuse!(protocol::decode_auth(&parsed.auth));
         if auth.recipient != me {
@@ -361,39 +400,64 @@ impl Recipient {
             };
             return Ok(Err(Refusal::new(Reason::Replay, why)));
         };
-        // From here on the reply is authentic and answers a request of ours: whatever happens, that request
-        // is answered, so the next run asks again at once instead of waiting for `reply-timeout`.
-        let res = self.answer_reply(&reply, &parsed, digest, &nonce, seq)?;
-        if res.is_err() {
-            self.db.close_outstanding(&nonce)?;
-        }
-        Ok(res)
-    }
-
-    /// The checks and the apply for an authentic reply to an outstanding request.
-    fn answer_reply(
-        &mut self,
-        reply: &Reply,
-        parsed: &envelope::Parsed,
-        digest: &Digest,
-        nonce: &str,
-        seq: u64,
-    ) -> Result<Result<Handled, Refusal>> {
-        macro_rules! refuse {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(r) => return Ok(Err(r)),
-                }
-            };
-        }
-        if reply.request_seq != seq {
-            return Ok(Err(Refusal::new(
+        // An authentic reply that must not be applied answers its request all the same: the next run asks
+        // again at once instead of waiting for `reply-timeout`.
+        let verdict = if reply.request_seq != seq {
+            Err(Refusal::new(
                 Reason::Malformed,
                 format!("reply names request {}, but nonce {nonce} belongs to request {seq}", reply.request_seq),
-            )));
+            ))
+        } else {
+            self.check_generation(&reply)?
+        };
+        if let Err(r) = verdict {
+            self.give_up(&nonce, &reply.reply_id)?;
+            return Ok(Err(r));
         }
-        let (applied, applied_root, previous) = self.db.applied()?;
+        // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
+        // one is asked for again after `reply-timeout`.
+        refuse!(protocol::check_payloads(&reply, &parsed.attachments));
+        let Some(update) = refuse!(self.keep_part(&reply, &parsed, &nonce)?) else {
+            let have = self.db.received_parts(&reply.reply_id)?.len() as u32;
+            self.db.mark_seen(digest, "processed")?;
+            info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
+            return Ok(Ok(Handled::PartKept { reply_id: reply.reply_id.clone(), have, of: reply.parts }));
+        };
+        // From here on the reply is authentic, whole, and answers a request of ours: whatever happens,
+        // that request is answered, so the next run asks again at once instead of waiting for
+        // `reply-timeout`.
+        let res = self.answer_reply(&update, digest, &nonce);
+        match &res {
+            Ok(Err(_)) => self.give_up(&nonce, &update.head.reply_id)?,
+            Ok(Ok(_)) => self.forget_parts(&update.head.reply_id)?,
+            // A local failure (a full disk): keep the parts, the next run tries again.
+            Err(_) => {}
+        }
+        res
+    }
+
+    /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts.
+    fn give_up(&self, nonce: &str, reply_id: &str) -> Result<()> {
+        self.db.close_outstanding(nonce)?;
+        self.forget_parts(reply_id)
+    }
+
+    fn forget_parts(&self, reply_id: &str) -> Result<()> {
+        self.db.forget_parts(reply_id)?;
+        let dir = self.parts_dir(reply_id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                warn!(error = %e, "could not remove `{}`", dir.display());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Refuses a reply that would take the tree back: an older generation, or the applied generation
+    /// with another root.
+    fn check_generation(&self, reply: &Reply) -> Result<Result<(), Refusal>> {
+        let (applied, applied_root, _) = self.db.applied()?;
         if reply.generation < applied {
             return Ok(Err(Refusal::new(
                 Reason::Rollback,
@@ -413,20 +477,69 @@ impl Recipient {
                 ),
             )));
         }
-        if reply.parts != 1 {
-            return Ok(Err(Refusal::new(
-                Reason::Unexpected,
-                format!("reply in {} parts; this build reads single-part replies", reply.parts),
-            )));
-        }
-        refuse!(protocol::check_payloads(reply, &parsed.attachments));
-        if reply.need_full_inventory {
-            if !reply.ops.is_empty() {
+        Ok(Ok(()))
+    }
+
+    fn parts_dir(&self, reply_id: &str) -> PathBuf {
+        // Reply ids are 32 hex digits (checked when the control part was decoded): a plain file name.
+        self.cfg.state_dir.join("parts").join(reply_id)
+    }
+
+    /// Keeps a verified part on disk. When every part is here, assembles the pack, checks it, and returns
+    /// the whole reply with its body decoded.
+    fn keep_part(
+        &mut self,
+        reply: &Reply,
+        parsed: &envelope::Parsed,
+        nonce: &str,
+    ) -> Result<Result<Option<Update>, Refusal>> {
+        let dir = self.parts_dir(&reply.reply_id);
+        let kept = self.db.received_parts(&reply.reply_id)?;
+        if let Some((_, first)) = kept.first() {
+            let first: Reply = serde_json::from_slice(first).context("a kept part's control is corrupt")?;
+            if !first.same_reply(reply) {
                 return Ok(Err(Refusal::new(
                     Reason::Malformed,
-                    "a reply asking for a full inventory carries operations",
+                    format!("part {} of reply {} disagrees with the parts kept before", reply.part, reply.reply_id),
                 )));
             }
+        }
+        let own = reply.own_payload().expect("check_payloads found this part's chunk");
+        std::fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+        let chunk = dir.join(format!("{}.chunk", reply.part));
+        write_durably(&chunk, &parsed.attachments[&own.id])?;
+        self.db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
+        let have: BTreeSet<u32> = self.db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
+        if have.len() < reply.parts as usize {
+            return Ok(Ok(None));
+        }
+        // Every part is here: one pack file, each chunk checked again on the way (the disk may lie).
+        let pack_path = dir.join("pack");
+        {
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&pack_path)
+                    .with_context(|| format!("failed to create `{}`", pack_path.display()))?,
+            );
+            for (k, p) in (1..).zip(&reply.payloads) {
+                let path = dir.join(format!("{k}.chunk"));
+                let bytes = std::fs::read(&path).with_context(|| format!("failed to read `{}`", path.display()))?;
+                if bytes.len() as u64 != p.size || Digest::of(&bytes) != p.blake3 {
+                    self.db.forget_parts(&reply.reply_id)?;
+                    bail!("kept part {k} of reply {} is damaged on disk; it will be asked for again", reply.reply_id);
+                }
+                out.write_all(&bytes)?;
+            }
+            out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
+        }
+        let body = refuse!(read_body(&pack_path, reply, &self.cfg.limits)?);
+        Ok(Ok(Some(Update { head: reply.clone(), body })))
+    }
+
+    /// The checks and the apply for an authentic, whole reply to an outstanding request.
+    fn answer_reply(&mut self, update: &Update, digest: &Digest, nonce: &str) -> Result<Result<Handled, Refusal>> {
+        let reply = &update.head;
+        let (applied, _, previous) = self.db.applied()?;
+        if reply.need_full_inventory {
             info!("the owner asked for the full tree; the next request lists it");
             self.db.set_meta("need_full_inventory", "1")?;
             return self.current(nonce, digest, applied);
@@ -435,13 +548,13 @@ impl Recipient {
         let data = self.cfg.recipient.data.clone();
         let scan = self.scan_tree()?;
         if reply.generation == applied
-            && reply.ops.is_empty()
+            && update.body.ops.is_empty()
             && scan.manifest.root() == reply.root
             && scan.foreign.is_empty()
         {
             return self.current(nonce, digest, applied);
         }
-        let plan = refuse!(apply::plan(&scan, &previous, reply, self.cfg.recipient.on_extra));
+        let plan = refuse!(apply::plan(&scan, &previous, update, self.cfg.recipient.on_extra));
         if plan.steps.is_empty() && reply.generation == applied {
             // Only kept extras differ from the generation: nothing to do.
             return self.current(nonce, digest, applied);
@@ -451,16 +564,27 @@ impl Recipient {
             std::fs::remove_dir_all(&stage_dir)
                 .with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
         }
-        let payload = |id: &str| parsed.attachments.get(id).map(Vec::as_slice);
-        match apply::stage(&plan, reply, &payload, &stage_dir) {
-            Ok(()) => {}
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&stage_dir);
-                match e {
-                    StageError::Refused(r) => return Ok(Err(r)),
-                    io @ StageError::Io { .. } => {
-                        return Err(anyhow::Error::new(io).context("the data tree is unchanged"));
-                    }
+        // Where local content is: any path whose scanned digest matches.
+        let mut by_digest: HashMap<Digest, PathBuf> = HashMap::new();
+        for (p, e) in scan.manifest.iter() {
+            if let Entry::File(m) = e {
+                by_digest.entry(m.blake3).or_insert_with(|| data.join(p.as_str()));
+            }
+        }
+        let pack = self.parts_dir(&reply.reply_id).join("pack");
+        let lookup = |d: &Digest| by_digest.get(d).cloned();
+        let sources = apply::Sources { pack: &pack, local: &lookup };
+        if let Err(e) = apply::stage(&plan, update, &sources, &stage_dir) {
+            let _ = std::fs::remove_dir_all(&stage_dir);
+            match e {
+                StageError::Refused(r) => {
+                    // Whole files can be checked without trusting anything local: ask for them next time.
+                    warn!("{r}; the next request asks for whole files");
+                    self.db.set_meta("full_content", "1")?;
+                    return Ok(Err(r));
+                }
+                io @ StageError::Io { .. } => {
+                    return Err(anyhow::Error::new(io).context("the data tree is unchanged"));
                 }
             }
         }
@@ -472,7 +596,7 @@ impl Recipient {
             reply_id: reply.reply_id.clone(),
             nonce: nonce.to_owned(),
             message: *digest,
-            ops: reply.ops.len(),
+            ops: update.body.ops.len(),
             target: plan.target.listing(),
             steps: plan.steps,
         };
@@ -481,11 +605,13 @@ impl Recipient {
         journal.execute().context("apply interrupted; the next run finishes it")?;
         crate::failpoint::hit("apply-done");
         self.complete(&journal)?;
+        self.db.set_meta("full_content", "")?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
-        info!(generation = reply.generation, ops = reply.ops.len(), root = %reply.root.short(), "applied");
-        Ok(Ok(Handled::Applied { generation: reply.generation, ops: reply.ops.len() }))
+        let ops = update.body.ops.len();
+        info!(generation = reply.generation, ops, root = %reply.root.short(), "applied");
+        Ok(Ok(Handled::Applied { generation: reply.generation, ops }))
     }
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
@@ -530,6 +656,26 @@ impl Recipient {
             .with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
         Ok(beside)
     }
+}
+
+/// Reads the body frame of a whole reply from its pack and decodes it.
+fn read_body(pack: &Path, reply: &Reply, limits: &crate::limits::Limits) -> Result<Result<protocol::Body, Refusal>> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(pack).with_context(|| format!("failed to open `{}`", pack.display()))?;
+    f.seek(SeekFrom::Start(reply.body.offset))?;
+    let mut frame = Vec::new();
+    f.take(reply.body.length).read_to_end(&mut frame)?;
+    Ok(protocol::open_body(reply, &frame, limits))
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsynced, so `path` is whole or absent.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("no parent directory")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("failed to write `{}`", path.display()))?;
+    Ok(())
 }
 
 /// The recipient's status, read without taking the state lock and without finishing an interrupted apply.

@@ -66,6 +66,19 @@ pub fn build(msg: &Outgoing<'_>) -> std::io::Result<Vec<u8>> {
     b.write_to_vec()
 }
 
+/// Room in a message for everything but the payload and the control part: headers, the text part, the
+/// auth part and MIME structure, with margin (relays add headers too, but limits apply as submitted).
+const MESSAGE_OVERHEAD: u64 = 8 * 1024;
+
+/// The largest payload chunk that fits a message of at most `limit` bytes next to a control part of
+/// `control_len` bytes. Payloads are base64 in lines of 76 characters plus CRLF: 57 bytes take 78.
+pub fn chunk_size(limit: u64, control_len: usize) -> u64 {
+    // The control part may itself be base64-encoded: budget for that.
+    let control = (control_len as u64).div_ceil(57) * 78;
+    let room = limit.saturating_sub(MESSAGE_OVERHEAD + control);
+    (room / 78 * 57).max(1024)
+}
+
 /// Untrusted header values, recorded when a message is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hints {
@@ -193,6 +206,28 @@ mod tests {
         let nl = body + bad[body..].iter().position(|&b| b == b'\n').unwrap();
         bad[nl] = 0x0b;
         assert_eq!(parse(&bad, u64::MAX).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn chunks_fit_the_limit_once_encoded() {
+        let control = vec![b'x'; 3000];
+        for limit in [65_536u64, 1_000_000, 10_240_000] {
+            let chunk = chunk_size(limit, control.len());
+            let payload = vec![0xa5u8; chunk as usize];
+            let raw = build(&Outgoing {
+                from: "owner@example.org",
+                to: "site1@example.org",
+                subject: "mailferry: generation 12 for site1 (3 changes, part 1 of 9)".into(),
+                text: "An update, in several words of explanation for the human reader.\n".repeat(4),
+                kind: Kind::Reply,
+                control: &control,
+                auth: &[b'a'; 240],
+                payloads: vec![("pack-0001.bin", &payload)],
+            })
+            .unwrap();
+            assert!(raw.len() as u64 <= limit, "{} > {limit}", raw.len());
+            assert!(raw.len() as u64 > limit * 9 / 10, "{} wastes room under {limit}", raw.len());
+        }
     }
 
     #[test]

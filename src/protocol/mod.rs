@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::{Key, Nonce};
 use crate::limits::Limits;
-use crate::manifest::{Digest, Listed, Op, hex, unhex};
+use crate::manifest::{Digest, Listed, Op, Source, hex, unhex};
 
 /// The protocol version this build speaks; carried in every control and auth part.
 pub const VERSION: u32 = 1;
@@ -88,6 +88,14 @@ pub struct Request {
     pub removed: Vec<crate::path::RelPath>,
     /// What the recipient wants.
     pub want: Want,
+    /// Send whole files only: no deltas and no local copies (a delta's base was not what the owner
+    /// thought, so the recipient asks for content it can check without one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_content: bool,
+    /// Parts of an earlier reply that never arrived. If the owner still has them it sends just those;
+    /// otherwise it answers the request as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resend: Option<Resend>,
 }
 
 /// How a request describes the recipient's tree.
@@ -102,7 +110,7 @@ pub enum InventoryKind {
     Changes,
 }
 
-/// A payload attachment listed in a reply.
+/// One chunk of a reply's pack, carried as an attachment by exactly one part.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Payload {
@@ -114,7 +122,26 @@ pub struct Payload {
     pub blake3: Digest,
 }
 
-/// The owner's authenticated reply to one request.
+/// A zstd frame inside a reply's pack.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Frame {
+    /// Offset of the frame in the pack.
+    pub offset: u64,
+    /// Length of the frame.
+    pub length: u64,
+    /// Length of what it decompresses to.
+    pub size: u64,
+    /// BLAKE3 of what it decompresses to.
+    pub blake3: Digest,
+}
+
+/// The owner's authenticated reply to one request: the control part of one of its parts.
+///
+/// A reply's binary data is one byte string, the **pack**: the zstd frames of the files it carries, its
+/// delta streams, and the [`Body`] (its operations). The pack is cut into chunks, the [`Payload`]s; part
+/// `k` carries chunk `k` and every part lists them all, so each part authenticates on its own and the
+/// recipient knows when it has the whole pack.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Reply {
@@ -143,14 +170,102 @@ pub struct Reply {
     pub root: Digest,
     /// Root of the recipient tree the operations were computed against (the request's `root`).
     pub base: Digest,
-    /// The operations, in any order (they are applied in canonical order).
-    pub ops: Vec<Op>,
     /// The owner could not rebuild the recipient's tree from a changes-only request (it does not know the
     /// generation named): the reply carries no operations, and the next request must list the full tree.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub need_full_inventory: bool,
-    /// The payload attachments of this part.
+    /// The pack's chunks, in order; chunk `k` is carried by part `k`.
     pub payloads: Vec<Payload>,
+    /// Where in the pack the [`Body`] is (JSON, zstd-compressed).
+    pub body: Frame,
+}
+
+impl Reply {
+    /// Total length of the pack.
+    pub fn pack_size(&self) -> u64 {
+        self.payloads.iter().map(|p| p.size).sum()
+    }
+
+    /// The chunk this part carries.
+    pub fn own_payload(&self) -> Option<&Payload> {
+        usize::try_from(self.part).ok().and_then(|k| k.checked_sub(1)).and_then(|i| self.payloads.get(i))
+    }
+
+    /// Whether `other` is another part of the same reply: everything but the part number agrees.
+    pub fn same_reply(&self, other: &Reply) -> bool {
+        Reply { part: other.part, created: other.created, ..self.clone() } == *other
+    }
+}
+
+/// What a reply does, carried inside its pack.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Body {
+    /// Protocol version, always [`VERSION`].
+    pub mailferry: u32,
+    /// The operations, in any order (they are applied in canonical order).
+    pub ops: Vec<Op>,
+    /// Delta streams that puts take their content from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<Stream>,
+}
+
+/// A delta stream: a zstd frame in the pack that decompresses, with the concatenated contents of `bases`
+/// (which the recipient already has) as its prefix, to the concatenated contents of several files.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Stream {
+    /// Offset of the frame in the pack.
+    pub offset: u64,
+    /// Length of the frame.
+    pub length: u64,
+    /// Length of what it decompresses to.
+    pub size: u64,
+    /// BLAKE3 of what it decompresses to.
+    pub blake3: Digest,
+    /// The local contents forming the prefix, in order.
+    pub bases: Vec<Base>,
+}
+
+impl Stream {
+    /// The frame and what it decompresses to.
+    pub fn frame(&self) -> Frame {
+        Frame { offset: self.offset, length: self.length, size: self.size, blake3: self.blake3 }
+    }
+
+    /// Length of the prefix.
+    pub fn prefix_size(&self) -> u64 {
+        self.bases.iter().map(|b| b.size).fold(0, u64::saturating_add)
+    }
+}
+
+/// Content the recipient has, named by digest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Base {
+    /// BLAKE3 of the content.
+    pub blake3: Digest,
+    /// Its length.
+    pub size: u64,
+}
+
+/// A reply whose parts are all here: the shared control fields and the body from the pack.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Update {
+    /// The control fields (of any part; they agree).
+    pub head: Reply,
+    /// The operations and delta streams.
+    pub body: Body,
+}
+
+/// Which parts of an earlier reply a recipient is still missing.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Resend {
+    /// The reply.
+    pub reply_id: String,
+    /// The part numbers missing.
+    pub parts: Vec<u32>,
 }
 
 /// What a recipient did with a reply.
@@ -430,27 +545,104 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     if r.part == 0 || r.part > r.parts || r.parts as usize > limits.max_parts {
         return Err(Refusal::new(Reason::Limit, format!("part {} of {} is out of range", r.part, r.parts)));
     }
-    if r.ops.len() > limits.max_files_per_reply {
+    if r.payloads.len() != r.parts as usize {
         return Err(Refusal::new(
-            Reason::Limit,
-            format!("reply has {} operations, limit is {}", r.ops.len(), limits.max_files_per_reply),
+            Reason::Malformed,
+            format!("reply in {} parts lists {} chunks", r.parts, r.payloads.len()),
         ));
     }
-    let mut total: u64 = 0;
-    let payloads: BTreeMap<&str, &Payload> = r.payloads.iter().map(|p| (p.id.as_str(), p)).collect();
-    if payloads.len() != r.payloads.len() {
+    let ids: BTreeSet<&str> = r.payloads.iter().map(|p| p.id.as_str()).collect();
+    if ids.len() != r.payloads.len() {
         return Err(Refusal::new(Reason::Malformed, "a payload id is listed twice"));
     }
-    for p in &r.payloads {
-        if !valid_payload_id(&p.id) {
-            return Err(Refusal::new(Reason::Malformed, format!("payload id {:?} is not allowed", p.id)));
+    if let Some(p) = r.payloads.iter().find(|p| !valid_payload_id(&p.id)) {
+        return Err(Refusal::new(Reason::Malformed, format!("payload id {:?} is not allowed", p.id)));
+    }
+    let pack = r.payloads.iter().try_fold(0u64, |sum, p| sum.checked_add(p.size));
+    let Some(pack) = pack.filter(|&n| n <= limits.max_reply_bytes) else {
+        return Err(Refusal::new(Reason::Limit, format!("pack is larger than {} bytes", limits.max_reply_bytes)));
+    };
+    check_frame("body", &r.body, pack)?;
+    if r.body.size > limits.max_body_bytes {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("body unpacks to {} bytes, limit is {}", r.body.size, limits.max_body_bytes),
+        ));
+    }
+    Ok(())
+}
+
+fn check_frame(what: &str, f: &Frame, pack: u64) -> Result<(), Refusal> {
+    if f.offset.checked_add(f.length).is_none_or(|end| end > pack) {
+        return Err(Refusal::new(Reason::BadPayload, format!("{what} points outside the pack")));
+    }
+    Ok(())
+}
+
+/// Decodes the body of a complete reply (the JSON its body frame decompressed to) and checks it against
+/// the control fields and `limits`: every operation is well formed, every put names content that exists
+/// (a frame or delta stream inside the pack, or a local copy), and the totals stay under the limits.
+///
+/// # Errors
+/// A refusal naming the first problem.
+pub fn decode_body(head: &Reply, bytes: &[u8], limits: &Limits) -> Result<Body, Refusal> {
+    check_version(bytes, "reply body")?;
+    let body: Body = serde_json::from_slice(bytes).map_err(|e| {
+        let msg = e.to_string();
+        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
+        Refusal::new(reason, format!("reply body is not valid: {msg}"))
+    })?;
+    check_body(head, &body, limits)?;
+    Ok(body)
+}
+
+/// Decompresses the body frame (`frame`, the bytes at the head's `body` offset and length in the pack),
+/// checks it against its size and digest, and decodes it with [`decode_body`].
+///
+/// # Errors
+/// A refusal naming the first problem.
+pub fn open_body(head: &Reply, frame: &[u8], limits: &Limits) -> Result<Body, Refusal> {
+    let mut json = Vec::new();
+    let (n, d) = crate::delta::decompress(frame, &[], head.body.size, &mut json)
+        .map_err(|e| Refusal::new(Reason::BadPayload, format!("reply body: {e}")))?;
+    if n != head.body.size || d != head.body.blake3 {
+        return Err(Refusal::new(Reason::BadPayload, "reply body does not match its digest"));
+    }
+    decode_body(head, &json, limits)
+}
+
+/// The checks of [`decode_body`] on a decoded body.
+///
+/// # Errors
+/// A refusal naming the first problem.
+pub fn check_body(head: &Reply, body: &Body, limits: &Limits) -> Result<(), Refusal> {
+    if body.ops.len() > limits.max_files_per_reply {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("reply has {} operations, limit is {}", body.ops.len(), limits.max_files_per_reply),
+        ));
+    }
+    if head.need_full_inventory && !body.ops.is_empty() {
+        return Err(Refusal::new(Reason::Malformed, "a reply asking for a full inventory carries operations"));
+    }
+    let pack = head.pack_size();
+    let mut total: u64 = 0;
+    for (i, s) in body.streams.iter().enumerate() {
+        check_frame(&format!("delta stream {i}"), &s.frame(), pack)?;
+        total = total.saturating_add(s.size);
+        let window = s.prefix_size().saturating_add(s.size);
+        if window > limits.max_delta_window || s.bases.len() > limits.max_files_per_reply {
+            return Err(Refusal::new(
+                Reason::Limit,
+                format!("delta stream {i} needs a {window}-byte window, limit is {}", limits.max_delta_window),
+            ));
         }
     }
     // A path may be deleted once and created (or changed) once: that is a type change. Anything more is a
     // reply no owner writes.
     let mut deleted = std::collections::HashSet::new();
     let mut written = std::collections::HashSet::new();
-    for op in &r.ops {
+    for op in &body.ops {
         let fresh = match op {
             Op::Delete { path } => deleted.insert(path),
             other => written.insert(other.path()),
@@ -459,24 +651,34 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
             return Err(Refusal::new(Reason::Malformed, format!("`{}` is operated on twice", op.path())));
         }
     }
-    for op in &r.ops {
-        if let Op::Put { path, size, source, .. } = op {
-            if *size > limits.max_file_bytes {
-                return Err(Refusal::new(
-                    Reason::Limit,
-                    format!("`{path}` is {size} bytes, limit per file is {}", limits.max_file_bytes),
-                ));
+    for op in &body.ops {
+        let Op::Put { path, size, source, .. } = op else { continue };
+        if *size > limits.max_file_bytes {
+            return Err(Refusal::new(
+                Reason::Limit,
+                format!("`{path}` is {size} bytes, limit per file is {}", limits.max_file_bytes),
+            ));
+        }
+        let source =
+            source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no source")))?;
+        match source {
+            Source::Pack { offset, length } => {
+                total = total.saturating_add(*size);
+                let f = Frame { offset: *offset, length: *length, size: *size, blake3: Digest([0; 32]) };
+                check_frame(&format!("put `{path}`"), &f, pack)?;
             }
-            total = total.saturating_add(*size);
-            let src = source
-                .as_ref()
-                .ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no payload")))?;
-            let payload = payloads.get(src.payload.as_str()).ok_or_else(|| {
-                Refusal::new(Reason::BadPayload, format!("put `{path}` names unlisted payload {:?}", src.payload))
-            })?;
-            if src.offset.checked_add(src.length).is_none_or(|end| end > payload.size) {
-                return Err(Refusal::new(Reason::BadPayload, format!("put `{path}` points outside its payload")));
+            Source::Delta { stream, start } => {
+                let s = usize::try_from(*stream).ok().and_then(|i| body.streams.get(i)).ok_or_else(|| {
+                    Refusal::new(Reason::BadPayload, format!("put `{path}` names unknown delta stream {stream}"))
+                })?;
+                if start.checked_add(*size).is_none_or(|end| end > s.size) {
+                    return Err(Refusal::new(
+                        Reason::BadPayload,
+                        format!("put `{path}` points outside delta stream {stream}"),
+                    ));
+                }
             }
+            Source::Local => total = total.saturating_add(*size),
         }
     }
     if total > limits.max_reply_bytes {
@@ -488,29 +690,29 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Every attachment must be a listed payload and every listed payload must be present with its size and
-/// digest: an unlisted attachment is refused, not ignored.
+/// A part must carry exactly its own chunk, with the listed size and digest: an unlisted attachment is
+/// refused, not ignored.
 ///
 /// # Errors
 /// [`Reason::BadPayload`] naming the first attachment that does not fit.
 pub fn check_payloads(reply: &Reply, attachments: &BTreeMap<String, Vec<u8>>) -> Result<(), Refusal> {
-    let listed: BTreeSet<&str> = reply.payloads.iter().map(|p| p.id.as_str()).collect();
-    if let Some(extra) = attachments.keys().find(|k| !listed.contains(k.as_str())) {
+    let own = reply
+        .own_payload()
+        .ok_or_else(|| Refusal::new(Reason::Malformed, format!("part {} lists no chunk of its own", reply.part)))?;
+    if let Some(extra) = attachments.keys().find(|k| **k != own.id) {
         return Err(Refusal::new(
             Reason::BadPayload,
-            format!("attachment {extra:?} is not listed in the control part"),
+            format!("attachment {extra:?} is not this part's chunk ({:?})", own.id),
         ));
     }
-    for p in &reply.payloads {
-        let bytes = attachments
-            .get(&p.id)
-            .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", p.id)))?;
-        if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
-            return Err(Refusal::new(
-                Reason::BadPayload,
-                format!("payload {:?} does not match its digest ({} bytes, expected {})", p.id, bytes.len(), p.size),
-            ));
-        }
+    let bytes = attachments
+        .get(&own.id)
+        .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("payload {:?} is missing", own.id)))?;
+    if bytes.len() as u64 != own.size || Digest::of(bytes) != own.blake3 {
+        return Err(Refusal::new(
+            Reason::BadPayload,
+            format!("payload {:?} does not match its digest ({} bytes, expected {})", own.id, bytes.len(), own.size),
+        ));
     }
     Ok(())
 }
@@ -537,7 +739,6 @@ mod tests {
     use crate::path::RelPath;
 
     fn reply() -> Reply {
-        let content = b"hello";
         Reply {
             mailferry: VERSION,
             kind: Kind::Reply,
@@ -552,15 +753,28 @@ mod tests {
             root: Digest([1; 32]),
             base: Digest([2; 32]),
             need_full_inventory: false,
+            payloads: vec![Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest([3; 32]) }],
+            body: Frame { offset: 10, length: 90, size: 400, blake3: Digest([4; 32]) },
+        }
+    }
+
+    fn body() -> Body {
+        let content = b"hello";
+        Body {
+            mailferry: VERSION,
             ops: vec![Op::Put {
                 path: RelPath::new("a/b").unwrap(),
                 size: 5,
                 mode: Mode::Executable,
                 blake3: Digest::of(content),
-                source: Some(Source { payload: "p1.zst".into(), offset: 0, length: 10 }),
+                source: Some(Source::Pack { offset: 0, length: 10 }),
             }],
-            payloads: vec![Payload { id: "p1.zst".into(), size: 10, blake3: Digest([3; 32]) }],
+            streams: vec![],
         }
+    }
+
+    fn check(r: &Reply, b: &Body, limits: &Limits) -> Result<Body, Refusal> {
+        decode_body(r, &encode(b), limits)
     }
 
     #[test]
@@ -569,7 +783,74 @@ mod tests {
         let bytes = encode(&r);
         assert!(!bytes.contains(&b'\n'));
         assert!(bytes.starts_with(br#"{"mailferry":1,"type":"reply""#), "{}", String::from_utf8_lossy(&bytes));
-        assert_eq!(decode_control(&bytes, &Limits::default()).unwrap(), Control::Reply(Box::new(r)));
+        assert_eq!(decode_control(&bytes, &Limits::default()).unwrap(), Control::Reply(Box::new(r.clone())));
+        assert_eq!(check(&r, &body(), &Limits::default()).unwrap(), body());
+    }
+
+    #[test]
+    fn sources_must_lie_inside_the_pack_or_a_stream() {
+        let limits = Limits::default();
+        let r = reply();
+        let mut b = body();
+        let set = |b: &mut Body, s: Option<Source>| {
+            let Op::Put { source, .. } = &mut b.ops[0] else { unreachable!() };
+            *source = s;
+        };
+        set(&mut b, Some(Source::Pack { offset: 95, length: 10 }));
+        assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::BadPayload);
+        set(&mut b, Some(Source::Delta { stream: 0, start: 0 }));
+        assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::BadPayload, "no such stream");
+        let stream = Stream {
+            offset: 0,
+            length: 10,
+            size: 4,
+            blake3: Digest([5; 32]),
+            bases: vec![Base { blake3: Digest([6; 32]), size: 1000 }],
+        };
+        b.streams.push(stream.clone());
+        assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::BadPayload, "5 bytes from a 4-byte stream");
+        b.streams[0].size = 5;
+        check(&r, &b, &limits).unwrap();
+        let small = Limits { max_delta_window: 1000, ..Limits::default() };
+        assert_eq!(check(&r, &b, &small).unwrap_err().reason, Reason::Limit, "prefix + output over the window");
+        b.streams[0].offset = 95;
+        assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::BadPayload, "stream outside the pack");
+        b.streams[0].offset = 0;
+        set(&mut b, None);
+        assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn parts_list_one_chunk_each() {
+        let limits = Limits::default();
+        let mut r = reply();
+        r.parts = 2;
+        assert_eq!(decode_control(&encode(&r), &limits).unwrap_err().reason, Reason::Malformed);
+        r.payloads.push(Payload { id: "pack-0002.bin".into(), size: 7, blake3: Digest([8; 32]) });
+        decode_control(&encode(&r), &limits).unwrap();
+        r.body.offset = 100;
+        assert_eq!(decode_control(&encode(&r), &limits).unwrap_err().reason, Reason::BadPayload);
+        r.body.offset = 10;
+        let mut second = r.clone();
+        second.part = 2;
+        assert!(r.same_reply(&second));
+        second.generation += 1;
+        assert!(!r.same_reply(&second));
+        // Each part carries exactly its own chunk.
+        let chunk = vec![1u8; 7];
+        let own = Payload { id: "pack-0002.bin".into(), size: 7, blake3: Digest::of(&chunk) };
+        let mut p2 = Reply { part: 2, ..r.clone() };
+        p2.payloads[1] = own;
+        let attachments = BTreeMap::from([("pack-0002.bin".to_owned(), chunk.clone())]);
+        check_payloads(&p2, &attachments).unwrap();
+        let wrong = BTreeMap::from([("pack-0001.bin".to_owned(), chunk.clone())]);
+        assert_eq!(check_payloads(&p2, &wrong).unwrap_err().reason, Reason::BadPayload);
+        let mut extra = attachments.clone();
+        extra.insert("evil.sh".into(), b"x".to_vec());
+        assert_eq!(check_payloads(&p2, &extra).unwrap_err().reason, Reason::BadPayload);
+        let mut flipped = attachments;
+        flipped.get_mut("pack-0002.bin").unwrap()[0] ^= 1;
+        assert_eq!(check_payloads(&p2, &flipped).unwrap_err().reason, Reason::BadPayload);
     }
 
     #[test]
@@ -579,14 +860,8 @@ mod tests {
             (b"not json".to_vec(), Reason::Malformed),
             (br#"{"mailferry":2,"type":"reply"}"#.to_vec(), Reason::UnsupportedVersion),
             (br#"{"mailferry":1}"#.to_vec(), Reason::Malformed),
-            (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "../b").into_bytes(), Reason::BadPath),
-            (String::from_utf8(encode(&reply())).unwrap().replace("a/b", "/etc/b").into_bytes(), Reason::BadPath),
             (
-                String::from_utf8(encode(&reply())).unwrap().replace("\"mode\":493", "\"mode\":2541").into_bytes(),
-                Reason::Malformed,
-            ),
-            (
-                String::from_utf8(encode(&reply())).unwrap().replace("\"length\":10", "\"length\":11").into_bytes(),
+                String::from_utf8(encode(&reply())).unwrap().replace("\"length\":90", "\"length\":91").into_bytes(),
                 Reason::BadPayload,
             ),
             (
@@ -605,10 +880,23 @@ mod tests {
             let got = decode_control(&bytes, &limits).expect_err(&String::from_utf8_lossy(&bytes));
             assert_eq!(got.reason, want, "{got}");
         }
-        let mut non_utf8 = encode(&reply());
+        let (r, b) = (reply(), String::from_utf8(encode(&body())).unwrap());
+        let body_cases: Vec<(String, Reason)> = vec![
+            (b.replace("a/b", "../b"), Reason::BadPath),
+            (b.replace("a/b", "/etc/b"), Reason::BadPath),
+            (b.replace("\"mode\":493", "\"mode\":2541"), Reason::Malformed),
+            (b.replace("\"length\":10", "\"length\":101"), Reason::BadPayload),
+            (b.replace("\"mailferry\":1", "\"mailferry\":2"), Reason::UnsupportedVersion),
+            (b.replace("\"ops\"", "\"extra\":1,\"ops\""), Reason::Malformed),
+        ];
+        for (bytes, want) in body_cases {
+            let got = decode_body(&r, bytes.as_bytes(), &limits).expect_err(&bytes);
+            assert_eq!(got.reason, want, "{got}");
+        }
+        let mut non_utf8 = encode(&body());
         let at = non_utf8.windows(3).position(|w| w == b"a/b").unwrap();
         non_utf8[at] = 0xff;
-        assert_eq!(decode_control(&non_utf8, &limits).unwrap_err().reason, Reason::Malformed);
+        assert_eq!(decode_body(&r, &non_utf8, &limits).unwrap_err().reason, Reason::Malformed);
     }
 
     #[test]
@@ -618,31 +906,44 @@ mod tests {
             let r = Reply { reply_id: bad.into(), ..reply() };
             assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed, "{bad}");
         }
-        for (id, ok) in [("p1.zst", true), ("-p1", false), (".p1", false), ("P1", false), ("", false), ("a/b", false)] {
+        for (id, ok) in [
+            ("p1.zst", true),
+            ("pack-0001.bin", true),
+            ("-p1", false),
+            (".p1", false),
+            ("P1", false),
+            ("", false),
+            ("a/b", false),
+        ] {
             assert_eq!(valid_payload_id(id), ok, "{id:?}");
         }
     }
 
     #[test]
     fn a_path_is_deleted_and_written_at_most_once() {
-        let mut r = reply();
-        let put = r.ops[0].clone();
-        r.ops.push(put);
-        assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
-        let mut r = reply();
-        let path = r.ops[0].path().clone();
-        r.ops.push(Op::Delete { path: path.clone() });
-        assert!(decode_control(&encode(&r), &Limits::default()).is_ok(), "delete + put is a type change");
-        r.ops.push(Op::Delete { path });
-        assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
+        let (r, l) = (reply(), Limits::default());
+        let mut b = body();
+        let put = b.ops[0].clone();
+        b.ops.push(put);
+        assert_eq!(check(&r, &b, &l).unwrap_err().reason, Reason::Malformed);
+        let mut b = body();
+        let path = b.ops[0].path().clone();
+        b.ops.push(Op::Delete { path: path.clone() });
+        assert!(check(&r, &b, &l).is_ok(), "delete + put is a type change");
+        b.ops.push(Op::Delete { path });
+        assert_eq!(check(&r, &b, &l).unwrap_err().reason, Reason::Malformed);
     }
 
     #[test]
     fn limits_are_enforced_before_use() {
         let small = Limits { max_file_bytes: 4, ..Limits::default() };
-        assert_eq!(decode_control(&encode(&reply()), &small).unwrap_err().reason, Reason::Limit);
+        assert_eq!(check(&reply(), &body(), &small).unwrap_err().reason, Reason::Limit);
         let few = Limits { max_files_per_reply: 0, ..Limits::default() };
-        assert_eq!(decode_control(&encode(&reply()), &few).unwrap_err().reason, Reason::Limit);
+        assert_eq!(check(&reply(), &body(), &few).unwrap_err().reason, Reason::Limit);
+        let tiny_body = Limits { max_body_bytes: 399, ..Limits::default() };
+        assert_eq!(decode_control(&encode(&reply()), &tiny_body).unwrap_err().reason, Reason::Limit);
+        let tiny_reply = Limits { max_reply_bytes: 4, ..Limits::default() };
+        assert_eq!(check(&reply(), &body(), &tiny_reply).unwrap_err().reason, Reason::Limit);
     }
 
     #[test]

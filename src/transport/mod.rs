@@ -50,8 +50,11 @@ pub enum TransportErrorKind {
     Transient,
     /// Credentials refused.
     Auth,
-    /// Retrying the same thing will fail the same way: SMTP 5xx, message too large, bad address.
+    /// Retrying the same thing will fail the same way: SMTP 5xx, bad address.
     Permanent,
+    /// The message is larger than the server or a relay accepts (over the announced `SIZE`, or SMTP 552):
+    /// permanent for this message, but a smaller one would pass.
+    TooLarge,
     /// Local I/O on the spool or outbox failed.
     Io,
 }
@@ -95,6 +98,11 @@ pub trait Transport: fmt::Debug {
 
     /// Files a fetched message as processed or rejected.
     async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError>;
+
+    /// The largest message the outgoing server accepts, if it says (SMTP `SIZE`). A spool has none.
+    async fn size_limit(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// The transport a node's config selects, dispatched statically.
@@ -202,6 +210,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Maildir(t) => t.settle(id, disposition).await,
             AnyTransport::Mail(t) => t.settle(id, disposition).await,
+        }
+    }
+
+    async fn size_limit(&mut self) -> Option<u64> {
+        match self {
+            AnyTransport::Maildir(t) => t.size_limit().await,
+            AnyTransport::Mail(t) => Transport::size_limit(t.as_mut()).await,
         }
     }
 }

@@ -71,6 +71,16 @@ impl Transport for MailTransport {
         self.smtp.send(from, to, raw).await
     }
 
+    async fn size_limit(&mut self) -> Option<u64> {
+        match self.smtp.size_limit().await {
+            Ok(limit) => limit,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not learn the SMTP SIZE limit");
+                None
+            }
+        }
+    }
+
     async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError> {
         self.imap.fetch().await
     }

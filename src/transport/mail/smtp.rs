@@ -66,8 +66,10 @@ impl SmtpSender {
     ///
     /// # Errors
     /// - [`TransportErrorKind::Auth`]: the server refused the credentials, or the secret could not be read.
-    /// - [`TransportErrorKind::Permanent`]: a 5xx reply (the server's text is included, for example
-    ///   `552 5.3.4 message file too big`), an invalid address, a certificate that does not verify.
+    /// - [`TransportErrorKind::TooLarge`]: over the server's `SIZE`, or a 552 reply (`552 5.3.4 message
+    ///   file too big`).
+    /// - [`TransportErrorKind::Permanent`]: another 5xx reply (the server's text is included), an invalid
+    ///   address, a certificate that does not verify.
     /// - [`TransportErrorKind::Transient`]: a 4xx reply, a refused or dropped connection, a timeout.
     pub async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
         let what = format!("smtp send from {from} to {to} via {} as {}", self.endpoint.addr(), self.endpoint.username);
@@ -76,7 +78,7 @@ impl SmtpSender {
             && raw.len() as u64 > limit
         {
             return Err(TransportError::new(
-                TransportErrorKind::Permanent,
+                TransportErrorKind::TooLarge,
                 &what,
                 anyhow::anyhow!("message of {} bytes exceeds the server's SIZE limit of {limit} bytes", raw.len()),
             ));
@@ -114,7 +116,7 @@ impl SmtpSender {
                     let what = format!("smtp login to {} as {} refused", self.endpoint.addr(), self.endpoint.username);
                     return Err(TransportError::new(kind, what, e));
                 }
-                if kind != TransportErrorKind::Permanent {
+                if !matches!(kind, TransportErrorKind::Permanent | TransportErrorKind::TooLarge) {
                     self.transport = None;
                 }
                 Err(TransportError::new(kind, what, e))
@@ -238,6 +240,9 @@ fn classify(e: &lettre::transport::smtp::Error) -> TransportErrorKind {
         let n = u16::from(code);
         return if AUTH_REFUSED_CODES.contains(&n) {
             TransportErrorKind::Auth
+        } else if n == 552 {
+            // "Requested mail action aborted: exceeded storage allocation": in practice, too big.
+            TransportErrorKind::TooLarge
         } else if e.is_permanent() {
             TransportErrorKind::Permanent
         } else {

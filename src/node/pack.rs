@@ -1,0 +1,303 @@
+//! The owner's packer: decides how each file of a reply travels and writes the reply's pack.
+//!
+//! For every put, in order of preference:
+//! 1. **local**: the recipient already has the content (same BLAKE3) somewhere in its tree, so nothing
+//!    travels; it copies the file (renames, duplicates, reverted edits).
+//! 2. **delta stream**: files are grouped (in path order, up to [`GROUP_OUTPUT`] of output per group) and
+//!    each group is compressed as one zstd frame whose reference prefix is the recipient's current
+//!    versions of those paths plus the content of files the reply deletes (so renamed-and-edited files
+//!    find their old selves). One frame per group also shares redundancy across files, which per-file
+//!    frames cannot. A group is sent this way only if that is smaller than its files' stored frames.
+//! 3. **frame**: the file's zstd frame from the content store, as published.
+//!
+//! A base is only used when the store holds it (the recipient reported a version the owner published and
+//! has not pruned). Delta frames are cached under the state directory by the digest of (level, bases,
+//! outputs), so a fleet moving between the same two generations costs one compression.
+//!
+//! The pack is written to a temporary file: the owner's memory follows the largest group, not the reply.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+
+use crate::delta;
+use crate::manifest::{Digest, Entry, Manifest, Op, Source};
+use crate::protocol::{Base, Body, Frame, Stream, VERSION};
+use crate::store::Store;
+
+/// Most output bytes one delta stream carries.
+pub const GROUP_OUTPUT: u64 = 32 << 20;
+/// Most prefix bytes one delta stream uses.
+pub const GROUP_PREFIX: u64 = 96 << 20;
+/// Files above this travel alone: as a patch against their old version when both fit [`PATCH_WINDOW`],
+/// else as their stored frame.
+pub const PATCH_WINDOW: u64 = 768 << 20;
+
+/// What the packer produced.
+#[derive(Debug)]
+pub struct Packed {
+    /// The operations with their sources, and the delta streams.
+    pub body: Body,
+    /// The pack: frames, streams, then the body frame.
+    pub file: tempfile::NamedTempFile,
+    /// The pack's length.
+    pub size: u64,
+    /// Where the body is in the pack.
+    pub body_frame: Frame,
+    /// How the files travel.
+    pub stats: PackStats,
+}
+
+/// Counts for logs and the benchmark.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PackStats {
+    /// Puts copied from the recipient's own files.
+    pub local: usize,
+    /// Distinct contents sent as stored frames.
+    pub frames: usize,
+    /// Distinct contents sent inside delta streams.
+    pub streamed: usize,
+    /// Delta streams.
+    pub streams: usize,
+    /// Delta streams taken from the cache.
+    pub cached: usize,
+}
+
+/// Packs replies from a content store.
+#[derive(Debug)]
+pub struct Packer<'a> {
+    /// Where the content comes from.
+    pub store: &'a Store,
+    /// zstd level for delta streams.
+    pub level: i32,
+    /// Directory of cached delta frames.
+    pub cache: PathBuf,
+    /// Directory for the temporary pack file.
+    pub tmp: PathBuf,
+}
+
+struct Need {
+    blake3: Digest,
+    size: u64,
+    base: Option<Base>,
+}
+
+struct Writer {
+    out: BufWriter<File>,
+    at: u64,
+}
+
+impl Writer {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<(u64, u64)> {
+        let offset = self.at;
+        self.out.write_all(bytes)?;
+        self.at += bytes.len() as u64;
+        Ok((offset, bytes.len() as u64))
+    }
+}
+
+impl Packer<'_> {
+    /// Gives every put of `ops` a source and writes the pack. `have` is the recipient's tree (none when the
+    /// owner could not rebuild it); with `full_content` no local copies or deltas are used.
+    ///
+    /// # Errors
+    /// A store object missing or unreadable, or local I/O errors.
+    pub fn pack(&self, have: Option<&Manifest>, mut ops: Vec<Op>, full_content: bool) -> Result<Packed> {
+        fs::create_dir_all(&self.tmp)?;
+        let file = tempfile::NamedTempFile::new_in(&self.tmp)?;
+        let mut w = Writer { out: BufWriter::new(file.reopen()?), at: 0 };
+        let mut stats = PackStats::default();
+        let empty = Manifest::default();
+        let have = if full_content { &empty } else { have.unwrap_or(&empty) };
+        let local: HashSet<Digest> = have
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Entry::File(m) => Some(m.blake3),
+                _ => None,
+            })
+            .collect();
+        let known_base = |d: &Digest, size: u64| self.store.contains(d).then_some(Base { blake3: *d, size });
+
+        // What must travel: each distinct content once, with the recipient's old version of its path.
+        let mut needs: Vec<Need> = Vec::new();
+        let mut queued: HashSet<Digest> = HashSet::new();
+        for op in &ops {
+            let Op::Put { path, size, blake3, .. } = op else { continue };
+            if local.contains(blake3) || !queued.insert(*blake3) {
+                continue;
+            }
+            let base = match have.get(path) {
+                Some(Entry::File(m)) => known_base(&m.blake3, m.size),
+                _ => None,
+            };
+            needs.push(Need { blake3: *blake3, size: *size, base });
+        }
+        // Content the reply deletes may have moved into new or changed files.
+        let mut moved: Vec<Base> = Vec::new();
+        for op in &ops {
+            if let Op::Delete { path } = op
+                && let Some(Entry::File(m)) = have.get(path)
+                && let Some(b) = known_base(&m.blake3, m.size)
+            {
+                moved.push(b);
+            }
+        }
+
+        let mut sources: HashMap<Digest, Source> = HashMap::new();
+        let mut streams: Vec<Stream> = Vec::new();
+        let mut group: Vec<&Need> = Vec::new();
+        let mut group_out = 0u64;
+        for need in &needs {
+            if need.size > GROUP_OUTPUT {
+                let alone = need.base.filter(|b| b.size.saturating_add(need.size) <= PATCH_WINDOW);
+                self.send(&[need], alone.as_slice(), &mut w, &mut streams, &mut sources, &mut stats)?;
+                continue;
+            }
+            if group_out + need.size > GROUP_OUTPUT && !group.is_empty() {
+                let bases = group_bases(&group, &mut moved);
+                self.send(&group, &bases, &mut w, &mut streams, &mut sources, &mut stats)?;
+                group.clear();
+                group_out = 0;
+            }
+            group_out += need.size;
+            group.push(need);
+        }
+        if !group.is_empty() {
+            let bases = group_bases(&group, &mut moved);
+            self.send(&group, &bases, &mut w, &mut streams, &mut sources, &mut stats)?;
+        }
+
+        for op in &mut ops {
+            if let Op::Put { blake3, source, .. } = op {
+                *source = Some(match sources.get(blake3) {
+                    Some(s) => s.clone(),
+                    None => {
+                        stats.local += 1;
+                        Source::Local
+                    }
+                });
+            }
+        }
+        let body = Body { mailferry: VERSION, ops, streams };
+        let json = crate::protocol::encode(&body);
+        let compressed = zstd::bulk::compress(&json, 19.min(self.level.max(3)))?;
+        let (offset, length) = w.put(&compressed)?;
+        let body_frame = Frame { offset, length, size: json.len() as u64, blake3: Digest::of(&json) };
+        let mut out = w.out.into_inner().map_err(io::IntoInnerError::into_error)?;
+        out.flush()?;
+        let size = out.stream_position()?;
+        Ok(Packed { body, file, size, body_frame, stats })
+    }
+
+    /// Sends `group` as one delta stream over `bases` if that is smaller than its stored frames, else as
+    /// the frames.
+    fn send(
+        &self,
+        group: &[&Need],
+        bases: &[Base],
+        w: &mut Writer,
+        streams: &mut Vec<Stream>,
+        sources: &mut HashMap<Digest, Source>,
+        stats: &mut PackStats,
+    ) -> Result<()> {
+        let frame_lens: Vec<u64> =
+            group.iter().map(|n| self.store.open_frame(&n.blake3).map(|(_, len)| len)).collect::<io::Result<_>>()?;
+        let frames_total: u64 = frame_lens.iter().sum();
+        // A lone file without a base gains nothing from a stream of its own.
+        let stream = if group.len() == 1 && bases.is_empty() { None } else { Some(self.stream(group, bases)?) };
+        match stream {
+            Some((frame, digest, cached)) if (frame.len() as u64) < frames_total => {
+                let (offset, length) = w.put(&frame)?;
+                let index = u32::try_from(streams.len()).context("too many delta streams")?;
+                let mut start = 0u64;
+                for n in group {
+                    sources.insert(n.blake3, Source::Delta { stream: index, start });
+                    start += n.size;
+                }
+                streams.push(Stream { offset, length, size: start, blake3: digest, bases: bases.to_vec() });
+                stats.streams += 1;
+                stats.streamed += group.len();
+                stats.cached += usize::from(cached);
+            }
+            _ => {
+                for n in group {
+                    let (mut f, _) = self.store.open_frame(&n.blake3)?;
+                    let offset = w.at;
+                    let length = io::copy(&mut f, &mut w.out)?;
+                    w.at += length;
+                    sources.insert(n.blake3, Source::Pack { offset, length });
+                    stats.frames += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The delta frame of `group` over `bases` (from the cache or freshly compressed), the digest of its
+    /// output, and whether it was cached.
+    fn stream(&self, group: &[&Need], bases: &[Base]) -> Result<(Vec<u8>, Digest, bool)> {
+        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v1");
+        key.update(&self.level.to_le_bytes());
+        for b in bases {
+            key.update(&b.blake3.0).update(b"b");
+        }
+        for n in group {
+            key.update(&n.blake3.0).update(b"o");
+        }
+        let path = self.cache.join(format!("{}.zst", Digest::from(key.finalize()).to_hex()));
+        let mut output = Vec::new();
+        for n in group {
+            output.extend_from_slice(&self.store.content(&n.blake3)?);
+        }
+        let digest = Digest::of(&output);
+        if let Ok(frame) = fs::read(&path) {
+            return Ok((frame, digest, true));
+        }
+        let mut prefix = Vec::new();
+        for b in bases {
+            prefix.extend_from_slice(&self.store.content(&b.blake3)?);
+        }
+        let frame = delta::compress(&prefix, &output, self.level)?;
+        fs::create_dir_all(&self.cache)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.cache)?;
+        tmp.write_all(&frame)?;
+        tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("failed to cache `{}`", path.display()))?;
+        Ok((frame, digest, false))
+    }
+}
+
+/// The prefix of a group: its files' old versions, then moved content, without repeats, up to
+/// [`GROUP_PREFIX`] bytes. Moved content is used by the first group that has room for it.
+fn group_bases(group: &[&Need], moved: &mut Vec<Base>) -> Vec<Base> {
+    let mut seen = HashSet::new();
+    let mut bases = Vec::new();
+    let mut total = 0u64;
+    for b in group.iter().filter_map(|n| n.base).chain(moved.iter().copied()) {
+        if total + b.size <= GROUP_PREFIX && seen.insert(b.blake3) {
+            total += b.size;
+            bases.push(b);
+        }
+    }
+    moved.retain(|m| !seen.contains(&m.blake3));
+    bases
+}
+
+/// Removes cached delta frames not used for `max_age` (by modification time).
+///
+/// # Errors
+/// An unreadable cache directory.
+pub fn prune_cache(cache: &Path, max_age: std::time::Duration) -> io::Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = fs::read_dir(cache) else { return Ok(0) };
+    for e in entries {
+        let e = e?;
+        let old = e.metadata()?.modified()?.elapsed().is_ok_and(|age| age > max_age);
+        if old && fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,157 @@
+//! Efficient transfer over the Maildir transport: deltas against what the recipient has, local copies,
+//! replies cut into parts that fit the relay limit, and lost parts sent again alone.
+
+use std::fs;
+use std::path::PathBuf;
+
+use crate::util::*;
+
+/// Bytes that zstd cannot shrink (xorshift), so any saving comes from deltas.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn new_messages(site: &Site, w: &World) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(site.maildir(w).join("new")).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+fn set_owner(w: &World, from: &str, to: &str) {
+    let text = fs::read_to_string(&w.owner_config).unwrap();
+    assert!(text.contains(from), "{from:?} not in the owner config:\n{text}");
+    fs::write(&w.owner_config, text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn small_edits_to_large_files_travel_as_small_deltas() {
+    let w = World::new();
+    let site = w.site("site1");
+    let big = noise(3 << 20, 1);
+    put(&w.source, "db/main.cvd", &big, 0o644);
+    put(&w.source, "db/daily.cvd", &noise(1 << 20, 2), 0o644);
+    put(&w.source, "README", b"signatures\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+
+    // An edit in the middle and an append: 1,000 + 2,000 new bytes in a 3 MiB incompressible file.
+    let mut edited = big.clone();
+    edited[1 << 20..(1 << 20) + 1000].copy_from_slice(&noise(1000, 3));
+    edited.extend_from_slice(&noise(2000, 4));
+    put(&w.source, "db/main.cvd", &edited, 0o644);
+    // Renamed: the content is on the recipient already.
+    fs::rename(w.source.join("db/daily.cvd"), w.source.join("db/daily-2026.cvd")).unwrap();
+    w.publish();
+    let reply = w.pending_reply(&site);
+    let bytes = fs::metadata(&reply).unwrap().len();
+    assert!(bytes < 20_000, "a 3,000-byte edit and a rename cost a {bytes}-byte reply");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 2);
+}
+
+#[test]
+fn content_moved_between_files_is_found_in_the_old_versions() {
+    let w = World::new();
+    let site = w.site("site1");
+    let (a, b) = (noise(400_000, 5), noise(400_000, 6));
+    put(&w.source, "lib/a.js", &a, 0o644);
+    put(&w.source, "lib/b.js", &b, 0o644);
+    w.publish();
+    w.sync(&site);
+    // A bundler reshuffles: halves swap between the files, one is renamed, with small edits.
+    let (a2, b2) = ([&b[..200_000], b"// v2\n", &a[..200_000]].concat(), [&a[200_000..], b"x", &b[200_000..]].concat());
+    fs::remove_file(w.source.join("lib/a.js")).unwrap();
+    put(&w.source, "lib/a-bundle.js", &a2, 0o644);
+    put(&w.source, "lib/b.js", &b2, 0o644);
+    w.publish();
+    let reply = w.pending_reply(&site);
+    let bytes = fs::metadata(&reply).unwrap().len();
+    assert!(bytes < 20_000, "reshuffled content cost a {bytes}-byte reply (whole files: 1.1 MB)");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn a_reply_over_the_relay_limit_arrives_in_parts_that_each_fit() {
+    let w = World::new();
+    let site = w.site("site1");
+    set_owner(&w, "relay-limit = 10240000", "relay-limit = 100000");
+    put(&w.source, "big.bin", &noise(350_000, 7), 0o644);
+    put(&w.source, "small.txt", b"small\n", 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let parts = new_messages(&site, &w);
+    assert!(parts.len() >= 5, "350 KB through a 100 KB relay: {} parts", parts.len());
+    for p in &parts {
+        assert!(fs::metadata(p).unwrap().len() <= 100_000, "{} is over the limit", p.display());
+    }
+    // Parts arrive in any order: hold all but the last back, then let them in.
+    let held = w.path("held");
+    fs::create_dir_all(&held).unwrap();
+    for p in &parts[..parts.len() - 1] {
+        fs::rename(p, held.join(p.file_name().unwrap())).unwrap();
+    }
+    let log = site.run(false);
+    assert!(log.contains("kept a part of a reply"), "{log}");
+    assert_eq!(site.status()["generation"], 0, "nothing applies before the set is complete");
+    assert_eq!(count(&site.data), 0);
+    for p in &parts[..parts.len() - 1] {
+        fs::rename(held.join(p.file_name().unwrap()), p).unwrap();
+    }
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+    w.owner_run();
+    assert_eq!(w.owner_status()["recipients"][0]["applied_generation"], 1);
+}
+
+#[test]
+fn a_lost_part_is_sent_again_alone_and_parts_lost_twice_come_smaller() {
+    let w = World::new();
+    let site = w.site("site1");
+    set_owner(&w, "relay-limit = 10240000", "relay-limit = 100000");
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+    fs::write(&site.config, cfg).unwrap();
+    put(&w.source, "big.bin", &noise(300_000, 8), 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let parts = new_messages(&site, &w);
+    let n = parts.len();
+    assert!(n >= 4, "{n} parts");
+    let lost_size = fs::metadata(&parts[1]).unwrap().len();
+    fs::remove_file(&parts[1]).unwrap();
+    site.run(false);
+    assert_eq!(site.status()["generation"], 0);
+
+    // After reply-timeout the request names just the missing part, and only it comes again.
+    let log = site.run(true);
+    assert!(log.contains("asking for lost parts again"), "{log}");
+    w.owner_run();
+    let again = new_messages(&site, &w);
+    assert_eq!(again.len(), 1, "only the lost part is sent again");
+    assert_eq!(fs::metadata(&again[0]).unwrap().len(), lost_size, "the same part, byte for byte");
+
+    // Lost again (a relay that refuses it, say): the next request gets a fresh reply in smaller parts.
+    fs::remove_file(&again[0]).unwrap();
+    site.run(true);
+    w.owner_run();
+    let fresh = new_messages(&site, &w);
+    assert!(fresh.len() > n, "{} parts now, {n} before", fresh.len());
+    assert!(fresh.iter().all(|p| fs::metadata(p).unwrap().len() <= 75_000), "smaller parts");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+    assert!(site.rejections().is_empty(), "{:?}", site.rejections());
+}
