@@ -547,6 +547,48 @@ impl Db {
         unpack_manifest(&data)
     }
 
+    /// Whether generation `number` is still kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn has_generation(&self, number: u64) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM generations WHERE number = ?1", [number as i64], |r| r.get::<_, i64>(0))?
+            > 0)
+    }
+
+    /// Forgets every generation but the newest `keep`; returns the numbers forgotten.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn prune_generations(&self, keep: u64) -> Result<Vec<u64>> {
+        let Some(latest) = self.latest_generation()? else { return Ok(Vec::new()) };
+        let cutoff = latest.number.saturating_sub(keep) as i64;
+        let mut st = self.conn.prepare("SELECT number FROM generations WHERE number <= ?1 ORDER BY number")?;
+        let gone: Vec<u64> =
+            st.query_map([cutoff], |r| r.get::<_, i64>(0))?.map(|n| n.map(|n| n as u64)).collect::<Result<_, _>>()?;
+        self.conn.execute("DELETE FROM generations WHERE number <= ?1", [cutoff])?;
+        Ok(gone)
+    }
+
+    /// Every content digest a kept generation refers to.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn kept_contents(&self) -> Result<std::collections::HashSet<Digest>> {
+        let mut st = self.conn.prepare("SELECT manifest FROM generations")?;
+        let mut all = std::collections::HashSet::new();
+        for data in st.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
+            for (_, e) in unpack_manifest(&data?)?.iter() {
+                if let crate::manifest::Entry::File(m) = e {
+                    all.insert(m.blake3);
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Registers a recipient.
     ///
     /// # Errors

@@ -119,6 +119,29 @@ impl Store {
         fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("store object `{}`: {e}", path.display())))
     }
 
+    /// Removes every object not in `keep`; returns how many objects and stored bytes were removed.
+    ///
+    /// # Errors
+    /// An unreadable store directory.
+    pub fn retain(&self, keep: &std::collections::HashSet<Digest>) -> io::Result<(usize, u64)> {
+        let (mut n, mut bytes) = (0, 0);
+        for dir in fs::read_dir(self.root.join("objects"))? {
+            for e in fs::read_dir(dir?.path())? {
+                let e = e?;
+                let name = e.file_name();
+                let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".zst")) else { continue };
+                if Digest::from_hex(hex).is_ok_and(|d| keep.contains(&d)) {
+                    continue;
+                }
+                let len = e.metadata()?.len();
+                fs::remove_file(e.path())?;
+                n += 1;
+                bytes += len;
+            }
+        }
+        Ok((n, bytes))
+    }
+
     /// The stored zstd frame of `d`, opened for streaming, and its length.
     ///
     /// # Errors
@@ -163,5 +186,9 @@ mod tests {
         assert_eq!(store.content(&d).unwrap(), b"content ".repeat(1000));
         assert_eq!(store.put_bytes(b"").unwrap(), Digest::of(b""));
         assert_eq!(store.content(&Digest::of(b"")).unwrap(), b"");
+        // Retention removes what is not kept, and only that.
+        let keep = std::collections::HashSet::from([d]);
+        assert_eq!(store.retain(&keep).unwrap().0, 1, "the empty object goes");
+        assert!(store.contains(&d) && !store.contains(&Digest::of(b"")));
     }
 }

@@ -155,3 +155,31 @@ fn a_lost_part_is_sent_again_alone_and_parts_lost_twice_come_smaller() {
     assert_eq!(site.status()["generation"], 1);
     assert!(site.rejections().is_empty(), "{:?}", site.rejections());
 }
+
+#[test]
+fn pruned_generations_free_the_store_and_recipients_on_them_still_sync() {
+    let w = World::new();
+    let site = w.site("site1");
+    set_owner(&w, "keep-generations = 16", "keep-generations = 2");
+    put(&w.source, "only-in-1.bin", &noise(50_000, 9), 0o644);
+    put(&w.source, "kept.txt", b"kept\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    fs::remove_file(w.source.join("only-in-1.bin")).unwrap();
+    for g in 2..=4 {
+        put(&w.source, "gen.txt", format!("{g}\n").as_bytes(), 0o644);
+        assert_eq!(w.publish(), g);
+    }
+    let objects: usize = fs::read_dir(w.path("owner/store/objects")).unwrap().map(|d| count(&d.unwrap().path())).sum();
+    // Generations 3 and 4 are kept: kept.txt, and gen.txt twice.
+    assert_eq!(objects, 3, "content only generations 1 and 2 had is gone");
+    // The recipient still has generation 1, which the owner no longer knows: it is asked for its whole
+    // tree and then brought up to date.
+    site.run(true);
+    w.owner_run();
+    let log = site.run(false);
+    assert!(log.contains("asked for the full tree"), "{log}");
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 4);
+}

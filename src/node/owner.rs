@@ -23,6 +23,9 @@ use crate::scan::{ForeignKind, scan_with};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
 
+/// How long a cached delta stream is kept after it was made.
+const KEEP_DELTAS: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// How long sent reply parts are kept for re-sending when no receipt arrives.
 const KEEP_SENT_PARTS: u64 = 14 * 24 * 3600;
 
@@ -208,7 +211,25 @@ impl Owner {
         }
         let generation = self.db.add_generation(&manifest)?;
         info!(generation, root = %root.short(), files, bytes, "published");
+        self.prune()?;
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
+    }
+
+    /// Keeps the newest `keep-generations` generations and the content they refer to. Replies already
+    /// made are unaffected: their parts are kept whole, apart from the store.
+    fn prune(&mut self) -> Result<()> {
+        let gone = self.db.prune_generations(self.cfg.owner.keep_generations)?;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for g in &gone {
+            self.manifests.remove(g);
+        }
+        let keep = self.db.kept_contents()?;
+        let (objects, bytes) = self.store.retain(&keep)?;
+        let cached = super::pack::prune_cache(&self.cfg.state_dir.join("deltas"), KEEP_DELTAS)?;
+        info!(generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
+        Ok(())
     }
 
     fn manifest(&mut self, generation: u64) -> Result<&Manifest> {
@@ -225,6 +246,7 @@ impl Owner {
     /// Transport or state failures that stop the run; refusals of single messages are not errors.
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
+        self.db.drop_sent_parts(None, KEEP_SENT_PARTS)?;
         let flushed = Outbox::flush(&self.db, transport).await?;
         self.learn_from(&flushed)?;
         report.sent += flushed.sent;
@@ -356,7 +378,13 @@ impl Owner {
                     return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}"))));
                 }
             },
-            InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
+            InventoryKind::Changes
+                if req.generation == 0
+                    || req.generation > generation.number
+                    || !self.db.has_generation(req.generation)? =>
+            {
+                None
+            }
             InventoryKind::Changes => {
                 let mut m = self.manifest(req.generation)?.clone();
                 for p in &req.removed {
