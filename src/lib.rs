@@ -6,8 +6,9 @@
 //! nonce, a sequence number, the generation it has applied and what is in its tree now. The **owner**
 //! checks the request against the recipient it registered, diffs the tree against its newest immutable
 //! **generation**, and mails back a **reply** to the recipient's *registered* address: the operations that
-//! turn the recipient's tree into the generation, with the new contents zstd-compressed, all authenticated
-//! by an HMAC over the control part under that recipient's own key. The recipient verifies everything,
+//! turn the recipient's tree into the generation, with the new contents as local copies, zstd deltas
+//! against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
+//! into parts that fit the relays, each part authenticated by an HMAC under that recipient's own key. The recipient verifies everything,
 //! stages the new files beside the tree, commits a journal, and renames them into place; after a crash the
 //! next run finishes the journal, so the tree is the old generation or the new one. It then mails a
 //! **receipt**, which the owner records.
@@ -15,8 +16,9 @@
 //! ```text
 //!  recipient                                   owner
 //!  scan ─► request(nonce, seq, gen, inventory) ─►  verify MAC, seq, nonce ─► diff vs generation
-//!  verify ◄─ reply(nonce, gen, root, ops, payloads) ◄─ pack from content store
-//!  stage ─► journal ─► rename ─► receipt ─────────►  record
+//!  keep parts ◄─ reply part k/n(nonce, gen, root, chunk k) ◄─ pack: deltas, frames, body(ops)
+//!  (missing after reply-timeout? request names them ─► the same parts again)
+//!  verify ─► stage ─► journal ─► rename ─► receipt ─►  record
 //! ```
 //!
 //! # Code map
@@ -25,20 +27,22 @@
 //! - [`path`]: validated tree-relative paths; the one place hostile names are refused.
 //! - [`manifest`]: trees, tree roots, [`manifest::diff`] and [`manifest::Manifest::apply`].
 //! - [`crypto`]: keys, HMAC-SHA256, nonces.
-//! - [`protocol`]: control messages (request, reply, receipt), auth part, refusal reasons, and
-//!   [`protocol::envelope`] for MIME.
+//! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
+//!   reasons, and [`protocol::envelope`] for MIME (and how large a chunk fits a message).
+//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //!
 //! I/O shell:
 //! - [`scan`]: reads a tree into a manifest (never follows symlinks); the stat cache that lets a rescan
 //!   read only changed files.
-//! - [`store`]: the owner's content-addressed store of every published file.
+//! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
 //! - [`apply`] (staging, journal, execution): the only code that writes into a data tree.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
-//! - [`node`]: owner and recipient drivers tying it together; the outbox (in the state database);
+//! - [`node`]: owner and recipient drivers tying it together; [`node::pack`] chooses how each file
+//!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
 //!   staleness and admin notices.
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
@@ -49,8 +53,8 @@
 //! # Invariants
 //! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name,
 //!   which only selects the key. Headers, subject and text parts are never trusted.
-//! - No byte reaches the data tree before the whole reply is verified and every new file is staged and
-//!   checked against its BLAKE3.
+//! - No byte reaches the data tree before every part of the reply is verified and every new file is
+//!   staged and checked against its BLAKE3 (delta bases and local copies included).
 //! - Replies go only to the address registered for a recipient.
 //! - mailferry's own state (database, journal, outbox, keys) never lives inside a data tree.
 //! - Anything that depends on a message being sent is committed in the same database transaction that
