@@ -229,6 +229,7 @@ pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) 
         })
         .collect();
     let pack = File::open(src.pack).map_err(io_err)?;
+    let progress = crate::progress::Progress::bytes("staging", puts.values().map(|(size, ..)| *size).sum());
     let mut decoded: std::collections::HashMap<u32, PathBuf> = std::collections::HashMap::new();
     for step in &plan.steps {
         let Step::Place { path, staged, .. } = step else { continue };
@@ -271,6 +272,7 @@ pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) 
             }
         };
         out.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
+        progress.add(written);
         if written != size || digest != blake3 {
             return Err(Refusal::new(
                 Reason::BadPayload,

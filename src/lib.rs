@@ -46,6 +46,7 @@
 //!   staleness and admin notices.
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
+//! - [`progress`]: progress bars, off unless the binary turns them on for a terminal.
 //!
 //! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes; it also
 //! runs the daemons (a step at a time under the state lock, IDLE or polling in between, capped backoff).
@@ -74,6 +75,7 @@ pub mod limits;
 pub mod manifest;
 pub mod node;
 pub mod path;
+pub mod progress;
 pub mod protocol;
 pub mod scan;
 pub mod store;

@@ -226,6 +226,8 @@ fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result
 
 fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result<Vec<(RelPath, FileMeta)>, ScanError> {
     let next = AtomicUsize::new(0);
+    let total: u64 = files.iter().filter_map(|(_, full, _)| fs::symlink_metadata(full).ok()).map(|m| m.len()).sum();
+    let progress = crate::progress::Progress::bytes("hashing", total);
     let results = Mutex::new(Vec::with_capacity(files.len()));
     let first_error = Mutex::new(None);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(files.len().max(1));
@@ -237,6 +239,7 @@ fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result
                     let Some((rel, full, mode)) = files.get(i) else { break };
                     match read(full) {
                         Ok((size, blake3)) => {
+                            progress.add(size);
                             results
                                 .lock()
                                 .expect("no panics while held")

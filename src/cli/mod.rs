@@ -210,6 +210,10 @@ pub fn init_logging(cli: &Cli) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Progress bars only for a person watching a terminal, and not in quiet mode.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) && !cli.quiet {
+        mailferry::progress::enable();
+    }
 }
 
 /// Runs the parsed command.

@@ -146,6 +146,7 @@ impl Packer<'_> {
             }
         }
 
+        let progress = crate::progress::Progress::bytes("packing", needs.iter().map(|n| n.size).sum());
         let mut sources: HashMap<Digest, Source> = HashMap::new();
         let mut streams: Vec<Stream> = Vec::new();
         let mut group: Vec<&Need> = Vec::new();
@@ -154,11 +155,13 @@ impl Packer<'_> {
             if need.size > GROUP_OUTPUT {
                 let alone = need.base.filter(|b| b.size.saturating_add(need.size) <= PATCH_WINDOW);
                 self.send(&[need], alone.as_slice(), &mut w, &mut streams, &mut sources, &mut stats)?;
+                progress.add(need.size);
                 continue;
             }
             if group_out + need.size > GROUP_OUTPUT && !group.is_empty() {
                 let bases = group_bases(&group, &mut moved);
                 self.send(&group, &bases, &mut w, &mut streams, &mut sources, &mut stats)?;
+                progress.add(group_out);
                 group.clear();
                 group_out = 0;
             }
