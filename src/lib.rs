@@ -35,7 +35,8 @@
 //!   read only changed files.
 //! - [`store`]: the owner's content-addressed store of every published file.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
-//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree.
+//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree, and only through
+//!   [`apply::tree`] directory handles that never follow a symbolic link.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
 //! - [`node`]: owner and recipient drivers tying it together; the outbox (in the state database);
