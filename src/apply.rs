@@ -17,8 +17,9 @@
 //! swapped in for a directory between the plan and a write makes the step fail instead of writing outside
 //! the tree.
 //!
-//! Replaced and deleted files are kept (by rename or hard link) under the staging directory's `previous/`
-//! until the apply is recorded, so an operator can see what was there.
+//! Replaced and deleted files are kept (by rename or hard link) under the staging directory's `previous/`.
+//! After an apply that moves to a newer generation, that staging directory is kept as the store that
+//! `mailferry recipient rollback` restores the generation before from (see `node::rollback`).
 
 pub mod tree;
 
@@ -326,6 +327,24 @@ pub struct Journal {
     pub target: Vec<Listed>,
     /// The steps.
     pub steps: Vec<Step>,
+    /// A reply's apply, or a local rollback; journals written before rollbacks existed are applies.
+    #[serde(default)]
+    pub kind: JournalKind,
+}
+
+/// What a [`Journal`] records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalKind {
+    /// The apply of a reply: finished by recording the generation and queueing a receipt.
+    #[default]
+    Apply,
+    /// `mailferry recipient rollback`: finished by recording the generation before and holding back the
+    /// one undone.
+    Rollback {
+        /// The generation being undone.
+        from: u64,
+    },
 }
 
 impl Journal {
@@ -363,7 +382,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes the journal and the staging directory once the apply is recorded.
+    /// Removes the journal once the apply is recorded. The staging directory is left to the caller: it may
+    /// become the store of the generation before (see `node::rollback::tidy_staging`).
     ///
     /// # Errors
     /// I/O errors.
@@ -371,10 +391,6 @@ impl Journal {
         let path = Journal::path(state_dir);
         fs::remove_file(&path).with_context(|| format!("failed to remove `{}`", path.display()))?;
         File::open(state_dir)?.sync_all()?;
-        if self.stage_dir.exists() {
-            fs::remove_dir_all(&self.stage_dir)
-                .with_context(|| format!("failed to remove staging directory `{}`", self.stage_dir.display()))?;
-        }
         Ok(())
     }
 
@@ -452,7 +468,7 @@ impl Journal {
                     let what = || format!("failed to place `{}`", shown(path).display());
                     let (dir, name) = root.walk_parent(path).with_context(what)?;
                     if files.kind(staged)?.is_some() {
-                        // Keep the old content, if any, for the operator.
+                        // Keep the old content, if any, for the operator and for a rollback.
                         let keep = format!("{i:08}");
                         if dir.kind(name)? == Some(tree::Kind::File)
                             && previous.kind(&keep)?.is_none()
@@ -461,7 +477,7 @@ impl Journal {
                             tracing::warn!(
                                 path = %path,
                                 error = %e,
-                                "could not keep the replaced file"
+                                "could not keep the replaced file; a rollback to the generation before will miss it"
                             );
                         }
                         files.rename_to(staged, &dir, name).with_context(what)?;
@@ -683,6 +699,7 @@ mod tests {
                 ops: 1,
                 target: vec![],
                 steps: vec![step],
+                kind: JournalKind::Apply,
             };
             let res = journal.execute();
             assert_eq!(listing(&outside), before, "{name}: nothing outside the tree changed");

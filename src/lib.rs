@@ -40,7 +40,8 @@
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
 //! - [`node`]: owner and recipient drivers tying it together; the outbox (in the state database);
-//!   staleness and admin notices.
+//!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
+//!   before (the kept store, the hold).
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //!

@@ -7,11 +7,11 @@ use std::process::Command;
 
 use crate::util::*;
 
-fn run_with_failpoint(args: &[&str], point: &str) -> std::process::Output {
+pub fn run_with_failpoint(args: &[&str], point: &str) -> std::process::Output {
     Command::new(bin()).args(args).env("MAILFERRY_FAILPOINT", point).output().unwrap()
 }
 
-fn crashed(out: &std::process::Output) -> bool {
+pub fn crashed(out: &std::process::Output) -> bool {
     use std::os::unix::process::ExitStatusExt;
     out.status.signal() == Some(6) // SIGABRT
 }

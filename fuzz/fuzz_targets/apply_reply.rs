@@ -54,6 +54,7 @@ fuzz_target!(|data: &[u8]| {
         ops: reply.ops.len(),
         target: plan.target.listing(),
         steps: plan.steps.clone(),
+        kind: apply::JournalKind::Apply,
     };
     journal.execute().expect("a planned and staged apply executes");
     let after = scan::scan(&root).expect("the tree is readable");
