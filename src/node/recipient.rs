@@ -500,7 +500,7 @@ impl Recipient {
             ops: reply.ops.len(),
             target: plan.target.listing(),
             steps: plan.steps,
-            kind: apply::JournalKind::Apply,
+            kind: JournalKind::Apply,
         };
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
