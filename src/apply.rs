@@ -12,13 +12,21 @@
 //!    ends as the new generation. Before the journal is committed the old generation stands; after, the new
 //!    one is reached on the next run, never a mix.
 //!
-//! Replaced and deleted files are kept (by rename or hard link) under the staging directory's `previous/`
-//! until the apply is recorded, so an operator can see what was there.
+//! Every step reaches the data tree through [`tree::Dir`] handles: parents are opened one component at a
+//! time without following symbolic links and the final component is changed with `*at` calls, so a link
+//! swapped in for a directory between the plan and a write makes the step fail instead of writing outside
+//! the tree.
+//!
+//! Replaced and deleted files are kept (by rename or hard link) under the staging directory's `previous/`.
+//! After an apply that moves to a newer generation, that staging directory is kept as the store that
+//! `mailferry recipient rollback` restores the generation before from (see `node::rollback`).
+
+pub mod tree;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -238,7 +246,14 @@ pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) 
         let source =
             source.as_ref().ok_or_else(|| Refusal::new(Reason::Malformed, format!("put `{path}` names no source")))?;
         let out_path = files.join(staged);
-        let out = BufWriter::new(File::create(&out_path).map_err(io_err)?);
+        // Never an existing file, never through a link.
+        let out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&out_path)
+            .map_err(io_err)?;
+        let out = BufWriter::new(out);
         let bad = |why: String| StageError::Refused(Refusal::new(Reason::BadPayload, format!("`{path}`: {why}")));
         let (written, digest, out) = match source {
             Source::Pack { offset, length } => {
@@ -396,6 +411,24 @@ pub struct Journal {
     pub target: Vec<Listed>,
     /// The steps.
     pub steps: Vec<Step>,
+    /// A reply's apply, or a local rollback; journals written before rollbacks existed are applies.
+    #[serde(default)]
+    pub kind: JournalKind,
+}
+
+/// What a [`Journal`] records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JournalKind {
+    /// The apply of a reply: finished by recording the generation and queueing a receipt.
+    #[default]
+    Apply,
+    /// `mailferry recipient rollback`: finished by recording the generation before and holding back the
+    /// one undone.
+    Rollback {
+        /// The generation being undone.
+        from: u64,
+    },
 }
 
 impl Journal {
@@ -433,7 +466,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes the journal and the staging directory once the apply is recorded.
+    /// Removes the journal once the apply is recorded. The staging directory is left to the caller: it may
+    /// become the store of the generation before (see `node::rollback::tidy_staging`).
     ///
     /// # Errors
     /// I/O errors.
@@ -441,10 +475,6 @@ impl Journal {
         let path = Journal::path(state_dir);
         fs::remove_file(&path).with_context(|| format!("failed to remove `{}`", path.display()))?;
         File::open(state_dir)?.sync_all()?;
-        if self.stage_dir.exists() {
-            fs::remove_dir_all(&self.stage_dir)
-                .with_context(|| format!("failed to remove staging directory `{}`", self.stage_dir.display()))?;
-        }
         Ok(())
     }
 
@@ -459,121 +489,157 @@ impl Journal {
     /// Performs every step. Safe to call again after a crash at any point: each step checks whether it was
     /// already done.
     ///
+    /// The data tree is reached only through [`tree::Dir`] handles. A step that writes (creates, places,
+    /// links, changes a mode) fails when a parent directory has become a symbolic link or a file; a step
+    /// that removes treats such a path as already gone (it was removed by an earlier run, or a later step
+    /// replaced its parent), and removes nothing through a link either way.
+    ///
     /// # Errors
     /// I/O errors, or a tree changed under the apply so that a step cannot be completed.
     pub fn execute(&self) -> Result<()> {
-        let root = &self.data_root;
-        let files = self.stage_dir.join("files");
-        let previous = self.stage_dir.join("previous");
-        let links = self.stage_dir.join("links");
-        fs::create_dir_all(&previous)?;
-        fs::create_dir_all(&links)?;
-        let mut dirty: BTreeSet<PathBuf> = BTreeSet::new();
+        let root = tree::Dir::open_root(&self.data_root)
+            .with_context(|| format!("failed to open data tree `{}`", self.data_root.display()))?;
+        let own = |name: &str| -> Result<tree::Dir> {
+            let dir = self.stage_dir.join(name);
+            fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+            tree::Dir::open_root(&dir).with_context(|| format!("failed to open `{}`", dir.display()))
+        };
+        let (files, previous, links) = (own("files")?, own("previous")?, own("links")?);
+        let shown = |p: &RelPath| self.data_root.join(p.as_str());
+        // The parents whose entries changed, to be flushed at the end (`None` is the root).
+        let mut dirty: BTreeSet<Option<RelPath>> = BTreeSet::new();
         for (i, step) in self.steps.iter().enumerate() {
-            let at = |p: &RelPath| root.join(p.as_str());
             match step {
                 Step::RemoveFile { path } => {
-                    let full = at(path);
-                    match fs::symlink_metadata(&full) {
+                    let Some((dir, name)) = removal_parent(&root, path)? else { continue };
+                    match dir.kind(name).with_context(|| format!("failed to inspect `{}`", shown(path).display()))? {
                         // Done before, or the path became a directory in a later step of a previous run.
-                        Err(e) if is_gone(&e) => {}
-                        Ok(m) if m.is_dir() => {}
-                        Ok(_) => {
-                            fs::rename(&full, previous.join(format!("{i:08}")))
-                                .with_context(|| format!("failed to remove `{}`", full.display()))?;
-                            dirty.insert(parent_of(&full));
+                        None | Some(tree::Kind::Dir) => {}
+                        Some(_) => {
+                            dir.rename_to(name, &previous, &format!("{i:08}"))
+                                .with_context(|| format!("failed to remove `{}`", shown(path).display()))?;
+                            dirty.insert(path.parent());
                         }
-                        Err(e) => return Err(e).with_context(|| format!("failed to inspect `{}`", full.display())),
                     }
                 }
                 Step::RemoveDir { path } => {
-                    let full = at(path);
-                    match fs::symlink_metadata(&full) {
-                        Ok(m) if m.is_dir() => {
-                            fs::remove_dir(&full)
-                                .with_context(|| format!("failed to remove directory `{}`", full.display()))?;
-                            dirty.insert(parent_of(&full));
-                        }
-                        _ => {}
+                    let Some((dir, name)) = removal_parent(&root, path)? else { continue };
+                    if dir.kind(name)? == Some(tree::Kind::Dir) {
+                        dir.remove_dir(name)
+                            .with_context(|| format!("failed to remove directory `{}`", shown(path).display()))?;
+                        dirty.insert(path.parent());
                     }
                 }
                 Step::Mkdir { path } => {
-                    let full = at(path);
-                    match fs::create_dir(&full) {
+                    let what = || format!("failed to create directory `{}`", shown(path).display());
+                    let (dir, name) = root.walk_parent(path).with_context(what)?;
+                    match dir.create_dir(name, 0o755) {
                         Ok(()) => {
-                            dirty.insert(parent_of(&full));
+                            dirty.insert(path.parent());
                         }
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && fs::symlink_metadata(&full)?.is_dir() => {
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            anyhow::ensure!(
+                                dir.kind(name)? == Some(tree::Kind::Dir),
+                                "{}: something else is in its place",
+                                what()
+                            );
                         }
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("failed to create directory `{}`", full.display()));
-                        }
+                        Err(e) => return Err(e).with_context(what),
                     }
-                    fs::set_permissions(&full, fs::Permissions::from_mode(0o755))?;
+                    dir.set_dir_mode(name, 0o755).with_context(what)?;
                 }
                 Step::Place { path, staged, blake3 } => {
-                    let full = at(path);
-                    let src = files.join(staged);
-                    if src.exists() {
-                        // Keep the old content, if any, for the operator.
-                        if fs::symlink_metadata(&full).is_ok_and(|m| m.is_file()) {
-                            let keep = previous.join(format!("{i:08}"));
-                            if !keep.exists() {
-                                fs::hard_link(&full, &keep).ok();
-                            }
+                    let what = || format!("failed to place `{}`", shown(path).display());
+                    let (dir, name) = root.walk_parent(path).with_context(what)?;
+                    if files.kind(staged)?.is_some() {
+                        // Keep the old content, if any, for the operator and for a rollback.
+                        let keep = format!("{i:08}");
+                        if dir.kind(name)? == Some(tree::Kind::File)
+                            && previous.kind(&keep)?.is_none()
+                            && let Err(e) = dir.hard_link_to(name, &previous, &keep)
+                        {
+                            tracing::warn!(
+                                path = %path,
+                                error = %e,
+                                "could not keep the replaced file; a rollback to the generation before will miss it"
+                            );
                         }
-                        fs::rename(&src, &full).with_context(|| format!("failed to place `{}`", full.display()))?;
-                        dirty.insert(parent_of(&full));
+                        files.rename_to(staged, &dir, name).with_context(what)?;
+                        dirty.insert(path.parent());
                     } else {
                         // Placed by an earlier run; make sure it is what we placed.
-                        let (_, got) = crate::scan::hash_file(&full).with_context(|| {
-                            format!("cannot finish the interrupted apply: `{}` is gone", full.display())
+                        let (_, got) = dir.open_file(name).and_then(digest_of).with_context(|| {
+                            format!("cannot finish the interrupted apply: `{}` is gone", shown(path).display())
                         })?;
                         anyhow::ensure!(
                             got == *blake3,
                             "cannot finish the interrupted apply: `{}` was changed by someone else",
-                            full.display()
+                            shown(path).display()
                         );
                     }
                 }
                 Step::Link { path, target } => {
-                    let full = at(path);
-                    let already = fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink())
-                        && fs::read_link(&full).is_ok_and(|t| t.as_os_str() == target.as_str());
+                    let what = || format!("failed to place link `{}`", shown(path).display());
+                    let (dir, name) = root.walk_parent(path).with_context(what)?;
+                    let already = dir.kind(name)? == Some(tree::Kind::Link)
+                        && dir.read_link(name).is_ok_and(|t| t.as_os_str() == target.as_str());
                     if !already {
-                        let tmp = links.join(format!("{i:08}"));
-                        let _ = fs::remove_file(&tmp);
-                        std::os::unix::fs::symlink(target.as_str(), &tmp)
-                            .with_context(|| format!("failed to create link `{}`", tmp.display()))?;
-                        fs::rename(&tmp, &full)
-                            .with_context(|| format!("failed to place link `{}`", full.display()))?;
-                        dirty.insert(parent_of(&full));
+                        let tmp = format!("{i:08}");
+                        let _ = links.remove_file(&tmp);
+                        links.symlink(target.as_str(), &tmp).with_context(what)?;
+                        links.rename_to(&tmp, &dir, name).with_context(what)?;
+                        dirty.insert(path.parent());
                     }
                 }
                 Step::Chmod { path, mode } => {
-                    let full = at(path);
-                    fs::set_permissions(&full, fs::Permissions::from_mode(mode.bits()))
-                        .with_context(|| format!("failed to set the mode of `{}`", full.display()))?;
+                    let what = || format!("failed to set the mode of `{}`", shown(path).display());
+                    let (dir, name) = root.walk_parent(path).with_context(what)?;
+                    dir.set_file_mode(name, mode.bits()).with_context(what)?;
                 }
             }
             crate::failpoint::hit("apply-step");
         }
-        for dir in dirty {
-            if let Ok(d) = File::open(&dir) {
-                d.sync_all().with_context(|| format!("failed to sync `{}`", dir.display()))?;
-            }
+        for rel in dirty {
+            let opened = match &rel {
+                None => None,
+                Some(rel) => match root.walk_dir(rel) {
+                    Ok(d) => Some(d),
+                    // Gone by now: a later step removed it, and flushes its parent instead.
+                    Err(_) => continue,
+                },
+            };
+            let d = opened.as_ref().unwrap_or(&root);
+            d.sync().with_context(|| format!("failed to sync `{}`", d.path().display()))?;
         }
+        previous.sync().with_context(|| format!("failed to sync `{}`", previous.path().display()))?;
         Ok(())
     }
 }
 
-fn is_gone(e: &io::Error) -> bool {
-    // ENOTDIR: a parent became a file in a later step.
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+/// The parent directory of a path to remove, or `None` when the path cannot be there: a parent is missing,
+/// or is not a directory (removed by an earlier run, replaced by a later step, or swapped for a link,
+/// which is never followed).
+fn removal_parent<'a>(root: &tree::Dir, path: &'a RelPath) -> Result<Option<(tree::Dir, &'a str)>> {
+    match root.walk_parent(path) {
+        Ok(found) => Ok(Some(found)),
+        Err(tree::WalkError::Missing { .. } | tree::WalkError::NotDir { .. }) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("failed to remove `{path}`")),
+    }
 }
 
-fn parent_of(p: &Path) -> PathBuf {
-    p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+/// Size and BLAKE3 of an open file, read once.
+fn digest_of(mut f: File) -> io::Result<(u64, Digest)> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((size, h.finalize().into()));
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
 }
 
 #[cfg(test)]
@@ -655,6 +721,85 @@ mod tests {
         via.head.base = linked.root();
         let through_link = Scan { manifest: linked, foreign: vec![] };
         assert_eq!(plan(&through_link, &from, &via, OnExtra::Delete).unwrap_err().reason, Reason::BadPath);
+    }
+
+    /// What a directory holds, with modes and link targets, to prove nothing in it changed.
+    fn listing(dir: &Path) -> Vec<(String, u32, Option<Vec<u8>>)> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out: Vec<_> = walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.path().symlink_metadata().unwrap();
+                let content = if m.is_file() { Some(fs::read(e.path()).unwrap()) } else { None };
+                (e.path().display().to_string(), m.permissions().mode(), content)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// A journal whose steps act below `a/`, and `a/` swapped for a link to a directory outside the tree
+    /// after the journal was committed: no step may write, remove or change anything outside.
+    #[test]
+    fn a_directory_swapped_for_a_link_before_execute_is_never_written_through() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let cases: Vec<(&str, Step, bool)> = vec![
+            ("place", Step::Place { path: p("a/x"), staged: "00000000".into(), blake3: Digest::of(b"new") }, true),
+            ("mkdir", Step::Mkdir { path: p("a/new") }, true),
+            ("link", Step::Link { path: p("a/l"), target: LinkTarget::new("y").unwrap() }, true),
+            ("chmod", Step::Chmod { path: p("a/y"), mode: Mode::Executable }, true),
+            ("chmod of a link itself", Step::Chmod { path: p("to-y"), mode: Mode::Executable }, true),
+            ("mkdir over a link", Step::Mkdir { path: p("to-outside") }, true),
+            ("remove file", Step::RemoveFile { path: p("a/y") }, false),
+            ("remove dir", Step::RemoveDir { path: p("a/d") }, false),
+        ];
+        for (name, step, fails) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let (data, outside, stage) =
+                (tmp.path().join("data"), tmp.path().join("outside"), tmp.path().join("stage"));
+            for root in [&data, &outside] {
+                let a = if root == &data { root.join("a") } else { root.clone() };
+                fs::create_dir_all(a.join("d")).unwrap();
+                fs::write(a.join("y"), b"y").unwrap();
+                fs::set_permissions(a.join("y"), fs::Permissions::from_mode(0o644)).unwrap();
+            }
+            fs::create_dir_all(stage.join("files")).unwrap();
+            fs::write(stage.join("files/00000000"), b"new").unwrap();
+            symlink(outside.join("y"), data.join("to-y")).unwrap();
+            symlink(&outside, data.join("to-outside")).unwrap();
+            // The swap: the real `a` moves away and a link to the outside takes its place.
+            fs::rename(data.join("a"), tmp.path().join("moved")).unwrap();
+            symlink(&outside, data.join("a")).unwrap();
+            let before = listing(&outside);
+            let journal = Journal {
+                version: 1,
+                data_root: data.clone(),
+                stage_dir: stage,
+                generation: 2,
+                reply_id: "0".repeat(32),
+                nonce: "0".repeat(32),
+                message: Digest::of(b""),
+                ops: 1,
+                target: vec![],
+                steps: vec![step],
+                kind: JournalKind::Apply,
+            };
+            let res = journal.execute();
+            assert_eq!(listing(&outside), before, "{name}: nothing outside the tree changed");
+            match res {
+                Err(e) if fails => {
+                    let msg = format!("{e:#}");
+                    assert!(
+                        ["is not a directory", "in its place", "never followed"].iter().any(|w| msg.contains(w)),
+                        "{name}: {msg}"
+                    );
+                }
+                Ok(()) if !fails => {}
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 
     #[test]

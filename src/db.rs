@@ -131,6 +131,18 @@ pub struct GenerationRow {
     pub bytes: u64,
 }
 
+/// The generation a recipient keeps for `mailferry recipient rollback`.
+#[derive(Debug, Clone)]
+pub struct Previous {
+    /// Its number.
+    pub generation: u64,
+    /// Its tree.
+    pub manifest: Manifest,
+    /// The directory (under the staging root) whose `previous/` holds the files it had that the current
+    /// generation replaced or deleted.
+    pub store: std::path::PathBuf,
+}
+
 fn pack_manifest(m: &Manifest) -> Result<Vec<u8>> {
     let json = serde_json::to_vec(&m.listing())?;
     Ok(zstd::bulk::compress(&json, 3)?)
@@ -887,6 +899,83 @@ impl Db {
             params![now() as i64, generation as i64, root.to_hex(), reply_id, nonce, ops as i64],
         )?;
         Ok(())
+    }
+
+    /// The generation kept for `mailferry recipient rollback`, if any.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn previous(&self) -> Result<Option<Previous>> {
+        let generation = self.meta_u64("previous_generation")?;
+        let store = self.meta("previous_store")?.filter(|s| !s.is_empty());
+        let manifest: Option<Vec<u8>> =
+            self.conn.query_row("SELECT data FROM manifests WHERE name = 'previous'", [], |r| r.get(0)).optional()?;
+        let (Some(store), Some(manifest), true) = (store, manifest, generation > 0) else { return Ok(None) };
+        Ok(Some(Previous { generation, manifest: unpack_manifest(&manifest)?, store: store.into() }))
+    }
+
+    /// Keeps `generation` with `manifest` for a rollback, its files in `store`, replacing what was kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_previous(&self, generation: u64, manifest: &Manifest, store: &Path) -> Result<()> {
+        let store = store.to_str().with_context(|| format!("`{}` is not UTF-8", store.display()))?;
+        self.set_meta("previous_generation", &generation.to_string())?;
+        self.set_meta("previous_store", store)?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('previous', ?1)",
+            [pack_manifest(manifest)?],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the generation kept for a rollback.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn clear_previous(&self) -> Result<()> {
+        self.set_meta("previous_generation", "0")?;
+        self.set_meta("previous_store", "")?;
+        self.conn.execute("DELETE FROM manifests WHERE name = 'previous'", [])?;
+        Ok(())
+    }
+
+    /// Records a finished rollback: `generation` with `manifest` is applied again (a history row under
+    /// `id`), nothing is kept for another rollback, and generations up to `held` are held back.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &str, ops: usize, held: u64) -> Result<()> {
+        let root = manifest.root();
+        self.set_meta("applied_generation", &generation.to_string())?;
+        self.set_meta("applied_root", &root.to_hex())?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('applied', ?1)",
+            [pack_manifest(manifest)?],
+        )?;
+        self.conn.execute(
+            "INSERT INTO applied (at, generation, root, reply_id, nonce, ops) VALUES (?1, ?2, ?3, ?4, '', ?5)",
+            params![now() as i64, generation as i64, root.to_hex(), id, ops as i64],
+        )?;
+        self.clear_previous()?;
+        let held = held.max(self.rollback_hold()?.unwrap_or(0));
+        self.set_rollback_hold(Some(held))
+    }
+
+    /// The generation a rollback holds back: replies bringing it or an older one are not applied.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rollback_hold(&self) -> Result<Option<u64>> {
+        Ok(Some(self.meta_u64("rollback_hold")?).filter(|g| *g > 0))
+    }
+
+    /// Sets or (with `None`) ends the rollback hold.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_rollback_hold(&self, held: Option<u64>) -> Result<()> {
+        self.set_meta("rollback_hold", &held.unwrap_or(0).to_string())
     }
 
     /// Whether a reply with this id was applied already.

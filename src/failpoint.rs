@@ -6,9 +6,9 @@
 //!
 //! | name | where |
 //! |---|---|
-//! | `apply-step` | after each step of an apply, journal committed |
-//! | `apply-committed` | after the journal is committed, before the first step |
-//! | `apply-done` | after the last step, before the apply is recorded |
+//! | `apply-step` | after each step of an apply or a rollback, journal committed |
+//! | `apply-committed` | after the journal of an apply or a rollback is committed, before the first step |
+//! | `apply-done` | after the last step, before the apply or rollback is recorded |
 //! | `owner-queued` | after a reply is queued and the request recorded, before anything is sent |
 //! | `before-settle` | after a message is handled, before the transport files it |
 

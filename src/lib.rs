@@ -38,12 +38,14 @@
 //!   read only changed files.
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
-//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree.
+//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree, and only through
+//!   [`apply::tree`] directory handles that never follow a symbolic link.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
 //! - [`node`]: owner and recipient drivers tying it together; [`node::pack`] chooses how each file
 //!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
-//!   staleness and admin notices.
+//!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
+//!   before (the kept store, the hold).
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //! - [`progress`]: progress bars, off unless the binary turns them on for a terminal.

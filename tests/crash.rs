@@ -7,11 +7,11 @@ use std::process::Command;
 
 use crate::util::*;
 
-fn run_with_failpoint(args: &[&str], point: &str) -> std::process::Output {
+pub fn run_with_failpoint(args: &[&str], point: &str) -> std::process::Output {
     Command::new(bin()).args(args).env("MAILFERRY_FAILPOINT", point).output().unwrap()
 }
 
-fn crashed(out: &std::process::Output) -> bool {
+pub fn crashed(out: &std::process::Output) -> bool {
     use std::os::unix::process::ExitStatusExt;
     out.status.signal() == Some(6) // SIGABRT
 }
@@ -171,5 +171,40 @@ fn a_full_disk_while_staging_leaves_the_tree_and_the_reply_alone() {
     disk.resize("8m");
     site.run(false);
     assert_same_tree(&w.source, &data);
+    assert_eq!(site.status()["generation"], 2);
+}
+
+/// An apply interrupted after its journal was committed; before the next run finishes it, a directory of
+/// the tree is swapped for a link to a look-alike directory outside. The next run must refuse to write
+/// through the link (not one byte outside changes), and finish once the tree is put back.
+#[test]
+fn a_directory_swapped_for_a_link_mid_apply_is_never_written_through() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    put(&w.source, "deep/a/b/c/d/e/leaf.txt", b"leaf v2\n", 0o755);
+    put(&w.source, "deep/a/b/new.txt", b"new\n", 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let args = ["recipient", "run", "--config", site.config.as_str(), "--once", "--no-request"];
+    assert!(crashed(&run_with_failpoint(&args, "apply-committed:1")));
+
+    let outside = w.path("outside");
+    copy_tree(&site.data.join("deep/a"), &outside);
+    let before = snapshot(&outside);
+    fs::rename(site.data.join("deep/a"), w.path("real-a")).unwrap();
+    std::os::unix::fs::symlink(&outside, site.data.join("deep/a")).unwrap();
+    let err = fails(&args, 2);
+    assert!(err.contains("deep/a` is not a directory") && err.contains("nothing is written through it"), "{err}");
+    assert_eq!(snapshot(&outside), before, "nothing outside the tree changed");
+    assert_eq!(run(&["status", "--config", &site.config]).status.code(), Some(1), "the apply still waits");
+
+    fs::remove_file(site.data.join("deep/a")).unwrap();
+    fs::rename(w.path("real-a"), site.data.join("deep/a")).unwrap();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 2);
 }

@@ -285,7 +285,7 @@ async fn stale_uidvalidity_never_settles_a_message() {
 }
 
 #[tokio::test]
-async fn message_over_the_size_limit_is_permanent() {
+async fn message_over_the_size_limit_is_refused_as_too_large() {
     let m = mailserver::private("size", 33, &[("MAILTEST_SIZE_LIMIT", "100000"), ("MAILTEST_RELAY", "0")]);
     let (user, pw) = m.fresh_user("size");
     let (_dir, pw_file) = password_file(&pw);
@@ -294,14 +294,15 @@ async fn message_over_the_size_limit_is_permanent() {
     let mut smtp = SmtpSender::new(&cfg.smtp).expect("valid config");
     let big = message(&user, &user, "big", true, 150_000);
     let err = smtp.send(&user, &user, &big).await.expect_err("over the limit");
-    assert_eq!(err.kind, TransportErrorKind::Permanent, "{err:#}");
+    // The server's 552 is told apart from other permanent refusals: a smaller message would pass.
+    assert_eq!(err.kind, TransportErrorKind::TooLarge, "{err:#}");
     let text = format!("{err:#}");
     assert!(text.contains("552"), "the server's reply must be included: {text}");
 
     // Once learned from EHLO, the limit refuses oversize messages before uploading them.
     assert_eq!(smtp.size_limit().await.expect("EHLO SIZE"), Some(100_000));
     let err = smtp.send(&user, &user, &big).await.expect_err("over the known limit");
-    assert_eq!(err.kind, TransportErrorKind::Permanent);
+    assert_eq!(err.kind, TransportErrorKind::TooLarge);
     assert!(format!("{err:#}").contains("exceeds the server's SIZE limit of 100000"), "{err:#}");
 
     // A message under the limit still goes through the same sender.

@@ -11,6 +11,8 @@ mod transfer;
 mod hostile;
 // kill -9 at every step of an apply and while answering.
 mod crash;
+// `recipient rollback`: the tree back to the generation before, the undone one held back, kill -9 in between.
+mod rollback;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.

@@ -64,7 +64,8 @@ pub fn put(root: &Path, rel: &str, data: &[u8], mode: u32) {
     fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// What a tree holds, walked independently: path -> None for a directory, or (bytes, executable).
+/// What a tree holds, walked independently: path -> None for a directory, or (bytes, executable). A
+/// symbolic link is listed as `PATH -> TARGET` (None), anything else as `PATH (special)`.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(Vec<u8>, bool)>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<(Vec<u8>, bool)>>) {
         for e in fs::read_dir(dir).unwrap() {
@@ -77,6 +78,8 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Option<(Vec<u8>, bool)>> {
                 walk(root, &p, out);
             } else if m.is_file() {
                 out.insert(rel, Some((fs::read(&p).unwrap(), m.permissions().mode() & 0o100 != 0)));
+            } else if m.file_type().is_symlink() {
+                out.insert(format!("{rel} -> {}", fs::read_link(&p).unwrap().display()), None);
             } else {
                 out.insert(format!("{rel} (special)"), None);
             }
@@ -102,12 +105,16 @@ pub fn assert_same_tree(want: &Path, got: &Path) {
     }
 }
 
-/// Copies a tree (files, directories, exec bits).
+/// Copies a tree (files, directories, exec bits, symbolic links).
 pub fn copy_tree(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for (rel, e) in snapshot(from) {
         match e {
-            None => fs::create_dir_all(to.join(&rel)).unwrap(),
+            None if rel.ends_with(" (special)") => panic!("cannot copy `{rel}`"),
+            None => match rel.split_once(" -> ") {
+                Some((link, target)) => std::os::unix::fs::symlink(target, to.join(link)).unwrap(),
+                None => fs::create_dir_all(to.join(&rel)).unwrap(),
+            },
             Some((data, exec)) => put(to, &rel, &data, if exec { 0o755 } else { 0o644 }),
         }
     }

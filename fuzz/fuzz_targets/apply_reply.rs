@@ -71,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
         ops: update.body.ops.len(),
         target: plan.target.listing(),
         steps: plan.steps.clone(),
+        kind: apply::JournalKind::Apply,
     };
     journal.execute().expect("a planned and staged apply executes");
     let after = scan::scan(&root).expect("the tree is readable");

@@ -15,6 +15,7 @@ use mailferry::config::{NodeConfig, OwnerConfig, RecipientConfig};
 use mailferry::db::{Db, Rejection};
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
+use mailferry::node::rollback;
 use mailferry::node::{self, Node as _, Outbox, RunReport};
 use mailferry::transport::AnyTransport;
 use tracing::{info, warn};
@@ -24,7 +25,7 @@ use tracing::{info, warn};
 pub enum Exit {
     /// Everything is fine.
     Success,
-    /// `status`: the node needs attention (interrupted apply, failed outgoing mail).
+    /// `status`: the node needs attention (interrupted apply, failed outgoing mail, a rollback hold).
     Attention,
     /// An error was reported.
     Error,
@@ -186,6 +187,19 @@ enum RecipientCommand {
         #[arg(long)]
         no_request: bool,
     },
+    /// Return the data tree to the generation applied before the current one, from files kept locally,
+    /// and hold the current one back until a newer generation arrives or --release.
+    ///
+    /// One level: the generation before is kept after each update to a newer generation, and a rollback
+    /// uses it up. Refused when nothing is kept, while an apply is interrupted, or when the tree has
+    /// changed since the current generation was applied.
+    Rollback {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only end the hold of an earlier rollback: the held generation may be applied again.
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 /// Parses the command line.
@@ -329,6 +343,32 @@ async fn recipient_command(c: RecipientCommand) -> Result<Exit> {
                 summary("recipient", &res?);
             } else {
                 recipient_daemon(&cfg, &mut t, no_request).await?;
+            }
+        }
+        RecipientCommand::Rollback { config, release } => {
+            let NodeConfig::Recipient(cfg) = NodeConfig::load(&config.config)? else {
+                bail!("`{}` is an owner's config; this command needs a recipient's", config.config.display());
+            };
+            let r = Recipient::open_as_is(cfg)?;
+            if release {
+                match rollback::release(r.db())? {
+                    Some(g) => eprintln!("released the hold: generation {g} may be applied again by the next sync"),
+                    None => eprintln!("no rollback hold to release"),
+                }
+            } else {
+                let done = rollback::rollback(&r)?;
+                eprintln!(
+                    "{} generation {} to generation {} ({} changes); generation {} is held back",
+                    if done.resumed { "finished rolling back" } else { "rolled back" },
+                    done.from,
+                    done.to,
+                    done.ops,
+                    done.from
+                );
+                eprintln!(
+                    "a newer generation ends the hold; so does: mailferry recipient rollback --release --config {}",
+                    config.config.display()
+                );
             }
         }
     }
@@ -677,8 +717,19 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                 writeln!(out, "rejected:     {}", s.rejected)?;
                 writeln!(out, "outbox:       {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
                 write_transport_status(&mut out, " ", &s.outbox, &s.transport)?;
+                match s.previous_generation {
+                    Some(g) => writeln!(out, "kept:         generation {g}, for `recipient rollback`")?,
+                    None => writeln!(out, "kept:         nothing to roll back to")?,
+                }
                 if s.interrupted_apply {
                     writeln!(out, "WARNING: an interrupted apply is waiting; the next run finishes it")?;
+                }
+                if let Some(held) = s.rollback_held {
+                    writeln!(
+                        out,
+                        "HELD: rolled back locally; generation {held} and older are not applied until a newer one \
+                         arrives or `mailferry recipient rollback --release`"
+                    )?;
                 }
                 if s.stale {
                     writeln!(
@@ -688,7 +739,8 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                     )?;
                 }
             }
-            Ok(if s.outbox.failed > 0 || s.interrupted_apply || s.transport.failing() || s.stale {
+            let held = s.rollback_held.is_some();
+            Ok(if s.outbox.failed > 0 || s.interrupted_apply || s.transport.failing() || s.stale || held {
                 Exit::Attention
             } else {
                 Exit::Success

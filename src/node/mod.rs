@@ -14,6 +14,7 @@
 pub mod owner;
 pub mod pack;
 pub mod recipient;
+pub mod rollback;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -67,6 +68,13 @@ pub enum Handled {
     Current {
         /// The generation in the tree.
         generation: u64,
+    },
+    /// Recipient: an authentic reply not applied because a local rollback holds its generation back.
+    Held {
+        /// The generation it brings.
+        generation: u64,
+        /// The newest generation held back.
+        held: u64,
     },
     /// Handled before (same raw bytes); `rejected` says how it was filed then.
     Duplicate {

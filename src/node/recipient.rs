@@ -3,7 +3,8 @@
 //! Order of checks for a reply (each refusal is recorded and the message filed as rejected): size limit,
 //! MIME structure, auth part names this recipient, MAC under this recipient's key, control part decodes
 //! (paths, modes, limits), the nonce is outstanding, the generation is not older than the applied one,
-//! every attachment is listed and every listed payload has its digest, the local tree is safe and is the
+//! the generation is not held back by a local rollback (then the reply is answered but not applied), every
+//! attachment is listed and every listed payload has its digest, the local tree is safe and is the
 //! one the reply was computed for, the operations produce exactly the promised root, and every file
 //! unpacks to its promised size and digest. Only then does the journal commit and the tree change.
 
@@ -17,7 +18,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
-use crate::apply::{self, Journal, OnExtra, StageError};
+use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce};
 use crate::db::{Db, now};
@@ -74,6 +75,10 @@ pub struct RecipientStatus {
     pub interrupted_apply: bool,
     /// Outgoing mail not yet accepted by the transport.
     pub outbox: super::OutboxStatus,
+    /// The generation kept for `recipient rollback`, if any.
+    pub previous_generation: Option<u64>,
+    /// After a rollback: replies bringing this generation or an older one are not applied.
+    pub rollback_held: Option<u64>,
     /// No fresh, authenticated reply for longer than `stale-after` (updates may be withheld).
     pub stale: bool,
     /// The `stale-after` in force, in seconds.
@@ -140,12 +145,21 @@ impl Recipient {
     /// A locked state directory, an unreadable or too-open key file, or an interrupted apply that cannot be
     /// finished.
     pub fn open(cfg: RecipientConfig) -> Result<Recipient> {
+        let mut r = Recipient::open_as_is(cfg)?;
+        r.recover()?;
+        Ok(r)
+    }
+
+    /// Opens the recipient's state, taking the state directory's lock, and leaves an interrupted apply
+    /// alone (`recipient rollback` decides what to do about one).
+    ///
+    /// # Errors
+    /// A locked state directory, or an unreadable or too-open key file.
+    pub fn open_as_is(cfg: RecipientConfig) -> Result<Recipient> {
         let lock = lock_state(&cfg.state_dir)?;
         let key = read_key_file(&cfg.recipient.key_file)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
-        let mut r = Recipient { cfg, db, key, _lock: lock };
-        r.recover()?;
-        Ok(r)
+        Ok(Recipient { cfg, db, key, _lock: lock })
     }
 
     /// The configuration.
@@ -158,6 +172,9 @@ impl Recipient {
         let Some(journal) = Journal::load(&self.cfg.state_dir)? else { return Ok(()) };
         warn!(generation = journal.generation, "finishing an apply that was interrupted");
         journal.execute().context("failed to finish the interrupted apply")?;
+        if let JournalKind::Rollback { .. } = journal.kind {
+            return super::rollback::complete(&self.db, &self.cfg.state_dir, &journal);
+        }
         self.complete(&journal)?;
         Ok(())
     }
@@ -171,6 +188,7 @@ impl Recipient {
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
+                super::rollback::keep_previous(db, journal)?;
                 db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
             }
             // Any other request described the tree as it was before: none of them is answerable now.
@@ -180,6 +198,9 @@ impl Recipient {
             db.outbox_put(&format!("receipt-{}", journal.reply_id), from, to, &receipt)
         })?;
         journal.finish(&self.cfg.state_dir)?;
+        if let Some(root) = journal.stage_dir.parent() {
+            super::rollback::tidy_staging(&self.db, root);
+        }
         Ok(())
     }
 
@@ -414,6 +435,11 @@ impl Recipient {
             self.give_up(&nonce, &reply.reply_id)?;
             return Ok(Err(r));
         }
+        // A local rollback holds back the generation it undid (node::rollback).
+        if let Some(held) = super::rollback::hold(&self.db, reply.generation, &nonce, digest)? {
+            self.forget_parts(&reply.reply_id)?;
+            return Ok(Ok(held));
+        }
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
         refuse!(protocol::check_payloads(&reply, &parsed.attachments));
@@ -599,6 +625,7 @@ impl Recipient {
             ops: update.body.ops.len(),
             target: plan.target.listing(),
             steps: plan.steps,
+            kind: JournalKind::Apply,
         };
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
@@ -615,7 +642,7 @@ impl Recipient {
     }
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
-    fn scan_tree(&self) -> Result<scan::Scan> {
+    pub(crate) fn scan_tree(&self) -> Result<scan::Scan> {
         let data = &self.cfg.recipient.data;
         let old = self.db.stat_cache()?;
         let c =
@@ -637,7 +664,7 @@ impl Recipient {
     }
 
     /// Where files are staged: on the data tree's file system, outside the data tree.
-    fn staging_root(&self) -> Result<PathBuf> {
+    pub(crate) fn staging_root(&self) -> Result<PathBuf> {
         if let Some(dir) = &self.cfg.recipient.staging_dir {
             std::fs::create_dir_all(dir)?;
             return Ok(dir.clone());
@@ -697,6 +724,8 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         rejected: db.rejection_count()?,
         interrupted_apply: Journal::path(&cfg.state_dir).exists(),
         outbox: Outbox::status(&db)?,
+        previous_generation: db.previous()?.map(|p| p.generation),
+        rollback_held: db.rollback_hold()?,
         stale: stale_since(&db, cfg)?.is_some(),
         stale_after: cfg.recipient.stale_after().as_secs(),
         transport: super::TransportStatus::read(&db)?,
