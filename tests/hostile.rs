@@ -32,11 +32,8 @@ fn resign(path: &Path, key: &mailferry::crypto::Key, recipient: &str, edit: impl
     let parsed = envelope::parse(&raw, u64::MAX).unwrap();
     let head: serde_json::Value = serde_json::from_slice(&parsed.control).unwrap();
     let (control, attachments) = if head["type"] == "reply" {
-        let reply: Reply = serde_json::from_slice(&parsed.control).unwrap();
-        let id = reply.payloads[0].id.clone();
-        let pack = &parsed.attachments[&id];
-        let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
-        let body = zstd::decode_all(&pack[at..at + len]).unwrap();
+        let (reply, pack, body) = unpack(&parsed);
+        let (id, at) = (reply.payloads[0].id.clone(), reply.body.offset as usize);
         let both = edit([parsed.control.clone(), b"\n".to_vec(), body.clone()].concat());
         let split = both.iter().position(|&b| b == b'\n').expect("the edit keeps the two lines");
         let (control, new_body) = (&both[..split], &both[split + 1..]);
@@ -74,13 +71,19 @@ fn resign(path: &Path, key: &mailferry::crypto::Key, recipient: &str, edit: impl
     fs::write(path, rebuilt).unwrap();
 }
 
+/// A single-part reply's control fields, its pack (the one chunk) and its decoded body bytes.
+fn unpack(parsed: &envelope::Parsed) -> (Reply, &[u8], Vec<u8>) {
+    let reply: Reply = serde_json::from_slice(&parsed.control).unwrap();
+    let pack = parsed.attachments[&reply.payloads[0].id].as_slice();
+    let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
+    let body = zstd::decode_all(&pack[at..at + len]).unwrap();
+    (reply, pack, body)
+}
+
 /// The decoded body of the single-part reply at `path`.
 fn body_of(path: &Path) -> serde_json::Value {
     let parsed = envelope::parse(&fs::read(path).unwrap(), u64::MAX).unwrap();
-    let reply: Reply = serde_json::from_slice(&parsed.control).unwrap();
-    let pack = &parsed.attachments[&reply.payloads[0].id];
-    let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
-    serde_json::from_slice(&zstd::decode_all(&pack[at..at + len]).unwrap()).unwrap()
+    serde_json::from_slice(&unpack(&parsed).2).unwrap()
 }
 
 fn replace(control: Vec<u8>, from: &str, to: &[u8]) -> Vec<u8> {

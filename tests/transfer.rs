@@ -183,3 +183,28 @@ fn pruned_generations_free_the_store_and_recipients_on_them_still_sync() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 4);
 }
+
+#[test]
+fn a_fleet_on_the_same_generations_shares_one_cached_delta() {
+    let w = World::new();
+    let (one, two) = (w.site("site1"), w.site("site2"));
+    let big = noise(1 << 20, 10);
+    put(&w.source, "db.bin", &big, 0o644);
+    w.publish();
+    w.sync(&one);
+    w.sync(&two);
+    let mut edited = big;
+    edited[1000..2000].copy_from_slice(&noise(1000, 11));
+    put(&w.source, "db.bin", &edited, 0o644);
+    w.publish();
+    one.run(true);
+    let first = w.owner_run();
+    assert!(first.contains("cached=0"), "{first}");
+    two.run(true);
+    let second = w.owner_run();
+    assert!(second.contains("cached=1"), "the second recipient's delta comes from the cache: {second}");
+    one.run(false);
+    two.run(false);
+    assert_same_tree(&w.source, &one.data);
+    assert_same_tree(&w.source, &two.data);
+}

@@ -265,14 +265,13 @@ impl Owner {
     fn learn_from(&mut self, flushed: &super::FlushReport) -> Result<()> {
         for t in &flushed.too_large {
             let Some(rec) = self.db.recipients()?.into_iter().find(|r| r.address == t.to) else { continue };
-            let limit = (t.bytes / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
             let reply_id = self.db.reply_of_outbox_name(&t.name)?;
-            self.db.transaction(|db| {
-                db.set_meta(&format!("relay_limit.{}", rec.name), &limit.to_string())?;
+            let limit = self.db.transaction(|db| {
+                let limit = shrink_relay_limit(db, &rec.name, t.bytes)?;
                 if let Some(id) = &reply_id {
                     db.drop_sent_parts(Some(id), KEEP_SENT_PARTS)?;
                 }
-                Ok(())
+                Ok(limit)
             })?;
             warn!(
                 recipient = %rec.name, refused = t.bytes, limit,
@@ -425,8 +424,7 @@ impl Owner {
                 && let Some(parts) = &kept
                 && let Some(largest) = parts.iter().map(|(_, raw)| raw.len() as u64).max()
             {
-                let limit = (largest / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
-                self.db.set_meta(&format!("relay_limit.{}", rec.name), &limit.to_string())?;
+                let limit = shrink_relay_limit(&self.db, &rec.name, largest)?;
                 warn!(
                     recipient = %rec.name, reply = %resend.reply_id, limit,
                     "parts were lost twice; answering afresh with smaller parts"
@@ -496,7 +494,7 @@ impl Owner {
     /// The message size replies to `recipient` must fit: `relay-limit`, the server's `SIZE`, or what a
     /// relay refusal taught, whichever is smallest.
     fn relay_limit(&self, recipient: &str) -> Result<u64> {
-        let learned = self.db.meta(&format!("relay_limit.{recipient}"))?.and_then(|v| v.parse::<u64>().ok());
+        let learned = self.db.meta(&relay_limit_key(recipient))?.and_then(|v| v.parse::<u64>().ok());
         Ok([Some(self.cfg.owner.relay_limit), self.server_limit, learned]
             .into_iter()
             .flatten()
@@ -606,6 +604,18 @@ impl Node for Owner {
             }
         }))
     }
+}
+
+fn relay_limit_key(recipient: &str) -> String {
+    format!("relay_limit.{recipient}")
+}
+
+/// Learns that a message of `refused` bytes did not reach `recipient`: its parts are cut to three quarters
+/// of that from now on (never below the smallest usable limit). Returns the new limit.
+fn shrink_relay_limit(db: &Db, recipient: &str, refused: u64) -> Result<u64> {
+    let limit = (refused / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
+    db.set_meta(&relay_limit_key(recipient), &limit.to_string())?;
+    Ok(limit)
 }
 
 /// A reply ready to be cut into parts.

@@ -242,7 +242,7 @@ impl Packer<'_> {
     /// The delta frame of `group` over `bases` (from the cache or freshly compressed), the digest of its
     /// output, and whether it was cached.
     fn stream(&self, group: &[&Need], bases: &[Base]) -> Result<(Vec<u8>, Digest, bool)> {
-        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v1");
+        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v2");
         key.update(&self.level.to_le_bytes());
         for b in bases {
             key.update(&b.blake3.0).update(b"b");
@@ -251,14 +251,19 @@ impl Packer<'_> {
             key.update(&n.blake3.0).update(b"o");
         }
         let path = self.cache.join(format!("{}.zst", Digest::from(key.finalize()).to_hex()));
+        // A cached entry is the output's digest, then the frame: a hit reads nothing from the store.
+        if let Ok(mut cached) = fs::read(&path)
+            && cached.len() >= 32
+        {
+            let frame = cached.split_off(32);
+            let digest = Digest(cached.try_into().expect("32 bytes"));
+            return Ok((frame, digest, true));
+        }
         let mut output = Vec::new();
         for n in group {
             output.extend_from_slice(&self.store.content(&n.blake3)?);
         }
         let digest = Digest::of(&output);
-        if let Ok(frame) = fs::read(&path) {
-            return Ok((frame, digest, true));
-        }
         let mut prefix = Vec::new();
         for b in bases {
             prefix.extend_from_slice(&self.store.content(&b.blake3)?);
@@ -266,6 +271,7 @@ impl Packer<'_> {
         let frame = delta::compress(&prefix, &output, self.level)?;
         fs::create_dir_all(&self.cache)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.cache)?;
+        tmp.write_all(&digest.0)?;
         tmp.write_all(&frame)?;
         tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("failed to cache `{}`", path.display()))?;
         Ok((frame, digest, false))
