@@ -685,6 +685,7 @@ mod tests {
             need_full_inventory: false,
             payloads: vec![],
             body: Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
+            rekey: None,
         };
         Update { head, body: Body { mailferry: VERSION, ops: diff(from, to), streams: vec![] } }
     }

@@ -116,6 +116,22 @@ pub struct OwnerSection {
     /// Default 16; at least 1.
     #[serde(default = "default_keep_generations")]
     pub keep_generations: u64,
+    /// How replies are authenticated: `hmac` (the recipient's shared key) or `hmac+ed25519` (also signed
+    /// with the owner's Ed25519 key, which enrollment files then pin). Default `hmac`.
+    #[serde(default)]
+    pub signing: Signing,
+}
+
+/// How an owner authenticates its replies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Signing {
+    /// HMAC-SHA256 under the recipient's key only.
+    #[default]
+    #[serde(rename = "hmac")]
+    Hmac,
+    /// HMAC-SHA256 and the owner's Ed25519 signature.
+    #[serde(rename = "hmac+ed25519")]
+    HmacEd25519,
 }
 
 /// Default `relay-limit`: a little under the common 10 MiB relay limit.
@@ -181,6 +197,10 @@ pub struct RecipientSection {
     /// refused messages (at most one an hour). Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_address: Option<String>,
+    /// The owner's Ed25519 public key (64 hex digits), pinned from the enrollment file: every reply must
+    /// carry the owner's signature under it. Default: none (replies are checked by HMAC alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_public_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +339,10 @@ impl NodeConfig {
                 recipient.staging_dir = recipient.staging_dir.as_deref().map(|s| resolve(&base, s));
                 let state_dir = recipient.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
                 check_state_outside_data(&state_dir, &recipient.data)?;
+                if let Some(k) = &recipient.owner_public_key {
+                    crate::crypto::PublicKey::from_hex(k)
+                        .with_context(|| format!("config file `{}`: owner-public-key", path.display()))?;
+                }
                 Ok(NodeConfig::Recipient(RecipientConfig { path, recipient, transport, limits: raw.limits, state_dir }))
             }
             (Some(_), Some(_)) => bail!("config file `{}` has both [owner] and [recipient]", path.display()),
@@ -392,6 +416,10 @@ pub struct Enrollment {
     pub key: String,
     /// The key's public id.
     pub key_id: String,
+    /// The owner's Ed25519 public key, when it signs replies (`signing = "hmac+ed25519"`): the recipient
+    /// pins it and refuses replies without the owner's signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_public_key: Option<String>,
     /// How the owner expects to exchange mail.
     pub transport: TransportHint,
 }

@@ -1,7 +1,10 @@
 //! Keys, message authentication and nonces.
 //!
 //! Every recipient has its own random 256-bit key, shared only with the owner. Control parts are
-//! authenticated with HMAC-SHA256 under that key; tags are compared in constant time. Nothing here does
+//! authenticated with HMAC-SHA256 under that key; tags are compared in constant time. A rotated key
+//! travels sealed (ChaCha20-Poly1305) under a key derived from the one it replaces ([`Key::seal_key`]).
+//! An owner may also sign replies with Ed25519 ([`SigningKey`]), so that a recipient that pinned the
+//! owner's public key trusts only the owner, not anyone who learned its shared key. Nothing here does
 //! I/O except drawing randomness from the operating system.
 
 use std::fmt;
@@ -68,6 +71,131 @@ impl Key {
     }
 }
 
+/// Domain separation for sealing a new key under an old one.
+const REKEY_CONTEXT: &str = "mailferry rekey v1";
+
+impl Key {
+    /// Seals `new`, the key that replaces this one for `recipient`: ChaCha20-Poly1305 under a key derived
+    /// from this one, with the recipient's name and the new key's id as associated data. Returns
+    /// hex(nonce ‖ ciphertext ‖ tag), 120 hex digits.
+    pub fn seal_key(&self, recipient: &str, new: &Key) -> String {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.rekey_cipher_key());
+        let mut nonce = [0u8; 12];
+        random(&mut nonce);
+        let aad = rekey_aad(recipient, &new.id());
+        let sealed = cipher
+            .encrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: &new.0, aad: &aad })
+            .expect("ChaCha20-Poly1305 seals 32 bytes");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        hex(&out)
+    }
+
+    /// Opens a key sealed by [`Key::seal_key`] under this key for `recipient`, and checks it has the id
+    /// `key_id`. `None` when it does not open or is not that key.
+    pub fn open_key(&self, recipient: &str, key_id: &str, sealed: &str) -> Option<Key> {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let bytes = unhex(sealed)?;
+        if bytes.len() != 12 + 32 + 16 {
+            return None;
+        }
+        let (nonce, ct) = bytes.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().ok()?;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.rekey_cipher_key());
+        let aad = rekey_aad(recipient, key_id);
+        let plain = cipher.decrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: ct, aad: &aad }).ok()?;
+        let key = Key(plain.try_into().ok()?);
+        (key.id() == key_id).then_some(key)
+    }
+
+    fn rekey_cipher_key(&self) -> chacha20poly1305::Key {
+        chacha20poly1305::Key::from(blake3::derive_key(REKEY_CONTEXT, &self.0))
+    }
+}
+
+fn rekey_aad(recipient: &str, key_id: &str) -> Vec<u8> {
+    [recipient.as_bytes(), b"\0", key_id.as_bytes()].concat()
+}
+
+/// Domain separation for reply signatures: a signature over anything else never verifies as one.
+const SIGNATURE_CONTEXT: &[u8] = b"mailferry reply signature v1\0";
+
+/// The owner's Ed25519 signing key (`signing = "hmac+ed25519"`). `Debug` never shows it.
+#[derive(Clone)]
+pub struct SigningKey(ed25519_dalek::SigningKey);
+
+impl SigningKey {
+    /// A fresh random signing key.
+    pub fn generate() -> SigningKey {
+        let mut seed = [0u8; 32];
+        random(&mut seed);
+        SigningKey(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    /// Parses the 64-hex-digit seed.
+    ///
+    /// # Errors
+    /// When `s` is not 64 hex digits.
+    pub fn from_hex(s: &str) -> Result<SigningKey, KeyError> {
+        let bytes = unhex(s.trim()).ok_or(KeyError::NotHex)?;
+        let seed: [u8; 32] = bytes.try_into().map_err(|_| KeyError::WrongLength)?;
+        Ok(SigningKey(ed25519_dalek::SigningKey::from_bytes(&seed)))
+    }
+
+    /// The seed as 64 hex digits: a secret.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0.to_bytes())
+    }
+
+    /// The public key recipients pin.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// The signature of a control part, 128 hex digits.
+    pub fn sign(&self, control: &[u8]) -> String {
+        use ed25519_dalek::Signer;
+        hex(&self.0.sign(&[SIGNATURE_CONTEXT, control].concat()).to_bytes())
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey(public {})", self.public().to_hex())
+    }
+}
+
+/// An owner's Ed25519 public key, as pinned by a recipient.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PublicKey(ed25519_dalek::VerifyingKey);
+
+impl PublicKey {
+    /// Parses 64 hex digits.
+    ///
+    /// # Errors
+    /// When `s` is not 64 hex digits, or not a point on the curve.
+    pub fn from_hex(s: &str) -> Result<PublicKey, KeyError> {
+        let bytes = unhex(s.trim()).ok_or(KeyError::NotHex)?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| KeyError::WrongLength)?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes).map(PublicKey).map_err(|_| KeyError::NotAPublicKey)
+    }
+
+    /// 64 hex digits.
+    pub fn to_hex(&self) -> String {
+        hex(self.0.as_bytes())
+    }
+
+    /// Whether `signature` (128 hex digits) is this key's signature of `control`. Strict verification:
+    /// no malleable or small-order forms.
+    pub fn verify(&self, control: &[u8], signature: &str) -> bool {
+        let Some(sig) = unhex(signature).and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok()) else {
+            return false;
+        };
+        self.0.verify_strict(&[SIGNATURE_CONTEXT, control].concat(), &sig).is_ok()
+    }
+}
+
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key(id {})", self.id())
@@ -83,6 +211,9 @@ pub enum KeyError {
     /// Not 32 bytes.
     #[error("key is not 32 bytes (64 hex digits)")]
     WrongLength,
+    /// Not a valid Ed25519 public key.
+    #[error("not a valid Ed25519 public key")]
+    NotAPublicKey,
 }
 
 /// A fresh 128-bit value that ties a reply to the request it answers.
@@ -177,5 +308,42 @@ mod tests {
         assert_eq!(Key::from_hex("abcd"), Err(KeyError::WrongLength));
         assert_eq!(Key::from_hex("zz"), Err(KeyError::NotHex));
         assert_ne!(Key::generate(), Key::generate());
+    }
+
+    #[test]
+    fn a_sealed_key_opens_only_under_the_old_key_for_the_same_recipient_and_id() {
+        let (old, new) = (Key::generate(), Key::generate());
+        let sealed = old.seal_key("site1", &new);
+        assert_eq!(sealed.len(), 120);
+        assert!(!sealed.contains(&new.to_hex()), "the new key must not travel in the clear");
+        assert_eq!(old.open_key("site1", &new.id(), &sealed), Some(new.clone()));
+        assert_eq!(Key::generate().open_key("site1", &new.id(), &sealed), None, "another key must not open it");
+        assert_eq!(old.open_key("site2", &new.id(), &sealed), None, "bound to the recipient's name");
+        assert_eq!(old.open_key("site1", &old.id(), &sealed), None, "bound to the new key's id");
+        let mut flipped = unhex(&sealed).unwrap();
+        flipped[20] ^= 1;
+        assert_eq!(old.open_key("site1", &new.id(), &hex(&flipped)), None, "a changed byte must not open");
+        assert_eq!(old.open_key("site1", &new.id(), &sealed[..100]), None);
+        assert_ne!(old.seal_key("site1", &new), sealed, "each sealing uses a fresh nonce");
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signed_bytes_and_key() {
+        let sk = SigningKey::generate();
+        let pk = PublicKey::from_hex(&sk.public().to_hex()).unwrap();
+        let sig = sk.sign(b"control");
+        assert_eq!(sig.len(), 128);
+        assert!(pk.verify(b"control", &sig));
+        assert!(!pk.verify(b"contro1", &sig));
+        assert!(!SigningKey::generate().public().verify(b"control", &sig), "another key must not verify");
+        assert!(!pk.verify(b"control", &sig[..126]));
+        assert!(!pk.verify(b"control", "zz"));
+        // Without the context, a plain Ed25519 signature of the same bytes is not a reply signature.
+        use ed25519_dalek::Signer;
+        let plain = hex(&sk.0.sign(b"control").to_bytes());
+        assert!(!pk.verify(b"control", &plain));
+        assert_eq!(SigningKey::from_hex(&sk.to_hex()).unwrap().public(), sk.public());
+        assert!(!format!("{sk:?}").contains(&sk.to_hex()));
+        assert_eq!(PublicKey::from_hex("00"), Err(KeyError::WrongLength));
     }
 }

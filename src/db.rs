@@ -114,6 +114,21 @@ pub struct RecipientRow {
     pub applied_generation: Option<u64>,
     /// Root the last receipt reported.
     pub applied_root: Option<String>,
+    /// Id of the key a rotation is delivering, until the recipient first uses it.
+    pub rotating_to: Option<String>,
+}
+
+/// A key rotation under way: the new key travels with every reply until the recipient uses it.
+#[derive(Debug, Clone)]
+pub struct PendingKey {
+    /// The new key in hex (secret).
+    pub key_hex: String,
+    /// Its public id.
+    pub key_id: String,
+    /// When the rotation started.
+    pub started: u64,
+    /// Seconds the old key stays valid once the new one is in use.
+    pub grace: u64,
 }
 
 /// A published generation's summary.
@@ -195,7 +210,13 @@ impl Db {
                 raw BLOB NOT NULL, PRIMARY KEY (reply_id, part));
              CREATE TABLE IF NOT EXISTS received_parts (
                 reply_id TEXT NOT NULL, part INTEGER NOT NULL, nonce TEXT NOT NULL, received_at INTEGER NOT NULL,
-                control BLOB NOT NULL, PRIMARY KEY (reply_id, part));",
+                control BLOB NOT NULL, PRIMARY KEY (reply_id, part));
+             CREATE TABLE IF NOT EXISTS key_rotations (
+                recipient TEXT PRIMARY KEY, key TEXT NOT NULL, key_id TEXT NOT NULL, started INTEGER NOT NULL,
+                grace INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS retired_keys (
+                recipient TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL, valid_until INTEGER NOT NULL,
+                PRIMARY KEY (recipient, key_id));",
         )?;
         Ok(Db { conn })
     }
@@ -638,8 +659,9 @@ impl Db {
 
     fn recipients_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<RecipientRow>> {
         let mut st = self.conn.prepare(&format!(
-            "SELECT name, address, key, key_id, last_seq, last_request_at, last_reply_at, last_receipt_at,
-                    applied_generation, applied_root FROM recipients {clause}"
+            "SELECT name, address, recipients.key, recipients.key_id, last_seq, last_request_at, last_reply_at,
+                    last_receipt_at, applied_generation, applied_root, key_rotations.key_id
+             FROM recipients LEFT JOIN key_rotations ON key_rotations.recipient = recipients.name {clause}"
         ))?;
         let rows = st.query_map(p, |r| {
             Ok(RecipientRow {
@@ -653,6 +675,7 @@ impl Db {
                 last_receipt_at: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
                 applied_generation: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
                 applied_root: r.get(9)?,
+                rotating_to: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -663,9 +686,82 @@ impl Db {
     /// # Errors
     /// SQLite errors, or no such recipient.
     pub fn remove_recipient(&self, name: &str) -> Result<()> {
-        let n = self.conn.execute("DELETE FROM recipients WHERE name = ?1", [name])?;
-        anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
+        self.transaction(|db| {
+            let n = db.conn.execute("DELETE FROM recipients WHERE name = ?1", [name])?;
+            anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
+            db.conn.execute("DELETE FROM key_rotations WHERE recipient = ?1", [name])?;
+            db.conn.execute("DELETE FROM retired_keys WHERE recipient = ?1", [name])?;
+            Ok(())
+        })
+    }
+
+    /// Starts (or restarts, with a fresh key) rotating `name`'s key to `key_hex`.
+    ///
+    /// # Errors
+    /// SQLite errors, or no such recipient.
+    pub fn start_key_rotation(&self, name: &str, key_hex: &str, key_id: &str, grace: u64) -> Result<()> {
+        anyhow::ensure!(self.recipient(name)?.is_some(), "no recipient named {name:?} is registered");
+        self.conn.execute(
+            "INSERT OR REPLACE INTO key_rotations (recipient, key, key_id, started, grace) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, key_hex, key_id, now() as i64, grace as i64],
+        )?;
         Ok(())
+    }
+
+    /// The rotation under way for `name`, if any.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn key_rotation(&self, name: &str) -> Result<Option<PendingKey>> {
+        Ok(self
+            .conn
+            .query_row("SELECT key, key_id, started, grace FROM key_rotations WHERE recipient = ?1", [name], |r| {
+                Ok(PendingKey {
+                    key_hex: r.get(0)?,
+                    key_id: r.get(1)?,
+                    started: r.get::<_, i64>(2)? as u64,
+                    grace: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
+    /// The recipient used its new key: it becomes the key, and the old one is retired, still valid for
+    /// the rotation's grace period. Returns the old key's id.
+    ///
+    /// # Errors
+    /// SQLite errors, or no rotation under way.
+    pub fn complete_key_rotation(&self, name: &str) -> Result<String> {
+        self.transaction(|db| {
+            let pending = db.key_rotation(name)?.with_context(|| format!("no key rotation for {name:?}"))?;
+            let rec = db.recipient(name)?.with_context(|| format!("no recipient named {name:?}"))?;
+            db.conn.execute(
+                "INSERT OR REPLACE INTO retired_keys (recipient, key, key_id, valid_until) VALUES (?1, ?2, ?3, ?4)",
+                params![name, rec.key_hex, rec.key_id, now().saturating_add(pending.grace) as i64],
+            )?;
+            db.conn.execute(
+                "UPDATE recipients SET key = ?2, key_id = ?3 WHERE name = ?1",
+                params![name, pending.key_hex, pending.key_id],
+            )?;
+            db.conn.execute("DELETE FROM key_rotations WHERE recipient = ?1", [name])?;
+            Ok(rec.key_id)
+        })
+    }
+
+    /// A retired key of `name` with id `key_id`, if its grace period has not ended.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn retired_key(&self, name: &str, key_id: &str) -> Result<Option<String>> {
+        self.conn.execute("DELETE FROM retired_keys WHERE valid_until <= ?1", [now() as i64])?;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT key FROM retired_keys WHERE recipient = ?1 AND key_id = ?2",
+                params![name, key_id],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Whether a request nonce was answered before.

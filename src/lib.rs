@@ -26,7 +26,8 @@
 //! Pure core (no I/O, unit-tested):
 //! - [`path`]: validated tree-relative paths; the one place hostile names are refused.
 //! - [`manifest`]: trees, tree roots, [`manifest::diff`] and [`manifest::Manifest::apply`].
-//! - [`crypto`]: keys, HMAC-SHA256, nonces.
+//! - [`crypto`]: keys, HMAC-SHA256, nonces, sealing a rotated key under the old one, the owner's optional
+//!   Ed25519 reply signatures.
 //! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
 //!   reasons, and [`protocol::envelope`] for MIME (and how large a chunk fits a message).
 //! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), streamed and bounded when decoding.
@@ -54,8 +55,9 @@
 //! runs the daemons (a step at a time under the state lock, IDLE or polling in between, capped backoff).
 //!
 //! # Invariants
-//! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name,
-//!   which only selects the key. Headers, subject and text parts are never trusted.
+//! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name
+//!   and key id, which only select the key (and, where the owner's key is pinned, nothing before its
+//!   signature verifies too). Headers, subject and text parts are never trusted.
 //! - No byte reaches the data tree before every part of the reply is verified and every new file is
 //!   staged and checked against its BLAKE3 (delta bases and local copies included).
 //! - Replies go only to the address registered for a recipient.

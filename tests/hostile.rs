@@ -94,7 +94,7 @@ fn replace(control: Vec<u8>, from: &str, to: &[u8]) -> Vec<u8> {
 }
 
 /// Applies the pending reply and checks it was refused for `reason` with the tree unchanged.
-fn expect_refused(w: &World, site: &Site, reason: &str) {
+pub(crate) fn expect_refused(w: &World, site: &Site, reason: &str) {
     let before = snapshot(&site.data);
     let refused_before = site.rejections().len();
     let log = site.run(false);

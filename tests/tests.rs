@@ -13,6 +13,8 @@ mod hostile;
 mod crash;
 // `recipient rollback`: the tree back to the generation before, the undone one held back, kill -9 in between.
 mod rollback;
+// `owner rotate-key` and Ed25519-signed replies.
+mod keys;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.

@@ -144,6 +144,18 @@ enum OwnerCommand {
         #[arg(long)]
         name: String,
     },
+    /// Give a recipient a new key, delivered with its next reply sealed under the current key; the current
+    /// key stays valid until the recipient uses the new one, and for the grace period after.
+    RotateKey {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The recipient's name.
+        #[arg(long)]
+        name: String,
+        /// How long the old key stays valid once the new one is in use (messages already on their way).
+        #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
     /// Snapshot the source tree into the next immutable generation.
     Publish {
         #[command(flatten)]
@@ -281,6 +293,14 @@ async fn owner_command(c: OwnerCommand) -> Result<Exit> {
         OwnerCommand::RemoveRecipient { config, name } => {
             load_owner(&config.config)?.remove_recipient(&name)?;
             eprintln!("removed recipient {name:?}; its requests are refused from now on");
+        }
+        OwnerCommand::RotateKey { config, name, grace } => {
+            let id = load_owner(&config.config)?.rotate_key(&name, grace)?;
+            eprintln!(
+                "rotating the key of {name:?} to key id {id}: it travels with the next reply, sealed under the \
+                 current key; the current key stays valid until {name:?} uses the new one, then for {} more",
+                humantime::format_duration(grace)
+            );
         }
         OwnerCommand::Publish { config } => {
             let mut o = load_owner(&config.config)?;
@@ -685,12 +705,19 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                     writeln!(out, "tree root:   {}", g.root)?;
                 }
                 writeln!(out, "rejected:    {}", s.rejected)?;
+                if let Some(k) = &s.public_key {
+                    let on = if s.signing == mailferry::config::Signing::HmacEd25519 { "" } else { " (not in use)" };
+                    writeln!(out, "signing key: ed25519 {k}{on}")?;
+                }
                 writeln!(out, "outbox:      {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
                 write_transport_status(&mut out, "", &s.outbox, &s.transport)?;
                 writeln!(out, "recipients:  {}", s.recipients.len())?;
                 for r in &s.recipients {
                     let applied = r.applied_generation.map_or("unknown".into(), |g| format!("generation {g}"));
                     writeln!(out, "  {} <{}>: {applied}", r.name, r.address)?;
+                    if let Some(k) = &r.rotating_to {
+                        writeln!(out, "    key:          {} (rotating to {k})", r.key_id)?;
+                    }
                     writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
                     writeln!(out, "    last reply:   {}", fmt_time(r.last_reply_at))?;
                     writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;

@@ -3,6 +3,11 @@
 //! A request is answered only after its MAC verifies under the key of the recipient it names, its sequence
 //! number is new and its nonce unseen; the reply goes to the address registered for that recipient, never
 //! to any address the message itself names.
+//!
+//! Keys rotate without a trusted courier (`owner rotate-key`): the new key travels with every reply,
+//! sealed under the current one, until the recipient first uses it; then it becomes the key and the old
+//! one stays valid for a grace period, for messages already on their way. With `signing = "hmac+ed25519"`
+//! replies also carry the owner's Ed25519 signature, which enrollment files pin.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,12 +18,14 @@ use tracing::{info, warn};
 
 use super::pack::{Packed, Packer};
 use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
-use crate::config::{Enrollment, OwnerConfig, OwnerSection, TransportConfig, TransportHint, write_secret};
-use crate::crypto::{Key, random_id};
+use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
+use crate::crypto::{Key, SigningKey, random_id};
 use crate::db::{Db, GenerationRow, RecipientRow, now};
 use crate::manifest::{Digest, Manifest, diff};
 use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{self, Auth, Control, InventoryKind, Kind, Payload, Reason, Refusal, Reply, Request, VERSION};
+use crate::protocol::{
+    self, Auth, Control, InventoryKind, Kind, Payload, Reason, Refusal, Rekey, Reply, Request, VERSION,
+};
 use crate::scan::{ForeignKind, scan_with};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
@@ -38,7 +45,28 @@ pub struct Owner {
     manifests: HashMap<u64, Manifest>,
     /// The outgoing server's `SIZE`, learned at the start of a run.
     server_limit: Option<u64>,
+    /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
+    signer: Option<SigningKey>,
     _lock: std::fs::File,
+}
+
+/// Meta key of the owner's Ed25519 signing key (hex seed; the database is private to the owner).
+const SIGNING_KEY_META: &str = "signing_key";
+
+/// Default grace period of a rotated key: a week.
+pub const DEFAULT_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The owner's Ed25519 signing key, made on first use.
+fn signing_key(db: &Db) -> Result<SigningKey> {
+    db.transaction(|db| match db.meta(SIGNING_KEY_META)? {
+        Some(hex) => SigningKey::from_hex(&hex).context("the stored signing key is corrupt"),
+        None => {
+            let k = SigningKey::generate();
+            db.set_meta(SIGNING_KEY_META, &k.to_hex())?;
+            info!(public_key = %k.public().to_hex(), "made the owner's Ed25519 signing key");
+            Ok(k)
+        }
+    })
 }
 
 /// What `publish` did.
@@ -73,6 +101,10 @@ pub struct OwnerStatus {
     pub outbox: super::OutboxStatus,
     /// The last server error and how new mail is noticed.
     pub transport: super::TransportStatus,
+    /// How replies are authenticated.
+    pub signing: Signing,
+    /// The Ed25519 public key recipients pin, when replies are signed.
+    pub public_key: Option<String>,
 }
 
 /// Creates an owner: `DIR/owner.toml`, the state database and content store.
@@ -99,6 +131,7 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         admin_address: None,
         relay_limit: crate::config::DEFAULT_RELAY_LIMIT,
         keep_generations: 16,
+        signing: Signing::Hmac,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -131,7 +164,11 @@ impl Owner {
         let lock = lock_state(&cfg.state_dir)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let store = Store::open(&cfg.state_dir.join("store"), cfg.owner.compression_level)?;
-        Ok(Owner { cfg, db, store, manifests: HashMap::new(), server_limit: None, _lock: lock })
+        let signer = match cfg.owner.signing {
+            Signing::Hmac => None,
+            Signing::HmacEd25519 => Some(signing_key(&db)?),
+        };
+        Ok(Owner { cfg, db, store, manifests: HashMap::new(), server_limit: None, signer, _lock: lock })
     }
 
     /// The configuration.
@@ -160,6 +197,7 @@ impl Owner {
             address: address.to_owned(),
             key: key.to_hex(),
             key_id: key.id(),
+            owner_public_key: self.signer.as_ref().map(|s| s.public().to_hex()),
             transport: TransportHint {
                 kind: match self.cfg.transport {
                     TransportConfig::Maildir { .. } => "maildir".into(),
@@ -299,16 +337,32 @@ impl Owner {
                 format!("no recipient named {:?} is registered", auth.recipient),
             )));
         };
-        let key = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
-        if auth.key_id != key.id() {
+        // The recipient's key, the one a rotation is delivering, or a retired one still in its grace.
+        let current = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
+        let pending = self.db.key_rotation(&rec.name)?.filter(|p| p.key_id == auth.key_id);
+        let key = if auth.key_id == current.id() {
+            current
+        } else if let Some(p) = &pending {
+            Key::from_hex(&p.key_hex).context("stored key is corrupt")?
+        } else if let Some(hex) = self.db.retired_key(&rec.name, &auth.key_id)? {
+            Key::from_hex(&hex).context("stored key is corrupt")?
+        } else {
             return Ok(Err(Refusal::new(
                 Reason::BadMac,
-                format!("message names key {}, {:?}'s key is {}", auth.key_id, rec.name, key.id()),
+                format!("message names key {}, {:?}'s key is {}", auth.key_id, rec.name, current.id()),
             )));
-        }
+        };
         if let Err(r) = protocol::verify_mac(&key, &auth, &parsed.control) {
             return Ok(Err(r));
         }
+        // Only the recipient can have made this MAC: it has the new key, which is its key from now on.
+        let rec = if pending.is_some() {
+            let old = self.db.complete_key_rotation(&rec.name)?;
+            info!(recipient = %rec.name, key = %key.id(), old, "the recipient uses its new key: rotation complete");
+            self.db.recipient(&rec.name)?.context("recipient vanished during key rotation")?
+        } else {
+            rec
+        };
         // Requests and receipts carry no payloads: any attachment besides control and auth is refused.
         if let Some(name) = parsed.attachments.keys().next() {
             return Ok(Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))));
@@ -324,7 +378,7 @@ impl Owner {
             )));
         }
         match control {
-            Control::Request(req) => self.answer(&rec, &key, &req),
+            Control::Request(req) => self.answer(&rec, &req),
             Control::Receipt(r) => {
                 let Some((reply_id, generation)) = self.db.answered_for(&rec.name, &r.nonce.to_hex())? else {
                     return Ok(Err(Refusal::new(
@@ -353,7 +407,7 @@ impl Owner {
         }
     }
 
-    fn answer(&mut self, rec: &RecipientRow, key: &Key, req: &Request) -> Result<Result<Action, Refusal>> {
+    fn answer(&mut self, rec: &RecipientRow, req: &Request) -> Result<Result<Action, Refusal>> {
         if self.db.request_answered(&req.nonce.to_hex())? {
             return Ok(Err(Refusal::new(Reason::Replay, format!("request nonce {} was answered before", req.nonce))));
         }
@@ -478,6 +532,20 @@ impl Owner {
             need_full_inventory,
             payloads: Vec::new(),
             body: packed.body_frame,
+            rekey: None,
+        };
+        // Replies are made under the recipient's key as the owner knows it now (the request may have come
+        // under a retired one), and carry the next key while a rotation is under way.
+        let key = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
+        let head = match self.db.key_rotation(&rec.name)? {
+            Some(p) => {
+                let new = Key::from_hex(&p.key_hex).context("stored key is corrupt")?;
+                Reply {
+                    rekey: Some(Rekey { key_id: p.key_id, sealed: key.seal_key(&rec.name, &new), grace: p.grace }),
+                    ..head
+                }
+            }
+            None => head,
         };
         let limit = self.relay_limit(&rec.name)?;
         Ok(Ok(Action::Answer(Box::new(Answer {
@@ -485,7 +553,7 @@ impl Owner {
             packed,
             ops: n_ops,
             seq: req.seq,
-            key: key.clone(),
+            key,
             to: rec.address.clone(),
             limit,
         }))))
@@ -510,6 +578,25 @@ impl Owner {
     pub fn remove_recipient(&mut self, name: &str) -> Result<()> {
         self.db.remove_recipient(name)
     }
+
+    /// Starts rotating `name`'s key: a fresh key travels, sealed under the current one, with every reply
+    /// until the recipient first uses it; then the current key stays valid for `grace` more. Rotating
+    /// again before that replaces the key in transit. Returns the new key's id.
+    ///
+    /// Routine hygiene, not a cure for a stolen key: whoever holds the current key can open the new one
+    /// from the reply. For a key known to be stolen, remove the recipient and enroll it afresh.
+    ///
+    /// # Errors
+    /// No such recipient, a grace longer than a year, or state failures.
+    pub fn rotate_key(&mut self, name: &str, grace: std::time::Duration) -> Result<String> {
+        if grace.as_secs() > protocol::MAX_REKEY_GRACE {
+            bail!("a grace period of {} is longer than a year", humantime::format_duration(grace));
+        }
+        let key = Key::generate();
+        self.db.start_key_rotation(name, &key.to_hex(), &key.id(), grace.as_secs())?;
+        info!(recipient = name, key = %key.id(), "key rotation started");
+        Ok(key.id())
+    }
 }
 
 /// The owner's status, read without taking the state lock (so it works while the daemon runs).
@@ -526,6 +613,12 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
         rejected: db.rejection_count()?,
         outbox: Outbox::status(&db)?,
         transport: super::TransportStatus::read(&db)?,
+        signing: cfg.owner.signing,
+        public_key: db
+            .meta(SIGNING_KEY_META)?
+            .map(|hex| SigningKey::from_hex(&hex).map(|k| k.public().to_hex()))
+            .transpose()
+            .context("the stored signing key is corrupt")?,
     })
 }
 
@@ -546,6 +639,7 @@ impl Node for Owner {
         Ok(Ok(match action {
             Action::Answer(answer) => {
                 let Answer { head, packed, ops, seq, key, to, limit } = *answer;
+                let signer = self.signer.clone();
                 let (recipient, nonce, generation) = (head.recipient.clone(), head.nonce.to_hex(), head.generation);
                 let reply_id = head.reply_id.clone();
                 let stats = packed.stats;
@@ -555,7 +649,8 @@ impl Node for Owner {
                 let from = self.cfg.owner.address.clone();
                 let (parts, bytes) = self.db.transaction(|db| {
                     let mut bytes = 0;
-                    let parts = split(&head, &packed, limit, &key, &from, &to, ops, |k, raw| {
+                    let keys = (&key, signer.as_ref());
+                    let parts = split(&head, &packed, limit, keys, &from, &to, ops, |k, raw| {
                         bytes += raw.len();
                         db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
                         db.keep_sent_part(&head.reply_id, k, &head.recipient, raw)
@@ -639,7 +734,7 @@ fn split(
     head: &Reply,
     packed: &Packed,
     limit: u64,
-    key: &Key,
+    (key, signer): (&Key, Option<&SigningKey>),
     from: &str,
     to: &str,
     ops: usize,
@@ -684,7 +779,7 @@ fn split(
         let bytes = read_chunk(k)?;
         let reply = Reply { part: k, parts, payloads: payloads.clone(), ..head.clone() };
         let control = protocol::encode(&reply);
-        let auth = protocol::encode(&Auth::sign(&head.recipient, key, &control));
+        let auth = protocol::encode(&Auth::sign(&head.recipient, key, &control).signed_by(signer, &control));
         let of = if parts > 1 { format!(", part {k} of {parts}") } else { String::new() };
         let raw = envelope::build(&Outgoing {
             from,

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
-use crate::crypto::{Key, Nonce};
+use crate::crypto::{Key, Nonce, PublicKey};
 use crate::db::{Db, now};
 use crate::manifest::{Digest, Entry, Listed};
 use crate::protocol::envelope::{self, Outgoing};
@@ -47,8 +47,14 @@ pub struct Recipient {
     cfg: RecipientConfig,
     db: Db,
     key: Key,
+    /// The owner's pinned Ed25519 key: replies must be signed under it.
+    owner_key: Option<PublicKey>,
     _lock: std::fs::File,
 }
+
+/// Meta keys of the key a rotation replaced, and until when replies made under it are accepted.
+const PREVIOUS_KEY_META: &str = "previous_key";
+const PREVIOUS_KEY_UNTIL_META: &str = "previous_key_until";
 
 /// The recipient's view for `status`.
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +102,10 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
     let e = Enrollment::load(enrollment)?;
     let key = Key::from_hex(&e.key)
         .with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
+    if let Some(k) = &e.owner_public_key {
+        PublicKey::from_hex(k)
+            .with_context(|| format!("enrollment file `{}` has an invalid owner-public-key", enrollment.display()))?;
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -122,6 +132,7 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
         on_extra: OnExtra::Delete,
         stale_after: None,
         admin_address: None,
+        owner_public_key: e.owner_public_key.clone(),
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -158,8 +169,9 @@ impl Recipient {
     pub fn open_as_is(cfg: RecipientConfig) -> Result<Recipient> {
         let lock = lock_state(&cfg.state_dir)?;
         let key = read_key_file(&cfg.recipient.key_file)?;
+        let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
-        Ok(Recipient { cfg, db, key, _lock: lock })
+        Ok(Recipient { cfg, db, key, owner_key, _lock: lock })
     }
 
     /// The configuration.
@@ -390,13 +402,16 @@ impl Recipient {
                 format!("message is for recipient {:?}, this is {me:?}", auth.recipient),
             )));
         }
-        if auth.key_id != self.key.id() {
+        let Some(key) = self.key_named(&auth.key_id)? else {
             return Ok(Err(Refusal::new(
                 Reason::BadMac,
                 format!("message is authenticated with key {}, this recipient's key is {}", auth.key_id, self.key.id()),
             )));
+        };
+        refuse!(protocol::verify_mac(&key, &auth, &parsed.control));
+        if let Some(owner) = &self.owner_key {
+            refuse!(protocol::verify_signature(owner, &auth, &parsed.control));
         }
-        refuse!(protocol::verify_mac(&self.key, &auth, &parsed.control));
         let reply = match refuse!(protocol::decode_control(&parsed.control, &limits)) {
             Control::Reply(r) => r,
             other => {
@@ -421,6 +436,7 @@ impl Recipient {
             };
             return Ok(Err(Refusal::new(Reason::Replay, why)));
         };
+
         // An authentic reply that must not be applied answers its request all the same: the next run asks
         // again at once instead of waiting for `reply-timeout`.
         let verdict = if reply.request_seq != seq {
@@ -449,6 +465,14 @@ impl Recipient {
             info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
             return Ok(Ok(Handled::PartKept { reply_id: reply.reply_id.clone(), have, of: reply.parts }));
         };
+        // A new key it brings is taken up whatever becomes of the rest (only now that every part, all
+        // made under the same key, is here: a grace of zero would refuse the later ones otherwise).
+        if let Some(rekey) = &reply.rekey
+            && let Err(r) = self.take_key(rekey, &key)?
+        {
+            self.give_up(&nonce, &reply.reply_id)?;
+            return Ok(Err(r));
+        }
         // From here on the reply is authentic, whole, and answers a request of ours: whatever happens,
         // that request is answered, so the next run asks again at once instead of waiting for
         // `reply-timeout`.
@@ -460,6 +484,50 @@ impl Recipient {
             Err(_) => {}
         }
         res
+    }
+
+    /// The key with id `id`: this recipient's, or the one a rotation replaced while its grace lasts.
+    fn key_named(&self, id: &str) -> Result<Option<Key>> {
+        if id == self.key.id() {
+            return Ok(Some(self.key.clone()));
+        }
+        let until = self.db.meta(PREVIOUS_KEY_UNTIL_META)?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let Some(hex) = self.db.meta(PREVIOUS_KEY_META)?.filter(|_| now() < until) else { return Ok(None) };
+        let previous = Key::from_hex(&hex).context("the previous key in the state database is corrupt")?;
+        Ok((previous.id() == id).then_some(previous))
+    }
+
+    /// Takes up the key a rotation delivers, sealed under `under` (the key that authenticated the reply):
+    /// the current key is kept in the state database for the grace period, then the key file is replaced.
+    /// A key already taken up is left alone.
+    fn take_key(&mut self, rekey: &protocol::Rekey, under: &Key) -> Result<Result<(), Refusal>> {
+        if rekey.key_id == self.key.id() {
+            return Ok(Ok(()));
+        }
+        let Some(new) = under.open_key(&self.cfg.recipient.name, &rekey.key_id, &rekey.sealed) else {
+            return Ok(Err(Refusal::new(
+                Reason::Malformed,
+                format!("the new key {} in the reply does not open under key {}", rekey.key_id, under.id()),
+            )));
+        };
+        // The old key first: after a crash between the two writes the old key is both current and previous,
+        // and the owner, not having seen the new one used, still sends it.
+        self.db.transaction(|db| {
+            db.set_meta(PREVIOUS_KEY_META, &self.key.to_hex())?;
+            db.set_meta(PREVIOUS_KEY_UNTIL_META, &now().saturating_add(rekey.grace).to_string())
+        })?;
+        let path = &self.cfg.recipient.key_file;
+        write_durably(path, format!("{}\n", new.to_hex()).as_bytes())
+            .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+        }
+        info!(
+            key = %new.id(), old = %self.key.id(), grace = %humantime::format_duration(std::time::Duration::from_secs(rekey.grace)),
+            "took up the new key the owner sent"
+        );
+        self.key = new;
+        Ok(Ok(()))
     }
 
     /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts.

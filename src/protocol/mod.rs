@@ -16,7 +16,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{Key, Nonce};
+use crate::crypto::{Key, Nonce, PublicKey, SigningKey};
 use crate::limits::Limits;
 use crate::manifest::{Digest, Listed, Op, Source, hex, unhex};
 
@@ -25,6 +25,9 @@ pub const VERSION: u32 = 1;
 
 /// The MAC algorithm of v1.
 pub const MAC_ALG: &str = "hmac-sha256";
+
+/// The longest grace a rotated key may be given: a year, in seconds.
+pub const MAX_REKEY_GRACE: u64 = 366 * 24 * 3600;
 
 /// What kind of control message this is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -178,6 +181,23 @@ pub struct Reply {
     pub payloads: Vec<Payload>,
     /// Where in the pack the [`Body`] is (JSON, zstd-compressed).
     pub body: Frame,
+    /// A new key for this recipient (`mailferry owner rotate-key`), sealed under the key that
+    /// authenticates this reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey: Option<Rekey>,
+}
+
+/// A recipient's next key, delivered inside an authenticated reply.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Rekey {
+    /// Public id of the new key.
+    pub key_id: String,
+    /// The new key, sealed by [`Key::seal_key`] under the key whose MAC this reply carries.
+    pub sealed: String,
+    /// Seconds the old key stays valid after the recipient takes up the new one (for messages already
+    /// on their way).
+    pub grace: u64,
 }
 
 impl Reply {
@@ -317,6 +337,10 @@ pub struct Auth {
     pub alg: String,
     /// The tag, 64 hex digits.
     pub mac: String,
+    /// Replies of an owner with `signing = "hmac+ed25519"`: the owner's Ed25519 signature of the control
+    /// part, 128 hex digits (see [`crate::crypto::SigningKey::sign`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl Auth {
@@ -328,7 +352,14 @@ impl Auth {
             key_id: key.id(),
             alg: MAC_ALG.to_owned(),
             mac: hex(&key.mac(control)),
+            signature: None,
         }
+    }
+
+    /// Adds the owner's signature of `control`.
+    #[must_use]
+    pub fn signed_by(self, owner: Option<&SigningKey>, control: &[u8]) -> Auth {
+        Auth { signature: owner.map(|k| k.sign(control)), ..self }
     }
 }
 
@@ -385,6 +416,8 @@ pub enum Reason {
     Limit,
     /// The MAC does not verify under the named recipient's key.
     BadMac,
+    /// A reply lacks the owner's Ed25519 signature the recipient pinned, or it does not verify.
+    BadSignature,
     /// The named recipient is not registered.
     UnknownRecipient,
     /// Authenticated, but for another recipient than this node.
@@ -413,6 +446,7 @@ impl Reason {
             Reason::UnsupportedVersion => "unsupported-version",
             Reason::Limit => "limit",
             Reason::BadMac => "bad-mac",
+            Reason::BadSignature => "bad-signature",
             Reason::UnknownRecipient => "unknown-recipient",
             Reason::WrongRecipient => "wrong-recipient",
             Reason::Replay => "replay",
@@ -470,6 +504,26 @@ pub fn verify_mac(key: &Key, auth: &Auth, control: &[u8]) -> Result<(), Refusal>
         return Err(Refusal::new(
             Reason::BadMac,
             format!("MAC does not verify under the key of recipient {:?}", auth.recipient),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the owner's signature of `control` against the pinned `owner` key.
+///
+/// # Errors
+/// [`Reason::BadSignature`] when the auth part has no signature or it does not verify.
+pub fn verify_signature(owner: &PublicKey, auth: &Auth, control: &[u8]) -> Result<(), Refusal> {
+    let Some(sig) = &auth.signature else {
+        return Err(Refusal::new(
+            Reason::BadSignature,
+            "reply is not signed, but this recipient pinned the owner's Ed25519 key",
+        ));
+    };
+    if !owner.verify(control, sig) {
+        return Err(Refusal::new(
+            Reason::BadSignature,
+            format!("signature does not verify under the pinned owner key {}", owner.to_hex()),
         ));
     }
     Ok(())
@@ -563,6 +617,15 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
         return Err(Refusal::new(Reason::Limit, format!("pack is larger than {} bytes", limits.max_reply_bytes)));
     };
     check_frame("body", &r.body, pack)?;
+    if let Some(k) = &r.rekey {
+        let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex_of(&k.key_id, 16) || !hex_of(&k.sealed, 120) || k.grace > MAX_REKEY_GRACE {
+            return Err(Refusal::new(
+                Reason::Malformed,
+                "rekey is not a 16-digit key id, a 120-digit sealed key and a grace of at most a year",
+            ));
+        }
+    }
     if r.body.size > limits.max_body_bytes {
         return Err(Refusal::new(
             Reason::Limit,
@@ -755,6 +818,7 @@ mod tests {
             need_full_inventory: false,
             payloads: vec![Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest([3; 32]) }],
             body: Frame { offset: 10, length: 90, size: 400, blake3: Digest([4; 32]) },
+            rekey: None,
         }
     }
 
@@ -957,6 +1021,38 @@ mod tests {
         flipped[20] ^= 1;
         assert_eq!(verify_mac(&key, &auth, &flipped).unwrap_err().reason, Reason::BadMac);
         assert_eq!(verify_mac(&Key::generate(), &auth, &control).unwrap_err().reason, Reason::BadMac);
+    }
+
+    #[test]
+    fn a_rekey_must_be_well_formed() {
+        let (old, new) = (Key::generate(), Key::generate());
+        let rekey = Rekey { key_id: new.id(), sealed: old.seal_key("site1", &new), grace: 3600 };
+        let good = Reply { rekey: Some(rekey.clone()), ..reply() };
+        assert_eq!(decode_control(&encode(&good), &Limits::default()).unwrap(), Control::Reply(Box::new(good)));
+        for bad in [
+            Rekey { key_id: "../x".into(), ..rekey.clone() },
+            Rekey { sealed: rekey.sealed[..100].into(), ..rekey.clone() },
+            Rekey { grace: MAX_REKEY_GRACE + 1, ..rekey.clone() },
+        ] {
+            let r = Reply { rekey: Some(bad), ..reply() };
+            assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
+        }
+    }
+
+    #[test]
+    fn signatures_are_checked_only_against_the_pinned_key() {
+        let (key, owner) = (Key::generate(), SigningKey::generate());
+        let control = encode(&reply());
+        let signed = Auth::sign("site1", &key, &control).signed_by(Some(&owner), &control);
+        let signed = decode_auth(&encode(&signed)).unwrap();
+        verify_signature(&owner.public(), &signed, &control).unwrap();
+        let unsigned = Auth::sign("site1", &key, &control);
+        assert_eq!(verify_signature(&owner.public(), &unsigned, &control).unwrap_err().reason, Reason::BadSignature);
+        let stranger = SigningKey::generate().public();
+        assert_eq!(verify_signature(&stranger, &signed, &control).unwrap_err().reason, Reason::BadSignature);
+        let mut flipped = control.clone();
+        flipped[20] ^= 1;
+        assert_eq!(verify_signature(&owner.public(), &signed, &flipped).unwrap_err().reason, Reason::BadSignature);
     }
 
     #[test]
