@@ -125,6 +125,40 @@ fn a_rotated_key_travels_sealed_and_the_old_one_ends_after_its_grace() {
 }
 
 #[test]
+fn a_crash_while_taking_up_a_new_key_converges() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    let old = site.key();
+    rotate(&w, "site1", "1h");
+    put(&w.source, "README", b"generation 2\n", 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let args = ["recipient", "run", "--config", &site.config, "--once", "--no-request"];
+    let out = crate::crash::run_with_failpoint(&args, "rekey-saved:1");
+    assert!(crate::crash::crashed(&out), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(site.key(), old, "the key file is untouched until the new key is written whole");
+    // The reply is still in the inbox: the next run verifies it under the old key, takes up the new key
+    // and applies it; the receipt under the new key completes the rotation.
+    site.run(false);
+    w.owner_run();
+    assert_ne!(site.key(), old);
+    assert_same_tree(&w.source, &site.data);
+    let s = w.owner_status();
+    assert_eq!(s["recipients"][0]["key_id"], site.key().id());
+    assert!(s["recipients"][0]["rotating_to"].is_null());
+    assert!(rejections(&w.owner_config).is_empty());
+    assert!(site.rejections().is_empty());
+    put(&w.source, "README", b"generation 3\n", 0o644);
+    w.publish();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
 fn rotate_key_refuses_unknown_recipients_and_overlong_grace() {
     let w = World::new();
     let _site = w.site("site1");

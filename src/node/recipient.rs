@@ -516,6 +516,7 @@ impl Recipient {
             db.set_meta(PREVIOUS_KEY_META, &self.key.to_hex())?;
             db.set_meta(PREVIOUS_KEY_UNTIL_META, &now().saturating_add(rekey.grace).to_string())
         })?;
+        crate::failpoint::hit("rekey-saved");
         let path = &self.cfg.recipient.key_file;
         write_durably(path, format!("{}\n", new.to_hex()).as_bytes())
             .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
