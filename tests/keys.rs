@@ -104,6 +104,34 @@ fn a_rotated_key_travels_sealed_and_the_old_one_ends_after_its_grace() {
     assert_same_tree(&w.source, &kept.data);
     assert_same_tree(&w.source, &cut.data);
 
+    // The recipient's side: a reply made under its previous key is accepted during the grace, not after.
+    put(&w.source, "README", b"generation 4\n", 0o644);
+    w.publish();
+    for (site, old) in [(&kept, &old_kept), (&cut, &old_cut)] {
+        let path = w.pending_reply(site);
+        let parsed = envelope::parse(&fs::read(&path).unwrap(), u64::MAX).unwrap();
+        let auth =
+            mailferry::protocol::encode(&Auth::sign(&site.address.replace("@customer.test", ""), old, &parsed.control));
+        let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let rebuilt = envelope::build(&Outgoing {
+            from: OWNER,
+            to: &site.address,
+            subject: "made under the previous key".into(),
+            text: "old key".into(),
+            kind: Kind::Reply,
+            control: &parsed.control,
+            auth: &auth,
+            payloads,
+        })
+        .unwrap();
+        fs::write(&path, rebuilt).unwrap();
+        site.run(false);
+    }
+    assert_same_tree(&w.source, &kept.data);
+    assert!(kept.rejections().is_empty());
+    assert_eq!(cut.rejections(), ["bad-mac"]);
+    assert_eq!(cut.status()["generation"], 3);
+
     // A request made under the old key that arrives late: within the grace it is answered, after it (a
     // grace of zero) it is refused.
     let inbox = owner_inbox(&w);
