@@ -116,6 +116,11 @@ pub struct RecipientRow {
     pub applied_root: Option<String>,
     /// Id of the key a rotation is delivering, until the recipient first uses it.
     pub rotating_to: Option<String>,
+    /// The last delivery report of a failed reply part: seconds since the epoch, status, diagnostic
+    /// (filled by the owner's `status`).
+    pub last_bounce: Option<String>,
+    /// The part size learned for this recipient from refusals, if any (filled by the owner's `status`).
+    pub relay_limit: Option<u64>,
 }
 
 /// A key rotation under way: the new key travels with every reply until the recipient uses it.
@@ -211,6 +216,9 @@ impl Db {
              CREATE TABLE IF NOT EXISTS received_parts (
                 reply_id TEXT NOT NULL, part INTEGER NOT NULL, nonce TEXT NOT NULL, received_at INTEGER NOT NULL,
                 control BLOB NOT NULL, PRIMARY KEY (reply_id, part));
+             CREATE TABLE IF NOT EXISTS sent_ids (
+                message_id TEXT PRIMARY KEY, recipient TEXT NOT NULL, reply_id TEXT NOT NULL,
+                part INTEGER NOT NULL, bytes INTEGER NOT NULL, at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS key_rotations (
                 recipient TEXT PRIMARY KEY, key TEXT NOT NULL, key_id TEXT NOT NULL, started INTEGER NOT NULL,
                 grace INTEGER NOT NULL);
@@ -676,6 +684,8 @@ impl Db {
                 applied_generation: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
                 applied_root: r.get(9)?,
                 rotating_to: r.get(10)?,
+                last_bounce: None,
+                relay_limit: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1099,6 +1109,42 @@ impl Db {
         Ok(())
     }
 
+    /// Remembers which reply part went out under `message_id`, so that a delivery report naming it can be
+    /// understood. Forgotten with the kept parts' age limit.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_sent_id(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        reply_id: &str,
+        part: u32,
+        bytes: usize,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sent_ids (message_id, recipient, reply_id, part, bytes, at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![message_id, recipient, reply_id, part, bytes as i64, now() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The reply part sent under `message_id`: recipient, reply id, part number and size in bytes.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn sent_id(&self, message_id: &str) -> Result<Option<(String, String, u32, u64)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT recipient, reply_id, part, bytes FROM sent_ids WHERE message_id = ?1",
+                [message_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)),
+            )
+            .optional()?)
+    }
+
     /// The reply a queued reply part (outbox name `reply-NONCE-PART`) belongs to.
     ///
     /// # Errors
@@ -1130,6 +1176,8 @@ impl Db {
     /// SQLite errors.
     pub fn drop_sent_parts(&self, reply_id: Option<&str>, max_age: u64) -> Result<usize> {
         let cutoff = now().saturating_sub(max_age) as i64;
+        // Message ids outlive the parts (a report may come after a receipt dropped them), not their age.
+        self.conn.execute("DELETE FROM sent_ids WHERE at < ?1", [cutoff])?;
         Ok(self
             .conn
             .execute("DELETE FROM sent_parts WHERE reply_id = ?1 OR created < ?2", params![reply_id, cutoff])?)

@@ -443,6 +443,31 @@ async fn without_move_settle_copies_and_expunges_only_that_message() {
 }
 
 #[tokio::test]
+async fn a_relay_bounce_of_a_too_large_message_is_fetched_and_read() {
+    // MTA A (where the owner submits) takes 1 MB, MTA B behind it only 200 kB: B refuses, A bounces.
+    let m =
+        mailserver::private("bounce", 37, &[("MAILTEST_SIZE_LIMIT_A", "1000000"), ("MAILTEST_SIZE_LIMIT_B", "200000")]);
+    let (owner, pw) = m.fresh_user("bowner");
+    let (site, _) = m.fresh_user("bsite");
+    let (_dir, pw_file) = password_file(&pw);
+    let mut t =
+        MailTransport::new(&config(&m, &owner, &Secret::File(&pw_file), RELAY_SUBMISSION_STARTTLS, IMAPS, true))
+            .expect("valid config");
+    // One of ours and a person's, both too large for B.
+    t.send(&owner, &site, &message(&owner, &site, "part-7", true, 400_000)).await.expect("A accepts it");
+    t.send(&owner, &site, &message(&owner, &site, "holiday-photos", false, 400_000)).await.expect("A accepts it");
+    wait_count(&m, &owner, "INBOX", 2).await;
+    // Only the report about our message is fetched; the person's report stays where it is.
+    let found = t.fetch().await.expect("fetch");
+    assert_eq!(found.len(), 1, "{} fetched", found.len());
+    let report = mailferry::protocol::envelope::bounce(&found[0].raw).expect("a delivery report");
+    assert_eq!(report.message_id.as_deref(), Some("part-7@example.test"), "{report:?}");
+    assert!(report.too_large(), "Postfix's report must read as too large: {report:?}");
+    t.settle(&found[0].id, Disposition::Processed).await.expect("file it");
+    assert_eq!(m.count(&owner, "INBOX"), 1, "the person's report is left alone");
+}
+
+#[tokio::test]
 async fn without_move_and_uidplus_the_filed_copy_is_never_fetched_again() {
     // No MOVE, no UIDPLUS: the original is only flagged \Deleted (a plain EXPUNGE could remove a
     // person's deleted mail too), and the search skips it from then on.

@@ -2,7 +2,7 @@
 //! replies cut into parts that fit the relay limit, and lost parts sent again alone.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::util::*;
 
@@ -154,6 +154,73 @@ fn a_lost_part_is_sent_again_alone_and_parts_lost_twice_come_smaller() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 1);
     assert!(site.rejections().is_empty(), "{:?}", site.rejections());
+}
+
+/// A delivery report as Postfix writes it when the next hop refuses the message at `original` (headers
+/// only), with `status` and `diagnostic`.
+fn delivery_report(original: &Path, status: &str, diagnostic: &str) -> String {
+    let raw = fs::read(original).unwrap();
+    let id = mailferry::protocol::envelope::hints(&raw).message_id.expect("our parts have a Message-ID");
+    format!(
+        "From: MAILER-DAEMON@relay.test (Mail Delivery System)\r\nSubject: Undelivered Mail Returned to Sender\r\n\
+         To: {OWNER}\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+         --B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\
+         --B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.test\r\n\r\n\
+         Final-Recipient: rfc822; site1@customer.test\r\nAction: failed\r\nStatus: {status}\r\n\
+         Diagnostic-Code: smtp; {diagnostic}\r\n\r\n\
+         --B\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: {OWNER}\r\nMessage-ID: <{id}>\r\n\r\n--B--\r\n"
+    )
+}
+
+#[test]
+fn a_relay_bounce_for_a_too_large_part_shrinks_the_parts() {
+    let w = World::new();
+    let site = w.site("site1");
+    set_owner(&w, "relay-limit = 10240000", "relay-limit = 100000");
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+    fs::write(&site.config, cfg).unwrap();
+    put(&w.source, "big.bin", &noise(300_000, 11), 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let parts = new_messages(&site, &w);
+    let n = parts.len();
+    // A relay beyond the owner's server refuses part 2 and says so in a delivery report.
+    let inbox = w.spool.join(OWNER).join("new");
+    fs::write(
+        inbox.join("bounce-1"),
+        delivery_report(&parts[1], "5.3.4", "552 5.3.4 Message size exceeds fixed limit"),
+    )
+    .unwrap();
+    fs::remove_file(&parts[1]).unwrap();
+    let log = w.owner_run();
+    assert!(log.contains("a relay returned a reply part as too large"), "{log}");
+    let limit = w.owner_status()["recipients"][0]["relay_limit"].as_u64().expect("status shows the learned limit");
+    assert!(limit < 100_000, "{limit}");
+    assert!(rejections(&w.owner_config).is_empty(), "a report about our own part is not an intrusion");
+
+    // The request for the missing part is answered afresh, in parts that fit the smaller limit.
+    site.run(false);
+    site.run(true);
+    w.owner_run();
+    let fresh = new_messages(&site, &w);
+    assert!(fresh.len() > n, "{} parts now, {n} before", fresh.len());
+    assert!(fresh.iter().all(|p| fs::metadata(p).unwrap().len() <= limit), "parts fit {limit}");
+    let unknown_user = delivery_report(&fresh[0], "5.1.1", "550 5.1.1 User unknown");
+    let forged = delivery_report(&fresh[0], "5.3.4", "552 too big").replace("Message-ID: <", "Message-ID: <x");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+
+    // Any other failure is shown by status; a report about a message the owner never sent is refused.
+    fs::write(inbox.join("bounce-2"), unknown_user).unwrap();
+    w.owner_run();
+    let bounce = w.owner_status()["recipients"][0]["last_bounce"].as_str().unwrap().to_owned();
+    assert!(bounce.contains("5.1.1"), "{bounce}");
+    fs::write(inbox.join("bounce-3"), forged).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["unexpected"]);
+    assert_eq!(w.owner_status()["recipients"][0]["relay_limit"].as_u64(), Some(limit), "unchanged by a forgery");
 }
 
 #[test]

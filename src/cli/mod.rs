@@ -718,6 +718,12 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                     if let Some(k) = &r.rotating_to {
                         writeln!(out, "    key:          {} (rotating to {k})", r.key_id)?;
                     }
+                    if let Some(limit) = r.relay_limit {
+                        writeln!(out, "    part size:    {limit} bytes (learned from a relay's refusal)")?;
+                    }
+                    if let Some((at, what)) = r.last_bounce.as_deref().and_then(|b| b.split_once(' ')) {
+                        writeln!(out, "    last bounce:  {} {what}", fmt_time(at.parse().ok()))?;
+                    }
                     writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
                     writeln!(out, "    last reply:   {}", fmt_time(r.last_reply_at))?;
                     writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;

@@ -69,6 +69,11 @@ pub enum Handled {
         /// The generation in the tree.
         generation: u64,
     },
+    /// A delivery report (bounce) about a message this node sent, read and acted on.
+    Bounced {
+        /// What it said, for the log.
+        status: String,
+    },
     /// Recipient: an authentic reply not applied because a local rollback holds its generation back.
     Held {
         /// The generation it brings.

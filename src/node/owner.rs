@@ -319,6 +319,52 @@ impl Owner {
         Ok(())
     }
 
+    /// Acts on a delivery report about a reply part: one refused as too large shrinks the parts for its
+    /// recipient and drops the reply's kept parts (so the request for the missing one is answered afresh,
+    /// in smaller parts); another failure is logged and shown by `status`. Reports are not authenticated,
+    /// so this is all they can do, and only for a message id this owner sent.
+    fn bounced(&mut self, report: &envelope::Bounce, digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        let what = format!(
+            "{} {}",
+            report.status.as_deref().unwrap_or("(no status)"),
+            report.diagnostic.as_deref().unwrap_or("")
+        )
+        .trim()
+        .to_owned();
+        let sent = match &report.message_id {
+            Some(id) => self.db.sent_id(id)?,
+            None => None,
+        };
+        let Some((recipient, reply_id, part, bytes)) = sent else {
+            return Ok(Err(Refusal::new(
+                Reason::Unexpected,
+                format!("a delivery report ({what}) about a message this owner did not send, or no longer remembers"),
+            )));
+        };
+        if report.too_large() {
+            let limit = self.db.transaction(|db| {
+                let limit = shrink_relay_limit(db, &recipient, bytes)?;
+                db.drop_sent_parts(Some(&reply_id), KEEP_SENT_PARTS)?;
+                db.mark_seen(digest, "processed")?;
+                Ok(limit)
+            })?;
+            warn!(
+                recipient, reply = %reply_id, part, refused = bytes, limit,
+                "a relay returned a reply part as too large ({what}); later replies to this recipient use smaller parts"
+            );
+        } else if report.failed() {
+            self.db.transaction(|db| {
+                db.set_meta(&bounce_key(&recipient), &format!("{} {what}", now()))?;
+                db.mark_seen(digest, "processed")
+            })?;
+            warn!(recipient, reply = %reply_id, part, "a reply part could not be delivered: {what}");
+        } else {
+            self.db.mark_seen(digest, "processed")?;
+            info!(recipient, reply = %reply_id, part, "delivery report about a reply part: {what}");
+        }
+        Ok(Ok(Handled::Bounced { status: what }))
+    }
+
     /// The pure-ish decision: verifies the message and builds the reply. Outer `Err` is a local failure,
     /// inner `Err` a refusal of the message.
     fn evaluate(&mut self, raw: &[u8]) -> Result<Result<Action, Refusal>> {
@@ -609,7 +655,15 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
         role: "owner",
         address: cfg.owner.address.clone(),
         generation: db.latest_generation()?,
-        recipients: db.recipients()?,
+        recipients: db
+            .recipients()?
+            .into_iter()
+            .map(|mut r| {
+                r.last_bounce = db.meta(&bounce_key(&r.name))?;
+                r.relay_limit = db.meta(&relay_limit_key(&r.name))?.and_then(|v| v.parse().ok());
+                Ok(r)
+            })
+            .collect::<Result<_>>()?,
         rejected: db.rejection_count()?,
         outbox: Outbox::status(&db)?,
         transport: super::TransportStatus::read(&db)?,
@@ -632,6 +686,11 @@ impl Node for Owner {
     }
 
     fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        if raw.len() as u64 <= self.cfg.limits.max_message_bytes
+            && let Some(report) = envelope::bounce(raw)
+        {
+            return self.bounced(&report, digest);
+        }
         let action = match self.evaluate(raw)? {
             Ok(a) => a,
             Err(refusal) => return Ok(Err(refusal)),
@@ -653,6 +712,9 @@ impl Node for Owner {
                     let parts = split(&head, &packed, limit, keys, &from, &to, ops, |k, raw| {
                         bytes += raw.len();
                         db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
+                        if let Some(id) = envelope::hints(raw).message_id {
+                            db.record_sent_id(&id, &head.recipient, &head.reply_id, k, raw.len())?;
+                        }
                         db.keep_sent_part(&head.reply_id, k, &head.recipient, raw)
                     })?;
                     db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, bytes)?;
@@ -699,6 +761,10 @@ impl Node for Owner {
             }
         }))
     }
+}
+
+fn bounce_key(recipient: &str) -> String {
+    format!("bounce.{recipient}")
 }
 
 fn relay_limit_key(recipient: &str) -> String {

@@ -865,6 +865,29 @@ impl Node for Recipient {
     }
 
     fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        // A delivery report about a request or receipt: nothing to do but say so (a lost request is asked
+        // again after `reply-timeout`). Not authenticated, so it changes nothing.
+        if raw.len() as u64 <= self.cfg.limits.max_message_bytes
+            && let Some(report) = envelope::bounce(raw)
+        {
+            let what = format!(
+                "{} {}",
+                report.status.as_deref().unwrap_or("(no status)"),
+                report.diagnostic.as_deref().unwrap_or("")
+            )
+            .trim()
+            .to_owned();
+            if report.failed() {
+                warn!(
+                    message_id = report.message_id.as_deref().unwrap_or("-"),
+                    "a message to the owner could not be delivered: {what}"
+                );
+            } else {
+                info!(message_id = report.message_id.as_deref().unwrap_or("-"), "delivery report: {what}");
+            }
+            self.db.mark_seen(digest, "processed")?;
+            return Ok(Ok(Handled::Bounced { status: what }));
+        }
         self.evaluate(raw, digest)
     }
 }

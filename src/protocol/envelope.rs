@@ -166,6 +166,102 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
     Ok(Parsed { control, auth, attachments, hints })
 }
 
+/// A delivery status notification (RFC 3464): a relay's report that a message could not be delivered.
+/// Nothing in it is authenticated; it can only name a message by its `Message-ID`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bounce {
+    /// The `Message-ID` of the message reported on, from the report's copy of its headers.
+    pub message_id: Option<String>,
+    /// `Action` of the first recipient reported on: `failed`, `delayed`, `delivered`, ...
+    pub action: Option<String>,
+    /// Its `Status`, an RFC 3463 code such as `5.3.4`.
+    pub status: Option<String>,
+    /// Its `Diagnostic-Code`, such as `smtp; 552 5.3.4 Message size exceeds fixed limit`.
+    pub diagnostic: Option<String>,
+}
+
+impl Bounce {
+    /// Whether delivery failed for good (as opposed to a delay or a success notice).
+    pub fn failed(&self) -> bool {
+        self.action.as_deref().is_some_and(|a| a.eq_ignore_ascii_case("failed"))
+            || self.status.as_deref().is_some_and(|s| s.starts_with('5'))
+    }
+
+    /// Whether it failed because the message was too large for a server on the way: status 5.3.4
+    /// ("message too big for system") or 5.2.3 ("message length exceeds administrative limit"), or an
+    /// SMTP 552 in the diagnostic.
+    pub fn too_large(&self) -> bool {
+        let status = self.status.as_deref().unwrap_or("");
+        let smtp_552 = self.diagnostic.as_deref().is_some_and(|d| {
+            let code = d.rsplit(';').next().unwrap_or(d).trim_start();
+            code.starts_with("552")
+        });
+        self.failed() && (status == "5.3.4" || status == "5.2.3" || smtp_552)
+    }
+}
+
+/// Reads `raw` as a delivery status notification: a `multipart/report` with `report-type=delivery-status`.
+/// `None` for anything else (every mailferry message is `multipart/mixed`).
+pub fn bounce(raw: &[u8]) -> Option<Bounce> {
+    let msg = MessageParser::default().parse(raw)?;
+    let ct = msg.content_type()?;
+    let is_report = ct.ctype().eq_ignore_ascii_case("multipart")
+        && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        && ct.attribute("report-type").is_some_and(|t| t.eq_ignore_ascii_case("delivery-status"));
+    if !is_report {
+        return None;
+    }
+    let mut b = Bounce::default();
+    for part in &msg.parts {
+        let Some(pct) = part.content_type() else { continue };
+        let kind = (pct.ctype().to_ascii_lowercase(), pct.subtype().map(str::to_ascii_lowercase));
+        match (kind.0.as_str(), kind.1.as_deref(), &part.body) {
+            ("message", Some("delivery-status" | "global-delivery-status"), body) => {
+                let bytes = match body {
+                    PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
+                    PartType::Text(t) => t.as_bytes(),
+                    _ => continue,
+                };
+                read_status_fields(&String::from_utf8_lossy(bytes), &mut b);
+            }
+            ("message", Some("rfc822" | "global"), PartType::Message(original)) => {
+                b.message_id = b.message_id.or_else(|| original.message_id().map(str::to_owned));
+            }
+            ("text", Some("rfc822-headers" | "global-headers"), body) => {
+                let bytes = match body {
+                    PartType::Text(t) => t.as_bytes(),
+                    PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
+                    _ => continue,
+                };
+                let headers = MessageParser::default().parse_headers(bytes);
+                b.message_id = b.message_id.or_else(|| headers?.message_id().map(str::to_owned));
+            }
+            _ => {}
+        }
+    }
+    Some(b)
+}
+
+/// The fields of the first per-recipient group of a `message/delivery-status` body (RFC 3464 §2.3):
+/// header-style lines, groups separated by blank lines, the first group being per-message.
+fn read_status_fields(text: &str, b: &mut Bounce) {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = fields.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            fields.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    b.action = b.action.take().or_else(|| get("action"));
+    b.status = b.status.take().or_else(|| get("status").map(|s| s.split_whitespace().next().unwrap_or("").to_owned()));
+    b.diagnostic = b.diagnostic.take().or_else(|| get("diagnostic-code"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +324,78 @@ mod tests {
             assert!(raw.len() as u64 <= limit, "{} > {limit}", raw.len());
             assert!(raw.len() as u64 > limit * 9 / 10, "{} wastes room under {limit}", raw.len());
         }
+    }
+
+    /// A report as Postfix writes it when the next hop refuses a message as too large; the original's
+    /// headers only (Postfix returns headers alone for large messages).
+    const POSTFIX_552: &str = "From: MAILER-DAEMON@mx-a.example.test (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\
+To: owner@example.test\r\n\
+Auto-Submitted: auto-replied\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status;\r\n\
+\tboundary=\"4F2A.1795393157/mx-a.example.test\"\r\n\
+Message-Id: <20261123020000.4F2A@mx-a.example.test>\r\n\
+\r\n\
+This is a MIME-encapsulated message.\r\n\
+\r\n\
+--4F2A.1795393157/mx-a.example.test\r\n\
+Content-Description: Notification\r\n\
+Content-Type: text/plain; charset=us-ascii\r\n\
+\r\n\
+I'm sorry to have to inform you that your message could not\r\n\
+be delivered to one or more recipients.\r\n\
+\r\n\
+--4F2A.1795393157/mx-a.example.test\r\n\
+Content-Description: Delivery report\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx-a.example.test\r\n\
+X-Postfix-Queue-ID: 4F2A\r\n\
+Arrival-Date: Mon, 23 Nov 2026 02:00:00 +0000 (UTC)\r\n\
+\r\n\
+Final-Recipient: rfc822; site1@example.test\r\n\
+Action: failed\r\n\
+Status: 5.3.4\r\n\
+Remote-MTA: dns; 127.0.0.1\r\n\
+Diagnostic-Code: smtp; 552 5.3.4 Message size exceeds fixed limit\r\n\
+\r\n\
+--4F2A.1795393157/mx-a.example.test\r\n\
+Content-Description: Undelivered Message Headers\r\n\
+Content-Type: text/rfc822-headers\r\n\
+\r\n\
+From: owner@example.test\r\n\
+To: site1@example.test\r\n\
+Subject: mailferry: generation 2 for site1 (3 changes, part 1 of 2)\r\n\
+Message-ID: <p1.0123456789abcdef0123456789abcdef@example.test>\r\n\
+X-Mailferry: 1 reply\r\n\
+\r\n\
+--4F2A.1795393157/mx-a.example.test--\r\n";
+
+    #[test]
+    fn delivery_reports_name_the_message_and_why() {
+        let b = bounce(POSTFIX_552.as_bytes()).expect("a delivery report");
+        assert_eq!(b.message_id.as_deref(), Some("p1.0123456789abcdef0123456789abcdef@example.test"));
+        assert_eq!(b.status.as_deref(), Some("5.3.4"));
+        assert!(b.failed() && b.too_large(), "{b:?}");
+        let unknown_user = POSTFIX_552
+            .replace("Status: 5.3.4", "Status: 5.1.1")
+            .replace("552 5.3.4 Message size exceeds fixed limit", "550 5.1.1 User unknown");
+        let b = bounce(unknown_user.as_bytes()).unwrap();
+        assert!(b.failed() && !b.too_large(), "{b:?}");
+        let delayed =
+            POSTFIX_552.replace("Action: failed", "Action: delayed").replace("Status: 5.3.4", "Status: 4.4.1");
+        let b = bounce(delayed.replace("552 5.3.4", "421 4.4.1").as_bytes()).unwrap();
+        assert!(!b.failed() && !b.too_large(), "{b:?}");
+        // Anything that is not a delivery report, our own messages included, is not read as one.
+        assert_eq!(bounce(&sample(b"x")), None);
+        assert_eq!(
+            bounce(
+                POSTFIX_552.replace("report-type=delivery-status", "report-type=disposition-notification").as_bytes()
+            ),
+            None
+        );
+        assert_eq!(bounce(b"From: a@b\r\n\r\nhello\r\n"), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Incoming mail: reads mailferry's messages from the node's IMAP mailbox and files them afterwards.
 //!
-//! Only messages carrying an `X-Mailferry` header are ever fetched or moved; anything else in the
-//! mailbox (a person's mail) is left exactly as it is. Bodies are fetched with `BODY.PEEK[]`, so the
+//! Only messages carrying an `X-Mailferry` header, and delivery reports quoting one, are ever fetched or
+//! moved; anything else in the mailbox (a person's mail) is left exactly as it is. Bodies are fetched with `BODY.PEEK[]`, so the
 //! `\Seen` flag is never set. A message stays in the inbox until [`ImapMailbox::settle`] moves it.
 //!
 //! This module must not interpret messages: it hands out raw bytes and moves what it is told to move.
@@ -35,7 +35,10 @@ const MIN_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5 * 60);
 /// The search that selects mailferry's messages: any value of the header, not yet flagged deleted
 /// (without MOVE and UIDPLUS a filed message stays behind with `\Deleted` until someone expunges).
-const SEARCH: &str = "UNDELETED HEADER X-Mailferry \"\"";
+/// mailferry's messages, and delivery reports about them (they quote the original's headers, marker
+/// included, in their body).
+const SEARCH: &str =
+    "UNDELETED OR HEADER X-Mailferry \"\" (HEADER Content-Type \"delivery-status\" BODY \"X-Mailferry\")";
 /// Bodies are fetched in batches of at most this many messages ...
 const FETCH_BATCH_MESSAGES: usize = 16;
 /// ... or this many bytes, whichever comes first, so one response stays reasonably small.

@@ -2,8 +2,8 @@
 //!
 //! [`MailTransport`] implements [`Transport`] on top of [`smtp::SmtpSender`] and [`imap::ImapMailbox`].
 //! It moves raw messages and nothing else: it never builds, parses, verifies or interprets a message,
-//! and it never fetches or moves mail that lacks the `X-Mailferry` header, so a mailbox shared with a
-//! person stays usable. TLS is always verified ([`tls`]); secrets are read at connect time ([`config`]).
+//! and it never fetches or moves mail that lacks the `X-Mailferry` header (or, for a delivery report,
+//! does not quote one), so a mailbox shared with a person stays usable. TLS is always verified ([`tls`]); secrets are read at connect time ([`config`]).
 
 pub mod config;
 pub mod imap;
