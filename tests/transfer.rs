@@ -156,6 +156,52 @@ fn a_lost_part_is_sent_again_alone_and_parts_lost_twice_come_smaller() {
     assert!(site.rejections().is_empty(), "{:?}", site.rejections());
 }
 
+#[test]
+fn a_large_inventory_travels_compressed_and_is_checked() {
+    let w = World::new();
+    let site = w.site("site1");
+    for i in 0..1500 {
+        put(&site.data, &format!("local/some/deeper/directory/file-{i:04}.txt"), format!("{i}\n").as_bytes(), 0o644);
+        put(&w.source, &format!("local/some/deeper/directory/file-{i:04}.txt"), format!("{i}\n").as_bytes(), 0o644);
+    }
+    put(&w.source, "new.txt", b"new\n", 0o644);
+    w.publish();
+    site.run(true);
+    let inbox = w.spool.join(OWNER).join("new");
+    let request = fs::read_dir(&inbox).unwrap().next().unwrap().unwrap().path();
+    let raw = fs::read(&request).unwrap();
+    let parsed = mailferry::protocol::envelope::parse(&raw, u64::MAX).unwrap();
+    let inventory = &parsed.attachments["inventory.zst"];
+    assert!(parsed.control.len() < 2000, "the control part stays small: {}", parsed.control.len());
+    // Inline, the JSON would travel base64-encoded in the control part: at least three times as much.
+    let json = zstd::decode_all(inventory.as_slice()).unwrap();
+    assert!(raw.len() * 3 < json.len() * 137 / 100, "{} bytes of mail for {} bytes of JSON", raw.len(), json.len());
+    // The owner's answer uses it: only the new file travels.
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 1);
+
+    // The payload is covered by the MAC through its digest: an altered one is refused.
+    let mut altered = inventory.clone();
+    altered[inventory.len() / 2] ^= 1;
+    let payloads = vec![("inventory.zst", altered.as_slice())];
+    let forged = mailferry::protocol::envelope::build(&mailferry::protocol::envelope::Outgoing {
+        from: &site.address,
+        to: OWNER,
+        subject: "altered".into(),
+        text: "altered".into(),
+        kind: mailferry::protocol::Kind::Request,
+        control: &parsed.control,
+        auth: &parsed.auth,
+        payloads,
+    })
+    .unwrap();
+    fs::write(inbox.join("forged"), forged).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["bad-payload"]);
+}
+
 /// A delivery report as Postfix writes it when the next hop refuses the message at `original` (headers
 /// only), with `status` and `diagnostic`.
 fn delivery_report(original: &Path, status: &str, diagnostic: &str) -> String {

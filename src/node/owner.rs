@@ -409,10 +409,6 @@ impl Owner {
         } else {
             rec
         };
-        // Requests and receipts carry no payloads: any attachment besides control and auth is refused.
-        if let Some(name) = parsed.attachments.keys().next() {
-            return Ok(Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))));
-        }
         let control = match protocol::decode_control(&parsed.control, &limits) {
             Ok(c) => c,
             Err(r) => return Ok(Err(r)),
@@ -424,7 +420,19 @@ impl Owner {
             )));
         }
         match control {
-            Control::Request(req) => self.answer(&rec, &req),
+            Control::Request(req) => {
+                // A request's only possible attachment is its inventory.
+                let inventory = match protocol::open_inventory(&req, &parsed.attachments, &limits) {
+                    Ok(i) => i,
+                    Err(r) => return Ok(Err(r)),
+                };
+                self.answer(&rec, &Request { inventory, inventory_payload: None, ..req })
+            }
+            // Receipts carry no payloads: any attachment besides control and auth is refused.
+            Control::Receipt(_) if !parsed.attachments.is_empty() => {
+                let name = parsed.attachments.keys().next().map_or("", String::as_str);
+                Ok(Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))))
+            }
             Control::Receipt(r) => {
                 let Some((reply_id, generation)) = self.db.answered_for(&rec.name, &r.nonce.to_hex())? else {
                     return Ok(Err(Refusal::new(

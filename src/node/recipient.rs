@@ -317,6 +317,13 @@ impl Recipient {
                 applied.iter().filter(|(p, _)| scan.manifest.get(p).is_none()).map(|(p, _)| p.clone()).collect();
             (InventoryKind::Changes, changed, removed)
         };
+        // A large inventory goes as a compressed attachment rather than in the control part.
+        let (inventory, packed) = if protocol::encode(&inventory).len() > protocol::INVENTORY_INLINE_MAX {
+            let (payload, bytes) = protocol::pack_inventory(&inventory);
+            (Vec::new(), Some((payload, bytes)))
+        } else {
+            (inventory, None)
+        };
         let nonce = Nonce::generate();
         let seq = self.db.meta_u64("seq")? + 1;
         let req = Request {
@@ -331,6 +338,7 @@ impl Recipient {
             inventory_kind,
             inventory,
             removed,
+            inventory_payload: packed.as_ref().map(|(p, _)| p.clone()),
             want: Want::Latest,
             full_content,
             resend,
@@ -348,7 +356,7 @@ impl Recipient {
             kind: Kind::Request,
             control: &control,
             auth: &auth,
-            payloads: vec![],
+            payloads: packed.iter().map(|(p, bytes)| (p.id.as_str(), bytes.as_slice())).collect(),
         })?;
         // The nonce becomes outstanding in the same transaction that queues the request.
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);

@@ -89,6 +89,10 @@ pub struct Request {
     /// [`InventoryKind::Changes`] only: paths of generation `generation` that are gone from the tree.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<crate::path::RelPath>,
+    /// A large inventory travels as the request's one attachment instead ([`pack_inventory`]):
+    /// `inventory` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory_payload: Option<Payload>,
     /// What the recipient wants.
     pub want: Want,
     /// Send whole files only: no deltas and no local copies (a delta's base was not what the owner
@@ -509,6 +513,75 @@ pub fn verify_mac(key: &Key, auth: &Auth, control: &[u8]) -> Result<(), Refusal>
     Ok(())
 }
 
+/// Inventories whose JSON is larger than this travel as a compressed payload (a 100,000-file tree lists
+/// about 15 MB of JSON; compressed it fits a relay's limit).
+pub const INVENTORY_INLINE_MAX: usize = 64 * 1024;
+
+/// The attachment name of an inventory payload.
+pub const INVENTORY_PAYLOAD_ID: &str = "inventory.zst";
+
+/// The payload for a large inventory: a zstd frame of the JSON array of `entries`.
+///
+/// # Panics
+/// Never in practice: zstd compresses any input in memory.
+pub fn pack_inventory(entries: &[Listed]) -> (Payload, Vec<u8>) {
+    let bytes = zstd::bulk::compress(&encode(&entries), 9).expect("zstd compresses in memory");
+    (Payload { id: INVENTORY_PAYLOAD_ID.to_owned(), size: bytes.len() as u64, blake3: Digest::of(&bytes) }, bytes)
+}
+
+/// A request's inventory, inline or from its payload. The payload must be the message's only attachment,
+/// with the size and digest the authenticated control part gives; it is decompressed up to
+/// `max-body-bytes` and must hold at most `max-inventory-entries` entries (with `removed`). A request
+/// without a payload must carry no attachment.
+///
+/// # Errors
+/// `bad-payload` for a missing, extra or altered attachment or a frame that does not decode; `limit`
+/// when it is too large; `malformed` or `bad-path` for entries that do not parse.
+pub fn open_inventory(
+    req: &Request,
+    attachments: &BTreeMap<String, Vec<u8>>,
+    limits: &Limits,
+) -> Result<Vec<Listed>, Refusal> {
+    let Some(p) = &req.inventory_payload else {
+        if let Some(name) = attachments.keys().next() {
+            return Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}")));
+        }
+        return Ok(req.inventory.clone());
+    };
+    if let Some(extra) = attachments.keys().find(|k| **k != p.id) {
+        return Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {extra:?}")));
+    }
+    let bytes = attachments
+        .get(&p.id)
+        .ok_or_else(|| Refusal::new(Reason::BadPayload, format!("inventory payload {:?} is missing", p.id)))?;
+    if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
+        return Err(Refusal::new(Reason::BadPayload, "inventory payload does not match its size and digest"));
+    }
+    let mut json = Vec::new();
+    let dec = zstd::stream::read::Decoder::new(bytes.as_slice())
+        .map_err(|e| Refusal::new(Reason::BadPayload, format!("inventory payload is not zstd: {e}")))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(dec, limits.max_body_bytes + 1), &mut json)
+        .map_err(|e| Refusal::new(Reason::BadPayload, format!("inventory payload does not decode: {e}")))?;
+    if json.len() as u64 > limits.max_body_bytes {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("inventory unpacks to more than {} bytes", limits.max_body_bytes),
+        ));
+    }
+    let entries: Vec<Listed> = serde_json::from_slice(&json).map_err(|e| {
+        let msg = e.to_string();
+        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
+        Refusal::new(reason, format!("inventory payload is not valid: {msg}"))
+    })?;
+    if entries.len() + req.removed.len() > limits.max_inventory_entries {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("inventory has {} entries, limit is {}", entries.len(), limits.max_inventory_entries),
+        ));
+    }
+    Ok(entries)
+}
+
 /// Checks the owner's signature of `control` against the pinned `owner` key.
 ///
 /// # Errors
@@ -574,6 +647,17 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
         Control::Request(r) => {
             if r.inventory_kind == InventoryKind::Full && !r.removed.is_empty() {
                 return Err(Refusal::new(Reason::Malformed, "a full inventory lists no removed paths"));
+            }
+            if let Some(p) = &r.inventory_payload {
+                if !r.inventory.is_empty() {
+                    return Err(Refusal::new(Reason::Malformed, "inventory is both inline and a payload"));
+                }
+                if p.id != INVENTORY_PAYLOAD_ID {
+                    return Err(Refusal::new(
+                        Reason::Malformed,
+                        format!("inventory payload id {:?} is not allowed", p.id),
+                    ));
+                }
             }
             if r.inventory.len() + r.removed.len() > limits.max_inventory_entries {
                 return Err(Refusal::new(
@@ -1021,6 +1105,73 @@ mod tests {
         flipped[20] ^= 1;
         assert_eq!(verify_mac(&key, &auth, &flipped).unwrap_err().reason, Reason::BadMac);
         assert_eq!(verify_mac(&Key::generate(), &auth, &control).unwrap_err().reason, Reason::BadMac);
+    }
+
+    fn request(inventory: Vec<Listed>) -> Request {
+        Request {
+            mailferry: VERSION,
+            kind: Kind::Request,
+            recipient: "site1".into(),
+            nonce: Nonce([1; 16]),
+            seq: 1,
+            created: 0,
+            generation: 0,
+            root: Digest([0; 32]),
+            inventory_kind: InventoryKind::Full,
+            inventory,
+            removed: vec![],
+            inventory_payload: None,
+            want: Want::Latest,
+            full_content: false,
+            resend: None,
+        }
+    }
+
+    #[test]
+    fn a_large_inventory_travels_as_a_checked_payload() {
+        let entries: Vec<Listed> = (0..2000)
+            .map(|i| Listed { path: RelPath::new(&format!("dir/file-{i:05}")).unwrap(), entry: Entry::Dir })
+            .collect();
+        let limits = Limits::default();
+        let (payload, bytes) = pack_inventory(&entries);
+        assert!(bytes.len() * 10 < encode(&entries).len(), "{} bytes compressed", bytes.len());
+        let req = Request { inventory_payload: Some(payload.clone()), ..request(vec![]) };
+        let decoded = match decode_control(&encode(&req), &limits).unwrap() {
+            Control::Request(r) => r,
+            other => panic!("{other:?}"),
+        };
+        let attach = |id: &str, b: &[u8]| BTreeMap::from([(id.to_owned(), b.to_vec())]);
+        assert_eq!(open_inventory(&decoded, &attach(INVENTORY_PAYLOAD_ID, &bytes), &limits).unwrap(), entries);
+
+        let reason =
+            |atts: BTreeMap<String, Vec<u8>>, limits: &Limits| open_inventory(&req, &atts, limits).unwrap_err().reason;
+        let mut altered = bytes.clone();
+        altered[10] ^= 1;
+        assert_eq!(reason(attach(INVENTORY_PAYLOAD_ID, &altered), &limits), Reason::BadPayload);
+        assert_eq!(reason(BTreeMap::new(), &limits), Reason::BadPayload, "missing");
+        let mut two = attach(INVENTORY_PAYLOAD_ID, &bytes);
+        two.insert("other.bin".into(), vec![1]);
+        assert_eq!(reason(two, &limits), Reason::BadPayload, "an extra attachment");
+        let small = Limits { max_body_bytes: 1000, ..Limits::default() };
+        assert_eq!(reason(attach(INVENTORY_PAYLOAD_ID, &bytes), &small), Reason::Limit, "a bomb is cut off");
+        let few = Limits { max_inventory_entries: 10, ..Limits::default() };
+        assert_eq!(reason(attach(INVENTORY_PAYLOAD_ID, &bytes), &few), Reason::Limit);
+        // A payload that names a hostile path is refused like an inline one.
+        let hostile = zstd::bulk::compress(br#"[{"path":"../etc"}]"#, 3).unwrap();
+        let p = Payload { id: INVENTORY_PAYLOAD_ID.into(), size: hostile.len() as u64, blake3: Digest::of(&hostile) };
+        let r = Request { inventory_payload: Some(p), ..request(vec![]) };
+        let err = open_inventory(&r, &attach(INVENTORY_PAYLOAD_ID, &hostile), &limits).unwrap_err();
+        assert_eq!(err.reason, Reason::BadPath, "{err}");
+        // Inline and payload at once, or under another name, does not decode.
+        let both = Request { inventory_payload: Some(payload.clone()), ..request(entries[..1].to_vec()) };
+        assert_eq!(decode_control(&encode(&both), &limits).unwrap_err().reason, Reason::Malformed);
+        let renamed = Request { inventory_payload: Some(Payload { id: "x.zst".into(), ..payload }), ..request(vec![]) };
+        assert_eq!(decode_control(&encode(&renamed), &limits).unwrap_err().reason, Reason::Malformed);
+        // Without a payload, any attachment is refused.
+        assert_eq!(
+            open_inventory(&request(vec![]), &attach("x", b"1"), &limits).unwrap_err().reason,
+            Reason::BadPayload
+        );
     }
 
     #[test]
