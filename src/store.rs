@@ -4,6 +4,11 @@
 //! Objects live at `store/objects/<2 hex>/<64 hex>.zst` and are written once (temp file, fsync, rename):
 //! an object that exists is complete and never changes. This is what makes a published generation
 //! immutable: later edits to the source tree change nothing here.
+//!
+//! A publish writes its new objects as a [`Batch`]: every temp file is written unsynced, then one
+//! `syncfs` makes them all durable, and only then are they renamed into place (the object directories
+//! synced once each). So an object under its final name is always complete, at the cost of two flushes
+//! per publish instead of two per file.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -27,7 +32,12 @@ impl Store {
     /// When the directories cannot be created.
     pub fn open(root: &Path, level: i32) -> io::Result<Store> {
         fs::create_dir_all(root.join("objects"))?;
-        fs::create_dir_all(root.join("tmp"))?;
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        // Left by a batch that never committed (the owner holds the state lock: no batch is running).
+        for e in fs::read_dir(&tmp)? {
+            let _ = fs::remove_file(e?.path());
+        }
         Ok(Store { root: root.to_path_buf(), level })
     }
 
@@ -49,10 +59,20 @@ impl Store {
     /// # Errors
     /// I/O errors, or a file that keeps changing.
     pub fn put_file(&self, source: &Path) -> io::Result<(u64, Digest)> {
+        let (size, digest, tmp) = self.compress_file(source, true)?;
+        if let Some(tmp) = tmp {
+            self.persist(tmp, &digest)?;
+        }
+        Ok((size, digest))
+    }
+
+    /// Compresses `source` into a temp file (synced if `sync`), checking it did not change meanwhile.
+    /// The temp file is `None` when the store has the object already.
+    fn compress_file(&self, source: &Path, sync: bool) -> io::Result<(u64, Digest, Option<tempfile::NamedTempFile>)> {
         for _ in 0..3 {
             let mut f = open_regular(source)?;
             let before = f.metadata()?;
-            let (size, digest, tmp) = self.compress_from(&mut f)?;
+            let (size, digest, tmp) = self.compress_from(&mut f, false)?;
             let after = fs::symlink_metadata(source)?;
             if before.len() != after.len()
                 || before.mtime_nsec() != after.mtime_nsec()
@@ -62,8 +82,13 @@ impl Store {
                 drop(tmp);
                 continue;
             }
-            self.persist(tmp, &digest)?;
-            return Ok((size, digest));
+            if self.contains(&digest) {
+                return Ok((size, digest, None));
+            }
+            if sync {
+                tmp.as_file().sync_all()?;
+            }
+            return Ok((size, digest, Some(tmp)));
         }
         Err(io::Error::other(format!("`{}` kept changing while it was being published", source.display())))
     }
@@ -73,12 +98,12 @@ impl Store {
     /// # Errors
     /// I/O errors.
     pub fn put_bytes(&self, data: &[u8]) -> io::Result<Digest> {
-        let (_, digest, tmp) = self.compress_from(&mut &data[..])?;
+        let (_, digest, tmp) = self.compress_from(&mut &data[..], true)?;
         self.persist(tmp, &digest)?;
         Ok(digest)
     }
 
-    fn compress_from(&self, input: &mut dyn Read) -> io::Result<(u64, Digest, tempfile::NamedTempFile)> {
+    fn compress_from(&self, input: &mut dyn Read, sync: bool) -> io::Result<(u64, Digest, tempfile::NamedTempFile)> {
         let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
         let mut enc = zstd::stream::write::Encoder::new(BufWriter::new(tmp.reopen()?), self.level)?;
         enc.include_checksum(false)?;
@@ -94,8 +119,10 @@ impl Store {
             h.update(&buf[..n]);
             enc.write_all(&buf[..n])?;
         }
-        let out = enc.finish()?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let out = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            out.sync_all()?;
+        }
         Ok((size, h.finalize().into(), tmp))
     }
 
@@ -108,6 +135,11 @@ impl Store {
         fs::create_dir_all(dir)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         File::open(dir)?.sync_all()
+    }
+
+    /// Starts a batch of new objects (a publish): see the module docs.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { store: self, pending: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// The stored zstd frame of `d`.
@@ -167,6 +199,53 @@ impl Store {
     }
 }
 
+/// New objects written unsynced, made durable together by [`Batch::commit`]. Dropped without a commit,
+/// its temp files are removed and the store is as before.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    store: &'a Store,
+    pending: std::sync::Mutex<Vec<(tempfile::TempPath, Digest)>>,
+}
+
+impl Batch<'_> {
+    /// Compresses `source` into the batch unless the store has it; returns its size and digest. Safe to
+    /// call from several threads.
+    pub fn put_file(&self, source: &Path) -> io::Result<(u64, Digest)> {
+        let (size, digest, tmp) = self.store.compress_file(source, false)?;
+        if let Some(tmp) = tmp {
+            self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((tmp.into_temp_path(), digest));
+        }
+        Ok((size, digest))
+    }
+
+    /// Makes every new object durable and puts it in place; returns how many were new. Call before
+    /// recording anything that refers to them.
+    pub fn commit(self) -> io::Result<usize> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        // Every temp file's content reaches the disk before any of them gets its final name.
+        rustix::fs::syncfs(File::open(&self.store.root)?)?;
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut n = 0;
+        for (tmp, digest) in pending {
+            let dest = self.store.object_path(&digest);
+            let dir = dest.parent().expect("object paths have a parent").to_path_buf();
+            if !dest.is_file() {
+                fs::create_dir_all(&dir)?;
+                tmp.persist(&dest).map_err(|e| e.error)?;
+                dirs.insert(dir);
+                n += 1;
+            }
+        }
+        for dir in &dirs {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +269,44 @@ mod tests {
         let keep = std::collections::HashSet::from([d]);
         assert_eq!(store.retain(&keep).unwrap().0, 1, "the empty object goes");
         assert!(store.contains(&d) && !store.contains(&Digest::of(b"")));
+    }
+
+    #[test]
+    fn a_batch_puts_objects_in_place_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 3).unwrap();
+        let tmp_files = || fs::read_dir(dir.path().join("store/tmp")).unwrap().count();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, b"alpha").unwrap();
+        fs::write(&b, b"beta").unwrap();
+        let (_, da) = store.put_file(&a).unwrap();
+
+        // Abandoned (a publish that failed): nothing new in the store, no temp file left.
+        let batch = store.batch();
+        let (_, db) = batch.put_file(&b).unwrap();
+        assert_eq!(batch.put_file(&a).unwrap().1, da, "known content is not written again");
+        assert_eq!(tmp_files(), 1);
+        assert!(!store.contains(&db), "not in place before the commit");
+        drop(batch);
+        assert!(!store.contains(&db));
+        assert_eq!(tmp_files(), 0);
+
+        // Committed: in place and readable. The same content twice in one batch is one object.
+        let batch = store.batch();
+        batch.put_file(&b).unwrap();
+        fs::copy(&b, dir.path().join("b2")).unwrap();
+        batch.put_file(&dir.path().join("b2")).unwrap();
+        assert_eq!(batch.commit().unwrap(), 1);
+        assert_eq!(store.content(&db).unwrap(), b"beta");
+        assert_eq!(tmp_files(), 0);
+
+        // A crash before the commit leaves temp files, which the next open removes.
+        let batch = store.batch();
+        fs::write(&a, b"gamma").unwrap();
+        batch.put_file(&a).unwrap();
+        std::mem::forget(batch);
+        assert_eq!(tmp_files(), 1);
+        Store::open(&dir.path().join("store"), 3).unwrap();
+        assert_eq!(tmp_files(), 0);
     }
 }

@@ -222,7 +222,8 @@ impl Owner {
     /// A source tree with symlinks, device files, unrepresentable names or case collisions, or I/O errors.
     pub fn publish(&mut self) -> Result<Published> {
         let source = self.cfg.owner.source.clone();
-        let scan = scan_with(&source, &|p| self.store.put_file(p))
+        let batch = self.store.batch();
+        let scan = scan_with(&source, &|p| batch.put_file(p))
             .with_context(|| format!("failed to publish `{}`", source.display()))?;
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
@@ -247,6 +248,8 @@ impl Owner {
         {
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
+        // The new objects are durable and in place before the generation that refers to them exists.
+        batch.commit().context("failed to store the new generation's content")?;
         let generation = self.db.add_generation(&manifest)?;
         info!(generation, root = %root.short(), files, bytes, "published");
         self.prune()?;
