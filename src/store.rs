@@ -69,21 +69,29 @@ impl Store {
     /// Compresses `source` into a temp file (synced if `sync`), checking it did not change meanwhile.
     /// The temp file is `None` when the store has the object already.
     fn compress_file(&self, source: &Path, sync: bool) -> io::Result<(u64, Digest, Option<tempfile::NamedTempFile>)> {
+        use std::io::Seek as _;
         for _ in 0..3 {
             let mut f = open_regular(source)?;
             let before = f.metadata()?;
-            let (size, digest, tmp) = self.compress_from(&mut f, false)?;
-            let after = fs::symlink_metadata(source)?;
-            if before.len() != after.len()
-                || before.mtime_nsec() != after.mtime_nsec()
-                || before.mtime() != after.mtime()
-                || size != after.len()
-            {
-                drop(tmp);
+            let unchanged = |size: u64| -> io::Result<bool> {
+                let after = fs::symlink_metadata(source)?;
+                Ok(before.len() == after.len()
+                    && before.mtime_nsec() == after.mtime_nsec()
+                    && before.mtime() == after.mtime()
+                    && size == after.len())
+            };
+            // Content the store has costs a hash, not a compression (a publish after a small change).
+            let (size, digest) = hash_reader(&mut f)?;
+            if self.contains(&digest) {
+                if unchanged(size)? {
+                    return Ok((size, digest, None));
+                }
                 continue;
             }
-            if self.contains(&digest) {
-                return Ok((size, digest, None));
+            f.rewind()?;
+            let (size, digest2, tmp) = self.compress_from(&mut f, false)?;
+            if digest2 != digest || !unchanged(size)? {
+                continue;
             }
             if sync {
                 tmp.as_file().sync_all()?;
@@ -196,6 +204,21 @@ impl Store {
             return Err(io::Error::other(format!("store object {} is corrupt", d.to_hex())));
         }
         Ok(data)
+    }
+}
+
+/// Size and BLAKE3 of everything `r` yields.
+fn hash_reader(r: &mut impl Read) -> io::Result<(u64, Digest)> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((size, h.finalize().into()));
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
     }
 }
 
