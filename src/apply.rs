@@ -5,8 +5,8 @@
 //!    operations into [`Step`]s. It refuses unless the result is exactly the generation the reply promises
 //!    and no step would cross a symbolic link or touch a device file.
 //! 2. [`stage`] decompresses every new file into a staging directory on the data tree's file system,
-//!    checking size and BLAKE3 as it writes, and fsyncs. Nothing in the data tree changes; a failure here
-//!    (a bad payload, a full disk) leaves the tree exactly as it was.
+//!    checking size and BLAKE3 as it writes, and syncs them (one `syncfs`). Nothing in the data tree
+//!    changes; a failure here (a bad payload, a full disk) leaves the tree exactly as it was.
 //! 3. [`Journal::commit`] durably records the steps, then [`Journal::execute`] performs them with renames.
 //!    Every step is idempotent, so after a crash the next run calls [`Journal::execute`] again and the tree
 //!    ends as the new generation. Before the journal is committed the old generation stands; after, the new
@@ -213,7 +213,7 @@ pub struct Sources<'a> {
 }
 
 /// Writes every put of `update` into `stage_dir/files/`, verifying each file's size and BLAKE3 as it is
-/// written, and fsyncs them. Content comes from the pack (a zstd frame, or a slice of a delta stream
+/// written, and makes them durable (one `syncfs` of their file system at the end). Content comes from the pack (a zstd frame, or a slice of a delta stream
 /// decoded against the recipient's own files) or is copied from another path of the tree.
 ///
 /// Memory stays bounded by the zstd window: files stream from pack to disk; a delta stream holds only its
@@ -286,7 +286,8 @@ pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) 
                 copy_hashing(f, out).map_err(io_err)?
             }
         };
-        out.into_inner().map_err(|e| io_err(e.into_error()))?.sync_all().map_err(io_err)?;
+        // Flushed all together below: one syncfs instead of one fsync per file.
+        out.into_inner().map_err(|e| io_err(e.into_error()))?;
         progress.add(written);
         if written != size || digest != blake3 {
             return Err(Refusal::new(
@@ -301,7 +302,9 @@ pub fn stage(plan: &Plan, update: &Update, src: &Sources<'_>, stage_dir: &Path) 
         }
     }
     let _ = fs::remove_dir_all(stage_dir.join("streams"));
-    File::open(&files).and_then(|d| d.sync_all()).map_err(io_err)?;
+    // Every staged file and the directory's entries reach the disk before the journal is committed (on
+    // the data tree's file system: staging must be there). A write error of any of them shows here.
+    File::open(&files).and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from)).map_err(io_err)?;
     Ok(())
 }
 
