@@ -6,6 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use mailferry::limits::Limits;
 use mailferry::protocol::{self, Control};
+use std::collections::BTreeMap;
 
 fuzz_target!(|bytes: &[u8]| {
     let limits = Limits::default();
@@ -16,4 +17,10 @@ fuzz_target!(|bytes: &[u8]| {
         Control::Receipt(r) => protocol::encode(r),
     };
     assert_eq!(protocol::decode_control(&again, &limits).expect("re-encoded control decodes"), control);
+    // A request's inventory payload, fed the same bytes as its attachment: refused or read, never a panic.
+    if let Control::Request(r) = &control
+        && let Some(p) = &r.inventory_payload
+    {
+        let _ = protocol::open_inventory(r, &BTreeMap::from([(p.id.clone(), bytes.to_vec())]), &limits);
+    }
 });
