@@ -93,6 +93,7 @@ fn a_rotated_key_travels_sealed_and_the_old_one_ends_after_its_grace() {
     assert_eq!((kept.key().id(), cut.key().id()), (next.clone(), rotating("cut").0));
     assert_ne!(kept.key(), old_kept);
     assert_ne!(cut.key(), old_cut);
+    assert_eq!(kept.status()["key_id"], next.as_str(), "status shows the key in use");
     assert_eq!(rotating("kept"), (next, None), "the rotation is complete");
     assert!(rejections(&w.owner_config).is_empty());
 
@@ -216,6 +217,8 @@ fn a_pinned_owner_key_makes_the_recipient_refuse_replies_the_owner_did_not_sign(
     let enrollment = fs::read_to_string(w.path("site1.enrollment")).unwrap();
     assert!(enrollment.contains(&format!("owner-public-key = \"{public}\"")), "{enrollment}");
     assert!(fs::read_to_string(&site.config).unwrap().contains(&public), "recipient init pins the key");
+    assert_eq!(site.status()["owner_public_key"], public.as_str());
+    assert!(unpinned.status()["owner_public_key"].is_null());
     w.sync(&site);
     w.sync(&unpinned);
     assert_same_tree(&w.source, &site.data);

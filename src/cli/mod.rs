@@ -746,6 +746,10 @@ fn status(path: &Path, json: bool) -> Result<Exit> {
                 writeln!(out, "tree root:    {}", s.root.as_deref().unwrap_or("-"))?;
                 writeln!(out, "last request: {}", fmt_time(s.last_request_at))?;
                 writeln!(out, "last reply:   {}", fmt_time(s.last_reply_at))?;
+                writeln!(out, "key id:       {}", s.key_id.as_deref().unwrap_or("(key file unreadable)"))?;
+                if let Some(k) = &s.owner_public_key {
+                    writeln!(out, "owner key:    ed25519 {k} (replies must be signed)")?;
+                }
                 writeln!(out, "outstanding:  {}", s.outstanding)?;
                 writeln!(out, "rejected:     {}", s.rejected)?;
                 writeln!(out, "outbox:       {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;

@@ -91,6 +91,10 @@ pub struct RecipientStatus {
     pub stale_after: u64,
     /// The last server error and how new mail is noticed.
     pub transport: super::TransportStatus,
+    /// Public id of the key in the key file (none if it cannot be read).
+    pub key_id: Option<String>,
+    /// The owner's Ed25519 key replies must be signed with, if pinned.
+    pub owner_public_key: Option<String>,
 }
 
 /// Creates a recipient: `DIR/recipient.toml` and `DIR/recipient.key` from an enrollment file.
@@ -806,6 +810,8 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         stale: stale_since(&db, cfg)?.is_some(),
         stale_after: cfg.recipient.stale_after().as_secs(),
         transport: super::TransportStatus::read(&db)?,
+        key_id: read_key_file(&cfg.recipient.key_file).ok().map(|k| k.id()),
+        owner_public_key: cfg.recipient.owner_public_key.clone(),
     })
 }
 
