@@ -9,7 +9,12 @@
 //! prefix larger than a few megabytes is nearly useless. The decoder is told the window it may use, derived
 //! from the sizes the authenticated body declared, so a hostile frame cannot make it reserve more.
 //!
+//! That is the `zstd-prefix` method. The other, [`bsdiff`], suits executables better: their addresses shift
+//! everywhere, which LZ matching handles poorly.
+//!
 //! Pure: bytes in, bytes out (the decoder streams from any reader to any writer).
+
+pub mod bsdiff;
 
 use std::io::{self, BufRead, Read, Write};
 
