@@ -222,7 +222,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                if x % 5 == 0 { 0 } else { x as u8 }
+                if x.is_multiple_of(5) { 0 } else { x as u8 }
             })
             .collect()
     }
