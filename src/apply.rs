@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::delta::{self, DecodeError};
 use crate::manifest::{Digest, Entry, LinkTarget, Listed, Manifest, Mode, Op, Source, ordered};
 use crate::path::RelPath;
-use crate::protocol::{Reason, Refusal, Update};
+use crate::protocol::{Method, Reason, Refusal, Update};
 use crate::scan::{ForeignKind, Scan};
 
 /// What to do with files in the data tree that the owner does not list.
@@ -334,7 +334,8 @@ fn copy_hashing<R: Read>(mut from: R, mut out: BufWriter<File>) -> io::Result<(u
 }
 
 /// Decodes delta stream `index` into `stage_dir/streams/<index>`, with its bases read from the tree
-/// (each checked against its digest) as the prefix; checks the output's size and digest.
+/// (each checked against its digest) as the prefix or the patch's base, by the stream's method; checks
+/// the output's size and digest.
 fn decode_stream(
     update: &Update,
     index: u32,
@@ -373,7 +374,11 @@ fn decode_stream(
     let bad =
         |why: String| StageError::Refused(Refusal::new(Reason::BadPayload, format!("delta stream {index}: {why}")));
     let mut out = out;
-    let (n, d) = delta::decompress(frame, &prefix, stream.size, &mut out).map_err(|e| match e {
+    let decoded = match stream.method {
+        Method::ZstdPrefix => delta::decompress(frame, &prefix, stream.size, &mut out),
+        Method::Bsdiff => delta::bsdiff::apply(frame, &prefix, stream.size, &mut out),
+    };
+    let (n, d) = decoded.map_err(|e| match e {
         DecodeError::Io(source) => io_err(source),
         DecodeError::Bad(why) => bad(why),
     })?;

@@ -9,7 +9,12 @@
 //! prefix larger than a few megabytes is nearly useless. The decoder is told the window it may use, derived
 //! from the sizes the authenticated body declared, so a hostile frame cannot make it reserve more.
 //!
+//! That is the `zstd-prefix` method. The other, [`bsdiff`], suits executables better: their addresses shift
+//! everywhere, which LZ matching handles poorly.
+//!
 //! Pure: bytes in, bytes out (the decoder streams from any reader to any writer).
+
+pub mod bsdiff;
 
 use std::io::{self, BufRead, Read, Write};
 
@@ -67,7 +72,10 @@ pub fn decompress<R: BufRead, W: Write>(
 ) -> Result<(u64, Digest), DecodeError> {
     let bad = |e: io::Error| DecodeError::Bad(format!("bad zstd frame: {e}"));
     let mut dec = zstd::stream::read::Decoder::with_ref_prefix(frame, prefix).map_err(bad)?;
-    dec.window_log_max(window_log((prefix.len() as u64).saturating_add(limit)) + 1).map_err(bad)?;
+    // One more than the window covering prefix and output, but never past what zstd accepts: asking for
+    // more is an error, which made every frame of a file of 1 GiB or more undecodable.
+    let max = (window_log((prefix.len() as u64).saturating_add(limit)) + 1).min(MAX_WINDOW_LOG);
+    dec.window_log_max(max).map_err(bad)?;
     let mut dec = dec.single_frame();
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -135,6 +143,14 @@ mod tests {
         let delta = compress(&prefix, &out, 3).unwrap();
         assert!(delta.len() < 2_000, "delta is {} bytes", delta.len());
         assert_eq!(decode(&delta, &prefix, out.len() as u64).unwrap(), out);
+    }
+
+    #[test]
+    fn a_limit_of_a_gigabyte_or_more_still_decodes() {
+        let frame = compress(&[], b"hello", 3).unwrap();
+        for limit in [1 << 30, 1 << 40, u64::MAX] {
+            assert_eq!(decode(&frame, &[], limit).unwrap(), b"hello", "limit {limit}");
+        }
     }
 
     #[test]

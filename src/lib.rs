@@ -6,8 +6,8 @@
 //! nonce, a sequence number, the generation it has applied and what is in its tree now. The **owner**
 //! checks the request against the recipient it registered, diffs the tree against its newest immutable
 //! **generation**, and mails back a **reply** to the recipient's *registered* address: the operations that
-//! turn the recipient's tree into the generation, with the new contents as local copies, zstd deltas
-//! against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
+//! turn the recipient's tree into the generation, with the new contents as local copies, zstd or bsdiff
+//! deltas against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
 //! into parts that fit the relays, each part authenticated by an HMAC under that recipient's own key. The recipient verifies everything,
 //! stages the new files beside the tree, commits a journal, and renames them into place; after a crash the
 //! next run finishes the journal, so the tree is the old generation or the new one. It then mails a
@@ -30,7 +30,8 @@
 //!   Ed25519 reply signatures.
 //! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
 //!   reasons, and [`protocol::envelope`] for MIME (and how large a chunk fits a message).
-//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), streamed and bounded when decoding.
+//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
+//!   binaries (our own applier); both streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //!

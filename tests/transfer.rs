@@ -321,3 +321,61 @@ fn a_fleet_on_the_same_generations_shares_one_cached_delta() {
     assert_same_tree(&w.source, &one.data);
     assert_same_tree(&w.source, &two.data);
 }
+
+/// Something like machine code: incompressible bytes with NULs sprinkled in.
+fn machine_code(n: usize, seed: u64) -> Vec<u8> {
+    let mut code = noise(n, seed);
+    for (i, b) in code.iter_mut().enumerate() {
+        if i % 7 == 3 {
+            *b = 0;
+        }
+    }
+    code
+}
+
+/// What a rebuild does to a binary: every address moves by the same amount, and addresses are 4-byte
+/// words a few dozen bytes apart (at irregular distances); a little code is new.
+fn rebuilt(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let gaps = noise(new.len() / 16, 31);
+    let mut at = 0;
+    for g in gaps {
+        at += 16 + usize::from(g % 64);
+        if at + 4 > new.len() {
+            break;
+        }
+        let word = u32::from_le_bytes(new[at..at + 4].try_into().unwrap()).wrapping_add(0x1230);
+        new[at..at + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    new.splice(100_000..100_000, noise(500, 32));
+    new
+}
+
+#[test]
+fn a_rebuilt_binary_travels_as_a_bsdiff_patch() {
+    let w = World::new();
+    let site = w.site("site1");
+    let old = machine_code(600_000, 30);
+    put(&w.source, "lib/ext.so", &old, 0o755);
+    put(&w.source, "lib/notes.txt", b"text that does not change\n", 0o644);
+    w.publish();
+    w.sync(&site);
+
+    let new = rebuilt(&old);
+    put(&w.source, "lib/ext.so", &new, 0o755);
+    w.publish();
+    site.run(true);
+    let log = w.owner_run();
+    assert!(log.contains("bsdiff=1"), "the binary travels as a bsdiff patch: {log}");
+    let replies = new_messages(&site, &w);
+    assert_eq!(replies.len(), 1);
+    let bytes = fs::metadata(&replies[0]).unwrap().len();
+    // The zstd-prefix frame alone, before base64 and the rest of the message, is larger than the whole
+    // reply with the patch.
+    let lz = mailferry::delta::compress(&old, &new, 9).unwrap().len() as u64;
+    eprintln!("reply {bytes} bytes; zstd-prefix frame alone {lz} bytes");
+    assert!(bytes < lz, "a {bytes}-byte reply, the zstd-prefix frame alone is {lz} bytes");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 2);
+}

@@ -736,7 +736,7 @@ impl Node for Owner {
                 info!(
                     recipient = %recipient, generation, ops, parts, bytes, to = %to,
                     local = stats.local, frames = stats.frames, streamed = stats.streamed,
-                    streams = stats.streams, cached = stats.cached,
+                    streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff,
                     "answered request"
                 );
                 Handled::Answered { recipient, generation, ops }

@@ -10,22 +10,28 @@
 //!    frames cannot. A group is sent this way only if that is smaller than its files' stored frames.
 //! 3. **frame**: the file's zstd frame from the content store, as published.
 //!
+//! Before that, a changed binary (at least [`BSDIFF_MIN`] bytes with a NUL byte in its first
+//! [`BINARY_SNIFF`] bytes, it and its old version at most [`bsdiff::MAX_INPUT`]) is diffed with bsdiff
+//! against its old version. If the patch is clearly smaller (at most [`BSDIFF_GAIN`]) than a zstd-prefix
+//! stream over the same base, and smaller than the file's frame, the file travels alone as that patch.
+//! Executables shift addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
+//!
 //! A base is only used when the store holds it (the recipient reported a version the owner published and
-//! has not pruned). Delta frames are cached under the state directory by the digest of (level, bases,
-//! outputs), so a fleet moving between the same two generations costs one compression.
+//! has not pruned). Delta frames are cached under the state directory by the digest of (method, level,
+//! bases, outputs), so a fleet moving between the same two generations costs one compression.
 //!
 //! The pack is written to a temporary file: the owner's memory follows the largest group, not the reply.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Seek, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
-use crate::delta;
+use crate::delta::{self, bsdiff};
 use crate::manifest::{Digest, Entry, Manifest, Op, Source};
-use crate::protocol::{Base, Body, Frame, Stream, VERSION};
+use crate::protocol::{Base, Body, Frame, Method, Stream, VERSION};
 use crate::store::Store;
 
 /// Most output bytes one delta stream carries.
@@ -35,6 +41,16 @@ pub const GROUP_PREFIX: u64 = 96 << 20;
 /// Files above this travel alone: as a patch against their old version when both fit [`PATCH_WINDOW`],
 /// else as their stored frame.
 pub const PATCH_WINDOW: u64 = 768 << 20;
+/// Smallest changed file tried as a bsdiff patch: below this the two methods differ by little.
+pub const BSDIFF_MIN: u64 = 64 << 10;
+/// How much of a file is looked at for a NUL byte, which makes it a binary worth a bsdiff patch.
+pub const BINARY_SNIFF: usize = 8 << 10;
+/// Lowest zstd level a bsdiff patch is compressed at. The raw patch is as long as the file but mostly
+/// zeros: level 19 takes about as long as the diff itself and gains a fifth over level 9.
+pub const BSDIFF_LEVEL: i32 = 19;
+/// A binary travels alone as a bsdiff patch only when the patch is at most this fraction (numerator,
+/// denominator) of the zstd-prefix stream over the same base.
+pub const BSDIFF_GAIN: (u64, u64) = (3, 4);
 
 /// What the packer produced.
 #[derive(Debug)]
@@ -64,6 +80,8 @@ pub struct PackStats {
     pub streams: usize,
     /// Delta streams taken from the cache.
     pub cached: usize,
+    /// Delta streams that are bsdiff patches.
+    pub bsdiff: usize,
 }
 
 /// Packs replies from a content store.
@@ -83,6 +101,16 @@ struct Need {
     blake3: Digest,
     size: u64,
     base: Option<Base>,
+}
+
+/// A delta stream's frame, ready for the pack.
+struct Delta {
+    method: Method,
+    frame: Vec<u8>,
+    /// BLAKE3 of what it decodes to.
+    output: Digest,
+    /// Whether it came from the cache.
+    cached: bool,
 }
 
 struct Writer {
@@ -152,6 +180,13 @@ impl Packer<'_> {
         let mut group: Vec<&Need> = Vec::new();
         let mut group_out = 0u64;
         for need in &needs {
+            if let Some(base) = need.base
+                && let Some(patch) = self.bsdiff_alone(need, base)?
+            {
+                put_stream(&[need], &[base], patch, &mut w, &mut streams, &mut sources, &mut stats)?;
+                progress.add(need.size);
+                continue;
+            }
             if need.size > GROUP_OUTPUT {
                 let alone = need.base.filter(|b| b.size.saturating_add(need.size) <= PATCH_WINDOW);
                 self.send(&[need], alone.as_slice(), &mut w, &mut streams, &mut sources, &mut stats)?;
@@ -195,8 +230,30 @@ impl Packer<'_> {
         Ok(Packed { body, file, size, body_frame, stats })
     }
 
-    /// Sends `group` as one delta stream over `bases` if that is smaller than its stored frames, else as
-    /// the frames.
+    /// The bsdiff patch of `need` against its old version `base`, when it is clearly the best way for the
+    /// file to travel: `need` is a binary (see [`BSDIFF_MIN`]) and the patch is smaller than its stored
+    /// frame and at most [`BSDIFF_GAIN`] of the zstd-prefix stream over the same base. The margin is there
+    /// because a file sent alone leaves its group, whose other files could have found content in its old
+    /// version.
+    fn bsdiff_alone(&self, need: &Need, base: Base) -> Result<Option<Delta>> {
+        if need.size < BSDIFF_MIN || need.size > bsdiff::MAX_INPUT || base.size > bsdiff::MAX_INPUT {
+            return Ok(None);
+        }
+        let (frame, frame_len) = self.store.open_frame(&need.blake3)?;
+        let mut head = Vec::with_capacity(BINARY_SNIFF);
+        zstd::stream::read::Decoder::new(frame)?.take(BINARY_SNIFF as u64).read_to_end(&mut head)?;
+        if !head.contains(&0) {
+            return Ok(None);
+        }
+        let Some(patch) = self.stream(&[need], &[base], Method::Bsdiff)? else { return Ok(None) };
+        let Some(lz) = self.stream(&[need], &[base], Method::ZstdPrefix)? else { return Ok(None) };
+        let (num, den) = BSDIFF_GAIN;
+        let len = patch.frame.len() as u64;
+        Ok((len < frame_len && len * den <= lz.frame.len() as u64 * num).then_some(patch))
+    }
+
+    /// Sends `group` as one zstd-prefix delta stream over `bases` if that is smaller than its stored
+    /// frames, else as the frames.
     fn send(
         &self,
         group: &[&Need],
@@ -210,20 +267,11 @@ impl Packer<'_> {
             group.iter().map(|n| self.store.open_frame(&n.blake3).map(|(_, len)| len)).collect::<io::Result<_>>()?;
         let frames_total: u64 = frame_lens.iter().sum();
         // A lone file without a base gains nothing from a stream of its own.
-        let stream = if group.len() == 1 && bases.is_empty() { None } else { Some(self.stream(group, bases)?) };
+        let stream =
+            if group.len() == 1 && bases.is_empty() { None } else { self.stream(group, bases, Method::ZstdPrefix)? };
         match stream {
-            Some((frame, digest, cached)) if (frame.len() as u64) < frames_total => {
-                let (offset, length) = w.put(&frame)?;
-                let index = u32::try_from(streams.len()).context("too many delta streams")?;
-                let mut start = 0u64;
-                for n in group {
-                    sources.insert(n.blake3, Source::Delta { stream: index, start });
-                    start += n.size;
-                }
-                streams.push(Stream { offset, length, size: start, blake3: digest, bases: bases.to_vec() });
-                stats.streams += 1;
-                stats.streamed += group.len();
-                stats.cached += usize::from(cached);
+            Some(delta) if (delta.frame.len() as u64) < frames_total => {
+                put_stream(group, bases, delta, w, streams, sources, stats)?;
             }
             _ => {
                 for n in group {
@@ -239,10 +287,12 @@ impl Packer<'_> {
         Ok(())
     }
 
-    /// The delta frame of `group` over `bases` (from the cache or freshly compressed), the digest of its
-    /// output, and whether it was cached.
-    fn stream(&self, group: &[&Need], bases: &[Base]) -> Result<(Vec<u8>, Digest, bool)> {
-        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v2");
+    /// The delta frame of `group` over `bases` by `method` (from the cache or freshly made), the digest
+    /// of its output, and whether it was cached; `None` when the method does not apply (a bsdiff patch
+    /// over [`bsdiff::max_raw`], or one that does not apply back, which would be a bug in the diff).
+    fn stream(&self, group: &[&Need], bases: &[Base], method: Method) -> Result<Option<Delta>> {
+        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v3");
+        key.update(method.code().as_bytes()).update(b"m");
         key.update(&self.level.to_le_bytes());
         for b in bases {
             key.update(&b.blake3.0).update(b"b");
@@ -251,13 +301,14 @@ impl Packer<'_> {
             key.update(&n.blake3.0).update(b"o");
         }
         let path = self.cache.join(format!("{}.zst", Digest::from(key.finalize()).to_hex()));
-        // A cached entry is the output's digest, then the frame: a hit reads nothing from the store.
+        // A cached entry is the output's digest, then the frame: a hit reads nothing from the store. A
+        // digest alone records that the method does not apply.
         if let Ok(mut cached) = fs::read(&path)
             && cached.len() >= 32
         {
             let frame = cached.split_off(32);
             let digest = Digest(cached.try_into().expect("32 bytes"));
-            return Ok((frame, digest, true));
+            return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: true }));
         }
         let mut output = Vec::new();
         for n in group {
@@ -268,14 +319,60 @@ impl Packer<'_> {
         for b in bases {
             prefix.extend_from_slice(&self.store.content(&b.blake3)?);
         }
-        let frame = delta::compress(&prefix, &output, self.level)?;
+        let frame = match method {
+            Method::ZstdPrefix => delta::compress(&prefix, &output, self.level)?,
+            Method::Bsdiff => self.patch(&prefix, &output, &digest)?.unwrap_or_default(),
+        };
         fs::create_dir_all(&self.cache)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.cache)?;
         tmp.write_all(&digest.0)?;
         tmp.write_all(&frame)?;
         tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("failed to cache `{}`", path.display()))?;
-        Ok((frame, digest, false))
+        Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: false }))
     }
+
+    /// The zstd frame of the bsdiff patch from `base` to `output`, checked by applying it as a recipient
+    /// would; `None` when there is no usable patch.
+    fn patch(&self, base: &[u8], output: &[u8], digest: &Digest) -> Result<Option<Vec<u8>>> {
+        let Some(raw) = bsdiff::diff(base, output) else { return Ok(None) };
+        let frame = delta::compress(&[], &raw, self.level.max(BSDIFF_LEVEL))?;
+        drop(raw);
+        let size = output.len() as u64;
+        let why = match bsdiff::apply(&frame[..], base, size, io::sink()) {
+            Ok((n, d)) if n == size && d == *digest => return Ok(Some(frame)),
+            Ok((n, d)) => format!("it gives {n} bytes with digest {}", d.short()),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(output = %digest.short(), "a bsdiff patch does not apply back, not using it: {why}");
+        Ok(None)
+    }
+}
+
+/// Writes `delta`, the stream of `group` over `bases`, into the pack, and makes it the source of the
+/// group's files.
+fn put_stream(
+    group: &[&Need],
+    bases: &[Base],
+    delta: Delta,
+    w: &mut Writer,
+    streams: &mut Vec<Stream>,
+    sources: &mut HashMap<Digest, Source>,
+    stats: &mut PackStats,
+) -> Result<()> {
+    let (offset, length) = w.put(&delta.frame)?;
+    let index = u32::try_from(streams.len()).context("too many delta streams")?;
+    let mut start = 0u64;
+    for n in group {
+        sources.insert(n.blake3, Source::Delta { stream: index, start });
+        start += n.size;
+    }
+    let (method, blake3) = (delta.method, delta.output);
+    streams.push(Stream { offset, length, size: start, blake3, method, bases: bases.to_vec() });
+    stats.streams += 1;
+    stats.streamed += group.len();
+    stats.cached += usize::from(delta.cached);
+    stats.bsdiff += usize::from(method == Method::Bsdiff);
+    Ok(())
 }
 
 /// The prefix of a group: its files' old versions, then moved content, without repeats, up to

@@ -234,8 +234,8 @@ pub struct Body {
     pub streams: Vec<Stream>,
 }
 
-/// A delta stream: a zstd frame in the pack that decompresses, with the concatenated contents of `bases`
-/// (which the recipient already has) as its prefix, to the concatenated contents of several files.
+/// A delta stream: a zstd frame in the pack that, with the concatenated contents of `bases` (which the
+/// recipient already has), decodes by its [`Method`] to the concatenated contents of several files.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Stream {
@@ -243,12 +243,36 @@ pub struct Stream {
     pub offset: u64,
     /// Length of the frame.
     pub length: u64,
-    /// Length of what it decompresses to.
+    /// Length of what it decodes to.
     pub size: u64,
-    /// BLAKE3 of what it decompresses to.
+    /// BLAKE3 of what it decodes to.
     pub blake3: Digest,
-    /// The local contents forming the prefix, in order.
+    /// How the frame and the bases make the output.
+    pub method: Method,
+    /// The local contents forming the prefix (the base of a patch), in order.
     pub bases: Vec<Base>,
+}
+
+/// How a delta stream is decoded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// The frame decompresses with the bases as its reference prefix (`zstd --patch-from`); see
+    /// [`crate::delta`].
+    ZstdPrefix,
+    /// The frame decompresses (without a prefix) to a bsdiff patch that turns the bases into the output;
+    /// see [`crate::delta::bsdiff`].
+    Bsdiff,
+}
+
+impl Method {
+    /// The kebab-case name, as on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            Method::ZstdPrefix => "zstd-prefix",
+            Method::Bsdiff => "bsdiff",
+        }
+    }
 }
 
 impl Stream {
@@ -953,6 +977,7 @@ mod tests {
             length: 10,
             size: 4,
             blake3: Digest([5; 32]),
+            method: Method::ZstdPrefix,
             bases: vec![Base { blake3: Digest([6; 32]), size: 1000 }],
         };
         b.streams.push(stream.clone());
@@ -966,6 +991,28 @@ mod tests {
         b.streams[0].offset = 0;
         set(&mut b, None);
         assert_eq!(check(&r, &b, &limits).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn a_stream_names_its_method_explicitly() {
+        let (r, l) = (reply(), Limits::default());
+        let mut b = body();
+        let Op::Put { source, .. } = &mut b.ops[0] else { unreachable!() };
+        *source = Some(Source::Delta { stream: 0, start: 0 });
+        for (method, code) in [(Method::ZstdPrefix, "zstd-prefix"), (Method::Bsdiff, "bsdiff")] {
+            let base = Base { blake3: Digest([6; 32]), size: 1000 };
+            b.streams =
+                vec![Stream { offset: 0, length: 10, size: 5, blake3: Digest([5; 32]), method, bases: vec![base] }];
+            let json = String::from_utf8(encode(&b)).unwrap();
+            assert!(json.contains(&format!(r#""method":"{code}","bases""#)), "{json}");
+            assert_eq!(method.code(), code);
+            assert_eq!(check(&r, &b, &l).unwrap(), b);
+            let missing = json.replace(&format!(r#""method":"{code}","#), "");
+            let unknown = json.replace(&format!(r#""method":"{code}""#), r#""method":"xdelta""#);
+            for bad in [missing, unknown] {
+                assert_eq!(decode_body(&r, bad.as_bytes(), &l).unwrap_err().reason, Reason::Malformed, "{bad}");
+            }
+        }
     }
 
     #[test]
