@@ -113,25 +113,47 @@ impl Store {
 
     fn compress_from(&self, input: &mut dyn Read, sync: bool) -> io::Result<(u64, Digest, tempfile::NamedTempFile)> {
         let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
-        let mut enc = zstd::stream::write::Encoder::new(BufWriter::new(tmp.reopen()?), self.level)?;
-        enc.include_checksum(false)?;
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut size = 0u64;
-        loop {
-            let n = input.read(&mut buf)?;
-            if n == 0 {
-                break;
+        // Small content (most files of a big tree) is compressed in memory with this thread's reused
+        // context: a fresh zstd context per file costs more than the file (its tables are zeroed pages).
+        let mut head = Vec::new();
+        input.take(SMALL_CONTENT + 1).read_to_end(&mut head)?;
+        let (size, digest) = if head.len() as u64 <= SMALL_CONTENT {
+            let frame = COMPRESSOR.with(|c| -> io::Result<Vec<u8>> {
+                let mut c = c.borrow_mut();
+                if c.as_ref().is_none_or(|(level, _)| *level != self.level) {
+                    let mut fresh = zstd::bulk::Compressor::new(self.level)?;
+                    fresh.include_checksum(false)?;
+                    *c = Some((self.level, fresh));
+                }
+                let (_, compressor) = c.as_mut().expect("set above");
+                compressor.compress(&head)
+            })?;
+            tmp.as_file().write_all(&frame)?;
+            (head.len() as u64, Digest::of(&head))
+        } else {
+            let mut enc = zstd::stream::write::Encoder::new(BufWriter::new(tmp.reopen()?), self.level)?;
+            enc.include_checksum(false)?;
+            let mut h = blake3::Hasher::new();
+            h.update(&head);
+            enc.write_all(&head)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut size = head.len() as u64;
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                h.update(&buf[..n]);
+                enc.write_all(&buf[..n])?;
             }
-            size += n as u64;
-            h.update(&buf[..n]);
-            enc.write_all(&buf[..n])?;
-        }
-        let out = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+            enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+            (size, h.finalize().into())
+        };
         if sync {
-            out.sync_all()?;
+            tmp.as_file().sync_all()?;
         }
-        Ok((size, h.finalize().into(), tmp))
+        Ok((size, digest, tmp))
     }
 
     fn persist(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> io::Result<()> {
@@ -207,10 +229,19 @@ impl Store {
     }
 }
 
+/// Content up to this size is compressed in memory with a reused context.
+const SMALL_CONTENT: u64 = 1 << 20;
+
+thread_local! {
+    /// Each thread's zstd context, with the level it is set to.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Size and BLAKE3 of everything `r` yields.
 fn hash_reader(r: &mut impl Read) -> io::Result<(u64, Digest)> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
     loop {
         let n = r.read(&mut buf)?;
