@@ -292,6 +292,14 @@ pub struct Manifest {
     entries: BTreeMap<RelPath, Entry>,
 }
 
+impl FromIterator<(RelPath, Entry)> for Manifest {
+    /// Collects entries without checking tree shape, a later duplicate replacing an earlier one as with
+    /// [`Manifest::insert`]; call [`Manifest::validate`] when done. Sorted input is built in linear time.
+    fn from_iter<I: IntoIterator<Item = (RelPath, Entry)>>(it: I) -> Manifest {
+        Manifest { entries: it.into_iter().collect() }
+    }
+}
+
 impl Manifest {
     /// The empty tree.
     pub fn new() -> Manifest {

@@ -95,7 +95,7 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> {
-    Ok(walk(root, read, None)?.scan)
+    Ok(walk(root, read, None, now_ns())?.scan)
 }
 
 /// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
@@ -115,7 +115,8 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    fn of(m: &fs::Metadata) -> Stamp {
+    /// The stamp of a file's metadata.
+    pub fn of(m: &fs::Metadata) -> Stamp {
         Stamp {
             size: m.len(),
             mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
@@ -126,15 +127,14 @@ impl Stamp {
     }
 }
 
-/// Digests of files as they were when last hashed, by path.
-pub type StatCache = std::collections::HashMap<RelPath, (Stamp, Digest)>;
+pub use crate::statcache::StatCache;
 
 /// The result of [`scan_cached`].
 #[derive(Debug)]
 pub struct CachedScan {
     /// The tree.
     pub scan: Scan,
-    /// The cache to keep for the next scan.
+    /// The cache to keep for the next scan. Equal to the cache given when nothing it covers changed.
     pub cache: StatCache,
     /// How many files had to be read.
     pub hashed: usize,
@@ -147,17 +147,36 @@ pub struct CachedScan {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanError> {
-    walk(root, &hash_file, Some(cache))
+    walk(root, &hash_file, Some(cache), now_ns())
 }
 
-fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result<CachedScan, ScanError> {
-    let started_ns =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// An entry found by the walk, before the files' contents are known.
+enum Found {
+    Dir,
+    Link(LinkTarget),
+    File {
+        stamp: Stamp,
+        mode: Mode,
+        /// Size and digest, and whether they were read now (rather than taken from the cache).
+        content: Option<(u64, Digest, bool)>,
+    },
+}
+
+/// Walks `root`; `started_ns` is when the scan started (nanoseconds since the epoch), the reference for
+/// what counts as racily clean.
+fn walk(
+    root: &Path,
+    read: &FileReader<'_>,
+    cache: Option<&StatCache>,
+    started_ns: i64,
+) -> Result<CachedScan, ScanError> {
     let racy_after = started_ns - 2_000_000_000;
-    let mut new_cache = StatCache::new();
-    let mut stamps: std::collections::HashMap<RelPath, Stamp> = std::collections::HashMap::new();
-    let mut out = Scan::default();
-    let mut files: Vec<(RelPath, PathBuf, Mode)> = Vec::new();
+    let mut found: Vec<(RelPath, Found)> = Vec::new();
+    let mut foreign = Vec::new();
     for item in walkdir::WalkDir::new(root).follow_links(false).min_depth(1) {
         let item = item.map_err(|e| {
             let path = e.path().unwrap_or(root).to_path_buf();
@@ -169,24 +188,14 @@ fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result
             .map_err(|source| ScanError::BadName { path: full.to_path_buf(), source })?;
         let ft = item.file_type();
         if ft.is_dir() {
-            out.manifest.insert(rel, Entry::Dir);
+            found.push((rel, Found::Dir));
         } else if ft.is_file() {
             let meta = item.metadata().map_err(|e| ScanError::Io {
                 path: full.to_path_buf(),
                 source: e.into_io_error().unwrap_or_else(|| io::Error::other("stat failed")),
             })?;
             let mode = Mode::from_bits(meta.permissions().mode());
-            let stamp = Stamp::of(&meta);
-            match cache.and_then(|c| c.get(&rel)) {
-                Some((old, digest)) if *old == stamp => {
-                    new_cache.insert(rel.clone(), (stamp, *digest));
-                    out.manifest.insert(rel, Entry::File(FileMeta { size: stamp.size, mode, blake3: *digest }));
-                }
-                _ => {
-                    stamps.insert(rel.clone(), stamp);
-                    files.push((rel, full.to_path_buf(), mode));
-                }
-            }
+            found.push((rel, Found::File { stamp: Stamp::of(&meta), mode, content: None }));
         } else if ft.is_symlink() {
             let target = fs::read_link(full).map_err(|source| ScanError::Io { path: full.to_path_buf(), source })?;
             let managed = target
@@ -194,8 +203,8 @@ fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result
                 .and_then(|t| LinkTarget::new(t).ok())
                 .filter(|t| !crate::manifest::link_escapes(&rel, t.as_str()));
             match managed {
-                Some(t) => out.manifest.insert(rel, Entry::Link(t)),
-                None => out.foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target } }),
+                Some(t) => found.push((rel, Found::Link(t))),
+                None => foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target } }),
             }
         } else {
             let what = if ft.is_block_device() {
@@ -207,26 +216,66 @@ fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result
             } else {
                 "socket"
             };
-            out.foreign.push(Foreign { path: rel, kind: ForeignKind::Special(what) });
+            foreign.push(Foreign { path: rel, kind: ForeignKind::Special(what) });
         }
     }
-    let hashed = files.len();
-    for (rel, meta) in hash_all(&files, read)? {
-        if let Some(stamp) = stamps.get(&rel)
-            && stamp.size == meta.size
-            && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after
-        {
-            new_cache.insert(rel.clone(), (*stamp, meta.blake3));
+    // In path order, the cache is looked up in one pass and the manifest and the new cache are built
+    // without searching.
+    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut todo = Vec::new();
+    if let Some(cache) = cache {
+        let mut cursor = cache.cursor();
+        for (idx, (rel, f)) in found.iter_mut().enumerate() {
+            if let Found::File { stamp, content, .. } = f {
+                match cursor.seek(rel.as_str()) {
+                    Some((old, digest)) if old == *stamp => *content = Some((stamp.size, digest, false)),
+                    _ => todo.push((idx, root.join(rel.as_str()), stamp.size)),
+                }
+            }
         }
-        out.manifest.insert(rel, Entry::File(meta));
+    } else {
+        for (idx, (rel, f)) in found.iter().enumerate() {
+            if let Found::File { stamp, .. } = f {
+                todo.push((idx, root.join(rel.as_str()), stamp.size));
+            }
+        }
     }
+    let hashed = todo.len();
+    for (idx, size, digest) in hash_all(&todo, read)? {
+        if let Found::File { content, .. } = &mut found[idx].1 {
+            *content = Some((size, digest, true));
+        }
+    }
+    let mut new_cache = StatCache::new();
+    let mut entries = Vec::with_capacity(found.len());
+    for (rel, f) in found {
+        let entry = match f {
+            Found::Dir => Entry::Dir,
+            Found::Link(t) => Entry::Link(t),
+            Found::File { stamp, mode, content } => {
+                let (size, blake3, read_now) = content.expect("every file was found in the cache or read");
+                // A file read now is cached only if it was not changing while it was read and is old enough
+                // that a write in the same clock tick as the stamp cannot have gone unnoticed.
+                if cache.is_some()
+                    && (!read_now || (stamp.size == size && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after))
+                {
+                    new_cache.push(rel.as_str(), stamp, blake3);
+                }
+                Entry::File(FileMeta { size, mode, blake3 })
+            }
+        };
+        entries.push((rel, entry));
+    }
+    let out = Scan { manifest: entries.into_iter().collect(), foreign };
     out.manifest.validate_shape().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
     Ok(CachedScan { scan: out, cache: new_cache, hashed })
 }
 
-fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result<Vec<(RelPath, FileMeta)>, ScanError> {
+/// Reads every file in `files` (its index in the walk, full path and expected size) on all cores, returning
+/// each one's index, size and digest.
+fn hash_all(files: &[(usize, PathBuf, u64)], read: &FileReader<'_>) -> Result<Vec<(usize, u64, Digest)>, ScanError> {
     let next = AtomicUsize::new(0);
-    let total: u64 = files.iter().filter_map(|(_, full, _)| fs::symlink_metadata(full).ok()).map(|m| m.len()).sum();
+    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
     let progress = crate::progress::Progress::bytes("hashing", total);
     let results = Mutex::new(Vec::with_capacity(files.len()));
     let first_error = Mutex::new(None);
@@ -236,14 +285,11 @@ fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((rel, full, mode)) = files.get(i) else { break };
+                    let Some((idx, full, _)) = files.get(i) else { break };
                     match read(full) {
                         Ok((size, blake3)) => {
                             progress.add(size);
-                            results
-                                .lock()
-                                .expect("no panics while held")
-                                .push((rel.clone(), FileMeta { size, mode: *mode, blake3 }));
+                            results.lock().expect("no panics while held").push((*idx, size, blake3));
                         }
                         Err(source) => {
                             first_error
@@ -331,6 +377,25 @@ mod tests {
         assert_eq!(s.manifest.len(), 5);
     }
 
+    /// The cache a scan long after the files were written would keep: every regular file, stamped now.
+    fn aged_cache(root: &Path, m: &Manifest) -> StatCache {
+        m.iter()
+            .filter_map(|(p, e)| match e {
+                Entry::File(f) => {
+                    Some((p.clone(), (Stamp::of(&fs::symlink_metadata(root.join(p.as_str())).unwrap()), f.blake3)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn digest_of(s: &Scan, p: &str) -> Option<Digest> {
+        match s.manifest.get(&RelPath::new(p).unwrap()) {
+            Some(Entry::File(f)) => Some(f.blake3),
+            _ => None,
+        }
+    }
+
     #[test]
     fn the_stat_cache_skips_unchanged_files_and_notices_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -341,20 +406,11 @@ mod tests {
         assert_eq!(first.hashed, 2);
         assert!(first.cache.is_empty(), "files written just now are racily clean: not cached");
         // Pretend the files were hashed long ago, as they would be on a real tree.
-        let old: StatCache = first
-            .cache
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .chain(first.scan.manifest.iter().filter_map(|(p, e)| match e {
-                Entry::File(f) => {
-                    Some((p.clone(), (Stamp::of(&fs::metadata(root.join(p.as_str())).unwrap()), f.blake3)))
-                }
-                _ => None,
-            }))
-            .collect();
+        let old = aged_cache(root, &first.scan.manifest);
         let again = scan_cached(root, &old).unwrap();
         assert_eq!(again.hashed, 0, "an unchanged tree is not read");
         assert_eq!(again.scan.manifest, first.scan.manifest);
+        assert_eq!(again.cache, old, "an unchanged tree keeps the same cache");
         // Same size, and the modification time put back: the status change time still gives it away.
         let m = fs::metadata(root.join("b")).unwrap();
         fs::write(root.join("b"), b"TWO").unwrap();
@@ -362,9 +418,97 @@ mod tests {
         f.set_modified(m.modified().unwrap()).unwrap();
         let changed = scan_cached(root, &old).unwrap();
         assert_eq!(changed.hashed, 1);
+        assert_eq!(digest_of(&changed.scan, "b"), Some(Digest::of(b"TWO")));
+        assert_ne!(changed.cache, old, "the changed file is racily clean: its stale entry goes");
+        assert_eq!(changed.cache.get("b"), None);
+        assert_eq!(changed.cache.get("a"), old.get("a"));
+    }
+
+    #[test]
+    fn the_stat_cache_notices_modes_new_and_deleted_files_and_type_swaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for name in ["keep", "chmod", "gone", "swap"] {
+            fs::write(root.join(name), name.as_bytes()).unwrap();
+        }
+        let old = aged_cache(root, &scan(root).unwrap().manifest);
+        fs::set_permissions(root.join("chmod"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::remove_file(root.join("gone")).unwrap();
+        fs::write(root.join("new"), b"new").unwrap();
+        fs::remove_file(root.join("swap")).unwrap();
+        symlink("keep", root.join("swap")).unwrap();
+        let c = scan_cached(root, &old).unwrap();
+        assert_eq!(c.scan.manifest, scan(root).unwrap().manifest, "the cache changes nothing in the result");
         assert!(
-            matches!(changed.scan.manifest.get(&RelPath::new("b").unwrap()), Some(Entry::File(f)) if f.blake3 == Digest::of(b"TWO"))
+            matches!(c.scan.manifest.get(&RelPath::new("chmod").unwrap()), Some(Entry::File(f)) if f.mode == Mode::Executable)
         );
+        assert_eq!(c.scan.manifest.get(&RelPath::new("gone").unwrap()), None);
+        assert_eq!(
+            c.scan.manifest.get(&RelPath::new("swap").unwrap()),
+            Some(&Entry::Link(LinkTarget::new("keep").unwrap()))
+        );
+        assert_eq!(digest_of(&c.scan, "new"), Some(Digest::of(b"new")));
+        // chmod changes the mode and the ctime; the new file must be read.
+        assert_eq!(c.hashed, 2);
+        let kept: Vec<&[u8]> = c.cache.iter().map(|(p, _, _)| p).collect();
+        assert_eq!(kept, [&b"keep"[..]], "only what is still there and old enough stays cached");
+    }
+
+    #[test]
+    fn a_racily_clean_file_is_read_until_it_is_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("f"), b"v1").unwrap();
+        let first = scan_cached(root, &StatCache::new()).unwrap();
+        assert!(first.cache.is_empty());
+        // The same clock tick could hold another write that leaves the stamp as it is, so a stamp from
+        // within two seconds of the scan must never be trusted.
+        let second = scan_cached(root, &first.cache).unwrap();
+        assert_eq!(second.hashed, 1);
+        assert!(second.cache.is_empty());
+        // Set back, the modification time gives no cover: the status change time is fresh too.
+        let f = fs::File::options().write(true).open(root.join("f")).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+        let third = scan_cached(root, &second.cache).unwrap();
+        assert_eq!(third.hashed, 1);
+        assert!(third.cache.is_empty());
+        // A scan that starts three seconds later caches it, and the one after reads nothing.
+        let later = now_ns() + 3_000_000_000;
+        let fourth = walk(root, &hash_file, Some(&third.cache), later).unwrap();
+        assert_eq!(fourth.cache.get("f").map(|(_, d)| d), Some(Digest::of(b"v1")));
+        let fifth = walk(root, &hash_file, Some(&fourth.cache), later).unwrap();
+        assert_eq!((fifth.hashed, fifth.cache), (0, fourth.cache));
+    }
+
+    #[test]
+    fn the_cache_survives_a_round_trip_through_its_file_and_a_damaged_file_costs_only_a_rehash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, state) = (dir.path().join("data"), dir.path().join("state"));
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::create_dir_all(&state).unwrap();
+        for (i, name) in ["d/e/x", "d/e.txt", "d/f", "g"].iter().enumerate() {
+            fs::write(root.join(name), format!("{i}")).unwrap();
+        }
+        let file = state.join(crate::statcache::FILE_NAME);
+        let full = scan(&root).unwrap();
+        aged_cache(&root, &full.manifest).save(&file).unwrap();
+        let loaded = StatCache::load(&file).unwrap();
+        let warm = scan_cached(&root, &loaded).unwrap();
+        assert_eq!((warm.hashed, &warm.scan.manifest), (0, &full.manifest));
+        assert_eq!(warm.cache, loaded);
+        // Every entry written pairs a path with that path's own digest.
+        for (p, _, d) in loaded.iter() {
+            let p = std::str::from_utf8(p).unwrap();
+            assert_eq!(Some(d), digest_of(&full, p), "{p}");
+        }
+        // A flipped bit anywhere: the file is refused, and the scan without it reads everything and agrees.
+        let mut bytes = fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        assert!(StatCache::load(&file).is_err());
+        let cold = scan_cached(&root, &StatCache::new()).unwrap();
+        assert_eq!((cold.hashed, &cold.scan.manifest), (4, &full.manifest));
     }
 
     #[test]

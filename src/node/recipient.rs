@@ -29,6 +29,7 @@ use crate::protocol::{
     VERSION, Want,
 };
 use crate::scan;
+use crate::statcache::{self, StatCache};
 use crate::transport::Transport;
 
 /// Returns the refusal of a `Result<_, Refusal>` from the enclosing `Result<Result<_, Refusal>>` function.
@@ -644,10 +645,19 @@ impl Recipient {
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
     pub(crate) fn scan_tree(&self) -> Result<scan::Scan> {
         let data = &self.cfg.recipient.data;
-        let old = self.db.stat_cache()?;
+        let cache_file = self.cfg.state_dir.join(statcache::FILE_NAME);
+        let old = StatCache::load(&cache_file).unwrap_or_else(|e| {
+            warn!("{:#}; every file will be read again", anyhow::Error::from(e));
+            StatCache::new()
+        });
         let c =
             scan::scan_cached(data, &old).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
-        self.db.transaction(|db| db.save_stat_cache(&old, &c.cache))?;
+        // An unchanged tree writes nothing. The cache only saves work, so failing to write it is not fatal.
+        if c.cache != old
+            && let Err(e) = c.cache.save(&cache_file)
+        {
+            warn!("failed to write the stat cache `{}`: {e}", cache_file.display());
+        }
         tracing::debug!(entries = c.scan.manifest.len(), hashed = c.hashed, "scanned the data tree");
         Ok(c.scan)
     }
