@@ -803,13 +803,22 @@ impl Db {
         Ok(())
     }
 
+    /// The generation and root this recipient last applied, without loading the manifest.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt root.
+    pub fn applied_root(&self) -> Result<(u64, Option<Digest>)> {
+        let generation = self.meta_u64("applied_generation")?;
+        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        Ok((generation, root))
+    }
+
     /// The generation, root and manifest this recipient last applied.
     ///
     /// # Errors
     /// SQLite errors or a corrupt manifest.
     pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
-        let generation = self.meta_u64("applied_generation")?;
-        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        let (generation, root) = self.applied_root()?;
         let manifest: Option<Vec<u8>> =
             self.conn.query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0)).optional()?;
         let manifest = manifest.map(|d| unpack_manifest(&d)).transpose()?.unwrap_or_default();

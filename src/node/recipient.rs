@@ -289,13 +289,18 @@ impl Recipient {
         let resend = resend.map(|(r, _)| r);
         let full_content = self.db.meta("full_content")?.as_deref() == Some("1");
         let scan = self.scan_tree()?;
-        let (generation, _, applied) = self.db.applied()?;
+        let root = scan.manifest.root();
+        let (generation, applied_root) = self.db.applied_root()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || self.db.meta("need_full_inventory")?.as_deref() == Some("1");
         let (inventory_kind, inventory, removed) = if full {
             (InventoryKind::Full, scan.manifest.listing(), Vec::new())
+        } else if applied_root == Some(root) {
+            // Equal roots are equal trees: no drift, and no need to load the applied manifest.
+            (InventoryKind::Changes, Vec::new(), Vec::new())
         } else {
+            let (_, _, applied) = self.db.applied()?;
             let changed = scan
                 .manifest
                 .iter()
@@ -316,7 +321,7 @@ impl Recipient {
             seq,
             created: now(),
             generation,
-            root: scan.manifest.root(),
+            root,
             inventory_kind,
             inventory,
             removed,
@@ -484,7 +489,7 @@ impl Recipient {
     /// Refuses a reply that would take the tree back: an older generation, or the applied generation
     /// with another root.
     fn check_generation(&self, reply: &Reply) -> Result<Result<(), Refusal>> {
-        let (applied, applied_root, _) = self.db.applied()?;
+        let (applied, applied_root) = self.db.applied_root()?;
         if reply.generation < applied {
             return Ok(Err(Refusal::new(
                 Reason::Rollback,
@@ -721,7 +726,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 /// State failures.
 pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
-    let (generation, root, _) = db.applied()?;
+    let (generation, root) = db.applied_root()?;
     Ok(RecipientStatus {
         role: "recipient",
         name: cfg.recipient.name.clone(),
