@@ -373,8 +373,8 @@ impl Manifest {
     /// The first orphan or escaping link found.
     pub fn validate_shape(&self) -> Result<(), TreeError> {
         for (path, entry) in &self.entries {
-            if let Some(parent) = path.parent()
-                && self.entries.get(&parent) != Some(&Entry::Dir)
+            if let Some((parent, _)) = path.as_str().rsplit_once('/')
+                && self.entries.get(parent) != Some(&Entry::Dir)
             {
                 return Err(TreeError::Orphan(path.clone()));
             }

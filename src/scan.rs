@@ -153,8 +153,9 @@ pub use crate::statcache::StatCache;
 pub struct CachedScan {
     /// The tree.
     pub scan: Scan,
-    /// The cache to keep for the next scan. Equal to the cache given when nothing it covers changed.
-    pub cache: StatCache,
+    /// The cache to keep for the next scan, or `None` when it is the cache given: every entry of it still
+    /// matched and no file read now could join it. An unchanged tree has nothing to write.
+    pub cache: Option<StatCache>,
     /// How many files had to be read.
     pub hashed: usize,
 }
@@ -199,12 +200,16 @@ fn walk(
     // without searching.
     found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut todo = Vec::new();
+    let mut hits = 0;
     if let Some(cache) = cache {
         let mut cursor = cache.cursor();
         for (idx, (rel, f)) in found.iter_mut().enumerate() {
             if let Found::File { stamp, content, .. } = f {
                 match cursor.seek(rel.as_str()) {
-                    Some((old, digest)) if old == *stamp => *content = Some((stamp.size, digest, false)),
+                    Some((old, digest)) if old == *stamp => {
+                        hits += 1;
+                        *content = Some((stamp.size, digest, false));
+                    }
                     _ => todo.push((idx, root.join(rel.as_str()), stamp.size)),
                 }
             }
@@ -222,21 +227,34 @@ fn walk(
             *content = Some((size, digest, true));
         }
     }
-    let mut new_cache = StatCache::new();
+    // A file read now is cached only if it was not changing while it was read and is old enough that a
+    // write in the same clock tick as the stamp cannot have gone unnoticed.
+    let cacheable = |stamp: &Stamp, content: &Option<(u64, Digest, bool)>| match content {
+        Some((_, _, false)) => true,
+        Some((size, _, true)) => stamp.size == *size && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after,
+        None => false,
+    };
+    // The new cache is built only when it differs from the old one: when an old entry went unused or a
+    // file read now joins it.
+    let mut new_cache = cache
+        .filter(|old| {
+            hits != old.len()
+                || found.iter().any(|(_, f)| matches!(f, Found::File { stamp, content: c @ Some((_, _, true)), .. } if cacheable(stamp, c)))
+        })
+        .map(|_| StatCache::new());
     let mut entries = Vec::with_capacity(found.len());
     for (rel, f) in found {
         let entry = match f {
             Found::Dir => Entry::Dir,
             Found::Link(t) => Entry::Link(t),
             Found::File { stamp, mode, content } => {
-                let (size, blake3, read_now) = content.expect("every file was found in the cache or read");
-                // A file read now is cached only if it was not changing while it was read and is old enough
-                // that a write in the same clock tick as the stamp cannot have gone unnoticed.
-                if cache.is_some()
-                    && (!read_now || (stamp.size == size && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after))
+                if let Some(c) = &mut new_cache
+                    && cacheable(&stamp, &content)
                 {
-                    new_cache.push(rel.as_str(), stamp, blake3);
+                    let (_, digest, _) = content.expect("cacheable content is known");
+                    c.push(rel.as_str(), stamp, digest);
                 }
+                let (size, blake3, _) = content.expect("every file was found in the cache or read");
                 Entry::File(FileMeta { size, mode, blake3 })
             }
         };
@@ -561,13 +579,13 @@ mod tests {
         fs::write(root.join("b"), b"two").unwrap();
         let first = scan_cached(root, &StatCache::new()).unwrap();
         assert_eq!(first.hashed, 2);
-        assert!(first.cache.is_empty(), "files written just now are racily clean: not cached");
+        assert_eq!(first.cache, None, "files written just now are racily clean: not cached");
         // Pretend the files were hashed long ago, as they would be on a real tree.
         let old = aged_cache(root, &first.scan.manifest);
         let again = scan_cached(root, &old).unwrap();
         assert_eq!(again.hashed, 0, "an unchanged tree is not read");
         assert_eq!(again.scan.manifest, first.scan.manifest);
-        assert_eq!(again.cache, old, "an unchanged tree keeps the same cache");
+        assert_eq!(again.cache, None, "an unchanged tree keeps the same cache");
         // Same size, and the modification time put back: the status change time still gives it away.
         let m = fs::metadata(root.join("b")).unwrap();
         fs::write(root.join("b"), b"TWO").unwrap();
@@ -576,9 +594,9 @@ mod tests {
         let changed = scan_cached(root, &old).unwrap();
         assert_eq!(changed.hashed, 1);
         assert_eq!(digest_of(&changed.scan, "b"), Some(Digest::of(b"TWO")));
-        assert_ne!(changed.cache, old, "the changed file is racily clean: its stale entry goes");
-        assert_eq!(changed.cache.get("b"), None);
-        assert_eq!(changed.cache.get("a"), old.get("a"));
+        let new = changed.cache.expect("the changed file is racily clean: its stale entry goes");
+        assert_eq!(new.get("b"), None);
+        assert_eq!(new.get("a"), old.get("a"));
     }
 
     #[test]
@@ -607,7 +625,8 @@ mod tests {
         assert_eq!(digest_of(&c.scan, "new"), Some(Digest::of(b"new")));
         // chmod changes the mode and the ctime; the new file must be read.
         assert_eq!(c.hashed, 2);
-        let kept: Vec<&[u8]> = c.cache.iter().map(|(p, _, _)| p).collect();
+        let new = c.cache.unwrap();
+        let kept: Vec<&[u8]> = new.iter().map(|(p, _, _)| p).collect();
         assert_eq!(kept, [&b"keep"[..]], "only what is still there and old enough stays cached");
     }
 
@@ -617,24 +636,22 @@ mod tests {
         let root = dir.path();
         fs::write(root.join("f"), b"v1").unwrap();
         let first = scan_cached(root, &StatCache::new()).unwrap();
-        assert!(first.cache.is_empty());
+        assert_eq!(first.cache, None);
         // The same clock tick could hold another write that leaves the stamp as it is, so a stamp from
         // within two seconds of the scan must never be trusted.
-        let second = scan_cached(root, &first.cache).unwrap();
-        assert_eq!(second.hashed, 1);
-        assert!(second.cache.is_empty());
+        let second = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!((second.hashed, second.cache), (1, None));
         // Set back, the modification time gives no cover: the status change time is fresh too.
         let f = fs::File::options().write(true).open(root.join("f")).unwrap();
         f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
-        let third = scan_cached(root, &second.cache).unwrap();
-        assert_eq!(third.hashed, 1);
-        assert!(third.cache.is_empty());
+        let third = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!((third.hashed, third.cache), (1, None));
         // A scan that starts three seconds later caches it, and the one after reads nothing.
         let later = now_ns() + 3_000_000_000;
-        let fourth = walk(root, &hash_file, Some(&third.cache), later).unwrap();
-        assert_eq!(fourth.cache.get("f").map(|(_, d)| d), Some(Digest::of(b"v1")));
-        let fifth = walk(root, &hash_file, Some(&fourth.cache), later).unwrap();
-        assert_eq!((fifth.hashed, fifth.cache), (0, fourth.cache));
+        let fourth = walk(root, &hash_file, Some(&StatCache::new()), later).unwrap().cache.unwrap();
+        assert_eq!(fourth.get("f").map(|(_, d)| d), Some(Digest::of(b"v1")));
+        let fifth = walk(root, &hash_file, Some(&fourth), later).unwrap();
+        assert_eq!((fifth.hashed, fifth.cache), (0, None));
     }
 
     #[test]
@@ -652,7 +669,7 @@ mod tests {
         let loaded = StatCache::load(&file).unwrap();
         let warm = scan_cached(&root, &loaded).unwrap();
         assert_eq!((warm.hashed, &warm.scan.manifest), (0, &full.manifest));
-        assert_eq!(warm.cache, loaded);
+        assert_eq!(warm.cache, None);
         // Every entry written pairs a path with that path's own digest.
         for (p, _, d) in loaded.iter() {
             let p = std::str::from_utf8(p).unwrap();

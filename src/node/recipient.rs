@@ -658,8 +658,8 @@ impl Recipient {
         let c =
             scan::scan_cached(data, &old).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
         // An unchanged tree writes nothing. The cache only saves work, so failing to write it is not fatal.
-        if c.cache != old
-            && let Err(e) = c.cache.save(&cache_file)
+        if let Some(new) = &c.cache
+            && let Err(e) = new.save(&cache_file)
         {
             warn!("failed to write the stat cache `{}`: {e}", cache_file.display());
         }
