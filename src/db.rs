@@ -206,10 +206,9 @@ impl Db {
             ),
         }
         // Added after schema 1 shipped to nobody: created when missing, so older state databases get it.
+        // The stat cache was a table here before it became its own file (`crate::statcache`).
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS stat_cache (
-                path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-                ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, mode INTEGER NOT NULL, digest BLOB NOT NULL);
+            "DROP TABLE IF EXISTS stat_cache;
              CREATE TABLE IF NOT EXISTS sent_parts (
                 reply_id TEXT NOT NULL, part INTEGER NOT NULL, recipient TEXT NOT NULL, created INTEGER NOT NULL,
                 raw BLOB NOT NULL, PRIMARY KEY (reply_id, part));
@@ -227,64 +226,6 @@ impl Db {
                 PRIMARY KEY (recipient, key_id));",
         )?;
         Ok(Db { conn })
-    }
-
-    /// The recipient's stat cache (see [`crate::scan::scan_cached`]).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn stat_cache(&self) -> Result<crate::scan::StatCache> {
-        let mut st = self.conn.prepare("SELECT path, size, mtime_ns, ctime_ns, ino, mode, digest FROM stat_cache")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                crate::scan::Stamp {
-                    size: r.get::<_, i64>(1)? as u64,
-                    mtime_ns: r.get(2)?,
-                    ctime_ns: r.get(3)?,
-                    ino: r.get::<_, i64>(4)? as u64,
-                    mode: r.get::<_, i64>(5)? as u32,
-                },
-                r.get::<_, Vec<u8>>(6)?,
-            ))
-        })?;
-        let mut out = crate::scan::StatCache::new();
-        for row in rows {
-            let (path, stamp, digest) = row?;
-            // A row that no longer parses is simply not used: the file is hashed again.
-            if let (Ok(p), Ok(d)) = (crate::path::RelPath::new(&path), <[u8; 32]>::try_from(digest.as_slice())) {
-                out.insert(p, (stamp, Digest(d)));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Replaces the stat cache `old` with `new`, writing only what changed.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn save_stat_cache(&self, old: &crate::scan::StatCache, new: &crate::scan::StatCache) -> Result<()> {
-        let mut del = self.conn.prepare_cached("DELETE FROM stat_cache WHERE path = ?1")?;
-        for p in old.keys().filter(|p| !new.contains_key(*p)) {
-            del.execute([p.as_str()])?;
-        }
-        let mut put = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ctime_ns, ino, mode, digest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        for (p, entry) in new.iter().filter(|(p, e)| old.get(*p) != Some(*e)) {
-            let (s, d) = entry;
-            put.execute(params![
-                p.as_str(),
-                s.size as i64,
-                s.mtime_ns,
-                s.ctime_ns,
-                s.ino as i64,
-                s.mode as i64,
-                &d.0[..]
-            ])?;
-        }
-        Ok(())
     }
 
     /// Runs `f` in one transaction, committed only if `f` succeeds.
@@ -968,13 +909,22 @@ impl Db {
         Ok(())
     }
 
+    /// The generation and root this recipient last applied, without loading the manifest.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt root.
+    pub fn applied_root(&self) -> Result<(u64, Option<Digest>)> {
+        let generation = self.meta_u64("applied_generation")?;
+        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        Ok((generation, root))
+    }
+
     /// The generation, root and manifest this recipient last applied.
     ///
     /// # Errors
     /// SQLite errors or a corrupt manifest.
     pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
-        let generation = self.meta_u64("applied_generation")?;
-        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        let (generation, root) = self.applied_root()?;
         let manifest: Option<Vec<u8>> =
             self.conn.query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0)).optional()?;
         let manifest = manifest.map(|d| unpack_manifest(&d)).transpose()?.unwrap_or_default();

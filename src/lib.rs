@@ -38,6 +38,8 @@
 //! I/O shell:
 //! - [`scan`]: reads a tree into a manifest (never follows symlinks); the stat cache that lets a rescan
 //!   read only changed files.
+//! - [`statcache`]: the stat cache file (one checksummed file in the recipient's state directory,
+//!   replaced atomically; a damaged one only costs a full rehash).
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
 //! - [`apply`] (staging, journal, execution): the only code that writes into a data tree, and only through
@@ -83,5 +85,6 @@ pub mod path;
 pub mod progress;
 pub mod protocol;
 pub mod scan;
+pub mod statcache;
 pub mod store;
 pub mod transport;

@@ -292,6 +292,14 @@ pub struct Manifest {
     entries: BTreeMap<RelPath, Entry>,
 }
 
+impl FromIterator<(RelPath, Entry)> for Manifest {
+    /// Collects entries without checking tree shape, a later duplicate replacing an earlier one as with
+    /// [`Manifest::insert`]; call [`Manifest::validate`] when done. Sorted input is built in linear time.
+    fn from_iter<I: IntoIterator<Item = (RelPath, Entry)>>(it: I) -> Manifest {
+        Manifest { entries: it.into_iter().collect() }
+    }
+}
+
 impl Manifest {
     /// The empty tree.
     pub fn new() -> Manifest {
@@ -365,8 +373,8 @@ impl Manifest {
     /// The first orphan or escaping link found.
     pub fn validate_shape(&self) -> Result<(), TreeError> {
         for (path, entry) in &self.entries {
-            if let Some(parent) = path.parent()
-                && self.entries.get(&parent) != Some(&Entry::Dir)
+            if let Some((parent, _)) = path.as_str().rsplit_once('/')
+                && self.entries.get(parent) != Some(&Entry::Dir)
             {
                 return Err(TreeError::Orphan(path.clone()));
             }

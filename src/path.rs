@@ -173,6 +173,13 @@ fn shorten(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// Lets maps keyed by `RelPath` be searched with a `&str` (the derived order and hash are the string's).
+impl std::borrow::Borrow<str> for RelPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

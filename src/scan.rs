@@ -8,12 +8,17 @@
 //!
 //! Files are hashed on all cores. This module only reads.
 
+use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use rustix::fs::{AtFlags, FileType, Mode as RawMode, OFlags};
 
 use crate::manifest::{Digest, Entry, FileMeta, LinkTarget, Manifest, Mode, TreeError};
 use crate::path::{PathError, RelPath};
@@ -95,7 +100,7 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> {
-    Ok(walk(root, read, None)?.scan)
+    Ok(walk(root, read, None, now_ns())?.scan)
 }
 
 /// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
@@ -115,7 +120,8 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    fn of(m: &fs::Metadata) -> Stamp {
+    /// The stamp of a file's metadata.
+    pub fn of(m: &fs::Metadata) -> Stamp {
         Stamp {
             size: m.len(),
             mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
@@ -124,18 +130,32 @@ impl Stamp {
             mode: m.mode(),
         }
     }
+
+    // The field types of `struct stat` differ between architectures: a cast that changes nothing here
+    // converts on another.
+    #[allow(clippy::unnecessary_cast)]
+    fn from_stat(st: &rustix::fs::Stat) -> Stamp {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Stamp {
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
+            ino: st.st_ino as u64,
+            mode: st.st_mode as u32,
+        }
+    }
 }
 
-/// Digests of files as they were when last hashed, by path.
-pub type StatCache = std::collections::HashMap<RelPath, (Stamp, Digest)>;
+pub use crate::statcache::StatCache;
 
 /// The result of [`scan_cached`].
 #[derive(Debug)]
 pub struct CachedScan {
     /// The tree.
     pub scan: Scan,
-    /// The cache to keep for the next scan.
-    pub cache: StatCache,
+    /// The cache to keep for the next scan, or `None` when it is the cache given: every entry of it still
+    /// matched and no file read now could join it. An unchanged tree has nothing to write.
+    pub cache: Option<StatCache>,
     /// How many files had to be read.
     pub hashed: usize,
 }
@@ -147,86 +167,290 @@ pub struct CachedScan {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanError> {
-    walk(root, &hash_file, Some(cache))
+    walk(root, &hash_file, Some(cache), now_ns())
 }
 
-fn walk(root: &Path, read: &FileReader<'_>, cache: Option<&StatCache>) -> Result<CachedScan, ScanError> {
-    let started_ns =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// An entry found by the walk, before the files' contents are known.
+enum Found {
+    Dir,
+    Link(LinkTarget),
+    File {
+        stamp: Stamp,
+        mode: Mode,
+        /// Size and digest, and whether they were read now (rather than taken from the cache).
+        content: Option<(u64, Digest, bool)>,
+    },
+}
+
+/// Walks `root`; `started_ns` is when the scan started (nanoseconds since the epoch), the reference for
+/// what counts as racily clean.
+fn walk(
+    root: &Path,
+    read: &FileReader<'_>,
+    cache: Option<&StatCache>,
+    started_ns: i64,
+) -> Result<CachedScan, ScanError> {
     let racy_after = started_ns - 2_000_000_000;
-    let mut new_cache = StatCache::new();
-    let mut stamps: std::collections::HashMap<RelPath, Stamp> = std::collections::HashMap::new();
-    let mut out = Scan::default();
-    let mut files: Vec<(RelPath, PathBuf, Mode)> = Vec::new();
-    for item in walkdir::WalkDir::new(root).follow_links(false).min_depth(1) {
-        let item = item.map_err(|e| {
-            let path = e.path().unwrap_or(root).to_path_buf();
-            ScanError::Io { path, source: e.into_io_error().unwrap_or_else(|| io::Error::other("walk failed")) }
-        })?;
-        let full = item.path();
-        let rel_os = full.strip_prefix(root).expect("walkdir yields paths below its root");
-        let rel = RelPath::from_bytes(rel_os.as_os_str().as_encoded_bytes())
-            .map_err(|source| ScanError::BadName { path: full.to_path_buf(), source })?;
-        let ft = item.file_type();
-        if ft.is_dir() {
-            out.manifest.insert(rel, Entry::Dir);
-        } else if ft.is_file() {
-            let meta = item.metadata().map_err(|e| ScanError::Io {
-                path: full.to_path_buf(),
-                source: e.into_io_error().unwrap_or_else(|| io::Error::other("stat failed")),
-            })?;
-            let mode = Mode::from_bits(meta.permissions().mode());
-            let stamp = Stamp::of(&meta);
-            match cache.and_then(|c| c.get(&rel)) {
-                Some((old, digest)) if *old == stamp => {
-                    new_cache.insert(rel.clone(), (stamp, *digest));
-                    out.manifest.insert(rel, Entry::File(FileMeta { size: stamp.size, mode, blake3: *digest }));
-                }
-                _ => {
-                    stamps.insert(rel.clone(), stamp);
-                    files.push((rel, full.to_path_buf(), mode));
+    let (mut found, foreign) = read_tree(root)?;
+    // In path order, the cache is looked up in one pass and the manifest and the new cache are built
+    // without searching.
+    found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut todo = Vec::new();
+    let mut hits = 0;
+    if let Some(cache) = cache {
+        let mut cursor = cache.cursor();
+        for (idx, (rel, f)) in found.iter_mut().enumerate() {
+            if let Found::File { stamp, content, .. } = f {
+                match cursor.seek(rel.as_str()) {
+                    Some((old, digest)) if old == *stamp => {
+                        hits += 1;
+                        *content = Some((stamp.size, digest, false));
+                    }
+                    _ => todo.push((idx, root.join(rel.as_str()), stamp.size)),
                 }
             }
-        } else if ft.is_symlink() {
-            let target = fs::read_link(full).map_err(|source| ScanError::Io { path: full.to_path_buf(), source })?;
-            let managed = target
-                .to_str()
-                .and_then(|t| LinkTarget::new(t).ok())
-                .filter(|t| !crate::manifest::link_escapes(&rel, t.as_str()));
-            match managed {
-                Some(t) => out.manifest.insert(rel, Entry::Link(t)),
-                None => out.foreign.push(Foreign { path: rel, kind: ForeignKind::Symlink { target } }),
+        }
+    } else {
+        for (idx, (rel, f)) in found.iter().enumerate() {
+            if let Found::File { stamp, .. } = f {
+                todo.push((idx, root.join(rel.as_str()), stamp.size));
             }
-        } else {
-            let what = if ft.is_block_device() {
-                "block device"
-            } else if ft.is_char_device() {
-                "character device"
-            } else if ft.is_fifo() {
-                "FIFO"
-            } else {
-                "socket"
-            };
-            out.foreign.push(Foreign { path: rel, kind: ForeignKind::Special(what) });
         }
     }
-    let hashed = files.len();
-    for (rel, meta) in hash_all(&files, read)? {
-        if let Some(stamp) = stamps.get(&rel)
-            && stamp.size == meta.size
-            && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after
-        {
-            new_cache.insert(rel.clone(), (*stamp, meta.blake3));
+    let hashed = todo.len();
+    for (idx, size, digest) in hash_all(&todo, read)? {
+        if let Found::File { content, .. } = &mut found[idx].1 {
+            *content = Some((size, digest, true));
         }
-        out.manifest.insert(rel, Entry::File(meta));
     }
+    // A file read now is cached only if it was not changing while it was read and is old enough that a
+    // write in the same clock tick as the stamp cannot have gone unnoticed.
+    let cacheable = |stamp: &Stamp, content: &Option<(u64, Digest, bool)>| match content {
+        Some((_, _, false)) => true,
+        Some((size, _, true)) => stamp.size == *size && stamp.mtime_ns.max(stamp.ctime_ns) < racy_after,
+        None => false,
+    };
+    // The new cache is built only when it differs from the old one: when an old entry went unused or a
+    // file read now joins it.
+    let mut new_cache = cache
+        .filter(|old| {
+            hits != old.len()
+                || found.iter().any(|(_, f)| matches!(f, Found::File { stamp, content: c @ Some((_, _, true)), .. } if cacheable(stamp, c)))
+        })
+        .map(|_| StatCache::new());
+    let mut entries = Vec::with_capacity(found.len());
+    for (rel, f) in found {
+        let entry = match f {
+            Found::Dir => Entry::Dir,
+            Found::Link(t) => Entry::Link(t),
+            Found::File { stamp, mode, content } => {
+                if let Some(c) = &mut new_cache
+                    && cacheable(&stamp, &content)
+                {
+                    let (_, digest, _) = content.expect("cacheable content is known");
+                    c.push(rel.as_str(), stamp, digest);
+                }
+                let (size, blake3, _) = content.expect("every file was found in the cache or read");
+                Entry::File(FileMeta { size, mode, blake3 })
+            }
+        };
+        entries.push((rel, entry));
+    }
+    let out = Scan { manifest: entries.into_iter().collect(), foreign };
     out.manifest.validate_shape().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
     Ok(CachedScan { scan: out, cache: new_cache, hashed })
 }
 
-fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result<Vec<(RelPath, FileMeta)>, ScanError> {
+/// What a walk found: the entries a manifest can hold, and the others.
+type Walked = (Vec<(RelPath, Found)>, Vec<Foreign>);
+
+/// A directory waiting to be read: its parent's handle, its name there, and its path in the tree.
+struct PendingDir {
+    parent: Arc<OwnedFd>,
+    name: CString,
+    rel: RelPath,
+}
+
+/// A directory for a walker thread to read.
+enum Job {
+    Root(OwnedFd),
+    Dir(PendingDir),
+}
+
+/// What the walker threads share.
+struct Queue {
+    /// The root's handle until a thread takes it.
+    root: Option<OwnedFd>,
+    pending: Vec<PendingDir>,
+    /// Threads reading a directory now (and so perhaps about to queue more).
+    busy: usize,
+    error: Option<ScanError>,
+}
+
+/// Reads every directory entry below `root`, and stats every regular file, on several threads (the way
+/// git's `preloadIndex` does). Each directory is opened relative to its parent's handle with
+/// `O_NOFOLLOW`, so the walk never leaves the tree through a symbolic link swapped in while it runs, and
+/// each entry is looked at relative to its directory, so the kernel never resolves a full path. Returns
+/// the entries in no particular order, and the foreign ones sorted by path.
+fn read_tree(root: &Path) -> Result<Walked, ScanError> {
+    // The root itself may be reached through a symbolic link (a data tree configured through one).
+    let fd = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, RawMode::empty())
+        .map_err(|e| ScanError::Io { path: root.to_path_buf(), source: e.into() })?;
+    let queue = Mutex::new(Queue { root: Some(fd), pending: Vec::new(), busy: 0, error: None });
+    let wake = Condvar::new();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, MAX_WALKERS);
+    let parts = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| walker(root, &queue, &wake))).collect();
+        handles.into_iter().map(|h| h.join().expect("walker threads do not panic")).collect::<Vec<_>>()
+    });
+    if let Some(e) = queue.into_inner().expect("no panics while held").error {
+        return Err(e);
+    }
+    let (mut found, mut foreign) = (Vec::new(), Vec::new());
+    for (f, x) in parts {
+        found.extend(f);
+        foreign.extend(x);
+    }
+    foreign.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((found, foreign))
+}
+
+/// One walker thread: takes directories from `queue` until none is left and no other thread can queue
+/// more, or until any thread fails.
+fn walker(root: &Path, queue: &Mutex<Queue>, wake: &Condvar) -> Walked {
+    let mut out = (Vec::new(), Vec::new());
+    let mut q = queue.lock().expect("no panics while held");
+    loop {
+        if q.error.is_some() {
+            return out;
+        }
+        let job = match q.root.take() {
+            Some(fd) => Job::Root(fd),
+            None => match q.pending.pop() {
+                Some(p) => Job::Dir(p),
+                None if q.busy == 0 => return out,
+                None => {
+                    q = wake.wait(q).expect("no panics while held");
+                    continue;
+                }
+            },
+        };
+        q.busy += 1;
+        drop(q);
+        // Opened outside the lock, so that threads wait for each other only to take work.
+        let (dir, rel) = match job {
+            Job::Root(fd) => (Ok(fd), None),
+            Job::Dir(p) => (
+                rustix::fs::openat(&*p.parent, &p.name, no_follow_dir(), RawMode::empty())
+                    .map_err(|e| ScanError::Io { path: root.join(p.rel.as_str()), source: e.into() }),
+                Some(p.rel),
+            ),
+        };
+        let mut subdirs = Vec::new();
+        let res = dir.and_then(|dir| read_dir(root, dir, rel.as_ref(), &mut out, &mut subdirs));
+        q = queue.lock().expect("no panics while held");
+        q.busy -= 1;
+        match res {
+            Ok(()) => q.pending.append(&mut subdirs),
+            Err(e) => {
+                q.error.get_or_insert(e);
+            }
+        }
+        wake.notify_all();
+    }
+}
+
+/// At most this many threads walk a tree: beyond it, they only contend for the directory queue.
+const MAX_WALKERS: usize = 4;
+
+fn no_follow_dir() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// Reads the directory `dir` (at `rel` in the tree, `None` for the root): its entries go to `out`, its
+/// subdirectories to `subdirs`.
+fn read_dir(
+    root: &Path,
+    dir: OwnedFd,
+    rel: Option<&RelPath>,
+    out: &mut Walked,
+    subdirs: &mut Vec<PendingDir>,
+) -> Result<(), ScanError> {
+    let dir = Arc::new(dir);
+    let at = || rel.map_or_else(|| root.to_path_buf(), |r| root.join(r.as_str()));
+    let mut entries = rustix::fs::Dir::read_from(&*dir).map_err(|e| ScanError::Io { path: at(), source: e.into() })?;
+    let mut path = rel.map_or_else(String::new, |r| format!("{}/", r.as_str()));
+    let base = path.len();
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(|e| ScanError::Io { path: at(), source: e.into() })?;
+        let name = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let full = || at().join(std::ffi::OsStr::from_bytes(bytes));
+        let Ok(name_str) = std::str::from_utf8(bytes) else {
+            return Err(ScanError::BadName {
+                path: full(),
+                source: PathError::NotUtf8(String::from_utf8_lossy(bytes).into_owned()),
+            });
+        };
+        path.truncate(base);
+        path.push_str(name_str);
+        let rel = RelPath::new(&path).map_err(|source| ScanError::BadName { path: full(), source })?;
+        let io_err = |e: rustix::io::Errno| ScanError::Io { path: full(), source: e.into() };
+        let kind = match entry.file_type() {
+            FileType::Directory => FileType::Directory,
+            FileType::Symlink => FileType::Symlink,
+            // Regular files need their stamp anyway; unknown types are found out the same way.
+            _ => {
+                let st = rustix::fs::statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+                let kind = FileType::from_raw_mode(st.st_mode as _);
+                if kind == FileType::RegularFile {
+                    let stamp = Stamp::from_stat(&st);
+                    out.0.push((rel, Found::File { stamp, mode: Mode::from_bits(stamp.mode), content: None }));
+                    continue;
+                }
+                kind
+            }
+        };
+        match kind {
+            FileType::Directory => {
+                subdirs.push(PendingDir { parent: Arc::clone(&dir), name: name.to_owned(), rel: rel.clone() });
+                out.0.push((rel, Found::Dir));
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(&*dir, name, Vec::new()).map_err(io_err)?;
+                let target = PathBuf::from(std::ffi::OsString::from_vec(target.into_bytes()));
+                let managed = target
+                    .to_str()
+                    .and_then(|t| LinkTarget::new(t).ok())
+                    .filter(|t| !crate::manifest::link_escapes(&rel, t.as_str()));
+                match managed {
+                    Some(t) => out.0.push((rel, Found::Link(t))),
+                    None => out.1.push(Foreign { path: rel, kind: ForeignKind::Symlink { target } }),
+                }
+            }
+            FileType::BlockDevice => out.1.push(Foreign { path: rel, kind: ForeignKind::Special("block device") }),
+            FileType::CharacterDevice => {
+                out.1.push(Foreign { path: rel, kind: ForeignKind::Special("character device") });
+            }
+            FileType::Fifo => out.1.push(Foreign { path: rel, kind: ForeignKind::Special("FIFO") }),
+            _ => out.1.push(Foreign { path: rel, kind: ForeignKind::Special("socket") }),
+        }
+    }
+    Ok(())
+}
+
+/// Reads every file in `files` (its index in the walk, full path and expected size) on all cores, returning
+/// each one's index, size and digest.
+fn hash_all(files: &[(usize, PathBuf, u64)], read: &FileReader<'_>) -> Result<Vec<(usize, u64, Digest)>, ScanError> {
     let next = AtomicUsize::new(0);
-    let total: u64 = files.iter().filter_map(|(_, full, _)| fs::symlink_metadata(full).ok()).map(|m| m.len()).sum();
+    let total: u64 = files.iter().map(|(_, _, size)| size).sum();
     let progress = crate::progress::Progress::bytes("hashing", total);
     let results = Mutex::new(Vec::with_capacity(files.len()));
     let first_error = Mutex::new(None);
@@ -236,14 +460,11 @@ fn hash_all(files: &[(RelPath, PathBuf, Mode)], read: &FileReader<'_>) -> Result
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((rel, full, mode)) = files.get(i) else { break };
+                    let Some((idx, full, _)) = files.get(i) else { break };
                     match read(full) {
                         Ok((size, blake3)) => {
                             progress.add(size);
-                            results
-                                .lock()
-                                .expect("no panics while held")
-                                .push((rel.clone(), FileMeta { size, mode: *mode, blake3 }));
+                            results.lock().expect("no panics while held").push((*idx, size, blake3));
                         }
                         Err(source) => {
                             first_error
@@ -302,7 +523,7 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{PermissionsExt, symlink};
 
     use super::*;
 
@@ -331,6 +552,25 @@ mod tests {
         assert_eq!(s.manifest.len(), 5);
     }
 
+    /// The cache a scan long after the files were written would keep: every regular file, stamped now.
+    fn aged_cache(root: &Path, m: &Manifest) -> StatCache {
+        m.iter()
+            .filter_map(|(p, e)| match e {
+                Entry::File(f) => {
+                    Some((p.clone(), (Stamp::of(&fs::symlink_metadata(root.join(p.as_str())).unwrap()), f.blake3)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn digest_of(s: &Scan, p: &str) -> Option<Digest> {
+        match s.manifest.get(&RelPath::new(p).unwrap()) {
+            Some(Entry::File(f)) => Some(f.blake3),
+            _ => None,
+        }
+    }
+
     #[test]
     fn the_stat_cache_skips_unchanged_files_and_notices_changed_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -339,22 +579,13 @@ mod tests {
         fs::write(root.join("b"), b"two").unwrap();
         let first = scan_cached(root, &StatCache::new()).unwrap();
         assert_eq!(first.hashed, 2);
-        assert!(first.cache.is_empty(), "files written just now are racily clean: not cached");
+        assert_eq!(first.cache, None, "files written just now are racily clean: not cached");
         // Pretend the files were hashed long ago, as they would be on a real tree.
-        let old: StatCache = first
-            .cache
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .chain(first.scan.manifest.iter().filter_map(|(p, e)| match e {
-                Entry::File(f) => {
-                    Some((p.clone(), (Stamp::of(&fs::metadata(root.join(p.as_str())).unwrap()), f.blake3)))
-                }
-                _ => None,
-            }))
-            .collect();
+        let old = aged_cache(root, &first.scan.manifest);
         let again = scan_cached(root, &old).unwrap();
         assert_eq!(again.hashed, 0, "an unchanged tree is not read");
         assert_eq!(again.scan.manifest, first.scan.manifest);
+        assert_eq!(again.cache, None, "an unchanged tree keeps the same cache");
         // Same size, and the modification time put back: the status change time still gives it away.
         let m = fs::metadata(root.join("b")).unwrap();
         fs::write(root.join("b"), b"TWO").unwrap();
@@ -362,9 +593,129 @@ mod tests {
         f.set_modified(m.modified().unwrap()).unwrap();
         let changed = scan_cached(root, &old).unwrap();
         assert_eq!(changed.hashed, 1);
+        assert_eq!(digest_of(&changed.scan, "b"), Some(Digest::of(b"TWO")));
+        let new = changed.cache.expect("the changed file is racily clean: its stale entry goes");
+        assert_eq!(new.get("b"), None);
+        assert_eq!(new.get("a"), old.get("a"));
+    }
+
+    #[test]
+    fn the_stat_cache_notices_modes_new_and_deleted_files_and_type_swaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for name in ["keep", "chmod", "gone", "swap"] {
+            fs::write(root.join(name), name.as_bytes()).unwrap();
+        }
+        let old = aged_cache(root, &scan(root).unwrap().manifest);
+        fs::set_permissions(root.join("chmod"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::remove_file(root.join("gone")).unwrap();
+        fs::write(root.join("new"), b"new").unwrap();
+        fs::remove_file(root.join("swap")).unwrap();
+        symlink("keep", root.join("swap")).unwrap();
+        let c = scan_cached(root, &old).unwrap();
+        assert_eq!(c.scan.manifest, scan(root).unwrap().manifest, "the cache changes nothing in the result");
         assert!(
-            matches!(changed.scan.manifest.get(&RelPath::new("b").unwrap()), Some(Entry::File(f)) if f.blake3 == Digest::of(b"TWO"))
+            matches!(c.scan.manifest.get(&RelPath::new("chmod").unwrap()), Some(Entry::File(f)) if f.mode == Mode::Executable)
         );
+        assert_eq!(c.scan.manifest.get(&RelPath::new("gone").unwrap()), None);
+        assert_eq!(
+            c.scan.manifest.get(&RelPath::new("swap").unwrap()),
+            Some(&Entry::Link(LinkTarget::new("keep").unwrap()))
+        );
+        assert_eq!(digest_of(&c.scan, "new"), Some(Digest::of(b"new")));
+        // chmod changes the mode and the ctime; the new file must be read.
+        assert_eq!(c.hashed, 2);
+        let new = c.cache.unwrap();
+        let kept: Vec<&[u8]> = new.iter().map(|(p, _, _)| p).collect();
+        assert_eq!(kept, [&b"keep"[..]], "only what is still there and old enough stays cached");
+    }
+
+    #[test]
+    fn a_racily_clean_file_is_read_until_it_is_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("f"), b"v1").unwrap();
+        let first = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!(first.cache, None);
+        // The same clock tick could hold another write that leaves the stamp as it is, so a stamp from
+        // within two seconds of the scan must never be trusted.
+        let second = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!((second.hashed, second.cache), (1, None));
+        // Set back, the modification time gives no cover: the status change time is fresh too.
+        let f = fs::File::options().write(true).open(root.join("f")).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+        let third = scan_cached(root, &StatCache::new()).unwrap();
+        assert_eq!((third.hashed, third.cache), (1, None));
+        // A scan that starts three seconds later caches it, and the one after reads nothing.
+        let later = now_ns() + 3_000_000_000;
+        let fourth = walk(root, &hash_file, Some(&StatCache::new()), later).unwrap().cache.unwrap();
+        assert_eq!(fourth.get("f").map(|(_, d)| d), Some(Digest::of(b"v1")));
+        let fifth = walk(root, &hash_file, Some(&fourth), later).unwrap();
+        assert_eq!((fifth.hashed, fifth.cache), (0, None));
+    }
+
+    #[test]
+    fn the_cache_survives_a_round_trip_through_its_file_and_a_damaged_file_costs_only_a_rehash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, state) = (dir.path().join("data"), dir.path().join("state"));
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::create_dir_all(&state).unwrap();
+        for (i, name) in ["d/e/x", "d/e.txt", "d/f", "g"].iter().enumerate() {
+            fs::write(root.join(name), format!("{i}")).unwrap();
+        }
+        let file = state.join(crate::statcache::FILE_NAME);
+        let full = scan(&root).unwrap();
+        aged_cache(&root, &full.manifest).save(&file).unwrap();
+        let loaded = StatCache::load(&file).unwrap();
+        let warm = scan_cached(&root, &loaded).unwrap();
+        assert_eq!((warm.hashed, &warm.scan.manifest), (0, &full.manifest));
+        assert_eq!(warm.cache, None);
+        // Every entry written pairs a path with that path's own digest.
+        for (p, _, d) in loaded.iter() {
+            let p = std::str::from_utf8(p).unwrap();
+            assert_eq!(Some(d), digest_of(&full, p), "{p}");
+        }
+        // A flipped bit anywhere: the file is refused, and the scan without it reads everything and agrees.
+        let mut bytes = fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        fs::write(&file, &bytes).unwrap();
+        assert!(StatCache::load(&file).is_err());
+        let cold = scan_cached(&root, &StatCache::new()).unwrap();
+        assert_eq!((cold.hashed, &cold.scan.manifest), (4, &full.manifest));
+    }
+
+    #[test]
+    fn the_parallel_walk_finds_everything_in_a_wide_and_deep_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut want = std::collections::BTreeSet::new();
+        for a in 0..12 {
+            for b in 0..4 {
+                // "d.x" and "d-y" sort between "d" and "d/...": byte order is not walk order.
+                let deep = format!("a{a:02}/b{b}/d/e/f");
+                fs::create_dir_all(root.join(&deep)).unwrap();
+                for f in ["d.x", "d-y", "d/e/f/z"] {
+                    let p = format!("a{a:02}/b{b}/{f}");
+                    fs::write(root.join(&p), p.as_bytes()).unwrap();
+                    want.insert(p);
+                }
+                for (i, c) in deep.char_indices().filter(|(_, c)| *c == '/') {
+                    let _ = c;
+                    want.insert(deep[..i].to_owned());
+                }
+                want.insert(deep);
+            }
+        }
+        let _socket = std::os::unix::net::UnixListener::bind(root.join("a03/b1/d/sock")).unwrap();
+        let s = scan(root).unwrap();
+        let got: std::collections::BTreeSet<String> = s.manifest.iter().map(|(p, _)| p.as_str().to_owned()).collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            s.foreign,
+            [Foreign { path: RelPath::new("a03/b1/d/sock").unwrap(), kind: ForeignKind::Special("socket") }]
+        );
+        assert_eq!(digest_of(&s, "a05/b2/d-y"), Some(Digest::of(b"a05/b2/d-y")));
     }
 
     #[test]

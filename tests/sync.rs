@@ -353,3 +353,62 @@ fn requests_grow_with_drift_not_with_the_tree() {
     site.run(false);
     assert_same_tree(&w.source, &site.data);
 }
+
+#[test]
+fn the_stat_cache_is_written_only_when_it_changes_and_never_hides_an_edit() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::new();
+    let site = w.site("site1");
+    for f in 0..30 {
+        put(&w.source, &format!("d/f{f:02}.txt"), format!("file {f}\n").as_bytes(), 0o644);
+    }
+    w.publish();
+    w.sync(&site);
+    // Files changed within two seconds of a scan are never cached: let the tree age first.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let cache = site.dir.join("stat-cache");
+    let stamp = || fs::metadata(&cache).map(|m| (m.ino(), m.mtime(), m.mtime_nsec())).ok();
+    w.sync(&site);
+    let written = stamp().expect("a scan of an aged tree writes the stat cache");
+
+    // Unchanged: the request is empty and the cache file is left as it was.
+    site.run(true);
+    let (unchanged, _) = waiting_request(&w);
+    assert_eq!(unchanged["inventory"].as_array().unwrap().len(), 0);
+    assert_eq!(stamp(), Some(written), "an unchanged tree rewrote the stat cache");
+    w.owner_run();
+    site.run(false);
+    w.owner_run();
+
+    // Same size and modification time, new content: the status change time gives it away, the request
+    // carries the new digest, the cache is rewritten, and the next sync repairs the file.
+    let path = site.data.join("d/f07.txt");
+    let before = fs::metadata(&path).unwrap().modified().unwrap();
+    fs::write(&path, b"FILE 7\n").unwrap();
+    fs::File::options().write(true).open(&path).unwrap().set_modified(before).unwrap();
+    site.run(true);
+    let (drift, _) = waiting_request(&w);
+    let listed = drift["inventory"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{drift}");
+    assert_eq!(listed[0]["path"], "d/f07.txt");
+    let want = mailferry::manifest::Digest::of(b"FILE 7\n").to_hex();
+    assert!(listed[0].to_string().contains(&want), "{}", listed[0]);
+    assert_ne!(stamp(), Some(written), "the edited file's entry must leave the cache");
+    w.owner_run();
+    site.run(false);
+    w.owner_run();
+    assert_same_tree(&w.source, &site.data);
+
+    // A damaged cache file costs a full rehash, never a wrong answer.
+    fs::write(&cache, b"MFSTATC\0 garbage").unwrap();
+    put(&site.data, "d/f08.txt", b"edited\n", 0o644);
+    let log = site.run(true);
+    assert!(log.contains("every file will be read again"), "{log}");
+    let (after_damage, _) = waiting_request(&w);
+    let listed: Vec<&str> =
+        after_damage["inventory"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["d/f08.txt"]);
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}

@@ -29,6 +29,7 @@ use crate::protocol::{
     VERSION, Want,
 };
 use crate::scan;
+use crate::statcache::{self, StatCache};
 use crate::transport::Transport;
 
 /// Returns the refusal of a `Result<_, Refusal>` from the enclosing `Result<Result<_, Refusal>>` function.
@@ -304,13 +305,18 @@ impl Recipient {
         let resend = resend.map(|(r, _)| r);
         let full_content = self.db.meta("full_content")?.as_deref() == Some("1");
         let scan = self.scan_tree()?;
-        let (generation, _, applied) = self.db.applied()?;
+        let root = scan.manifest.root();
+        let (generation, applied_root) = self.db.applied_root()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || self.db.meta("need_full_inventory")?.as_deref() == Some("1");
         let (inventory_kind, inventory, removed) = if full {
             (InventoryKind::Full, scan.manifest.listing(), Vec::new())
+        } else if applied_root == Some(root) {
+            // Equal roots are equal trees: no drift, and no need to load the applied manifest.
+            (InventoryKind::Changes, Vec::new(), Vec::new())
         } else {
+            let (_, _, applied) = self.db.applied()?;
             let changed = scan
                 .manifest
                 .iter()
@@ -338,7 +344,7 @@ impl Recipient {
             seq,
             created: now(),
             generation,
-            root: scan.manifest.root(),
+            root,
             inventory_kind,
             inventory,
             removed,
@@ -564,7 +570,7 @@ impl Recipient {
     /// Refuses a reply that would take the tree back: an older generation, or the applied generation
     /// with another root.
     fn check_generation(&self, reply: &Reply) -> Result<Result<(), Refusal>> {
-        let (applied, applied_root, _) = self.db.applied()?;
+        let (applied, applied_root) = self.db.applied_root()?;
         if reply.generation < applied {
             return Ok(Err(Refusal::new(
                 Reason::Rollback,
@@ -725,10 +731,19 @@ impl Recipient {
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
     pub(crate) fn scan_tree(&self) -> Result<scan::Scan> {
         let data = &self.cfg.recipient.data;
-        let old = self.db.stat_cache()?;
+        let cache_file = self.cfg.state_dir.join(statcache::FILE_NAME);
+        let old = StatCache::load(&cache_file).unwrap_or_else(|e| {
+            warn!("{:#}; every file will be read again", anyhow::Error::from(e));
+            StatCache::new()
+        });
         let c =
             scan::scan_cached(data, &old).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
-        self.db.transaction(|db| db.save_stat_cache(&old, &c.cache))?;
+        // An unchanged tree writes nothing. The cache only saves work, so failing to write it is not fatal.
+        if let Some(new) = &c.cache
+            && let Err(e) = new.save(&cache_file)
+        {
+            warn!("failed to write the stat cache `{}`: {e}", cache_file.display());
+        }
         tracing::debug!(entries = c.scan.manifest.len(), hashed = c.hashed, "scanned the data tree");
         Ok(c.scan)
     }
@@ -792,7 +807,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 /// State failures.
 pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
-    let (generation, root, _) = db.applied()?;
+    let (generation, root) = db.applied_root()?;
     Ok(RecipientStatus {
         role: "recipient",
         name: cfg.recipient.name.clone(),
