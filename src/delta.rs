@@ -78,7 +78,8 @@ pub fn decompress<R: BufRead, W: Write>(
     dec.window_log_max(max).map_err(bad)?;
     let mut dec = dec.single_frame();
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    // Sized to the output (a small file's frame needs no 256 KiB of zeroed buffer).
+    let mut buf = vec![0u8; limit.saturating_add(1).clamp(4096, 256 * 1024) as usize];
     let mut total = 0u64;
     loop {
         let n = dec.read(&mut buf).map_err(bad)?;
