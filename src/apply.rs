@@ -636,18 +636,9 @@ fn removal_parent<'a>(root: &tree::Dir, path: &'a RelPath) -> Result<Option<(tre
 }
 
 /// Size and BLAKE3 of an open file, read once.
-fn digest_of(mut f: File) -> io::Result<(u64, Digest)> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((size, h.finalize().into()));
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
+fn digest_of(f: File) -> io::Result<(u64, Digest)> {
+    let len = f.metadata()?.len();
+    crate::scan::hash_reader(f, len)
 }
 
 #[cfg(test)]

@@ -486,26 +486,34 @@ fn hash_all(files: &[(usize, PathBuf, u64)], read: &FileReader<'_>) -> Result<Ve
     Ok(results.into_inner().expect("no panics while held"))
 }
 
-/// Size and BLAKE3 of a regular file, reading it once in 256 KiB chunks. Refuses to open anything but a
-/// regular file (a FIFO swapped in would block forever).
+/// Size and BLAKE3 of a regular file, reading it once. Refuses to open anything but a regular file (a
+/// FIFO swapped in would block forever).
 ///
 /// # Errors
 /// I/O errors, and `InvalidInput` when the path is not a regular file.
 pub fn hash_file(path: &Path) -> io::Result<(u64, Digest)> {
-    let mut f = open_regular(path)?;
+    let f = open_regular(path)?;
+    let len = f.metadata()?.len();
+    hash_reader(f, len)
+}
+
+/// Size and BLAKE3 of everything `r` yields, read in chunks sized for about `len` bytes (zeroing a
+/// 256 KiB buffer costs more than reading a small file).
+///
+/// # Errors
+/// Read errors.
+pub fn hash_reader(mut r: impl Read, len: u64) -> io::Result<(u64, Digest)> {
     let mut h = blake3::Hasher::new();
-    // Sized to the file: zeroing a 256 KiB buffer costs more than reading a small file.
-    let mut buf = vec![0u8; chunk_for(f.metadata()?.len())];
+    let mut buf = vec![0u8; chunk_for(len)];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = r.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok((size, h.finalize().into()));
         }
         size += n as u64;
         h.update(&buf[..n]);
     }
-    Ok((size, h.finalize().into()))
 }
 
 /// A read buffer for `len` bytes: the length plus one (so end of file shows in one more read), at least

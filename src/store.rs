@@ -81,7 +81,7 @@ impl Store {
                     && size == after.len())
             };
             // Content the store has costs a hash, not a compression (a publish after a small change).
-            let (size, digest) = hash_reader(&mut f)?;
+            let (size, digest) = crate::scan::hash_reader(&mut f, before.len())?;
             if self.contains(&digest) {
                 if unchanged(size)? {
                     return Ok((size, digest, None));
@@ -236,21 +236,6 @@ thread_local! {
     /// Each thread's zstd context, with the level it is set to.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
-}
-
-/// Size and BLAKE3 of everything `r` yields.
-fn hash_reader(r: &mut impl Read) -> io::Result<(u64, Digest)> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok((size, h.finalize().into()));
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
 }
 
 /// New objects written unsynced, made durable together by [`Batch::commit`]. Dropped without a commit,

@@ -159,19 +159,9 @@ fn unlisted_attachment_is_refused() {
     let reply = w.pending_reply(&site);
     let raw = fs::read(&reply).unwrap();
     let parsed = envelope::parse(&raw, u64::MAX).unwrap();
-    let mut payloads: Vec<(&str, &[u8])> = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let mut payloads = attachments_of(&parsed);
     payloads.push(("evil.sh", b"#!/bin/sh\nrm -rf /\n"));
-    let rebuilt = envelope::build(&Outgoing {
-        from: OWNER,
-        to: &site.address,
-        subject: "x".into(),
-        text: "x".into(),
-        kind: Kind::Reply,
-        control: &parsed.control,
-        auth: &parsed.auth,
-        payloads,
-    })
-    .unwrap();
+    let rebuilt = forge(Kind::Reply, (OWNER, &site.address), &parsed.control, &parsed.auth, &payloads);
     fs::write(&reply, rebuilt).unwrap();
     expect_refused(&w, &site, "bad-payload");
 }
@@ -475,18 +465,7 @@ fn auth_part_naming_another_key_is_refused() {
     let mut auth: serde_json::Value = serde_json::from_slice(&parsed.auth).unwrap();
     auth["key-id"] = "0000000000000000".into();
     let auth = serde_json::to_vec(&auth).unwrap();
-    let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-    let rebuilt = envelope::build(&Outgoing {
-        from: OWNER,
-        to: &site.address,
-        subject: "x".into(),
-        text: "x".into(),
-        kind: Kind::Reply,
-        control: &parsed.control,
-        auth: &auth,
-        payloads,
-    })
-    .unwrap();
+    let rebuilt = forge(Kind::Reply, (OWNER, &site.address), &parsed.control, &auth, &attachments_of(&parsed));
     fs::write(&reply, rebuilt).unwrap();
     expect_refused(&w, &site, "bad-mac");
 }
@@ -520,17 +499,8 @@ fn request_with_an_attachment_is_refused() {
     let owner_new = w.spool.join(OWNER).join("new");
     let req = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
     let parsed = envelope::parse(&fs::read(&req).unwrap(), u64::MAX).unwrap();
-    let rebuilt = envelope::build(&Outgoing {
-        from: &site.address,
-        to: OWNER,
-        subject: "x".into(),
-        text: "x".into(),
-        kind: Kind::Request,
-        control: &parsed.control,
-        auth: &parsed.auth,
-        payloads: vec![("extra.bin", b"surprise")],
-    })
-    .unwrap();
+    let extra: &[u8] = b"surprise";
+    let rebuilt = forge(Kind::Request, (&site.address, OWNER), &parsed.control, &parsed.auth, &[("extra.bin", extra)]);
     fs::write(&req, rebuilt).unwrap();
     w.owner_run();
     assert_eq!(rejections(&w.owner_config), ["bad-payload"]);

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mailferry::crypto::{Key, Nonce, SigningKey};
-use mailferry::protocol::envelope::{self, Outgoing};
+use mailferry::protocol::envelope;
 use mailferry::protocol::{Auth, Kind};
 
 use crate::hostile::expect_refused;
@@ -40,17 +40,7 @@ fn late_request(path: &Path, key: &Key, recipient: &str, seq: u64) -> Vec<u8> {
     control["seq"] = serde_json::json!(seq);
     let control = serde_json::to_vec(&control).unwrap();
     let auth = mailferry::protocol::encode(&Auth::sign(recipient, key, &control));
-    envelope::build(&Outgoing {
-        from: &format!("{recipient}@customer.test"),
-        to: OWNER,
-        subject: "late request".into(),
-        text: "late".into(),
-        kind: Kind::Request,
-        control: &control,
-        auth: &auth,
-        payloads: Vec::new(),
-    })
-    .unwrap()
+    forge(Kind::Request, (&format!("{recipient}@customer.test"), OWNER), &control, &auth, &[])
 }
 
 #[test]
@@ -113,18 +103,7 @@ fn a_rotated_key_travels_sealed_and_the_old_one_ends_after_its_grace() {
         let parsed = envelope::parse(&fs::read(&path).unwrap(), u64::MAX).unwrap();
         let auth =
             mailferry::protocol::encode(&Auth::sign(&site.address.replace("@customer.test", ""), old, &parsed.control));
-        let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let rebuilt = envelope::build(&Outgoing {
-            from: OWNER,
-            to: &site.address,
-            subject: "made under the previous key".into(),
-            text: "old key".into(),
-            kind: Kind::Reply,
-            control: &parsed.control,
-            auth: &auth,
-            payloads,
-        })
-        .unwrap();
+        let rebuilt = forge(Kind::Reply, (OWNER, &site.address), &parsed.control, &auth, &attachments_of(&parsed));
         fs::write(&path, rebuilt).unwrap();
         site.run(false);
     }
@@ -236,7 +215,7 @@ fn replies_with_the_right_mac_but_no_owner_signature_are_refused() {
     let other = SigningKey::generate();
     let unsigned = |auth: Auth| Auth { signature: None, ..auth };
     let stranger = |auth: Auth| Auth { signature: Some(other.sign(b"anything")), ..auth };
-    for forge in [&unsigned as &dyn Fn(Auth) -> Auth, &stranger] {
+    for tamper in [&unsigned as &dyn Fn(Auth) -> Auth, &stranger] {
         let (w, _, site) = signing_world();
         w.sync(&site);
         put(&w.source, "README", b"version 2\n", 0o644);
@@ -246,19 +225,8 @@ fn replies_with_the_right_mac_but_no_owner_signature_are_refused() {
         let parsed = envelope::parse(&raw, u64::MAX).unwrap();
         let auth: Auth = serde_json::from_slice(&parsed.auth).unwrap();
         assert!(auth.signature.is_some(), "the owner signs its replies");
-        let forged = mailferry::protocol::encode(&forge(Auth::sign("site1", &site.key(), &parsed.control)));
-        let payloads = parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        let rebuilt = envelope::build(&Outgoing {
-            from: OWNER,
-            to: "site1@customer.test",
-            subject: "forged".into(),
-            text: "forged".into(),
-            kind: Kind::Reply,
-            control: &parsed.control,
-            auth: &forged,
-            payloads,
-        })
-        .unwrap();
+        let forged = mailferry::protocol::encode(&tamper(Auth::sign("site1", &site.key(), &parsed.control)));
+        let rebuilt = forge(Kind::Reply, (OWNER, &site.address), &parsed.control, &forged, &attachments_of(&parsed));
         fs::write(&path, rebuilt).unwrap();
         expect_refused(&w, &site, "bad-signature");
     }

@@ -185,18 +185,13 @@ fn a_large_inventory_travels_compressed_and_is_checked() {
     // The payload is covered by the MAC through its digest: an altered one is refused.
     let mut altered = inventory.clone();
     altered[inventory.len() / 2] ^= 1;
-    let payloads = vec![("inventory.zst", altered.as_slice())];
-    let forged = mailferry::protocol::envelope::build(&mailferry::protocol::envelope::Outgoing {
-        from: &site.address,
-        to: OWNER,
-        subject: "altered".into(),
-        text: "altered".into(),
-        kind: mailferry::protocol::Kind::Request,
-        control: &parsed.control,
-        auth: &parsed.auth,
-        payloads,
-    })
-    .unwrap();
+    let forged = forge(
+        mailferry::protocol::Kind::Request,
+        (&site.address, OWNER),
+        &parsed.control,
+        &parsed.auth,
+        &[("inventory.zst", altered.as_slice())],
+    );
     fs::write(inbox.join("forged"), forged).unwrap();
     w.owner_run();
     assert_eq!(rejections(&w.owner_config), ["bad-payload"]);

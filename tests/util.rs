@@ -358,3 +358,30 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A message of `kind` from `from` to `to` made of the given control, auth and attachment bytes, as an
+/// attacker (or a relay) could put together; subject and text say it is forged.
+pub fn forge(
+    kind: mailferry::protocol::Kind,
+    (from, to): (&str, &str),
+    control: &[u8],
+    auth: &[u8],
+    attachments: &[(&str, &[u8])],
+) -> Vec<u8> {
+    mailferry::protocol::envelope::build(&mailferry::protocol::envelope::Outgoing {
+        from,
+        to,
+        subject: "forged".into(),
+        text: "forged".into(),
+        kind,
+        control,
+        auth,
+        payloads: attachments.to_vec(),
+    })
+    .unwrap()
+}
+
+/// The attachments of a parsed message, as [`forge`] takes them.
+pub fn attachments_of(parsed: &mailferry::protocol::envelope::Parsed) -> Vec<(&str, &[u8])> {
+    parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect()
+}

@@ -327,13 +327,7 @@ impl Owner {
     /// in smaller parts); another failure is logged and shown by `status`. Reports are not authenticated,
     /// so this is all they can do, and only for a message id this owner sent.
     fn bounced(&mut self, report: &envelope::Bounce, digest: &Digest) -> Result<Result<Handled, Refusal>> {
-        let what = format!(
-            "{} {}",
-            report.status.as_deref().unwrap_or("(no status)"),
-            report.diagnostic.as_deref().unwrap_or("")
-        )
-        .trim()
-        .to_owned();
+        let what = report.summary();
         let sent = match &report.message_id {
             Some(id) => self.db.sent_id(id)?,
             None => None,

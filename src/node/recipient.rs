@@ -899,13 +899,7 @@ impl Node for Recipient {
         if raw.len() as u64 <= self.cfg.limits.max_message_bytes
             && let Some(report) = envelope::bounce(raw)
         {
-            let what = format!(
-                "{} {}",
-                report.status.as_deref().unwrap_or("(no status)"),
-                report.diagnostic.as_deref().unwrap_or("")
-            )
-            .trim()
-            .to_owned();
+            let what = report.summary();
             if report.failed() {
                 warn!(
                     message_id = report.message_id.as_deref().unwrap_or("-"),

@@ -181,6 +181,13 @@ pub struct Bounce {
 }
 
 impl Bounce {
+    /// Status and diagnostic in one line, for logs and `status`.
+    pub fn summary(&self) -> String {
+        format!("{} {}", self.status.as_deref().unwrap_or("(no status)"), self.diagnostic.as_deref().unwrap_or(""))
+            .trim()
+            .to_owned()
+    }
+
     /// Whether delivery failed for good (as opposed to a delay or a success notice).
     pub fn failed(&self) -> bool {
         self.action.as_deref().is_some_and(|a| a.eq_ignore_ascii_case("failed"))
