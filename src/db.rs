@@ -1002,17 +1002,8 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &str, ops: usize, held: u64) -> Result<()> {
-        let root = manifest.root();
-        self.set_meta("applied_generation", &generation.to_string())?;
-        self.set_meta("applied_root", &root.to_hex())?;
-        self.conn.execute(
-            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('applied', ?1)",
-            [pack_manifest(manifest)?],
-        )?;
-        self.conn.execute(
-            "INSERT INTO applied (at, generation, root, reply_id, nonce, ops) VALUES (?1, ?2, ?3, ?4, '', ?5)",
-            params![now() as i64, generation as i64, root.to_hex(), id, ops as i64],
-        )?;
+        // A history row with no nonce: no reply brought it.
+        self.record_applied(generation, manifest, id, "", ops)?;
         self.clear_previous()?;
         let held = held.max(self.rollback_hold()?.unwrap_or(0));
         self.set_rollback_hold(Some(held))

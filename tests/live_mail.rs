@@ -363,19 +363,6 @@ fn wrong_password_is_a_clear_error_naming_server_and_user() {
     assert!(text.contains("last error:") && text.contains(&s.node.user), "{text}");
 }
 
-/// Bytes that zstd cannot shrink (xorshift).
-fn incompressible(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn reply_over_the_servers_size_limit_arrives_in_parts_through_the_relay() {
     let m = mailserver::shared();
@@ -386,7 +373,7 @@ fn reply_over_the_servers_size_limit_arrives_in_parts_through_the_relay() {
     fs::write(&w.owner.config, cfg).unwrap();
     let s = w.site("big", SUBMISSION_STARTTLS, IMAPS);
     let size = usize::try_from(limit + limit / 10).unwrap();
-    put(&w.source, "big.bin", &incompressible(size), 0o644);
+    put(&w.source, "big.bin", &noise(size, 0x9E37_79B9_7F4A_7C15), 0o644);
     w.publish();
     s.run(true);
     w.wait_inbox(&w.owner, 1);

@@ -6,19 +6,6 @@ use std::path::{Path, PathBuf};
 
 use crate::util::*;
 
-/// Bytes that zstd cannot shrink (xorshift), so any saving comes from deltas.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn new_messages(site: &Site, w: &World) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(site.maildir(w).join("new")).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();

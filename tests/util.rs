@@ -385,3 +385,16 @@ pub fn forge(
 pub fn attachments_of(parsed: &mailferry::protocol::envelope::Parsed) -> Vec<(&str, &[u8])> {
     parsed.attachments.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect()
 }
+
+/// `n` bytes that zstd cannot shrink (xorshift from `seed`), so any saving comes from deltas.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

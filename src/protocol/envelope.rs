@@ -210,12 +210,20 @@ impl Bounce {
 /// Reads `raw` as a delivery status notification: a `multipart/report` with `report-type=delivery-status`.
 /// `None` for anything else (every mailferry message is `multipart/mixed`).
 pub fn bounce(raw: &[u8]) -> Option<Bounce> {
+    let is_report = |m: &mail_parser::Message<'_>| {
+        m.content_type().is_some_and(|ct| {
+            ct.ctype().eq_ignore_ascii_case("multipart")
+                && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+                && ct.attribute("report-type").is_some_and(|t| t.eq_ignore_ascii_case("delivery-status"))
+        })
+    };
+    // Every message is asked this first, reply parts of megabytes included: the headers decide it.
+    let end = raw.len().min(64 * 1024);
+    if !MessageParser::default().parse_headers(&raw[..end]).is_some_and(|m| is_report(&m)) {
+        return None;
+    }
     let msg = MessageParser::default().parse(raw)?;
-    let ct = msg.content_type()?;
-    let is_report = ct.ctype().eq_ignore_ascii_case("multipart")
-        && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
-        && ct.attribute("report-type").is_some_and(|t| t.eq_ignore_ascii_case("delivery-status"));
-    if !is_report {
+    if !is_report(&msg) {
         return None;
     }
     let mut b = Bounce::default();
