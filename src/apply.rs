@@ -422,6 +422,10 @@ pub struct Journal {
     /// A reply's apply, or a local rollback; journals written before rollbacks existed are applies.
     #[serde(default)]
     pub kind: JournalKind,
+    /// The id of the key that authenticated the reply (recorded with the applied generation); none for a
+    /// rollback, or in journals written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// What a [`Journal`] records.
@@ -785,6 +789,7 @@ mod tests {
                 target: vec![],
                 steps: vec![step],
                 kind: JournalKind::Apply,
+                key_id: None,
             };
             let res = journal.execute();
             assert_eq!(listing(&outside), before, "{name}: nothing outside the tree changed");

@@ -120,6 +120,29 @@ pub struct OwnerSection {
     /// with the owner's Ed25519 key, which enrollment files then pin). Default `hmac`.
     #[serde(default)]
     pub signing: Signing,
+    /// Most replies one recipient is sent per `budget-period` (answers and resends); requests over it are
+    /// refused (`limit`). Bounds what a stolen key or a looping recipient can make the owner mail.
+    /// Default 200.
+    #[serde(default = "default_budget_replies")]
+    pub budget_replies: u64,
+    /// Most reply bytes one recipient is sent per `budget-period`. Default 4 GiB.
+    #[serde(default = "default_budget_bytes")]
+    pub budget_bytes: u64,
+    /// The period the budget counts over. Default 1d.
+    #[serde(with = "duration", default = "default_budget_period")]
+    pub budget_period: Duration,
+}
+
+pub(crate) fn default_budget_replies() -> u64 {
+    200
+}
+
+pub(crate) fn default_budget_bytes() -> u64 {
+    4 << 30
+}
+
+pub(crate) fn default_budget_period() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// How an owner authenticates its replies.

@@ -20,7 +20,8 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 ///
 /// # Panics
 /// When the operating system cannot provide randomness, which leaves nothing safe to do.
-fn random(buf: &mut [u8]) {
+/// Fills `buf` from the operating system's random generator.
+pub fn random(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the operating system's random source failed");
 }
 
@@ -71,6 +72,12 @@ impl Key {
     }
 }
 
+/// Whether `a` and `b` are equal, compared in constant time (for secrets such as delivery tokens).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 /// Domain separation for sealing a new key under an old one.
 const REKEY_CONTEXT: &str = "mailferry rekey v1";
 
@@ -79,10 +86,16 @@ impl Key {
     /// from this one, with the recipient's name and the new key's id as associated data. Returns
     /// hex(nonce ‖ ciphertext ‖ tag), 120 hex digits.
     pub fn seal_key(&self, recipient: &str, new: &Key) -> String {
-        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
-        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.rekey_cipher_key());
         let mut nonce = [0u8; 12];
         random(&mut nonce);
+        self.seal_key_with_nonce(recipient, new, nonce)
+    }
+
+    /// [`Key::seal_key`] with the AEAD nonce given (a fresh random one for every sealing; the engine
+    /// passes its own randomness in).
+    pub fn seal_key_with_nonce(&self, recipient: &str, new: &Key, nonce: [u8; 12]) -> String {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.rekey_cipher_key());
         let aad = rekey_aad(recipient, &new.id());
         let sealed = cipher
             .encrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: &new.0, aad: &aad })

@@ -14,46 +14,177 @@ use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+pub use crate::engine::owner::{LearnedLimit, SentMessage};
 use crate::manifest::{Digest, Listed, Manifest};
 use crate::protocol::Refusal;
 use crate::protocol::envelope::Hints;
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema, as numbered migrations: migration `i` (from 0) takes a database from schema version `i` to
+/// `i + 1`. A database is created by running them all, and an existing one is brought up to date by
+/// running those it has not had, each in its own transaction together with the version it sets. Written
+/// once: never edit a migration that has shipped, add one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema of the first release.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE manifests (name TEXT PRIMARY KEY, data BLOB NOT NULL);
+     CREATE TABLE generations (
+        number INTEGER PRIMARY KEY, root TEXT NOT NULL, created INTEGER NOT NULL,
+        files INTEGER NOT NULL, bytes INTEGER NOT NULL, manifest BLOB NOT NULL);
+     CREATE TABLE recipients (
+        name TEXT PRIMARY KEY, address TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL,
+        created INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0,
+        last_request_at INTEGER, last_reply_at INTEGER, last_receipt_at INTEGER,
+        applied_generation INTEGER, applied_root TEXT);
+     CREATE TABLE requests (
+        nonce TEXT PRIMARY KEY, recipient TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
+        reply_id TEXT NOT NULL, generation INTEGER NOT NULL, ops INTEGER NOT NULL, reply_bytes INTEGER NOT NULL);
+     CREATE TABLE outstanding (nonce TEXT PRIMARY KEY, seq INTEGER NOT NULL, sent_at INTEGER NOT NULL);
+     CREATE TABLE seen (digest TEXT PRIMARY KEY, at INTEGER NOT NULL, outcome TEXT NOT NULL, settled INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE rejections (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+        sender TEXT, message_id TEXT, subject TEXT, digest TEXT);
+     CREATE TABLE receipts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL, at INTEGER NOT NULL, nonce TEXT NOT NULL,
+        reply_id TEXT NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL, status TEXT NOT NULL,
+        UNIQUE (recipient, reply_id));
+     CREATE TABLE outbox (
+        name TEXT PRIMARY KEY, queued_at INTEGER NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
+        raw BLOB NOT NULL, failed_at INTEGER, error TEXT);
+     CREATE TABLE applied (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL,
+        reply_id TEXT NOT NULL, nonce TEXT NOT NULL, ops INTEGER NOT NULL);
+     INSERT INTO meta (key, value) VALUES ('created_at', CAST(strftime('%s', 'now') AS TEXT));",
+    // 2: typed state. The tables the first release created on open when missing (so a database of any
+    // build of it has them), the facts that lived as untyped `meta` keys moved into typed tables, the
+    // recipient's facts keyed by subscription ('default' for the one data tree of today), the owner's
+    // generations keyed by channel ('default'), and replies' roots kept so that receipts can be checked.
+    "DROP TABLE IF EXISTS stat_cache;
+     CREATE TABLE IF NOT EXISTS sent_parts (
+        reply_id TEXT NOT NULL, part INTEGER NOT NULL, recipient TEXT NOT NULL, created INTEGER NOT NULL,
+        raw BLOB NOT NULL, PRIMARY KEY (reply_id, part));
+     CREATE TABLE IF NOT EXISTS received_parts (
+        reply_id TEXT NOT NULL, part INTEGER NOT NULL, nonce TEXT NOT NULL, received_at INTEGER NOT NULL,
+        control BLOB NOT NULL, PRIMARY KEY (reply_id, part));
+     CREATE TABLE IF NOT EXISTS sent_ids (
+        message_id TEXT PRIMARY KEY, recipient TEXT NOT NULL, reply_id TEXT NOT NULL,
+        part INTEGER NOT NULL, bytes INTEGER NOT NULL, at INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS key_rotations (
+        recipient TEXT PRIMARY KEY, key TEXT NOT NULL, key_id TEXT NOT NULL, started INTEGER NOT NULL,
+        grace INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS retired_keys (
+        recipient TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL, valid_until INTEGER NOT NULL,
+        PRIMARY KEY (recipient, key_id));
 
-const SCHEMA: &str = "
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE manifests (name TEXT PRIMARY KEY, data BLOB NOT NULL);
-CREATE TABLE generations (
-    number INTEGER PRIMARY KEY, root TEXT NOT NULL, created INTEGER NOT NULL,
-    files INTEGER NOT NULL, bytes INTEGER NOT NULL, manifest BLOB NOT NULL);
-CREATE TABLE recipients (
-    name TEXT PRIMARY KEY, address TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL,
-    created INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0,
-    last_request_at INTEGER, last_reply_at INTEGER, last_receipt_at INTEGER,
-    applied_generation INTEGER, applied_root TEXT);
-CREATE TABLE requests (
-    nonce TEXT PRIMARY KEY, recipient TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
-    reply_id TEXT NOT NULL, generation INTEGER NOT NULL, ops INTEGER NOT NULL, reply_bytes INTEGER NOT NULL);
-CREATE TABLE outstanding (nonce TEXT PRIMARY KEY, seq INTEGER NOT NULL, sent_at INTEGER NOT NULL);
-CREATE TABLE seen (digest TEXT PRIMARY KEY, at INTEGER NOT NULL, outcome TEXT NOT NULL, settled INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE rejections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
-    sender TEXT, message_id TEXT, subject TEXT, digest TEXT);
-CREATE TABLE receipts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL, at INTEGER NOT NULL, nonce TEXT NOT NULL,
-    reply_id TEXT NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL, status TEXT NOT NULL,
-    UNIQUE (recipient, reply_id));
-CREATE TABLE outbox (
-    name TEXT PRIMARY KEY, queued_at INTEGER NOT NULL, sender TEXT NOT NULL, rcpt TEXT NOT NULL,
-    raw BLOB NOT NULL, failed_at INTEGER, error TEXT);
-CREATE TABLE applied (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL,
-    reply_id TEXT NOT NULL, nonce TEXT NOT NULL, ops INTEGER NOT NULL);
-";
+     CREATE TABLE node (
+        id INTEGER PRIMARY KEY CHECK (id = 1), created_at INTEGER NOT NULL,
+        rejections_reported_id INTEGER NOT NULL DEFAULT 0, rejections_reported_at INTEGER NOT NULL DEFAULT 0,
+        signing_key TEXT);
+     INSERT INTO node (id, created_at, rejections_reported_id, rejections_reported_at, signing_key) VALUES (1,
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'created_at'), CAST(strftime('%s', 'now') AS INTEGER)),
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rejections_reported_id'), 0),
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rejections_reported_at'), 0),
+        (SELECT value FROM meta WHERE key = 'signing_key'));
+
+     CREATE TABLE transport_status (
+        id INTEGER PRIMARY KEY CHECK (id = 1), last_error TEXT, last_error_at INTEGER, last_ok_at INTEGER,
+        receive_mode TEXT, receive_mode_at INTEGER);
+     INSERT INTO transport_status VALUES (1,
+        (SELECT value FROM meta WHERE key = 'transport.last_error'),
+        (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'transport.last_error_at'),
+        (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'transport.last_ok_at'),
+        (SELECT value FROM meta WHERE key = 'transport.receive_mode'),
+        (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'transport.receive_mode_at'));
+
+     ALTER TABLE sent_ids ADD COLUMN token TEXT;
+     CREATE TABLE relay_limits (
+        recipient TEXT PRIMARY KEY, limit_bytes INTEGER NOT NULL, learned_at INTEGER NOT NULL,
+        refused_bytes INTEGER, reply_id TEXT);
+     INSERT INTO relay_limits (recipient, limit_bytes, learned_at)
+        SELECT substr(key, 13), CAST(value AS INTEGER), CAST(strftime('%s', 'now') AS INTEGER) FROM meta WHERE key LIKE 'relay\\_limit.%' ESCAPE '\\' AND value != '';
+     CREATE TABLE bounces (recipient TEXT PRIMARY KEY, summary TEXT NOT NULL);
+     INSERT INTO bounces SELECT substr(key, 8), value FROM meta WHERE key LIKE 'bounce.%' AND value != '';
+     CREATE TABLE resends (reply_id TEXT PRIMARY KEY, count INTEGER NOT NULL);
+     INSERT INTO resends SELECT substr(key, 8), CAST(value AS INTEGER) FROM meta WHERE key LIKE 'resent.%' AND value != '';
+
+     CREATE TABLE subscriptions (
+        name TEXT PRIMARY KEY, seq INTEGER NOT NULL DEFAULT 0,
+        applied_generation INTEGER NOT NULL DEFAULT 0, applied_root TEXT, applied_key_id TEXT,
+        last_request_at INTEGER, last_reply_at INTEGER, stale_notified_at INTEGER,
+        need_full_inventory INTEGER NOT NULL DEFAULT 0, full_content INTEGER NOT NULL DEFAULT 0,
+        previous_generation INTEGER NOT NULL DEFAULT 0, previous_store TEXT,
+        rollback_hold INTEGER NOT NULL DEFAULT 0, previous_key TEXT, previous_key_until INTEGER, pending_key TEXT);
+     INSERT INTO subscriptions (name, seq, applied_generation, applied_root, last_request_at, last_reply_at,
+            stale_notified_at, need_full_inventory, full_content, previous_generation, previous_store,
+            rollback_hold, previous_key, previous_key_until) VALUES ('default',
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'seq'), 0),
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'applied_generation'), 0),
+        (SELECT nullif(value, '') FROM meta WHERE key = 'applied_root'),
+        (SELECT CAST(nullif(value, '') AS INTEGER) FROM meta WHERE key = 'last_request_at'),
+        (SELECT CAST(nullif(value, '') AS INTEGER) FROM meta WHERE key = 'last_reply_at'),
+        (SELECT CAST(nullif(value, '') AS INTEGER) FROM meta WHERE key = 'stale_notified_at'),
+        coalesce((SELECT value = '1' FROM meta WHERE key = 'need_full_inventory'), 0),
+        coalesce((SELECT value = '1' FROM meta WHERE key = 'full_content'), 0),
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'previous_generation'), 0),
+        (SELECT nullif(value, '') FROM meta WHERE key = 'previous_store'),
+        coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rollback_hold'), 0),
+        (SELECT nullif(value, '') FROM meta WHERE key = 'previous_key'),
+        (SELECT CAST(nullif(value, '') AS INTEGER) FROM meta WHERE key = 'previous_key_until'));
+     DROP TABLE meta;
+
+     ALTER TABLE manifests RENAME TO manifests_v1;
+     CREATE TABLE manifests (subscription TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (subscription, name));
+     INSERT INTO manifests SELECT 'default', name, data FROM manifests_v1;
+     DROP TABLE manifests_v1;
+
+     ALTER TABLE generations RENAME TO generations_v1;
+     CREATE TABLE generations (
+        channel TEXT NOT NULL DEFAULT 'default', number INTEGER NOT NULL, root TEXT NOT NULL,
+        created INTEGER NOT NULL, files INTEGER NOT NULL, bytes INTEGER NOT NULL, manifest BLOB NOT NULL,
+        PRIMARY KEY (channel, number));
+     INSERT INTO generations SELECT 'default', number, root, created, files, bytes, manifest FROM generations_v1;
+     DROP TABLE generations_v1;
+
+     ALTER TABLE requests ADD COLUMN root TEXT;
+     ALTER TABLE requests ADD COLUMN base TEXT;
+     UPDATE requests SET root = (SELECT g.root FROM generations g WHERE g.number = requests.generation);
+     ALTER TABLE outstanding ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
+     ALTER TABLE applied ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
+     ALTER TABLE received_parts ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';",
+];
+
+/// The schema version this build writes: the number of migrations.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The one data tree of a recipient today; the state keys the recipient's facts by subscription.
+pub const DEFAULT_SUBSCRIPTION: &str = "default";
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Brings the database up to [`SCHEMA_VERSION`], one migration per transaction.
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        anyhow::bail!(
+            "it has schema version {version}, newer than this mailferry understands ({SCHEMA_VERSION}); \
+             use a newer mailferry"
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version)?) {
+        let to = i + 1;
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {to}; COMMIT;"))
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })
+            .with_context(|| format!("migration to schema version {to} failed"))?;
+        if version > 0 {
+            tracing::info!(from = to - 1, to, "migrated the state database");
+        }
+    }
+    Ok(())
 }
 
 /// An open state database.
@@ -71,6 +202,56 @@ pub struct Seen {
     pub settled: bool,
     /// When it was handled.
     pub at: u64,
+}
+
+/// The one subscription of today's recipient, whose facts the state keys by subscription.
+const SUB: &str = DEFAULT_SUBSCRIPTION;
+
+/// What a recipient knows about one subscription (its data tree).
+#[derive(Debug, Clone, Default)]
+pub struct Subscription {
+    /// The last request sequence number used.
+    pub seq: u64,
+    /// The generation applied, 0 for none.
+    pub applied_generation: u64,
+    /// Its root, hex.
+    pub applied_root: Option<String>,
+    /// The id of the key whose reply brought it (none for a rollback, or before ids were recorded).
+    pub applied_key_id: Option<String>,
+    /// When the last request was queued.
+    pub last_request_at: Option<u64>,
+    /// When the last fresh, authenticated reply was accepted.
+    pub last_reply_at: Option<u64>,
+    /// When a staleness notice went out in the current stale spell.
+    pub stale_notified_at: Option<u64>,
+    /// The next request lists the whole tree.
+    pub need_full_inventory: bool,
+    /// The next request asks for whole files only.
+    pub full_content: bool,
+    /// Replies bringing this generation or an older one are held back (0: no hold).
+    pub rollback_hold: u64,
+    /// The key a rotation replaced (hex, secret).
+    pub previous_key: Option<String>,
+    /// Until when replies under it are accepted.
+    pub previous_key_until: Option<u64>,
+    /// A new key taken up but not yet written to the key file (hex, secret).
+    pub pending_key: Option<String>,
+}
+
+/// What `status` shows about the mail system: the last server error and how new mail is noticed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TransportStatus {
+    /// The last error a mail server (or the spool) reported, as shown to the operator.
+    pub last_error: Option<String>,
+    /// When it happened (Unix seconds).
+    pub last_error_at: Option<u64>,
+    /// When a run last completed with nothing left to retry (Unix seconds); later than `last_error_at`
+    /// means the error is over.
+    pub last_ok_at: Option<u64>,
+    /// `idle`, `poll` (IMAP) or `interval` (spool), as the last run found it.
+    pub receive_mode: Option<String>,
+    /// When `receive_mode` was recorded (Unix seconds).
+    pub receive_mode_at: Option<u64>,
 }
 
 /// A refused message as recorded.
@@ -121,6 +302,33 @@ pub struct RecipientRow {
     pub last_bounce: Option<String>,
     /// The part size learned for this recipient from refusals, if any (filled by the owner's `status`).
     pub relay_limit: Option<u64>,
+    /// Replies sent to it in the current budget period (filled by the owner's `status`).
+    pub spent_replies: u64,
+    /// Their bytes (filled by the owner's `status`).
+    pub spent_bytes: u64,
+}
+
+/// A request answered, as recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered<'a> {
+    /// Who asked.
+    pub recipient: &'a str,
+    /// The request's nonce, hex.
+    pub nonce: &'a str,
+    /// Its seq (the recipient's new last seq).
+    pub seq: u64,
+    /// The reply.
+    pub reply_id: &'a str,
+    /// The generation it brings.
+    pub generation: u64,
+    /// That generation's root.
+    pub root: Digest,
+    /// The root of the tree the reply was computed against.
+    pub base: Digest,
+    /// Operations in it.
+    pub ops: usize,
+    /// Bytes queued.
+    pub reply_bytes: usize,
 }
 
 /// A key rotation under way: the new key travels with every reply until the recipient uses it.
@@ -190,41 +398,7 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} INSERT INTO meta (key, value) VALUES ('created_at', '{}'); \
-                     PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-                    now()
-                ))?;
-            }
-            SCHEMA_VERSION => {}
-            v => anyhow::bail!(
-                "state database `{}` has schema version {v}, newer than this mailferry understands ({SCHEMA_VERSION})",
-                path.display()
-            ),
-        }
-        // Added after schema 1 shipped to nobody: created when missing, so older state databases get it.
-        // The stat cache was a table here before it became its own file (`crate::statcache`).
-        conn.execute_batch(
-            "DROP TABLE IF EXISTS stat_cache;
-             CREATE TABLE IF NOT EXISTS sent_parts (
-                reply_id TEXT NOT NULL, part INTEGER NOT NULL, recipient TEXT NOT NULL, created INTEGER NOT NULL,
-                raw BLOB NOT NULL, PRIMARY KEY (reply_id, part));
-             CREATE TABLE IF NOT EXISTS received_parts (
-                reply_id TEXT NOT NULL, part INTEGER NOT NULL, nonce TEXT NOT NULL, received_at INTEGER NOT NULL,
-                control BLOB NOT NULL, PRIMARY KEY (reply_id, part));
-             CREATE TABLE IF NOT EXISTS sent_ids (
-                message_id TEXT PRIMARY KEY, recipient TEXT NOT NULL, reply_id TEXT NOT NULL,
-                part INTEGER NOT NULL, bytes INTEGER NOT NULL, at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS key_rotations (
-                recipient TEXT PRIMARY KEY, key TEXT NOT NULL, key_id TEXT NOT NULL, started INTEGER NOT NULL,
-                grace INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS retired_keys (
-                recipient TEXT NOT NULL, key TEXT NOT NULL, key_id TEXT NOT NULL, valid_until INTEGER NOT NULL,
-                PRIMARY KEY (recipient, key_id));",
-        )?;
+        migrate(&conn).with_context(|| format!("failed to bring state database `{}` up to date", path.display()))?;
         Ok(Db { conn })
     }
 
@@ -248,37 +422,108 @@ impl Db {
 
     // ---- shared ----
 
-    /// A value from the key-value table.
+    // ---- node ----
+
+    /// When this state database was created (the start of the staleness clock before any reply).
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn meta(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    pub fn created_at(&self) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT created_at FROM node WHERE id = 1", [], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
     }
 
-    /// Sets a value in the key-value table.
+    /// The last rejection id summarised to the admin, and when.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+    pub fn rejections_reported(&self) -> Result<(i64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT rejections_reported_id, rejections_reported_at FROM node WHERE id = 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// Records the last rejection summarised, and when.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_rejections_reported(&self, id: i64, at: u64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![key, value],
+            "UPDATE node SET rejections_reported_id = ?1, rejections_reported_at = ?2 WHERE id = 1",
+            params![id, at as i64],
         )?;
         Ok(())
     }
 
-    /// A numeric meta value, 0 when absent.
+    /// The owner's Ed25519 signing key (hex seed), if one was made.
     ///
     /// # Errors
-    /// SQLite errors or a non-numeric value.
-    pub fn meta_u64(&self, key: &str) -> Result<u64> {
-        Ok(self
-            .meta(key)?
-            .map(|v| v.parse())
-            .transpose()
-            .with_context(|| format!("meta {key} is not a number"))?
-            .unwrap_or(0))
+    /// SQLite errors.
+    pub fn signing_key(&self) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT signing_key FROM node WHERE id = 1", [], |r| r.get(0))?)
+    }
+
+    /// Stores the owner's Ed25519 signing key.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_signing_key(&self, hex: &str) -> Result<()> {
+        self.conn.execute("UPDATE node SET signing_key = ?1 WHERE id = 1", [hex])?;
+        Ok(())
+    }
+
+    /// What the last run recorded about the mail system.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn transport_status(&self) -> Result<TransportStatus> {
+        Ok(self.conn.query_row(
+            "SELECT last_error, last_error_at, last_ok_at, receive_mode, receive_mode_at FROM transport_status",
+            [],
+            |r| {
+                Ok(TransportStatus {
+                    last_error: r.get(0)?,
+                    last_error_at: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    last_ok_at: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    receive_mode: r.get(3)?,
+                    receive_mode_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                })
+            },
+        )?)
+    }
+
+    /// Records a transport or run error.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_transport_error(&self, text: &str, at: u64) -> Result<()> {
+        self.conn
+            .execute("UPDATE transport_status SET last_error = ?1, last_error_at = ?2", params![text, at as i64])?;
+        Ok(())
+    }
+
+    /// Records that a run finished with nothing left to retry.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_transport_ok(&self, at: u64) -> Result<()> {
+        self.conn.execute("UPDATE transport_status SET last_ok_at = ?1", [at as i64])?;
+        Ok(())
+    }
+
+    /// Records how the running daemon notices new mail.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_receive_mode(&self, mode: &str, at: u64) -> Result<()> {
+        self.conn
+            .execute("UPDATE transport_status SET receive_mode = ?1, receive_mode_at = ?2", params![mode, at as i64])?;
+        Ok(())
     }
 
     /// What is recorded about a message with raw-bytes digest `digest`, if it was handled before.
@@ -627,6 +872,8 @@ impl Db {
                 rotating_to: r.get(10)?,
                 last_bounce: None,
                 relay_limit: None,
+                spent_replies: 0,
+                spent_bytes: 0,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -678,12 +925,14 @@ impl Db {
     }
 
     /// The recipient used its new key: it becomes the key, and the old one is retired, still valid for
-    /// the rotation's grace period. Returns the old key's id.
+    /// the rotation's grace period. Returns the old key's id. Call it in the transaction of the step that
+    /// accepted the message made under the new key.
     ///
     /// # Errors
     /// SQLite errors, or no rotation under way.
     pub fn complete_key_rotation(&self, name: &str) -> Result<String> {
-        self.transaction(|db| {
+        let db = self;
+        {
             let pending = db.key_rotation(name)?.with_context(|| format!("no key rotation for {name:?}"))?;
             let rec = db.recipient(name)?.with_context(|| format!("no recipient named {name:?}"))?;
             db.conn.execute(
@@ -696,7 +945,7 @@ impl Db {
             )?;
             db.conn.execute("DELETE FROM key_rotations WHERE recipient = ?1", [name])?;
             Ok(rec.key_id)
-        })
+        }
     }
 
     /// A retired key of `name` with id `key_id`, if its grace period has not ended.
@@ -727,22 +976,24 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_answer(
-        &self,
-        recipient: &str,
-        nonce: &str,
-        seq: u64,
-        reply_id: &str,
-        generation: u64,
-        ops: usize,
-        reply_bytes: usize,
-    ) -> Result<()> {
+    pub fn record_answer(&self, a: &Answered<'_>) -> Result<()> {
         let t = now() as i64;
+        let Answered { recipient, nonce, seq, reply_id, generation, root, base, ops, reply_bytes } = *a;
         self.conn.execute(
-            "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![nonce, recipient, seq as i64, t, reply_id, generation as i64, ops as i64, reply_bytes as i64],
+            "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                nonce,
+                recipient,
+                seq as i64,
+                t,
+                reply_id,
+                generation as i64,
+                ops as i64,
+                reply_bytes as i64,
+                root.to_hex(),
+                base.to_hex()
+            ],
         )?;
         self.conn.execute(
             "UPDATE recipients SET last_seq = ?2, last_request_at = ?3, last_reply_at = ?3 WHERE name = ?1",
@@ -755,15 +1006,118 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(String, u64)>> {
+    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(String, u64, Option<Digest>)>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT reply_id, generation, root FROM requests WHERE nonce = ?1 AND recipient = ?2",
+                params![nonce, recipient],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<String>>(2)?)),
+            )
+            .optional()?;
+        row.map(|(id, g, root)| {
+            let root = root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+            Ok((id, g, root))
+        })
+        .transpose()
+    }
+
+    /// How many replies (answers and resends) `recipient` was sent since `since`, and their bytes.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn spent_since(&self, recipient: &str, since: u64) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT count(*), coalesce(sum(reply_bytes), 0) FROM requests WHERE recipient = ?1 AND received_at >= ?2",
+            params![recipient, since as i64],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// The part size learned for `recipient` from refusals and reports, and when it was learned.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT reply_id, generation FROM requests WHERE nonce = ?1 AND recipient = ?2",
-                params![nonce, recipient],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+                "SELECT limit_bytes, learned_at, refused_bytes, reply_id FROM relay_limits WHERE recipient = ?1",
+                [recipient],
+                |r| {
+                    Ok(LearnedLimit {
+                        limit: r.get::<_, i64>(0)? as u64,
+                        learned_at: r.get::<_, i64>(1)? as u64,
+                        refused: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                        reply_id: r.get(3)?,
+                    })
+                },
             )
             .optional()?)
+    }
+
+    /// Sets (or with `None` forgets) the part size learned for `recipient`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_relay_limit(&self, recipient: &str, limit: Option<&LearnedLimit>) -> Result<()> {
+        match limit {
+            Some(l) => self.conn.execute(
+                "INSERT OR REPLACE INTO relay_limits (recipient, limit_bytes, learned_at, refused_bytes, reply_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![recipient, l.limit as i64, l.learned_at as i64, l.refused.map(|v| v as i64), l.reply_id],
+            )?,
+            None => self.conn.execute("DELETE FROM relay_limits WHERE recipient = ?1", [recipient])?,
+        };
+        Ok(())
+    }
+
+    /// The last failed delivery of a reply part to `recipient`, as shown by `status`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn bounce(&self, recipient: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT summary FROM bounces WHERE recipient = ?1", [recipient], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Records the last failed delivery of a reply part to `recipient`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_bounce(&self, recipient: &str, summary: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO bounces (recipient, summary) VALUES (?1, ?2)",
+            params![recipient, summary],
+        )?;
+        Ok(())
+    }
+
+    /// How often the kept parts of `reply_id` were sent again.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn resent(&self, reply_id: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count FROM resends WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map_or(0, |v| v as u64))
+    }
+
+    /// Counts one more resend of the kept parts of `reply_id`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn count_resend(&self, reply_id: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO resends (reply_id, count) VALUES (?1, 1)
+             ON CONFLICT (reply_id) DO UPDATE SET count = count + 1",
+            [reply_id],
+        )?;
+        Ok(())
     }
 
     /// The generation of reply `reply_id` sent to `recipient`, if the owner sent it.
@@ -820,9 +1174,96 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn next_seq(&self) -> Result<u64> {
-        let seq = self.meta_u64("seq")? + 1;
-        self.set_meta("seq", &seq.to_string())?;
+        let seq = self.subscription()?.seq + 1;
+        self.conn.execute("UPDATE subscriptions SET seq = ?1 WHERE name = ?2", params![seq as i64, SUB])?;
         Ok(seq)
+    }
+
+    /// The recipient's facts about its data tree.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn subscription(&self) -> Result<Subscription> {
+        Ok(self.conn.query_row(
+            "SELECT seq, applied_generation, applied_root, applied_key_id, last_request_at, last_reply_at,
+                    stale_notified_at, need_full_inventory, full_content, rollback_hold, previous_key,
+                    previous_key_until, pending_key
+             FROM subscriptions WHERE name = ?1",
+            [SUB],
+            |r| {
+                let opt = |v: Option<i64>| v.map(|v| v as u64);
+                Ok(Subscription {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    applied_generation: r.get::<_, i64>(1)? as u64,
+                    applied_root: r.get(2)?,
+                    applied_key_id: r.get(3)?,
+                    last_request_at: opt(r.get(4)?),
+                    last_reply_at: opt(r.get(5)?),
+                    stale_notified_at: opt(r.get(6)?),
+                    need_full_inventory: r.get(7)?,
+                    full_content: r.get(8)?,
+                    rollback_hold: r.get::<_, i64>(9)? as u64,
+                    previous_key: r.get(10)?,
+                    previous_key_until: opt(r.get(11)?),
+                    pending_key: r.get(12)?,
+                })
+            },
+        )?)
+    }
+
+    /// Whether the next request lists the whole tree (the owner asked for it).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_need_full_inventory(&self, on: bool) -> Result<()> {
+        self.conn.execute("UPDATE subscriptions SET need_full_inventory = ?1 WHERE name = ?2", params![on, SUB])?;
+        Ok(())
+    }
+
+    /// Whether the next request asks for whole files only (a delta base was not what the owner thought).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_full_content(&self, on: bool) -> Result<()> {
+        self.conn.execute("UPDATE subscriptions SET full_content = ?1 WHERE name = ?2", params![on, SUB])?;
+        Ok(())
+    }
+
+    /// Records that a staleness notice went out (or, with `None`, that the stale spell is over).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_stale_notified(&self, at: Option<u64>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE subscriptions SET stale_notified_at = ?1 WHERE name = ?2",
+            params![at.map(|v| v as i64), SUB],
+        )?;
+        Ok(())
+    }
+
+    /// Takes up a new key (in the transaction that accepts the reply bringing it): the current key is kept
+    /// as the previous one until `until`, and the new one waits in `pending_key` until the key file holds it.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn take_key(&self, current_hex: &str, current_id: &str, until: u64, new_hex: &str, new_id: &str) -> Result<()> {
+        // A rotation authenticated by the key the applied generation came under continues its epoch.
+        self.conn.execute(
+            "UPDATE subscriptions SET previous_key = ?1, previous_key_until = ?2, pending_key = ?3,
+                    applied_key_id = CASE WHEN applied_key_id = ?4 THEN ?5 ELSE applied_key_id END
+             WHERE name = ?6",
+            params![current_hex, until as i64, new_hex, current_id, new_id, SUB],
+        )?;
+        Ok(())
+    }
+
+    /// The new key is in the key file: nothing is pending any more.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn clear_pending_key(&self) -> Result<()> {
+        self.conn.execute("UPDATE subscriptions SET pending_key = NULL WHERE name = ?1", [SUB])?;
+        Ok(())
     }
 
     /// Records a request as sent and awaiting its reply.
@@ -834,7 +1275,9 @@ impl Db {
             "INSERT INTO outstanding (nonce, seq, sent_at) VALUES (?1, ?2, ?3)",
             params![nonce, seq as i64, now() as i64],
         )?;
-        self.set_meta("last_request_at", &now().to_string())
+        self.conn
+            .execute("UPDATE subscriptions SET last_request_at = ?1 WHERE name = ?2", params![now() as i64, SUB])?;
+        Ok(())
     }
 
     /// The sequence number of the request with `nonce`, if it is still outstanding.
@@ -883,16 +1326,11 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn mark_fresh_reply(&self) -> Result<()> {
-        self.set_meta("last_reply_at", &now().to_string())?;
-        self.set_meta("stale_notified_at", "")
-    }
-
-    /// When this state database was created (the start of the staleness clock before any reply).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn created_at(&self) -> Result<Option<u64>> {
-        Ok(self.meta("created_at")?.and_then(|v| v.parse().ok()))
+        self.conn.execute(
+            "UPDATE subscriptions SET last_reply_at = ?1, stale_notified_at = NULL WHERE name = ?2",
+            params![now() as i64, SUB],
+        )?;
+        Ok(())
     }
 
     /// Forgets outstanding requests older than `max_age` seconds, keeping the newest 16 in any case.
@@ -914,9 +1352,25 @@ impl Db {
     /// # Errors
     /// SQLite errors or a corrupt root.
     pub fn applied_root(&self) -> Result<(u64, Option<Digest>)> {
-        let generation = self.meta_u64("applied_generation")?;
-        let root = self.meta("applied_root")?.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
-        Ok((generation, root))
+        let sub = self.subscription()?;
+        let root = sub.applied_root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        Ok((sub.applied_generation, root))
+    }
+
+    fn manifest_named(&self, name: &str) -> Result<Option<Manifest>> {
+        let data: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT data FROM manifests WHERE subscription = ?1 AND name = ?2", [SUB, name], |r| r.get(0))
+            .optional()?;
+        data.map(|d| unpack_manifest(&d)).transpose()
+    }
+
+    fn set_manifest_named(&self, name: &str, m: &Manifest) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO manifests (subscription, name, data) VALUES (?1, ?2, ?3)",
+            params![SUB, name, pack_manifest(m)?],
+        )?;
+        Ok(())
     }
 
     /// The generation, root and manifest this recipient last applied.
@@ -925,13 +1379,11 @@ impl Db {
     /// SQLite errors or a corrupt manifest.
     pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
         let (generation, root) = self.applied_root()?;
-        let manifest: Option<Vec<u8>> =
-            self.conn.query_row("SELECT data FROM manifests WHERE name = 'applied'", [], |r| r.get(0)).optional()?;
-        let manifest = manifest.map(|d| unpack_manifest(&d)).transpose()?.unwrap_or_default();
-        Ok((generation, root, manifest))
+        Ok((generation, root, self.manifest_named("applied")?.unwrap_or_default()))
     }
 
-    /// Records a completed apply: the new generation, its root and manifest, and the history row.
+    /// Records a completed apply: the new generation, its root and manifest, the id of the key whose reply
+    /// brought it (`None` for a rollback), and the history row.
     ///
     /// # Errors
     /// SQLite errors.
@@ -942,14 +1394,15 @@ impl Db {
         reply_id: &str,
         nonce: &str,
         ops: usize,
+        key_id: Option<&str>,
     ) -> Result<()> {
         let root = manifest.root();
-        self.set_meta("applied_generation", &generation.to_string())?;
-        self.set_meta("applied_root", &root.to_hex())?;
         self.conn.execute(
-            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('applied', ?1)",
-            [pack_manifest(manifest)?],
+            "UPDATE subscriptions SET applied_generation = ?1, applied_root = ?2,
+                    applied_key_id = coalesce(?3, applied_key_id) WHERE name = ?4",
+            params![generation as i64, root.to_hex(), key_id, SUB],
         )?;
+        self.set_manifest_named("applied", manifest)?;
         self.conn.execute(
             "INSERT INTO applied (at, generation, root, reply_id, nonce, ops) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![now() as i64, generation as i64, root.to_hex(), reply_id, nonce, ops as i64],
@@ -962,12 +1415,15 @@ impl Db {
     /// # Errors
     /// SQLite errors or a corrupt manifest.
     pub fn previous(&self) -> Result<Option<Previous>> {
-        let generation = self.meta_u64("previous_generation")?;
-        let store = self.meta("previous_store")?.filter(|s| !s.is_empty());
-        let manifest: Option<Vec<u8>> =
-            self.conn.query_row("SELECT data FROM manifests WHERE name = 'previous'", [], |r| r.get(0)).optional()?;
+        let (generation, store): (i64, Option<String>) = self.conn.query_row(
+            "SELECT previous_generation, previous_store FROM subscriptions WHERE name = ?1",
+            [SUB],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let store = store.filter(|s| !s.is_empty());
+        let manifest = self.manifest_named("previous")?;
         let (Some(store), Some(manifest), true) = (store, manifest, generation > 0) else { return Ok(None) };
-        Ok(Some(Previous { generation, manifest: unpack_manifest(&manifest)?, store: store.into() }))
+        Ok(Some(Previous { generation: generation as u64, manifest, store: store.into() }))
     }
 
     /// Keeps `generation` with `manifest` for a rollback, its files in `store`, replacing what was kept.
@@ -976,13 +1432,11 @@ impl Db {
     /// SQLite errors.
     pub fn set_previous(&self, generation: u64, manifest: &Manifest, store: &Path) -> Result<()> {
         let store = store.to_str().with_context(|| format!("`{}` is not UTF-8", store.display()))?;
-        self.set_meta("previous_generation", &generation.to_string())?;
-        self.set_meta("previous_store", store)?;
         self.conn.execute(
-            "INSERT OR REPLACE INTO manifests (name, data) VALUES ('previous', ?1)",
-            [pack_manifest(manifest)?],
+            "UPDATE subscriptions SET previous_generation = ?1, previous_store = ?2 WHERE name = ?3",
+            params![generation as i64, store, SUB],
         )?;
-        Ok(())
+        self.set_manifest_named("previous", manifest)
     }
 
     /// Forgets the generation kept for a rollback.
@@ -990,9 +1444,11 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn clear_previous(&self) -> Result<()> {
-        self.set_meta("previous_generation", "0")?;
-        self.set_meta("previous_store", "")?;
-        self.conn.execute("DELETE FROM manifests WHERE name = 'previous'", [])?;
+        self.conn.execute(
+            "UPDATE subscriptions SET previous_generation = 0, previous_store = NULL WHERE name = ?1",
+            [SUB],
+        )?;
+        self.conn.execute("DELETE FROM manifests WHERE subscription = ?1 AND name = 'previous'", [SUB])?;
         Ok(())
     }
 
@@ -1003,7 +1459,7 @@ impl Db {
     /// SQLite errors.
     pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &str, ops: usize, held: u64) -> Result<()> {
         // A history row with no nonce: no reply brought it.
-        self.record_applied(generation, manifest, id, "", ops)?;
+        self.record_applied(generation, manifest, id, "", ops, None)?;
         self.clear_previous()?;
         let held = held.max(self.rollback_hold()?.unwrap_or(0));
         self.set_rollback_hold(Some(held))
@@ -1014,7 +1470,7 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rollback_hold(&self) -> Result<Option<u64>> {
-        Ok(Some(self.meta_u64("rollback_hold")?).filter(|g| *g > 0))
+        Ok(Some(self.subscription()?.rollback_hold).filter(|g| *g > 0))
     }
 
     /// Sets or (with `None`) ends the rollback hold.
@@ -1022,7 +1478,11 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn set_rollback_hold(&self, held: Option<u64>) -> Result<()> {
-        self.set_meta("rollback_hold", &held.unwrap_or(0).to_string())
+        self.conn.execute(
+            "UPDATE subscriptions SET rollback_hold = ?1 WHERE name = ?2",
+            params![held.unwrap_or(0) as i64, SUB],
+        )?;
+        Ok(())
     }
 
     /// Whether a reply with this id was applied already.
@@ -1055,35 +1515,47 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn record_sent_id(
-        &self,
-        message_id: &str,
-        recipient: &str,
-        reply_id: &str,
-        part: u32,
-        bytes: usize,
-    ) -> Result<()> {
+    pub fn record_sent_id(&self, message_id: &str, sent: &SentMessage) -> Result<()> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO sent_ids (message_id, recipient, reply_id, part, bytes, at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![message_id, recipient, reply_id, part, bytes as i64, now() as i64],
+            "INSERT OR REPLACE INTO sent_ids (message_id, recipient, reply_id, part, bytes, at, token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![message_id, sent.recipient, sent.reply_id, sent.part, sent.bytes as i64, now() as i64, sent.token],
         )?;
         Ok(())
     }
 
-    /// The reply part sent under `message_id`: recipient, reply id, part number and size in bytes.
+    /// The reply part sent under `message_id`.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn sent_id(&self, message_id: &str) -> Result<Option<(String, String, u32, u64)>> {
+    pub fn sent_id(&self, message_id: &str) -> Result<Option<SentMessage>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT recipient, reply_id, part, bytes FROM sent_ids WHERE message_id = ?1",
+                "SELECT recipient, reply_id, part, bytes, token FROM sent_ids WHERE message_id = ?1",
                 [message_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64)),
+                |r| {
+                    Ok(SentMessage {
+                        recipient: r.get(0)?,
+                        reply_id: r.get(1)?,
+                        part: r.get(2)?,
+                        bytes: r.get::<_, i64>(3)? as u64,
+                        token: r.get(4)?,
+                    })
+                },
             )
             .optional()?)
+    }
+
+    /// How many parts reply `reply_id` was sent in, as far as their message ids are remembered.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM sent_ids WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
+            as u64)
     }
 
     /// The reply a queued reply part (outbox name `reply-NONCE-PART`) belongs to.
@@ -1175,5 +1647,99 @@ impl Db {
     pub fn close_all_outstanding(&self) -> Result<()> {
         self.conn.execute("DELETE FROM outstanding", [])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens a copy of a state database that the first release (schema 1) wrote, in `fixtures/state/`.
+    fn open_fixture(name: &str) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/state").join(name), &path).unwrap();
+        let db = Db::open(&path).unwrap();
+        (dir, db)
+    }
+
+    fn version(db: &Db) -> i64 {
+        db.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_recipient_database_of_the_first_release_migrates_in_place() {
+        let (_dir, db) = open_fixture("recipient-v1.db");
+        assert_eq!(version(&db), SCHEMA_VERSION);
+        let sub = db.subscription().unwrap();
+        assert_eq!(sub.seq, 2);
+        assert_eq!(sub.applied_generation, 1);
+        assert_eq!(sub.applied_root.as_deref().map(|r| &r[..12]), Some("4abc1472930a"));
+        assert_eq!(sub.applied_key_id, None, "not recorded by the first release");
+        assert!(sub.last_request_at.is_some() && sub.last_reply_at.is_some());
+        assert_eq!((sub.need_full_inventory, sub.full_content, sub.rollback_hold), (false, false, 0));
+        assert_eq!(sub.stale_notified_at, None, "an empty meta value is no notice");
+        let (generation, root, manifest) = db.applied().unwrap();
+        assert_eq!((generation, root.map(|r| r.short())), (1, Some("4abc1472930a".to_owned())));
+        assert_eq!(manifest.len(), 3, "a.txt, d, d/b.txt");
+        assert_eq!(db.outstanding_count().unwrap(), 1);
+        assert!(db.previous().unwrap().is_none());
+        assert_eq!(db.created_at().unwrap(), Some(1_796_128_624));
+        assert_eq!(db.transport_status().unwrap().receive_mode.as_deref(), Some("interval"));
+        let meta: i64 =
+            db.conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'meta'", [], |r| r.get(0)).unwrap();
+        assert_eq!(meta, 0, "no untyped meta table is left");
+    }
+
+    #[test]
+    fn an_owner_database_of_the_first_release_migrates_in_place() {
+        let (_dir, db) = open_fixture("owner-v1.db");
+        assert_eq!(version(&db), SCHEMA_VERSION);
+        let latest = db.latest_generation().unwrap().unwrap();
+        assert_eq!((latest.number, latest.root.short()), (2, "4aab7bfbb7f7".to_owned()));
+        assert_eq!(db.generation_manifest(1).unwrap().root().short(), "4abc1472930a");
+        let rec = db.recipient("site1").unwrap().unwrap();
+        assert_eq!((rec.last_seq, rec.applied_generation), (2, Some(1)));
+        assert_eq!(db.key_rotation("site1").unwrap().unwrap().key_id, "c6dc7da7e7f1f2d6");
+        // Replies recorded by the first release get the root of the generation they brought.
+        let (reply_id, generation, root) =
+            db.answered_for("site1", "87a716c67a7bc3ea150eac524f3be194").unwrap().unwrap();
+        assert_eq!((reply_id.as_str(), generation), ("8db5a1a0e8b4c22675131103358015c7", 1));
+        assert_eq!(root.map(|r| r.short()), Some("4abc1472930a".to_owned()));
+        assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);
+        assert_eq!(db.relay_limit("site1").unwrap(), None);
+        assert_eq!(db.signing_key().unwrap(), None);
+    }
+
+    #[test]
+    fn a_database_is_reopened_without_migrating_again_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let db = Db::open(&path).unwrap();
+        db.next_seq().unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.subscription().unwrap().seq, 1, "state survives a reopen");
+        db.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(db);
+        let err = format!("{:#}", Db::open(&path).unwrap_err());
+        assert!(err.contains("newer than this mailferry understands"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_migration_leaves_the_database_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("{}; PRAGMA user_version = 1;", MIGRATIONS[0])).unwrap();
+        // A table in the way of migration 2 makes it fail part way.
+        conn.execute_batch("CREATE TABLE node (x INTEGER);").unwrap();
+        drop(conn);
+        let err = format!("{:#}", Db::open(&path).unwrap_err());
+        assert!(err.contains("migration to schema version 2 failed"), "{err}");
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let meta: i64 = conn.query_row("SELECT count(*) FROM meta", [], |r| r.get(0)).unwrap();
+        assert_eq!((v, meta), (1, 1), "still schema 1, meta untouched");
     }
 }

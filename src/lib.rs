@@ -77,6 +77,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod delta;
+pub mod engine;
 pub mod failpoint;
 pub mod limits;
 pub mod manifest;

@@ -184,11 +184,18 @@ fn a_large_inventory_travels_compressed_and_is_checked() {
     assert_eq!(rejections(&w.owner_config), ["bad-payload"]);
 }
 
-/// A delivery report as Postfix writes it when the next hop refuses the message at `original` (headers
-/// only), with `status` and `diagnostic`.
+/// A delivery report as Postfix writes it when the next hop refuses the message at `original` (its whole
+/// header section returned as `text/rfc822-headers`), with `status` and `diagnostic`.
 fn delivery_report(original: &Path, status: &str, diagnostic: &str) -> String {
     let raw = fs::read(original).unwrap();
-    let id = mailferry::protocol::envelope::hints(&raw).message_id.expect("our parts have a Message-ID");
+    assert!(mailferry::protocol::envelope::hints(&raw).message_id.is_some(), "our parts have a Message-ID");
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header section");
+    let headers = String::from_utf8(raw[..end + 2].to_vec()).unwrap();
+    report_with_headers(&headers, status, diagnostic)
+}
+
+/// A delivery report quoting `headers` as the original message's.
+fn report_with_headers(headers: &str, status: &str, diagnostic: &str) -> String {
     format!(
         "From: MAILER-DAEMON@relay.test (Mail Delivery System)\r\nSubject: Undelivered Mail Returned to Sender\r\n\
          To: {OWNER}\r\nMIME-Version: 1.0\r\n\
@@ -197,7 +204,7 @@ fn delivery_report(original: &Path, status: &str, diagnostic: &str) -> String {
          --B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.test\r\n\r\n\
          Final-Recipient: rfc822; site1@customer.test\r\nAction: failed\r\nStatus: {status}\r\n\
          Diagnostic-Code: smtp; {diagnostic}\r\n\r\n\
-         --B\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: {OWNER}\r\nMessage-ID: <{id}>\r\n\r\n--B--\r\n"
+         --B\r\nContent-Type: text/rfc822-headers\r\n\r\n{headers}\r\n--B--\r\n"
     )
 }
 
@@ -249,6 +256,40 @@ fn a_relay_bounce_for_a_too_large_part_shrinks_the_parts() {
     w.owner_run();
     assert_eq!(rejections(&w.owner_config), ["unexpected"]);
     assert_eq!(w.owner_status()["recipients"][0]["relay_limit"].as_u64(), Some(limit), "unchanged by a forgery");
+}
+
+/// A report is input from nobody in particular: one that names a part's Message-ID (which relays log and
+/// later mail quotes) but not the part's delivery token, which only the message itself carries, changes
+/// nothing and is refused.
+#[test]
+fn a_delivery_report_without_the_parts_token_changes_nothing() {
+    let w = World::new();
+    let site = w.site("site1");
+    set_owner(&w, "relay-limit = 10240000", "relay-limit = 100000");
+    put(&w.source, "big.bin", &noise(300_000, 12), 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let parts = new_messages(&site, &w);
+    let raw = fs::read(&parts[1]).unwrap();
+    let id = mailferry::protocol::envelope::hints(&raw).message_id.unwrap();
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let headers = String::from_utf8(raw[..end + 2].to_vec()).unwrap();
+    let token_at = headers.find("X-Mailferry-Token: ").expect("every reply part carries a delivery token") + 19;
+    let guessed = format!("{}{}{}", &headers[..token_at], "0".repeat(32), &headers[token_at + 32..]);
+    let inbox = w.spool.join(OWNER).join("new");
+    let only_id = format!("From: {OWNER}\r\nMessage-ID: <{id}>\r\n");
+    fs::write(inbox.join("r1"), report_with_headers(&only_id, "5.3.4", "552 5.3.4 too big")).unwrap();
+    fs::write(inbox.join("r2"), report_with_headers(&guessed, "5.3.4", "552 5.3.4 too big")).unwrap();
+    fs::write(inbox.join("r3"), report_with_headers(&only_id, "5.1.1", "550 5.1.1 User unknown")).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["unexpected", "unexpected", "unexpected"]);
+    let s = w.owner_status();
+    assert!(s["recipients"][0]["relay_limit"].is_null(), "{s}");
+    assert!(s["recipients"][0]["last_bounce"].is_null(), "{s}");
+    // The reply's parts are still kept and arrive whole.
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
 }
 
 #[test]

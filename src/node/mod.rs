@@ -231,8 +231,7 @@ const REJECTION_SUMMARY_EVERY: u64 = 3600;
 /// # Errors
 /// State failures.
 pub fn summarize_rejections(db: &Db, from: &str, admin: &str, node: &str) -> Result<bool> {
-    let reported: i64 = db.meta("rejections_reported_id")?.and_then(|v| v.parse().ok()).unwrap_or(0);
-    let last_at: u64 = db.meta("rejections_reported_at")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (reported, last_at) = db.rejections_reported()?;
     let now = crate::db::now();
     if now.saturating_sub(last_at) < REJECTION_SUMMARY_EVERY {
         return Ok(false);
@@ -259,8 +258,7 @@ pub fn summarize_rejections(db: &Db, from: &str, admin: &str, node: &str) -> Res
         .write_to_vec()?;
     db.transaction(|db| {
         db.outbox_put(&format!("rejections-{last_id}"), from, admin, &raw)?;
-        db.set_meta("rejections_reported_id", &last_id.to_string())?;
-        db.set_meta("rejections_reported_at", &now.to_string())
+        db.set_rejections_reported(*last_id, now)
     })?;
     Ok(true)
 }
@@ -372,29 +370,7 @@ impl Outbox {
     }
 }
 
-/// `meta` keys behind [`TransportStatus`]: written by the process that holds the lock, read by `status`
-/// without it.
-const META_LAST_ERROR: &str = "transport.last_error";
-const META_LAST_ERROR_AT: &str = "transport.last_error_at";
-const META_LAST_OK_AT: &str = "transport.last_ok_at";
-const META_RECEIVE_MODE: &str = "transport.receive_mode";
-const META_RECEIVE_MODE_AT: &str = "transport.receive_mode_at";
-
-/// What `status` shows about the mail system: the last server error and how new mail is noticed.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TransportStatus {
-    /// The last error a mail server (or the spool) reported, as shown to the operator.
-    pub last_error: Option<String>,
-    /// When it happened (Unix seconds).
-    pub last_error_at: Option<u64>,
-    /// When a run last completed with nothing left to retry (Unix seconds); later than `last_error_at`
-    /// means the error is over.
-    pub last_ok_at: Option<u64>,
-    /// `idle`, `poll` (IMAP) or `interval` (spool), as the last run found it.
-    pub receive_mode: Option<String>,
-    /// When `receive_mode` was recorded (Unix seconds).
-    pub receive_mode_at: Option<u64>,
-}
+pub use crate::db::TransportStatus;
 
 impl TransportStatus {
     /// Reads what the last run recorded.
@@ -402,14 +378,7 @@ impl TransportStatus {
     /// # Errors
     /// SQLite errors.
     pub fn read(db: &Db) -> Result<TransportStatus> {
-        let num = |key: &str| -> Result<Option<u64>> { Ok(db.meta(key)?.and_then(|v| v.parse().ok())) };
-        Ok(TransportStatus {
-            last_error: db.meta(META_LAST_ERROR)?,
-            last_error_at: num(META_LAST_ERROR_AT)?,
-            last_ok_at: num(META_LAST_OK_AT)?,
-            receive_mode: db.meta(META_RECEIVE_MODE)?,
-            receive_mode_at: num(META_RECEIVE_MODE_AT)?,
-        })
+        db.transport_status()
     }
 
     /// True when the last thing recorded is an error (no successful run since).
@@ -427,8 +396,7 @@ impl TransportStatus {
 /// # Errors
 /// SQLite errors.
 pub fn record_transport_error(db: &Db, text: &str) -> Result<()> {
-    db.set_meta(META_LAST_ERROR, text)?;
-    db.set_meta(META_LAST_ERROR_AT, &crate::db::now().to_string())
+    db.set_transport_error(text, crate::db::now())
 }
 
 /// Records that a run finished with nothing left to retry.
@@ -436,7 +404,7 @@ pub fn record_transport_error(db: &Db, text: &str) -> Result<()> {
 /// # Errors
 /// SQLite errors.
 pub fn record_transport_ok(db: &Db) -> Result<()> {
-    db.set_meta(META_LAST_OK_AT, &crate::db::now().to_string())
+    db.set_transport_ok(crate::db::now())
 }
 
 /// Records how the running daemon notices new mail (`idle`, `poll`, `interval`).
@@ -444,10 +412,7 @@ pub fn record_transport_ok(db: &Db) -> Result<()> {
 /// # Errors
 /// SQLite errors.
 pub fn record_receive_mode(db: &Db, mode: &str) -> Result<()> {
-    if db.meta(META_RECEIVE_MODE)?.as_deref() != Some(mode) {
-        db.set_meta(META_RECEIVE_MODE, mode)?;
-    }
-    db.set_meta(META_RECEIVE_MODE_AT, &crate::db::now().to_string())
+    db.set_receive_mode(mode, crate::db::now())
 }
 
 /// The result of [`Outbox::flush`].

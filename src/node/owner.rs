@@ -9,8 +9,10 @@
 //! one stays valid for a grace period, for messages already on their way. With `signing = "hmac+ed25519"`
 //! replies also carry the owner's Ed25519 signature, which enrollment files pin.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
@@ -19,13 +21,16 @@ use tracing::{info, warn};
 use super::pack::{Packed, Packer};
 use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
-use crate::crypto::{Key, SigningKey, random_id};
-use crate::db::{Db, GenerationRow, RecipientRow, now};
-use crate::manifest::{Digest, Manifest, diff};
-use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Payload, Reason, Refusal, Rekey, Reply, Request, VERSION,
+use crate::crypto::{Key, Nonce, SigningKey};
+use crate::db::{Answered, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
+use crate::engine::owner::{
+    AnswerPlan, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome,
+    ResendPlan, Rotation, SentReply, Spent,
 };
+use crate::engine::{self, Entropy, SystemEntropy, verify};
+use crate::manifest::{Digest, Manifest};
+use crate::protocol::envelope::{self, Outgoing};
+use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply};
 use crate::scan::{ForeignKind, scan_with};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
@@ -42,7 +47,7 @@ pub struct Owner {
     cfg: OwnerConfig,
     db: Db,
     store: Store,
-    manifests: HashMap<u64, Manifest>,
+    manifests: RefCell<HashMap<u64, Arc<Manifest>>>,
     /// The outgoing server's `SIZE`, learned at the start of a run.
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
@@ -50,19 +55,16 @@ pub struct Owner {
     _lock: std::fs::File,
 }
 
-/// Meta key of the owner's Ed25519 signing key (hex seed; the database is private to the owner).
-const SIGNING_KEY_META: &str = "signing_key";
-
 /// Default grace period of a rotated key: a week.
 pub const DEFAULT_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// The owner's Ed25519 signing key, made on first use.
 fn signing_key(db: &Db) -> Result<SigningKey> {
-    db.transaction(|db| match db.meta(SIGNING_KEY_META)? {
+    db.transaction(|db| match db.signing_key()? {
         Some(hex) => SigningKey::from_hex(&hex).context("the stored signing key is corrupt"),
         None => {
             let k = SigningKey::generate();
-            db.set_meta(SIGNING_KEY_META, &k.to_hex())?;
+            db.set_signing_key(&k.to_hex())?;
             info!(public_key = %k.public().to_hex(), "made the owner's Ed25519 signing key");
             Ok(k)
         }
@@ -132,6 +134,9 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         relay_limit: crate::config::DEFAULT_RELAY_LIMIT,
         keep_generations: 16,
         signing: Signing::Hmac,
+        budget_replies: crate::config::default_budget_replies(),
+        budget_bytes: crate::config::default_budget_bytes(),
+        budget_period: crate::config::default_budget_period(),
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -168,7 +173,7 @@ impl Owner {
             Signing::Hmac => None,
             Signing::HmacEd25519 => Some(signing_key(&db)?),
         };
-        Ok(Owner { cfg, db, store, manifests: HashMap::new(), server_limit: None, signer, _lock: lock })
+        Ok(Owner { cfg, db, store, manifests: RefCell::default(), server_limit: None, signer, _lock: lock })
     }
 
     /// The configuration.
@@ -264,21 +269,13 @@ impl Owner {
             return Ok(());
         }
         for g in &gone {
-            self.manifests.remove(g);
+            self.manifests.borrow_mut().remove(g);
         }
         let keep = self.db.kept_contents()?;
         let (objects, bytes) = self.store.retain(&keep)?;
         let cached = super::pack::prune_cache(&self.cfg.state_dir.join("deltas"), KEEP_DELTAS)?;
         info!(generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
         Ok(())
-    }
-
-    fn manifest(&mut self, generation: u64) -> Result<&Manifest> {
-        if !self.manifests.contains_key(&generation) {
-            let m = self.db.generation_manifest(generation)?;
-            self.manifests.insert(generation, m);
-        }
-        Ok(&self.manifests[&generation])
     }
 
     /// Answers every waiting request and records every receipt, then sends what is queued.
@@ -307,12 +304,15 @@ impl Owner {
         for t in &flushed.too_large {
             let Some(rec) = self.db.recipients()?.into_iter().find(|r| r.address == t.to) else { continue };
             let reply_id = self.db.reply_of_outbox_name(&t.name)?;
-            let limit = self.db.transaction(|db| {
-                let limit = shrink_relay_limit(db, &rec.name, t.bytes)?;
+            // Our own submission server said so: no report to corroborate.
+            let limit = engine::owner::shrunk_limit(t.bytes, crate::config::MIN_RELAY_LIMIT);
+            let learned = LearnedLimit { limit, learned_at: now(), refused: Some(t.bytes), reply_id: reply_id.clone() };
+            self.db.transaction(|db| {
+                db.set_relay_limit(&rec.name, Some(&learned))?;
                 if let Some(id) = &reply_id {
                     db.drop_sent_parts(Some(id), KEEP_SENT_PARTS)?;
                 }
-                Ok(limit)
+                Ok(())
             })?;
             warn!(
                 recipient = %rec.name, refused = t.bytes, limit,
@@ -320,306 +320,6 @@ impl Owner {
             );
         }
         Ok(())
-    }
-
-    /// Acts on a delivery report about a reply part: one refused as too large shrinks the parts for its
-    /// recipient and drops the reply's kept parts (so the request for the missing one is answered afresh,
-    /// in smaller parts); another failure is logged and shown by `status`. Reports are not authenticated,
-    /// so this is all they can do, and only for a message id this owner sent.
-    fn bounced(&mut self, report: &envelope::Bounce, digest: &Digest) -> Result<Result<Handled, Refusal>> {
-        let what = report.summary();
-        let sent = match &report.message_id {
-            Some(id) => self.db.sent_id(id)?,
-            None => None,
-        };
-        let Some((recipient, reply_id, part, bytes)) = sent else {
-            return Ok(Err(Refusal::new(
-                Reason::Unexpected,
-                format!("a delivery report ({what}) about a message this owner did not send, or no longer remembers"),
-            )));
-        };
-        if report.too_large() {
-            let limit = self.db.transaction(|db| {
-                let limit = shrink_relay_limit(db, &recipient, bytes)?;
-                db.drop_sent_parts(Some(&reply_id), KEEP_SENT_PARTS)?;
-                db.mark_seen(digest, "processed")?;
-                Ok(limit)
-            })?;
-            warn!(
-                recipient, reply = %reply_id, part, refused = bytes, limit,
-                "a relay returned a reply part as too large ({what}); later replies to this recipient use smaller parts"
-            );
-        } else if report.failed() {
-            self.db.transaction(|db| {
-                db.set_meta(&bounce_key(&recipient), &format!("{} {what}", now()))?;
-                db.mark_seen(digest, "processed")
-            })?;
-            warn!(recipient, reply = %reply_id, part, "a reply part could not be delivered: {what}");
-        } else {
-            self.db.mark_seen(digest, "processed")?;
-            info!(recipient, reply = %reply_id, part, "delivery report about a reply part: {what}");
-        }
-        Ok(Ok(Handled::Bounced { status: what }))
-    }
-
-    /// The pure-ish decision: verifies the message and builds the reply. Outer `Err` is a local failure,
-    /// inner `Err` a refusal of the message.
-    fn evaluate(&mut self, raw: &[u8]) -> Result<Result<Action, Refusal>> {
-        let limits = self.cfg.limits.clone();
-        let parsed = match envelope::parse(raw, limits.max_message_bytes) {
-            Ok(p) => p,
-            Err(r) => return Ok(Err(r)),
-        };
-        let auth = match protocol::decode_auth(&parsed.auth) {
-            Ok(a) => a,
-            Err(r) => return Ok(Err(r)),
-        };
-        let Some(rec) = self.db.recipient(&auth.recipient)? else {
-            return Ok(Err(Refusal::new(
-                Reason::UnknownRecipient,
-                format!("no recipient named {:?} is registered", auth.recipient),
-            )));
-        };
-        // The recipient's key, the one a rotation is delivering, or a retired one still in its grace.
-        let current = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
-        let pending = self.db.key_rotation(&rec.name)?.filter(|p| p.key_id == auth.key_id);
-        let key = if auth.key_id == current.id() {
-            current
-        } else if let Some(p) = &pending {
-            Key::from_hex(&p.key_hex).context("stored key is corrupt")?
-        } else if let Some(hex) = self.db.retired_key(&rec.name, &auth.key_id)? {
-            Key::from_hex(&hex).context("stored key is corrupt")?
-        } else {
-            return Ok(Err(Refusal::new(
-                Reason::BadMac,
-                format!("message names key {}, {:?}'s key is {}", auth.key_id, rec.name, current.id()),
-            )));
-        };
-        if let Err(r) = protocol::verify_mac(&key, &auth, &parsed.control) {
-            return Ok(Err(r));
-        }
-        // Only the recipient can have made this MAC: it has the new key, which is its key from now on.
-        let rec = if pending.is_some() {
-            let old = self.db.complete_key_rotation(&rec.name)?;
-            info!(recipient = %rec.name, key = %key.id(), old, "the recipient uses its new key: rotation complete");
-            self.db.recipient(&rec.name)?.context("recipient vanished during key rotation")?
-        } else {
-            rec
-        };
-        let control = match protocol::decode_control(&parsed.control, &limits) {
-            Ok(c) => c,
-            Err(r) => return Ok(Err(r)),
-        };
-        if control.recipient() != rec.name {
-            return Ok(Err(Refusal::new(
-                Reason::WrongRecipient,
-                format!("control part names {:?} but is signed by {:?}'s key", control.recipient(), rec.name),
-            )));
-        }
-        match control {
-            Control::Request(req) => {
-                // A request's only possible attachment is its inventory.
-                let inventory = match protocol::open_inventory(&req, &parsed.attachments, &limits) {
-                    Ok(i) => i,
-                    Err(r) => return Ok(Err(r)),
-                };
-                self.answer(&rec, &Request { inventory, inventory_payload: None, ..req })
-            }
-            // Receipts carry no payloads: any attachment besides control and auth is refused.
-            Control::Receipt(_) if !parsed.attachments.is_empty() => {
-                let name = parsed.attachments.keys().next().map_or("", String::as_str);
-                Ok(Err(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))))
-            }
-            Control::Receipt(r) => {
-                let Some((reply_id, generation)) = self.db.answered_for(&rec.name, &r.nonce.to_hex())? else {
-                    return Ok(Err(Refusal::new(
-                        Reason::Replay,
-                        format!("receipt for nonce {} that was never answered", r.nonce),
-                    )));
-                };
-                if r.reply_id != reply_id || r.generation != generation {
-                    return Ok(Err(Refusal::new(
-                        Reason::Malformed,
-                        format!(
-                            "receipt names reply {} and generation {}, but the reply sent was {reply_id} with generation {generation}",
-                            r.reply_id, r.generation
-                        ),
-                    )));
-                }
-                if self.db.receipt_recorded(&rec.name, &r.reply_id)? {
-                    return Ok(Err(Refusal::new(
-                        Reason::Replay,
-                        format!("a receipt for reply {reply_id} was recorded before"),
-                    )));
-                }
-                Ok(Ok(Action::Receipt(r)))
-            }
-            Control::Reply(_) => Ok(Err(Refusal::new(Reason::Unexpected, "an owner does not accept replies"))),
-        }
-    }
-
-    fn answer(&mut self, rec: &RecipientRow, req: &Request) -> Result<Result<Action, Refusal>> {
-        if self.db.request_answered(&req.nonce.to_hex())? {
-            return Ok(Err(Refusal::new(Reason::Replay, format!("request nonce {} was answered before", req.nonce))));
-        }
-        if req.seq <= rec.last_seq {
-            return Ok(Err(Refusal::new(
-                Reason::Replay,
-                format!("request seq {} is not newer than {} (replayed or reordered)", req.seq, rec.last_seq),
-            )));
-        }
-        let Some(generation) = self.db.latest_generation()? else {
-            return Ok(Ok(Action::Defer(format!(
-                "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`)",
-                rec.name
-            ))));
-        };
-        // The recipient's tree: listed whole, or rebuilt from the generation it names plus its changes.
-        let inventory = match req.inventory_kind {
-            InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}"))));
-                }
-            },
-            InventoryKind::Changes
-                if req.generation == 0
-                    || req.generation > generation.number
-                    || !self.db.has_generation(req.generation)? =>
-            {
-                None
-            }
-            InventoryKind::Changes => {
-                let mut m = self.manifest(req.generation)?.clone();
-                for p in &req.removed {
-                    if m.remove(p).is_none() {
-                        return Ok(Err(Refusal::new(
-                            Reason::Malformed,
-                            format!("request removes `{p}`, which generation {} does not have", req.generation),
-                        )));
-                    }
-                }
-                for l in &req.inventory {
-                    m.insert(l.path.clone(), l.entry.clone());
-                }
-                if let Err(e) = m.validate_shape() {
-                    return Ok(Err(Refusal::new(Reason::BadPath, format!("inventory is not a valid tree: {e}"))));
-                }
-                Some(m)
-            }
-        };
-        if let Some(inv) = &inventory
-            && inv.root() != req.root
-        {
-            return Ok(Err(Refusal::new(Reason::Malformed, "request root does not match its inventory")));
-        }
-        // The parts of an earlier reply that never arrived, if they are still kept.
-        if let Some(resend) = &req.resend {
-            let kept: Option<Vec<(u32, Vec<u8>)>> = resend
-                .parts
-                .iter()
-                .map(|&k| Ok(self.db.sent_part(&rec.name, &resend.reply_id, k)?.map(|raw| (k, raw))))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .collect();
-            // Parts asked for twice were lost twice: a relay on the way likely refuses them as too big
-            // (and its bounce went where mailferry does not look). Answer afresh in smaller parts.
-            let asked = self.db.meta_u64(&format!("resent.{}", resend.reply_id))?;
-            if asked >= 1
-                && let Some(parts) = &kept
-                && let Some(largest) = parts.iter().map(|(_, raw)| raw.len() as u64).max()
-            {
-                let limit = shrink_relay_limit(&self.db, &rec.name, largest)?;
-                warn!(
-                    recipient = %rec.name, reply = %resend.reply_id, limit,
-                    "parts were lost twice; answering afresh with smaller parts"
-                );
-            }
-            match (kept, self.db.reply_generation(&rec.name, &resend.reply_id)?) {
-                (Some(parts), Some(generation)) if !parts.is_empty() && asked == 0 => {
-                    self.db.set_meta(&format!("resent.{}", resend.reply_id), "1")?;
-                    return Ok(Ok(Action::Resend {
-                        recipient: rec.name.clone(),
-                        nonce: req.nonce.to_hex(),
-                        seq: req.seq,
-                        generation,
-                        reply_id: resend.reply_id.clone(),
-                        parts,
-                        to: rec.address.clone(),
-                    }));
-                }
-                _ => info!(
-                    recipient = %rec.name,
-                    reply = %resend.reply_id,
-                    "parts asked for again are no longer kept; answering afresh"
-                ),
-            }
-        }
-        let target = self.manifest(generation.number)?.clone();
-        // Without a tree to diff against (a generation this owner does not know), ask for the full one.
-        let need_full_inventory = inventory.is_none();
-        let ops = inventory.as_ref().map_or_else(Vec::new, |inv| diff(inv, &target));
-        let n_ops = ops.len();
-        let packer = Packer {
-            store: &self.store,
-            level: self.cfg.owner.compression_level,
-            cache: self.cfg.state_dir.join("deltas"),
-            tmp: self.cfg.state_dir.join("tmp"),
-        };
-        let packed = packer.pack(inventory.as_ref(), ops, req.full_content)?;
-        let head = Reply {
-            mailferry: VERSION,
-            kind: Kind::Reply,
-            recipient: rec.name.clone(),
-            nonce: req.nonce,
-            request_seq: req.seq,
-            reply_id: random_id(16),
-            part: 1,
-            parts: 1,
-            created: now(),
-            generation: generation.number,
-            root: generation.root,
-            base: req.root,
-            need_full_inventory,
-            payloads: Vec::new(),
-            body: packed.body_frame,
-            rekey: None,
-        };
-        // Replies are made under the recipient's key as the owner knows it now (the request may have come
-        // under a retired one), and carry the next key while a rotation is under way.
-        let key = Key::from_hex(&rec.key_hex).context("stored key is corrupt")?;
-        let head = match self.db.key_rotation(&rec.name)? {
-            Some(p) => {
-                let new = Key::from_hex(&p.key_hex).context("stored key is corrupt")?;
-                Reply {
-                    rekey: Some(Rekey { key_id: p.key_id, sealed: key.seal_key(&rec.name, &new), grace: p.grace }),
-                    ..head
-                }
-            }
-            None => head,
-        };
-        let limit = self.relay_limit(&rec.name)?;
-        Ok(Ok(Action::Answer(Box::new(Answer {
-            head,
-            packed,
-            ops: n_ops,
-            seq: req.seq,
-            key,
-            to: rec.address.clone(),
-            limit,
-        }))))
-    }
-
-    /// The message size replies to `recipient` must fit: `relay-limit`, the server's `SIZE`, or what a
-    /// relay refusal taught, whichever is smallest.
-    fn relay_limit(&self, recipient: &str) -> Result<u64> {
-        let learned = self.db.meta(&relay_limit_key(recipient))?.and_then(|v| v.parse::<u64>().ok());
-        Ok([Some(self.cfg.owner.relay_limit), self.server_limit, learned]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.cfg.owner.relay_limit)
-            .max(crate::config::MIN_RELAY_LIMIT))
     }
 
     /// Unregisters a recipient: its key stops verifying at once.
@@ -664,8 +364,13 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
             .recipients()?
             .into_iter()
             .map(|mut r| {
-                r.last_bounce = db.meta(&bounce_key(&r.name))?;
-                r.relay_limit = db.meta(&relay_limit_key(&r.name))?.and_then(|v| v.parse().ok());
+                r.last_bounce = db.bounce(&r.name)?;
+                r.relay_limit = db
+                    .relay_limit(&r.name)?
+                    .filter(|l| now().saturating_sub(l.learned_at) < engine::owner::LEARNED_LIMIT_TTL)
+                    .map(|l| l.limit);
+                let since = now().saturating_sub(cfg.owner.budget_period.as_secs());
+                (r.spent_replies, r.spent_bytes) = db.spent_since(&r.name, since)?;
                 Ok(r)
             })
             .collect::<Result<_>>()?,
@@ -674,7 +379,7 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
         transport: super::TransportStatus::read(&db)?,
         signing: cfg.owner.signing,
         public_key: db
-            .meta(SIGNING_KEY_META)?
+            .signing_key()?
             .map(|hex| SigningKey::from_hex(&hex).map(|k| k.public().to_hex()))
             .transpose()
             .context("the stored signing key is corrupt")?,
@@ -691,108 +396,282 @@ impl Node for Owner {
     }
 
     fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
+        let now = now();
+        let policy = self.policy();
         if raw.len() as u64 <= self.cfg.limits.max_message_bytes
             && let Some(report) = envelope::bounce(raw)
         {
-            return self.bounced(&report, digest);
-        }
-        let action = match self.evaluate(raw)? {
-            Ok(a) => a,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
-        Ok(Ok(match action {
-            Action::Answer(answer) => {
-                let Answer { head, packed, ops, seq, key, to, limit } = *answer;
-                let signer = self.signer.clone();
-                let (recipient, nonce, generation) = (head.recipient.clone(), head.nonce.to_hex(), head.generation);
-                let reply_id = head.reply_id.clone();
-                let stats = packed.stats;
-                // The reply is queued in the same transaction that records the request as answered: a
-                // crash leaves both or neither, so every request is answered exactly once. Parts are built
-                // one at a time, so memory follows the part size, not the reply.
-                let from = self.cfg.owner.address.clone();
-                let (parts, bytes) = self.db.transaction(|db| {
-                    let mut bytes = 0;
-                    let keys = (&key, signer.as_ref());
-                    let parts = split(&head, &packed, limit, keys, &from, &to, ops, |k, raw| {
-                        bytes += raw.len();
-                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
-                        if let Some(id) = envelope::hints(raw).message_id {
-                            db.record_sent_id(&id, &head.recipient, &head.reply_id, k, raw.len())?;
-                        }
-                        db.keep_sent_part(&head.reply_id, k, &head.recipient, raw)
+            return match engine::owner::on_report(&self.view(), &report, &policy, now)? {
+                ReportOutcome::Refused(r) => Ok(Err(r)),
+                ReportOutcome::Act { effects, what, failed } => {
+                    self.db.transaction(|db| {
+                        apply_effects(db, &effects)?;
+                        db.mark_seen(digest, "processed")
                     })?;
-                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, ops, bytes)?;
-                    db.mark_seen(digest, "processed")?;
-                    Ok((parts, bytes))
-                })?;
-                crate::failpoint::hit("owner-queued");
-                info!(
-                    recipient = %recipient, generation, ops, parts, bytes, to = %to,
-                    local = stats.local, frames = stats.frames, streamed = stats.streamed,
-                    streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff,
-                    "answered request"
-                );
-                Handled::Answered { recipient, generation, ops }
+                    if failed {
+                        warn!("{what}");
+                    } else {
+                        info!("{what}");
+                    }
+                    Ok(Ok(Handled::Bounced { status: report.summary() }))
+                }
+            };
+        }
+        let view = self.view();
+        let accepts = [Kind::Request, Kind::Receipt];
+        let verify = verify::Policy { accepts: &accepts, pinned_owner: None, limits: &self.cfg.limits };
+        let msg = match verify::open(raw, &OwnerKeys(&view), &verify, now)? {
+            Ok(m) => m,
+            Err(r) => return Ok(Err(r)),
+        };
+        let outcome = engine::owner::on_message(&view, msg, &policy, now)?;
+        Ok(Ok(match outcome {
+            Outcome::Refused(r) => return Ok(Err(r)),
+            Outcome::Deferred(why) => {
+                warn!("{why}");
+                Handled::Deferred(why)
             }
-            Action::Resend { recipient, nonce, seq, generation, reply_id, parts, to } => {
+            Outcome::Answer(plan) => self.answer(*plan, digest, now)?,
+            Outcome::Resend(plan) => {
+                let ResendPlan { recipient: rec, request: req, reply_id, generation, parts, effects } = *plan;
                 let from = &self.cfg.owner.address;
+                let nonce = req.nonce.to_hex();
                 let n = parts.len();
+                let root = self.view().manifest(generation)?.map_or(req.root, |m| m.root());
                 self.db.transaction(|db| {
+                    apply_effects(db, &effects)?;
                     let mut bytes = 0;
                     for (k, raw) in &parts {
                         bytes += raw.len();
-                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), from, &to, raw)?;
+                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), from, &rec.address, raw)?;
                     }
-                    db.record_answer(&recipient, &nonce, seq, &reply_id, generation, 0, bytes)?;
+                    db.record_answer(&Answered {
+                        recipient: &rec.name,
+                        nonce: &nonce,
+                        seq: req.seq,
+                        reply_id: &reply_id,
+                        generation,
+                        root,
+                        base: req.root,
+                        ops: 0,
+                        reply_bytes: bytes,
+                    })?;
                     db.mark_seen(digest, "processed")
                 })?;
-                info!(recipient = %recipient, reply = %reply_id, parts = n, "sent lost parts again");
-                Handled::Answered { recipient, generation, ops: 0 }
+                info!(recipient = %rec.name, reply = %reply_id, parts = n, "sent lost parts again");
+                Handled::Answered { recipient: rec.name, generation, ops: 0 }
             }
-            Action::Receipt(r) => {
+            Outcome::Receipt { receipt: r, effects } => {
                 self.db.transaction(|db| {
-                    db.record_receipt(&r)?;
-                    // Its parts arrived: no need to keep them for sending again.
-                    db.drop_sent_parts(Some(&r.reply_id), KEEP_SENT_PARTS)?;
+                    apply_effects(db, &effects)?;
                     db.mark_seen(digest, "processed")
                 })?;
                 info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
                 Handled::Receipt { recipient: r.recipient, generation: r.generation }
             }
-            Action::Defer(why) => {
-                warn!("{why}");
-                Handled::Deferred(why)
-            }
         }))
     }
 }
 
-fn bounce_key(recipient: &str) -> String {
-    format!("bounce.{recipient}")
+impl Owner {
+    /// What the configuration allows, as the engine needs it.
+    fn policy(&self) -> OwnerPolicy {
+        let o = &self.cfg.owner;
+        OwnerPolicy {
+            limits: self.cfg.limits.clone(),
+            budget: Budget { replies: o.budget_replies, bytes: o.budget_bytes, period: o.budget_period.as_secs() },
+            relay_limit: self.server_limit.map_or(o.relay_limit, |s| s.min(o.relay_limit)),
+            min_relay_limit: crate::config::MIN_RELAY_LIMIT,
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View { db: &self.db, manifests: &self.manifests }
+    }
+
+    /// Packs the reply an [`AnswerPlan`] calls for, cuts it into parts, and queues them with the record of
+    /// the answer and the plan's effects, in one transaction: a crash leaves both or neither, so every
+    /// request is answered exactly once. Parts are built one at a time, so memory follows the part size,
+    /// not the reply.
+    fn answer(&mut self, plan: AnswerPlan, digest: &Digest, now: u64) -> Result<Handled> {
+        let packer = Packer {
+            store: &self.store,
+            level: self.cfg.owner.compression_level,
+            cache: self.cfg.state_dir.join("deltas"),
+            tmp: self.cfg.state_dir.join("tmp"),
+        };
+        let ops = plan.ops.clone();
+        let n_ops = ops.len();
+        let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
+        let mut rng = SystemEntropy;
+        let head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
+        let limit = plan.limit;
+        let (rec, req) = (&plan.recipient, &plan.request);
+        let signer = self.signer.clone();
+        let nonce = req.nonce.to_hex();
+        let stats = packed.stats;
+        let from = self.cfg.owner.address.clone();
+        let to = rec.address.clone();
+        let (parts, bytes) = self.db.transaction(|db| {
+            apply_effects(db, &plan.effects)?;
+            let mut bytes = 0;
+            let keys = (&plan.key, signer.as_ref());
+            let parts = split(&head, &packed, limit, keys, (&from, &to), n_ops, &mut rng, |k, token, raw| {
+                bytes += raw.len();
+                db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
+                if let Some(id) = envelope::hints(raw).message_id {
+                    let sent = SentMessage {
+                        recipient: rec.name.clone(),
+                        reply_id: head.reply_id.clone(),
+                        part: k,
+                        bytes: raw.len() as u64,
+                        token: Some(token.to_owned()),
+                    };
+                    db.record_sent_id(&id, &sent)?;
+                }
+                db.keep_sent_part(&head.reply_id, k, &rec.name, raw)
+            })?;
+            db.record_answer(&Answered {
+                recipient: &rec.name,
+                nonce: &nonce,
+                seq: req.seq,
+                reply_id: &head.reply_id,
+                generation: head.generation,
+                root: head.root,
+                base: req.root,
+                ops: n_ops,
+                reply_bytes: bytes,
+            })?;
+            db.mark_seen(digest, "processed")?;
+            Ok((parts, bytes))
+        })?;
+        crate::failpoint::hit("owner-queued");
+        info!(
+            recipient = %rec.name, generation = head.generation, ops = n_ops, parts, bytes, to = %to,
+            local = stats.local, frames = stats.frames, streamed = stats.streamed,
+            streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff,
+            "answered request"
+        );
+        Ok(Handled::Answered { recipient: rec.name.clone(), generation: head.generation, ops: n_ops })
+    }
 }
 
-fn relay_limit_key(recipient: &str) -> String {
-    format!("relay_limit.{recipient}")
+/// Applies the engine's effects, in order, inside the caller's transaction.
+fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
+    for e in effects {
+        match e {
+            Effect::CompleteRotation { recipient } => {
+                let old = db.complete_key_rotation(recipient)?;
+                info!(recipient = %recipient, old, "the recipient uses its new key: rotation complete");
+            }
+            Effect::SetRelayLimit { recipient, limit } => db.set_relay_limit(recipient, Some(limit))?,
+            Effect::ClearRelayLimit { recipient } => {
+                db.set_relay_limit(recipient, None)?;
+                info!(recipient = %recipient, "parts to this recipient are back to the configured size");
+            }
+            Effect::SetBounce { recipient, summary } => db.set_bounce(recipient, summary)?,
+            Effect::CountResend { reply_id } => db.count_resend(reply_id)?,
+            Effect::RecordReceipt(r) => db.record_receipt(r)?,
+            Effect::DropSentParts { reply_id } => {
+                db.drop_sent_parts(Some(reply_id), KEEP_SENT_PARTS)?;
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Learns that a message of `refused` bytes did not reach `recipient`: its parts are cut to three quarters
-/// of that from now on (never below the smallest usable limit). Returns the new limit.
-fn shrink_relay_limit(db: &Db, recipient: &str, refused: u64) -> Result<u64> {
-    let limit = (refused / 4 * 3).max(crate::config::MIN_RELAY_LIMIT);
-    db.set_meta(&relay_limit_key(recipient), &limit.to_string())?;
-    Ok(limit)
+/// The owner's state as the engine reads it. Generation manifests are decoded once and cached.
+struct View<'a> {
+    db: &'a Db,
+    manifests: &'a RefCell<HashMap<u64, Arc<Manifest>>>,
 }
 
-/// A reply ready to be cut into parts.
-struct Answer {
-    head: Reply,
-    packed: Packed,
-    ops: usize,
-    seq: u64,
-    key: Key,
-    to: String,
-    limit: u64,
+impl OwnerView for View<'_> {
+    fn recipient(&self, name: &str) -> Result<Option<Registered>> {
+        self.db
+            .recipient(name)?
+            .map(|r| {
+                Ok(Registered {
+                    key: Key::from_hex(&r.key_hex).context("stored key is corrupt")?,
+                    name: r.name,
+                    address: r.address,
+                    last_seq: r.last_seq,
+                })
+            })
+            .transpose()
+    }
+
+    fn rotation(&self, name: &str) -> Result<Option<Rotation>> {
+        self.db
+            .key_rotation(name)?
+            .map(|p| Ok(Rotation { key: Key::from_hex(&p.key_hex).context("stored key is corrupt")?, grace: p.grace }))
+            .transpose()
+    }
+
+    fn retired_key(&self, name: &str, key_id: &str, _now: u64) -> Result<Option<Key>> {
+        self.db.retired_key(name, key_id)?.map(|hex| Key::from_hex(&hex).context("stored key is corrupt")).transpose()
+    }
+
+    fn request_answered(&self, nonce: &Nonce) -> Result<bool> {
+        self.db.request_answered(&nonce.to_hex())
+    }
+
+    fn latest_generation(&self) -> Result<Option<Generation>> {
+        Ok(self.db.latest_generation()?.map(|g| Generation { number: g.number, root: g.root }))
+    }
+
+    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>> {
+        if let Some(m) = self.manifests.borrow().get(&generation) {
+            return Ok(Some(m.clone()));
+        }
+        if !self.db.has_generation(generation)? {
+            return Ok(None);
+        }
+        let m = Arc::new(self.db.generation_manifest(generation)?);
+        self.manifests.borrow_mut().insert(generation, m.clone());
+        Ok(Some(m))
+    }
+
+    fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
+        Ok(self.db.answered_for(recipient, &nonce.to_hex())?.map(|(reply_id, generation, root)| SentReply {
+            reply_id,
+            generation,
+            root,
+        }))
+    }
+
+    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
+        self.db.receipt_recorded(recipient, reply_id)
+    }
+
+    fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>> {
+        self.db.reply_generation(recipient, reply_id)
+    }
+
+    fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>> {
+        self.db.sent_part(recipient, reply_id, part)
+    }
+
+    fn resent(&self, reply_id: &str) -> Result<u64> {
+        self.db.resent(reply_id)
+    }
+
+    fn spent_since(&self, recipient: &str, since: u64) -> Result<Spent> {
+        let (replies, bytes) = self.db.spent_since(recipient, since)?;
+        Ok(Spent { replies, bytes })
+    }
+
+    fn sent_message(&self, message_id: &str) -> Result<Option<SentMessage>> {
+        self.db.sent_id(message_id)
+    }
+
+    fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
+        self.db.sent_part_count(reply_id)
+    }
+
+    fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
+        self.db.relay_limit(recipient)
+    }
 }
 
 /// Cuts the pack into chunks that fit `limit` once encoded, and hands each finished part message to
@@ -806,10 +685,10 @@ fn split(
     packed: &Packed,
     limit: u64,
     (key, signer): (&Key, Option<&SigningKey>),
-    from: &str,
-    to: &str,
+    (from, to): (&str, &str),
     ops: usize,
-    mut emit: impl FnMut(u32, &[u8]) -> Result<()>,
+    rng: &mut dyn Entropy,
+    mut emit: impl FnMut(u32, &str, &[u8]) -> Result<()>,
 ) -> Result<u32> {
     use std::io::{Read, Seek, SeekFrom};
     let chunk_id = |k: u32| format!("pack-{k:04}.bin");
@@ -852,42 +731,35 @@ fn split(
         let control = protocol::encode(&reply);
         let auth = protocol::encode(&Auth::sign(&head.recipient, key, &control).signed_by(signer, &control));
         let of = if parts > 1 { format!(", part {k} of {parts}") } else { String::new() };
-        let raw = envelope::build(&Outgoing {
-            from,
-            to,
-            subject: format!("mailferry: generation {} for {} ({changed}{of})", head.generation, head.recipient),
-            text: format!(
-                "This is an automatic message from mailferry.\n\n\
+        // Each part gets its own delivery token, which a genuine bounce quotes back, and a Message-ID of
+        // our own making (random, so nothing about the reply can be guessed from it).
+        let token = rng.hex_id(16);
+        let message_id = format!("{}@{}", rng.hex_id(16), from.rsplit_once('@').map_or("mailferry", |(_, d)| d));
+        let env = envelope::Envelope { message_id: Some(&message_id), date: Some(head.created), token: Some(&token) };
+        let raw = envelope::build_with(
+            &Outgoing {
+                from,
+                to,
+                subject: format!("mailferry: generation {} for {} ({changed}{of})", head.generation, head.recipient),
+                text: format!(
+                    "This is an automatic message from mailferry.\n\n\
                  It brings recipient {:?} to generation {} ({changed}{of}).\n\
                  mailferry verifies and applies it; there is nothing to do by hand.\n",
-                head.recipient, head.generation
-            ),
-            kind: Kind::Reply,
-            control: &control,
-            auth: &auth,
-            payloads: vec![(&payloads[k as usize - 1].id, &bytes)],
-        })?;
+                    head.recipient, head.generation
+                ),
+                kind: Kind::Reply,
+                control: &control,
+                auth: &auth,
+                payloads: vec![(&payloads[k as usize - 1].id, &bytes)],
+            },
+            &env,
+        )?;
         anyhow::ensure!(
             raw.len() as u64 <= limit,
             "reply part {k} is {} bytes, over the {limit}-byte limit it was cut for (a bug)",
             raw.len()
         );
-        emit(k, &raw)?;
+        emit(k, &token, &raw)?;
     }
     Ok(parts)
-}
-
-enum Action {
-    Answer(Box<Answer>),
-    Resend {
-        recipient: String,
-        nonce: String,
-        seq: u64,
-        generation: u64,
-        reply_id: String,
-        parts: Vec<(u32, Vec<u8>)>,
-        to: String,
-    },
-    Receipt(crate::protocol::Receipt),
-    Defer(String),
 }

@@ -22,6 +22,8 @@ use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce, PublicKey};
 use crate::db::{Db, now};
+use crate::engine::recipient::{Applied, Effect as RecipientEffect, PartStep, RecipientKeys, RecipientView, WholeStep};
+use crate::engine::{self, verify};
 use crate::manifest::{Digest, Entry, Listed};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
@@ -52,10 +54,6 @@ pub struct Recipient {
     owner_key: Option<PublicKey>,
     _lock: std::fs::File,
 }
-
-/// Meta keys of the key a rotation replaced, and until when replies made under it are accepted.
-const PREVIOUS_KEY_META: &str = "previous_key";
-const PREVIOUS_KEY_UNTIL_META: &str = "previous_key_until";
 
 /// The recipient's view for `status`.
 #[derive(Debug, Clone, Serialize)]
@@ -176,7 +174,10 @@ impl Recipient {
         let key = read_key_file(&cfg.recipient.key_file)?;
         let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
-        Ok(Recipient { cfg, db, key, owner_key, _lock: lock })
+        let mut r = Recipient { cfg, db, key, owner_key, _lock: lock };
+        // A key taken up just before a crash is written now.
+        r.finish_key()?;
+        Ok(r)
     }
 
     /// The configuration.
@@ -200,13 +201,20 @@ impl Recipient {
     fn complete(&mut self, journal: &Journal) -> Result<()> {
         let target = journal.target()?;
         let nonce = Nonce::from_hex(&journal.nonce).map_err(anyhow::Error::msg)?;
+        // A key this reply brought is the key from now on: the receipt is made under it, which tells the
+        // owner the rotation arrived.
+        let key = match self.db.subscription()?.pending_key {
+            Some(hex) => Key::from_hex(&hex).context("the pending key in the state database is corrupt")?,
+            None => self.key.clone(),
+        };
         let receipt =
-            self.receipt(nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
+            self.receipt(&key, nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
                 super::rollback::keep_previous(db, journal)?;
-                db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops)?;
+                let key_id = journal.key_id.as_deref();
+                db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops, key_id)?;
             }
             // Any other request described the tree as it was before: none of them is answerable now.
             db.close_all_outstanding()?;
@@ -218,11 +226,12 @@ impl Recipient {
         if let Some(root) = journal.stage_dir.parent() {
             super::rollback::tidy_staging(&self.db, root);
         }
-        Ok(())
+        self.finish_key()
     }
 
     fn receipt(
         &self,
+        key: &Key,
         nonce: Nonce,
         reply_id: &str,
         generation: u64,
@@ -241,7 +250,7 @@ impl Recipient {
             status,
         };
         let control = protocol::encode(&receipt);
-        let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
+        let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, key, &control));
         Ok(envelope::build(&Outgoing {
             from: &self.cfg.recipient.address,
             to: &self.cfg.recipient.owner_address,
@@ -303,13 +312,14 @@ impl Recipient {
             return Ok(false);
         }
         let resend = resend.map(|(r, _)| r);
-        let full_content = self.db.meta("full_content")?.as_deref() == Some("1");
+        let sub = self.db.subscription()?;
+        let full_content = sub.full_content;
         let scan = self.scan_tree()?;
         let root = scan.manifest.root();
         let (generation, applied_root) = self.db.applied_root()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
-        let full = generation == 0 || self.db.meta("need_full_inventory")?.as_deref() == Some("1");
+        let full = generation == 0 || sub.need_full_inventory;
         let (inventory_kind, inventory, removed) = if full {
             (InventoryKind::Full, scan.manifest.listing(), Vec::new())
         } else if applied_root == Some(root) {
@@ -335,7 +345,7 @@ impl Recipient {
             (inventory, None)
         };
         let nonce = Nonce::generate();
-        let seq = self.db.meta_u64("seq")? + 1;
+        let seq = sub.seq + 1;
         let req = Request {
             mailferry: VERSION,
             kind: Kind::Request,
@@ -374,7 +384,7 @@ impl Recipient {
             anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
             db.add_outstanding(&nonce.to_hex(), seq)?;
             if full {
-                db.set_meta("need_full_inventory", "")?;
+                db.set_need_full_inventory(false)?;
             }
             db.outbox_put(&format!("request-{seq:010}"), from, to, &raw)
         })?;
@@ -410,91 +420,45 @@ impl Recipient {
     }
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
-        let me = self.cfg.recipient.name.clone();
-        let limits = self.cfg.limits.clone();
-        let parsed = refuse!(envelope::parse(raw, limits.max_message_bytes));
-        let auth = refuse!(protocol::decode_auth(&parsed.auth));
-        if auth.recipient != me {
-            return Ok(Err(Refusal::new(
-                Reason::WrongRecipient,
-                format!("message is for recipient {:?}, this is {me:?}", auth.recipient),
-            )));
-        }
-        let Some(key) = self.key_named(&auth.key_id)? else {
-            return Ok(Err(Refusal::new(
-                Reason::BadMac,
-                format!("message is authenticated with key {}, this recipient's key is {}", auth.key_id, self.key.id()),
-            )));
+        let now = now();
+        let view = View { db: &self.db, name: &self.cfg.recipient.name, key: &self.key };
+        let accepts = [Kind::Reply];
+        let policy =
+            verify::Policy { accepts: &accepts, pinned_owner: self.owner_key.as_ref(), limits: &self.cfg.limits };
+        let msg = refuse!(verify::open(raw, &RecipientKeys(&view), &policy, now)?);
+        let Control::Reply(reply) = msg.control else {
+            return Ok(Err(Refusal::new(Reason::Unexpected, "a recipient accepts only replies")));
         };
-        refuse!(protocol::verify_mac(&key, &auth, &parsed.control));
-        if let Some(owner) = &self.owner_key {
-            refuse!(protocol::verify_signature(owner, &auth, &parsed.control));
-        }
-        let reply = match refuse!(protocol::decode_control(&parsed.control, &limits)) {
-            Control::Reply(r) => r,
-            other => {
-                return Ok(Err(Refusal::new(
-                    Reason::Unexpected,
-                    format!("a recipient does not accept a {}", other.kind()),
-                )));
-            }
-        };
-        if reply.recipient != me {
-            return Ok(Err(Refusal::new(
-                Reason::WrongRecipient,
-                format!("reply is for {:?}, this is {me:?}", reply.recipient),
-            )));
-        }
         let nonce = reply.nonce.to_hex();
-        let Some(seq) = self.db.outstanding(&nonce)? else {
-            let why = if self.db.reply_applied(&reply.reply_id)? {
-                format!("reply {} was applied before (replayed)", reply.reply_id)
-            } else {
-                format!("reply answers nonce {nonce}, which is not outstanding (replayed, or answered already)")
-            };
-            return Ok(Err(Refusal::new(Reason::Replay, why)));
-        };
-
-        // An authentic reply that must not be applied answers its request all the same: the next run asks
-        // again at once instead of waiting for `reply-timeout`.
-        let verdict = if reply.request_seq != seq {
-            Err(Refusal::new(
-                Reason::Malformed,
-                format!("reply names request {}, but nonce {nonce} belongs to request {seq}", reply.request_seq),
-            ))
-        } else {
-            self.check_generation(&reply)?
-        };
-        if let Err(r) = verdict {
-            self.give_up(&nonce, &reply.reply_id)?;
-            return Ok(Err(r));
-        }
-        // A local rollback holds back the generation it undid (node::rollback).
-        if let Some(held) = super::rollback::hold(&self.db, reply.generation, &nonce, digest)? {
-            self.forget_parts(&reply.reply_id)?;
-            return Ok(Ok(held));
+        match engine::recipient::on_part(&view, &reply, msg.key_role)? {
+            PartStep::Refused { refusal, give_up } => {
+                if give_up {
+                    self.give_up(&nonce, &reply.reply_id)?;
+                }
+                return Ok(Err(refusal));
+            }
+            PartStep::Held { generation, .. } => {
+                // A local rollback holds back the generation it undid (node::rollback).
+                if let Some(held) = super::rollback::hold(&self.db, generation, &nonce, digest)? {
+                    self.forget_parts(&reply.reply_id)?;
+                    return Ok(Ok(held));
+                }
+            }
+            PartStep::Keep { .. } => {}
         }
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
-        refuse!(protocol::check_payloads(&reply, &parsed.attachments));
-        let Some(update) = refuse!(self.keep_part(&reply, &parsed, &nonce)?) else {
+        refuse!(protocol::check_payloads(&reply, &msg.attachments));
+        let Some(update) = refuse!(self.keep_part(&reply, &msg.attachments, &nonce)?) else {
             let have = self.db.received_parts(&reply.reply_id)?.len() as u32;
             self.db.mark_seen(digest, "processed")?;
             info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
             return Ok(Ok(Handled::PartKept { reply_id: reply.reply_id.clone(), have, of: reply.parts }));
         };
-        // A new key it brings is taken up whatever becomes of the rest (only now that every part, all
-        // made under the same key, is here: a grace of zero would refuse the later ones otherwise).
-        if let Some(rekey) = &reply.rekey
-            && let Err(r) = self.take_key(rekey, &key)?
-        {
-            self.give_up(&nonce, &reply.reply_id)?;
-            return Ok(Err(r));
-        }
         // From here on the reply is authentic, whole, and answers a request of ours: whatever happens,
         // that request is answered, so the next run asks again at once instead of waiting for
         // `reply-timeout`.
-        let res = self.answer_reply(&update, digest, &nonce);
+        let res = self.answer_reply(&update, &msg.key, digest, &nonce, now);
         match &res {
             Ok(Err(_)) => self.give_up(&nonce, &update.head.reply_id)?,
             Ok(Ok(_)) => self.forget_parts(&update.head.reply_id)?,
@@ -504,49 +468,34 @@ impl Recipient {
         res
     }
 
-    /// The key with id `id`: this recipient's, or the one a rotation replaced while its grace lasts.
-    fn key_named(&self, id: &str) -> Result<Option<Key>> {
-        if id == self.key.id() {
-            return Ok(Some(self.key.clone()));
+    /// Takes up a new key the engine accepted with its reply: in the state database first (the current
+    /// key kept as the previous one for the grace period, the new one pending), then in the key file.
+    fn take_key(&mut self, effects: &[RecipientEffect]) -> Result<()> {
+        for e in effects {
+            if let RecipientEffect::TakeKey { new, previous_until } = e {
+                self.db.take_key(&self.key.to_hex(), &self.key.id(), *previous_until, &new.to_hex(), &new.id())?;
+            }
         }
-        let until = self.db.meta(PREVIOUS_KEY_UNTIL_META)?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let Some(hex) = self.db.meta(PREVIOUS_KEY_META)?.filter(|_| now() < until) else { return Ok(None) };
-        let previous = Key::from_hex(&hex).context("the previous key in the state database is corrupt")?;
-        Ok((previous.id() == id).then_some(previous))
+        Ok(())
     }
 
-    /// Takes up the key a rotation delivers, sealed under `under` (the key that authenticated the reply):
-    /// the current key is kept in the state database for the grace period, then the key file is replaced.
-    /// A key already taken up is left alone.
-    fn take_key(&mut self, rekey: &protocol::Rekey, under: &Key) -> Result<Result<(), Refusal>> {
-        if rekey.key_id == self.key.id() {
-            return Ok(Ok(()));
+    /// Writes a key taken up but not yet in the key file (after a crash, on the next start), then forgets
+    /// it was pending. The key file is replaced whole (temporary file, fsync, rename, directory fsync).
+    fn finish_key(&mut self) -> Result<()> {
+        let Some(hex) = self.db.subscription()?.pending_key else { return Ok(()) };
+        let new = Key::from_hex(&hex).context("the pending key in the state database is corrupt")?;
+        if new != self.key {
+            crate::failpoint::hit("rekey-saved");
+            let path = &self.cfg.recipient.key_file;
+            write_durably(path, format!("{}\n", new.to_hex()).as_bytes())
+                .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+            }
+            info!(key = %new.id(), old = %self.key.id(), "took up the new key the owner sent");
+            self.key = new;
         }
-        let Some(new) = under.open_key(&self.cfg.recipient.name, &rekey.key_id, &rekey.sealed) else {
-            return Ok(Err(Refusal::new(
-                Reason::Malformed,
-                format!("the new key {} in the reply does not open under key {}", rekey.key_id, under.id()),
-            )));
-        };
-        // The old key first: after a crash between the two writes the old key is both current and previous,
-        // and the owner, not having seen the new one used, still sends it.
-        self.db.transaction(|db| {
-            db.set_meta(PREVIOUS_KEY_META, &self.key.to_hex())?;
-            db.set_meta(PREVIOUS_KEY_UNTIL_META, &now().saturating_add(rekey.grace).to_string())
-        })?;
-        crate::failpoint::hit("rekey-saved");
-        let path = &self.cfg.recipient.key_file;
-        write_durably(path, format!("{}\n", new.to_hex()).as_bytes())
-            .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all())?;
-        }
-        info!(
-            key = %new.id(), old = %self.key.id(), grace = %humantime::format_duration(std::time::Duration::from_secs(rekey.grace)),
-            "took up the new key the owner sent"
-        );
-        self.key = new;
-        Ok(Ok(()))
+        self.db.clear_pending_key()
     }
 
     /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts.
@@ -567,32 +516,6 @@ impl Recipient {
         Ok(())
     }
 
-    /// Refuses a reply that would take the tree back: an older generation, or the applied generation
-    /// with another root.
-    fn check_generation(&self, reply: &Reply) -> Result<Result<(), Refusal>> {
-        let (applied, applied_root) = self.db.applied_root()?;
-        if reply.generation < applied {
-            return Ok(Err(Refusal::new(
-                Reason::Rollback,
-                format!("reply brings generation {}, older than the applied {applied}", reply.generation),
-            )));
-        }
-        if reply.generation == applied
-            && let Some(root) = applied_root
-            && root != reply.root
-        {
-            return Ok(Err(Refusal::new(
-                Reason::Rollback,
-                format!(
-                    "reply brings generation {applied} with root {}, but generation {applied} has root {}",
-                    reply.root.short(),
-                    root.short()
-                ),
-            )));
-        }
-        Ok(Ok(()))
-    }
-
     fn parts_dir(&self, reply_id: &str) -> PathBuf {
         // Reply ids are 32 hex digits (checked when the control part was decoded): a plain file name.
         self.cfg.state_dir.join("parts").join(reply_id)
@@ -603,7 +526,7 @@ impl Recipient {
     fn keep_part(
         &mut self,
         reply: &Reply,
-        parsed: &envelope::Parsed,
+        attachments: &std::collections::BTreeMap<String, Vec<u8>>,
         nonce: &str,
     ) -> Result<Result<Option<Update>, Refusal>> {
         let dir = self.parts_dir(&reply.reply_id);
@@ -620,7 +543,7 @@ impl Recipient {
         let own = reply.own_payload().expect("check_payloads found this part's chunk");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
         let chunk = dir.join(format!("{}.chunk", reply.part));
-        write_durably(&chunk, &parsed.attachments[&own.id])?;
+        write_durably(&chunk, &attachments[&own.id])?;
         self.db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
         let have: BTreeSet<u32> = self.db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
         if have.len() < reply.parts as usize {
@@ -648,30 +571,33 @@ impl Recipient {
         Ok(Ok(Some(Update { head: reply.clone(), body })))
     }
 
-    /// The checks and the apply for an authentic, whole reply to an outstanding request.
-    fn answer_reply(&mut self, update: &Update, digest: &Digest, nonce: &str) -> Result<Result<Handled, Refusal>> {
+    /// The checks and the apply for an authentic, whole reply to an outstanding request, made under `under`.
+    fn answer_reply(
+        &mut self,
+        update: &Update,
+        under: &Key,
+        digest: &Digest,
+        nonce: &str,
+        now: u64,
+    ) -> Result<Result<Handled, Refusal>> {
         let reply = &update.head;
-        let (applied, _, previous) = self.db.applied()?;
-        if reply.need_full_inventory {
-            info!("the owner asked for the full tree; the next request lists it");
-            self.db.set_meta("need_full_inventory", "1")?;
-            return self.current(nonce, digest, applied);
-        }
-
+        let (_, _, previous) = self.db.applied()?;
         let data = self.cfg.recipient.data.clone();
-        let scan = self.scan_tree()?;
-        if reply.generation == applied
-            && update.body.ops.is_empty()
-            && scan.manifest.root() == reply.root
-            && scan.foreign.is_empty()
-        {
-            return self.current(nonce, digest, applied);
-        }
-        let plan = refuse!(apply::plan(&scan, &previous, update, self.cfg.recipient.on_extra));
-        if plan.steps.is_empty() && reply.generation == applied {
-            // Only kept extras differ from the generation: nothing to do.
-            return self.current(nonce, digest, applied);
-        }
+        let step = {
+            let view = View { db: &self.db, name: &self.cfg.recipient.name, key: &self.key };
+            let mut scan = || self.scan_tree();
+            engine::recipient::on_whole(&view, update, under, &mut scan, &previous, self.cfg.recipient.on_extra, now)?
+        };
+        let (plan, effects, scan) = match step {
+            WholeStep::Refused(r) => return Ok(Err(r)),
+            WholeStep::Current { generation, effects } => {
+                if effects.contains(&RecipientEffect::NeedFullInventory) {
+                    info!("the owner asked for the full tree; the next request lists it");
+                }
+                return self.current(nonce, digest, generation, &effects);
+            }
+            WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
+        };
         let stage_dir = self.staging_root()?.join(&reply.reply_id);
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
@@ -693,7 +619,7 @@ impl Recipient {
                 StageError::Refused(r) => {
                     // Whole files can be checked without trusting anything local: ask for them next time.
                     warn!("{r}; the next request asks for whole files");
-                    self.db.set_meta("full_content", "1")?;
+                    self.db.set_full_content(true)?;
                     return Ok(Err(r));
                 }
                 io @ StageError::Io { .. } => {
@@ -701,6 +627,10 @@ impl Recipient {
                 }
             }
         }
+        // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
+        // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
+        // not yet marked seen, is applied under the key it was made with, kept as the previous one).
+        self.take_key(&effects)?;
         let journal = Journal {
             version: 1,
             data_root: data,
@@ -713,13 +643,14 @@ impl Recipient {
             target: plan.target.listing(),
             steps: plan.steps,
             kind: JournalKind::Apply,
+            key_id: Some(under.id()),
         };
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
         journal.execute().context("apply interrupted; the next run finishes it")?;
         crate::failpoint::hit("apply-done");
         self.complete(&journal)?;
-        self.db.set_meta("full_content", "")?;
+        self.db.set_full_content(false)?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
@@ -748,13 +679,29 @@ impl Recipient {
         Ok(c.scan)
     }
 
-    /// Records a reply that confirms the tree is current.
-    fn current(&mut self, nonce: &str, digest: &Digest, generation: u64) -> Result<Result<Handled, Refusal>> {
+    /// Records a reply that confirms the tree is current, with the effects the engine accepted it with.
+    fn current(
+        &mut self,
+        nonce: &str,
+        digest: &Digest,
+        generation: u64,
+        effects: &[RecipientEffect],
+    ) -> Result<Result<Handled, Refusal>> {
+        let key = self.key.clone();
         self.db.transaction(|db| {
+            for e in effects {
+                match e {
+                    RecipientEffect::TakeKey { new, previous_until } => {
+                        db.take_key(&key.to_hex(), &key.id(), *previous_until, &new.to_hex(), &new.id())?;
+                    }
+                    RecipientEffect::NeedFullInventory => db.set_need_full_inventory(true)?,
+                }
+            }
             db.close_outstanding(nonce)?;
             db.mark_fresh_reply()?;
             db.mark_seen(digest, "processed")
         })?;
+        self.finish_key()?;
         info!(generation, "owner confirms the tree is current");
         Ok(Ok(Handled::Current { generation }))
     }
@@ -808,14 +755,15 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
     let (generation, root) = db.applied_root()?;
+    let sub = db.subscription()?;
     Ok(RecipientStatus {
         role: "recipient",
         name: cfg.recipient.name.clone(),
         data: cfg.recipient.data.clone(),
         generation,
         root: root.map(|r| r.to_hex()),
-        last_request_at: db.meta("last_request_at")?.and_then(|v| v.parse().ok()),
-        last_reply_at: db.meta("last_reply_at")?.and_then(|v| v.parse().ok()),
+        last_request_at: sub.last_request_at,
+        last_reply_at: sub.last_reply_at,
         outstanding: db.outstanding_count()?,
         rejected: db.rejection_count()?,
         interrupted_apply: Journal::path(&cfg.state_dir).exists(),
@@ -836,7 +784,7 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
 /// # Errors
 /// State failures.
 pub fn stale_since(db: &Db, cfg: &RecipientConfig) -> Result<Option<std::time::Duration>> {
-    let since = db.meta("last_reply_at")?.and_then(|v| v.parse::<u64>().ok()).or(db.created_at()?);
+    let since = db.subscription()?.last_reply_at.or(db.created_at()?);
     let Some(since) = since else { return Ok(None) };
     let quiet = std::time::Duration::from_secs(now().saturating_sub(since));
     // Times are whole seconds: stale once the quiet reaches `stale-after`.
@@ -857,7 +805,7 @@ pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
         humantime::format_duration(r.stale_after())
     );
     let Some(admin) = &r.admin_address else { return Ok(true) };
-    if db.meta("stale_notified_at")?.is_some_and(|v| !v.is_empty()) {
+    if db.subscription()?.stale_notified_at.is_some() {
         return Ok(true);
     }
     let text = format!(
@@ -879,7 +827,7 @@ pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
         .write_to_vec()?;
     db.transaction(|db| {
         db.outbox_put(&format!("stale-notice-{}", now()), &r.address, admin, &raw)?;
-        db.set_meta("stale_notified_at", &now().to_string())
+        db.set_stale_notified(Some(now()))
     })?;
     Ok(true)
 }
@@ -912,5 +860,49 @@ impl Node for Recipient {
             return Ok(Ok(Handled::Bounced { status: what }));
         }
         self.evaluate(raw, digest)
+    }
+}
+
+/// The recipient's state as the engine reads it.
+struct View<'a> {
+    db: &'a Db,
+    name: &'a str,
+    key: &'a Key,
+}
+
+impl RecipientView for View<'_> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn key(&self) -> &Key {
+        self.key
+    }
+
+    fn previous_key(&self, now: u64) -> Result<Option<Key>> {
+        let sub = self.db.subscription()?;
+        let (Some(hex), Some(until)) = (sub.previous_key, sub.previous_key_until) else { return Ok(None) };
+        if now >= until {
+            return Ok(None);
+        }
+        Ok(Some(Key::from_hex(&hex).context("the previous key in the state database is corrupt")?))
+    }
+
+    fn outstanding(&self, nonce: &Nonce) -> Result<Option<u64>> {
+        self.db.outstanding(&nonce.to_hex())
+    }
+
+    fn reply_applied(&self, reply_id: &str) -> Result<bool> {
+        self.db.reply_applied(reply_id)
+    }
+
+    fn applied(&self) -> Result<Applied> {
+        let sub = self.db.subscription()?;
+        let root = sub.applied_root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
+        Ok(Applied { generation: sub.applied_generation, root, key_id: sub.applied_key_id })
+    }
+
+    fn rollback_hold(&self) -> Result<Option<u64>> {
+        self.db.rollback_hold()
     }
 }

@@ -208,6 +208,7 @@ pub fn rollback(r: &Recipient) -> Result<RolledBack> {
         target: previous.manifest.listing(),
         steps: plan.steps,
         kind: JournalKind::Rollback { from: applied },
+        key_id: None,
     };
     journal.commit(state_dir)?;
     crate::failpoint::hit("apply-committed");

@@ -47,12 +47,46 @@ pub struct Outgoing<'a> {
     pub payloads: Vec<(&'a str, &'a [u8])>,
 }
 
+/// The header that carries a sent message's delivery token: 32 random hex digits the sender keeps, which a
+/// genuine delivery report quotes back with the rest of the original headers. Relays and readers of the
+/// mailbox that only saw a `Message-ID` (in a log, a `References` header) cannot forge a report with it.
+pub const TOKEN_HEADER: &str = "X-Mailferry-Token";
+
+/// What [`build_with`] sets beyond [`Outgoing`]: headers that mail-builder would otherwise make up.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope<'a> {
+    /// The `Message-ID` (without angle brackets); made up when `None`.
+    pub message_id: Option<&'a str>,
+    /// The `Date`, in seconds since the Unix epoch; now when `None`.
+    pub date: Option<u64>,
+    /// The delivery token ([`TOKEN_HEADER`]).
+    pub token: Option<&'a str>,
+}
+
 /// Writes `msg` as an RFC 5322 message.
 ///
 /// # Errors
 /// Only if writing to memory fails, which it does not.
 pub fn build(msg: &Outgoing<'_>) -> std::io::Result<Vec<u8>> {
-    let mut b = MessageBuilder::new()
+    build_with(msg, &Envelope::default())
+}
+
+/// [`build`] with the given `Message-ID`, `Date` and delivery token.
+///
+/// # Errors
+/// Only if writing to memory fails, which it does not.
+pub fn build_with(msg: &Outgoing<'_>, env: &Envelope<'_>) -> std::io::Result<Vec<u8>> {
+    let mut b = MessageBuilder::new();
+    if let Some(id) = env.message_id {
+        b = b.message_id(id.to_owned());
+    }
+    if let Some(date) = env.date {
+        b = b.date(i64::try_from(date).unwrap_or(i64::MAX));
+    }
+    if let Some(token) = env.token {
+        b = b.header(TOKEN_HEADER, Raw::new(token.to_owned()));
+    }
+    let mut b = b
         .from(msg.from)
         .to(msg.to)
         .subject(msg.subject.as_str())
@@ -172,6 +206,8 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
 pub struct Bounce {
     /// The `Message-ID` of the message reported on, from the report's copy of its headers.
     pub message_id: Option<String>,
+    /// The delivery token ([`TOKEN_HEADER`]) of the message reported on, from the same copy.
+    pub token: Option<String>,
     /// `Action` of the first recipient reported on: `failed`, `delayed`, `delivered`, ...
     pub action: Option<String>,
     /// Its `Status`, an RFC 3463 code such as `5.3.4`.
@@ -241,6 +277,7 @@ pub fn bounce(raw: &[u8]) -> Option<Bounce> {
             }
             ("message", Some("rfc822" | "global"), PartType::Message(original)) => {
                 b.message_id = b.message_id.or_else(|| original.message_id().map(str::to_owned));
+                b.token = b.token.or_else(|| token_of(original));
             }
             ("text", Some("rfc822-headers" | "global-headers"), body) => {
                 let bytes = match body {
@@ -249,12 +286,19 @@ pub fn bounce(raw: &[u8]) -> Option<Bounce> {
                     _ => continue,
                 };
                 let headers = MessageParser::default().parse_headers(bytes);
-                b.message_id = b.message_id.or_else(|| headers?.message_id().map(str::to_owned));
+                b.message_id = b.message_id.or_else(|| headers.as_ref()?.message_id().map(str::to_owned));
+                b.token = b.token.or_else(|| token_of(headers.as_ref()?));
             }
             _ => {}
         }
     }
     Some(b)
+}
+
+/// The delivery token in a copy of a message's headers, if it has a well-formed one.
+fn token_of(m: &mail_parser::Message<'_>) -> Option<String> {
+    let v = m.header(TOKEN_HEADER)?.as_text()?.trim();
+    (v.len() == 32 && v.bytes().all(|c| c.is_ascii_hexdigit())).then(|| v.to_ascii_lowercase())
 }
 
 /// The fields of the first per-recipient group of a `message/delivery-status` body (RFC 3464 §2.3):

@@ -1,0 +1,762 @@
+//! The owner's decisions: what a verified request, receipt or delivery report makes the owner do.
+//!
+//! Input is a [`Verified`] message (or a parsed delivery report), a read-only [`OwnerView`] of the state
+//! and the time; output is an [`Outcome`]: a refusal, or a plan with the [`Effect`]s the shell applies in
+//! the one transaction that also queues the mail. A refusal carries no effect at all, so a refused message
+//! changes nothing (a key rotation does not complete, a relay limit does not shrink).
+//!
+//! Packing (reading the content store, computing deltas) is the shell's: the engine says which tree to
+//! diff against which generation, and [`reply_head`] says what the reply looks like.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::Entropy;
+use super::verify::{KeyRole, Keyed, Keyring, Verified};
+use crate::crypto::{Key, Nonce};
+use crate::manifest::{Digest, Manifest, Op, diff};
+use crate::protocol::{
+    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, Request, Resend, VERSION,
+};
+
+/// A registered recipient as the engine needs it.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    /// Its name.
+    pub name: String,
+    /// The only address replies go to.
+    pub address: String,
+    /// Its key.
+    pub key: Key,
+    /// The highest request sequence number answered.
+    pub last_seq: u64,
+}
+
+/// A key rotation under way.
+#[derive(Clone, Debug)]
+pub struct Rotation {
+    /// The new key.
+    pub key: Key,
+    /// Seconds the old key stays valid once the new one is used.
+    pub grace: u64,
+}
+
+/// A published generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Its number.
+    pub number: u64,
+    /// Its root.
+    pub root: Digest,
+}
+
+/// What the owner sent for one request, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentReply {
+    /// The reply's id.
+    pub reply_id: String,
+    /// The generation it brought.
+    pub generation: u64,
+    /// That generation's root (`None` for replies recorded before roots were kept).
+    pub root: Option<Digest>,
+}
+
+/// A reply part as sent, remembered by its `Message-ID` so that a delivery report about it can be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    /// To whom.
+    pub recipient: String,
+    /// Which reply.
+    pub reply_id: String,
+    /// Which part.
+    pub part: u32,
+    /// Its size.
+    pub bytes: u64,
+    /// Its delivery token (`None` for parts sent before tokens were).
+    pub token: Option<String>,
+}
+
+/// A part size learned for a recipient from a relay's refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedLimit {
+    /// Parts are cut to at most this many bytes.
+    pub limit: u64,
+    /// When it was learned (it is forgotten after a while).
+    pub learned_at: u64,
+    /// The smallest part size refused, which growing back never reaches.
+    pub refused: Option<u64>,
+    /// The reply whose refusal taught it (one reply shrinks the limit once).
+    pub reply_id: Option<String>,
+}
+
+/// What a recipient was sent over a recent period, for its budget.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spent {
+    /// Replies (answers and resends).
+    pub replies: u64,
+    /// Their bytes, as queued.
+    pub bytes: u64,
+}
+
+/// Per-recipient reply budgets: what one recipient (or whoever holds its key) can make the owner send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Most replies per period.
+    pub replies: u64,
+    /// Most bytes per period.
+    pub bytes: u64,
+    /// The period, in seconds.
+    pub period: u64,
+}
+
+/// The owner's state, read-only, as the engine sees it.
+pub trait OwnerView {
+    /// A registered recipient.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn recipient(&self, name: &str) -> Result<Option<Registered>>;
+    /// The rotation under way for `name`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn rotation(&self, name: &str) -> Result<Option<Rotation>>;
+    /// A retired key of `name` with id `key_id` still within its grace at `now`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn retired_key(&self, name: &str, key_id: &str, now: u64) -> Result<Option<Key>>;
+    /// Whether a request with this nonce was answered before (for any recipient).
+    ///
+    /// # Errors
+    /// Local failures.
+    fn request_answered(&self, nonce: &Nonce) -> Result<bool>;
+    /// The newest generation.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn latest_generation(&self) -> Result<Option<Generation>>;
+    /// The tree of a kept generation, `None` when it was pruned or never existed.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>>;
+    /// What was sent for `recipient`'s request `nonce`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>>;
+    /// Whether a receipt for reply `reply_id` was recorded.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool>;
+    /// The generation reply `reply_id` to `recipient` brought, if the owner sent it.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>>;
+    /// A kept part of an earlier reply.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>>;
+    /// How often the parts of `reply_id` were sent again.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn resent(&self, reply_id: &str) -> Result<u64>;
+    /// What `recipient` was sent since `since`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn spent_since(&self, recipient: &str, since: u64) -> Result<Spent>;
+    /// The reply part sent under `message_id`, if it is remembered.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn sent_message(&self, message_id: &str) -> Result<Option<SentMessage>>;
+    /// How many parts reply `reply_id` went out in.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn sent_part_count(&self, reply_id: &str) -> Result<u64>;
+    /// The part size learned for `recipient`, if any.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>>;
+}
+
+/// The owner's keyring: registered recipients' keys, the keys rotations deliver, retired keys in their grace.
+pub struct OwnerKeys<'a>(pub &'a dyn OwnerView);
+
+impl Keyring for OwnerKeys<'_> {
+    fn lookup(&self, recipient: &str, key_id: &str, now: u64) -> Result<Result<Keyed, Refusal>> {
+        let Some(rec) = self.0.recipient(recipient)? else {
+            return Ok(Err(Refusal::new(
+                Reason::UnknownRecipient,
+                format!("no recipient named {recipient:?} is registered"),
+            )));
+        };
+        if key_id == rec.key.id() {
+            return Ok(Ok(Keyed { key: rec.key, role: KeyRole::Current }));
+        }
+        if let Some(r) = self.0.rotation(recipient)?.filter(|r| r.key.id() == key_id) {
+            return Ok(Ok(Keyed { key: r.key, role: KeyRole::Rotating }));
+        }
+        if let Some(key) = self.0.retired_key(recipient, key_id, now)? {
+            return Ok(Ok(Keyed { key, role: KeyRole::Retired }));
+        }
+        Ok(Err(Refusal::new(
+            Reason::BadMac,
+            format!("message names key {key_id}, {recipient:?}'s key is {}", rec.key.id()),
+        )))
+    }
+}
+
+/// A change to the owner's state, applied by the shell in the step's one transaction, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// The recipient used the key its rotation delivered: it becomes the key, the old one is retired.
+    CompleteRotation {
+        /// Whose.
+        recipient: String,
+    },
+    /// Later replies to `recipient` are cut into parts of at most `limit.limit` bytes.
+    SetRelayLimit {
+        /// Whose.
+        recipient: String,
+        /// The limit learned.
+        limit: LearnedLimit,
+    },
+    /// The learned part size for `recipient` has grown back to the configured one: forget it.
+    ClearRelayLimit {
+        /// Whose.
+        recipient: String,
+    },
+    /// A reply part to `recipient` could not be delivered (shown by `status`).
+    SetBounce {
+        /// Whose.
+        recipient: String,
+        /// When and what the report said.
+        summary: String,
+    },
+    /// The parts of `reply_id` were sent again once more.
+    CountResend {
+        /// Which reply.
+        reply_id: String,
+    },
+    /// Record a receipt as the recipient's state.
+    RecordReceipt(Receipt),
+    /// Forget the kept parts of a reply.
+    DropSentParts {
+        /// Which reply.
+        reply_id: String,
+    },
+}
+
+/// A request to answer with a fresh reply, once the shell has packed it.
+#[derive(Clone, Debug)]
+pub struct AnswerPlan {
+    /// Who asked.
+    pub recipient: Registered,
+    /// The request.
+    pub request: Request,
+    /// The key the reply is made under: the recipient's key once this step's effects are applied.
+    pub key: Key,
+    /// The key a rotation is delivering, to send sealed in the reply.
+    pub rekey: Option<Rotation>,
+    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory.
+    pub inventory: Option<Manifest>,
+    /// The generation the reply brings.
+    pub generation: Generation,
+    /// Its tree.
+    pub target: Arc<Manifest>,
+    /// The operations that turn the recipient's tree into it (none without an inventory).
+    pub ops: Vec<Op>,
+    /// The size its parts must fit, with this step's effects taken into account.
+    pub limit: u64,
+    /// Effects to apply with the reply.
+    pub effects: Vec<Effect>,
+}
+
+/// Kept parts of an earlier reply to send again.
+#[derive(Clone, Debug)]
+pub struct ResendPlan {
+    /// Who asked.
+    pub recipient: Registered,
+    /// The request asking.
+    pub request: Request,
+    /// The reply.
+    pub reply_id: String,
+    /// Its generation.
+    pub generation: u64,
+    /// The parts, as sent the first time.
+    pub parts: Vec<(u32, Vec<u8>)>,
+    /// Effects to apply with the resend.
+    pub effects: Vec<Effect>,
+}
+
+/// What the owner does with one verified message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Refuse it; nothing changes.
+    Refused(Refusal),
+    /// Leave it in the inbox (nothing published yet).
+    Deferred(String),
+    /// Answer a request afresh.
+    Answer(Box<AnswerPlan>),
+    /// Answer a request with kept parts.
+    Resend(Box<ResendPlan>),
+    /// Record a receipt.
+    Receipt {
+        /// The receipt.
+        receipt: Receipt,
+        /// Effects to apply.
+        effects: Vec<Effect>,
+    },
+}
+
+/// What the owner is configured to allow.
+#[derive(Clone, Debug)]
+pub struct OwnerPolicy {
+    /// Size and count limits.
+    pub limits: crate::limits::Limits,
+    /// Per-recipient reply budget.
+    pub budget: Budget,
+    /// The configured part size (`relay-limit`, or the server's `SIZE` if smaller).
+    pub relay_limit: u64,
+    /// Smallest relay limit.
+    pub min_relay_limit: u64,
+}
+
+/// How long a learned part size lasts without a new refusal confirming it: a limit taught by a report,
+/// forged or genuine, heals by itself.
+pub const LEARNED_LIMIT_TTL: u64 = 30 * 24 * 3600;
+
+/// How long a learned part size holds before proven deliveries let it grow back (a quarter at a time).
+pub const LEARNED_LIMIT_GROW_AFTER: u64 = 24 * 3600;
+
+/// The part size replies to `recipient` must fit at `now`: the configured one, or a learned one that is
+/// smaller and still fresh, never below the smallest usable limit.
+///
+/// # Errors
+/// Local failures of the view.
+pub fn part_limit(view: &dyn OwnerView, recipient: &str, policy: &OwnerPolicy, now: u64) -> Result<u64> {
+    let learned = learned_limit(view, recipient, now)?.map(|l| l.limit);
+    Ok(learned.map_or(policy.relay_limit, |l| l.min(policy.relay_limit)).max(policy.min_relay_limit))
+}
+
+fn learned_limit(view: &dyn OwnerView, recipient: &str, now: u64) -> Result<Option<LearnedLimit>> {
+    Ok(view.relay_limit(recipient)?.filter(|l| now.saturating_sub(l.learned_at) < LEARNED_LIMIT_TTL))
+}
+
+/// Decides what to do with a verified request or receipt.
+///
+/// # Errors
+/// Local failures of the view.
+pub fn on_message(view: &dyn OwnerView, msg: Verified, policy: &OwnerPolicy, now: u64) -> Result<Outcome> {
+    let Some(rec) = view.recipient(&msg.auth.recipient)? else {
+        return Ok(Outcome::Refused(Refusal::new(
+            Reason::UnknownRecipient,
+            format!("no recipient named {:?} is registered", msg.auth.recipient),
+        )));
+    };
+    // A message made under the key a rotation delivers completes the rotation, if it is accepted.
+    let mut effects = Vec::new();
+    let rotation = view.rotation(&rec.name)?;
+    let (key, rekey) = match msg.key_role {
+        KeyRole::Rotating => {
+            effects.push(Effect::CompleteRotation { recipient: rec.name.clone() });
+            (msg.key.clone(), None)
+        }
+        KeyRole::Current | KeyRole::Retired => (rec.key.clone(), rotation),
+    };
+    match msg.control {
+        Control::Request(req) => {
+            // A request's only possible attachment is its inventory.
+            let inventory = match crate::protocol::open_inventory(&req, &msg.attachments, &policy.limits) {
+                Ok(i) => i,
+                Err(r) => return Ok(Outcome::Refused(r)),
+            };
+            let req = Request { inventory, inventory_payload: None, ..req };
+            on_request(view, rec, req, key, rekey, effects, policy, now)
+        }
+        Control::Receipt(_) if !msg.attachments.is_empty() => {
+            let name = msg.attachments.keys().next().map_or("", String::as_str);
+            Ok(Outcome::Refused(Refusal::new(Reason::BadPayload, format!("unexpected attachment {name:?}"))))
+        }
+        Control::Receipt(r) => on_receipt(view, &rec, r, effects, policy, now),
+        Control::Reply(_) => Ok(Outcome::Refused(Refusal::new(Reason::Unexpected, "an owner does not accept replies"))),
+    }
+}
+
+macro_rules! refuse {
+    ($reason:expr, $($fmt:tt)*) => {
+        return Ok(Outcome::Refused(Refusal::new($reason, format!($($fmt)*))))
+    };
+}
+
+/// Receipt checks C1–C4 (`docs/protocol.md` §11.2).
+fn on_receipt(
+    view: &dyn OwnerView,
+    rec: &Registered,
+    r: Receipt,
+    mut effects: Vec<Effect>,
+    policy: &OwnerPolicy,
+    now: u64,
+) -> Result<Outcome> {
+    let Some(sent) = view.answered_for(&rec.name, &r.nonce)? else {
+        refuse!(Reason::Replay, "receipt for nonce {} that was never answered", r.nonce);
+    };
+    if r.reply_id != sent.reply_id || r.generation != sent.generation {
+        refuse!(
+            Reason::Malformed,
+            "receipt names reply {} and generation {}, but the reply sent was {} with generation {}",
+            r.reply_id,
+            r.generation,
+            sent.reply_id,
+            sent.generation
+        );
+    }
+    // The owner knows the root of what it sent: a receipt claiming another state could come from no reply.
+    if let Some(root) = sent.root
+        && root != r.root
+    {
+        refuse!(
+            Reason::Malformed,
+            "receipt reports root {} for reply {}, but that reply brought root {}",
+            r.root.short(),
+            r.reply_id,
+            root.short()
+        );
+    }
+    if view.receipt_recorded(&rec.name, &r.reply_id)? {
+        refuse!(Reason::Replay, "a receipt for reply {} was recorded before", r.reply_id);
+    }
+    effects.push(Effect::RecordReceipt(r.clone()));
+    // Its parts arrived: no need to keep them for sending again.
+    effects.push(Effect::DropSentParts { reply_id: r.reply_id.clone() });
+    // A reply in several parts cut to a learned size got through whole: once the size has held for
+    // LEARNED_LIMIT_GROW_AFTER, parts may grow back a quarter (once per period), never to the size a relay
+    // refused, and to the configured size in the end.
+    if let Some(l) = learned_limit(view, &rec.name, now)?
+        && now.saturating_sub(l.learned_at) >= LEARNED_LIMIT_GROW_AFTER
+        && view.sent_part_count(&r.reply_id)? > 1
+    {
+        let ceiling = l.refused.map_or(policy.relay_limit, |refused| refused.saturating_sub(1).min(policy.relay_limit));
+        let grown = (l.limit + l.limit / 4).min(ceiling);
+        if grown >= policy.relay_limit {
+            effects.push(Effect::ClearRelayLimit { recipient: rec.name.clone() });
+        } else if grown > l.limit {
+            effects.push(Effect::SetRelayLimit {
+                recipient: rec.name.clone(),
+                limit: LearnedLimit { limit: grown, learned_at: now, ..l },
+            });
+        }
+    }
+    Ok(Outcome::Receipt { receipt: r, effects })
+}
+
+/// Request checks R1–R6 (`docs/protocol.md` §11.2), then the answer.
+#[allow(clippy::too_many_arguments)]
+fn on_request(
+    view: &dyn OwnerView,
+    rec: Registered,
+    req: Request,
+    key: Key,
+    rekey: Option<Rotation>,
+    mut effects: Vec<Effect>,
+    policy: &OwnerPolicy,
+    now: u64,
+) -> Result<Outcome> {
+    if view.request_answered(&req.nonce)? {
+        refuse!(Reason::Replay, "request nonce {} was answered before", req.nonce);
+    }
+    if req.seq <= rec.last_seq {
+        refuse!(Reason::Replay, "request seq {} is not newer than {} (replayed or reordered)", req.seq, rec.last_seq);
+    }
+    let Some(generation) = view.latest_generation()? else {
+        return Ok(Outcome::Deferred(format!(
+            "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`)",
+            rec.name
+        )));
+    };
+    // R6: the recipient's budget. Whoever holds a key (a stolen one, or a recipient stuck in a loop)
+    // can make the owner mail only so much to the registered address.
+    let b = policy.budget;
+    let spent = view.spent_since(&rec.name, now.saturating_sub(b.period))?;
+    if spent.replies >= b.replies || spent.bytes >= b.bytes {
+        refuse!(
+            Reason::Limit,
+            "{:?} was sent {} replies ({} bytes) in the last {}, its budget is {} replies or {} bytes",
+            rec.name,
+            spent.replies,
+            spent.bytes,
+            humantime::format_duration(std::time::Duration::from_secs(b.period)),
+            b.replies,
+            b.bytes
+        );
+    }
+    // R3 and R4: the recipient's tree, listed whole, or rebuilt from the generation it names plus its changes.
+    let inventory = match req.inventory_kind {
+        InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
+            Ok(m) => Some(m),
+            Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
+        },
+        InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
+        InventoryKind::Changes => match view.manifest(req.generation)? {
+            None => None,
+            Some(base) => {
+                let mut m = (*base).clone();
+                for p in &req.removed {
+                    if m.remove(p).is_none() {
+                        refuse!(
+                            Reason::Malformed,
+                            "request removes `{p}`, which generation {} does not have",
+                            req.generation
+                        );
+                    }
+                }
+                for l in &req.inventory {
+                    m.insert(l.path.clone(), l.entry.clone());
+                }
+                if let Err(e) = m.validate_shape() {
+                    refuse!(Reason::BadPath, "inventory is not a valid tree: {e}");
+                }
+                Some(m)
+            }
+        },
+    };
+    if let Some(inv) = &inventory
+        && inv.root() != req.root
+    {
+        refuse!(Reason::Malformed, "request root does not match its inventory");
+    }
+    // The parts of an earlier reply that never arrived, if they are still kept.
+    if let Some(resend) = &req.resend
+        && let Some(plan) = resend_plan(view, &rec, &req, resend, &mut effects, policy, now)?
+    {
+        return Ok(Outcome::Resend(Box::new(ResendPlan { effects, ..plan })));
+    }
+    let target = view.manifest(generation.number)?.ok_or_else(|| {
+        anyhow::format_err!("the newest generation {} has no manifest in the state database", generation.number)
+    })?;
+    let ops = inventory.as_ref().map_or_else(Vec::new, |inv| diff(inv, &target));
+    // A limit this very step learns applies to the reply it sends.
+    let learned_now = effects.iter().rev().find_map(|e| match e {
+        Effect::SetRelayLimit { recipient, limit } if *recipient == rec.name => Some(limit.limit),
+        _ => None,
+    });
+    let limit = match learned_now {
+        Some(l) => l.min(policy.relay_limit).max(policy.min_relay_limit),
+        None => part_limit(view, &rec.name, policy, now)?,
+    };
+    Ok(Outcome::Answer(Box::new(AnswerPlan {
+        recipient: rec,
+        request: req,
+        key,
+        rekey,
+        inventory,
+        generation,
+        target,
+        ops,
+        limit,
+        effects,
+    })))
+}
+
+/// The resend of kept parts, when they are all still kept and were not lost before. Parts asked for twice
+/// were lost twice: a relay on the way likely refuses them as too big (and its bounce went where mailferry
+/// does not look), so the limit shrinks and the request is answered afresh in smaller parts.
+fn resend_plan(
+    view: &dyn OwnerView,
+    rec: &Registered,
+    req: &Request,
+    resend: &Resend,
+    effects: &mut Vec<Effect>,
+    policy: &OwnerPolicy,
+    now: u64,
+) -> Result<Option<ResendPlan>> {
+    let mut parts = Vec::with_capacity(resend.parts.len());
+    for &k in &resend.parts {
+        match view.sent_part(&rec.name, &resend.reply_id, k)? {
+            Some(raw) => parts.push((k, raw)),
+            None => {
+                tracing::info!(
+                    recipient = %rec.name, reply = %resend.reply_id,
+                    "parts asked for again are no longer kept; answering afresh"
+                );
+                return Ok(None);
+            }
+        }
+    }
+    let asked = view.resent(&resend.reply_id)?;
+    if asked >= 1 {
+        if let Some(largest) = parts.iter().map(|(_, raw)| raw.len() as u64).max() {
+            let limit = shrunk_limit(largest, policy.min_relay_limit);
+            tracing::warn!(
+                recipient = %rec.name, reply = %resend.reply_id, limit,
+                "parts were lost twice; answering afresh with smaller parts"
+            );
+            effects.push(Effect::SetRelayLimit {
+                recipient: rec.name.clone(),
+                limit: LearnedLimit {
+                    limit,
+                    learned_at: now,
+                    refused: Some(largest),
+                    reply_id: Some(resend.reply_id.clone()),
+                },
+            });
+        }
+        return Ok(None);
+    }
+    let Some(generation) = view.reply_generation(&rec.name, &resend.reply_id)? else { return Ok(None) };
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    effects.push(Effect::CountResend { reply_id: resend.reply_id.clone() });
+    Ok(Some(ResendPlan {
+        recipient: rec.clone(),
+        request: req.clone(),
+        reply_id: resend.reply_id.clone(),
+        generation,
+        parts,
+        effects: Vec::new(),
+    }))
+}
+
+/// What a delivery report makes the owner do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// Refuse it (not about a message this owner sent, or not corroborated): nothing changes.
+    Refused(Refusal),
+    /// Apply these effects (possibly none) and log `what`.
+    Act {
+        /// Effects to apply.
+        effects: Vec<Effect>,
+        /// What it did, for the log.
+        what: String,
+        /// Whether it reports a failure (logged as a warning).
+        failed: bool,
+    },
+}
+
+/// Decides what a delivery report (a bounce) changes. A report is input from nobody in particular, so:
+/// it must name a reply part this owner sent and quote that part's delivery token (which only someone who
+/// saw the message itself can know); a too-large report cuts that recipient's parts to three quarters of
+/// the refused part at most once per reply, never below the smallest limit; the cut heals (receipts
+/// grow parts back, and a learned limit expires after [`LEARNED_LIMIT_TTL`]); a failure is only shown.
+///
+/// # Errors
+/// Local failures of the view.
+pub fn on_report(
+    view: &dyn OwnerView,
+    report: &crate::protocol::envelope::Bounce,
+    policy: &OwnerPolicy,
+    now: u64,
+) -> Result<ReportOutcome> {
+    let what = report.summary();
+    let refused = |detail: String| Ok(ReportOutcome::Refused(Refusal::new(Reason::Unexpected, detail)));
+    let sent = match &report.message_id {
+        Some(id) => view.sent_message(id)?,
+        None => None,
+    };
+    let Some(sent) = sent else {
+        return refused(format!(
+            "a delivery report ({what}) about a message this owner did not send, or no longer remembers"
+        ));
+    };
+    let genuine = match (&sent.token, &report.token) {
+        (Some(ours), Some(quoted)) => crate::crypto::ct_eq(ours.as_bytes(), quoted.as_bytes()),
+        _ => false,
+    };
+    if !genuine {
+        return refused(format!(
+            "a delivery report ({what}) names reply part {} of {} to {:?} but does not quote its delivery              token: not corroborated, nothing changed",
+            sent.part, sent.reply_id, sent.recipient
+        ));
+    }
+    let head = format!("reply part {} of {} to {:?}", sent.part, sent.reply_id, sent.recipient);
+    if report.too_large() {
+        let current = learned_limit(view, &sent.recipient, now)?;
+        let limit = shrunk_limit(sent.bytes, policy.min_relay_limit);
+        let already =
+            current.as_ref().is_some_and(|l| l.reply_id.as_deref() == Some(&sent.reply_id) || l.limit <= limit);
+        if already {
+            return Ok(ReportOutcome::Act {
+                effects: Vec::new(),
+                what: format!("{head} was refused as too large ({what}); parts are already cut to fit"),
+                failed: true,
+            });
+        }
+        return Ok(ReportOutcome::Act {
+            effects: vec![
+                Effect::SetRelayLimit {
+                    recipient: sent.recipient.clone(),
+                    limit: LearnedLimit {
+                        limit,
+                        learned_at: now,
+                        refused: Some(sent.bytes),
+                        reply_id: Some(sent.reply_id.clone()),
+                    },
+                },
+                // The request for the missing part is then answered afresh, in smaller parts.
+                Effect::DropSentParts { reply_id: sent.reply_id.clone() },
+            ],
+            what: format!(
+                "a relay returned a reply part as too large ({what}): {head}, {} bytes; later replies to this \
+                 recipient use parts of at most {limit} bytes",
+                sent.bytes
+            ),
+            failed: true,
+        });
+    }
+    if report.failed() {
+        return Ok(ReportOutcome::Act {
+            effects: vec![Effect::SetBounce { recipient: sent.recipient.clone(), summary: format!("{now} {what}") }],
+            what: format!("{head} could not be delivered: {what}"),
+            failed: true,
+        });
+    }
+    Ok(ReportOutcome::Act { effects: Vec::new(), what: format!("delivery report about {head}: {what}"), failed: false })
+}
+
+/// The part size after a part of `refused` bytes did not get through: three quarters of it, never below
+/// the smallest usable limit.
+pub fn shrunk_limit(refused: u64, min: u64) -> u64 {
+    (refused / 4 * 3).max(min)
+}
+
+/// The control fields of a fresh reply (one part, no payloads yet: the shell cuts the pack into parts).
+pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: Frame) -> Reply {
+    let rec = &plan.recipient;
+    let reply_id = rng.hex_id(16);
+    let mut seal_nonce = [0; 12];
+    rng.fill(&mut seal_nonce);
+    Reply {
+        mailferry: VERSION,
+        kind: Kind::Reply,
+        recipient: rec.name.clone(),
+        nonce: plan.request.nonce,
+        request_seq: plan.request.seq,
+        reply_id,
+        part: 1,
+        parts: 1,
+        created,
+        generation: plan.generation.number,
+        root: plan.generation.root,
+        base: plan.request.root,
+        need_full_inventory: plan.inventory.is_none(),
+        payloads: Vec::new(),
+        body,
+        // The next key travels sealed under the key the reply is made under.
+        rekey: plan.rekey.as_ref().map(|r| Rekey {
+            key_id: r.key.id(),
+            sealed: plan.key.seal_key_with_nonce(&rec.name, &r.key, seal_nonce),
+            grace: r.grace,
+        }),
+    }
+}
