@@ -78,6 +78,20 @@ pub struct Admin<'a> {
     pub node: String,
 }
 
+impl Admin<'_> {
+    /// The owner's: from its address, named by it.
+    pub fn owner(cfg: &OwnerConfig) -> Admin<'_> {
+        let o = &cfg.owner;
+        Admin { from: &o.address, to: o.admin_address.as_deref(), node: format!("owner {}", o.address) }
+    }
+
+    /// A recipient's: from its address, named by its name.
+    pub fn recipient(cfg: &RecipientConfig) -> Admin<'_> {
+        let r = &cfg.recipient;
+        Admin { from: &r.address, to: r.admin_address.as_deref(), node: format!("recipient {}", r.name) }
+    }
+}
+
 /// What one step of a daemon did.
 #[derive(Debug)]
 pub struct Step {
@@ -369,8 +383,7 @@ impl Daemon for OwnerDaemon {
     }
 
     fn admin(&self) -> Admin<'_> {
-        let o = &self.cfg.owner;
-        Admin { from: &o.address, to: o.admin_address.as_deref(), node: format!("owner {}", o.address) }
+        Admin::owner(&self.cfg)
     }
 
     fn worth_showing(&self, report: &RunReport) -> bool {
@@ -433,8 +446,7 @@ impl Daemon for RecipientDaemon {
     }
 
     fn admin(&self) -> Admin<'_> {
-        let r = &self.cfg.recipient;
-        Admin { from: &r.address, to: r.admin_address.as_deref(), node: format!("recipient {}", r.name) }
+        Admin::recipient(&self.cfg)
     }
 
     fn requests(&self) -> bool {
