@@ -49,13 +49,14 @@
 //! - [`node`]: owner and recipient drivers tying it together; [`node::pack`] chooses how each file
 //!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
 //!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
-//!   before (the kept store, the hold).
+//!   before (the kept store, the hold); [`node::run`], the daemon loop (a step at a time under the state
+//!   lock, IDLE or polling in between, capped backoff, an injected shutdown).
 //! - [`config`]: config and enrollment files.
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //! - [`progress`]: progress bars, off unless the binary turns them on for a terminal.
 //!
-//! The binary's `cli` module is the only code that knows about the terminal, clap and exit codes; it also
-//! runs the daemons (a step at a time under the state lock, IDLE or polling in between, capped backoff).
+//! The binary's `cli` module is the only code that knows about the terminal, clap, signals and exit codes:
+//! one file per command, each result a value shown as text or `--json`; its daemons are [`node::run`].
 //!
 //! # Invariants
 //! - Nothing in a message is interpreted before its MAC verifies, except the auth part's recipient name

@@ -19,6 +19,24 @@ use mailferry::transport::AnyTransport;
 
 use super::Exit;
 
+/// The arguments of `demo` (its help text is the doc of its variant in the command enum).
+#[derive(Debug, clap::Args)]
+pub struct DemoCommand {
+    /// Keep the demo's files in this directory instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
+}
+
+impl DemoCommand {
+    /// Runs the demo.
+    ///
+    /// # Errors
+    /// A step of the story failed, or the trees ended different.
+    pub async fn execute(self) -> Result<Exit> {
+        run(self.keep.as_deref()).await
+    }
+}
+
 const OWNER: &str = "owner@vendor.example";
 const SITE: &str = "site1@customer.example";
 

@@ -15,6 +15,7 @@ pub mod owner;
 pub mod pack;
 pub mod recipient;
 pub mod rollback;
+pub mod run;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,48 @@
+//! `mailferry owner ...`: the commands of the node that publishes the authoritative tree.
+
+mod add_recipient;
+mod init;
+mod publish;
+mod remove_recipient;
+mod rotate_key;
+mod run;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use super::Exit;
+
+/// The `owner` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OwnerCommand {
+    /// Create an owner: DIR/owner.toml, its state database and content store.
+    Init(init::InitCommand),
+    /// Register a recipient with a fresh key and write its enrollment file (mode 0600).
+    AddRecipient(add_recipient::AddRecipientCommand),
+    /// Unregister a recipient; its key stops verifying at once.
+    RemoveRecipient(remove_recipient::RemoveRecipientCommand),
+    /// Give a recipient a new key, delivered with its next reply sealed under the current key; the current
+    /// key stays valid until the recipient uses the new one, and for the grace period after.
+    RotateKey(rotate_key::RotateKeyCommand),
+    /// Snapshot the source tree into the next immutable generation.
+    Publish(publish::PublishCommand),
+    /// Answer requests: once with --once, else until SIGINT/SIGTERM.
+    Run(run::RunCommand),
+}
+
+impl OwnerCommand {
+    /// Runs the owner command.
+    ///
+    /// # Errors
+    /// Whatever the command reports.
+    pub async fn execute(self) -> Result<Exit> {
+        match self {
+            OwnerCommand::Init(c) => c.execute(),
+            OwnerCommand::AddRecipient(c) => c.execute(),
+            OwnerCommand::RemoveRecipient(c) => c.execute(),
+            OwnerCommand::RotateKey(c) => c.execute(),
+            OwnerCommand::Publish(c) => c.execute(),
+            OwnerCommand::Run(c) => c.execute().await,
+        }
+    }
+}

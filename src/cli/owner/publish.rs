@@ -1,0 +1,49 @@
+//! `mailferry owner publish`: snapshots the source tree into the next generation.
+
+use std::io::{self, Write};
+
+use anyhow::Result;
+use clap::Args;
+use mailferry::node::owner::{Owner, Published};
+
+use crate::cli::output::{Output, Render, Stream};
+use crate::cli::{ConfigArg, Exit};
+
+/// The arguments of `owner publish` (its help text is the doc of its variant in the command enum).
+#[derive(Debug, Args)]
+pub struct PublishCommand {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+impl Render for Published {
+    const STREAM: Stream = Stream::Stdout;
+
+    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
+        if self.new {
+            writeln!(
+                out,
+                "generation {} root {} ({} files, {} bytes)",
+                self.generation, self.root, self.files, self.bytes
+            )
+        } else {
+            writeln!(
+                out,
+                "generation {} root {} (unchanged: source equals the latest generation)",
+                self.generation, self.root
+            )
+        }
+    }
+}
+
+impl PublishCommand {
+    /// Publishes.
+    ///
+    /// # Errors
+    /// An unreadable source tree, store or state failures.
+    pub fn execute(self) -> Result<Exit> {
+        let published = Owner::open(self.config.owner()?)?.publish()?;
+        Output::human().print(&published)?;
+        Ok(Exit::Success)
+    }
+}

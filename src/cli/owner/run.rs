@@ -1,0 +1,46 @@
+//! `mailferry owner run`: answers requests, once or as a daemon ([`mailferry::node::run`]).
+
+use anyhow::Result;
+use clap::Args;
+use mailferry::node::run::{self, OwnerDaemon, RunConfig};
+use mailferry::transport::AnyTransport;
+use tracing::info;
+
+use crate::cli::output::{Output, RunSummary};
+use crate::cli::{ConfigArg, Exit};
+
+/// The arguments of `owner run` (its help text is the doc of its variant in the command enum).
+#[derive(Debug, Args)]
+pub struct RunCommand {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Answer every pending request, then exit.
+    #[arg(long)]
+    once: bool,
+}
+
+impl RunCommand {
+    /// Runs the owner once, or until SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first).
+    pub async fn execute(self) -> Result<Exit> {
+        let cfg = self.config.owner()?;
+        let mut t = AnyTransport::open(&cfg.transport, &cfg.owner.address)?;
+        let show = |report: &_| Output::human().print(&RunSummary { role: "owner", report });
+        let interval = cfg.owner.interval;
+        let mut daemon = OwnerDaemon::new(cfg);
+        if self.once {
+            show(&daemon.once(&mut t).await?)?;
+        } else {
+            let shutdown = crate::cli::signal::shutdown()?;
+            info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
+            run::run(&mut daemon, &mut t, RunConfig::default(), shutdown, |r| {
+                // A summary that cannot be written (stderr closed) is no reason to stop serving.
+                let _ = show(r);
+            })
+            .await?;
+        }
+        Ok(Exit::Success)
+    }
+}

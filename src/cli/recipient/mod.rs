@@ -1,0 +1,40 @@
+//! `mailferry recipient ...`: the commands of a node that keeps a data tree in sync with an owner.
+
+mod init;
+mod rollback;
+mod run;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use super::Exit;
+
+/// The `recipient` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RecipientCommand {
+    /// Create a recipient from an enrollment file: DIR/recipient.toml and DIR/recipient.key.
+    Init(init::InitCommand),
+    /// Apply replies and request updates: once with --once, else until SIGINT/SIGTERM.
+    Run(run::RunCommand),
+    /// Return the data tree to the generation applied before the current one, from files kept locally,
+    /// and hold the current one back until a newer generation arrives or --release.
+    ///
+    /// One level: the generation before is kept after each update to a newer generation, and a rollback
+    /// uses it up. Refused when nothing is kept, while an apply is interrupted, or when the tree has
+    /// changed since the current generation was applied.
+    Rollback(rollback::RollbackCommand),
+}
+
+impl RecipientCommand {
+    /// Runs the recipient command.
+    ///
+    /// # Errors
+    /// Whatever the command reports.
+    pub async fn execute(self) -> Result<Exit> {
+        match self {
+            RecipientCommand::Init(c) => c.execute(),
+            RecipientCommand::Run(c) => c.execute().await,
+            RecipientCommand::Rollback(c) => c.execute(),
+        }
+    }
+}

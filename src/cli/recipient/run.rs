@@ -1,0 +1,50 @@
+//! `mailferry recipient run`: applies replies and requests updates, once or as a daemon
+//! ([`mailferry::node::run`]).
+
+use anyhow::Result;
+use clap::Args;
+use mailferry::node::run::{self, RecipientDaemon, RunConfig};
+use mailferry::transport::AnyTransport;
+use tracing::info;
+
+use crate::cli::output::{Output, RunSummary};
+use crate::cli::{ConfigArg, Exit};
+
+/// The arguments of `recipient run` (its help text is the doc of its variant in the command enum).
+#[derive(Debug, Args)]
+pub struct RunCommand {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Apply waiting replies, request if nothing is outstanding, then exit.
+    #[arg(long)]
+    once: bool,
+    /// Only apply; send no request.
+    #[arg(long)]
+    no_request: bool,
+}
+
+impl RunCommand {
+    /// Runs the recipient once, or until SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first).
+    pub async fn execute(self) -> Result<Exit> {
+        let cfg = self.config.recipient()?;
+        let mut t = AnyTransport::open(&cfg.transport, &cfg.recipient.address)?;
+        let show = |report: &_| Output::human().print(&RunSummary { role: "recipient", report });
+        let interval = cfg.recipient.interval;
+        let mut daemon = RecipientDaemon::new(cfg, !self.no_request);
+        if self.once {
+            show(&daemon.once(&mut t).await?)?;
+        } else {
+            let shutdown = crate::cli::signal::shutdown()?;
+            info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
+            run::run(&mut daemon, &mut t, RunConfig::default(), shutdown, |r| {
+                // A summary that cannot be written (stderr closed) is no reason to stop syncing.
+                let _ = show(r);
+            })
+            .await?;
+        }
+        Ok(Exit::Success)
+    }
+}

@@ -1,0 +1,190 @@
+//! `mailferry status`: a node's generation, tree root, last request and reply, refusals and mail, as
+//! text or one JSON object; exits 1 when something needs attention.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use mailferry::config::{NodeConfig, Signing};
+use mailferry::node::owner::{self, OwnerStatus};
+use mailferry::node::recipient::{self, RecipientStatus};
+use mailferry::node::{OutboxStatus, TransportStatus};
+
+use crate::cli::output::{Output, Render, Stream};
+use crate::cli::{ConfigArg, Exit};
+
+/// The arguments of `status` (its help text is the doc of its variant in the command enum).
+#[derive(Debug, Args)]
+pub struct StatusCommand {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl StatusCommand {
+    /// Shows the status.
+    ///
+    /// # Errors
+    /// An unreadable config or state.
+    pub fn execute(self) -> Result<Exit> {
+        let out = Output::new(self.json);
+        let attention = match self.config.load()? {
+            NodeConfig::Owner(cfg) => {
+                let s = owner::status(&cfg)?;
+                out.print(&s)?;
+                s.outbox.failed > 0 || s.transport.failing()
+            }
+            NodeConfig::Recipient(cfg) => {
+                let s = recipient::status(&cfg)?;
+                out.print(&s)?;
+                s.outbox.failed > 0
+                    || s.interrupted_apply
+                    || s.transport.failing()
+                    || s.stale
+                    || s.rollback_held.is_some()
+            }
+        };
+        Ok(if attention { Exit::Attention } else { Exit::Success })
+    }
+}
+
+impl Render for OwnerStatus {
+    const STREAM: Stream = Stream::Stdout;
+
+    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
+        let s = self;
+        writeln!(out, "role:        owner ({})", s.address)?;
+        match &s.generation {
+            Some(g) => writeln!(
+                out,
+                "generation:  {} ({} files, {} bytes, published {})",
+                g.number,
+                g.files,
+                g.bytes,
+                fmt_time(Some(g.created))
+            )?,
+            None => writeln!(out, "generation:  none published")?,
+        }
+        if let Some(g) = &s.generation {
+            writeln!(out, "tree root:   {}", g.root)?;
+        }
+        writeln!(out, "rejected:    {}", s.rejected)?;
+        if let Some(k) = &s.public_key {
+            let on = if s.signing == Signing::HmacEd25519 { "" } else { " (not in use)" };
+            writeln!(out, "signing key: ed25519 {k}{on}")?;
+        }
+        writeln!(out, "outbox:      {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+        write_transport_status(out, "", &s.outbox, &s.transport)?;
+        writeln!(out, "recipients:  {}", s.recipients.len())?;
+        for r in &s.recipients {
+            let applied = r.applied_generation.map_or("unknown".into(), |g| format!("generation {g}"));
+            writeln!(out, "  {} <{}>: {applied}", r.name, r.address)?;
+            if let Some(k) = &r.rotating_to {
+                writeln!(out, "    key:          {} (rotating to {k})", r.key_id)?;
+            }
+            if let Some(limit) = r.relay_limit {
+                writeln!(out, "    part size:    {limit} bytes (learned from a relay's refusal)")?;
+            }
+            if let Some((at, what)) = r.last_bounce.as_deref().and_then(|b| b.split_once(' ')) {
+                writeln!(out, "    last bounce:  {} {what}", fmt_time(at.parse().ok()))?;
+            }
+            writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
+            writeln!(out, "    last reply:   {}", fmt_time(r.last_reply_at))?;
+            writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;
+        }
+        Ok(())
+    }
+}
+
+impl Render for RecipientStatus {
+    const STREAM: Stream = Stream::Stdout;
+
+    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
+        let s = self;
+        writeln!(out, "role:         recipient {:?} (data `{}`)", s.name, s.data.display())?;
+        writeln!(
+            out,
+            "generation:   {}",
+            if s.generation == 0 { "none applied".into() } else { s.generation.to_string() }
+        )?;
+        writeln!(out, "tree root:    {}", s.root.as_deref().unwrap_or("-"))?;
+        writeln!(out, "last request: {}", fmt_time(s.last_request_at))?;
+        writeln!(out, "last reply:   {}", fmt_time(s.last_reply_at))?;
+        writeln!(out, "key id:       {}", s.key_id.as_deref().unwrap_or("(key file unreadable)"))?;
+        if let Some(k) = &s.owner_public_key {
+            writeln!(out, "owner key:    ed25519 {k} (replies must be signed)")?;
+        }
+        writeln!(out, "outstanding:  {}", s.outstanding)?;
+        writeln!(out, "rejected:     {}", s.rejected)?;
+        writeln!(out, "outbox:       {} pending, {} failed", s.outbox.pending, s.outbox.failed)?;
+        write_transport_status(out, " ", &s.outbox, &s.transport)?;
+        match s.previous_generation {
+            Some(g) => writeln!(out, "kept:         generation {g}, for `recipient rollback`")?,
+            None => writeln!(out, "kept:         nothing to roll back to")?,
+        }
+        if s.interrupted_apply {
+            writeln!(out, "WARNING: an interrupted apply is waiting; the next run finishes it")?;
+        }
+        if let Some(held) = s.rollback_held {
+            writeln!(
+                out,
+                "HELD: rolled back locally; generation {held} and older are not applied until a newer one \
+                 arrives or `mailferry recipient rollback --release`"
+            )?;
+        }
+        if s.stale {
+            writeln!(
+                out,
+                "STALE: no fresh reply from the owner for longer than stale-after ({}); updates may be withheld",
+                humantime::format_duration(Duration::from_secs(s.stale_after))
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A moment as RFC 3339 and how long ago it was; `never` for none.
+fn fmt_time(t: Option<u64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let ago = mailferry::db::now().saturating_sub(t);
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t));
+            format!("{at} ({} ago)", humantime::format_duration(Duration::from_secs(ago)))
+        }
+    }
+}
+
+/// The `status` lines about mail: a permanently refused message, the last server error, how new mail is
+/// noticed. `pad` aligns them with the role's other lines.
+fn write_transport_status(
+    out: &mut dyn Write,
+    pad: &str,
+    outbox: &OutboxStatus,
+    t: &TransportStatus,
+) -> io::Result<()> {
+    if let Some(e) = &outbox.last_error {
+        writeln!(out, "refused:    {pad} {e}")?;
+    }
+    match (&t.last_error, t.failing()) {
+        (Some(e), true) => writeln!(out, "last error: {pad} {} ({e})", fmt_time(t.last_error_at))?,
+        (Some(e), false) => writeln!(
+            out,
+            "last error: {pad} {} ({e}); fine again since {}",
+            fmt_time(t.last_error_at),
+            fmt_time(t.last_ok_at)
+        )?,
+        (None, _) => writeln!(out, "last error: {pad} none")?,
+    }
+    let mode = match t.receive_mode.as_deref() {
+        Some("idle") => "IMAP IDLE (new mail is reported by the server)",
+        Some("poll") => "IMAP polling every poll-interval (no IDLE)",
+        Some("interval") => "spool checked every interval",
+        Some(other) => other,
+        None => "not known yet (no run so far)",
+    };
+    writeln!(out, "receiving:  {pad} {mode}, as of {}", fmt_time(t.receive_mode_at))
+}
