@@ -91,6 +91,14 @@ impl Render for OwnerStatus {
             if let Some((at, what)) = r.last_bounce.as_deref().and_then(|b| b.split_once(' ')) {
                 writeln!(out, "    last bounce:  {} {what}", fmt_time(at.parse().ok()))?;
             }
+            if r.spent_replies > 0 {
+                let period = humantime::format_duration(std::time::Duration::from_secs(s.budget.period));
+                writeln!(
+                    out,
+                    "    sent:         {} replies, {} bytes in the last {period} (budget {} replies, {} bytes)",
+                    r.spent_replies, r.spent_bytes, s.budget.replies, s.budget.bytes
+                )?;
+            }
             writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
             writeln!(out, "    last reply:   {}", fmt_time(r.last_reply_at))?;
             writeln!(out, "    last receipt: {}", fmt_time(r.last_receipt_at))?;

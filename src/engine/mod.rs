@@ -15,6 +15,9 @@ pub mod owner;
 pub mod recipient;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 /// Where the engine gets random bytes: the system's generator in the shell, a seeded one in tests.
 pub trait Entropy {
     /// Fills `buf` with random bytes.

@@ -100,7 +100,7 @@ pub struct Spent {
 }
 
 /// Per-recipient reply budgets: what one recipient (or whoever holds its key) can make the owner send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Budget {
     /// Most replies per period.
     pub replies: u64,

@@ -107,6 +107,9 @@ pub struct OwnerStatus {
     pub signing: Signing,
     /// The Ed25519 public key recipients pin, when replies are signed.
     pub public_key: Option<String>,
+    /// What each recipient may be sent per period (each recipient's `spent_replies` and `spent_bytes`
+    /// count the current period).
+    pub budget: Budget,
 }
 
 /// Creates an owner: `DIR/owner.toml`, the state database and content store.
@@ -383,6 +386,11 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
             .map(|hex| SigningKey::from_hex(&hex).map(|k| k.public().to_hex()))
             .transpose()
             .context("the stored signing key is corrupt")?,
+        budget: Budget {
+            replies: cfg.owner.budget_replies,
+            bytes: cfg.owner.budget_bytes,
+            period: cfg.owner.budget_period.as_secs(),
+        },
     })
 }
 
@@ -735,7 +743,13 @@ fn split(
         // our own making (random, so nothing about the reply can be guessed from it).
         let token = rng.hex_id(16);
         let message_id = format!("{}@{}", rng.hex_id(16), from.rsplit_once('@').map_or("mailferry", |(_, d)| d));
-        let env = envelope::Envelope { message_id: Some(&message_id), date: Some(head.created), token: Some(&token) };
+        let boundary = format!("mf_{}", rng.hex_id(16));
+        let env = envelope::Envelope {
+            message_id: Some(&message_id),
+            date: Some(head.created),
+            token: Some(&token),
+            boundary: Some(&boundary),
+        };
         let raw = envelope::build_with(
             &Outgoing {
                 from,

@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 
 use mail_builder::MessageBuilder;
+use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::raw::Raw;
+use mail_builder::mime::{BodyPart, MimePart};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 
 use super::{Kind, Reason, Refusal};
@@ -61,6 +63,8 @@ pub struct Envelope<'a> {
     pub date: Option<u64>,
     /// The delivery token ([`TOKEN_HEADER`]).
     pub token: Option<&'a str>,
+    /// The MIME boundary; made up when `None`.
+    pub boundary: Option<&'a str>,
 }
 
 /// Writes `msg` as an RFC 5322 message.
@@ -86,18 +90,26 @@ pub fn build_with(msg: &Outgoing<'_>, env: &Envelope<'_>) -> std::io::Result<Vec
     if let Some(token) = env.token {
         b = b.header(TOKEN_HEADER, Raw::new(token.to_owned()));
     }
-    let mut b = b
-        .from(msg.from)
+    // The structure mail-builder makes of a text body and attachments, written out so that the boundary
+    // can be given (mail-builder makes one up from the clock otherwise).
+    let mut parts = vec![
+        MimePart::new("text/plain", BodyPart::Text(msg.text.as_str().into())),
+        MimePart::new(CONTROL_TYPE, msg.control).attachment(CONTROL_NAME),
+        MimePart::new(AUTH_TYPE, msg.auth).attachment(AUTH_NAME),
+    ];
+    for (id, bytes) in &msg.payloads {
+        parts.push(MimePart::new(PAYLOAD_TYPE, *bytes).attachment(*id));
+    }
+    let mixed = match env.boundary {
+        Some(boundary) => ContentType::new("multipart/mixed").attribute("boundary", boundary),
+        None => ContentType::new("multipart/mixed"),
+    };
+    b.from(msg.from)
         .to(msg.to)
         .subject(msg.subject.as_str())
         .header(MARKER_HEADER, Raw::new(format!("{} {}", super::VERSION, msg.kind)))
-        .text_body(msg.text.as_str())
-        .attachment(CONTROL_TYPE, CONTROL_NAME, msg.control)
-        .attachment(AUTH_TYPE, AUTH_NAME, msg.auth);
-    for (id, bytes) in &msg.payloads {
-        b = b.attachment(PAYLOAD_TYPE, *id, *bytes);
-    }
-    b.write_to_vec()
+        .body(MimePart::new(mixed, parts))
+        .write_to_vec()
 }
 
 /// Room in a message for everything but the payload and the control part: headers, the text part, the

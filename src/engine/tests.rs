@@ -1,0 +1,828 @@
+//! Table-driven tests of the engine, without processes, files or databases: one named test per refusal
+//! rule of `docs/protocol.md` §11.2 (owner) and §11.3 (recipient), in the order the document gives,
+//! each asserting the refusal and that no effect came out; and the determinism of a whole answer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::owner::{
+    self, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome, Rotation,
+    SentReply, Spent,
+};
+use super::recipient::{self as rcp, Applied, PartStep, RecipientKeys, RecipientView, WholeStep};
+use super::verify::{self, KeyRole, Keyring as _, Policy, Verified};
+use super::{Entropy, SeededEntropy};
+use crate::apply::OnExtra;
+use crate::crypto::{Key, Nonce, SigningKey};
+use crate::db::{LearnedLimit, SentMessage};
+use crate::limits::Limits;
+use crate::manifest::{Digest, Entry, FileMeta, Listed, Manifest, Mode, Op};
+use crate::path::RelPath;
+use crate::protocol::envelope::{self, Envelope, Outgoing};
+use crate::protocol::{
+    self, Auth, Body, Control, Frame, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Reply, Request, Update,
+    VERSION, Want,
+};
+use crate::scan::Scan;
+
+const NOW: u64 = 1_800_000_000;
+
+fn key(seed: u8) -> Key {
+    Key::from_hex(&format!("{seed:02x}").repeat(32)).unwrap()
+}
+
+fn path(s: &str) -> RelPath {
+    RelPath::new(s).unwrap()
+}
+
+fn file(content: &[u8]) -> Entry {
+    Entry::File(FileMeta { size: content.len() as u64, mode: Mode::Regular, blake3: Digest::of(content) })
+}
+
+fn tree(entries: &[(&str, Entry)]) -> Manifest {
+    let mut m = Manifest::new();
+    for (p, e) in entries {
+        m.insert(path(p), e.clone());
+    }
+    m
+}
+
+/// Writes a control message as a mail under `key` for `name`, deterministically.
+fn mail<T: serde::Serialize>(kind: Kind, control: &T, name: &str, key: &Key, attachments: &[(&str, &[u8])]) -> Vec<u8> {
+    let control = protocol::encode(control);
+    seal(kind, &control, &protocol::encode(&Auth::sign(name, key, &control)), attachments)
+}
+
+fn seal(kind: Kind, control: &[u8], auth: &[u8], attachments: &[(&str, &[u8])]) -> Vec<u8> {
+    let msg = Outgoing {
+        from: "a@example.org",
+        to: "b@example.org",
+        subject: "test".into(),
+        text: "test".into(),
+        kind,
+        control,
+        auth,
+        payloads: attachments.to_vec(),
+    };
+    let env = Envelope { message_id: Some("fixed@example.org"), date: Some(NOW), token: None, boundary: Some("b") };
+    envelope::build_with(&msg, &env).unwrap()
+}
+
+// ---- the owner ----
+
+/// An owner's state in memory.
+#[derive(Default)]
+struct MemOwner {
+    recipients: HashMap<String, Registered>,
+    rotations: HashMap<String, Rotation>,
+    answered: HashMap<Nonce, (String, SentReply)>,
+    receipts: Vec<(String, String)>,
+    generations: Vec<(Generation, Arc<Manifest>)>,
+    spent: Spent,
+    sent: HashMap<String, SentMessage>,
+    parts: HashMap<String, u64>,
+    limits: HashMap<String, LearnedLimit>,
+}
+
+impl OwnerView for MemOwner {
+    fn recipient(&self, name: &str) -> Result<Option<Registered>> {
+        Ok(self.recipients.get(name).cloned())
+    }
+    fn rotation(&self, name: &str) -> Result<Option<Rotation>> {
+        Ok(self.rotations.get(name).cloned())
+    }
+    fn retired_key(&self, _: &str, _: &str, _: u64) -> Result<Option<Key>> {
+        Ok(None)
+    }
+    fn request_answered(&self, nonce: &Nonce) -> Result<bool> {
+        Ok(self.answered.contains_key(nonce))
+    }
+    fn latest_generation(&self) -> Result<Option<Generation>> {
+        Ok(self.generations.last().map(|(g, _)| *g))
+    }
+    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>> {
+        Ok(self.generations.iter().find(|(g, _)| g.number == generation).map(|(_, m)| m.clone()))
+    }
+    fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
+        Ok(self.answered.get(nonce).filter(|(r, _)| r == recipient).map(|(_, s)| s.clone()))
+    }
+    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
+        Ok(self.receipts.iter().any(|(r, id)| r == recipient && id == reply_id))
+    }
+    fn reply_generation(&self, _: &str, _: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    fn sent_part(&self, _: &str, _: &str, _: u32) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn resent(&self, _: &str) -> Result<u64> {
+        Ok(0)
+    }
+    fn spent_since(&self, _: &str, _: u64) -> Result<Spent> {
+        Ok(self.spent)
+    }
+    fn sent_message(&self, message_id: &str) -> Result<Option<SentMessage>> {
+        Ok(self.sent.get(message_id).cloned())
+    }
+    fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
+        Ok(self.parts.get(reply_id).copied().unwrap_or(0))
+    }
+    fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
+        Ok(self.limits.get(recipient).cloned())
+    }
+}
+
+fn site_tree() -> Manifest {
+    tree(&[("a.txt", file(b"a")), ("d", Entry::Dir)])
+}
+
+fn new_tree() -> Manifest {
+    tree(&[("a.txt", file(b"a2")), ("d", Entry::Dir), ("d/b.txt", file(b"b"))])
+}
+
+/// An owner with recipient `site1` (key 1, last seq 4) and generations 1 (the site's tree) and 2.
+fn owner_world() -> MemOwner {
+    let mut w = MemOwner::default();
+    w.recipients.insert(
+        "site1".into(),
+        Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1), last_seq: 4 },
+    );
+    for (n, m) in [(1, site_tree()), (2, new_tree())] {
+        w.generations.push((Generation { number: n, root: m.root() }, Arc::new(m)));
+    }
+    w
+}
+
+fn policy() -> OwnerPolicy {
+    OwnerPolicy {
+        limits: Limits::default(),
+        budget: Budget { replies: 10, bytes: 1 << 30, period: 86_400 },
+        relay_limit: 10_240_000,
+        min_relay_limit: 65_536,
+    }
+}
+
+fn request() -> Request {
+    Request {
+        mailferry: VERSION,
+        kind: Kind::Request,
+        recipient: "site1".into(),
+        nonce: Nonce([7; 16]),
+        seq: 5,
+        created: NOW,
+        generation: 1,
+        root: site_tree().root(),
+        inventory_kind: InventoryKind::Changes,
+        inventory: Vec::new(),
+        removed: Vec::new(),
+        inventory_payload: None,
+        want: Want::Latest,
+        full_content: false,
+        resend: None,
+    }
+}
+
+fn receipt() -> Receipt {
+    Receipt {
+        mailferry: VERSION,
+        kind: Kind::Receipt,
+        recipient: "site1".into(),
+        nonce: Nonce([9; 16]),
+        reply_id: "ab".repeat(16),
+        created: NOW,
+        generation: 2,
+        root: new_tree().root(),
+        status: ReceiptStatus::Applied,
+    }
+}
+
+/// Runs a raw message through verification and the owner's engine.
+fn owner_step(w: &MemOwner, raw: &[u8]) -> Outcome {
+    let limits = Limits { max_message_bytes: 100_000, ..Limits::default() };
+    let accepts = [Kind::Request, Kind::Receipt];
+    let policy_v = Policy { accepts: &accepts, pinned_owner: None, limits: &limits };
+    match verify::open(raw, &OwnerKeys(w), &policy_v, NOW).unwrap() {
+        Err(r) => Outcome::Refused(r),
+        Ok(msg) => owner::on_message(w, msg, &policy(), NOW).unwrap(),
+    }
+}
+
+fn refused(outcome: &Outcome) -> Reason {
+    match outcome {
+        Outcome::Refused(r) => r.reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
+    let k = key(1);
+    let req = request();
+    let ok = |r: &Request| mail(Kind::Request, r, "site1", &k, &[]);
+    let control = protocol::encode(&req);
+    let good_auth = Auth::sign("site1", &k, &control);
+    let auth_with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = serde_json::to_value(&good_auth).unwrap();
+        f(&mut v);
+        seal(Kind::Request, &control, &serde_json::to_vec(&v).unwrap(), &[])
+    };
+    let mut other_version: serde_json::Value = serde_json::to_value(&req).unwrap();
+    other_version["mailferry"] = 2.into();
+    vec![
+        // Steps 1-8 (both sides).
+        ("1_oversized", [ok(&req), vec![b' '; 100_000]].concat(), Reason::Limit),
+        ("2_not_mime_no_control_part", b"Subject: hello\r\n\r\njust text\r\n".to_vec(), Reason::Malformed),
+        ("3_auth_not_json", seal(Kind::Request, &control, b"{nope", &[]), Reason::Malformed),
+        ("3_auth_other_version", auth_with(&|v| v["mailferry"] = 2.into()), Reason::UnsupportedVersion),
+        (
+            "4_unknown_recipient",
+            mail(Kind::Request, &Request { recipient: "nobody".into(), ..req.clone() }, "nobody", &k, &[]),
+            Reason::UnknownRecipient,
+        ),
+        ("5_wrong_key_id", mail(Kind::Request, &req, "site1", &key(2), &[]), Reason::BadMac),
+        ("5_forged_mac", auth_with(&|v| v["mac"] = "00".repeat(32).into()), Reason::BadMac),
+        (
+            "5a_receipt_with_attachment",
+            mail(Kind::Receipt, &receipt(), "site1", &k, &[("x.bin", b"x")]),
+            Reason::BadPayload,
+        ),
+        (
+            "6_control_other_version",
+            {
+                let c = serde_json::to_vec(&other_version).unwrap();
+                seal(Kind::Request, &c, &protocol::encode(&Auth::sign("site1", &k, &c)), &[])
+            },
+            Reason::UnsupportedVersion,
+        ),
+        (
+            "7_control_names_another_recipient",
+            {
+                let mut w2 = req.clone();
+                w2.recipient = "site2".into();
+                let c = protocol::encode(&w2);
+                seal(Kind::Request, &c, &protocol::encode(&Auth::sign("site1", &k, &c)), &[])
+            },
+            Reason::WrongRecipient,
+        ),
+        ("8_a_reply_sent_to_the_owner", mail(Kind::Reply, &reply(), "site1", &k, &[]), Reason::Unexpected),
+        // Requests.
+        ("r1_nonce_answered_before", ok(&Request { nonce: Nonce([8; 16]), ..req.clone() }), Reason::Replay),
+        ("r2_seq_not_newer", ok(&Request { seq: 4, ..req.clone() }), Reason::Replay),
+        (
+            "r3_inventory_not_a_tree",
+            ok(&Request { inventory: vec![Listed { path: path("a.txt/x"), entry: file(b"x") }], ..req.clone() }),
+            Reason::BadPath,
+        ),
+        (
+            "r3_removes_what_the_generation_lacks",
+            ok(&Request { removed: vec![path("zz")], ..req.clone() }),
+            Reason::Malformed,
+        ),
+        ("r4_root_does_not_match_inventory", ok(&Request { root: Digest([1; 32]), ..req.clone() }), Reason::Malformed),
+        // Receipts.
+        (
+            "c1_receipt_for_a_nonce_never_answered",
+            mail(Kind::Receipt, &Receipt { nonce: Nonce([3; 16]), ..receipt() }, "site1", &k, &[]),
+            Reason::Replay,
+        ),
+        (
+            "c2_receipt_names_another_reply",
+            mail(Kind::Receipt, &Receipt { reply_id: "cd".repeat(16), ..receipt() }, "site1", &k, &[]),
+            Reason::Malformed,
+        ),
+        (
+            "c2_receipt_names_another_generation",
+            mail(Kind::Receipt, &Receipt { generation: 1, ..receipt() }, "site1", &k, &[]),
+            Reason::Malformed,
+        ),
+        (
+            "c2_receipt_claims_another_root",
+            mail(Kind::Receipt, &Receipt { root: Digest([5; 32]), ..receipt() }, "site1", &k, &[]),
+            Reason::Malformed,
+        ),
+    ]
+}
+
+fn owner_with_history() -> MemOwner {
+    let mut w = owner_world();
+    let sent = SentReply { reply_id: "ab".repeat(16), generation: 2, root: Some(new_tree().root()) };
+    w.answered.insert(Nonce([9; 16]), ("site1".into(), sent.clone()));
+    w.answered.insert(Nonce([8; 16]), ("site1".into(), sent));
+    w
+}
+
+#[test]
+fn owner_refuses_each_rule_of_11_2_in_order_with_no_effect() {
+    let w = owner_with_history();
+    for (name, raw, reason) in owner_cases() {
+        let outcome = owner_step(&w, &raw);
+        assert_eq!(refused(&outcome), reason, "{name}: {outcome:?}");
+    }
+}
+
+#[test]
+fn c3_a_second_receipt_for_a_reply_is_a_replay() {
+    let mut w = owner_with_history();
+    let raw = mail(Kind::Receipt, &receipt(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Receipt { .. }));
+    w.receipts.push(("site1".into(), "ab".repeat(16)));
+    assert_eq!(refused(&owner_step(&w, &raw)), Reason::Replay);
+}
+
+#[test]
+fn r5_nothing_published_leaves_the_request_waiting() {
+    let mut w = owner_world();
+    w.generations.clear();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Deferred(_)));
+}
+
+#[test]
+fn r6_a_recipient_over_its_budget_is_refused() {
+    let mut w = owner_world();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Answer(_)));
+    w.spent = Spent { replies: 10, bytes: 0 };
+    assert_eq!(refused(&owner_step(&w, &raw)), Reason::Limit);
+    w.spent = Spent { replies: 0, bytes: 1 << 30 };
+    assert_eq!(refused(&owner_step(&w, &raw)), Reason::Limit);
+}
+
+#[test]
+fn a_request_under_the_rotating_key_completes_the_rotation_only_when_it_is_answered() {
+    let mut w = owner_world();
+    w.rotations.insert("site1".into(), Rotation { key: key(3), grace: 60 });
+    // A replayed seq under the new key: refused, and the rotation does not complete.
+    let stale = mail(Kind::Request, &Request { seq: 3, ..request() }, "site1", &key(3), &[]);
+    assert_eq!(refused(&owner_step(&w, &stale)), Reason::Replay);
+    let raw = mail(Kind::Request, &request(), "site1", &key(3), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.effects, vec![Effect::CompleteRotation { recipient: "site1".into() }]);
+    assert_eq!(plan.key, key(3), "the reply is made under the key now in use");
+    assert!(plan.rekey.is_none(), "and carries no key any more");
+    // Under the old key, the reply carries the new one.
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert!(plan.effects.is_empty());
+    assert_eq!(plan.rekey.map(|r| r.key), Some(key(3)));
+}
+
+#[test]
+fn a_changes_request_is_diffed_against_the_newest_generation() {
+    let w = owner_world();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.generation.number, 2);
+    assert_eq!(site_tree().apply(&plan.ops).unwrap().root(), new_tree().root());
+    // A generation the owner does not know: the full inventory is asked for, with no operations.
+    let raw = mail(Kind::Request, &Request { generation: 9, ..request() }, "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert!(plan.inventory.is_none() && plan.ops.is_empty());
+}
+
+fn reply_at(generation: u64, root: Digest) -> Reply {
+    Reply {
+        mailferry: VERSION,
+        kind: Kind::Reply,
+        recipient: "site1".into(),
+        nonce: Nonce([7; 16]),
+        request_seq: 5,
+        reply_id: "ab".repeat(16),
+        part: 1,
+        parts: 1,
+        created: NOW,
+        generation,
+        root,
+        base: site_tree().root(),
+        need_full_inventory: false,
+        payloads: vec![protocol::Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest([0; 32]) }],
+        body: Frame { offset: 0, length: 100, size: 100, blake3: Digest([0; 32]) },
+        rekey: None,
+    }
+}
+
+fn reply() -> Reply {
+    reply_at(2, new_tree().root())
+}
+
+#[test]
+fn a_fixed_clock_and_seeded_randomness_give_byte_identical_replies() {
+    let w = owner_world();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    let render = |seed| {
+        let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+        let mut plan = *plan;
+        plan.rekey = Some(Rotation { key: key(4), grace: 60 });
+        let mut rng = SeededEntropy::new(seed);
+        let head =
+            owner::reply_head(&plan, &mut rng, NOW, Frame { offset: 0, length: 1, size: 1, blake3: Digest([2; 32]) });
+        let control = protocol::encode(&head);
+        let signer = SigningKey::from_hex(&"11".repeat(32)).unwrap();
+        let auth = protocol::encode(&Auth::sign("site1", &plan.key, &control).signed_by(Some(&signer), &control));
+        let token = rng.hex_id(16);
+        let boundary = rng.hex_id(16);
+        let msg = Outgoing {
+            from: "owner@example.org",
+            to: "site1@example.org",
+            subject: "s".into(),
+            text: "t".into(),
+            kind: Kind::Reply,
+            control: &control,
+            auth: &auth,
+            payloads: vec![("pack-0001.bin", b"x")],
+        };
+        let env = Envelope {
+            message_id: Some("m@example.org"),
+            date: Some(NOW),
+            token: Some(&token),
+            boundary: Some(&boundary),
+        };
+        envelope::build_with(&msg, &env).unwrap()
+    };
+    assert_eq!(render(1), render(1), "same seed, same clock: the same bytes");
+    assert_ne!(render(1), render(2), "the seed matters");
+}
+
+#[test]
+fn a_delivery_report_needs_the_token_and_shrinks_once_per_reply() {
+    let mut w = owner_world();
+    let token = "0f".repeat(16);
+    w.sent.insert(
+        "m1@example.org".into(),
+        SentMessage {
+            recipient: "site1".into(),
+            reply_id: "ab".repeat(16),
+            part: 2,
+            bytes: 1_000_000,
+            token: Some(token.clone()),
+        },
+    );
+    let report = |token: Option<String>| envelope::Bounce {
+        message_id: Some("m1@example.org".into()),
+        token,
+        action: Some("failed".into()),
+        status: Some("5.3.4".into()),
+        diagnostic: Some("smtp; 552 5.3.4 too big".into()),
+    };
+    for forged in [None, Some("00".repeat(16))] {
+        let out = owner::on_report(&w, &report(forged), &policy(), NOW).unwrap();
+        assert!(matches!(&out, ReportOutcome::Refused(r) if r.reason == Reason::Unexpected), "{out:?}");
+    }
+    let ReportOutcome::Act { effects, .. } =
+        owner::on_report(&w, &report(Some(token.clone())), &policy(), NOW).unwrap()
+    else {
+        panic!("a corroborated report acts")
+    };
+    let Effect::SetRelayLimit { limit, .. } = &effects[0] else { panic!("{effects:?}") };
+    assert_eq!(limit.limit, 750_000);
+    // The same reply cannot shrink it again.
+    w.limits.insert("site1".into(), limit.clone());
+    let ReportOutcome::Act { effects, .. } = owner::on_report(&w, &report(Some(token)), &policy(), NOW).unwrap() else {
+        panic!("acts")
+    };
+    assert!(effects.is_empty(), "{effects:?}");
+}
+
+#[test]
+fn a_learned_part_size_grows_back_after_proven_deliveries_and_expires() {
+    let mut w = owner_with_history();
+    let learned = LearnedLimit { limit: 100_000, learned_at: NOW, refused: Some(200_000), reply_id: None };
+    w.limits.insert("site1".into(), learned.clone());
+    w.parts.insert("ab".repeat(16), 3);
+    let raw = mail(Kind::Receipt, &receipt(), "site1", &key(1), &[]);
+    let effects = |w: &MemOwner, now| match owner::on_message(w, verified(w, &raw), &policy(), now).unwrap() {
+        Outcome::Receipt { effects, .. } => effects,
+        other => panic!("{other:?}"),
+    };
+    let grows = |e: &[Effect]| {
+        e.iter().find_map(|e| match e {
+            Effect::SetRelayLimit { limit, .. } => Some(limit.limit),
+            _ => None,
+        })
+    };
+    assert_eq!(grows(&effects(&w, NOW)), None, "not within a day of learning it");
+    assert_eq!(grows(&effects(&w, NOW + 86_400)), Some(125_000), "a quarter more after a day");
+    w.limits.insert("site1".into(), LearnedLimit { limit: 190_000, ..learned.clone() });
+    assert_eq!(grows(&effects(&w, NOW + 86_400)), Some(199_999), "never to the size refused");
+    let part = |w: &MemOwner, now| owner::part_limit(w, "site1", &policy(), now).unwrap();
+    assert_eq!(part(&w, NOW), 190_000);
+    assert_eq!(part(&w, NOW + owner::LEARNED_LIMIT_TTL), 10_240_000, "a learned size expires");
+}
+
+fn verified(w: &MemOwner, raw: &[u8]) -> Verified {
+    let limits = Limits::default();
+    let accepts = [Kind::Request, Kind::Receipt];
+    let p = Policy { accepts: &accepts, pinned_owner: None, limits: &limits };
+    verify::open(raw, &OwnerKeys(w), &p, NOW).unwrap().unwrap()
+}
+
+// ---- the recipient ----
+
+struct MemRecipient {
+    key: Key,
+    previous: Option<(Key, u64)>,
+    outstanding: HashMap<Nonce, u64>,
+    applied: Applied,
+    hold: Option<u64>,
+}
+
+impl RecipientView for MemRecipient {
+    fn name(&self) -> &str {
+        "site1"
+    }
+    fn key(&self) -> &Key {
+        &self.key
+    }
+    fn previous_key(&self, now: u64) -> Result<Option<Key>> {
+        Ok(self.previous.clone().filter(|(_, until)| now < *until).map(|(k, _)| k))
+    }
+    fn outstanding(&self, nonce: &Nonce) -> Result<Option<u64>> {
+        Ok(self.outstanding.get(nonce).copied())
+    }
+    fn reply_applied(&self, _: &str) -> Result<bool> {
+        Ok(false)
+    }
+    fn applied(&self) -> Result<Applied> {
+        Ok(self.applied.clone())
+    }
+    fn rollback_hold(&self) -> Result<Option<u64>> {
+        Ok(self.hold)
+    }
+}
+
+fn site() -> MemRecipient {
+    MemRecipient {
+        key: key(1),
+        previous: None,
+        outstanding: HashMap::from([(Nonce([7; 16]), 5)]),
+        applied: Applied { generation: 1, root: Some(site_tree().root()), key_id: Some(key(1).id()) },
+        hold: None,
+    }
+}
+
+/// What a reply part comes to at the recipient: a refusal (and whether the request is given up), held,
+/// or kept.
+fn recipient_step(v: &MemRecipient, raw: &[u8], pinned: Option<&crate::crypto::PublicKey>) -> PartStep {
+    let limits = Limits { max_message_bytes: 100_000, ..Limits::default() };
+    let accepts = [Kind::Reply];
+    let policy = Policy { accepts: &accepts, pinned_owner: pinned, limits: &limits };
+    match verify::open(raw, &RecipientKeys(v), &policy, NOW).unwrap() {
+        Err(refusal) => PartStep::Refused { refusal, give_up: false },
+        Ok(msg) => {
+            let Control::Reply(reply) = msg.control else { panic!("a reply") };
+            rcp::on_part(v, &reply, msg.key_role).unwrap()
+        }
+    }
+}
+
+fn part_refusal(step: &PartStep) -> (Reason, bool) {
+    match step {
+        PartStep::Refused { refusal, give_up } => (refusal.reason, *give_up),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn recipient_refuses_each_rule_of_11_3_steps_1_to_10_in_order() {
+    let v = site();
+    let k = key(1);
+    let r = reply();
+    let signer = SigningKey::from_hex(&"22".repeat(32)).unwrap();
+    let control = protocol::encode(&r);
+    let cases: Vec<(&str, Vec<u8>, Option<crate::crypto::PublicKey>, Reason, bool)> = vec![
+        (
+            "1_oversized",
+            [mail(Kind::Reply, &r, "site1", &k, &[]), vec![b' '; 100_000]].concat(),
+            None,
+            Reason::Limit,
+            false,
+        ),
+        ("2_no_control_part", b"Subject: x\r\n\r\nhello\r\n".to_vec(), None, Reason::Malformed, false),
+        ("3_auth_not_json", seal(Kind::Reply, &control, b"[]", &[]), None, Reason::Malformed, false),
+        (
+            "4_for_another_recipient",
+            mail(Kind::Reply, &Reply { recipient: "site2".into(), ..r.clone() }, "site2", &k, &[]),
+            None,
+            Reason::WrongRecipient,
+            false,
+        ),
+        ("5_wrong_key", mail(Kind::Reply, &r, "site1", &key(2), &[]), None, Reason::BadMac, false),
+        (
+            "5a_unsigned_while_pinned",
+            mail(Kind::Reply, &r, "site1", &k, &[]),
+            Some(signer.public()),
+            Reason::BadSignature,
+            false,
+        ),
+        (
+            "5a_signed_by_another_key",
+            {
+                let other = SigningKey::from_hex(&"33".repeat(32)).unwrap();
+                seal(
+                    Kind::Reply,
+                    &control,
+                    &protocol::encode(&Auth::sign("site1", &k, &control).signed_by(Some(&other), &control)),
+                    &[],
+                )
+            },
+            Some(signer.public()),
+            Reason::BadSignature,
+            false,
+        ),
+        (
+            "6_bad_reply_id",
+            mail(Kind::Reply, &Reply { reply_id: "XYZ".into(), ..r.clone() }, "site1", &k, &[]),
+            None,
+            Reason::Malformed,
+            false,
+        ),
+        (
+            "7_a_request_sent_to_a_recipient",
+            mail(Kind::Request, &request(), "site1", &k, &[]),
+            None,
+            Reason::Unexpected,
+            false,
+        ),
+        (
+            "8_control_names_another_recipient",
+            {
+                let c = protocol::encode(&Reply { recipient: "site2".into(), ..r.clone() });
+                seal(Kind::Reply, &c, &protocol::encode(&Auth::sign("site1", &k, &c)), &[])
+            },
+            None,
+            Reason::WrongRecipient,
+            false,
+        ),
+        (
+            "9_nonce_not_outstanding",
+            mail(Kind::Reply, &Reply { nonce: Nonce([1; 16]), ..r.clone() }, "site1", &k, &[]),
+            None,
+            Reason::Replay,
+            false,
+        ),
+        (
+            "9a_request_seq_differs",
+            mail(Kind::Reply, &Reply { request_seq: 4, ..r.clone() }, "site1", &k, &[]),
+            None,
+            Reason::Malformed,
+            true,
+        ),
+        (
+            "10_older_generation",
+            mail(Kind::Reply, &reply_at(0, r.root), "site1", &k, &[]),
+            None,
+            Reason::Rollback,
+            true,
+        ),
+        (
+            "10_same_generation_other_root",
+            mail(Kind::Reply, &reply_at(1, Digest([4; 32])), "site1", &k, &[]),
+            None,
+            Reason::Rollback,
+            true,
+        ),
+    ];
+    for (name, raw, pinned, reason, give_up) in cases {
+        let step = recipient_step(&v, &raw, pinned.as_ref());
+        assert_eq!(part_refusal(&step), (reason, give_up), "{name}: {step:?}");
+    }
+    // And a good one is kept.
+    assert_eq!(recipient_step(&v, &mail(Kind::Reply, &r, "site1", &k, &[]), None), PartStep::Keep { seq: 5 });
+}
+
+#[test]
+fn step_11_a_held_generation_is_held_not_refused() {
+    let mut v = site();
+    v.hold = Some(2);
+    let step = recipient_step(&v, &mail(Kind::Reply, &reply(), "site1", &key(1), &[]), None);
+    assert_eq!(step, PartStep::Held { generation: 2, held: 2 });
+}
+
+#[test]
+fn step_10_a_generation_applied_under_a_key_no_longer_held_does_not_bind_the_current_one() {
+    // A stolen key (key 9) once set generation 2^53 - 1; the site has since been enrolled afresh (key 1).
+    let mut v = site();
+    v.applied = Applied { generation: (1 << 53) - 1, root: Some(Digest([6; 32])), key_id: Some(key(9).id()) };
+    let raw = mail(Kind::Reply, &reply(), "site1", &key(1), &[]);
+    assert_eq!(recipient_step(&v, &raw, None), PartStep::Keep { seq: 5 });
+    // Under the key it was applied with, the rule holds.
+    v.applied.key_id = Some(key(1).id());
+    assert_eq!(part_refusal(&recipient_step(&v, &raw, None)), (Reason::Rollback, true));
+    // And a reply under a previous key (still in its grace) gets no such exception.
+    v.key = key(5);
+    v.previous = Some((key(1), NOW + 60));
+    v.applied.key_id = Some(key(9).id());
+    assert_eq!(part_refusal(&recipient_step(&v, &raw, None)), (Reason::Rollback, true));
+}
+
+fn update(reply: Reply, ops: Vec<Op>) -> Update {
+    Update { head: reply, body: Body { mailferry: VERSION, ops, streams: Vec::new() } }
+}
+
+fn scan_of(m: Manifest) -> Scan {
+    Scan { manifest: m, foreign: Vec::new() }
+}
+
+fn whole(v: &MemRecipient, u: &Update, scanned: Scan) -> WholeStep {
+    let mut once = Some(scanned);
+    let mut scan = || Ok(once.take().expect("scanned once"));
+    rcp::on_whole(v, u, &key(1), &mut scan, &site_tree(), OnExtra::Delete, NOW).unwrap()
+}
+
+fn whole_refusal(step: &WholeStep) -> Reason {
+    match step {
+        WholeStep::Refused(r) => r.reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn ops_to_new() -> Vec<Op> {
+    crate::manifest::diff(&site_tree(), &new_tree())
+        .into_iter()
+        .map(|op| match op {
+            Op::Put { path, size, mode, blake3, .. } => {
+                Op::Put { path, size, mode, blake3, source: Some(crate::manifest::Source::Local) }
+            }
+            other => other,
+        })
+        .collect()
+}
+
+#[test]
+fn recipient_refuses_each_rule_of_11_3_steps_12a_to_18_in_order_with_no_effect() {
+    let v = site();
+    let sealed_wrong = Reply {
+        rekey: Some(protocol::Rekey { key_id: key(3).id(), sealed: key(2).seal_key("site1", &key(3)), grace: 60 }),
+        ..reply()
+    };
+    let foreign = Scan {
+        manifest: site_tree(),
+        foreign: vec![crate::scan::Foreign { path: path("fifo"), kind: crate::scan::ForeignKind::Special("FIFO") }],
+    };
+    let cases: Vec<(&str, Update, Scan, Reason)> = vec![
+        ("12a_rekey_that_does_not_open", update(sealed_wrong, ops_to_new()), scan_of(site_tree()), Reason::Malformed),
+        ("15_special_file_in_the_tree", update(reply(), ops_to_new()), foreign, Reason::LocalTree),
+        (
+            "16_tree_changed_since_the_request",
+            update(reply(), ops_to_new()),
+            scan_of(tree(&[("a.txt", file(b"changed")), ("d", Entry::Dir)])),
+            Reason::LocalTree,
+        ),
+        (
+            "17_ops_do_not_fit_the_tree",
+            update(reply(), vec![Op::Delete { path: path("nope") }]),
+            scan_of(site_tree()),
+            Reason::BadPath,
+        ),
+        (
+            "18_result_is_not_the_promised_root",
+            update(reply_at(2, Digest([3; 32])), ops_to_new()),
+            scan_of(site_tree()),
+            Reason::TreeMismatch,
+        ),
+    ];
+    for (name, u, scanned, reason) in cases {
+        let step = whole(&v, &u, scanned);
+        assert_eq!(whole_refusal(&step), reason, "{name}: {step:?}");
+    }
+}
+
+#[test]
+fn a_new_key_is_taken_up_only_with_a_reply_that_is_accepted() {
+    let v = site();
+    let sealed = key(1).seal_key("site1", &key(3));
+    let rekey = Some(protocol::Rekey { key_id: key(3).id(), sealed, grace: 60 });
+    // Refused at step 18: no key is taken up (the outcome carries no effects at all).
+    let bad = update(Reply { rekey: rekey.clone(), ..reply_at(2, Digest([3; 32])) }, ops_to_new());
+    assert_eq!(whole_refusal(&whole(&v, &bad, scan_of(site_tree()))), Reason::TreeMismatch);
+    // Accepted: the key comes with the apply.
+    let good = update(Reply { rekey, ..reply() }, ops_to_new());
+    let WholeStep::Apply { effects, plan, .. } = whole(&v, &good, scan_of(site_tree())) else { panic!("applies") };
+    assert_eq!(effects, vec![rcp::Effect::TakeKey { new: key(3), previous_until: NOW + 60 }]);
+    assert_eq!(plan.target.root(), new_tree().root());
+}
+
+#[test]
+fn step_14_a_current_tree_is_confirmed_without_an_apply() {
+    let mut v = site();
+    v.applied = Applied { generation: 2, root: Some(new_tree().root()), key_id: None };
+    let u = update(reply(), Vec::new());
+    assert!(
+        matches!(whole(&v, &u, scan_of(new_tree())), WholeStep::Current { generation: 2, ref effects } if effects.is_empty())
+    );
+    let ask = update(Reply { need_full_inventory: true, ..reply() }, Vec::new());
+    let mut scan = || -> Result<Scan> { panic!("no scan is needed to ask for the full tree") };
+    let step = rcp::on_whole(&v, &ask, &key(1), &mut scan, &site_tree(), OnExtra::Delete, NOW).unwrap();
+    assert!(matches!(step, WholeStep::Current { ref effects, .. } if effects == &[rcp::Effect::NeedFullInventory]));
+}
+
+#[test]
+fn the_keyrings_name_the_role_of_the_key() {
+    let mut v = site();
+    v.previous = Some((key(2), NOW + 10));
+    let ring = RecipientKeys(&v);
+    assert_eq!(ring.lookup("site1", &key(1).id(), NOW).unwrap().unwrap().role, KeyRole::Current);
+    assert_eq!(ring.lookup("site1", &key(2).id(), NOW).unwrap().unwrap().role, KeyRole::Retired);
+    assert_eq!(ring.lookup("site1", &key(2).id(), NOW + 10).unwrap().unwrap_err().reason, Reason::BadMac, "grace over");
+}
