@@ -201,6 +201,19 @@ pub fn is_ignorable(c: char) -> bool {
     IGNORABLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
+/// Each character upper-cased then lower-cased, with Unicode's full, locale-independent mappings.
+fn fold_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() {
+            out.push(c.to_ascii_lowercase());
+        } else {
+            c.to_uppercase().for_each(|u| out.extend(u.to_lowercase()));
+        }
+    }
+    out
+}
+
 /// The form of one name under which names collide: two names with the same fold are one file on a file
 /// system that normalizes Unicode (APFS and HFS+ compare canonically equivalent names, NFC `café` and NFD
 /// `café`, as one), folds case (NTFS compares upper-cased names, APFS and HFS+ fold case by default), or
@@ -219,11 +232,18 @@ pub fn fold_name(name: &str) -> String {
         return name.to_ascii_lowercase();
     }
     let nfkd = icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
-    let case = |s: &str| -> String { s.chars().flat_map(char::to_uppercase).flat_map(char::to_lowercase).collect() };
-    let stripped: String = name.chars().filter(|&c| !is_ignorable(c)).collect();
-    let once = case(&nfkd.normalize(&stripped));
-    let twice = case(&nfkd.normalize(&once));
-    nfkd.normalize(&twice).chars().filter(|&c| !is_ignorable(c)).collect()
+    let strip = |s: &str| -> String { s.chars().filter(|&c| !is_ignorable(c)).collect() };
+    // Decompose, then map case and decompose again, twice, as Unicode's compatibility caseless match
+    // does; NFKD being idempotent, a round whose case mapping changes nothing ends the fold early.
+    let mut now = nfkd.normalize(&strip(name)).into_owned();
+    for _ in 0..2 {
+        let cased = fold_case(&now);
+        if cased == now {
+            return strip(&now);
+        }
+        now = nfkd.normalize(&cased).into_owned();
+    }
+    strip(&now)
 }
 
 fn shorten(s: &str) -> String {
