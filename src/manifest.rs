@@ -323,7 +323,7 @@ impl Manifest {
     /// Case collisions are allowed here: a recipient's own tree may have them; a generation may not.
     ///
     /// # Errors
-    /// Duplicates and orphans.
+    /// Duplicates, orphans and bad links.
     pub fn from_listing(listing: Vec<Listed>) -> Result<Manifest, TreeError> {
         let mut entries = BTreeMap::new();
         for l in listing {
@@ -436,8 +436,9 @@ impl Manifest {
     }
 
     /// Checks that the entries form a tree that every file system can hold: the shape (see
-    /// [`Manifest::validate_shape`]) and no two paths that collide on a case-insensitive file system.
-    /// Generations and reply results must pass this.
+    /// [`Manifest::validate_shape`]) and no two paths that one file system or another holds as one file,
+    /// because it folds case, normalizes Unicode or skips ignorable code points (their
+    /// [`RelPath::fold_key`]s are equal). Generations and reply results must pass this.
     ///
     /// # Errors
     /// The first problem found.
