@@ -741,7 +741,9 @@ mod tests {
         let from = tree(&[("d", None), ("d/x", Some(b"1"))]);
         let current = Scan { manifest: from.clone(), foreign: vec![] };
         let link = |t: &str| Entry::Link(LinkTarget::new(t).unwrap());
-        let cases: Vec<(&str, Vec<(&str, Entry)>, &str)> = vec![
+        // (case, entries the target adds, what the refusal's detail says)
+        type Case<'a> = (&'a str, Vec<(&'a str, Entry)>, &'a str);
+        let cases: Vec<Case> = vec![
             ("escaping chain", vec![("d/y", link("..")), ("d/z", link("y/../.."))], "link `d/z` leads outside"),
             ("loop", vec![("a", link("b")), ("b", link("a"))], "link `a` never resolves"),
             ("NFD beside NFC", vec![("cafe\u{301}", Entry::Dir), ("caf\u{e9}", Entry::Dir)], "name the same file"),

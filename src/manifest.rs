@@ -973,7 +973,9 @@ mod tests {
         let escapes = |l: &str| TreeError::LinkEscapes(p(l));
         let through = |l: &str, t: &str| TreeError::LinkEscapesThrough { link: p(l), through: p(t) };
         let looped = |l: &str| TreeError::LinkLoop(p(l));
-        let cases: Vec<(&str, Vec<&str>, Vec<(&str, TreeError)>)> = vec![
+        // (case, the tree, its bad links in path order)
+        type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, TreeError)>);
+        let cases: Vec<Case> = vec![
             ("a link to the root is inside", vec!["d/", "d/y -> .."], vec![]),
             (
                 "a chain that passes the lexical check leaves through another link",

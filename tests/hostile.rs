@@ -720,7 +720,9 @@ fn the_owner_refuses_to_publish_names_that_collide_or_links_that_lead_out() {
     let w = World::new();
     put(&w.source, "keep", b"k", 0o644);
     let publish = ["owner", "publish", "--config", &w.owner_config];
-    let cases: &[(&str, &[&str], &[(&str, &str)], &[&str])] = &[
+    // (case, directories, links with their targets, what the error says)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
         ("NFC and NFD", &["caf\u{e9}", "cafe\u{301}"], &[], &["caf\u{e9}", "cafe\u{301}", "name the same file"]),
         ("case", &["Stra\u{df}e", "STRASSE"], &[], &["Stra\u{df}e", "STRASSE"]),
         ("ignorable", &["a\u{feff}b", "ab"], &[], &["a\u{feff}b", "ab"]),
