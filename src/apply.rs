@@ -178,6 +178,19 @@ pub fn plan(scan: &Scan, previous: &Manifest, update: &Update, on_extra: OnExtra
             Op::Chmod { path, mode } => steps.push(Step::Chmod { path: path.clone(), mode: *mode }),
         }
     }
+    // Kept extras stay on disk beside the target, and a link among them can give a link of the target a way
+    // out (`d/k -> ..` kept, `d/z -> k/..` new): links are judged again on what the tree will really hold.
+    if !kept.is_empty() {
+        let mut on_disk = target.clone();
+        for k in &kept {
+            if let (Some(entry), None) = (current.get(k), target.get(k)) {
+                on_disk.insert(k.clone(), entry.clone());
+            }
+        }
+        on_disk.validate_links().map_err(|e| {
+            Refusal::new(Reason::BadPath, format!("operations do not form a valid tree with the extras kept: {e}"))
+        })?;
+    }
     // Every file that gets placed ends with a chmod to its final mode, so a re-run after a crash is exact.
     for op in ops {
         if let Op::Put { path, mode, .. } = op {
@@ -725,6 +738,42 @@ mod tests {
         via.head.base = linked.root();
         let through_link = Scan { manifest: linked, foreign: vec![] };
         assert_eq!(plan(&through_link, &from, &via, OnExtra::Delete).unwrap_err().reason, Reason::BadPath);
+    }
+
+    #[test]
+    fn plan_refuses_results_whose_names_collide_or_whose_links_lead_out() {
+        let from = tree(&[("d", None), ("d/x", Some(b"1"))]);
+        let current = Scan { manifest: from.clone(), foreign: vec![] };
+        let link = |t: &str| Entry::Link(LinkTarget::new(t).unwrap());
+        // (case, entries the target adds, what the refusal's detail says)
+        type Case<'a> = (&'a str, Vec<(&'a str, Entry)>, &'a str);
+        let cases: Vec<Case> = vec![
+            ("escaping chain", vec![("d/y", link("..")), ("d/z", link("y/../.."))], "link `d/z` leads outside"),
+            ("loop", vec![("a", link("b")), ("b", link("a"))], "link `a` never resolves"),
+            ("NFD beside NFC", vec![("cafe\u{301}", Entry::Dir), ("caf\u{e9}", Entry::Dir)], "name the same file"),
+            ("case", vec![("D", Entry::Dir)], "`D` and `d` name the same file"),
+        ];
+        for (why, add, detail) in cases {
+            let mut to = from.clone();
+            for (path, entry) in add {
+                to.insert(p(path), entry);
+            }
+            let err = plan(&current, &from, &reply_for(&from, &to), OnExtra::Delete).unwrap_err();
+            assert_eq!(err.reason, Reason::BadPath, "{why}");
+            assert!(err.detail.contains(detail), "{why}: {}", err.detail);
+        }
+
+        // An extra link that is kept gives a new link a way out that the target alone does not show.
+        let mut with_extra = from.clone();
+        with_extra.insert(p("d/k"), link(".."));
+        let current = Scan { manifest: with_extra.clone(), foreign: vec![] };
+        let mut to = from.clone();
+        to.insert(p("d/z"), link("k/.."));
+        let update = reply_for(&with_extra, &to);
+        let err = plan(&current, &from, &update, OnExtra::Keep).unwrap_err();
+        assert_eq!(err.reason, Reason::BadPath);
+        assert!(err.detail.contains("through link `d/k`"), "{}", err.detail);
+        assert!(plan(&current, &from, &update, OnExtra::Delete).is_ok(), "deleted, the extra leads nowhere");
     }
 
     /// What a directory holds, with modes and link targets, to prove nothing in it changed.

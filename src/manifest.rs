@@ -8,7 +8,7 @@
 //!
 //! Pure: no I/O here. Reading a tree from disk is [`crate::scan`]'s job.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -270,12 +270,25 @@ pub enum TreeError {
     /// An entry's parent is missing or is a file.
     #[error("`{0}` has no parent directory in the tree")]
     Orphan(RelPath),
-    /// Two paths that a case-insensitive file system would treat as one.
-    #[error("`{0}` and `{1}` differ only in case")]
+    /// Two paths that a file system folding case or normalizing Unicode would hold as one file (see
+    /// [`crate::path::fold_name`]).
+    #[error("`{0}` and `{1}` name the same file on a case-insensitive or Unicode-normalizing file system")]
     CaseCollision(RelPath, RelPath),
-    /// A symbolic link whose target leads outside the tree.
+    /// A symbolic link whose target, read lexically from the link's directory, climbs above the tree.
     #[error("link `{0}` points outside the tree")]
     LinkEscapes(RelPath),
+    /// A symbolic link whose own target stays inside, but that leads outside the tree when followed through
+    /// the tree's other links.
+    #[error("link `{link}` leads outside the tree when followed, through link `{through}`")]
+    LinkEscapesThrough {
+        /// The link refused.
+        link: RelPath,
+        /// The link in its chain that took the walk where a `..` left the tree.
+        through: RelPath,
+    },
+    /// A symbolic link that never resolves: a loop, or a chain of more than [`MAX_LINK_HOPS`] links.
+    #[error("link `{0}` never resolves: it loops, or follows more than 40 links")]
+    LinkLoop(RelPath),
     /// An operation names a path that is not there, or is of the wrong type.
     #[error("operation on `{path}` does not fit the tree: {why}")]
     BadOp {
@@ -310,7 +323,7 @@ impl Manifest {
     /// Case collisions are allowed here: a recipient's own tree may have them; a generation may not.
     ///
     /// # Errors
-    /// Duplicates and orphans.
+    /// Duplicates, orphans and bad links.
     pub fn from_listing(listing: Vec<Listed>) -> Result<Manifest, TreeError> {
         let mut entries = BTreeMap::new();
         for l in listing {
@@ -366,30 +379,66 @@ impl Manifest {
         })
     }
 
-    /// Checks that the entries form a tree: every parent is a listed directory, and every symbolic link's
-    /// target, resolved lexically from where the link is, stays inside the tree.
+    /// Checks that the entries form a tree: every parent is a listed directory, and every symbolic link
+    /// stays inside the tree (see [`Manifest::validate_links`]).
     ///
     /// # Errors
-    /// The first orphan or escaping link found.
+    /// The first orphan or bad link found.
     pub fn validate_shape(&self) -> Result<(), TreeError> {
-        for (path, entry) in &self.entries {
+        for path in self.entries.keys() {
             if let Some((parent, _)) = path.as_str().rsplit_once('/')
                 && self.entries.get(parent) != Some(&Entry::Dir)
             {
                 return Err(TreeError::Orphan(path.clone()));
             }
-            if let Entry::Link(target) = entry
-                && link_escapes(path, target.as_str())
-            {
-                return Err(TreeError::LinkEscapes(path.clone()));
-            }
         }
-        Ok(())
+        self.validate_links()
+    }
+
+    /// Checks that every symbolic link stays inside the tree however it is followed: its target, read
+    /// lexically from the link's directory, never climbs above the root (as a shell's `cd` or a path
+    /// cleaner reads it), and resolving it component by component through the tree's own links, as the
+    /// kernel does, never climbs above the root either, and ends within [`MAX_LINK_HOPS`] links.
+    ///
+    /// # Errors
+    /// The first link, in path order, that leads outside or never resolves.
+    pub fn validate_links(&self) -> Result<(), TreeError> {
+        match self.bad_links(&|_| false).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every symbolic link that leads outside the tree or never resolves (see
+    /// [`Manifest::validate_links`]), in path order, with why. `outside(path)` tells of paths outside the
+    /// manifest that are known to lead out (a scan's foreign links), so that a chain through one of them
+    /// is judged too.
+    pub fn bad_links(&self, outside: &dyn Fn(&str) -> bool) -> Vec<(RelPath, TreeError)> {
+        let mut judge = LinkJudge { entries: &self.entries, outside, memo: HashMap::new() };
+        let mut bad = Vec::new();
+        for (path, entry) in &self.entries {
+            let Entry::Link(target) = entry else { continue };
+            let fault = if link_escapes(path, target.as_str()) {
+                TreeError::LinkEscapes(path.clone())
+            } else {
+                match judge.judge(path) {
+                    Ok(()) => continue,
+                    Err(LinkFault::Loops) => TreeError::LinkLoop(path.clone()),
+                    Err(LinkFault::Escapes { through }) if through == *path => TreeError::LinkEscapes(path.clone()),
+                    Err(LinkFault::Escapes { through }) => {
+                        TreeError::LinkEscapesThrough { link: path.clone(), through }
+                    }
+                }
+            };
+            bad.push((path.clone(), fault));
+        }
+        bad
     }
 
     /// Checks that the entries form a tree that every file system can hold: the shape (see
-    /// [`Manifest::validate_shape`]) and no two paths that collide on a case-insensitive file system.
-    /// Generations and reply results must pass this.
+    /// [`Manifest::validate_shape`]) and no two paths that one file system or another holds as one file,
+    /// because it folds case, normalizes Unicode or skips ignorable code points (their
+    /// [`RelPath::fold_key`]s are equal). Generations and reply results must pass this.
     ///
     /// # Errors
     /// The first problem found.
@@ -633,6 +682,186 @@ pub fn diff(from: &Manifest, to: &Manifest) -> Vec<Op> {
     ops
 }
 
+/// Most symbolic links that following one link may pass through, itself included: Linux's `MAXSYMLINKS`,
+/// past which `open` fails with `ELOOP`.
+pub const MAX_LINK_HOPS: usize = 40;
+
+/// Why a link was refused by [`LinkJudge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LinkFault {
+    /// A `..` left the tree's root; `through` is the last link the walk followed before it (or the link
+    /// itself when it followed none).
+    Escapes { through: RelPath },
+    /// A loop, or more than [`MAX_LINK_HOPS`] links.
+    Loops,
+}
+
+/// Where a walk through the tree stands: an existing directory (`None` for the root), and how many levels
+/// below it the walk went through names that are not directories of the tree.
+///
+/// A missing name and a file are taken as directories, so that a `..` after them climbs back as a lexical
+/// reading would: the kernel would stop there (`ENOENT`, `ENOTDIR`), so this can only make the judgement
+/// stricter, and it stays right if such a directory is made later.
+#[derive(Clone, Copy, Debug)]
+struct Place<'a> {
+    dir: Option<&'a RelPath>,
+    below: usize,
+}
+
+/// A link resolved: where following it ends, and how many links that followed, itself included.
+#[derive(Clone, Copy, Debug)]
+struct Resolved<'a> {
+    place: Place<'a>,
+    hops: usize,
+}
+
+/// A link being resolved: where its walk stands and what is left of its target.
+struct Frame<'a> {
+    link: &'a RelPath,
+    place: Place<'a>,
+    rest: std::str::Split<'a, char>,
+    hops: usize,
+    /// The last link this frame's walk followed.
+    last: Option<&'a RelPath>,
+}
+
+/// What one component of a walk found.
+enum Step<'a> {
+    Dir(Place<'a>),
+    Link(&'a RelPath),
+    Outside(RelPath),
+}
+
+/// Resolves links through the tree's own links, each link once: a link's resolution does not depend on
+/// where the walk that met it came from, so it is remembered (and so is a fault, which every link whose
+/// walk met it shares). The walk keeps its own stack of frames, so a long chain costs no recursion.
+struct LinkJudge<'a> {
+    entries: &'a BTreeMap<RelPath, Entry>,
+    outside: &'a dyn Fn(&str) -> bool,
+    memo: HashMap<&'a RelPath, Result<Resolved<'a>, LinkFault>>,
+}
+
+impl<'a> LinkJudge<'a> {
+    /// Follows the link at `top` (which must be a link of the tree) to its end.
+    fn judge(&mut self, top: &'a RelPath) -> Result<(), LinkFault> {
+        let mut frames: Vec<Frame<'a>> = Vec::new();
+        // The links in `frames`: met again, they loop.
+        let mut open: HashSet<&'a RelPath> = HashSet::new();
+        // The result of a link just entered (when known without walking it) or just finished.
+        let mut done = self.enter(top, &mut frames, &mut open);
+        loop {
+            if let Some(result) = done.take() {
+                let resolved = match result {
+                    Ok(r) => r,
+                    Err(fault) => {
+                        // Every walk under way reached this fault through the links it followed.
+                        for f in frames.drain(..) {
+                            self.memo.insert(f.link, Err(fault.clone()));
+                        }
+                        return Err(fault);
+                    }
+                };
+                let Some(f) = frames.last_mut() else { return Ok(()) };
+                f.hops += resolved.hops;
+                if f.hops > MAX_LINK_HOPS {
+                    done = Some(Err(LinkFault::Loops));
+                    continue;
+                }
+                f.place = resolved.place;
+            }
+            let f = frames.last_mut().expect("a walk is under way");
+            let step = match f.rest.next() {
+                None => {
+                    let f = frames.pop().expect("a walk is under way");
+                    open.remove(f.link);
+                    let resolved = Resolved { place: f.place, hops: f.hops };
+                    self.memo.insert(f.link, Ok(resolved));
+                    done = Some(Ok(resolved));
+                    continue;
+                }
+                Some("" | ".") => continue,
+                Some("..") => match self.up(f.place) {
+                    Some(place) => Step::Dir(place),
+                    None => Step::Outside(f.last.unwrap_or(f.link).clone()),
+                },
+                Some(name) => self.down(f.place, name),
+            };
+            match step {
+                Step::Dir(place) => f.place = place,
+                Step::Outside(through) => done = Some(Err(LinkFault::Escapes { through })),
+                Step::Link(link) => {
+                    f.last = Some(link);
+                    done = self.enter(link, &mut frames, &mut open);
+                }
+            }
+        }
+    }
+
+    /// Starts resolving `link`: its result when already known (or a loop, when it is being resolved
+    /// already), else `None` with a frame pushed for it.
+    fn enter(
+        &self,
+        link: &'a RelPath,
+        frames: &mut Vec<Frame<'a>>,
+        open: &mut HashSet<&'a RelPath>,
+    ) -> Option<Result<Resolved<'a>, LinkFault>> {
+        if let Some(known) = self.memo.get(link) {
+            return Some(known.clone());
+        }
+        if !open.insert(link) {
+            return Some(Err(LinkFault::Loops));
+        }
+        let Some(Entry::Link(target)) = self.entries.get(link) else { unreachable!("only links are entered") };
+        let place = match link.as_str().rsplit_once('/') {
+            None => Place { dir: None, below: 0 },
+            Some((parent, _)) => match self.entries.get_key_value(parent) {
+                Some((dir, Entry::Dir)) => Place { dir: Some(dir), below: 0 },
+                // An orphan (refused by the shape check): judged lexically from its depth.
+                _ => Place { dir: None, below: link.depth() - 1 },
+            },
+        };
+        frames.push(Frame { link, place, rest: target.as_str().split('/'), hops: 1, last: None });
+        None
+    }
+
+    /// The place one `..` above `place`, or `None` above the root.
+    fn up(&self, place: Place<'a>) -> Option<Place<'a>> {
+        if place.below > 0 {
+            return Some(Place { below: place.below - 1, ..place });
+        }
+        let dir = place.dir?;
+        Some(match dir.as_str().rsplit_once('/') {
+            None => Place { dir: None, below: 0 },
+            Some((parent, _)) => match self.entries.get_key_value(parent) {
+                Some((p, _)) => Place { dir: Some(p), below: 0 },
+                None => Place { dir: None, below: dir.depth() - 1 },
+            },
+        })
+    }
+
+    /// What the name `name` in `place` is.
+    fn down(&self, place: Place<'a>, name: &str) -> Step<'a> {
+        let virtual_dir = Step::Dir(Place { below: place.below + 1, ..place });
+        if place.below > 0 {
+            return virtual_dir;
+        }
+        let path = match place.dir {
+            None => name.to_owned(),
+            Some(d) => format!("{d}/{name}"),
+        };
+        match self.entries.get_key_value(path.as_str()) {
+            Some((p, Entry::Dir)) => Step::Dir(Place { dir: Some(p), below: 0 }),
+            Some((p, Entry::Link(_))) => Step::Link(p),
+            Some((_, Entry::File(_))) => virtual_dir,
+            None if (self.outside)(&path) => match RelPath::new(&path) {
+                Ok(p) => Step::Outside(p),
+                Err(_) => virtual_dir,
+            },
+            None => virtual_dir,
+        }
+    }
+}
+
 /// Whether a link at `link` (tree-relative) pointing at `target` leads outside the tree, judged lexically:
 /// absolute targets do, and so does any `..` that climbs above the tree's root.
 pub fn link_escapes(link: &RelPath, target: &str) -> bool {
@@ -717,6 +946,145 @@ mod tests {
             Listed { path: p("a"), entry: Entry::Dir },
         ]);
         assert_eq!(dup, Err(TreeError::Duplicate(p("a"))));
+    }
+
+    /// A tree of directories (`name/`), files (`name`) and links (`name -> target`).
+    fn links(items: &[&str]) -> Manifest {
+        let mut m = Manifest::new();
+        for item in items {
+            let entry = match item.split_once(" -> ") {
+                Some((path, target)) => (p(path), Entry::Link(LinkTarget::new(target).unwrap())),
+                None => match item.strip_suffix('/') {
+                    Some(dir) => (p(dir), Entry::Dir),
+                    None => (p(item), file(b"", Mode::Regular)),
+                },
+            };
+            m.insert(entry.0, entry.1);
+        }
+        m
+    }
+
+    fn bad(m: &Manifest) -> Vec<(String, TreeError)> {
+        m.bad_links(&|_| false).into_iter().map(|(p, e)| (p.as_str().to_owned(), e)).collect()
+    }
+
+    #[test]
+    fn links_are_judged_by_following_the_trees_own_links() {
+        let escapes = |l: &str| TreeError::LinkEscapes(p(l));
+        let through = |l: &str, t: &str| TreeError::LinkEscapesThrough { link: p(l), through: p(t) };
+        let looped = |l: &str| TreeError::LinkLoop(p(l));
+        // (case, the tree, its bad links in path order)
+        type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, TreeError)>);
+        let cases: Vec<Case> = vec![
+            ("a link to the root is inside", vec!["d/", "d/y -> .."], vec![]),
+            (
+                "a chain that passes the lexical check leaves through another link",
+                vec!["d/", "d/y -> ..", "d/z -> y/../.."],
+                vec![("d/z", through("d/z", "d/y"))],
+            ),
+            ("a link to a link's parent", vec!["d/", "d/y -> ..", "x -> d/y/.."], vec![("x", through("x", "d/y"))]),
+            (
+                "a chain through a chain",
+                vec!["d/", "d/e/", "d/e/up -> ../..", "d/via -> e/up", "w -> d/via/.."],
+                vec![("w", through("w", "d/via"))],
+            ),
+            (
+                "a file or a missing name is taken as a directory, so `..` climbs back",
+                vec!["d/", "d/y -> ..", "f", "d/w -> y/f/../..", "d/m -> y/missing/x/../../.."],
+                vec![("d/m", through("d/m", "d/y")), ("d/w", through("d/w", "d/y"))],
+            ),
+            ("a lexical escape", vec!["a/", "a/l -> ../../etc"], vec![("a/l", escapes("a/l"))]),
+            (
+                "a lexical escape is refused even where the kernel would stay inside",
+                vec!["deep/", "deep/er/", "l -> deep/er", "m -> l/../.."],
+                vec![("m", escapes("m"))],
+            ),
+            ("a loop", vec!["a -> b", "b -> a"], vec![("a", looped("a")), ("b", looped("b"))]),
+            ("a link to itself", vec!["s -> s"], vec![("s", looped("s"))]),
+            (
+                "a loop met on the way",
+                vec!["d/", "d/a -> b", "d/b -> a", "x -> d/a/f"],
+                vec![("d/a", looped("d/a")), ("d/b", looped("d/b")), ("x", looped("x"))],
+            ),
+            ("a loop through a directory", vec!["d/", "d/l -> ../d/l/x"], vec![("d/l", looped("d/l"))]),
+            (
+                "ordinary links",
+                vec![
+                    "usr/",
+                    "usr/bin/",
+                    "bin -> usr/bin",
+                    "lib64/",
+                    "lib -> lib64",
+                    "usr/lib -> ../lib/.",
+                    "usr/sh -> bin/../../bin/sh",
+                    "dangling -> nowhere/at/all",
+                    "deep/",
+                    "deep/er/",
+                    "l -> deep/er",
+                    "m -> l/..",
+                ],
+                vec![],
+            ),
+        ];
+        for (why, items, want) in cases {
+            let m = links(&items);
+            let got = bad(&m);
+            let want: Vec<(String, TreeError)> = want.into_iter().map(|(l, e)| (l.to_owned(), e)).collect();
+            assert_eq!(got, want, "{why}");
+            assert_eq!(m.validate_shape().err(), want.first().map(|w| w.1.clone()), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_chain_of_more_than_forty_links_never_resolves() {
+        // l0 -> l1 -> ... -> l40 -> dir: l1 follows 40 links in all, l0 one more.
+        let mut items: Vec<String> = (0..=MAX_LINK_HOPS).map(|i| format!("l{i:02} -> l{:02}", i + 1)).collect();
+        items[MAX_LINK_HOPS] = format!("l{MAX_LINK_HOPS} -> dir");
+        items.push("dir/".into());
+        let m = links(&items.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(bad(&m), [("l00".to_owned(), TreeError::LinkLoop(p("l00")))]);
+        // A long chain is judged in linear time: each link is resolved once.
+        let n = 20_000;
+        let mut items: Vec<String> = (0..n).map(|i| format!("c{i:05} -> c{:05}", i + 1)).collect();
+        items.push(format!("c{n:05}/"));
+        let m = links(&items.iter().map(String::as_str).collect::<Vec<_>>());
+        let got = bad(&m);
+        assert_eq!(got.len(), n - MAX_LINK_HOPS, "all but the last 40 follow too many links");
+        assert_eq!(got.last().unwrap().1, TreeError::LinkLoop(p(&format!("c{:05}", n - MAX_LINK_HOPS - 1))));
+    }
+
+    #[test]
+    fn a_chain_through_a_link_known_to_lead_outside_leads_outside() {
+        // As a scan finds it: `out` is a foreign link, not in the manifest.
+        let m = links(&["d/", "d/in -> ../out/x", "ok -> d"]);
+        let got = m.bad_links(&|path| path == "out");
+        assert_eq!(got, [(p("d/in"), TreeError::LinkEscapesThrough { link: p("d/in"), through: p("out") })]);
+        assert_eq!(bad(&m), [], "without that knowledge `out` is a missing name");
+    }
+
+    #[test]
+    fn names_colliding_under_normalization_or_case_folding_are_refused() {
+        for (a, b) in [
+            ("caf\u{e9}", "cafe\u{301}"),
+            ("Stra\u{df}e", "STRASSE"),
+            ("\u{131}", "I"),
+            ("a\u{200d}b", "ab"),
+            ("\u{fb01}", "FI"),
+        ] {
+            let listing = vec![Listed { path: p(a), entry: Entry::Dir }, Listed { path: p(b), entry: Entry::Dir }];
+            let t = Manifest::from_listing(listing).expect("a recipient's own tree may hold them");
+            match t.validate() {
+                Err(TreeError::CaseCollision(x, y)) => {
+                    assert_eq!([x.as_str(), y.as_str()].map(str::to_owned), {
+                        let mut v = [a.to_owned(), b.to_owned()];
+                        v.sort();
+                        v
+                    });
+                }
+                other => panic!("{a:?} and {b:?}: {other:?}"),
+            }
+            assert!(t.apply(&[]).is_err(), "no reply may produce such a tree");
+        }
     }
 
     #[test]

@@ -156,10 +156,94 @@ impl RelPath {
         self.0 == other.0 || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
-    /// The key under which two names collide on a case-insensitive file system.
+    /// The key under which two paths name the same file on some file system a recipient may use: two paths
+    /// whose keys are equal collide (see [`fold_name`] for what is folded).
     pub fn fold_key(&self) -> String {
-        self.0.to_lowercase()
+        let mut key = String::with_capacity(self.0.len());
+        for (i, comp) in self.0.split('/').enumerate() {
+            if i > 0 {
+                // NUL is never in a path nor produced by folding, so a component that folds to text holding a
+                // `/` (U+2100 `℀` gives `a/c`) cannot be mistaken for two components.
+                key.push('\0');
+            }
+            key.push_str(&fold_name(comp));
+        }
+        key
     }
+}
+
+/// Code points that HFS+ and APFS skip when comparing names, and that render as nothing: Unicode's
+/// `Default_Ignorable_Code_Point` set (a superset of the ones git's `is_hfs_dotgit` skips, U+200C–U+200F,
+/// U+202A–U+202E, U+206A–U+206F and U+FEFF). Written out here because the rule is part of the wire
+/// protocol: owner and recipient must agree on it whatever Unicode version their libraries know.
+const IGNORABLE: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{034F}', '\u{034F}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{115F}', '\u{1160}'),
+    ('\u{17B4}', '\u{17B5}'),
+    ('\u{180B}', '\u{180F}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{206F}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{FE00}', '\u{FE0F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFA0}', '\u{FFA0}'),
+    ('\u{FFF0}', '\u{FFF8}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0000}', '\u{E0FFF}'),
+];
+
+/// Whether `c` is skipped when names are compared (see [`IGNORABLE`]).
+pub fn is_ignorable(c: char) -> bool {
+    IGNORABLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
+}
+
+/// Each character upper-cased then lower-cased, with Unicode's full, locale-independent mappings.
+fn fold_case(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() {
+            out.push(c.to_ascii_lowercase());
+        } else {
+            c.to_uppercase().for_each(|u| out.extend(u.to_lowercase()));
+        }
+    }
+    out
+}
+
+/// The form of one name under which names collide: two names with the same fold are one file on a file
+/// system that normalizes Unicode (APFS and HFS+ compare canonically equivalent names, NFC `café` and NFD
+/// `café`, as one), folds case (NTFS compares upper-cased names, APFS and HFS+ fold case by default), or
+/// skips ignorable code points (HFS+).
+///
+/// The fold is deliberately wider than any one file system, so that one rule protects them all:
+/// ignorable code points (see [`is_ignorable`]) are dropped; the name is brought to compatibility
+/// decomposition (NFKD, which also merges `ﬁ` with `fi` and fullwidth `Ａ` with `A`); and each character is
+/// upper-cased then lower-cased with Unicode's full, locale-independent mappings, twice, with NFKD between
+/// and after. So `Straße`, `STRASSE` and `strasse` collide (full folding), `ẞ` with `ss`, the Kelvin sign
+/// `K` with `k`, and the Turkish dotless `ı` with `i` and `I` (its upper case is `I`, as NTFS compares);
+/// the dotted capital `İ` folds to `i` followed by U+0307 and does not collide with a plain `i`. An ASCII
+/// name folds to its ASCII lower case.
+pub fn fold_name(name: &str) -> String {
+    if name.is_ascii() {
+        return name.to_ascii_lowercase();
+    }
+    let nfkd = icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
+    let strip = |s: &str| -> String { s.chars().filter(|&c| !is_ignorable(c)).collect() };
+    // Decompose, then map case and decompose again, twice, as Unicode's compatibility caseless match
+    // does; NFKD being idempotent, a round whose case mapping changes nothing ends the fold early.
+    let mut now = nfkd.normalize(&strip(name)).into_owned();
+    for _ in 0..2 {
+        let cased = fold_case(&now);
+        if cased == now {
+            return strip(&now);
+        }
+        now = nfkd.normalize(&cased).into_owned();
+    }
+    strip(&now)
 }
 
 fn shorten(s: &str) -> String {
@@ -253,6 +337,48 @@ mod tests {
         assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
         assert!(!RelPath::new("ab").unwrap().starts_with(&RelPath::new("a").unwrap()));
         assert_eq!(RelPath::new("a").unwrap().parent(), None);
+    }
+
+    #[test]
+    fn names_that_one_file_system_or_another_holds_as_one_collide() {
+        // (a, b, whether they collide, why)
+        let cases: &[(&str, &str, bool, &str)] = &[
+            ("README", "readme", true, "ASCII case"),
+            ("caf\u{e9}", "cafe\u{301}", true, "NFC and NFD"),
+            ("CAF\u{c9}", "cafe\u{301}", true, "NFC upper case and NFD lower case"),
+            ("\u{212b}ngstr\u{f6}m", "\u{c5}ngstro\u{308}m", true, "the Angstrom sign is canonically A with ring"),
+            ("a\u{327}\u{301}", "a\u{301}\u{327}", true, "combining marks in either order"),
+            ("Stra\u{df}e", "STRASSE", true, "full case folding of sharp s"),
+            ("stra\u{1e9e}e", "strasse", true, "capital sharp s"),
+            ("\u{212a}elvin", "kelvin", true, "Kelvin sign"),
+            ("\u{131}d", "id", true, "Turkish dotless i upper-cases to I"),
+            ("\u{131}d", "ID", true, "Turkish dotless i against upper case"),
+            ("\u{130}d", "i\u{307}d", true, "dotted capital I is i with a combining dot"),
+            ("\u{130}d", "id", false, "dotted capital I is not a plain i"),
+            ("\u{3c3}\u{3c2}", "\u{3a3}\u{3a3}", true, "Greek final sigma"),
+            ("\u{fb01}le", "file", true, "ligature (compatibility form)"),
+            ("\u{ff21}", "a", true, "fullwidth letter (compatibility form)"),
+            ("\u{3392}", "mhz", true, "a compatibility form that decomposes to upper case"),
+            ("a\u{200c}b", "ab", true, "zero width non-joiner (HFS+ ignorable)"),
+            ("a\u{200d}b", "ab", true, "zero width joiner"),
+            ("a\u{200e}b\u{202e}", "ab", true, "direction marks and overrides"),
+            ("\u{feff}ab\u{206a}", "ab", true, "byte order mark and deprecated format characters"),
+            ("a\u{ad}b", "ab", true, "soft hyphen"),
+            ("a\u{fe0f}", "a", true, "variation selector"),
+            ("a\u{e0041}", "a", true, "tag character"),
+            ("a", "b", false, "different letters"),
+            ("a\u{301}", "a", false, "an accent is not ignorable"),
+            ("\u{e9}", "e", false, "an accented letter is not its base"),
+            ("i", "j", false, "ASCII"),
+            ("\u{2100}", "a/c", false, "a name never collides with a deeper path"),
+        ];
+        for (a, b, collide, why) in cases {
+            let (pa, pb) = (RelPath::new(a).unwrap(), RelPath::new(b).unwrap());
+            assert_eq!(pa.fold_key() == pb.fold_key(), *collide, "{why}: {a:?} {b:?}");
+            // A collision of names is a collision of every path through them.
+            let (da, db) = (RelPath::new(&format!("d/{a}/x")).unwrap(), RelPath::new(&format!("D/{b}/X")).unwrap());
+            assert_eq!(da.fold_key() == db.fold_key(), *collide, "{why}, nested: {a:?} {b:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Reading a tree from disk into a [`Manifest`].
 //!
 //! The walk never follows symbolic links. Directories, regular files and symbolic links that stay inside
-//! the tree become manifest entries; links that lead outside it and special files (devices, FIFOs,
+//! the tree become manifest entries; links that lead outside it (by their own target, or followed through
+//! the tree's other links) or never resolve, and special files (devices, FIFOs,
 //! sockets) are reported separately as [`Foreign`] entries, because mailferry never creates, follows or
 //! writes through them, and the caller decides whether their presence is acceptable. Names that are not valid [`RelPath`]s (non-UTF-8, control characters...) stop
 //! the scan with an error naming the file: mailferry cannot describe them, so it must not guess.
@@ -35,7 +36,8 @@ pub struct Foreign {
 /// What a [`Foreign`] entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForeignKind {
-    /// A symbolic link whose target leads outside the tree (or is not a valid UTF-8 relative path).
+    /// A symbolic link whose target leads outside the tree, by itself or through the tree's other links,
+    /// or never resolves (a loop), or is not a valid UTF-8 relative path.
     Symlink {
         /// The link's target as stored.
         target: PathBuf,
@@ -260,9 +262,33 @@ fn walk(
         };
         entries.push((rel, entry));
     }
-    let out = Scan { manifest: entries.into_iter().collect(), foreign };
+    let mut manifest: Manifest = entries.into_iter().collect();
+    let foreign = judge_links(&mut manifest, foreign);
+    let out = Scan { manifest, foreign };
     out.manifest.validate_shape().map_err(|source| ScanError::Tree { root: root.to_path_buf(), source })?;
     Ok(CachedScan { scan: out, cache: new_cache, hashed })
+}
+
+/// Moves the links of `manifest` that lead outside the tree or never resolve when followed through the
+/// tree's other links (see [`Manifest::validate_links`]) to `foreign`, which is returned sorted by path.
+///
+/// Each link was judged by its own target during the walk; this judges the chains, which only the whole
+/// tree shows (`d/y -> ..` and `d/z -> y/../..` each stay inside, and `d/z` followed leaves). A chain through
+/// a link already found foreign leads outside too.
+fn judge_links(manifest: &mut Manifest, mut foreign: Vec<Foreign>) -> Vec<Foreign> {
+    let outside: std::collections::HashSet<&str> =
+        foreign.iter().filter(|f| matches!(f.kind, ForeignKind::Symlink { .. })).map(|f| f.path.as_str()).collect();
+    let bad: Vec<RelPath> = manifest.bad_links(&|p| outside.contains(p)).into_iter().map(|(p, _)| p).collect();
+    if bad.is_empty() {
+        return foreign;
+    }
+    for path in bad {
+        if let Some(Entry::Link(target)) = manifest.remove(&path) {
+            foreign.push(Foreign { path, kind: ForeignKind::Symlink { target: PathBuf::from(target.as_str()) } });
+        }
+    }
+    foreign.sort_by(|a, b| a.path.cmp(&b.path));
+    foreign
 }
 
 /// What a walk found: the entries a manifest can hold, and the others.
@@ -740,6 +766,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(OsStr::from_bytes(b"bad\xffname")), b"").unwrap();
         assert!(matches!(scan(dir.path()), Err(ScanError::BadName { .. })));
+    }
+
+    #[test]
+    fn links_leading_out_through_other_links_or_looping_are_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("d")).unwrap();
+        for (link, target) in [
+            ("d/y", ".."),
+            ("d/z", "y/../.."),
+            ("a", "b"),
+            ("b", "a"),
+            ("out", "../elsewhere"),
+            ("in", "out/x"),
+            ("fine", "d/y/d"),
+        ] {
+            symlink(target, root.join(link)).unwrap();
+        }
+        let s = scan(root).unwrap();
+        let foreign: Vec<(&str, &Path)> = s
+            .foreign
+            .iter()
+            .map(|f| match &f.kind {
+                ForeignKind::Symlink { target } => (f.path.as_str(), target.as_path()),
+                ForeignKind::Special(_) => panic!("{f:?}"),
+            })
+            .collect();
+        let want: &[(&str, &str)] =
+            &[("a", "b"), ("b", "a"), ("d/z", "y/../.."), ("in", "out/x"), ("out", "../elsewhere")];
+        assert_eq!(foreign, want.iter().map(|(p, t)| (*p, Path::new(t))).collect::<Vec<_>>());
+        let kept: Vec<&str> = s.manifest.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(kept, ["d", "d/y", "fine"]);
     }
 
     #[test]

@@ -612,3 +612,143 @@ fn a_request_naming_an_unknown_generation_gets_asked_for_the_full_tree() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 2);
 }
+
+/// The detail of the newest refusal recorded by the node whose config is `config`.
+fn last_refusal_detail(config: &str) -> String {
+    let out = ok(&["log", "--config", config, "--rejected", "--json"]);
+    let line = out.lines().last().expect("a refusal is recorded");
+    serde_json::from_str::<serde_json::Value>(line).unwrap()["detail"].as_str().unwrap().to_owned()
+}
+
+/// Puts `ops` (JSON, each followed by a comma) first in the pending reply's operations, signs it again, and
+/// checks that the reply is refused with `bad-path`, logged with a detail naming `named`, the tree unchanged.
+fn expect_ops_refused(ops: &[u8], named: &[&str]) {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    resign(&reply, &site.key(), "site1", |c| replace(c, "\"ops\":[", &[b"\"ops\":[".as_slice(), ops].concat()));
+    expect_refused(&w, &site, "bad-path");
+    let detail = last_refusal_detail(&site.config);
+    for name in named {
+        assert!(detail.contains(&format!("`{name}`")), "detail names `{name}`: {detail}");
+    }
+}
+
+/// Names that one file system or another holds as one file (macOS normalizes and folds case, Windows
+/// folds case, HFS+ skips ignorable code points), each in a correctly signed reply, are refused.
+#[test]
+fn names_that_collide_under_normalization_or_case_folding_are_refused() {
+    let cases: &[(&str, &[u8], &[&str])] = &[
+        (
+            "NFC and NFD",
+            br#"{"op":"mkdir","path":"caf\u00e9"},{"op":"mkdir","path":"cafe\u0301"},"#,
+            &["caf\u{e9}", "cafe\u{301}"],
+        ),
+        (
+            "full case folding",
+            br#"{"op":"mkdir","path":"Stra\u00dfe"},{"op":"mkdir","path":"STRASSE"},"#,
+            &["Stra\u{df}e", "STRASSE"],
+        ),
+        ("dotless i against an existing directory", br#"{"op":"mkdir","path":"B\u0131N"},"#, &["B\u{131}N", "bin"]),
+        (
+            "an ignorable code point against an existing file",
+            br#"{"op":"mkdir","path":"READ\u200dME"},"#,
+            &["READ\u{200d}ME", "README"],
+        ),
+        (
+            "a compatibility form below a new directory",
+            br#"{"op":"mkdir","path":"added/\ufb01le"},{"op":"mkdir","path":"added/FILE"},"#,
+            &["added/\u{fb01}le", "added/FILE"],
+        ),
+    ];
+    for (name, ops, named) in cases {
+        eprintln!("case {name}");
+        expect_ops_refused(ops, named);
+    }
+}
+
+/// Links that each stay inside by their own target but lead outside (or nowhere) when followed through the
+/// tree's other links, in a correctly signed reply, are refused.
+#[test]
+fn link_chains_that_escape_or_loop_are_refused() {
+    let cases: &[(&str, &[u8], &[&str])] = &[
+        (
+            "through a link to the parent",
+            br#"{"op":"link","path":"added/y","target":".."},{"op":"link","path":"added/z","target":"y/../.."},"#,
+            &["added/z", "added/y"],
+        ),
+        (
+            "through a link's parent",
+            br#"{"op":"link","path":"added/y","target":".."},{"op":"link","path":"x","target":"added/y/.."},"#,
+            &["x", "added/y"],
+        ),
+        ("a loop", br#"{"op":"link","path":"a","target":"b"},{"op":"link","path":"b","target":"a"},"#, &["a"]),
+        (
+            "through an existing directory to a link of the reply",
+            br#"{"op":"link","path":"data/up","target":".."},{"op":"link","path":"bin/go","target":"../data/up/.."},"#,
+            &["bin/go", "data/up"],
+        ),
+    ];
+    for (name, ops, named) in cases {
+        eprintln!("case {name}");
+        expect_ops_refused(ops, named);
+    }
+}
+
+#[test]
+fn a_link_chain_planted_in_the_data_tree_leaves_the_tree_alone() {
+    let (w, site) = world_with_pending_change();
+    let outside = w.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let _reply = w.pending_reply(&site);
+    // Each link stays inside by its own target; followed, `data/z` is the recipient's parent directory.
+    std::os::unix::fs::symlink("..", site.data.join("data/y")).unwrap();
+    std::os::unix::fs::symlink("y/../..", site.data.join("data/z")).unwrap();
+    expect_refused(&w, &site, "local-tree");
+    let detail = last_refusal_detail(&site.config);
+    assert!(detail.contains("`data/z`"), "{detail}");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing was written through the links");
+    // Once the chain is gone the sync goes through.
+    fs::remove_file(site.data.join("data/z")).unwrap();
+    fs::remove_file(site.data.join("data/y")).unwrap();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn the_owner_refuses_to_publish_names_that_collide_or_links_that_lead_out() {
+    use std::os::unix::fs::symlink;
+    let w = World::new();
+    put(&w.source, "keep", b"k", 0o644);
+    let publish = ["owner", "publish", "--config", &w.owner_config];
+    // (case, directories, links with their targets, what the error says)
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        ("NFC and NFD", &["caf\u{e9}", "cafe\u{301}"], &[], &["caf\u{e9}", "cafe\u{301}", "name the same file"]),
+        ("case", &["Stra\u{df}e", "STRASSE"], &[], &["Stra\u{df}e", "STRASSE"]),
+        ("ignorable", &["a\u{feff}b", "ab"], &[], &["a\u{feff}b", "ab"]),
+        ("escaping chain", &["d"], &[("d/y", ".."), ("d/z", "y/../..")], &["d/z", "y/../..", "outside the tree"]),
+        ("loop", &[], &[("a", "b"), ("b", "a")], &["`a`", "never resolves"]),
+    ];
+    for (name, dirs, links, said) in cases {
+        eprintln!("case {name}");
+        for d in *dirs {
+            fs::create_dir_all(w.source.join(d)).unwrap();
+        }
+        for (link, target) in *links {
+            symlink(target, w.source.join(link)).unwrap();
+        }
+        let err = fails(&publish, 2);
+        assert!(err.contains("cannot publish"), "{err}");
+        for s in *said {
+            assert!(err.contains(s), "the error says {s:?}: {err}");
+        }
+        assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+        for d in *dirs {
+            fs::remove_dir(w.source.join(d)).unwrap_or_else(|_| fs::remove_dir_all(w.source.join(d)).unwrap());
+        }
+        for (link, _) in *links {
+            let _ = fs::remove_file(w.source.join(link));
+        }
+    }
+    assert_eq!(w.publish(), 1, "nothing was published before, and the tree without them publishes");
+}

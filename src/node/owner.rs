@@ -236,7 +236,7 @@ impl Owner {
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
                 ForeignKind::Symlink { target } => {
-                    format!("a symlink leading outside the tree (-> `{}`)", target.display())
+                    format!("a symlink that leads outside the tree or never resolves (-> `{}`)", target.display())
                 }
                 ForeignKind::Special(what) => format!("a {what}"),
             };
