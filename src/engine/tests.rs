@@ -590,7 +590,9 @@ fn recipient_refuses_each_rule_of_11_3_steps_1_to_10_in_order() {
     let r = reply();
     let signer = SigningKey::from_hex(&"22".repeat(32)).unwrap();
     let control = protocol::encode(&r);
-    let cases: Vec<(&str, Vec<u8>, Option<crate::crypto::PublicKey>, Reason, bool)> = vec![
+    // Name, message, pinned owner key, refusal, whether the request is given up.
+    type Case = (&'static str, Vec<u8>, Option<crate::crypto::PublicKey>, Reason, bool);
+    let cases: Vec<Case> = vec![
         (
             "1_oversized",
             [mail(Kind::Reply, &r, "site1", &k, &[]), vec![b' '; 100_000]].concat(),
