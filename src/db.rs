@@ -948,6 +948,32 @@ impl Db {
         }
     }
 
+    /// Replaces `name`'s key at once (enrolled afresh): a rotation under way and retired keys are dropped.
+    ///
+    /// # Errors
+    /// SQLite errors, or no such recipient.
+    pub fn replace_key(&self, name: &str, key_hex: &str, key_id: &str) -> Result<()> {
+        let n = self
+            .conn
+            .execute("UPDATE recipients SET key = ?2, key_id = ?3 WHERE name = ?1", params![name, key_hex, key_id])?;
+        anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
+        self.conn.execute("DELETE FROM key_rotations WHERE recipient = ?1", [name])?;
+        self.conn.execute("DELETE FROM retired_keys WHERE recipient = ?1", [name])?;
+        Ok(())
+    }
+
+    /// Forgets the recipient's previous and pending keys (its key file was replaced by a new enrollment).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn forget_keys(&self) -> Result<()> {
+        self.conn.execute(
+            "UPDATE subscriptions SET previous_key = NULL, previous_key_until = NULL, pending_key = NULL WHERE name = ?1",
+            [SUB],
+        )?;
+        Ok(())
+    }
+
     /// A retired key of `name` with id `key_id`, if its grace period has not ended.
     ///
     /// # Errors

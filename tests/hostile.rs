@@ -752,3 +752,66 @@ fn the_owner_refuses_to_publish_names_that_collide_or_links_that_lead_out() {
     }
     assert_eq!(w.publish(), 1, "nothing was published before, and the tree without them publishes");
 }
+
+// ---- a stolen key and the way back ----
+
+/// With the site's key (and no owner signature), a thief can make the site apply any generation number,
+/// the largest the wire allows included. Every genuine reply is then refused as a rollback, and rotating
+/// the key would not help (the thief opens the new key). Enrolling the site afresh does: the generation
+/// applied under the stolen key does not bind replies under the new one.
+#[test]
+fn a_generation_forced_by_a_stolen_key_is_undone_by_enrolling_afresh() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let stolen = site.key();
+    let top = ((1u64 << 53) - 1).to_string();
+    resign(&reply, &stolen, "site1", |c| replace(c, "\"generation\":2", format!("\"generation\":{top}").as_bytes()));
+    site.run(false);
+    assert_eq!(site.status()["generation"].to_string(), top, "the thief's generation is applied");
+
+    // The genuine owner's next generation is refused as a rollback, and says why in the owner's log.
+    put(&w.source, "README", b"version 3\n", 0o644);
+    w.publish();
+    site.run(true);
+    let log = w.owner_run();
+    assert!(log.contains("claims a generation newer than any published"), "{log}");
+    site.run(false);
+    assert_eq!(site.rejections(), ["rollback"]);
+
+    // Enrolled afresh: the old key stops verifying at once, the new one brings the owner's generation.
+    let out = w.path("site1-again.enrollment");
+    let out = out.to_str().unwrap();
+    ok(&["owner", "reenroll", "--config", &w.owner_config, "--name", "site1", "--out", out]);
+    ok(&["recipient", "enroll", "--config", &site.config, "--enrollment", out]);
+    assert_ne!(site.key(), stolen);
+    // The owner never published the generation the site names: the first exchange asks for the full
+    // tree, the second brings the owner's generation.
+    w.sync(&site);
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(site.status()["generation"], 3);
+
+    // The stolen key is useless now, at the owner and at the site.
+    put(&w.source, "README", b"version 4\n", 0o644);
+    w.publish();
+    let reply = w.pending_reply(&site);
+    resign(&reply, &stolen, "site1", |c| replace(c, "\"generation\":4", format!("\"generation\":{top}").as_bytes()));
+    site.run(false);
+    assert_eq!(site.rejections().last().map(String::as_str), Some("bad-mac"));
+    assert_eq!(site.status()["generation"], 3);
+}
+
+/// An enrollment for another recipient, or pinning another owner key, is not taken up.
+#[test]
+fn an_enrollment_for_someone_else_is_refused() {
+    let w = World::new();
+    let site = w.site("site1");
+    let _other = w.site("site2");
+    let before = site.key();
+    let theirs = w.path("site2.enrollment");
+    let err = fails(&["recipient", "enroll", "--config", &site.config, "--enrollment", theirs.to_str().unwrap()], 2);
+    assert!(err.contains("is for name \"site2\""), "{err}");
+    assert_eq!(site.key(), before);
+    let err = fails(&["owner", "reenroll", "--config", &w.owner_config, "--name", "nobody", "--out", "/tmp/x"], 2);
+    assert!(err.contains("no recipient named \"nobody\""), "{err}");
+}

@@ -484,6 +484,13 @@ fn on_request(
             rec.name
         )));
     };
+    if req.generation > generation.number {
+        tracing::warn!(
+            recipient = %rec.name, claimed = req.generation, newest = generation.number,
+            "the recipient claims a generation newer than any published: its key may have been used by someone \
+             else; enroll it afresh (`mailferry owner reenroll`)"
+        );
+    }
     // R6: the recipient's budget. Whoever holds a key (a stolen one, or a recipient stuck in a loop)
     // can make the owner mail only so much to the registered address.
     let b = policy.budget;

@@ -198,7 +198,35 @@ impl Owner {
             bail!("`{}` already exists", out.display());
         }
         let key = Key::generate();
-        let enrollment = Enrollment {
+        let enrollment = self.enrollment(name, address, &key);
+        self.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+        write_enrollment(&enrollment, out, "recipient init")?;
+        Ok(enrollment)
+    }
+
+    /// Enrolls a registered recipient afresh: a new key replaces its key at once (the old one, a key in
+    /// rotation and retired keys stop verifying), and a new enrollment file is written to `out`. For a key
+    /// that may be stolen: unlike `rotate-key`, the new key never travels under the old one. On the
+    /// recipient, `recipient enroll` takes the file up, and a generation applied under the old key no
+    /// longer binds replies under the new one (`docs/protocol.md` §11.3 step 10).
+    ///
+    /// # Errors
+    /// No such recipient, an existing `out`, or state and I/O failures.
+    pub fn reenroll(&mut self, name: &str, out: &Path) -> Result<Enrollment> {
+        let rec = self.db.recipient(name)?.with_context(|| format!("no recipient named {name:?} is registered"))?;
+        if out.exists() {
+            bail!("`{}` already exists", out.display());
+        }
+        let key = Key::generate();
+        let enrollment = self.enrollment(name, &rec.address, &key);
+        self.db.transaction(|db| db.replace_key(name, &key.to_hex(), &key.id()))?;
+        write_enrollment(&enrollment, out, "recipient enroll")?;
+        info!(recipient = name, key = %key.id(), old = %rec.key_id, "enrolled afresh: the old key no longer verifies");
+        Ok(enrollment)
+    }
+
+    fn enrollment(&self, name: &str, address: &str, key: &Key) -> Enrollment {
+        Enrollment {
             mailferry_enrollment: 1,
             owner_address: self.cfg.owner.address.clone(),
             name: name.to_owned(),
@@ -213,15 +241,7 @@ impl Owner {
                 },
                 interval: "1h".into(),
             },
-        };
-        self.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
-        let text = format!(
-            "# mailferry enrollment for {name:?}. It holds this recipient's secret key: keep it private,\n\
-             # carry it by a trusted path, and give it to `mailferry recipient init --enrollment`.\n{}",
-            toml::to_string(&enrollment)?
-        );
-        write_secret(out, &text)?;
-        Ok(enrollment)
+        }
     }
 
     /// Snapshots the source tree into the content store and, if it changed, records a new generation.
@@ -562,6 +582,17 @@ impl Owner {
         );
         Ok(Handled::Answered { recipient: rec.name.clone(), generation: head.generation, ops: n_ops })
     }
+}
+
+/// Writes an enrollment file (mode 0600), with a comment saying what it is and which command takes it.
+fn write_enrollment(e: &Enrollment, out: &Path, command: &str) -> Result<()> {
+    let text = format!(
+        "# mailferry enrollment for {:?}. It holds this recipient's secret key: keep it private,\n\
+         # carry it by a trusted path, and give it to `mailferry {command} --enrollment`.\n{}",
+        e.name,
+        toml::to_string(e)?
+    );
+    write_secret(out, &text)
 }
 
 /// Applies the engine's effects, in order, inside the caller's transaction.

@@ -152,6 +152,51 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
     Ok(path)
 }
 
+/// Takes up a new enrollment for this recipient (`mailferry recipient enroll`): its key replaces the key
+/// file at once, and the previous and pending keys are forgotten. The enrollment must be for this
+/// recipient (name, address, owner address) and pin the owner key the config pins. Returns the new key id.
+///
+/// # Errors
+/// An enrollment for another recipient or another owner key, an unreadable enrollment, or I/O failures.
+pub fn enroll(cfg: &RecipientConfig, enrollment: &Path) -> Result<String> {
+    let e = Enrollment::load(enrollment)?;
+    let r = &cfg.recipient;
+    let mine = [
+        ("name", &e.name, &r.name),
+        ("address", &e.address, &r.address),
+        ("owner address", &e.owner_address, &r.owner_address),
+    ];
+    for (what, theirs, ours) in mine {
+        if theirs != ours {
+            bail!("enrollment file `{}` is for {what} {theirs:?}, this recipient's is {ours:?}", enrollment.display());
+        }
+    }
+    if e.owner_public_key != r.owner_public_key {
+        bail!(
+            "enrollment file `{}` pins owner key {}, but `{}` pins {}: set `owner-public-key` in the config to what \
+             the owner's `status` shows first",
+            enrollment.display(),
+            e.owner_public_key.as_deref().unwrap_or("none"),
+            cfg.path.display(),
+            r.owner_public_key.as_deref().unwrap_or("none")
+        );
+    }
+    let key = Key::from_hex(&e.key)
+        .with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
+    let mut node = Recipient::open_as_is(cfg.clone())?;
+    let old = node.key.id();
+    node.db.forget_keys()?;
+    let path = &r.key_file;
+    write_durably(path, format!("{}\n", key.to_hex()).as_bytes())
+        .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    info!(key = %key.id(), old, "enrolled afresh");
+    node.key = key;
+    Ok(node.key.id())
+}
+
 impl Recipient {
     /// Opens the recipient's state, taking the state directory's lock, and finishes an interrupted apply.
     ///

@@ -3,6 +3,7 @@
 mod add_recipient;
 mod init;
 mod publish;
+mod reenroll;
 mod remove_recipient;
 mod rotate_key;
 mod run;
@@ -24,6 +25,9 @@ pub enum OwnerCommand {
     /// Give a recipient a new key, delivered with its next reply sealed under the current key; the current
     /// key stays valid until the recipient uses the new one, and for the grace period after.
     RotateKey(rotate_key::RotateKeyCommand),
+    /// Give a recipient a new key at once, for a key that may be stolen: the old key, a key in rotation and
+    /// retired keys stop verifying, and a new enrollment file is written for `recipient enroll`.
+    Reenroll(reenroll::ReenrollCommand),
     /// Snapshot the source tree into the next immutable generation.
     Publish(publish::PublishCommand),
     /// Answer requests: once with --once, else until SIGINT/SIGTERM.
@@ -41,6 +45,7 @@ impl OwnerCommand {
             OwnerCommand::AddRecipient(c) => c.execute(),
             OwnerCommand::RemoveRecipient(c) => c.execute(),
             OwnerCommand::RotateKey(c) => c.execute(),
+            OwnerCommand::Reenroll(c) => c.execute(),
             OwnerCommand::Publish(c) => c.execute(),
             OwnerCommand::Run(c) => c.execute().await,
         }

@@ -1,5 +1,6 @@
 //! `mailferry recipient ...`: the commands of a node that keeps a data tree in sync with an owner.
 
+mod enroll;
 mod init;
 mod rollback;
 mod run;
@@ -14,6 +15,9 @@ use super::Exit;
 pub enum RecipientCommand {
     /// Create a recipient from an enrollment file: DIR/recipient.toml and DIR/recipient.key.
     Init(init::InitCommand),
+    /// Take up a new enrollment file for this recipient (from `owner reenroll`): its key replaces the key
+    /// file at once.
+    Enroll(enroll::EnrollCommand),
     /// Apply replies and request updates: once with --once, else until SIGINT/SIGTERM.
     Run(run::RunCommand),
     /// Return the data tree to the generation applied before the current one, from files kept locally,
@@ -33,6 +37,7 @@ impl RecipientCommand {
     pub async fn execute(self) -> Result<Exit> {
         match self {
             RecipientCommand::Init(c) => c.execute(),
+            RecipientCommand::Enroll(c) => c.execute(),
             RecipientCommand::Run(c) => c.execute().await,
             RecipientCommand::Rollback(c) => c.execute(),
         }
