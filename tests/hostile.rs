@@ -815,3 +815,61 @@ fn an_enrollment_for_someone_else_is_refused() {
     let err = fails(&["owner", "reenroll", "--config", &w.owner_config, "--name", "nobody", "--out", "/tmp/x"], 2);
     assert!(err.contains("no recipient named \"nobody\""), "{err}");
 }
+
+/// The owner knows the root of what it sent: a receipt with the right nonce, reply and generation but
+/// another root could come from no reply, and is refused without touching the fleet's state.
+#[test]
+fn a_receipt_claiming_a_root_no_reply_brought_is_refused() {
+    let (w, site) = world_with_pending_change();
+    site.run(true);
+    w.owner_run();
+    site.run(false);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let receipt = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    let original = fs::read(&receipt).unwrap();
+    let root = serde_json::from_slice::<serde_json::Value>(&envelope::parse(&original, u64::MAX).unwrap().control)
+        .unwrap()["root"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = format!("\"root\":\"{}\"", "ab".repeat(32));
+    resign(&receipt, &site.key(), "site1", |c| replace(c, &format!("\"root\":\"{root}\""), other.as_bytes()));
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["malformed"]);
+    let s = w.owner_status();
+    assert_eq!(s["recipients"][0]["applied_generation"], 1, "{s}");
+    assert_eq!(s["recipients"][0]["applied_root"].as_str().map(|r| r != "ab".repeat(32)), Some(true));
+    fs::write(owner_new.join("genuine"), &original).unwrap();
+    w.owner_run();
+    assert_eq!(w.owner_status()["recipients"][0]["applied_root"].as_str(), Some(root.as_str()));
+}
+
+/// A reply that brings a new key (a rotation) but is refused for anything (here: it does not produce the
+/// root it promises) changes nothing: the key file stays, the owner keeps the old key, and the next
+/// genuine reply brings the key again.
+#[test]
+fn a_refused_reply_carrying_a_new_key_changes_no_key() {
+    let (w, site) = world_with_pending_change();
+    ok(&["owner", "rotate-key", "--config", &w.owner_config, "--name", "site1"]);
+    let old = site.key();
+    let reply = w.pending_reply(&site);
+    let parsed = envelope::parse(&fs::read(&reply).unwrap(), u64::MAX).unwrap();
+    assert!(String::from_utf8_lossy(&parsed.control).contains("\"rekey\""), "the reply carries the new key");
+    let root =
+        serde_json::from_slice::<serde_json::Value>(&parsed.control).unwrap()["root"].as_str().unwrap().to_owned();
+    let other = format!("\"root\":\"{}\"", "ab".repeat(32));
+    resign(&reply, &old, "site1", |c| replace(c, &format!("\"root\":\"{root}\""), other.as_bytes()));
+    let log = site.run(false);
+    assert_eq!(site.rejections(), ["tree-mismatch"], "{log}");
+    assert_eq!(site.key(), old, "a refused reply does not replace the key file");
+    assert_eq!(site.status()["key_id"], old.id());
+    // The owner never saw the new key used: it still answers under the old one, and the key arrives.
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_ne!(site.key(), old);
+    w.sync(&site);
+    let s = w.owner_status();
+    assert_eq!(s["recipients"][0]["key_id"], site.key().id());
+    assert!(s["recipients"][0]["rotating_to"].is_null());
+    assert!(rejections(&w.owner_config).is_empty());
+}
