@@ -117,49 +117,83 @@ fn hints_of(m: &mail_parser::Message<'_>) -> Hints {
     }
 }
 
+/// Most header fields, and most MIME parts, a message may have room for: at most this many `:` bytes and
+/// this many `--` pairs. A mailferry message has a few dozen of each (its attachments are base64, which
+/// has neither); the parser's memory grows with both, about 150 bytes per header or part, before anything
+/// is authenticated.
+pub const MAX_STRUCTURE: usize = 20_000;
+
+/// Refuses a message whose raw bytes could make the MIME parser build more than [`MAX_STRUCTURE`] header
+/// fields or parts: every header field needs a `:`, and every boundary a `--`, so counting those bounds
+/// both without parsing.
+fn check_structure(raw: &[u8]) -> Result<(), Refusal> {
+    let (mut colons, mut dashes, mut last) = (0usize, 0usize, 0u8);
+    for &b in raw {
+        colons += usize::from(b == b':');
+        dashes += usize::from(b == b'-' && last == b'-');
+        last = b;
+    }
+    if colons > MAX_STRUCTURE || dashes > MAX_STRUCTURE {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!(
+                "message has room for {colons} header fields and {dashes} MIME parts, limit is {MAX_STRUCTURE} of each"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses `raw` and extracts its named attachments.
 ///
+/// Memory: the raw message, the decoded attachments (owned, not copied again), and the parser's
+/// structures, which [`MAX_STRUCTURE`] bounds to a few megabytes.
+///
 /// # Errors
-/// [`Reason::Limit`] when `raw` is larger than `max_bytes` (checked before parsing), [`Reason::Malformed`]
-/// when the control or auth part is missing or present twice, or an attachment name repeats.
+/// [`Reason::Limit`] when `raw` is larger than `max_bytes` or has room for more than [`MAX_STRUCTURE`]
+/// header fields or parts (both checked before parsing), [`Reason::Malformed`] when the control or auth
+/// part is missing or present twice, or an attachment name repeats.
 pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
     if raw.len() as u64 > max_bytes {
         return Err(Refusal::new(Reason::Limit, format!("message is {} bytes, limit is {max_bytes}", raw.len())));
     }
+    check_structure(raw)?;
     let msg =
         MessageParser::default().parse(raw).ok_or_else(|| Refusal::new(Reason::Malformed, "not a MIME message"))?;
+    let hints = hints_of(&msg);
     let mut control = None;
     let mut auth = None;
     let mut attachments = BTreeMap::new();
-    for part in &msg.parts {
-        let bytes = match &part.body {
-            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
-            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
+    for part in msg.parts {
+        // Parts without a file name are text for humans (our summary, a list footer): ignored.
+        let Some(name) = part.attachment_name().map(str::to_owned) else { continue };
+        let bytes = match part.body {
+            // Taken, not copied: a large attachment is in memory once decoded, not twice.
+            PartType::Binary(b) | PartType::InlineBinary(b) => b.into_owned(),
+            PartType::Text(t) | PartType::Html(t) => t.into_owned().into_bytes(),
             // Containers carry nothing themselves; a nested message is not ours to open.
             PartType::Multipart(_) | PartType::Message(_) => continue,
         };
-        // Parts without a file name are text for humans (our summary, a list footer): ignored.
-        let Some(name) = part.attachment_name() else { continue };
         // A decoder that meets a byte outside the encoding's alphabet gives up; relays never produce
         // that, corruption does. Say so rather than hand on undecoded bytes.
         if part.is_encoding_problem {
             return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} is not validly encoded")));
         }
-        let slot = match name {
+        let slot = match name.as_str() {
             CONTROL_NAME => &mut control,
             AUTH_NAME => &mut auth,
-            other => {
-                if attachments.insert(other.to_owned(), bytes.to_vec()).is_some() {
-                    return Err(Refusal::new(Reason::Malformed, format!("attachment {other:?} appears twice")));
+            _ => {
+                if attachments.contains_key(&name) {
+                    return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} appears twice")));
                 }
+                attachments.insert(name, bytes);
                 continue;
             }
         };
-        if slot.replace(bytes.to_vec()).is_some() {
+        if slot.replace(bytes).is_some() {
             return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} appears twice")));
         }
     }
-    let hints = hints_of(&msg);
     let control =
         control.ok_or_else(|| Refusal::new(Reason::Malformed, "no control part (not a mailferry message)"))?;
     let auth = auth.ok_or_else(|| Refusal::new(Reason::Malformed, "no auth part"))?;
@@ -222,6 +256,8 @@ pub fn bounce(raw: &[u8]) -> Option<Bounce> {
     if !MessageParser::default().parse_headers(&raw[..end]).is_some_and(|m| is_report(&m)) {
         return None;
     }
+    // A report is parsed whole, so it is bounded like any message.
+    check_structure(raw).ok()?;
     let msg = MessageParser::default().parse(raw)?;
     if !is_report(&msg) {
         return None;
