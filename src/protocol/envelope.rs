@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use mail_builder::MessageBuilder;
 use mail_builder::headers::raw::Raw;
-use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
 use super::{Kind, Reason, Refusal};
 
@@ -176,7 +176,10 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
         };
         // A decoder that meets a byte outside the encoding's alphabet gives up; relays never produce
         // that, corruption does. Say so rather than hand on undecoded bytes.
-        if part.is_encoding_problem {
+        // The parser keeps a broken quoted-printable escape as it is, which would only surface as a MAC or
+        // digest that does not verify: look at the raw part.
+        let raw_body = raw.get(part.offset_body as usize..part.offset_end as usize).unwrap_or_default();
+        if part.is_encoding_problem || (part.encoding == Encoding::QuotedPrintable && !valid_qp(raw_body)) {
             return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} is not validly encoded")));
         }
         let slot = match name.as_str() {
@@ -198,6 +201,23 @@ pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
         control.ok_or_else(|| Refusal::new(Reason::Malformed, "no control part (not a mailferry message)"))?;
     let auth = auth.ok_or_else(|| Refusal::new(Reason::Malformed, "no auth part"))?;
     Ok(Parsed { control, auth, attachments, hints })
+}
+
+/// Whether every `=` of a quoted-printable body starts an escape of two hex digits or a soft line break
+/// (`=`, optional spaces or tabs, then the end of the line).
+fn valid_qp(body: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(at) = body[i..].iter().position(|&b| b == b'=') {
+        let rest = &body[i + at + 1..];
+        let hex = rest.len() >= 2 && rest[0].is_ascii_hexdigit() && rest[1].is_ascii_hexdigit();
+        let blank = rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+        let soft = matches!(rest.get(blank), None | Some(b'\r' | b'\n'));
+        if !hex && !soft {
+            return false;
+        }
+        i += at + 1;
+    }
+    true
 }
 
 /// A delivery status notification (RFC 3464): a relay's report that a message could not be delivered.
@@ -353,6 +373,33 @@ mod tests {
         let nl = body + bad[body..].iter().position(|&b| b == b'\n').unwrap();
         bad[nl] = 0x0b;
         assert_eq!(parse(&bad, u64::MAX).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn a_broken_quoted_printable_escape_is_malformed() {
+        let qp = |body: &str| {
+            format!(
+                "From: <a@b>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Disposition: attachment; filename=\"control.json\"\r\n\
+                 Content-Transfer-Encoding: quoted-printable\r\n\r\n{body}\r\n\
+                 --b\r\nContent-Disposition: attachment; filename=\"auth.json\"\r\n\r\n{{}}\r\n--b--\r\n"
+            )
+            .into_bytes()
+        };
+        let good = parse(&qp("{\"a\"=3A1,=\r\n \"b\":2}=20"), u64::MAX).unwrap();
+        assert_eq!(good.control, b"{\"a\":1, \"b\":2} ");
+        for bad in ["{\"a\"=ZZ1}", "{\"a\"=4", "x=4g", "=\"="] {
+            assert_eq!(parse(&qp(bad), u64::MAX).unwrap_err().reason, Reason::Malformed, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_message_with_room_for_too_many_parts_is_refused_before_parsing() {
+        let raw = sample(b"x");
+        let many = [raw.as_slice(), b"\r\n", &b"--".repeat(MAX_STRUCTURE + 1)].concat();
+        assert_eq!(parse(&many, u64::MAX).unwrap_err().reason, Reason::Limit);
+        let colons = [b"X-A: b\r\n".repeat(MAX_STRUCTURE).as_slice(), &raw].concat();
+        assert_eq!(parse(&colons, u64::MAX).unwrap_err().reason, Reason::Limit);
     }
 
     #[test]
