@@ -873,3 +873,123 @@ fn a_refused_reply_carrying_a_new_key_changes_no_key() {
     assert!(s["recipients"][0]["rotating_to"].is_null());
     assert!(rejections(&w.owner_config).is_empty());
 }
+
+// ---- bounded decoding ----
+
+/// A request from `site` made by someone holding its key, with `payload` as its inventory payload.
+fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::PathBuf {
+    use mailferry::protocol::{INVENTORY_PAYLOAD_ID, InventoryKind, Payload, Request, VERSION, Want};
+    let req = Request {
+        mailferry: VERSION,
+        kind: Kind::Request,
+        recipient: "site1".into(),
+        nonce: mailferry::crypto::Nonce::generate(),
+        seq: 1,
+        created: 0,
+        generation: 0,
+        root: Digest([0; 32]),
+        inventory_kind: InventoryKind::Full,
+        inventory: vec![],
+        removed: vec![],
+        inventory_payload: payload.map(|p| Payload {
+            id: INVENTORY_PAYLOAD_ID.into(),
+            size: p.len() as u64,
+            blake3: Digest::of(p),
+        }),
+        want: Want::Latest,
+        full_content: false,
+        resend: None,
+    };
+    let control = mailferry::protocol::encode(&req);
+    let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));
+    let atts: Vec<(&str, &[u8])> = payload.map(|p| (INVENTORY_PAYLOAD_ID, p)).into_iter().collect();
+    let new = w.spool.join(OWNER).join("new");
+    fs::create_dir_all(&new).unwrap();
+    let path = new.join("forged-request");
+    fs::write(&path, forge(Kind::Request, (&site.address, OWNER), &control, &auth, &atts)).unwrap();
+    path
+}
+
+/// The owner refused the last request for `reason`, sent nothing, and still answers the genuine one.
+fn expect_owner_refused(w: &World, site: &Site, reason: &str) {
+    let log = w.owner_run();
+    assert_eq!(rejections(&w.owner_config), [reason], "{log}");
+    assert_eq!(count(&site.maildir(w).join("new")), 0, "no reply was sent");
+    // Nothing was taken: the recipient's own first request (seq 1) is answered as usual.
+    w.sync(site);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn an_inventory_payload_that_inflates_to_whitespace_is_refused_while_it_streams() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "a", b"1", 0o644);
+    w.publish();
+    // Valid JSON of 20 MB from a frame of a few hundred bytes: only the bound on one element stops it.
+    let json = [b"[".as_slice(), &vec![b' '; 20 << 20], b"]"].concat();
+    let bomb = zstd::bulk::compress(&json, 19).unwrap();
+    assert!(bomb.len() < 4096, "{} bytes", bomb.len());
+    forged_request(&w, &site, Some(&bomb));
+    expect_owner_refused(&w, &site, "limit");
+}
+
+#[test]
+fn an_inventory_payload_over_the_entry_limit_is_refused() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "a", b"1", 0o644);
+    w.publish();
+    let cfg = fs::read_to_string(&w.owner_config).unwrap();
+    fs::write(&w.owner_config, format!("{cfg}\n[limits]\nmax-inventory-entries = 1000\n")).unwrap();
+    let json = format!("[{}{{\"path\":\"a\"}}]", "{\"path\":\"a\"},".repeat(100_000));
+    forged_request(&w, &site, Some(&zstd::bulk::compress(json.as_bytes(), 19).unwrap()));
+    expect_owner_refused(&w, &site, "limit");
+}
+
+#[test]
+fn a_reply_body_that_inflates_to_whitespace_is_refused_while_it_streams() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    let pad = [b"\"ops\":[".as_slice(), &vec![b' '; 5 << 20]].concat();
+    resign(&reply, &site.key(), "site1", |c| replace(c, "\"ops\":[", &pad));
+    expect_refused(&w, &site, "limit");
+}
+
+#[test]
+fn generations_and_seqs_past_2_pow_53_are_refused() {
+    let (w, site) = world_with_pending_change();
+    let reply = w.pending_reply(&site);
+    resign(&reply, &site.key(), "site1", |c| replace(c, "\"generation\":2", b"\"generation\":9007199254740992"));
+    expect_refused(&w, &site, "malformed");
+    // A request with a seq no SQLite integer or JSON double holds exactly. (The refusal came before the
+    // nonce was proven answered, so it is still outstanding: let the recipient ask again at once.)
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+    fs::write(&site.config, cfg).unwrap();
+    site.run(true);
+    let req = fs::read_dir(w.spool.join(OWNER).join("new")).unwrap().next().unwrap().unwrap().path();
+    resign(&req, &site.key(), "site1", |c| {
+        let s = String::from_utf8(c).unwrap();
+        let at = s.find("\"seq\":").unwrap() + 6;
+        let end = at + s[at..].find(',').unwrap();
+        format!("{}18446744073709551615{}", &s[..at], &s[end..]).into_bytes()
+    });
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["malformed"]);
+}
+
+#[test]
+fn a_message_with_room_for_too_many_headers_is_refused_before_parsing() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "a", b"1", 0o644);
+    w.publish();
+    site.run(true);
+    let req = fs::read_dir(w.spool.join(OWNER).join("new")).unwrap().next().unwrap().unwrap().path();
+    let raw = fs::read(&req).unwrap();
+    let padded = [b"X-Pad: x\r\n".repeat(25_000).as_slice(), &raw].concat();
+    fs::write(&req, padded).unwrap();
+    w.owner_run();
+    assert_eq!(rejections(&w.owner_config), ["limit"]);
+    assert_eq!(count(&site.maildir(&w).join("new")), 0, "no reply was sent");
+}

@@ -13,7 +13,7 @@ use mail_builder::MessageBuilder;
 use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::raw::Raw;
 use mail_builder::mime::{BodyPart, MimePart};
-use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
 use super::{Kind, Reason, Refusal};
 
@@ -163,53 +163,107 @@ fn hints_of(m: &mail_parser::Message<'_>) -> Hints {
     }
 }
 
+/// Most header fields, and most MIME parts, a message may have room for: at most this many `:` bytes and
+/// this many `--` pairs. A mailferry message has a few dozen of each (its attachments are base64, which
+/// has neither); the parser's memory grows with both, about 150 bytes per header or part, before anything
+/// is authenticated.
+pub const MAX_STRUCTURE: usize = 20_000;
+
+/// Refuses a message whose raw bytes could make the MIME parser build more than [`MAX_STRUCTURE`] header
+/// fields or parts: every header field needs a `:`, and every boundary a `--`, so counting those bounds
+/// both without parsing.
+fn check_structure(raw: &[u8]) -> Result<(), Refusal> {
+    let (mut colons, mut dashes, mut last) = (0usize, 0usize, 0u8);
+    for &b in raw {
+        colons += usize::from(b == b':');
+        dashes += usize::from(b == b'-' && last == b'-');
+        last = b;
+    }
+    if colons > MAX_STRUCTURE || dashes > MAX_STRUCTURE {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!(
+                "message has room for {colons} header fields and {dashes} MIME parts, limit is {MAX_STRUCTURE} of each"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses `raw` and extracts its named attachments.
 ///
+/// Memory: the raw message, the decoded attachments (owned, not copied again), and the parser's
+/// structures, which [`MAX_STRUCTURE`] bounds to a few megabytes.
+///
 /// # Errors
-/// [`Reason::Limit`] when `raw` is larger than `max_bytes` (checked before parsing), [`Reason::Malformed`]
-/// when the control or auth part is missing or present twice, or an attachment name repeats.
+/// [`Reason::Limit`] when `raw` is larger than `max_bytes` or has room for more than [`MAX_STRUCTURE`]
+/// header fields or parts (both checked before parsing), [`Reason::Malformed`] when the control or auth
+/// part is missing or present twice, or an attachment name repeats.
 pub fn parse(raw: &[u8], max_bytes: u64) -> Result<Parsed, Refusal> {
     if raw.len() as u64 > max_bytes {
         return Err(Refusal::new(Reason::Limit, format!("message is {} bytes, limit is {max_bytes}", raw.len())));
     }
+    check_structure(raw)?;
     let msg =
         MessageParser::default().parse(raw).ok_or_else(|| Refusal::new(Reason::Malformed, "not a MIME message"))?;
+    let hints = hints_of(&msg);
     let mut control = None;
     let mut auth = None;
     let mut attachments = BTreeMap::new();
-    for part in &msg.parts {
-        let bytes = match &part.body {
-            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
-            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
+    for part in msg.parts {
+        // Parts without a file name are text for humans (our summary, a list footer): ignored.
+        let Some(name) = part.attachment_name().map(str::to_owned) else { continue };
+        let bytes = match part.body {
+            // Taken, not copied: a large attachment is in memory once decoded, not twice.
+            PartType::Binary(b) | PartType::InlineBinary(b) => b.into_owned(),
+            PartType::Text(t) | PartType::Html(t) => t.into_owned().into_bytes(),
             // Containers carry nothing themselves; a nested message is not ours to open.
             PartType::Multipart(_) | PartType::Message(_) => continue,
         };
-        // Parts without a file name are text for humans (our summary, a list footer): ignored.
-        let Some(name) = part.attachment_name() else { continue };
         // A decoder that meets a byte outside the encoding's alphabet gives up; relays never produce
         // that, corruption does. Say so rather than hand on undecoded bytes.
-        if part.is_encoding_problem {
+        // The parser keeps a broken quoted-printable escape as it is, which would only surface as a MAC or
+        // digest that does not verify: look at the raw part.
+        let raw_body = raw.get(part.offset_body as usize..part.offset_end as usize).unwrap_or_default();
+        if part.is_encoding_problem || (part.encoding == Encoding::QuotedPrintable && !valid_qp(raw_body)) {
             return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} is not validly encoded")));
         }
-        let slot = match name {
+        let slot = match name.as_str() {
             CONTROL_NAME => &mut control,
             AUTH_NAME => &mut auth,
-            other => {
-                if attachments.insert(other.to_owned(), bytes.to_vec()).is_some() {
-                    return Err(Refusal::new(Reason::Malformed, format!("attachment {other:?} appears twice")));
+            _ => {
+                if attachments.contains_key(&name) {
+                    return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} appears twice")));
                 }
+                attachments.insert(name, bytes);
                 continue;
             }
         };
-        if slot.replace(bytes.to_vec()).is_some() {
+        if slot.replace(bytes).is_some() {
             return Err(Refusal::new(Reason::Malformed, format!("attachment {name:?} appears twice")));
         }
     }
-    let hints = hints_of(&msg);
     let control =
         control.ok_or_else(|| Refusal::new(Reason::Malformed, "no control part (not a mailferry message)"))?;
     let auth = auth.ok_or_else(|| Refusal::new(Reason::Malformed, "no auth part"))?;
     Ok(Parsed { control, auth, attachments, hints })
+}
+
+/// Whether every `=` of a quoted-printable body starts an escape of two hex digits or a soft line break
+/// (`=`, optional spaces or tabs, then the end of the line).
+fn valid_qp(body: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(at) = body[i..].iter().position(|&b| b == b'=') {
+        let rest = &body[i + at + 1..];
+        let hex = rest.len() >= 2 && rest[0].is_ascii_hexdigit() && rest[1].is_ascii_hexdigit();
+        let blank = rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+        let soft = matches!(rest.get(blank), None | Some(b'\r' | b'\n'));
+        if !hex && !soft {
+            return false;
+        }
+        i += at + 1;
+    }
+    true
 }
 
 /// A delivery status notification (RFC 3464): a relay's report that a message could not be delivered.
@@ -270,6 +324,8 @@ pub fn bounce(raw: &[u8]) -> Option<Bounce> {
     if !MessageParser::default().parse_headers(&raw[..end]).is_some_and(|m| is_report(&m)) {
         return None;
     }
+    // A report is parsed whole, so it is bounded like any message.
+    check_structure(raw).ok()?;
     let msg = MessageParser::default().parse(raw)?;
     if !is_report(&msg) {
         return None;
@@ -373,6 +429,33 @@ mod tests {
         let nl = body + bad[body..].iter().position(|&b| b == b'\n').unwrap();
         bad[nl] = 0x0b;
         assert_eq!(parse(&bad, u64::MAX).unwrap_err().reason, Reason::Malformed);
+    }
+
+    #[test]
+    fn a_broken_quoted_printable_escape_is_malformed() {
+        let qp = |body: &str| {
+            format!(
+                "From: <a@b>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Disposition: attachment; filename=\"control.json\"\r\n\
+                 Content-Transfer-Encoding: quoted-printable\r\n\r\n{body}\r\n\
+                 --b\r\nContent-Disposition: attachment; filename=\"auth.json\"\r\n\r\n{{}}\r\n--b--\r\n"
+            )
+            .into_bytes()
+        };
+        let good = parse(&qp("{\"a\"=3A1,=\r\n \"b\":2}=20"), u64::MAX).unwrap();
+        assert_eq!(good.control, b"{\"a\":1, \"b\":2} ");
+        for bad in ["{\"a\"=ZZ1}", "{\"a\"=4", "x=4g", "=\"="] {
+            assert_eq!(parse(&qp(bad), u64::MAX).unwrap_err().reason, Reason::Malformed, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_message_with_room_for_too_many_parts_is_refused_before_parsing() {
+        let raw = sample(b"x");
+        let many = [raw.as_slice(), b"\r\n", &b"--".repeat(MAX_STRUCTURE + 1)].concat();
+        assert_eq!(parse(&many, u64::MAX).unwrap_err().reason, Reason::Limit);
+        let colons = [b"X-A: b\r\n".repeat(MAX_STRUCTURE).as_slice(), &raw].concat();
+        assert_eq!(parse(&colons, u64::MAX).unwrap_err().reason, Reason::Limit);
     }
 
     #[test]

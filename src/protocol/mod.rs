@@ -9,16 +9,18 @@
 //! Pure: parsing, encoding and verification only. The format is specified in `docs/protocol.md`; keep the
 //! two in step.
 
+pub mod bounded;
 pub mod envelope;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::crypto::{Key, Nonce, PublicKey, SigningKey};
 use crate::limits::Limits;
-use crate::manifest::{Digest, Listed, Op, Source, hex, unhex};
+use crate::manifest::{Digest, Entry, Listed, Op, Source, hex, unhex};
+use bounded::List;
 
 /// The protocol version this build speaks; carried in every control and auth part.
 pub const VERSION: u32 = 1;
@@ -28,6 +30,38 @@ pub const MAC_ALG: &str = "hmac-sha256";
 
 /// The longest grace a rotated key may be given: a year, in seconds.
 pub const MAX_REKEY_GRACE: u64 = 366 * 24 * 3600;
+
+/// Largest integer the wire allows anywhere: 2^53 − 1, exact both as a JSON number read into a double and
+/// as SQLite's signed 64-bit integer, so every value a peer sends is stored and compared without loss.
+pub const MAX_INTEGER: u64 = (1 << 53) - 1;
+
+/// Largest `generation` in a request, reply or receipt ([`MAX_INTEGER`]): a reply naming a larger one
+/// would otherwise make every later genuine reply look like a rollback.
+pub const MAX_GENERATION: u64 = MAX_INTEGER;
+
+/// Largest `seq` of a request and `request-seq` of a reply ([`MAX_INTEGER`]).
+pub const MAX_SEQ: u64 = MAX_INTEGER;
+
+// The lists an attacker controls are read through [`bounded::seq`], which counts their elements as
+// they stream in (see [`bounded`]).
+fn inventory_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Inventory)
+}
+fn payload_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Payloads)
+}
+fn resend_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Resend)
+}
+fn op_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Ops)
+}
+fn stream_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Streams)
+}
+fn base_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    bounded::seq(d, List::Bases)
+}
 
 /// What kind of control message this is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -85,9 +119,10 @@ pub struct Request {
     pub inventory_kind: InventoryKind,
     /// [`InventoryKind::Full`]: every entry of the tree now. [`InventoryKind::Changes`]: only the entries
     /// that are new or differ from generation `generation`.
+    #[serde(deserialize_with = "inventory_list")]
     pub inventory: Vec<Listed>,
     /// [`InventoryKind::Changes`] only: paths of generation `generation` that are gone from the tree.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "inventory_list")]
     pub removed: Vec<crate::path::RelPath>,
     /// A large inventory travels as the request's one attachment instead ([`pack_inventory`]):
     /// `inventory` is then empty.
@@ -182,6 +217,7 @@ pub struct Reply {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub need_full_inventory: bool,
     /// The pack's chunks, in order; chunk `k` is carried by part `k`.
+    #[serde(deserialize_with = "payload_list")]
     pub payloads: Vec<Payload>,
     /// Where in the pack the [`Body`] is (JSON, zstd-compressed).
     pub body: Frame,
@@ -228,9 +264,10 @@ pub struct Body {
     /// Protocol version, always [`VERSION`].
     pub mailferry: u32,
     /// The operations, in any order (they are applied in canonical order).
+    #[serde(deserialize_with = "op_list")]
     pub ops: Vec<Op>,
     /// Delta streams that puts take their content from.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "stream_list")]
     pub streams: Vec<Stream>,
 }
 
@@ -250,6 +287,7 @@ pub struct Stream {
     /// How the frame and the bases make the output.
     pub method: Method,
     /// The local contents forming the prefix (the base of a patch), in order.
+    #[serde(deserialize_with = "base_list")]
     pub bases: Vec<Base>,
 }
 
@@ -313,6 +351,7 @@ pub struct Resend {
     /// The reply.
     pub reply_id: String,
     /// The part numbers missing.
+    #[serde(deserialize_with = "resend_list")]
     pub parts: Vec<u32>,
 }
 
@@ -554,9 +593,11 @@ pub fn pack_inventory(entries: &[Listed]) -> (Payload, Vec<u8>) {
 }
 
 /// A request's inventory, inline or from its payload. The payload must be the message's only attachment,
-/// with the size and digest the authenticated control part gives; it is decompressed up to
-/// `max-body-bytes` and must hold at most `max-inventory-entries` entries (with `removed`). A request
-/// without a payload must carry no attachment.
+/// with the size and digest the authenticated control part gives; it is decompressed (with a zstd window
+/// of at most 8 MiB) and decoded as it streams, cut off at `max-body-bytes`, and must hold at most
+/// `max-inventory-entries` entries (with `removed`): a payload over a limit is refused as soon as the
+/// limit is passed, before the memory for its entries is spent (see [`bounded`]). A request without a
+/// payload must carry no attachment.
 ///
 /// # Errors
 /// `bad-payload` for a missing, extra or altered attachment or a frame that does not decode; `limit`
@@ -581,29 +622,27 @@ pub fn open_inventory(
     if bytes.len() as u64 != p.size || Digest::of(bytes) != p.blake3 {
         return Err(Refusal::new(Reason::BadPayload, "inventory payload does not match its size and digest"));
     }
-    let mut json = Vec::new();
-    let dec = zstd::stream::read::Decoder::new(bytes.as_slice())
-        .map_err(|e| Refusal::new(Reason::BadPayload, format!("inventory payload is not zstd: {e}")))?;
-    std::io::Read::read_to_end(&mut std::io::Read::take(dec, limits.max_body_bytes + 1), &mut json)
-        .map_err(|e| Refusal::new(Reason::BadPayload, format!("inventory payload does not decode: {e}")))?;
-    if json.len() as u64 > limits.max_body_bytes {
-        return Err(Refusal::new(
-            Reason::Limit,
-            format!("inventory unpacks to more than {} bytes", limits.max_body_bytes),
-        ));
-    }
-    let entries: Vec<Listed> = serde_json::from_slice(&json).map_err(|e| {
-        let msg = e.to_string();
-        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
-        Refusal::new(reason, format!("inventory payload is not valid: {msg}"))
-    })?;
-    if entries.len() + req.removed.len() > limits.max_inventory_entries {
-        return Err(Refusal::new(
-            Reason::Limit,
-            format!("inventory has {} entries, limit is {}", entries.len(), limits.max_inventory_entries),
-        ));
-    }
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct Entries(#[serde(deserialize_with = "inventory_list")] Vec<Listed>);
+    // `removed` counts against the same limit.
+    let left = Limits {
+        max_inventory_entries: limits.max_inventory_entries.saturating_sub(req.removed.len()),
+        ..limits.clone()
+    };
+    let Entries(entries) =
+        bounded::decode(|| bounded::zstd_json(bytes), limits.max_body_bytes, &left, "inventory payload")?;
+    check_listed(&entries)?;
     Ok(entries)
+}
+
+/// Every number in inventory entries is at most [`MAX_INTEGER`].
+fn check_listed(entries: &[Listed]) -> Result<(), Refusal> {
+    let over = entries.iter().find(|l| matches!(&l.entry, Entry::File(m) if m.size > MAX_INTEGER));
+    match over {
+        Some(l) => Err(Refusal::new(Reason::Malformed, format!("`{}` has a size over 2^53 - 1", l.path))),
+        None => Ok(()),
+    }
 }
 
 /// Checks the owner's signature of `control` against the pinned `owner` key.
@@ -654,19 +693,22 @@ fn check_version(bytes: &[u8], what: &str) -> Result<Option<Kind>, Refusal> {
 /// # Errors
 /// A refusal naming the first problem.
 pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal> {
+    // The JSON is at most what an inventory payload may unpack to, which holds the same entries.
+    if bytes.len() as u64 > limits.max_body_bytes {
+        return Err(Refusal::new(
+            Reason::Limit,
+            format!("control part is {} bytes, limit is {}", bytes.len(), limits.max_body_bytes),
+        ));
+    }
     let kind = check_version(bytes, "control part")?
         .ok_or_else(|| Refusal::new(Reason::Malformed, "control part has no type"))?;
-    let malformed = |e: serde_json::Error| {
-        // Path errors surface through serde as custom messages; give them their own reason.
-        let msg = e.to_string();
-        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
-        Refusal::new(reason, format!("{kind} control part is not valid: {msg}"))
-    };
+    let max = limits.max_body_bytes;
     let control = match kind {
-        Kind::Request => Control::Request(serde_json::from_slice(bytes).map_err(malformed)?),
-        Kind::Reply => Control::Reply(Box::new(serde_json::from_slice(bytes).map_err(malformed)?)),
-        Kind::Receipt => Control::Receipt(serde_json::from_slice(bytes).map_err(malformed)?),
+        Kind::Request => Control::Request(bounded::decode(|| Ok(bytes), max, limits, "request control part")?),
+        Kind::Reply => Control::Reply(Box::new(bounded::decode(|| Ok(bytes), max, limits, "reply control part")?)),
+        Kind::Receipt => Control::Receipt(bounded::decode(|| Ok(bytes), max, limits, "receipt control part")?),
     };
+    check_integers(&control)?;
     match &control {
         Control::Request(r) => {
             if r.inventory_kind == InventoryKind::Full && !r.removed.is_empty() {
@@ -700,6 +742,24 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
     Ok(control)
 }
 
+/// The numbers of a control part are at most [`MAX_INTEGER`]; sizes and offsets of a reply are bounded
+/// further by the limits ([`check_reply_shape`]).
+fn check_integers(control: &Control) -> Result<(), Refusal> {
+    let fields: Vec<(&str, u64)> = match control {
+        Control::Request(r) => {
+            check_listed(&r.inventory)?;
+            let payload = r.inventory_payload.as_ref().map_or(0, |p| p.size);
+            vec![("seq", r.seq), ("created", r.created), ("generation", r.generation), ("payload size", payload)]
+        }
+        Control::Reply(r) => vec![("request-seq", r.request_seq), ("created", r.created), ("generation", r.generation)],
+        Control::Receipt(r) => vec![("created", r.created), ("generation", r.generation)],
+    };
+    match fields.iter().find(|(_, v)| *v > MAX_INTEGER) {
+        Some((name, v)) => Err(Refusal::new(Reason::Malformed, format!("{name} {v} is over 2^53 - 1"))),
+        None => Ok(()),
+    }
+}
+
 fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     if !valid_reply_id(&r.reply_id) {
         return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
@@ -725,6 +785,10 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
         return Err(Refusal::new(Reason::Limit, format!("pack is larger than {} bytes", limits.max_reply_bytes)));
     };
     check_frame("body", &r.body, pack)?;
+    // No zstd frame is longer than this for its output, so a recipient never reads more for the body.
+    if r.body.length > zstd::zstd_safe::compress_bound(usize::try_from(r.body.size).unwrap_or(usize::MAX)) as u64 {
+        return Err(Refusal::new(Reason::BadPayload, "body frame is longer than any zstd frame of its size"));
+    }
     if let Some(k) = &r.rekey {
         let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex_of(&k.key_id, 16) || !hex_of(&k.sealed, 120) || k.grace > MAX_REKEY_GRACE {
@@ -758,28 +822,46 @@ fn check_frame(what: &str, f: &Frame, pack: u64) -> Result<(), Refusal> {
 /// A refusal naming the first problem.
 pub fn decode_body(head: &Reply, bytes: &[u8], limits: &Limits) -> Result<Body, Refusal> {
     check_version(bytes, "reply body")?;
-    let body: Body = serde_json::from_slice(bytes).map_err(|e| {
-        let msg = e.to_string();
-        let reason = if msg.starts_with("path ") { Reason::BadPath } else { Reason::Malformed };
-        Refusal::new(reason, format!("reply body is not valid: {msg}"))
-    })?;
+    let body = bounded::decode(|| Ok(bytes), limits.max_body_bytes, limits, "reply body")?;
+    checked_body(head, body, limits)
+}
+
+fn checked_body(head: &Reply, body: Body, limits: &Limits) -> Result<Body, Refusal> {
+    if body.mailferry != VERSION {
+        return Err(Refusal::new(
+            Reason::UnsupportedVersion,
+            format!("reply body speaks protocol version {}, this build speaks {VERSION}", body.mailferry),
+        ));
+    }
     check_body(head, &body, limits)?;
     Ok(body)
 }
 
 /// Decompresses the body frame (`frame`, the bytes at the head's `body` offset and length in the pack),
-/// checks it against its size and digest, and decodes it with [`decode_body`].
+/// checks it against its size and digest, and decodes it like [`decode_body`]. The frame is decompressed
+/// as it is read, never whole: once to check it, then as it is decoded (see [`bounded`]), with a zstd
+/// window of at most 8 MiB.
 ///
 /// # Errors
 /// A refusal naming the first problem.
 pub fn open_body(head: &Reply, frame: &[u8], limits: &Limits) -> Result<Body, Refusal> {
-    let mut json = Vec::new();
-    let (n, d) = crate::delta::decompress(frame, &[], head.body.size, &mut json)
-        .map_err(|e| Refusal::new(Reason::BadPayload, format!("reply body: {e}")))?;
-    if n != head.body.size || d != head.body.blake3 {
+    let size = head.body.size;
+    let mut hasher = blake3::Hasher::new();
+    let mut dec =
+        bounded::zstd_json(frame).map_err(|r| Refusal::new(Reason::BadPayload, format!("reply body: {r}")))?;
+    let n = std::io::copy(&mut std::io::Read::take(&mut dec, size.saturating_add(1)), &mut hasher)
+        .map_err(|e| Refusal::new(Reason::BadPayload, format!("reply body: bad zstd frame: {e}")))?;
+    if n > size {
+        return Err(Refusal::new(
+            Reason::BadPayload,
+            format!("reply body unpacks to more than the declared {size} bytes"),
+        ));
+    }
+    if n != size || Digest::from(hasher.finalize()) != head.body.blake3 {
         return Err(Refusal::new(Reason::BadPayload, "reply body does not match its digest"));
     }
-    decode_body(head, &json, limits)
+    let body = bounded::decode(|| bounded::zstd_json(frame), size, limits, "reply body")?;
+    checked_body(head, body, limits)
 }
 
 /// The checks of [`decode_body`] on a decoded body.
