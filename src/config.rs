@@ -120,6 +120,16 @@ pub struct OwnerSection {
     /// with the owner's Ed25519 key, which enrollment files then pin). Default `hmac`.
     #[serde(default)]
     pub signing: Signing,
+    /// Most bytes (bases plus new versions) that one reply may feed to fresh bsdiff diffs; binaries past
+    /// it travel as zstd-prefix streams or frames. Patches already cached do not count. Default
+    /// 268,435,456 (256 MiB, about a minute and a half of one core); 0 turns fresh bsdiff diffs off.
+    #[serde(default = "default_bsdiff_request_budget")]
+    pub bsdiff_request_budget: u64,
+    /// Most bytes of fresh bsdiff diffs for one recipient in a day (UTC), all its replies together: a
+    /// recipient choosing new bases for every request costs the owner at most this. Default
+    /// 1,073,741,824 (1 GiB).
+    #[serde(default = "default_bsdiff_daily_budget")]
+    pub bsdiff_daily_budget: u64,
 }
 
 /// How an owner authenticates its replies.
@@ -144,6 +154,16 @@ fn default_relay_limit() -> u64 {
 }
 fn default_keep_generations() -> u64 {
     16
+}
+/// Default `bsdiff-request-budget`.
+pub const DEFAULT_BSDIFF_REQUEST_BUDGET: u64 = 256 << 20;
+/// Default `bsdiff-daily-budget`.
+pub const DEFAULT_BSDIFF_DAILY_BUDGET: u64 = 1 << 30;
+fn default_bsdiff_request_budget() -> u64 {
+    DEFAULT_BSDIFF_REQUEST_BUDGET
+}
+fn default_bsdiff_daily_budget() -> u64 {
+    DEFAULT_BSDIFF_DAILY_BUDGET
 }
 
 fn default_owner_interval() -> Duration {

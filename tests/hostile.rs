@@ -768,3 +768,72 @@ fn a_bind_mount_of_the_owners_state_is_not_published() {
     fs::remove_dir(&mnt).unwrap();
     assert_eq!(w.publish(), 1, "with the mount gone, the same tree as generation 1");
 }
+
+// ---- valid but hostile in volume ----
+
+/// Something like machine code: incompressible bytes with NULs sprinkled in.
+fn machine_code(n: usize, seed: u64) -> Vec<u8> {
+    let mut code = noise(n, seed);
+    code.iter_mut().skip(3).step_by(7).for_each(|b| *b = 0);
+    code
+}
+
+/// A rebuild of a binary: addresses a few dozen bytes apart move by `shift`, and a little code is new.
+fn rebuilt(old: &[u8], shift: u32) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let mut at = 0;
+    for g in noise(new.len() / 16, u64::from(shift)) {
+        at += 16 + usize::from(g % 64);
+        if at + 4 > new.len() {
+            break;
+        }
+        let word = u32::from_le_bytes(new[at..at + 4].try_into().unwrap()).wrapping_add(shift);
+        new[at..at + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    new.splice(100_000..100_000, noise(500, u64::from(shift) + 1));
+    new
+}
+
+/// Request, answer (returning the owner's log), apply, receipt.
+fn answered(w: &World, site: &Site) -> String {
+    site.run(true);
+    let log = w.owner_run();
+    site.run(false);
+    w.owner_run();
+    assert_same_tree(&w.source, &site.data);
+    log
+}
+
+#[test]
+fn fresh_bsdiff_work_for_a_recipient_stops_at_its_daily_budget() {
+    let w = World::new();
+    let (one, two) = (w.site("site1"), w.site("site2"));
+    let v1 = machine_code(600_000, 40);
+    put(&w.source, "lib/ext.so", &v1, 0o755);
+    w.publish();
+    w.sync(&one);
+    w.sync(&two);
+    // A day's budget of about one and a half patches (each diffs a 600 KB old version with its new one).
+    let cfg = fs::read_to_string(&w.owner_config).unwrap();
+    let default = "bsdiff-daily-budget = 1073741824";
+    assert!(cfg.contains(default), "{cfg}");
+    fs::write(&w.owner_config, cfg.replace(default, "bsdiff-daily-budget = 1800000")).unwrap();
+
+    let v2 = rebuilt(&v1, 0x1230);
+    put(&w.source, "lib/ext.so", &v2, 0o755);
+    w.publish();
+    let log = answered(&w, &one);
+    assert!(log.contains("bsdiff=1") && !log.contains("budget"), "the first patch is within the budget: {log}");
+    let log = answered(&w, &two);
+    assert!(log.contains("bsdiff=1") && log.contains("cached=1"), "the same patch, from the cache: {log}");
+
+    let v3 = rebuilt(&v2, 0x0810);
+    put(&w.source, "lib/ext.so", &v3, 0o755);
+    w.publish();
+    // site1 spent its day on the first patch: the binary travels by zstd-prefix, and arrives all the same.
+    let log = answered(&w, &one);
+    assert!(log.contains("bsdiff=0") && log.contains("bsdiff budget is spent"), "{log}");
+    // The cached patch cost site2 nothing, so its day has room for this one.
+    let log = answered(&w, &two);
+    assert!(log.contains("bsdiff=1") && !log.contains("budget"), "{log}");
+}

@@ -133,6 +133,8 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         relay_limit: crate::config::DEFAULT_RELAY_LIMIT,
         keep_generations: 16,
         signing: Signing::Hmac,
+        bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
+        bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -580,8 +582,16 @@ impl Owner {
             level: self.cfg.owner.compression_level,
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
+            bsdiff_budget: std::cell::Cell::new(super::pack::bsdiff_allowance(
+                &self.db,
+                &rec.name,
+                self.cfg.owner.bsdiff_request_budget,
+                self.cfg.owner.bsdiff_daily_budget,
+                now(),
+            )?),
         };
         let packed = packer.pack(inventory.as_ref(), ops, req.full_content)?;
+        super::pack::charge_bsdiff(&self.db, &rec.name, packed.stats.bsdiff_bytes, now())?;
         let head = Reply {
             mailferry: VERSION,
             kind: Kind::Reply,
