@@ -397,7 +397,16 @@ impl Packer<'_> {
         let digest = Digest::of(&output);
         let mut prefix = Vec::new();
         for b in bases {
-            prefix.extend_from_slice(&self.store.content(&b.blake3)?);
+            // A base's size comes from the request: read no more of it than claimed, and use no base of
+            // another size. A small claim for a large stored file would otherwise get past
+            // `bsdiff::MAX_INPUT`, `GROUP_PREFIX` and the budget. Not cached: the lie is the request's.
+            let (frame, _) = self.store.open_frame(&b.blake3)?;
+            let start = prefix.len();
+            zstd::stream::read::Decoder::new(frame)?.take(b.size.saturating_add(1)).read_to_end(&mut prefix)?;
+            if (prefix.len() - start) as u64 != b.size {
+                tracing::warn!(base = %b.blake3.short(), claimed = b.size, "a request gave a base another size than it has; not using it");
+                return Ok(None);
+            }
         }
         let frame = match method {
             Method::ZstdPrefix => delta::compress(&prefix, &output, self.level)?,
@@ -595,6 +604,31 @@ mod tests {
         assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes, left), (2, 0, one, 0), "{s:?}");
         let (s, _) = pack(0, "one");
         assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes), (2, 0, 0), "both from the cache: {s:?}");
+    }
+
+    #[test]
+    fn a_base_claimed_smaller_than_it_is_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 9).unwrap();
+        let old = machine_code(600_000, 3);
+        let new = rebuilt(&old);
+        let mut have = tree(&store, &[("a.so", &old)]);
+        let target = tree(&store, &[("a.so", &new)]);
+        // The request says its old version is 1000 bytes: within any bound, if the owner believed it.
+        let path = RelPath::new("a.so").unwrap();
+        let Some(Entry::File(meta)) = have.get(&path).cloned() else { panic!() };
+        have.insert(path, Entry::File(FileMeta { size: 1000, ..meta }));
+        let packer = Packer {
+            store: &store,
+            level: 9,
+            cache: dir.path().join("cache"),
+            tmp: dir.path().join("tmp"),
+            bsdiff_budget: Cell::new(u64::MAX),
+        };
+        let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
+        let s = packed.stats;
+        assert_eq!((s.bsdiff, s.streams, s.frames), (0, 0, 1), "the file travels as its frame: {s:?}");
+        check_contents(&store, &packed, &[(Digest::of(&new), new.as_slice())].into_iter().collect());
     }
 
     #[test]
