@@ -122,7 +122,7 @@ pub struct OwnerSection {
     pub signing: Signing,
     /// Most bytes (bases plus new versions) that one reply may feed to fresh bsdiff diffs; binaries past
     /// it travel as zstd-prefix streams or frames. Patches already cached do not count. Default
-    /// 268,435,456 (256 MiB, about a minute and a half of one core); 0 turns fresh bsdiff diffs off.
+    /// 268,435,456 (256 MiB, about two minutes of one core); 0 turns fresh bsdiff diffs off.
     #[serde(default = "default_bsdiff_request_budget")]
     pub bsdiff_request_budget: u64,
     /// Most bytes of fresh bsdiff diffs for one recipient in a day (UTC), all its replies together: a
