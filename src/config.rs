@@ -131,6 +131,16 @@ pub struct OwnerSection {
     /// The period the budget counts over. Default 1d.
     #[serde(with = "duration", default = "default_budget_period")]
     pub budget_period: Duration,
+    /// Most bytes (bases plus new versions) that one reply may feed to fresh bsdiff diffs; binaries past
+    /// it travel as zstd-prefix streams or frames. Patches already cached do not count. Default
+    /// 268,435,456 (256 MiB, about two minutes of one core); 0 turns fresh bsdiff diffs off.
+    #[serde(default = "default_bsdiff_request_budget")]
+    pub bsdiff_request_budget: u64,
+    /// Most bytes of fresh bsdiff diffs for one recipient in a day (UTC), all its replies together: a
+    /// recipient choosing new bases for every request costs the owner at most this. Default
+    /// 1,073,741,824 (1 GiB).
+    #[serde(default = "default_bsdiff_daily_budget")]
+    pub bsdiff_daily_budget: u64,
 }
 
 pub(crate) fn default_budget_replies() -> u64 {
@@ -167,6 +177,16 @@ fn default_relay_limit() -> u64 {
 }
 fn default_keep_generations() -> u64 {
     16
+}
+/// Default `bsdiff-request-budget`.
+pub const DEFAULT_BSDIFF_REQUEST_BUDGET: u64 = 256 << 20;
+/// Default `bsdiff-daily-budget`.
+pub const DEFAULT_BSDIFF_DAILY_BUDGET: u64 = 1 << 30;
+fn default_bsdiff_request_budget() -> u64 {
+    DEFAULT_BSDIFF_REQUEST_BUDGET
+}
+fn default_bsdiff_daily_budget() -> u64 {
+    DEFAULT_BSDIFF_DAILY_BUDGET
 }
 
 fn default_owner_interval() -> Duration {
@@ -380,10 +400,7 @@ impl NodeConfig {
 /// # Errors
 /// When they overlap.
 pub fn check_state_outside_data(state_dir: &Path, data: &Path) -> Result<()> {
-    let canon =
-        |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| std::path::absolute(p).unwrap_or(p.to_path_buf()));
-    let (s, d) = (canon(state_dir), canon(data));
-    if s.starts_with(&d) || d.starts_with(&s) {
+    if let Some((s, d)) = overlap(state_dir, data) {
         bail!(
             "state directory `{}` and data tree `{}` overlap: mailferry's state must live outside the data tree",
             s.display(),
@@ -391,6 +408,53 @@ pub fn check_state_outside_data(state_dir: &Path, data: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuses an owner whose state directory and source tree overlap, in either direction: `publish` would
+/// snapshot `state.db`, which holds every recipient's key, into the generation every recipient receives,
+/// and any of them could then forge updates for all the others. Symbolic links in either path are
+/// resolved first; what a path check cannot see (hard links, bind mounts) the publish scan refuses by
+/// device and inode ([`crate::scan::Exclude`]).
+///
+/// # Errors
+/// When they overlap.
+pub fn check_state_outside_source(state_dir: &Path, source: &Path) -> Result<()> {
+    if let Some((s, d)) = overlap(state_dir, source) {
+        bail!(
+            "the owner's state directory `{}` and source tree `{}` overlap: publishing would send the owner's \
+             state (every recipient's key) to every recipient; keep the state directory (`--dir`, or \
+             `state-dir` in [owner]) outside the source tree, and the source tree outside it",
+            s.display(),
+            d.display()
+        );
+    }
+    Ok(())
+}
+
+/// The two paths, resolved, when one is inside the other (or they are the same directory).
+fn overlap(a: &Path, b: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (a, b) = (resolved(a), resolved(b));
+    (a.starts_with(&b) || b.starts_with(&a)).then_some((a, b))
+}
+
+/// `p` with every symbolic link resolved, as far as it exists: the longest existing ancestor is
+/// canonicalized and the rest appended, so a directory not made yet still compares with real paths.
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut rest = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(c, |acc: PathBuf, name| acc.join(name));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
 }
 
 /// Reads a key file, refusing one that group or others can read.
@@ -570,6 +634,29 @@ mod tests {
         )
         .unwrap();
         assert!(format!("{:#}", NodeConfig::load(&cfg).unwrap_err()).contains("overlap"));
+    }
+
+    #[test]
+    fn owner_state_and_source_must_not_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, state) = (dir.path().join("src"), dir.path().join("state"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::os::unix::fs::symlink(&src, dir.path().join("via-link")).unwrap();
+        let refused = [
+            (src.clone(), src.clone()),
+            (src.join("owner"), src.clone()),
+            (src.join("not/made/yet"), src.clone()),
+            (state.clone(), state.join("tree")),
+            (dir.path().join("via-link/owner"), src.clone()),
+            (state.clone(), dir.path().to_path_buf()),
+        ];
+        for (s, d) in refused {
+            let err = format!("{:#}", check_state_outside_source(&s, &d).unwrap_err());
+            assert!(err.contains("overlap") && err.contains("outside the source tree"), "{err}");
+        }
+        check_state_outside_source(&state, &src).unwrap();
+        check_state_outside_source(&dir.path().join("src2"), &src).unwrap();
     }
 
     #[test]

@@ -104,6 +104,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE bounces (recipient TEXT PRIMARY KEY, summary TEXT NOT NULL);
      INSERT INTO bounces SELECT substr(key, 8), value FROM meta WHERE key LIKE 'bounce.%' AND value != '';
      CREATE TABLE resends (reply_id TEXT PRIMARY KEY, count INTEGER NOT NULL);
+     CREATE TABLE bsdiff_spent (recipient TEXT PRIMARY KEY, day INTEGER NOT NULL, bytes INTEGER NOT NULL);
      INSERT INTO resends SELECT substr(key, 8), CAST(value AS INTEGER) FROM meta WHERE key LIKE 'resent.%' AND value != '';
 
      CREATE TABLE subscriptions (
@@ -1117,6 +1118,31 @@ impl Db {
         self.conn.execute(
             "INSERT OR REPLACE INTO bounces (recipient, summary) VALUES (?1, ?2)",
             params![recipient, summary],
+        )?;
+        Ok(())
+    }
+
+    /// The day (since the epoch) and bytes of fresh bsdiff work last counted for `recipient`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn bsdiff_spent(&self, recipient: &str) -> Result<Option<(u64, u64)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT day, bytes FROM bsdiff_spent WHERE recipient = ?1", [recipient], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()?)
+    }
+
+    /// Records `bytes` of fresh bsdiff work for `recipient` on `day`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_bsdiff_spent(&self, recipient: &str, day: u64, bytes: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO bsdiff_spent (recipient, day, bytes) VALUES (?1, ?2, ?3)",
+            params![recipient, day as i64, bytes as i64],
         )?;
         Ok(())
     }

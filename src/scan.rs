@@ -75,6 +75,19 @@ pub enum ScanError {
         /// Which rule it breaks.
         source: PathError,
     },
+    /// A directory or file that is one of the [`Exclude`]d (the same device and inode), however the walk
+    /// reached it: a hard link, a bind mount, or a tree that contains what must not be read.
+    #[error(
+        "`{}` is `{}`, part of mailferry's own state (the same file or directory, through a hard link or a mount); take it out of the tree",
+        path.display(),
+        excluded.display()
+    )]
+    Excluded {
+        /// Where the walk found it.
+        path: PathBuf,
+        /// What it is, in the excluded directory.
+        excluded: PathBuf,
+    },
     /// The tree's names collide on a case-insensitive file system, or similar.
     #[error("tree at `{}` is not portable", root.display())]
     Tree {
@@ -102,7 +115,80 @@ pub fn scan(root: &Path) -> Result<Scan, ScanError> {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_with(root: &Path, read: &FileReader<'_>) -> Result<Scan, ScanError> {
-    Ok(walk(root, read, None, now_ns())?.scan)
+    scan_excluding(root, read, &Exclude::default())
+}
+
+/// [`scan_with`], refusing the tree when any directory in it (the root included) or any regular file is
+/// one of `exclude`, by device and inode. Every directory and file is checked while the tree is walked,
+/// before `read` sees any file.
+///
+/// # Errors
+/// [`ScanError::Excluded`], and see [`ScanError`].
+pub fn scan_excluding(root: &Path, read: &FileReader<'_>, exclude: &Exclude) -> Result<Scan, ScanError> {
+    Ok(walk(root, read, None, exclude, now_ns())?.scan)
+}
+
+/// Directories and files, by device and inode, that a scan must not reach: the owner's state directory,
+/// its ancestors and everything in it. Paths cannot see a hard link or a bind mount; inodes can.
+#[derive(Debug, Clone, Default)]
+pub struct Exclude {
+    /// (device, inode) and the path it was found at.
+    ids: std::collections::HashMap<(u64, u64), PathBuf>,
+}
+
+impl Exclude {
+    /// The directory `dir` (symbolic links resolved), each of its ancestors, and every directory and
+    /// regular file below it (links inside it are not followed).
+    ///
+    /// # Errors
+    /// I/O errors reading `dir`.
+    pub fn directory(dir: &Path) -> io::Result<Exclude> {
+        let dir = fs::canonicalize(dir)?;
+        let mut ex = Exclude::default();
+        for a in dir.ancestors().skip(1) {
+            let m = fs::metadata(a)?;
+            ex.ids.insert((m.dev(), m.ino()), a.to_path_buf());
+        }
+        let mut todo = vec![dir];
+        while let Some(d) = todo.pop() {
+            let m = fs::symlink_metadata(&d)?;
+            ex.ids.insert((m.dev(), m.ino()), d.clone());
+            for e in fs::read_dir(&d)? {
+                let path = e?.path();
+                // Files may come and go while the state is in use: one gone already matters no more.
+                let Ok(m) = fs::symlink_metadata(&path) else { continue };
+                if m.is_dir() {
+                    todo.push(path);
+                } else if m.is_file() {
+                    ex.ids.insert((m.dev(), m.ino()), path);
+                }
+            }
+        }
+        Ok(ex)
+    }
+
+    /// How many directories and files are excluded.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether nothing is excluded.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    // The field types of `struct stat` differ between architectures: a cast that changes nothing here
+    // converts on another.
+    #[allow(clippy::unnecessary_cast)]
+    fn check(&self, st: &rustix::fs::Stat, path: impl FnOnce() -> PathBuf) -> Result<(), ScanError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        match self.ids.get(&(st.st_dev as u64, st.st_ino as u64)) {
+            Some(excluded) => Err(ScanError::Excluded { path: path(), excluded: excluded.clone() }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
@@ -169,7 +255,7 @@ pub struct CachedScan {
 /// # Errors
 /// See [`ScanError`].
 pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanError> {
-    walk(root, &hash_file, Some(cache), now_ns())
+    walk(root, &hash_file, Some(cache), &Exclude::default(), now_ns())
 }
 
 fn now_ns() -> i64 {
@@ -194,10 +280,11 @@ fn walk(
     root: &Path,
     read: &FileReader<'_>,
     cache: Option<&StatCache>,
+    exclude: &Exclude,
     started_ns: i64,
 ) -> Result<CachedScan, ScanError> {
     let racy_after = started_ns - 2_000_000_000;
-    let (mut found, foreign) = read_tree(root)?;
+    let (mut found, foreign) = read_tree(root, exclude)?;
     // In path order, the cache is looked up in one pass and the manifest and the new cache are built
     // without searching.
     found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -322,15 +409,19 @@ struct Queue {
 /// `O_NOFOLLOW`, so the walk never leaves the tree through a symbolic link swapped in while it runs, and
 /// each entry is looked at relative to its directory, so the kernel never resolves a full path. Returns
 /// the entries in no particular order, and the foreign ones sorted by path.
-fn read_tree(root: &Path) -> Result<Walked, ScanError> {
+fn read_tree(root: &Path, exclude: &Exclude) -> Result<Walked, ScanError> {
     // The root itself may be reached through a symbolic link (a data tree configured through one).
     let fd = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, RawMode::empty())
         .map_err(|e| ScanError::Io { path: root.to_path_buf(), source: e.into() })?;
+    if !exclude.is_empty() {
+        let st = rustix::fs::fstat(&fd).map_err(|e| ScanError::Io { path: root.to_path_buf(), source: e.into() })?;
+        exclude.check(&st, || root.to_path_buf())?;
+    }
     let queue = Mutex::new(Queue { root: Some(fd), pending: Vec::new(), busy: 0, error: None });
     let wake = Condvar::new();
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, MAX_WALKERS);
     let parts = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| walker(root, &queue, &wake))).collect();
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| walker(root, exclude, &queue, &wake))).collect();
         handles.into_iter().map(|h| h.join().expect("walker threads do not panic")).collect::<Vec<_>>()
     });
     if let Some(e) = queue.into_inner().expect("no panics while held").error {
@@ -347,7 +438,7 @@ fn read_tree(root: &Path) -> Result<Walked, ScanError> {
 
 /// One walker thread: takes directories from `queue` until none is left and no other thread can queue
 /// more, or until any thread fails.
-fn walker(root: &Path, queue: &Mutex<Queue>, wake: &Condvar) -> Walked {
+fn walker(root: &Path, exclude: &Exclude, queue: &Mutex<Queue>, wake: &Condvar) -> Walked {
     let mut out = (Vec::new(), Vec::new());
     let mut q = queue.lock().expect("no panics while held");
     loop {
@@ -370,14 +461,23 @@ fn walker(root: &Path, queue: &Mutex<Queue>, wake: &Condvar) -> Walked {
         // Opened outside the lock, so that threads wait for each other only to take work.
         let (dir, rel) = match job {
             Job::Root(fd) => (Ok(fd), None),
-            Job::Dir(p) => (
-                rustix::fs::openat(&*p.parent, &p.name, no_follow_dir(), RawMode::empty())
-                    .map_err(|e| ScanError::Io { path: root.join(p.rel.as_str()), source: e.into() }),
-                Some(p.rel),
-            ),
+            Job::Dir(p) => {
+                let io_err = |e: rustix::io::Errno| ScanError::Io { path: root.join(p.rel.as_str()), source: e.into() };
+                // A directory is checked once opened: a mount point's own inode is only seen from inside.
+                let dir = rustix::fs::openat(&*p.parent, &p.name, no_follow_dir(), RawMode::empty())
+                    .map_err(io_err)
+                    .and_then(|fd| {
+                        if !exclude.is_empty() {
+                            let st = rustix::fs::fstat(&fd).map_err(io_err)?;
+                            exclude.check(&st, || root.join(p.rel.as_str()))?;
+                        }
+                        Ok(fd)
+                    });
+                (dir, Some(p.rel))
+            }
         };
         let mut subdirs = Vec::new();
-        let res = dir.and_then(|dir| read_dir(root, dir, rel.as_ref(), &mut out, &mut subdirs));
+        let res = dir.and_then(|dir| read_dir(root, dir, rel.as_ref(), exclude, &mut out, &mut subdirs));
         q = queue.lock().expect("no panics while held");
         q.busy -= 1;
         match res {
@@ -403,6 +503,7 @@ fn read_dir(
     root: &Path,
     dir: OwnedFd,
     rel: Option<&RelPath>,
+    exclude: &Exclude,
     out: &mut Walked,
     subdirs: &mut Vec<PendingDir>,
 ) -> Result<(), ScanError> {
@@ -437,6 +538,7 @@ fn read_dir(
                 let st = rustix::fs::statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
                 let kind = FileType::from_raw_mode(st.st_mode as _);
                 if kind == FileType::RegularFile {
+                    exclude.check(&st, full)?;
                     let stamp = Stamp::from_stat(&st);
                     out.0.push((rel, Found::File { stamp, mode: Mode::from_bits(stamp.mode), content: None }));
                     continue;
@@ -689,9 +791,10 @@ mod tests {
         assert_eq!((third.hashed, third.cache), (1, None));
         // A scan that starts three seconds later caches it, and the one after reads nothing.
         let later = now_ns() + 3_000_000_000;
-        let fourth = walk(root, &hash_file, Some(&StatCache::new()), later).unwrap().cache.unwrap();
+        let fourth =
+            walk(root, &hash_file, Some(&StatCache::new()), &Exclude::default(), later).unwrap().cache.unwrap();
         assert_eq!(fourth.get("f").map(|(_, d)| d), Some(Digest::of(b"v1")));
-        let fifth = walk(root, &hash_file, Some(&fourth), later).unwrap();
+        let fifth = walk(root, &hash_file, Some(&fourth), &Exclude::default(), later).unwrap();
         assert_eq!((fifth.hashed, fifth.cache), (0, None));
     }
 
@@ -798,6 +901,36 @@ mod tests {
         assert_eq!(foreign, want.iter().map(|(p, t)| (*p, Path::new(t))).collect::<Vec<_>>());
         let kept: Vec<&str> = s.manifest.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(kept, ["d", "d/y", "fine"]);
+    }
+
+    #[test]
+    fn excluded_inodes_are_refused_wherever_the_walk_meets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, tree) = (dir.path().join("state"), dir.path().join("tree"));
+        fs::create_dir_all(state.join("store/ab")).unwrap();
+        fs::write(state.join("state.db"), b"keys").unwrap();
+        fs::write(state.join("store/ab/obj"), b"object").unwrap();
+        fs::create_dir_all(tree.join("deep/er")).unwrap();
+        fs::write(tree.join("ok"), b"fine").unwrap();
+        let ex = Exclude::directory(&state).unwrap();
+        assert!(ex.len() >= 5, "state, store, store/ab, two files and the ancestors: {ex:?}");
+        scan_excluding(&tree, &hash_file, &ex).unwrap();
+        for (link, of) in [("deep/er/db", "state.db"), ("obj", "store/ab/obj")] {
+            fs::hard_link(state.join(of), tree.join(link)).unwrap();
+            scan(&tree).unwrap();
+            match scan_excluding(&tree, &hash_file, &ex) {
+                Err(e @ ScanError::Excluded { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(link) && msg.contains(of) && msg.contains("own state"), "{msg}");
+                }
+                other => panic!("{link}: {other:?}"),
+            }
+            fs::remove_file(tree.join(link)).unwrap();
+        }
+        // A tree that is the state directory, or one of its ancestors, is refused at its root.
+        for root in [&state, dir.path()] {
+            assert!(matches!(scan_excluding(root, &hash_file, &ex), Err(ScanError::Excluded { .. })), "{root:?}");
+        }
     }
 
     #[test]

@@ -993,3 +993,228 @@ fn a_message_with_room_for_too_many_headers_is_refused_before_parsing() {
     assert_eq!(rejections(&w.owner_config), ["limit"]);
     assert_eq!(count(&site.maildir(&w).join("new")), 0, "no reply was sent");
 }
+
+// ---- owner state inside its source ----
+
+/// The owner's state directory in a [`World`].
+fn owner_dir(w: &World) -> std::path::PathBuf {
+    w.path("owner")
+}
+
+/// The names of every object in the owner's content store.
+fn store_objects(w: &World) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![owner_dir(w).join("store")];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.insert(e.path().strip_prefix(owner_dir(w)).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A world with generation 1 published; returns it with the store's objects then.
+fn published_world() -> (World, std::collections::BTreeSet<String>) {
+    let w = World::new();
+    varied_tree(&w.source);
+    assert_eq!(w.publish(), 1);
+    let objects = store_objects(&w);
+    (w, objects)
+}
+
+/// `owner publish` fails, naming `want`, and publishes nothing: still generation 1, not one new object.
+fn publish_refused(w: &World, before: &std::collections::BTreeSet<String>, want: &[&str]) {
+    let err = fails(&["owner", "publish", "--config", &w.owner_config], 2);
+    for want in want {
+        assert!(err.contains(want), "{want:?} not in {err}");
+    }
+    assert_eq!(w.owner_status()["generation"]["number"], 1, "no new generation");
+    assert_eq!(&store_objects(w), before, "nothing of the owner's state reached the store");
+}
+
+#[test]
+fn owner_init_refuses_a_state_directory_overlapping_its_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    let linked = tmp.path().join("linked");
+    std::os::unix::fs::symlink(&tree, &linked).unwrap();
+    let spool = tmp.path().join("spool");
+    // The same directory, the state inside the source (directly or through a symbolic link), and the
+    // source inside the state directory.
+    for (dir, source) in [
+        (tree.clone(), tree.clone()),
+        (tree.join("owner"), tree.clone()),
+        (linked.join("sub/owner"), tree.clone()),
+        (tmp.path().to_path_buf(), tree.join("sub")),
+    ] {
+        let args = [
+            "owner",
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--source",
+            source.to_str().unwrap(),
+            "--address",
+            OWNER,
+            "--transport-root",
+            spool.to_str().unwrap(),
+        ];
+        let err = fails(&args, 2);
+        assert!(err.contains("overlap") && err.contains("outside the source tree"), "{dir:?} {source:?}: {err}");
+        assert!(!dir.join("owner.toml").exists() && !dir.join("state.db").exists(), "nothing was made in {dir:?}");
+    }
+}
+
+#[test]
+fn an_owner_whose_source_came_to_hold_its_state_refuses_to_start_and_to_publish() {
+    let (w, before) = published_world();
+    let cfg = fs::read_to_string(&w.owner_config).unwrap();
+    let source_line = format!("source = {:?}", w.source.to_str().unwrap());
+    assert!(cfg.contains(&source_line), "{cfg}");
+    // The source edited to the directory holding the state, and to a directory inside the state.
+    fs::create_dir_all(owner_dir(&w).join("inner")).unwrap();
+    for source in [w.tmp.path().to_path_buf(), owner_dir(&w).join("inner")] {
+        fs::write(&w.owner_config, cfg.replace(&source_line, &format!("source = {:?}", source.to_str().unwrap())))
+            .unwrap();
+        let err = fails(&["owner", "run", "--config", &w.owner_config, "--once"], 2);
+        assert!(err.contains("overlap") && err.contains("every recipient's key"), "{err}");
+        publish_refused(&w, &before, &["overlap", "outside the source tree"]);
+    }
+}
+
+#[test]
+fn a_symlink_from_the_source_to_the_owners_state_is_not_published() {
+    let (w, before) = published_world();
+    // Absolute and relative, to the state directory and to the database itself: the scan never follows
+    // a link, and one that leads out of the tree is refused, saying where it leads.
+    let state = owner_dir(&w);
+    for (name, target) in [("abs", state.clone()), ("rel", "../owner".into()), ("db", state.join("state.db"))] {
+        let link = w.source.join(name);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        publish_refused(
+            &w,
+            &before,
+            &[&format!("`{name}` is a symlink leading outside the tree, to the owner's state directory")],
+        );
+        fs::remove_file(&link).unwrap();
+    }
+}
+
+#[test]
+fn a_hard_link_of_the_owners_state_is_not_published() {
+    let (w, before) = published_world();
+    let state = owner_dir(&w);
+    // A hard link needs no privileges: only its inode tells it is the database.
+    let linked = w.source.join("sub/copy-of-db");
+    fs::create_dir_all(linked.parent().unwrap()).unwrap();
+    fs::hard_link(state.join("state.db"), &linked).unwrap();
+    publish_refused(&w, &before, &["sub/copy-of-db", "state.db", "own state"]);
+    fs::remove_file(&linked).unwrap();
+    // So does a store object.
+    let object = before.iter().next().unwrap();
+    fs::hard_link(state.join(object), w.source.join("object")).unwrap();
+    publish_refused(&w, &before, &["source/object`", "own state"]);
+    fs::remove_file(w.source.join("object")).unwrap();
+    fs::remove_dir(w.source.join("sub")).unwrap();
+    assert_eq!(w.publish(), 1, "with the links gone, the same tree as generation 1");
+}
+
+#[test]
+fn a_bind_mount_of_the_owners_state_is_not_published() {
+    let (w, before) = published_world();
+    let state = owner_dir(&w);
+    // Where this process may mount (as root); a path check cannot see a mount, its inode can.
+    let mnt = w.source.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount").arg("--bind").arg(&state).arg(&mnt).output();
+    match mounted {
+        Ok(out) if out.status.success() => {
+            struct Unmount(std::path::PathBuf);
+            impl Drop for Unmount {
+                fn drop(&mut self) {
+                    let _ = std::process::Command::new("umount").arg(&self.0).status();
+                }
+            }
+            let _unmount = Unmount(mnt.clone());
+            publish_refused(&w, &before, &["source/mnt`", "own state", "through a hard link or a mount"]);
+        }
+        other => println!("skipping the bind mount case: `mount --bind` is not permitted here ({other:?})"),
+    }
+    fs::remove_dir(&mnt).unwrap();
+    assert_eq!(w.publish(), 1, "with the mount gone, the same tree as generation 1");
+}
+
+// ---- valid but hostile in volume ----
+
+/// Something like machine code: incompressible bytes with NULs sprinkled in.
+fn machine_code(n: usize, seed: u64) -> Vec<u8> {
+    let mut code = noise(n, seed);
+    code.iter_mut().skip(3).step_by(7).for_each(|b| *b = 0);
+    code
+}
+
+/// A rebuild of a binary: addresses a few dozen bytes apart move by `shift`, and a little code is new.
+fn rebuilt(old: &[u8], shift: u32) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let mut at = 0;
+    for g in noise(new.len() / 16, u64::from(shift)) {
+        at += 16 + usize::from(g % 64);
+        if at + 4 > new.len() {
+            break;
+        }
+        let word = u32::from_le_bytes(new[at..at + 4].try_into().unwrap()).wrapping_add(shift);
+        new[at..at + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    new.splice(100_000..100_000, noise(500, u64::from(shift) + 1));
+    new
+}
+
+/// Request, answer (returning the owner's log), apply, receipt.
+fn answered(w: &World, site: &Site) -> String {
+    site.run(true);
+    let log = w.owner_run();
+    site.run(false);
+    w.owner_run();
+    assert_same_tree(&w.source, &site.data);
+    log
+}
+
+#[test]
+fn fresh_bsdiff_work_for_a_recipient_stops_at_its_daily_budget() {
+    let w = World::new();
+    let (one, two) = (w.site("site1"), w.site("site2"));
+    let v1 = machine_code(600_000, 40);
+    put(&w.source, "lib/ext.so", &v1, 0o755);
+    w.publish();
+    w.sync(&one);
+    w.sync(&two);
+    // A day's budget of about one and a half patches (each diffs a 600 KB old version with its new one).
+    let cfg = fs::read_to_string(&w.owner_config).unwrap();
+    let default = "bsdiff-daily-budget = 1073741824";
+    assert!(cfg.contains(default), "{cfg}");
+    fs::write(&w.owner_config, cfg.replace(default, "bsdiff-daily-budget = 1800000")).unwrap();
+
+    let v2 = rebuilt(&v1, 0x1230);
+    put(&w.source, "lib/ext.so", &v2, 0o755);
+    w.publish();
+    let log = answered(&w, &one);
+    assert!(log.contains("bsdiff=1") && !log.contains("budget"), "the first patch is within the budget: {log}");
+    let log = answered(&w, &two);
+    assert!(log.contains("bsdiff=1") && log.contains("cached=1"), "the same patch, from the cache: {log}");
+
+    let v3 = rebuilt(&v2, 0x0810);
+    put(&w.source, "lib/ext.so", &v3, 0o755);
+    w.publish();
+    // site1 spent its day on the first patch: the binary travels by zstd-prefix, and arrives all the same.
+    let log = answered(&w, &one);
+    assert!(log.contains("bsdiff=0") && log.contains("bsdiff budget is spent"), "{log}");
+    // The cached patch cost site2 nothing, so its day has room for this one.
+    let log = answered(&w, &two);
+    assert!(log.contains("bsdiff=1") && !log.contains("budget"), "{log}");
+}

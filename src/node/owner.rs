@@ -31,7 +31,7 @@ use crate::engine::{self, Entropy, SystemEntropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply};
-use crate::scan::{ForeignKind, scan_with};
+use crate::scan::{Exclude, ForeignKind, scan_excluding};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
 
@@ -121,6 +121,7 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
     if !source.is_dir() {
         bail!("source tree `{}` is not a directory", source.display());
     }
+    crate::config::check_state_outside_source(dir, source)?;
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
     set_private(dir)?;
     let path = dir.join("owner.toml");
@@ -140,6 +141,8 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         budget_replies: crate::config::default_budget_replies(),
         budget_bytes: crate::config::default_budget_bytes(),
         budget_period: crate::config::default_budget_period(),
+        bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
+        bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
     };
     let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
@@ -167,8 +170,9 @@ impl Owner {
     /// Opens the owner's state, taking the state directory's lock.
     ///
     /// # Errors
-    /// A locked or unreadable state directory.
+    /// A state directory that overlaps the source tree, or a locked or unreadable one.
     pub fn open(cfg: OwnerConfig) -> Result<Owner> {
+        crate::config::check_state_outside_source(&cfg.state_dir, &cfg.owner.source)?;
         let lock = lock_state(&cfg.state_dir)?;
         let db = Db::open(&cfg.state_dir.join("state.db"))?;
         let store = Store::open(&cfg.state_dir.join("store"), cfg.owner.compression_level)?;
@@ -246,17 +250,37 @@ impl Owner {
 
     /// Snapshots the source tree into the content store and, if it changed, records a new generation.
     ///
+    /// A generation never holds a file of the owner's own state: the source may have come to overlap the
+    /// state directory since the owner was opened, and a hard link or bind mount overlaps it where no path
+    /// shows, so every directory and file scanned is checked by device and inode too.
+    ///
     /// # Errors
-    /// A source tree with symlinks, device files, unrepresentable names or case collisions, or I/O errors.
+    /// A source tree with symlinks, device files, unrepresentable names or case collisions, one that holds
+    /// any of the owner's state, or I/O errors.
     pub fn publish(&mut self) -> Result<Published> {
         let source = self.cfg.owner.source.clone();
+        crate::config::check_state_outside_source(&self.cfg.state_dir, &source)?;
+        let state = Exclude::directory(&self.cfg.state_dir)
+            .with_context(|| format!("failed to list the state directory `{}`", self.cfg.state_dir.display()))?;
         let batch = self.store.batch();
-        let scan = scan_with(&source, &|p| batch.put_file(p))
-            .with_context(|| format!("failed to publish `{}`", source.display()))?;
+        let scan = scan_excluding(&source, &|p| batch.put_file(p), &state)
+            .with_context(|| format!("cannot publish `{}`", source.display()))?;
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
                 ForeignKind::Symlink { target } => {
-                    format!("a symlink that leads outside the tree or never resolves (-> `{}`)", target.display())
+                    // Say so when it leads to the owner's state: that is the mistake to fix, not the link.
+                    let into_state =
+                        crate::config::check_state_outside_source(&self.cfg.state_dir, &source.join(f.path.as_str()))
+                            .is_err();
+                    if into_state {
+                        format!(
+                            "a symlink leading outside the tree, to the owner's state directory or one that holds it \
+                             (-> `{}`)",
+                            target.display()
+                        )
+                    } else {
+                        format!("a symlink that leads outside the tree or never resolves (-> `{}`)", target.display())
+                    }
                 }
                 ForeignKind::Special(what) => format!("a {what}"),
             };
@@ -527,10 +551,18 @@ impl Owner {
             level: self.cfg.owner.compression_level,
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
+            bsdiff_budget: std::cell::Cell::new(super::pack::bsdiff_allowance(
+                &self.db,
+                &plan.recipient.name,
+                self.cfg.owner.bsdiff_request_budget,
+                self.cfg.owner.bsdiff_daily_budget,
+                now,
+            )?),
         };
         let ops = plan.ops.clone();
         let n_ops = ops.len();
         let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
+        super::pack::charge_bsdiff(&self.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
         let mut rng = SystemEntropy;
         let head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
         let limit = plan.limit;

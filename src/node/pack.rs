@@ -16,12 +16,21 @@
 //! stream over the same base, and smaller than the file's frame, the file travels alone as that patch.
 //! Executables shift addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
 //!
+//! bsdiff is the one method whose cost a request can choose: its inventory names, for every path, a content
+//! the owner stores (any kept version of any file), and each new choice of bases misses the cache. Fresh
+//! bsdiff work is therefore bounded by a **budget** in bytes (bases plus output fed to the diff): per
+//! reply ([`Packer::bsdiff_budget`], from `bsdiff-request-budget`) and per recipient and day
+//! ([`bsdiff_allowance`], [`charge_bsdiff`], from `bsdiff-daily-budget`). A binary whose patch would
+//! exceed what is left is packed like any other file (zstd-prefix or its frame): the reply stays correct,
+//! only less compact. Cached patches cost nothing and are used whatever is left.
+//!
 //! A base is only used when the store holds it (the recipient reported a version the owner published and
 //! has not pruned). Delta frames are cached under the state directory by the digest of (method, level,
 //! bases, outputs), so a fleet moving between the same two generations costs one compression.
 //!
 //! The pack is written to a temporary file: the owner's memory follows the largest group, not the reply.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, Write};
@@ -29,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
+use crate::db::Db;
 use crate::delta::{self, bsdiff};
 use crate::manifest::{Digest, Entry, Manifest, Op, Source};
 use crate::protocol::{Base, Body, Frame, Method, Stream, VERSION};
@@ -82,6 +92,10 @@ pub struct PackStats {
     pub cached: usize,
     /// Delta streams that are bsdiff patches.
     pub bsdiff: usize,
+    /// Bytes (bases plus outputs) fed to fresh bsdiff diffs: what counts against the budget.
+    pub bsdiff_bytes: u64,
+    /// Binaries not diffed with bsdiff because the budget was spent.
+    pub bsdiff_skipped: usize,
 }
 
 /// Packs replies from a content store.
@@ -95,6 +109,41 @@ pub struct Packer<'a> {
     pub cache: PathBuf,
     /// Directory for the temporary pack file.
     pub tmp: PathBuf,
+    /// Most bytes (bases plus outputs) that fresh bsdiff diffs may take for this reply; what is left
+    /// goes down as they are made. `u64::MAX` for no bound, 0 for no fresh bsdiff at all.
+    pub bsdiff_budget: Cell<u64>,
+}
+
+/// Meta key of the bsdiff bytes `recipient` spent: the value is "DAY BYTES" (days since the epoch).
+/// What `recipient` spent on fresh bsdiff diffs on day `day` (days since the epoch).
+fn spent_on(db: &Db, recipient: &str, day: u64) -> Result<u64> {
+    Ok(match db.bsdiff_spent(recipient)? {
+        Some((d, bytes)) if d == day => bytes,
+        _ => 0,
+    })
+}
+
+/// The bsdiff budget of one reply to `recipient` at `now` (seconds since the epoch): `per_request`, or
+/// what is left of `per_day` today if that is less.
+///
+/// # Errors
+/// State failures.
+pub fn bsdiff_allowance(db: &Db, recipient: &str, per_request: u64, per_day: u64, now: u64) -> Result<u64> {
+    Ok(per_request.min(per_day.saturating_sub(spent_on(db, recipient, now / 86_400)?)))
+}
+
+/// Counts `bytes` of fresh bsdiff work against `recipient`'s day. Recorded as soon as a reply is packed,
+/// whether or not it is then sent: the work was done.
+///
+/// # Errors
+/// State failures.
+pub fn charge_bsdiff(db: &Db, recipient: &str, bytes: u64, now: u64) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let day = now / 86_400;
+    let total = spent_on(db, recipient, day)?.saturating_add(bytes);
+    db.set_bsdiff_spent(recipient, day, total)
 }
 
 struct Need {
@@ -181,7 +230,7 @@ impl Packer<'_> {
         let mut group_out = 0u64;
         for need in &needs {
             if let Some(base) = need.base
-                && let Some(patch) = self.bsdiff_alone(need, base)?
+                && let Some(patch) = self.bsdiff_alone(need, base, &mut stats)?
             {
                 put_stream(&[need], &[base], patch, &mut w, &mut streams, &mut sources, &mut stats)?;
                 progress.add(need.size);
@@ -219,6 +268,13 @@ impl Packer<'_> {
                 });
             }
         }
+        if stats.bsdiff_skipped > 0 {
+            tracing::warn!(
+                skipped = stats.bsdiff_skipped,
+                spent = stats.bsdiff_bytes,
+                "the bsdiff budget is spent: binaries travel as zstd-prefix streams or frames instead"
+            );
+        }
         let body = Body { mailferry: VERSION, ops, streams };
         let json = crate::protocol::encode(&body);
         let compressed = zstd::bulk::compress(&json, 19.min(self.level.max(3)))?;
@@ -235,7 +291,9 @@ impl Packer<'_> {
     /// frame and at most [`BSDIFF_GAIN`] of the zstd-prefix stream over the same base. The margin is there
     /// because a file sent alone leaves its group, whose other files could have found content in its old
     /// version.
-    fn bsdiff_alone(&self, need: &Need, base: Base) -> Result<Option<Delta>> {
+    ///
+    /// A patch not cached is made only while the budget lasts ([`Packer::bsdiff_budget`]).
+    fn bsdiff_alone(&self, need: &Need, base: Base, stats: &mut PackStats) -> Result<Option<Delta>> {
         if need.size < BSDIFF_MIN || need.size > bsdiff::MAX_INPUT || base.size > bsdiff::MAX_INPUT {
             return Ok(None);
         }
@@ -245,8 +303,8 @@ impl Packer<'_> {
         if !head.contains(&0) {
             return Ok(None);
         }
-        let Some(patch) = self.stream(&[need], &[base], Method::Bsdiff)? else { return Ok(None) };
-        let Some(lz) = self.stream(&[need], &[base], Method::ZstdPrefix)? else { return Ok(None) };
+        let Some(patch) = self.stream(&[need], &[base], Method::Bsdiff, stats)? else { return Ok(None) };
+        let Some(lz) = self.stream(&[need], &[base], Method::ZstdPrefix, stats)? else { return Ok(None) };
         let (num, den) = BSDIFF_GAIN;
         let len = patch.frame.len() as u64;
         Ok((len < frame_len && len * den <= lz.frame.len() as u64 * num).then_some(patch))
@@ -267,8 +325,11 @@ impl Packer<'_> {
             group.iter().map(|n| self.store.open_frame(&n.blake3).map(|(_, len)| len)).collect::<io::Result<_>>()?;
         let frames_total: u64 = frame_lens.iter().sum();
         // A lone file without a base gains nothing from a stream of its own.
-        let stream =
-            if group.len() == 1 && bases.is_empty() { None } else { self.stream(group, bases, Method::ZstdPrefix)? };
+        let stream = if group.len() == 1 && bases.is_empty() {
+            None
+        } else {
+            self.stream(group, bases, Method::ZstdPrefix, stats)?
+        };
         match stream {
             Some(delta) if (delta.frame.len() as u64) < frames_total => {
                 put_stream(group, bases, delta, w, streams, sources, stats)?;
@@ -289,8 +350,9 @@ impl Packer<'_> {
 
     /// The delta frame of `group` over `bases` by `method` (from the cache or freshly made), the digest
     /// of its output, and whether it was cached; `None` when the method does not apply (a bsdiff patch
-    /// over [`bsdiff::max_raw`], or one that does not apply back, which would be a bug in the diff).
-    fn stream(&self, group: &[&Need], bases: &[Base], method: Method) -> Result<Option<Delta>> {
+    /// over [`bsdiff::max_raw`], or one that does not apply back, which would be a bug in the diff; and a
+    /// bsdiff patch not cached that the budget has no room for, which is then not cached either).
+    fn stream(&self, group: &[&Need], bases: &[Base], method: Method, stats: &mut PackStats) -> Result<Option<Delta>> {
         let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v3");
         key.update(method.code().as_bytes()).update(b"m");
         key.update(&self.level.to_le_bytes());
@@ -310,6 +372,18 @@ impl Packer<'_> {
             let digest = Digest(cached.try_into().expect("32 bytes"));
             return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: true }));
         }
+        if method == Method::Bsdiff {
+            // Counted before the work, from the declared sizes: the suffix sort of the base and the scan
+            // of the output are what a hostile choice of bases makes the owner do again and again.
+            let cost = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
+            let left = self.bsdiff_budget.get();
+            if cost > left {
+                stats.bsdiff_skipped += 1;
+                return Ok(None);
+            }
+            self.bsdiff_budget.set(left - cost);
+            stats.bsdiff_bytes += cost;
+        }
         let mut output = Vec::new();
         for n in group {
             output.extend_from_slice(&self.store.content(&n.blake3)?);
@@ -317,7 +391,16 @@ impl Packer<'_> {
         let digest = Digest::of(&output);
         let mut prefix = Vec::new();
         for b in bases {
-            prefix.extend_from_slice(&self.store.content(&b.blake3)?);
+            // A base's size comes from the request: read no more of it than claimed, and use no base of
+            // another size. A small claim for a large stored file would otherwise get past
+            // `bsdiff::MAX_INPUT`, `GROUP_PREFIX` and the budget. Not cached: the lie is the request's.
+            let (frame, _) = self.store.open_frame(&b.blake3)?;
+            let start = prefix.len();
+            zstd::stream::read::Decoder::new(frame)?.take(b.size.saturating_add(1)).read_to_end(&mut prefix)?;
+            if (prefix.len() - start) as u64 != b.size {
+                tracing::warn!(base = %b.blake3.short(), claimed = b.size, "a request gave a base another size than it has; not using it");
+                return Ok(None);
+            }
         }
         let frame = match method {
             Method::ZstdPrefix => delta::compress(&prefix, &output, self.level)?,
@@ -406,4 +489,154 @@ pub fn prune_cache(cache: &Path, max_age: std::time::Duration) -> io::Result<usi
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{FileMeta, Mode, diff};
+    use crate::path::RelPath;
+
+    /// Something like machine code: pseudo-random bytes with NULs sprinkled in.
+    fn machine_code(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 7 == 3 { 0 } else { x as u8 }
+            })
+            .collect()
+    }
+
+    /// What a rebuild does to a binary: addresses a few dozen bytes apart move by the same amount, and a
+    /// little code is new.
+    fn rebuilt(old: &[u8]) -> Vec<u8> {
+        let mut new = old.to_vec();
+        let mut at = 0;
+        while at + 4 <= new.len() {
+            let word = u32::from_le_bytes(new[at..at + 4].try_into().unwrap()).wrapping_add(0x1230);
+            new[at..at + 4].copy_from_slice(&word.to_le_bytes());
+            at += 16 + (at * 7919) % 48;
+        }
+        new.splice(100_000..100_000, machine_code(500, 99));
+        new
+    }
+
+    fn tree(store: &Store, files: &[(&str, &[u8])]) -> Manifest {
+        files
+            .iter()
+            .map(|(p, data)| {
+                let blake3 = store.put_bytes(data).unwrap();
+                let meta = FileMeta { size: data.len() as u64, mode: Mode::Regular, blake3 };
+                (RelPath::new(p).unwrap(), Entry::File(meta))
+            })
+            .collect()
+    }
+
+    /// Decodes every put of `packed` as a recipient would, and checks it against `want`.
+    fn check_contents(store: &Store, packed: &Packed, want: &HashMap<Digest, &[u8]>) {
+        let pack = fs::read(packed.file.path()).unwrap();
+        let slice = |offset: u64, length: u64| &pack[offset as usize..(offset + length) as usize];
+        for op in &packed.body.ops {
+            let Op::Put { blake3, size, source, .. } = op else { continue };
+            let got = match source.as_ref().unwrap() {
+                Source::Pack { offset, length } => zstd::decode_all(slice(*offset, *length)).unwrap(),
+                Source::Delta { stream, start } => {
+                    let s = &packed.body.streams[*stream as usize];
+                    let prefix: Vec<u8> = s.bases.iter().flat_map(|b| store.content(&b.blake3).unwrap()).collect();
+                    let mut out = Vec::new();
+                    let (n, digest) = match s.method {
+                        Method::ZstdPrefix => delta::decompress(slice(s.offset, s.length), &prefix, s.size, &mut out),
+                        Method::Bsdiff => bsdiff::apply(slice(s.offset, s.length), &prefix, s.size, &mut out),
+                    }
+                    .unwrap();
+                    assert_eq!((n, digest), (s.size, s.blake3));
+                    out[*start as usize..(*start + *size) as usize].to_vec()
+                }
+                other => panic!("unexpected source {other:?}"),
+            };
+            assert_eq!(got, want[blake3], "content of {}", blake3.short());
+        }
+    }
+
+    #[test]
+    fn fresh_bsdiff_work_stops_at_the_budget_and_the_reply_stays_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 9).unwrap();
+        let olds = [machine_code(600_000, 1), machine_code(600_000, 2)];
+        let news = [rebuilt(&olds[0]), rebuilt(&olds[1])];
+        let have = tree(&store, &[("a.so", &olds[0]), ("b.so", &olds[1])]);
+        let target = tree(&store, &[("a.so", &news[0]), ("b.so", &news[1])]);
+        let want: HashMap<Digest, &[u8]> = news.iter().map(|n| (Digest::of(n), n.as_slice())).collect();
+        // What one binary's fresh patch costs: its old version and its new one.
+        let one = (olds[0].len() + news[0].len()) as u64;
+        let pack = |budget: u64, cache: &str| {
+            let packer = Packer {
+                store: &store,
+                level: 9,
+                cache: dir.path().join(cache),
+                tmp: dir.path().join("tmp"),
+                bsdiff_budget: Cell::new(budget),
+            };
+            let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
+            check_contents(&store, &packed, &want);
+            (packed.stats, packer.bsdiff_budget.get())
+        };
+
+        let (s, _) = pack(u64::MAX, "unbounded");
+        assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes), (2, 0, 2 * one), "{s:?}");
+        // Room for one patch and a half: the second binary travels by zstd-prefix instead.
+        let (s, left) = pack(one + one / 2, "one");
+        assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes, left), (1, 1, one, one / 2), "{s:?}");
+        assert!(s.streams >= 2, "the skipped binary still travels as a delta: {s:?}");
+        let (s, left) = pack(0, "none");
+        assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes, left), (0, 2, 0, 0), "{s:?}");
+        // A patch skipped for the budget is not remembered as unusable, and a cached one costs nothing.
+        let (s, left) = pack(one, "one");
+        assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes, left), (2, 0, one, 0), "{s:?}");
+        let (s, _) = pack(0, "one");
+        assert_eq!((s.bsdiff, s.bsdiff_skipped, s.bsdiff_bytes), (2, 0, 0), "both from the cache: {s:?}");
+    }
+
+    #[test]
+    fn a_base_claimed_smaller_than_it_is_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 9).unwrap();
+        let old = machine_code(600_000, 3);
+        let new = rebuilt(&old);
+        let mut have = tree(&store, &[("a.so", &old)]);
+        let target = tree(&store, &[("a.so", &new)]);
+        // The request says its old version is 1000 bytes: within any bound, if the owner believed it.
+        let path = RelPath::new("a.so").unwrap();
+        let Some(Entry::File(meta)) = have.get(&path).cloned() else { panic!() };
+        have.insert(path, Entry::File(FileMeta { size: 1000, ..meta }));
+        let packer = Packer {
+            store: &store,
+            level: 9,
+            cache: dir.path().join("cache"),
+            tmp: dir.path().join("tmp"),
+            bsdiff_budget: Cell::new(u64::MAX),
+        };
+        let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
+        let s = packed.stats;
+        assert_eq!((s.bsdiff, s.streams, s.frames), (0, 0, 1), "the file travels as its frame: {s:?}");
+        check_contents(&store, &packed, &[(Digest::of(&new), new.as_slice())].into_iter().collect());
+    }
+
+    #[test]
+    fn the_daily_budget_is_per_recipient_and_per_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        let day = 20_000 * 86_400;
+        assert_eq!(bsdiff_allowance(&db, "a", 100, 250, day).unwrap(), 100);
+        charge_bsdiff(&db, "a", 100, day).unwrap();
+        charge_bsdiff(&db, "a", 100, day + 3_600).unwrap();
+        assert_eq!(bsdiff_allowance(&db, "a", 100, 250, day + 7_200).unwrap(), 50, "250 a day, 200 spent");
+        assert_eq!(bsdiff_allowance(&db, "b", 100, 250, day).unwrap(), 100, "another recipient's day");
+        assert_eq!(bsdiff_allowance(&db, "a", 100, 250, day + 86_400).unwrap(), 100, "the next day");
+        charge_bsdiff(&db, "a", 300, day + 86_400).unwrap();
+        assert_eq!(bsdiff_allowance(&db, "a", 100, 250, day + 86_400).unwrap(), 0);
+    }
 }
