@@ -234,12 +234,23 @@ impl Recipient {
     fn recover(&mut self) -> Result<()> {
         let Some(journal) = Journal::load(&self.cfg.state_dir)? else { return Ok(()) };
         warn!(generation = journal.generation, "finishing an apply that was interrupted");
-        journal.execute().context("failed to finish the interrupted apply")?;
-        if let JournalKind::Rollback { .. } = journal.kind {
-            return super::rollback::complete(&self.db, &self.cfg.state_dir, &journal);
+        self.finish(&journal).context("failed to finish the interrupted apply")
+    }
+
+    /// The one place a committed journal is finished, whether it is an apply just committed, a rollback,
+    /// or either found after a crash: its steps are performed (they may be repeated safely), then the
+    /// outcome is recorded: for an apply the applied generation and its receipt, for a rollback the
+    /// generation before and the hold. Whatever must follow every change of the tree goes here.
+    ///
+    /// # Errors
+    /// I/O or state failures; the journal then stays and the next run finishes it.
+    pub(crate) fn finish(&mut self, journal: &Journal) -> Result<()> {
+        journal.execute()?;
+        crate::failpoint::hit("apply-done");
+        match journal.kind {
+            JournalKind::Apply => self.complete(journal),
+            JournalKind::Rollback { .. } => super::rollback::complete(&self.db, &self.cfg.state_dir, journal),
         }
-        self.complete(&journal)?;
-        Ok(())
     }
 
     /// Records a finished apply and queues its receipt in one transaction; then removes the journal.
@@ -692,9 +703,7 @@ impl Recipient {
         };
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
-        journal.execute().context("apply interrupted; the next run finishes it")?;
-        crate::failpoint::hit("apply-done");
-        self.complete(&journal)?;
+        self.finish(&journal).context("apply interrupted; the next run finishes it")?;
         self.db.set_full_content(false)?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");

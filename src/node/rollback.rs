@@ -159,9 +159,8 @@ pub struct RolledBack {
 /// Nothing kept, an interrupted apply, a drifted tree (see [`Refused`]), content missing from the store,
 /// or I/O and state failures. Before the journal is committed the tree is unchanged; after, the next run
 /// finishes the rollback.
-pub fn rollback(r: &Recipient) -> Result<RolledBack> {
-    let (db, state_dir) = (r.db(), r.state_dir());
-    if let Some(journal) = Journal::load(state_dir)? {
+pub fn rollback(r: &mut Recipient) -> Result<RolledBack> {
+    if let Some(journal) = Journal::load(r.state_dir())? {
         let JournalKind::Rollback { from } = journal.kind else {
             bail!(
                 "the apply of generation {} was interrupted; finish it first (`mailferry recipient run --once \
@@ -170,12 +169,11 @@ pub fn rollback(r: &Recipient) -> Result<RolledBack> {
             );
         };
         warn!(from, to = journal.generation, "finishing a rollback that was interrupted");
-        journal.execute().context("failed to finish the interrupted rollback")?;
-        complete(db, state_dir, &journal)?;
+        r.finish(&journal).context("failed to finish the interrupted rollback")?;
         return Ok(RolledBack { from, to: journal.generation, ops: journal.ops, resumed: true });
     }
-    let (applied, _, current) = db.applied()?;
-    let Some(previous) = db.previous()? else {
+    let (applied, _, current) = r.db().applied()?;
+    let Some(previous) = r.db().previous()? else {
         bail!(
             "nothing to roll back to: no generation before {applied} is kept (one is kept after an update to a \
              newer generation, and only one level: a rollback uses it up)"
@@ -210,11 +208,9 @@ pub fn rollback(r: &Recipient) -> Result<RolledBack> {
         kind: JournalKind::Rollback { from: applied },
         key_id: None,
     };
-    journal.commit(state_dir)?;
+    journal.commit(r.state_dir())?;
     crate::failpoint::hit("apply-committed");
-    journal.execute().context("rollback interrupted; the next run finishes it")?;
-    crate::failpoint::hit("apply-done");
-    complete(db, state_dir, &journal)?;
+    r.finish(&journal).context("rollback interrupted; the next run finishes it")?;
     Ok(RolledBack { from: applied, to, ops: journal.ops, resumed: false })
 }
 
@@ -223,7 +219,7 @@ pub fn rollback(r: &Recipient) -> Result<RolledBack> {
 ///
 /// # Errors
 /// State or I/O failures; the journal then stays and the next run finishes.
-pub fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<()> {
+pub(crate) fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<()> {
     let JournalKind::Rollback { from } = journal.kind else {
         bail!("journal of reply {} is not a rollback", journal.reply_id)
     };

@@ -83,11 +83,11 @@ impl RollbackCommand {
     /// # Errors
     /// Nothing kept, an interrupted apply, a changed tree, state failures.
     pub fn execute(self) -> Result<Exit> {
-        let r = Recipient::open_as_is(self.config.recipient()?)?;
+        let mut r = Recipient::open_as_is(self.config.recipient()?)?;
         if self.release {
             Output::human().print(&Released { generation: rollback::release(r.db())? })?;
         } else {
-            let done = rollback::rollback(&r)?;
+            let done = rollback::rollback(&mut r)?;
             Output::human().print(&RolledBack {
                 from: done.from,
                 to: done.to,
