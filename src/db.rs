@@ -148,6 +148,7 @@ const MIGRATIONS: &[&str] = &[
 
      ALTER TABLE requests ADD COLUMN root TEXT;
      ALTER TABLE requests ADD COLUMN base TEXT;
+     ALTER TABLE requests ADD COLUMN created INTEGER;
      UPDATE requests SET root = (SELECT g.root FROM generations g WHERE g.number = requests.generation);
      ALTER TABLE outstanding ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE applied ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
@@ -318,6 +319,8 @@ pub struct Answered<'a> {
     pub nonce: &'a str,
     /// Its seq (the recipient's new last seq).
     pub seq: u64,
+    /// The time the request says it was made (a hint, kept to tell a second machine from a delay).
+    pub created: u64,
     /// The reply.
     pub reply_id: &'a str,
     /// The generation it brings.
@@ -1005,10 +1008,11 @@ impl Db {
     /// SQLite errors.
     pub fn record_answer(&self, a: &Answered<'_>) -> Result<()> {
         let t = now() as i64;
-        let Answered { recipient, nonce, seq, reply_id, generation, root, base, ops, reply_bytes } = *a;
+        let Answered { recipient, nonce, seq, created, reply_id, generation, root, base, ops, reply_bytes } = *a;
         self.conn.execute(
-            "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base,
+                                   created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 nonce,
                 recipient,
@@ -1019,7 +1023,8 @@ impl Db {
                 ops as i64,
                 reply_bytes as i64,
                 root.to_hex(),
-                base.to_hex()
+                base.to_hex(),
+                created as i64
             ],
         )?;
         self.conn.execute(
@@ -1047,6 +1052,23 @@ impl Db {
             Ok((id, g, root))
         })
         .transpose()
+    }
+
+    /// The `created` time stated by `recipient`'s request with the highest seq answered.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn last_request_created(&self, recipient: &str) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT created FROM requests WHERE recipient = ?1 ORDER BY seq DESC LIMIT 1",
+                [recipient],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten()
+            .map(|v| v as u64))
     }
 
     /// How many replies (answers and resends) `recipient` was sent since `since`, and their bytes.

@@ -1218,3 +1218,37 @@ fn fresh_bsdiff_work_for_a_recipient_stops_at_its_daily_budget() {
     let log = answered(&w, &two);
     assert!(log.contains("bsdiff=1") && !log.contains("budget"), "{log}");
 }
+
+// ---- one enrollment on two machines ----
+
+/// A second machine set up from the same enrollment counts its requests from 1: the owner refuses them as
+/// replays and says why, and the replies the owner sends to the first machine, when they reach the second,
+/// are refused there with the same explanation.
+#[test]
+fn one_enrollment_on_two_machines_is_named_on_both_sides() {
+    let w = World::new();
+    let first = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&first);
+    w.sync(&first);
+    let (dir, data, spool) = (w.path("second"), w.path("second-data"), w.path("second-spool"));
+    init_recipient(&dir, &data, &w.path("site1.enrollment"), &spool);
+    let config = dir.join("recipient.toml").to_str().unwrap().to_owned();
+    ok(&["recipient", "run", "--config", &config, "--once"]);
+    let outbox = spool.join(OWNER).join("new");
+    let request = fs::read_dir(&outbox).unwrap().next().unwrap().unwrap().path();
+    ok(&["deliver", "--config", &w.owner_config, request.to_str().unwrap()]);
+    assert_eq!(rejections(&w.owner_config), ["replay"]);
+    let detail = last_refusal_detail(&w.owner_config);
+    assert!(detail.contains("another machine uses \"site1\"'s enrollment"), "{detail}");
+
+    let reply = w.pending_reply(&first);
+    let inbox = spool.join(&first.address).join("new");
+    fs::create_dir_all(&inbox).unwrap();
+    fs::copy(&reply, inbox.join("carried")).unwrap();
+    ok(&["recipient", "run", "--config", &config, "--once", "--no-request"]);
+    let detail = last_refusal_detail(&config);
+    assert!(detail.contains("another machine uses this recipient's enrollment"), "{detail}");
+    assert_eq!(count(&data), 0, "the second machine's tree is untouched");
+}

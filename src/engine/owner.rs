@@ -187,6 +187,12 @@ pub trait OwnerView {
     /// # Errors
     /// Local failures.
     fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>>;
+    /// The `created` time the last answered request of `recipient` stated (`None` before any, or for
+    /// requests answered before it was recorded).
+    ///
+    /// # Errors
+    /// Local failures.
+    fn last_request_created(&self, recipient: &str) -> Result<Option<u64>>;
 }
 
 /// The owner's keyring: registered recipients' keys, the keys rotations deliver, retired keys in their grace.
@@ -476,6 +482,19 @@ fn on_request(
         refuse!(Reason::Replay, "request nonce {} was answered before", req.nonce);
     }
     if req.seq <= rec.last_seq {
+        // A fresh nonce under the recipient's key with an old seq, made after the request that used the
+        // newer seq (to the second: clocks are hints): not a delayed request but, most likely, another machine
+        // counting from its own start.
+        if view.last_request_created(&rec.name)?.is_some_and(|last| req.created >= last) {
+            refuse!(
+                Reason::Replay,
+                "request seq {} is not newer than {}, though it was made no earlier: most likely another machine \
+                 uses {:?}'s enrollment; each machine needs its own (`mailferry owner add-recipient`)",
+                req.seq,
+                rec.last_seq,
+                rec.name
+            );
+        }
         refuse!(Reason::Replay, "request seq {} is not newer than {} (replayed or reordered)", req.seq, rec.last_seq);
     }
     let Some(generation) = view.latest_generation()? else {

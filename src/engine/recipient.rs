@@ -48,6 +48,11 @@ pub trait RecipientView {
     /// # Errors
     /// Local failures.
     fn rollback_hold(&self) -> Result<Option<u64>>;
+    /// The last request sequence number this recipient used.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn last_seq(&self) -> Result<u64>;
 }
 
 /// What the recipient last applied.
@@ -145,6 +150,15 @@ pub fn on_part(view: &dyn RecipientView, reply: &Reply, role: KeyRole) -> Result
     let Some(seq) = view.outstanding(&nonce)? else {
         let why = if view.reply_applied(&reply.reply_id)? {
             format!("reply {} was applied before (replayed)", reply.reply_id)
+        } else if reply.request_seq > view.last_seq()? {
+            // Authentic, so made by the owner for a request under this recipient's key, with a sequence
+            // number this recipient never used: another machine holds the same enrollment.
+            format!(
+                "reply answers request {}, which this recipient never sent (its last is {}): another machine uses \
+                 this recipient's enrollment; each machine needs its own (`mailferry owner add-recipient`)",
+                reply.request_seq,
+                view.last_seq()?
+            )
         } else {
             format!("reply answers nonce {nonce}, which is not outstanding (replayed, or answered already)")
         };

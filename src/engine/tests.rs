@@ -84,6 +84,7 @@ struct MemOwner {
     sent: HashMap<String, SentMessage>,
     parts: HashMap<String, u64>,
     limits: HashMap<String, LearnedLimit>,
+    last_created: Option<u64>,
 }
 
 impl OwnerView for MemOwner {
@@ -131,6 +132,9 @@ impl OwnerView for MemOwner {
     }
     fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
         Ok(self.limits.get(recipient).cloned())
+    }
+    fn last_request_created(&self, _: &str) -> Result<Option<u64>> {
+        Ok(self.last_created)
     }
 }
 
@@ -328,6 +332,32 @@ fn c3_a_second_receipt_for_a_reply_is_a_replay() {
     assert!(matches!(owner_step(&w, &raw), Outcome::Receipt { .. }));
     w.receipts.push(("site1".into(), "ab".repeat(16)));
     assert_eq!(refused(&owner_step(&w, &raw)), Reason::Replay);
+}
+
+#[test]
+fn r2_an_old_seq_made_after_the_newer_one_is_another_machine() {
+    let mut w = owner_world();
+    let raw = mail(Kind::Request, &Request { seq: 2, ..request() }, "site1", &key(1), &[]);
+    let detail = |w: &MemOwner| match owner_step(w, &raw) {
+        Outcome::Refused(r) if r.reason == Reason::Replay => r.detail,
+        other => panic!("{other:?}"),
+    };
+    assert!(detail(&w).contains("replayed or reordered"));
+    w.last_created = Some(NOW - 10);
+    assert!(detail(&w).contains("another machine uses"), "{}", detail(&w));
+    w.last_created = Some(NOW);
+    assert!(detail(&w).contains("another machine uses"), "the same second: {}", detail(&w));
+    w.last_created = Some(NOW + 10);
+    assert!(detail(&w).contains("replayed or reordered"), "an older request delayed on its way");
+}
+
+#[test]
+fn step_9_a_reply_to_a_seq_never_used_names_another_machine() {
+    let v = site();
+    let raw = mail(Kind::Reply, &Reply { nonce: Nonce([1; 16]), request_seq: 9, ..reply() }, "site1", &key(1), &[]);
+    let PartStep::Refused { refusal, give_up: false } = recipient_step(&v, &raw, None) else { panic!() };
+    assert_eq!(refusal.reason, Reason::Replay);
+    assert!(refusal.detail.contains("another machine uses this recipient's enrollment"), "{}", refusal.detail);
 }
 
 #[test]
@@ -548,6 +578,9 @@ impl RecipientView for MemRecipient {
     }
     fn rollback_hold(&self) -> Result<Option<u64>> {
         Ok(self.hold)
+    }
+    fn last_seq(&self) -> Result<u64> {
+        Ok(5)
     }
 }
 

@@ -501,6 +501,7 @@ impl Node for Owner {
                         recipient: &rec.name,
                         nonce: &nonce,
                         seq: req.seq,
+                        created: req.created,
                         reply_id: &reply_id,
                         generation,
                         root,
@@ -595,6 +596,7 @@ impl Owner {
                 recipient: &rec.name,
                 nonce: &nonce,
                 seq: req.seq,
+                created: req.created,
                 reply_id: &head.reply_id,
                 generation: head.generation,
                 root: head.root,
@@ -742,6 +744,10 @@ impl OwnerView for View<'_> {
 
     fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
         self.db.relay_limit(recipient)
+    }
+
+    fn last_request_created(&self, recipient: &str) -> Result<Option<u64>> {
+        self.db.last_request_created(recipient)
     }
 }
 

@@ -959,4 +959,8 @@ impl RecipientView for View<'_> {
     fn rollback_hold(&self) -> Result<Option<u64>> {
         self.db.rollback_hold()
     }
+
+    fn last_seq(&self) -> Result<u64> {
+        Ok(self.db.subscription()?.seq)
+    }
 }
