@@ -12,7 +12,7 @@ use super::owner::{
     SentReply, Spent,
 };
 use super::recipient::{self as rcp, Applied, PartStep, RecipientKeys, RecipientView, WholeStep};
-use super::verify::{self, KeyRole, Keyring as _, Policy, Verified};
+use super::verify::{self, KeyRole, Keyring as _, Opened, Policy, Verified};
 use super::{Entropy, SeededEntropy};
 use crate::apply::OnExtra;
 use crate::crypto::{Key, Nonce, SigningKey};
@@ -206,10 +206,11 @@ fn receipt() -> Receipt {
 fn owner_step(w: &MemOwner, raw: &[u8]) -> Outcome {
     let limits = Limits { max_message_bytes: 100_000, ..Limits::default() };
     let accepts = [Kind::Request, Kind::Receipt];
-    let policy_v = Policy { accepts: &accepts, pinned_owner: None, limits: &limits };
+    let policy_v = Policy { accepts: &accepts, sends: &[], pinned_owner: None, limits: &limits };
     match verify::open(raw, &OwnerKeys(w), &policy_v, NOW).unwrap() {
         Err(r) => Outcome::Refused(r),
-        Ok(msg) => owner::on_message(w, msg, &policy(), NOW).unwrap(),
+        Ok(Opened::Verified(msg)) => owner::on_message(w, *msg, &policy(), NOW).unwrap(),
+        Ok(other) => panic!("{other:?}"),
     }
 }
 
@@ -323,6 +324,22 @@ fn owner_refuses_each_rule_of_11_2_in_order_with_no_effect() {
         let outcome = owner_step(&w, &raw);
         assert_eq!(refused(&outcome), reason, "{name}: {outcome:?}");
     }
+}
+
+#[test]
+fn a_nodes_own_mail_come_back_is_not_for_it_and_no_refusal() {
+    let w = owner_world();
+    let limits = Limits::default();
+    let p =
+        Policy { accepts: &[Kind::Request, Kind::Receipt], sends: &[Kind::Reply], pinned_owner: None, limits: &limits };
+    let own = mail(Kind::Reply, &reply(), "site1", &key(1), &[]);
+    assert!(matches!(
+        verify::open(&own, &OwnerKeys(&w), &p, NOW).unwrap(),
+        Ok(Opened::NotForThisNode { kind: Kind::Reply, .. })
+    ));
+    // Forged under another key it is still refused before its kind is looked at.
+    let forged = mail(Kind::Reply, &reply(), "site1", &key(2), &[]);
+    assert_eq!(verify::open(&forged, &OwnerKeys(&w), &p, NOW).unwrap().unwrap_err().reason, Reason::BadMac);
 }
 
 #[test]
@@ -543,8 +560,11 @@ fn a_learned_part_size_grows_back_after_proven_deliveries_and_expires() {
 fn verified(w: &MemOwner, raw: &[u8]) -> Verified {
     let limits = Limits::default();
     let accepts = [Kind::Request, Kind::Receipt];
-    let p = Policy { accepts: &accepts, pinned_owner: None, limits: &limits };
-    verify::open(raw, &OwnerKeys(w), &p, NOW).unwrap().unwrap()
+    let p = Policy { accepts: &accepts, sends: &[], pinned_owner: None, limits: &limits };
+    match verify::open(raw, &OwnerKeys(w), &p, NOW).unwrap().unwrap() {
+        Opened::Verified(v) => *v,
+        other => panic!("{other:?}"),
+    }
 }
 
 // ---- the recipient ----
@@ -599,10 +619,11 @@ fn site() -> MemRecipient {
 fn recipient_step(v: &MemRecipient, raw: &[u8], pinned: Option<&crate::crypto::PublicKey>) -> PartStep {
     let limits = Limits { max_message_bytes: 100_000, ..Limits::default() };
     let accepts = [Kind::Reply];
-    let policy = Policy { accepts: &accepts, pinned_owner: pinned, limits: &limits };
+    let policy = Policy { accepts: &accepts, sends: &[], pinned_owner: pinned, limits: &limits };
     match verify::open(raw, &RecipientKeys(v), &policy, NOW).unwrap() {
         Err(refusal) => PartStep::Refused { refusal, give_up: false },
-        Ok(msg) => {
+        Ok(Opened::NotForThisNode { kind, .. }) => panic!("{kind}"),
+        Ok(Opened::Verified(msg)) => {
             let Control::Reply(reply) = msg.control else { panic!("a reply") };
             rcp::on_part(v, &reply, msg.key_role).unwrap()
         }

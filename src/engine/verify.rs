@@ -54,6 +54,10 @@ pub trait Keyring {
 pub struct Policy<'a> {
     /// The kinds this node accepts (an owner: requests and receipts; a recipient: replies).
     pub accepts: &'a [Kind],
+    /// The kinds this node sends itself (an owner: replies; a recipient: requests and receipts). An
+    /// authentic message of such a kind is this node's own mail come back (a file carried the wrong way,
+    /// a spool shared by mistake): not for this node, and not an attack.
+    pub sends: &'a [Kind],
     /// The owner key replies must be signed with, when the recipient pinned one.
     pub pinned_owner: Option<&'a PublicKey>,
     /// Size and count limits.
@@ -78,11 +82,25 @@ pub struct Verified {
     pub hints: Hints,
 }
 
+/// What [`open`] made of an authentic message.
+#[derive(Clone, Debug)]
+pub enum Opened {
+    /// A message for this node.
+    Verified(Box<Verified>),
+    /// Authentic, but of a kind this node sends itself ([`Policy::sends`]): its own mail come back.
+    NotForThisNode {
+        /// What it is.
+        kind: Kind,
+        /// The recipient it concerns.
+        recipient: String,
+    },
+}
+
 /// Verifies one raw message, step by step, and decodes its control part.
 ///
 /// # Errors
 /// Outer `Err`: a local failure of the keyring. Inner `Err`: the refusal of the first check that failed.
-pub fn open(raw: &[u8], keyring: &dyn Keyring, policy: &Policy<'_>, now: u64) -> Result<Result<Verified, Refusal>> {
+pub fn open(raw: &[u8], keyring: &dyn Keyring, policy: &Policy<'_>, now: u64) -> Result<Result<Opened, Refusal>> {
     macro_rules! check {
         ($e:expr) => {
             match $e {
@@ -112,15 +130,18 @@ pub fn open(raw: &[u8], keyring: &dyn Keyring, policy: &Policy<'_>, now: u64) ->
         )));
     }
     // Step 8: a kind this node accepts.
+    if policy.sends.contains(&control.kind()) {
+        return Ok(Ok(Opened::NotForThisNode { kind: control.kind(), recipient: auth.recipient }));
+    }
     if !policy.accepts.contains(&control.kind()) {
         return Ok(Err(Refusal::new(Reason::Unexpected, format!("this node does not accept a {}", control.kind()))));
     }
-    Ok(Ok(Verified {
+    Ok(Ok(Opened::Verified(Box::new(Verified {
         auth,
         control,
         attachments: parsed.attachments,
         key: keyed.key,
         key_role: keyed.role,
         hints: parsed.hints,
-    }))
+    }))))
 }

@@ -89,6 +89,9 @@ pub enum Handled {
     },
     /// Left for later (the owner has nothing published yet).
     Deferred(String),
+    /// Authentic, but this node's own mail come back (a request at the recipient, a reply at the
+    /// owner): nothing to do, and not an attack.
+    NotForThisNode(String),
     /// Refused; recorded in the state database and logged.
     Refused(Refusal),
 }
@@ -210,6 +213,14 @@ pub async fn deliver<N: Node, T: Transport>(
 
 fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
     for raw in messages {
+        // A file carried twice is no attack: it was handled before, and is reported as such.
+        if let Some(seen) = node.db().seen(&Digest::of(raw))? {
+            let at = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seen.at));
+            let what = if seen.rejected { "refused" } else { "handled" };
+            info!("already {what} at {at} (delivered before); nothing to do");
+            report.count(&Handled::Duplicate { rejected: seen.rejected });
+            continue;
+        }
         let handled = node.handle(raw)?;
         if matches!(handled, Handled::Refused(_)) {
             let kept = keep_rejected(node.state_dir(), raw)?;
@@ -466,6 +477,8 @@ pub struct RunReport {
     pub refused: usize,
     /// Messages seen before.
     pub duplicates: usize,
+    /// Authentic messages this node sent itself, come back to it.
+    pub not_for_this_node: usize,
     /// Messages left in the inbox.
     pub deferred: usize,
     /// Messages sent.
@@ -479,6 +492,7 @@ impl RunReport {
         self.messages += 1;
         match h {
             Handled::Refused(_) => self.refused += 1,
+            Handled::NotForThisNode(_) => self.not_for_this_node += 1,
             Handled::Duplicate { .. } => self.duplicates += 1,
             Handled::Deferred(_) => self.deferred += 1,
             _ => self.handled += 1,

@@ -470,10 +470,18 @@ impl Node for Owner {
             };
         }
         let view = self.view();
-        let accepts = [Kind::Request, Kind::Receipt];
-        let verify = verify::Policy { accepts: &accepts, pinned_owner: None, limits: &self.cfg.limits };
+        let (accepts, sends) = ([Kind::Request, Kind::Receipt], [Kind::Reply]);
+        let verify = verify::Policy { accepts: &accepts, sends: &sends, pinned_owner: None, limits: &self.cfg.limits };
         let msg = match verify::open(raw, &OwnerKeys(&view), &verify, now)? {
-            Ok(m) => m,
+            Ok(verify::Opened::Verified(m)) => *m,
+            Ok(verify::Opened::NotForThisNode { kind, recipient }) => {
+                let what = format!(
+                    "not for this node: a {kind} this owner sent to {recipient:?} (carry it to the recipient); nothing to do"
+                );
+                self.db.mark_seen(digest, "processed")?;
+                info!("{what}");
+                return Ok(Ok(Handled::NotForThisNode(what)));
+            }
             Err(r) => return Ok(Err(r)),
         };
         let outcome = engine::owner::on_message(&view, msg, &policy, now)?;

@@ -478,10 +478,23 @@ impl Recipient {
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
         let view = View { db: &self.db, name: &self.cfg.recipient.name, key: &self.key };
-        let accepts = [Kind::Reply];
-        let policy =
-            verify::Policy { accepts: &accepts, pinned_owner: self.owner_key.as_ref(), limits: &self.cfg.limits };
-        let msg = refuse!(verify::open(raw, &RecipientKeys(&view), &policy, now)?);
+        let (accepts, sends) = ([Kind::Reply], [Kind::Request, Kind::Receipt]);
+        let policy = verify::Policy {
+            accepts: &accepts,
+            sends: &sends,
+            pinned_owner: self.owner_key.as_ref(),
+            limits: &self.cfg.limits,
+        };
+        let msg = match refuse!(verify::open(raw, &RecipientKeys(&view), &policy, now)?) {
+            verify::Opened::Verified(m) => *m,
+            verify::Opened::NotForThisNode { kind, .. } => {
+                let what =
+                    format!("not for this node: a {kind} this recipient sent (carry it to the owner); nothing to do");
+                self.db.mark_seen(digest, "processed")?;
+                info!("{what}");
+                return Ok(Ok(Handled::NotForThisNode(what)));
+            }
+        };
         let Control::Reply(reply) = msg.control else {
             return Ok(Err(Refusal::new(Reason::Unexpected, "a recipient accepts only replies")));
         };
