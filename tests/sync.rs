@@ -412,3 +412,71 @@ fn the_stat_cache_is_written_only_when_it_changes_and_never_hides_an_edit() {
     site.run(false);
     assert_same_tree(&w.source, &site.data);
 }
+
+/// Runs README.md's walkthrough as written: each `sh` block of the section, in order, with the machines'
+/// absolute paths moved under a temporary directory and `mailferry` the binary under test. It must end
+/// with the tree synced, the receipt recorded, and nothing refused on either side.
+#[test]
+fn the_readme_walkthrough_works_as_written() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("## Walkthrough: two machines and a carried spool").expect("the walkthrough");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let blocks: Vec<&str> = section.split("```sh\n").skip(1).map(|b| &b[..b.find("```").unwrap()]).collect();
+    assert!(blocks.len() >= 5, "{} blocks", blocks.len());
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let bin_dir = root.join("bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(bin(), bin_dir.join("mailferry")).unwrap();
+    let (a, b, usb) = (root.join("machine-a"), root.join("machine-b"), root.join("usb"));
+    for block in &blocks {
+        let script = block
+            .replace("/srv/", &format!("{}/srv/", a.display()))
+            .replace("/var/", &format!("{}/var/", b.display()))
+            .replace("/opt/", &format!("{}/opt/", b.display()))
+            .replace("/media/usb", &usb.display().to_string());
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(root)
+            .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap()))
+            .env_remove("MAILFERRY_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "block failed:\n{script}\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_same_tree(&a.join("srv/signatures"), &b.join("opt/scanner/db"));
+    let owner = a.join("srv/mf-owner/owner.toml");
+    let recipient = b.join("var/lib/mf/recipient.toml");
+    let status = |cfg: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&["status", "--config", cfg.to_str().unwrap(), "--json"])).unwrap()
+    };
+    let o = status(&owner);
+    assert_eq!(o["recipients"][0]["applied_generation"], 1, "{o}");
+    assert!(o["recipients"][0]["last_receipt_at"].is_u64(), "the receipt was carried back: {o}");
+    assert_eq!(o["rejected"], 0, "{o}");
+    let r = status(&recipient);
+    assert_eq!((r["generation"].as_u64(), r["rejected"].as_u64()), (Some(1), Some(0)), "{r}");
+    assert_eq!(count(&usb.join("to-owner")) + count(&usb.join("to-plant7")), 0, "the stick is empty");
+    // Carrying a file twice, or a node's own message back to it, is no refusal.
+    ok(&["recipient", "run", "--config", recipient.to_str().unwrap(), "--once"]);
+    let outgoing = b.join("var/spool/mf/owner@vendor.example/new");
+    let request = fs::read_dir(&outgoing).unwrap().next().unwrap().unwrap().path();
+    let deliver = |cfg: &std::path::Path| {
+        let out = run(&["deliver", "--config", cfg.to_str().unwrap(), request.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let back = deliver(&recipient);
+    assert!(back.contains("not for this node: a request this recipient sent"), "{back}");
+    deliver(&owner);
+    let twice = deliver(&owner);
+    assert!(twice.contains("already handled at") && twice.contains("delivered before"), "{twice}");
+    assert_eq!(status(&owner)["rejected"], 0);
+    assert_eq!(status(&recipient)["rejected"], 0);
+}
