@@ -480,3 +480,80 @@ fn the_readme_walkthrough_works_as_written() {
     assert_eq!(status(&owner)["rejected"], 0);
     assert_eq!(status(&recipient)["rejected"], 0);
 }
+
+/// A relay: one node with one state directory, one lock and one inbox, that is the recipient of the
+/// owner above and the owner of a site below, publishing below what arrives from above. The site ends
+/// with the top owner's tree; every message went to the part it was for; nothing was refused.
+#[test]
+fn a_relay_node_holds_both_roles_on_one_state() {
+    use mailferry::config::NodeConfig;
+    use mailferry::node::compose::Node;
+    use mailferry::transport::AnyTransport;
+
+    let w = World::new();
+    varied_tree(&w.source);
+    w.publish();
+    let relay = "relay7@customer.test";
+    let (dir, data) = (w.path("relay"), w.path("relay-data"));
+    fs::create_dir_all(&data).unwrap();
+    let (d, t) = (dir.to_str().unwrap(), data.to_str().unwrap());
+    let spool = w.spool.to_str().unwrap();
+    ok(&["owner", "init", "--dir", d, "--source", t, "--address", relay, "--transport-root", spool]);
+    let up = w.path("relay7.enrollment");
+    let e = up.to_str().unwrap();
+    ok(&["owner", "add-recipient", "--config", &w.owner_config, "--name", "relay7", "--address", relay, "--out", e]);
+    init_recipient(&dir, &data, &up, &w.spool);
+    let owner_cfg = dir.join("owner.toml");
+    let down = w.path("site1.enrollment");
+    let site_args = ["--name", "site1", "--address", "site1@customer.test", "--out", down.to_str().unwrap()];
+    ok(&[&["owner", "add-recipient", "--config", owner_cfg.to_str().unwrap()][..], &site_args[..]].concat());
+    let (site_dir, site_data) = (w.path("site1"), w.path("site1-data"));
+    init_recipient(&site_dir, &site_data, &down, &w.spool);
+    let site_cfg = site_dir.join("recipient.toml");
+    let site = site_cfg.to_str().unwrap();
+
+    let NodeConfig::Owner(o) = NodeConfig::load(&owner_cfg).unwrap() else { panic!("owner config") };
+    let NodeConfig::Recipient(r) = NodeConfig::load(&dir.join("recipient.toml")).unwrap() else {
+        panic!("recipient config")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let relay_run = |request: bool| {
+        let mut node = Node::open(Some(o.clone()), Some(r.clone())).unwrap();
+        let mut t = AnyTransport::open(&r.transport, relay).unwrap();
+        rt.block_on(node.run_once(&mut t, request)).unwrap()
+    };
+    // The relay asks the top owner, which answers; the relay applies and publishes below.
+    assert!(relay_run(true).requested);
+    w.owner_run();
+    let report = relay_run(false);
+    assert_eq!((report.handled, report.refused), (1, 0), "{report:?}");
+    assert_same_tree(&w.source, &data);
+    // The site asks the relay, which answers from what it published.
+    ok(&["recipient", "run", "--config", site, "--once"]);
+    let report = relay_run(false);
+    assert_eq!((report.handled, report.refused), (1, 0), "{report:?}");
+    ok(&["recipient", "run", "--config", site, "--once", "--no-request"]);
+    assert_same_tree(&w.source, &site_data);
+    // The receipts went where they belong: the top owner has the relay's, the relay's owner part the site's.
+    w.owner_run();
+    let report = relay_run(false);
+    assert_eq!((report.handled, report.refused), (1, 0), "the site's receipt: {report:?}");
+    assert_eq!(w.owner_status()["recipients"][0]["applied_generation"], 1);
+    let relay_status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--config", owner_cfg.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(relay_status["recipients"][0]["applied_generation"], 1, "{relay_status}");
+    assert_eq!(relay_status["rejected"], 0);
+    assert!(rejections(&w.owner_config).is_empty());
+    // A change at the top reaches the site through the relay.
+    put(&w.source, "README", b"through the relay\n", 0o644);
+    w.publish();
+    relay_run(true);
+    w.owner_run();
+    relay_run(false);
+    ok(&["recipient", "run", "--config", site, "--once"]);
+    relay_run(false);
+    ok(&["recipient", "run", "--config", site, "--once", "--no-request"]);
+    assert_same_tree(&w.source, &site_data);
+    // Both roles work on one state directory: one database, one lock.
+    assert!(dir.join("state.db").exists() && !data.join("state.db").exists());
+}

@@ -9,7 +9,7 @@ use mailferry::config::NodeConfig;
 use mailferry::node::owner::Owner;
 use mailferry::node::recipient::Recipient;
 use mailferry::node::run::{self, Admin};
-use mailferry::node::{self, Node as _, RunReport};
+use mailferry::node::{self, Role as _, RunReport};
 use mailferry::transport::AnyTransport;
 use tracing::warn;
 

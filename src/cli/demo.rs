@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use mailferry::config::NodeConfig;
 use mailferry::manifest::{Digest, Entry};
-use mailferry::node::Node;
+use mailferry::node::Role;
 use mailferry::node::owner::{self, Owner};
 use mailferry::node::recipient::{self, Recipient};
 use mailferry::scan;

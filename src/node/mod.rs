@@ -11,6 +11,7 @@
 //!   being acted on twice.
 //! - Outgoing mail goes through the [`Outbox`] first and leaves it only when the transport accepted it.
 
+pub mod compose;
 pub mod owner;
 pub mod pack;
 pub mod recipient;
@@ -109,7 +110,7 @@ impl Handled {
 }
 
 /// What the owner and recipient drivers share: a state database and a way to act on one message.
-pub trait Node {
+pub trait Role {
     /// The state database.
     fn db(&self) -> &Db;
 
@@ -174,7 +175,7 @@ fn record_refusal(db: &Db, refusal: &Refusal, raw: &[u8], digest: &Digest, first
 ///
 /// # Errors
 /// Transport fetch failures and local failures.
-pub async fn process_inbox<N: Node, T: Transport>(
+pub async fn process_inbox<N: Role, T: Transport>(
     node: &mut N,
     transport: &mut T,
     report: &mut RunReport,
@@ -200,7 +201,7 @@ pub async fn process_inbox<N: Node, T: Transport>(
 ///
 /// # Errors
 /// Local failures.
-pub async fn deliver<N: Node, T: Transport>(
+pub async fn deliver<N: Role, T: Transport>(
     node: &mut N,
     transport: &mut T,
     messages: &[Vec<u8>],
@@ -211,7 +212,7 @@ pub async fn deliver<N: Node, T: Transport>(
     Ok(report)
 }
 
-fn deliver_messages<N: Node>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
+fn deliver_messages<N: Role>(node: &mut N, messages: &[Vec<u8>], report: &mut RunReport) -> Result<()> {
     for raw in messages {
         // A file carried twice is no attack: it was handled before, and is reported as such.
         if let Some(seen) = node.db().seen(&Digest::of(raw))? {
@@ -273,6 +274,37 @@ pub fn summarize_rejections(db: &Db, from: &str, admin: &str, node: &str) -> Res
         db.set_rejections_reported(*last_id, now)
     })?;
     Ok(true)
+}
+
+/// A node's state directory, open: its lock, held while the value lives, and its state database. Every
+/// role of a node works on the one `State` (through an `Rc`), so roles never lock each other out.
+#[derive(Debug)]
+pub struct State {
+    dir: PathBuf,
+    pub(crate) db: Db,
+    _lock: File,
+}
+
+impl State {
+    /// Takes the state directory's lock ([`lock_state`]) and opens its database, migrating it.
+    ///
+    /// # Errors
+    /// A locked or unreadable state directory, or a database from a newer mailferry.
+    pub fn open(dir: &Path) -> Result<std::rc::Rc<State>> {
+        let lock = lock_state(dir)?;
+        let db = Db::open(&dir.join("state.db"))?;
+        Ok(std::rc::Rc::new(State { dir: dir.to_owned(), db, _lock: lock }))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The state database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
 }
 
 /// Takes the state directory's lock so that two runs never interleave, waiting up to ten minutes for

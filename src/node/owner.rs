@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
@@ -19,7 +20,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::pack::{Packed, Packer};
-use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
+use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
 use crate::crypto::{Key, Nonce, SigningKey};
 use crate::db::{Answered, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
@@ -45,14 +46,13 @@ const KEEP_SENT_PARTS: u64 = 14 * 24 * 3600;
 #[derive(Debug)]
 pub struct Owner {
     cfg: OwnerConfig,
-    db: Db,
+    state: Rc<State>,
     store: Store,
     manifests: RefCell<HashMap<u64, Arc<Manifest>>>,
     /// The outgoing server's `SIZE`, learned at the start of a run.
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
     signer: Option<SigningKey>,
-    _lock: std::fs::File,
 }
 
 /// Default grace period of a rotated key: a week.
@@ -173,14 +173,29 @@ impl Owner {
     /// A state directory that overlaps the source tree, or a locked or unreadable one.
     pub fn open(cfg: OwnerConfig) -> Result<Owner> {
         crate::config::check_state_outside_source(&cfg.state_dir, &cfg.owner.source)?;
-        let lock = lock_state(&cfg.state_dir)?;
-        let db = Db::open(&cfg.state_dir.join("state.db"))?;
+        let state = State::open(&cfg.state_dir)?;
+        Owner::open_in(cfg, state)
+    }
+
+    /// The owner part of a node whose state is already open (a node holding several roles).
+    ///
+    /// # Errors
+    /// A state directory other than the config's, one that overlaps the source tree, or an unreadable
+    /// store.
+    pub fn open_in(cfg: OwnerConfig, state: Rc<State>) -> Result<Owner> {
+        anyhow::ensure!(
+            state.dir() == cfg.state_dir,
+            "the owner's state directory `{}` is not the node's `{}`",
+            cfg.state_dir.display(),
+            state.dir().display()
+        );
+        crate::config::check_state_outside_source(&cfg.state_dir, &cfg.owner.source)?;
         let store = Store::open(&cfg.state_dir.join("store"), cfg.owner.compression_level)?;
         let signer = match cfg.owner.signing {
             Signing::Hmac => None,
-            Signing::HmacEd25519 => Some(signing_key(&db)?),
+            Signing::HmacEd25519 => Some(signing_key(&state.db)?),
         };
-        Ok(Owner { cfg, db, store, manifests: RefCell::default(), server_limit: None, signer, _lock: lock })
+        Ok(Owner { cfg, state, store, manifests: RefCell::default(), server_limit: None, signer })
     }
 
     /// The configuration.
@@ -203,7 +218,7 @@ impl Owner {
         }
         let key = Key::generate();
         let enrollment = self.enrollment(name, address, &key);
-        self.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+        self.state.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
         write_enrollment(&enrollment, out, "recipient init")?;
         Ok(enrollment)
     }
@@ -217,13 +232,14 @@ impl Owner {
     /// # Errors
     /// No such recipient, an existing `out`, or state and I/O failures.
     pub fn reenroll(&mut self, name: &str, out: &Path) -> Result<Enrollment> {
-        let rec = self.db.recipient(name)?.with_context(|| format!("no recipient named {name:?} is registered"))?;
+        let rec =
+            self.state.db.recipient(name)?.with_context(|| format!("no recipient named {name:?} is registered"))?;
         if out.exists() {
             bail!("`{}` already exists", out.display());
         }
         let key = Key::generate();
         let enrollment = self.enrollment(name, &rec.address, &key);
-        self.db.transaction(|db| db.replace_key(name, &key.to_hex(), &key.id()))?;
+        self.state.db.transaction(|db| db.replace_key(name, &key.to_hex(), &key.id()))?;
         write_enrollment(&enrollment, out, "recipient enroll")?;
         info!(recipient = name, key = %key.id(), old = %rec.key_id, "enrolled afresh: the old key no longer verifies");
         Ok(enrollment)
@@ -295,14 +311,14 @@ impl Owner {
         manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
-        if let Some(latest) = self.db.latest_generation()?
+        if let Some(latest) = self.state.db.latest_generation()?
             && latest.root == root
         {
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
         // The new objects are durable and in place before the generation that refers to them exists.
         batch.commit().context("failed to store the new generation's content")?;
-        let generation = self.db.add_generation(&manifest)?;
+        let generation = self.state.db.add_generation(&manifest)?;
         info!(generation, root = %root.short(), files, bytes, "published");
         self.prune()?;
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
@@ -311,14 +327,14 @@ impl Owner {
     /// Keeps the newest `keep-generations` generations and the content they refer to. Replies already
     /// made are unaffected: their parts are kept whole, apart from the store.
     fn prune(&mut self) -> Result<()> {
-        let gone = self.db.prune_generations(self.cfg.owner.keep_generations)?;
+        let gone = self.state.db.prune_generations(self.cfg.owner.keep_generations)?;
         if gone.is_empty() {
             return Ok(());
         }
         for g in &gone {
             self.manifests.borrow_mut().remove(g);
         }
-        let keep = self.db.kept_contents()?;
+        let keep = self.state.db.kept_contents()?;
         let (objects, bytes) = self.store.retain(&keep)?;
         let cached = super::pack::prune_cache(&self.cfg.state_dir.join("deltas"), KEEP_DELTAS)?;
         info!(generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
@@ -331,30 +347,56 @@ impl Owner {
     /// Transport or state failures that stop the run; refusals of single messages are not errors.
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
-        self.db.drop_sent_parts(None, KEEP_SENT_PARTS)?;
-        let flushed = Outbox::flush(&self.db, transport).await?;
-        self.learn_from(&flushed)?;
-        report.sent += flushed.sent;
-        self.server_limit = transport.size_limit().await;
+        report.sent += self.begin_run(transport).await?;
         process_inbox(self, transport, &mut report).await?;
-        let flushed = Outbox::flush(&self.db, transport).await?;
-        self.learn_from(&flushed)?;
-        report.sent += flushed.sent;
+        report.sent += self.end_run(transport).await?;
         Ok(report)
+    }
+
+    /// What a run does before it reads the inbox: forgets kept parts past their age, sends what is queued
+    /// (learning from relays that refuse it), and learns the outgoing server's `SIZE`. Returns how many
+    /// messages were sent.
+    ///
+    /// # Errors
+    /// State failures.
+    pub(crate) async fn begin_run<T: Transport>(&mut self, transport: &mut T) -> Result<usize> {
+        self.state.db.drop_sent_parts(None, KEEP_SENT_PARTS)?;
+        let flushed = Outbox::flush(&self.state.db, transport).await?;
+        self.learn_from(&flushed)?;
+        self.server_limit = transport.size_limit().await;
+        Ok(flushed.sent)
+    }
+
+    /// The reply part this owner sent under `message_id`, if it remembers it.
+    ///
+    /// # Errors
+    /// State failures.
+    pub(crate) fn sent_message(&self, message_id: &str) -> Result<Option<SentMessage>> {
+        self.state.db.sent_id(message_id)
+    }
+
+    /// What a run does after the inbox: sends what it queued. Returns how many messages were sent.
+    ///
+    /// # Errors
+    /// State failures.
+    pub(crate) async fn end_run<T: Transport>(&mut self, transport: &mut T) -> Result<usize> {
+        let flushed = Outbox::flush(&self.state.db, transport).await?;
+        self.learn_from(&flushed)?;
+        Ok(flushed.sent)
     }
 
     /// A reply part refused as too large teaches the limit for its recipient: later replies to it are cut
     /// into parts a quarter smaller than the refused one, and the refused reply's kept parts are dropped
     /// so that the recipient's request for them is answered afresh, in the smaller parts. Each refusal
     /// shrinks the limit, down to the smallest usable one, so this cannot loop.
-    fn learn_from(&mut self, flushed: &super::FlushReport) -> Result<()> {
+    pub(crate) fn learn_from(&mut self, flushed: &super::FlushReport) -> Result<()> {
         for t in &flushed.too_large {
-            let Some(rec) = self.db.recipients()?.into_iter().find(|r| r.address == t.to) else { continue };
-            let reply_id = self.db.reply_of_outbox_name(&t.name)?;
+            let Some(rec) = self.state.db.recipients()?.into_iter().find(|r| r.address == t.to) else { continue };
+            let reply_id = self.state.db.reply_of_outbox_name(&t.name)?;
             // Our own submission server said so: no report to corroborate.
             let limit = engine::owner::shrunk_limit(t.bytes, crate::config::MIN_RELAY_LIMIT);
             let learned = LearnedLimit { limit, learned_at: now(), refused: Some(t.bytes), reply_id: reply_id.clone() };
-            self.db.transaction(|db| {
+            self.state.db.transaction(|db| {
                 db.set_relay_limit(&rec.name, Some(&learned))?;
                 if let Some(id) = &reply_id {
                     db.drop_sent_parts(Some(id), KEEP_SENT_PARTS)?;
@@ -374,7 +416,7 @@ impl Owner {
     /// # Errors
     /// No such recipient, or state failures.
     pub fn remove_recipient(&mut self, name: &str) -> Result<()> {
-        self.db.remove_recipient(name)
+        self.state.db.remove_recipient(name)
     }
 
     /// Starts rotating `name`'s key: a fresh key travels, sealed under the current one, with every reply
@@ -391,7 +433,7 @@ impl Owner {
             bail!("a grace period of {} is longer than a year", humantime::format_duration(grace));
         }
         let key = Key::generate();
-        self.db.start_key_rotation(name, &key.to_hex(), &key.id(), grace.as_secs())?;
+        self.state.db.start_key_rotation(name, &key.to_hex(), &key.id(), grace.as_secs())?;
         info!(recipient = name, key = %key.id(), "key rotation started");
         Ok(key.id())
     }
@@ -438,9 +480,9 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
     })
 }
 
-impl Node for Owner {
+impl Role for Owner {
     fn db(&self) -> &Db {
-        &self.db
+        &self.state.db
     }
 
     fn state_dir(&self) -> &Path {
@@ -456,7 +498,7 @@ impl Node for Owner {
             return match engine::owner::on_report(&self.view(), &report, &policy, now)? {
                 ReportOutcome::Refused(r) => Ok(Err(r)),
                 ReportOutcome::Act { effects, what, failed } => {
-                    self.db.transaction(|db| {
+                    self.state.db.transaction(|db| {
                         apply_effects(db, &effects)?;
                         db.mark_seen(digest, "processed")
                     })?;
@@ -478,7 +520,7 @@ impl Node for Owner {
                 let what = format!(
                     "not for this node: a {kind} this owner sent to {recipient:?} (carry it to the recipient); nothing to do"
                 );
-                self.db.mark_seen(digest, "processed")?;
+                self.state.db.mark_seen(digest, "processed")?;
                 info!("{what}");
                 return Ok(Ok(Handled::NotForThisNode(what)));
             }
@@ -498,7 +540,7 @@ impl Node for Owner {
                 let nonce = req.nonce.to_hex();
                 let n = parts.len();
                 let root = self.view().manifest(generation)?.map_or(req.root, |m| m.root());
-                self.db.transaction(|db| {
+                self.state.db.transaction(|db| {
                     apply_effects(db, &effects)?;
                     let mut bytes = 0;
                     for (k, raw) in &parts {
@@ -523,7 +565,7 @@ impl Node for Owner {
                 Handled::Answered { recipient: rec.name, generation, ops: 0 }
             }
             Outcome::Receipt { receipt: r, effects } => {
-                self.db.transaction(|db| {
+                self.state.db.transaction(|db| {
                     apply_effects(db, &effects)?;
                     db.mark_seen(digest, "processed")
                 })?;
@@ -547,7 +589,7 @@ impl Owner {
     }
 
     fn view(&self) -> View<'_> {
-        View { db: &self.db, manifests: &self.manifests }
+        View { db: &self.state.db, manifests: &self.manifests }
     }
 
     /// Packs the reply an [`AnswerPlan`] calls for, cuts it into parts, and queues them with the record of
@@ -561,7 +603,7 @@ impl Owner {
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
             bsdiff_budget: std::cell::Cell::new(super::pack::bsdiff_allowance(
-                &self.db,
+                &self.state.db,
                 &plan.recipient.name,
                 self.cfg.owner.bsdiff_request_budget,
                 self.cfg.owner.bsdiff_daily_budget,
@@ -571,7 +613,7 @@ impl Owner {
         let ops = plan.ops.clone();
         let n_ops = ops.len();
         let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
-        super::pack::charge_bsdiff(&self.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
+        super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
         let mut rng = SystemEntropy;
         let head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
         let limit = plan.limit;
@@ -581,7 +623,7 @@ impl Owner {
         let stats = packed.stats;
         let from = self.cfg.owner.address.clone();
         let to = rec.address.clone();
-        let (parts, bytes) = self.db.transaction(|db| {
+        let (parts, bytes) = self.state.db.transaction(|db| {
             apply_effects(db, &plan.effects)?;
             let mut bytes = 0;
             let keys = (&plan.key, signer.as_ref());

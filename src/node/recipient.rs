@@ -12,12 +12,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{Handled, Node, Outbox, RunReport, lock_state, process_inbox};
+use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, Nonce, PublicKey};
@@ -48,11 +49,10 @@ macro_rules! refuse {
 #[derive(Debug)]
 pub struct Recipient {
     cfg: RecipientConfig,
-    db: Db,
+    state: Rc<State>,
     key: Key,
     /// The owner's pinned Ed25519 key: replies must be signed under it.
     owner_key: Option<PublicKey>,
-    _lock: std::fs::File,
 }
 
 /// The recipient's view for `status`.
@@ -185,7 +185,7 @@ pub fn enroll(cfg: &RecipientConfig, enrollment: &Path) -> Result<String> {
         .with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
     let mut node = Recipient::open_as_is(cfg.clone())?;
     let old = node.key.id();
-    node.db.forget_keys()?;
+    node.state.db.forget_keys()?;
     let path = &r.key_file;
     write_durably(path, format!("{}\n", key.to_hex()).as_bytes())
         .with_context(|| format!("failed to write the new key to `{}`", path.display()))?;
@@ -215,11 +215,25 @@ impl Recipient {
     /// # Errors
     /// A locked state directory, or an unreadable or too-open key file.
     pub fn open_as_is(cfg: RecipientConfig) -> Result<Recipient> {
-        let lock = lock_state(&cfg.state_dir)?;
+        let state = State::open(&cfg.state_dir)?;
+        Recipient::open_in(cfg, state)
+    }
+
+    /// The recipient part of a node whose state is already open (a node holding several roles), leaving an
+    /// interrupted apply alone.
+    ///
+    /// # Errors
+    /// A state directory other than the config's, or an unreadable or too-open key file.
+    pub fn open_in(cfg: RecipientConfig, state: Rc<State>) -> Result<Recipient> {
+        anyhow::ensure!(
+            state.dir() == cfg.state_dir,
+            "the recipient's state directory `{}` is not the node's `{}`",
+            cfg.state_dir.display(),
+            state.dir().display()
+        );
         let key = read_key_file(&cfg.recipient.key_file)?;
         let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
-        let db = Db::open(&cfg.state_dir.join("state.db"))?;
-        let mut r = Recipient { cfg, db, key, owner_key, _lock: lock };
+        let mut r = Recipient { cfg, state, key, owner_key };
         // A key taken up just before a crash is written now.
         r.finish_key()?;
         Ok(r)
@@ -231,7 +245,7 @@ impl Recipient {
     }
 
     /// Finishes an apply that a crash interrupted after its journal was committed.
-    fn recover(&mut self) -> Result<()> {
+    pub(crate) fn recover(&mut self) -> Result<()> {
         let Some(journal) = Journal::load(&self.cfg.state_dir)? else { return Ok(()) };
         warn!(generation = journal.generation, "finishing an apply that was interrupted");
         self.finish(&journal).context("failed to finish the interrupted apply")
@@ -249,7 +263,7 @@ impl Recipient {
         crate::failpoint::hit("apply-done");
         match journal.kind {
             JournalKind::Apply => self.complete(journal),
-            JournalKind::Rollback { .. } => super::rollback::complete(&self.db, &self.cfg.state_dir, journal),
+            JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, &self.cfg.state_dir, journal),
         }
     }
 
@@ -259,14 +273,14 @@ impl Recipient {
         let nonce = Nonce::from_hex(&journal.nonce).map_err(anyhow::Error::msg)?;
         // A key this reply brought is the key from now on: the receipt is made under it, which tells the
         // owner the rotation arrived.
-        let key = match self.db.subscription()?.pending_key {
+        let key = match self.state.db.subscription()?.pending_key {
             Some(hex) => Key::from_hex(&hex).context("the pending key in the state database is corrupt")?,
             None => self.key.clone(),
         };
         let receipt =
             self.receipt(&key, nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
-        self.db.transaction(|db| {
+        self.state.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
                 super::rollback::keep_previous(db, journal)?;
                 let key_id = journal.key_id.as_deref();
@@ -280,7 +294,7 @@ impl Recipient {
         })?;
         journal.finish(&self.cfg.state_dir)?;
         if let Some(root) = journal.stage_dir.parent() {
-            super::rollback::tidy_staging(&self.db, root);
+            super::rollback::tidy_staging(&self.state.db, root);
         }
         self.finish_key()
     }
@@ -329,12 +343,12 @@ impl Recipient {
     /// Transport or local failures (a full disk while staging, an unreadable data tree).
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
         process_inbox(self, transport, &mut report).await?;
         if request {
             report.requested = self.maybe_request()?;
         }
-        report.sent += Outbox::flush(&self.db, transport).await?.sent;
+        report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
         Ok(report)
     }
 
@@ -345,7 +359,7 @@ impl Recipient {
     /// State failures.
     pub fn request_blocked_until(&self) -> Result<Option<u64>> {
         let timeout = self.cfg.recipient.reply_timeout.as_secs();
-        Ok(self.db.newest_outstanding()?.map(|sent| sent + timeout).filter(|at| *at > now()))
+        Ok(self.state.db.newest_outstanding()?.map(|sent| sent + timeout).filter(|at| *at > now()))
     }
 
     /// Sends a request unless one sent less than `reply-timeout` ago is still unanswered. Returns whether
@@ -355,10 +369,10 @@ impl Recipient {
     /// An unreadable data tree or state failures.
     pub fn maybe_request(&mut self) -> Result<bool> {
         let timeout = self.cfg.recipient.reply_timeout.as_secs();
-        self.db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
+        self.state.db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
         let resend = self.missing_parts()?;
         let last_part = resend.as_ref().map_or(0, |(_, at)| *at);
-        if let Some(sent) = self.db.newest_outstanding()?
+        if let Some(sent) = self.state.db.newest_outstanding()?
             && now().saturating_sub(sent.max(last_part)) < timeout
         {
             info!(
@@ -368,11 +382,11 @@ impl Recipient {
             return Ok(false);
         }
         let resend = resend.map(|(r, _)| r);
-        let sub = self.db.subscription()?;
+        let sub = self.state.db.subscription()?;
         let full_content = sub.full_content;
         let scan = self.scan_tree()?;
         let root = scan.manifest.root();
-        let (generation, applied_root) = self.db.applied_root()?;
+        let (generation, applied_root) = self.state.db.applied_root()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || sub.need_full_inventory;
@@ -382,7 +396,7 @@ impl Recipient {
             // Equal roots are equal trees: no drift, and no need to load the applied manifest.
             (InventoryKind::Changes, Vec::new(), Vec::new())
         } else {
-            let (_, _, applied) = self.db.applied()?;
+            let (_, _, applied) = self.state.db.applied()?;
             let changed = scan
                 .manifest
                 .iter()
@@ -436,7 +450,7 @@ impl Recipient {
         })?;
         // The nonce becomes outstanding in the same transaction that queues the request.
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
-        self.db.transaction(|db| {
+        self.state.db.transaction(|db| {
             anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
             db.add_outstanding(&nonce.to_hex(), seq)?;
             if full {
@@ -457,10 +471,10 @@ impl Recipient {
     /// its last part arrived. Incomplete replies whose request was given up are dropped.
     fn missing_parts(&mut self) -> Result<Option<(Resend, u64)>> {
         let mut found = None;
-        for (reply_id, nonce, at) in self.db.partial_replies()? {
-            let kept = self.db.received_parts(&reply_id)?;
+        for (reply_id, nonce, at) in self.state.db.partial_replies()? {
+            let kept = self.state.db.received_parts(&reply_id)?;
             let parts = kept.first().and_then(|(_, c)| serde_json::from_slice::<Reply>(c).ok()).map_or(0, |r| r.parts);
-            if self.db.outstanding(&nonce)?.is_none() {
+            if self.state.db.outstanding(&nonce)?.is_none() {
                 info!(reply = %reply_id, "dropping the kept parts of a reply whose request was given up");
                 self.forget_parts(&reply_id)?;
                 continue;
@@ -477,7 +491,7 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
-        let view = View { db: &self.db, name: &self.cfg.recipient.name, key: &self.key };
+        let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
         let (accepts, sends) = ([Kind::Reply], [Kind::Request, Kind::Receipt]);
         let policy = verify::Policy {
             accepts: &accepts,
@@ -490,7 +504,7 @@ impl Recipient {
             verify::Opened::NotForThisNode { kind, .. } => {
                 let what =
                     format!("not for this node: a {kind} this recipient sent (carry it to the owner); nothing to do");
-                self.db.mark_seen(digest, "processed")?;
+                self.state.db.mark_seen(digest, "processed")?;
                 info!("{what}");
                 return Ok(Ok(Handled::NotForThisNode(what)));
             }
@@ -508,7 +522,7 @@ impl Recipient {
             }
             PartStep::Held { generation, .. } => {
                 // A local rollback holds back the generation it undid (node::rollback).
-                if let Some(held) = super::rollback::hold(&self.db, generation, &nonce, digest)? {
+                if let Some(held) = super::rollback::hold(&self.state.db, generation, &nonce, digest)? {
                     self.forget_parts(&reply.reply_id)?;
                     return Ok(Ok(held));
                 }
@@ -519,8 +533,8 @@ impl Recipient {
         // one is asked for again after `reply-timeout`.
         refuse!(protocol::check_payloads(&reply, &msg.attachments));
         let Some(update) = refuse!(self.keep_part(&reply, &msg.attachments, &nonce)?) else {
-            let have = self.db.received_parts(&reply.reply_id)?.len() as u32;
-            self.db.mark_seen(digest, "processed")?;
+            let have = self.state.db.received_parts(&reply.reply_id)?.len() as u32;
+            self.state.db.mark_seen(digest, "processed")?;
             info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
             return Ok(Ok(Handled::PartKept { reply_id: reply.reply_id.clone(), have, of: reply.parts }));
         };
@@ -542,7 +556,13 @@ impl Recipient {
     fn take_key(&mut self, effects: &[RecipientEffect]) -> Result<()> {
         for e in effects {
             if let RecipientEffect::TakeKey { new, previous_until } = e {
-                self.db.take_key(&self.key.to_hex(), &self.key.id(), *previous_until, &new.to_hex(), &new.id())?;
+                self.state.db.take_key(
+                    &self.key.to_hex(),
+                    &self.key.id(),
+                    *previous_until,
+                    &new.to_hex(),
+                    &new.id(),
+                )?;
             }
         }
         Ok(())
@@ -551,7 +571,7 @@ impl Recipient {
     /// Writes a key taken up but not yet in the key file (after a crash, on the next start), then forgets
     /// it was pending. The key file is replaced whole (temporary file, fsync, rename, directory fsync).
     fn finish_key(&mut self) -> Result<()> {
-        let Some(hex) = self.db.subscription()?.pending_key else { return Ok(()) };
+        let Some(hex) = self.state.db.subscription()?.pending_key else { return Ok(()) };
         let new = Key::from_hex(&hex).context("the pending key in the state database is corrupt")?;
         if new != self.key {
             crate::failpoint::hit("rekey-saved");
@@ -564,17 +584,17 @@ impl Recipient {
             info!(key = %new.id(), old = %self.key.id(), "took up the new key the owner sent");
             self.key = new;
         }
-        self.db.clear_pending_key()
+        self.state.db.clear_pending_key()
     }
 
     /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts.
     fn give_up(&self, nonce: &str, reply_id: &str) -> Result<()> {
-        self.db.close_outstanding(nonce)?;
+        self.state.db.close_outstanding(nonce)?;
         self.forget_parts(reply_id)
     }
 
     fn forget_parts(&self, reply_id: &str) -> Result<()> {
-        self.db.forget_parts(reply_id)?;
+        self.state.db.forget_parts(reply_id)?;
         let dir = self.parts_dir(reply_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -599,7 +619,7 @@ impl Recipient {
         nonce: &str,
     ) -> Result<Result<Option<Update>, Refusal>> {
         let dir = self.parts_dir(&reply.reply_id);
-        let kept = self.db.received_parts(&reply.reply_id)?;
+        let kept = self.state.db.received_parts(&reply.reply_id)?;
         if let Some((_, first)) = kept.first() {
             let first: Reply = serde_json::from_slice(first).context("a kept part's control is corrupt")?;
             if !first.same_reply(reply) {
@@ -613,8 +633,8 @@ impl Recipient {
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
         let chunk = dir.join(format!("{}.chunk", reply.part));
         write_durably(&chunk, &attachments[&own.id])?;
-        self.db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
-        let have: BTreeSet<u32> = self.db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
+        self.state.db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
+        let have: BTreeSet<u32> = self.state.db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
         if have.len() < reply.parts as usize {
             return Ok(Ok(None));
         }
@@ -629,7 +649,7 @@ impl Recipient {
                 let path = dir.join(format!("{k}.chunk"));
                 let bytes = std::fs::read(&path).with_context(|| format!("failed to read `{}`", path.display()))?;
                 if bytes.len() as u64 != p.size || Digest::of(&bytes) != p.blake3 {
-                    self.db.forget_parts(&reply.reply_id)?;
+                    self.state.db.forget_parts(&reply.reply_id)?;
                     bail!("kept part {k} of reply {} is damaged on disk; it will be asked for again", reply.reply_id);
                 }
                 out.write_all(&bytes)?;
@@ -650,10 +670,10 @@ impl Recipient {
         now: u64,
     ) -> Result<Result<Handled, Refusal>> {
         let reply = &update.head;
-        let (_, _, previous) = self.db.applied()?;
+        let (_, _, previous) = self.state.db.applied()?;
         let data = self.cfg.recipient.data.clone();
         let step = {
-            let view = View { db: &self.db, name: &self.cfg.recipient.name, key: &self.key };
+            let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
             let mut scan = || self.scan_tree();
             engine::recipient::on_whole(&view, update, under, &mut scan, &previous, self.cfg.recipient.on_extra, now)?
         };
@@ -688,7 +708,7 @@ impl Recipient {
                 StageError::Refused(r) => {
                     // Whole files can be checked without trusting anything local: ask for them next time.
                     warn!("{r}; the next request asks for whole files");
-                    self.db.set_full_content(true)?;
+                    self.state.db.set_full_content(true)?;
                     return Ok(Err(r));
                 }
                 io @ StageError::Io { .. } => {
@@ -717,7 +737,7 @@ impl Recipient {
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
         self.finish(&journal).context("apply interrupted; the next run finishes it")?;
-        self.db.set_full_content(false)?;
+        self.state.db.set_full_content(false)?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
@@ -755,7 +775,7 @@ impl Recipient {
         effects: &[RecipientEffect],
     ) -> Result<Result<Handled, Refusal>> {
         let key = self.key.clone();
-        self.db.transaction(|db| {
+        self.state.db.transaction(|db| {
             for e in effects {
                 match e {
                     RecipientEffect::TakeKey { new, previous_until } => {
@@ -899,9 +919,9 @@ pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
     Ok(true)
 }
 
-impl Node for Recipient {
+impl Role for Recipient {
     fn db(&self) -> &Db {
-        &self.db
+        &self.state.db
     }
 
     fn state_dir(&self) -> &Path {
@@ -923,7 +943,7 @@ impl Node for Recipient {
             } else {
                 info!(message_id = report.message_id.as_deref().unwrap_or("-"), "delivery report: {what}");
             }
-            self.db.mark_seen(digest, "processed")?;
+            self.state.db.mark_seen(digest, "processed")?;
             return Ok(Ok(Handled::Bounced { status: what }));
         }
         self.evaluate(raw, digest)

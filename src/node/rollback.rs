@@ -30,7 +30,7 @@ use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
 
 use super::Handled;
-use super::Node as _;
+use super::Role as _;
 use super::recipient::Recipient;
 use crate::apply::{Journal, JournalKind, OnExtra, Step, tree};
 use crate::crypto::Nonce;

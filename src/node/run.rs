@@ -27,7 +27,7 @@ use crate::config::{OwnerConfig, RecipientConfig};
 use crate::db::Db;
 use crate::node::owner::Owner;
 use crate::node::recipient::{self, Recipient};
-use crate::node::{self, Node as _, Outbox, RunReport};
+use crate::node::{self, Outbox, Role as _, RunReport};
 use crate::transport::{AnyTransport, ReceiveMode, Transport, TransportError, Wake};
 
 /// A transport a daemon can wait on between steps.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use mailferry::node::Node as _;
+use mailferry::node::Role as _;
 use mailferry::node::recipient::Recipient;
 use mailferry::node::rollback;
 use serde::Serialize;
