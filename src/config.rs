@@ -199,8 +199,9 @@ pub struct RecipientSection {
     pub state_dir: Option<PathBuf>,
     /// File holding the 64-hex-digit key (mode 0600).
     pub key_file: PathBuf,
-    /// Where new files are staged; must be on the data tree's file system. Default: `STATE/staging` when
-    /// that is on the same file system, else `.NAME.mailferry-staging` beside the data tree.
+    /// Where new files are staged; must be on the data tree's mount (a rename into the tree is tried).
+    /// Default: `STATE/staging` when a rename from there into the tree works, else
+    /// `.NAME.mailferry-staging` beside the data tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging_dir: Option<PathBuf>,
     /// How often `run` requests an update. Default 1h.
