@@ -50,8 +50,9 @@
 //!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
 //!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
 //!   before (the kept store, the hold); [`node::run`], the daemon loop (a step at a time under the state
-//!   lock, IDLE or polling in between, capped backoff, an injected shutdown).
+//!   lock, IDLE or polling in between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
+//! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //! - [`progress`]: progress bars, off unless the binary turns them on for a terminal.
 //!
@@ -86,6 +87,7 @@ pub mod node;
 pub mod path;
 pub mod progress;
 pub mod protocol;
+pub mod retry;
 pub mod scan;
 pub mod statcache;
 pub mod store;
