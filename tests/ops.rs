@@ -207,3 +207,101 @@ fn an_interrupted_apply_that_cannot_cross_mounts_says_how_to_finish_it() {
     assert!(!state.join("journal.json").exists());
     assert_same_tree(&w.source, &data);
 }
+
+/// The visible subcommands under `path` (`[]` is the top level), as `--help` lists them.
+fn subcommands(path: &[&str]) -> Vec<String> {
+    let mut args = path.to_vec();
+    args.push("--help");
+    let help = ok(&args);
+    help.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every command path: `["owner"], ["owner", "run"], ...`.
+fn command_paths() -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for top in subcommands(&[]) {
+        let nested = subcommands(&[&top]);
+        out.push(vec![top.clone()]);
+        out.extend(nested.into_iter().map(|n| vec![top.clone(), n]));
+    }
+    assert!(out.len() > 10, "{out:?}");
+    out
+}
+
+#[test]
+fn man_pages_render_and_name_every_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man");
+    ok(&["manpage", "--out", dir.to_str().unwrap()]);
+    let mut pages = vec![dir.join("mailferry.1")];
+    for path in command_paths() {
+        let page = dir.join(format!("mailferry-{}.1", path.join("-")));
+        assert!(page.exists(), "no man page for `mailferry {}`", path.join(" "));
+        pages.push(page);
+    }
+    for page in &pages {
+        // groff with every warning on: a page that does not render cleanly fails here.
+        let out = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(page).output().expect("groff");
+        assert!(out.status.success() && out.stderr.is_empty(), "{}: {}", page.display(), text(&out));
+    }
+    let rendered = Command::new("man").arg("-l").arg(&pages[0]).env("MANPAGER", "cat").output().expect("man");
+    let rendered = String::from_utf8_lossy(&rendered.stdout);
+    for top in subcommands(&[]) {
+        assert!(rendered.contains(&format!("mailferry-{top}(1)")), "`man mailferry` does not list {top}:\n{rendered}");
+    }
+    // Without --out the main page goes to stdout.
+    assert!(ok(&["manpage"]).contains(".TH mailferry 1"));
+}
+
+#[test]
+fn completions_name_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["completions", shell]);
+        for path in command_paths() {
+            let name = path.last().unwrap();
+            assert!(script.contains(name.as_str()), "{shell} completions miss `mailferry {}`", path.join(" "));
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bash = tmp.path().join("mailferry.bash");
+    fs::write(&bash, ok(&["completions", "bash"])).unwrap();
+    let out = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(out.status.success(), "the bash completions do not parse: {}", text(&out));
+}
+
+/// `Type=notify`: a daemon tells systemd it is ready (READY=1 on `$NOTIFY_SOCKET`) once its loop starts.
+#[test]
+fn a_daemon_tells_systemd_it_is_ready() {
+    let w = World::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let socket_path = tmp.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let log = tmp.path().join("owner.log");
+    let mut child = Command::new(bin())
+        .args(["owner", "run", "--config", &w.owner_config])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("MAILFERRY_LOG", "mailferry=info")
+        .stdin(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let got = socket.recv(&mut buf);
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    let n = got.unwrap_or_else(|e| {
+        panic!("no readiness notification within 30 s ({e})\n{}", fs::read_to_string(&log).unwrap())
+    });
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(msg.contains(&format!("MAINPID={}", child.id())), "{msg:?}");
+    assert!(status.success(), "{status}\n{}", fs::read_to_string(&log).unwrap());
+}
