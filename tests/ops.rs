@@ -305,3 +305,28 @@ fn a_daemon_tells_systemd_it_is_ready() {
     assert!(msg.contains(&format!("MAINPID={}", child.id())), "{msg:?}");
     assert!(status.success(), "{status}\n{}", fs::read_to_string(&log).unwrap());
 }
+
+/// Both units: readiness by notification, no restart loop on a config error, and a sandbox that
+/// `systemd-analyze security` rates at most 2.0 (it rated the first units 6.8).
+#[test]
+fn the_shipped_units_are_hardened() {
+    for name in ["mailferry-owner.service", "mailferry-recipient.service"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd").join(name);
+        let unit = fs::read_to_string(&path).unwrap();
+        for (key, want) in [
+            ("Type", "notify"),
+            ("RestartPreventExitStatus", "2"),
+            ("UMask", "0077"),
+            ("User", "mailferry"),
+            ("ProtectSystem", "strict"),
+        ] {
+            assert_eq!(unit_values(&unit, key), [want], "{name}: {key}=");
+        }
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=20"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (package systemd) is needed to check the units");
+        assert!(out.status.success(), "{name} is exposed more than 2.0:\n{}", text(&out));
+    }
+}
