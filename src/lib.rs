@@ -42,7 +42,8 @@
 //!   replaced atomically; a damaged one only costs a full rehash).
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
-//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree, and only through
+//! - [`apply`] (staging, journal, execution; [`apply::staging`] picks a staging place a rename into the tree
+//!   works from): the only code that writes into a data tree, and only through
 //!   [`apply::tree`] directory handles that never follow a symbolic link.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
