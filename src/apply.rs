@@ -21,6 +21,7 @@
 //! After an apply that moves to a newer generation, that staging directory is kept as the store that
 //! `mailferry recipient rollback` restores the generation before from (see `node::rollback`).
 
+pub mod staging;
 pub mod tree;
 
 use std::collections::BTreeSet;
@@ -520,8 +521,19 @@ impl Journal {
     /// replaced its parent), and removes nothing through a link either way.
     ///
     /// # Errors
-    /// I/O errors, or a tree changed under the apply so that a step cannot be completed.
+    /// I/O errors, or a tree changed under the apply so that a step cannot be completed; a staging
+    /// directory on another mount than the data tree is explained as such.
     pub fn execute(&self) -> Result<()> {
+        self.execute_steps().map_err(|e| {
+            if staging::is_cross_device(&e) {
+                e.context(staging::cross_device_help(&self.stage_dir, &self.data_root))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn execute_steps(&self) -> Result<()> {
         let root = tree::Dir::open_root(&self.data_root)
             .with_context(|| format!("failed to open data tree `{}`", self.data_root.display()))?;
         let own = |name: &str| -> Result<tree::Dir> {

@@ -219,8 +219,9 @@ pub struct RecipientSection {
     pub state_dir: Option<PathBuf>,
     /// File holding the 64-hex-digit key (mode 0600).
     pub key_file: PathBuf,
-    /// Where new files are staged; must be on the data tree's file system. Default: `STATE/staging` when
-    /// that is on the same file system, else `.NAME.mailferry-staging` beside the data tree.
+    /// Where new files are staged; must be on the data tree's mount (a rename into the tree is tried).
+    /// Default: `STATE/staging` when a rename from there into the tree works, else
+    /// `.NAME.mailferry-staging` beside the data tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging_dir: Option<PathBuf>,
     /// How often `run` requests an update. Default 1h.
@@ -556,6 +557,32 @@ fn ensure_private(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// These adapters stay hand-written: `humantime-serde` accepts the same syntax (it calls the same
+    /// `humantime::parse_duration`) but says only "invalid value: string \"10\", expected a duration",
+    /// dropping humantime's reason.
+    #[test]
+    fn durations_say_what_is_wrong_with_them() {
+        #[derive(Debug, Deserialize)]
+        struct T {
+            #[serde(with = "duration")]
+            d: Duration,
+            #[serde(default, with = "duration_opt")]
+            o: Option<Duration>,
+        }
+        let t: T = toml::from_str("d = \"1h 30m\"\no = \"90s\"").unwrap();
+        assert_eq!((t.d, t.o), (Duration::from_secs(5400), Some(Duration::from_secs(90))));
+        for (text, want) in [
+            ("d = \"10\"", "\"10\" is not a duration: time unit needed, for example 10sec or 10ms"),
+            (
+                "d = \"1h\"\no = \"5 fortnights\"",
+                "\"5 fortnights\" is not a duration: unknown time unit \"fortnights\"",
+            ),
+        ] {
+            let err = toml::from_str::<T>(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn loads_both_roles_and_refuses_typos() {

@@ -42,7 +42,8 @@
 //!   replaced atomically; a damaged one only costs a full rehash).
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
-//! - [`apply`] (staging, journal, execution): the only code that writes into a data tree, and only through
+//! - [`apply`] (staging, journal, execution; [`apply::staging`] picks a staging place a rename into the tree
+//!   works from): the only code that writes into a data tree, and only through
 //!   [`apply::tree`] directory handles that never follow a symbolic link.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
@@ -50,8 +51,9 @@
 //!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
 //!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
 //!   before (the kept store, the hold); [`node::run`], the daemon loop (a step at a time under the state
-//!   lock, IDLE or polling in between, capped backoff, an injected shutdown).
+//!   lock, IDLE or polling in between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
+//! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
 //! - [`progress`]: progress bars, off unless the binary turns them on for a terminal.
 //!
@@ -86,6 +88,7 @@ pub mod node;
 pub mod path;
 pub mod progress;
 pub mod protocol;
+pub mod retry;
 pub mod scan;
 pub mod statcache;
 pub mod store;

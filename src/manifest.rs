@@ -79,20 +79,12 @@ impl<'de> Deserialize<'de> for Digest {
 
 /// Lowercase hex encoding.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    ::hex::encode(bytes)
 }
 
-/// Decodes lowercase or uppercase hex; `None` if it is not hex.
+/// Decodes lowercase or uppercase hex; `None` if it is not hex (signs and odd lengths included).
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+    ::hex::decode(s).ok()
 }
 
 /// A file's permission bits as mailferry manages them: executable or not.
@@ -887,6 +879,19 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn hex_is_strict() {
+        assert_eq!(unhex("00ffAb").unwrap(), [0, 255, 171]);
+        assert_eq!(hex(&[0, 255, 171]), "00ffab");
+        // `u8::from_str_radix` takes a sign: "+f" must not pass for a byte.
+        for bad in ["+f", "f", "0g", "é0", " 0"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+        let d = Digest::of(b"x").to_hex();
+        let signed = format!("+{}", &d[1..]);
+        assert!(Digest::from_hex(&signed).is_err(), "{signed}");
+    }
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()

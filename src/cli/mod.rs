@@ -6,9 +6,12 @@
 //! `--json` go to stdout; narration, warnings and logs go to stderr. Exit codes: 0 success, 1 `status`
 //! found something that needs attention, 2 error.
 
+mod completions;
 mod deliver;
 mod demo;
 mod log;
+mod manpage;
+mod notify;
 mod output;
 mod owner;
 mod recipient;
@@ -72,6 +75,12 @@ enum Command {
     Log(log::LogCommand),
     /// Run the whole story in a temporary directory: publish, sync, change, sync, tamper.
     Demo(demo::DemoCommand),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions(completions::CompletionsCommand),
+    /// Print the man page, or write every page into a directory.
+    #[command(hide = true)]
+    Manpage(manpage::ManpageCommand),
 }
 
 /// The `--config` argument shared by the commands that work on an existing node.
@@ -158,5 +167,7 @@ async fn dispatch(command: Command) -> Result<Exit> {
         Command::Deliver(c) => c.execute().await,
         Command::Log(c) => c.execute(),
         Command::Demo(c) => c.execute().await,
+        Command::Completions(c) => c.execute(),
+        Command::Manpage(c) => c.execute(),
     }
 }

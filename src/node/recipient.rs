@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -793,25 +792,11 @@ impl Recipient {
         Ok(Ok(Handled::Current { generation }))
     }
 
-    /// Where files are staged: on the data tree's file system, outside the data tree.
+    /// Where files are staged: a directory from which a rename into the data tree works (see
+    /// [`apply::staging::choose`]), outside the data tree.
     pub(crate) fn staging_root(&self) -> Result<PathBuf> {
-        if let Some(dir) = &self.cfg.recipient.staging_dir {
-            std::fs::create_dir_all(dir)?;
-            return Ok(dir.clone());
-        }
-        let data = &self.cfg.recipient.data;
-        let in_state = self.cfg.state_dir.join("staging");
-        std::fs::create_dir_all(&in_state)?;
-        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
-        if dev(&in_state)? == dev(data).with_context(|| format!("data tree `{}` is missing", data.display()))? {
-            return Ok(in_state);
-        }
-        let parent = data.parent().context("the data tree has no parent directory")?;
-        let name = data.file_name().map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
-        let beside = parent.join(format!(".{name}.mailferry-staging"));
-        std::fs::create_dir_all(&beside)
-            .with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
-        Ok(beside)
+        let r = &self.cfg.recipient;
+        apply::staging::choose(r.staging_dir.as_deref(), &self.cfg.state_dir, &r.data)
     }
 }
 

@@ -145,57 +145,22 @@ pub trait Daemon {
     async fn step<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<Step>;
 }
 
-/// Capped exponential backoff between retries of a failed step: [`Backoff::MIN`] after the first failure,
-/// doubling up to [`Backoff::MAX`], back to the start after a step succeeds.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    /// The first delay: one second.
-    pub const MIN: Duration = Duration::from_secs(1);
-    /// The longest delay: five minutes.
-    pub const MAX: Duration = Duration::from_secs(300);
-
-    /// Starts at `min` and doubles up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, next: min }
-    }
-
-    /// The delay before the next retry.
-    pub fn failed(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    /// Back to the first delay, after a step succeeded.
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff::new(Backoff::MIN, Backoff::MAX)
-    }
-}
+pub use crate::retry::Backoff;
 
 /// How the loop runs, apart from the role.
 pub struct RunConfig {
     /// The delays between retries of failed steps.
     pub backoff: Backoff,
-    /// A number in [0, 1): a request is sent `interval` plus up to 10% of it after the last, so that a fleet
-    /// does not ask all at once. [`RunConfig::default`] takes it from the operating system.
+    /// A number in [0, 1): a request is sent `interval` plus up to 10% of it after the last, and a retry
+    /// waits its backoff delay less up to half of it ([`crate::retry::jitter`]), so that a fleet does not
+    /// ask, or retry after an outage, all at once. [`RunConfig::default`] takes it from the operating
+    /// system.
     pub random: Box<dyn FnMut() -> f64>,
 }
 
 impl Default for RunConfig {
     fn default() -> RunConfig {
-        RunConfig { backoff: Backoff::default(), random: Box::new(random_unit) }
+        RunConfig { backoff: Backoff::default(), random: Box::new(crate::retry::random_unit) }
     }
 }
 
@@ -205,20 +170,13 @@ impl std::fmt::Debug for RunConfig {
     }
 }
 
-/// A uniformly distributed number in [0, 1) from the operating system (0 if it has none to give).
-fn random_unit() -> f64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).unwrap_or_default();
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Runs `daemon` until `shutdown` completes: a step, then a wait for news, again and again. `show` gets
 /// the report of every step that did something worth showing ([`Daemon::worth_showing`]).
 ///
 /// After a successful step the loop waits for mail on `transport` (IMAP IDLE or polling; a spool is
 /// slept on) until the next interval, or the next request when the daemon requests (capped at
 /// [`Daemon::spool_wait`] on a spool). A failed step, mail the server could not take yet, and a failed
-/// wait are retried after the [`Backoff`] delay. What each step left behind is recorded for `status`
+/// wait are retried after the [`Backoff`] delay, jittered. What each step left behind is recorded for `status`
 /// ([`note_step`]). The transport is closed on the way out.
 ///
 /// # Errors
@@ -235,7 +193,7 @@ pub async fn run<D: Daemon, L: Listen>(
     let db = Db::open(&daemon.state_dir().join("state.db"))?;
     let mut next_request = Instant::now();
     let mut next_interval = Instant::now();
-    let backoff = &mut cfg.backoff;
+    let RunConfig { backoff, random } = &mut cfg;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         if Instant::now() >= next_interval {
@@ -247,7 +205,7 @@ pub async fn run<D: Daemon, L: Listen>(
         match &res {
             Ok(rep) => {
                 if rep.requested {
-                    next_request = Instant::now() + interval + (interval / 10).mul_f64((cfg.random)());
+                    next_request = Instant::now() + interval + (interval / 10).mul_f64(random());
                 } else if due {
                     // An unanswered request holds the next one back until it is `reply-timeout` old.
                     next_request = match blocked_until {
@@ -263,7 +221,7 @@ pub async fn run<D: Daemon, L: Listen>(
         }
         admin_summary(&db, transport, &daemon.admin()).await?;
         if note_step(&db, transport, &res)? {
-            let delay = backoff.failed();
+            let delay = backoff.failed_with(random());
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
             if until(shutdown.as_mut(), tokio::time::sleep(delay)).await.is_none() {
                 break;
@@ -282,7 +240,7 @@ pub async fn run<D: Daemon, L: Listen>(
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 node::record_transport_error(&db, &format!("{e:#}"))?;
-                let delay = backoff.failed();
+                let delay = backoff.failed_with(random());
                 warn!(error = %format!("{e:#}"), retry_in = %humantime::format_duration(delay), "waiting for mail failed");
                 if until(shutdown.as_mut(), tokio::time::sleep(delay)).await.is_none() {
                     break;
@@ -683,6 +641,37 @@ mod tests {
         let status = d.status();
         assert!(status.failing(), "{status:?}");
         assert!(status.last_error.unwrap().contains("connection refused"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_jittered_between_half_the_ceiling_and_the_ceiling() {
+        let ceilings = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 300.0, 300.0];
+        let mut schedules = vec![];
+        for seed in [1u64, 2] {
+            let mut d = Fake::new(Duration::from_secs(60)).script(&[Outcome::Fail; 11]);
+            let mut t = Memory::default();
+            // Two nodes with their own randomness (xorshift), as two machines of a fleet would have.
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let random = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 53) as f64
+            };
+            let cfg = RunConfig { backoff: Backoff::default(), random: Box::new(random) };
+            let shutdown = tokio::time::sleep(Duration::from_secs(3000));
+            tokio::time::timeout(Duration::from_secs(86_400), run(&mut d, &mut t, cfg, shutdown, |_| {}))
+                .await
+                .expect("the loop did not stop when asked to")
+                .unwrap();
+            let gaps = d.gaps();
+            assert!(gaps.len() > ceilings.len(), "{gaps:?}");
+            for (g, c) in gaps.iter().zip(ceilings) {
+                assert!((c / 2.0..c).contains(g), "retry after {g} s for a ceiling of {c} s: {gaps:?}");
+            }
+            schedules.push(gaps[..ceilings.len()].to_vec());
+        }
+        assert_ne!(schedules[0], schedules[1], "two nodes retry at different times");
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,6 +35,7 @@ impl RunCommand {
         } else {
             let shutdown = crate::cli::signal::shutdown()?;
             info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");
+            crate::cli::notify::ready("owner running");
             run::run(&mut daemon, &mut t, RunConfig::default(), shutdown, |r| {
                 // A summary that cannot be written (stderr closed) is no reason to stop serving.
                 let _ = show(r);

@@ -39,6 +39,7 @@ impl RunCommand {
         } else {
             let shutdown = crate::cli::signal::shutdown()?;
             info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");
+            crate::cli::notify::ready("recipient running");
             run::run(&mut daemon, &mut t, RunConfig::default(), shutdown, |r| {
                 // A summary that cannot be written (stderr closed) is no reason to stop syncing.
                 let _ = show(r);

@@ -24,15 +24,12 @@ use tokio::time::Instant;
 
 use super::config::{AuthMechanism, ConfigError, Endpoint, ImapConfig, Security};
 use super::tls;
+use crate::retry::{Backoff, random_unit};
 use crate::transport::{Disposition, Incoming, TransportError, TransportErrorKind};
 
 /// IDLE is ended and re-issued after this long, well below the 29 minutes of RFC 2177 and the
 /// ~10-minute NAT and proxy timeouts seen in practice.
 pub const IDLE_REISSUE: Duration = Duration::from_secs(9 * 60);
-/// First wait before reconnecting after a failed connection; doubles up to [`MAX_RECONNECT_DELAY`].
-const MIN_RECONNECT_DELAY: Duration = Duration::from_secs(1);
-/// Longest wait between reconnection attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5 * 60);
 /// The search that selects mailferry's messages: any value of the header, not yet flagged deleted
 /// (without MOVE and UIDPLUS a filed message stays behind with `\Deleted` until someone expunges).
 /// mailferry's messages, and delivery reports about them (they quote the original's headers, marker
@@ -117,7 +114,8 @@ pub struct ImapMailbox {
     endpoint: Endpoint,
     config: ImapConfig,
     conn: Option<Connected>,
-    reconnect_delay: Duration,
+    /// Waits between reconnection attempts: 1 s doubling up to 5 minutes, jittered.
+    reconnect: Backoff,
 }
 
 impl std::fmt::Debug for ImapMailbox {
@@ -140,7 +138,7 @@ impl ImapMailbox {
             endpoint: config.endpoint()?,
             config: config.clone(),
             conn: None,
-            reconnect_delay: MIN_RECONNECT_DELAY,
+            reconnect: Backoff::default(),
         })
     }
 
@@ -222,7 +220,7 @@ impl ImapMailbox {
     /// With IDLE (server capability and `idle = true`) this returns within about a second of a delivery
     /// (Dovecot notifies after 0.5 s); IDLE is re-issued every [`IDLE_REISSUE`]. Without IDLE it sleeps
     /// `poll-interval` and returns [`Wake::MaybeNewMail`]. A lost connection is re-established with a
-    /// backoff of 1 s doubling up to 5 minutes; once it is back this returns `MaybeNewMail`, because mail
+    /// backoff of 1 s doubling up to 5 minutes, less up to half at random; once it is back this returns `MaybeNewMail`, because mail
     /// may have arrived meanwhile.
     ///
     /// # Errors
@@ -235,7 +233,7 @@ impl ImapMailbox {
                 match self.connect().await {
                     Ok(c) => {
                         self.conn = Some(c);
-                        self.reconnect_delay = MIN_RECONNECT_DELAY;
+                        self.reconnect.reset();
                         return Ok(Wake::MaybeNewMail);
                     }
                     Err(e) if e.kind == TransportErrorKind::Transient => {
@@ -243,9 +241,9 @@ impl ImapMailbox {
                         if now >= deadline {
                             return Err(e);
                         }
-                        let delay = self.reconnect_delay.min(deadline - now);
+                        // Jittered, so that a fleet does not reconnect in step after an outage.
+                        let delay = self.reconnect.failed_with(random_unit()).min(deadline - now);
                         tracing::warn!(error = %e, retry_in = ?delay, "imap server unreachable");
-                        self.reconnect_delay = (self.reconnect_delay * 2).min(MAX_RECONNECT_DELAY);
                         tokio::time::sleep(delay).await;
                         continue;
                     }
@@ -308,7 +306,7 @@ impl ImapMailbox {
     async fn ensure_connected(&mut self) -> Result<(), TransportError> {
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
-            self.reconnect_delay = MIN_RECONNECT_DELAY;
+            self.reconnect.reset();
         }
         Ok(())
     }
