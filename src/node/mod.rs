@@ -178,6 +178,14 @@ pub async fn process_inbox<N: Node, T: Transport>(
 ) -> Result<()> {
     for msg in transport.fetch().await? {
         let handled = node.handle(&msg.raw)?;
+        if matches!(handled, Handled::Refused(_)) {
+            // A local copy gives `log` a file to point at whatever the transport does with the original;
+            // failing to write it (a full disk) must not stop the message being filed.
+            match keep_rejected(node.state_dir(), &msg.raw) {
+                Ok(kept) => tracing::debug!(kept = %kept.display(), "kept a copy of the refused message"),
+                Err(e) => warn!(error = %format!("{e:#}"), "could not keep a copy of the refused message"),
+            }
+        }
         report.count(&handled);
         crate::failpoint::hit("before-settle");
         if let Some(d) = handled.disposition() {
@@ -442,8 +450,8 @@ pub struct TooLarge {
     pub bytes: u64,
 }
 
-/// Keeps a copy of a refused message in `STATE/rejected/` (for messages that arrived outside the
-/// transport, through `mailferry deliver`).
+/// Keeps a copy of a refused message as `STATE/rejected/DIGEST.eml` (every refused message, whether it
+/// came through the transport or `mailferry deliver`), for `mailferry log` to point at.
 ///
 /// # Errors
 /// I/O errors.
@@ -472,6 +480,9 @@ pub struct RunReport {
     pub sent: usize,
     /// Whether a request was sent (recipient).
     pub requested: bool,
+    /// What became of each message, in order, for a summary in words.
+    #[serde(skip)]
+    pub outcomes: Vec<Handled>,
 }
 
 impl RunReport {
@@ -483,5 +494,6 @@ impl RunReport {
             Handled::Deferred(_) => self.deferred += 1,
             _ => self.handled += 1,
         }
+        self.outcomes.push(h.clone());
     }
 }

@@ -191,6 +191,33 @@ impl AnyTransport {
     }
 }
 
+/// What logging in to one mail server once showed (`mailferry check`, like `msmtp --serverinfo`).
+#[derive(Debug)]
+pub struct ServerInfo {
+    /// `smtp` or `imap`.
+    pub service: &'static str,
+    /// `host:port`.
+    pub server: String,
+    /// The login name.
+    pub user: String,
+    /// What the server offers, or why the login failed.
+    pub result: Result<String, TransportError>,
+}
+
+/// Logs in to the SMTP and IMAP servers of `config` once each and logs out; nothing is sent or moved.
+///
+/// # Errors
+/// Settings the transport refuses (checked again here, as `MailTransport::new` does).
+pub async fn probe(config: &mail::MailConfig) -> Result<Vec<ServerInfo>, mail::ConfigError> {
+    let mut smtp = mail::smtp::SmtpSender::new(&config.smtp)?;
+    let mut imap = mail::imap::ImapMailbox::new(&config.imap)?;
+    let (s, i) = (smtp.endpoint().clone(), imap.endpoint().clone());
+    Ok(vec![
+        ServerInfo { service: "smtp", server: s.addr(), user: s.username, result: smtp.probe().await },
+        ServerInfo { service: "imap", server: i.addr(), user: i.username, result: imap.probe().await },
+    ])
+}
+
 impl Transport for AnyTransport {
     async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
         match self {
