@@ -617,8 +617,9 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rejections(&self) -> Result<Vec<Rejection>> {
-        let mut st =
-            self.conn.prepare("SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id")?;
         let rows = st.query_map([], |r| {
             Ok(Rejection {
                 at: r.get::<_, i64>(0)? as u64,

@@ -15,6 +15,8 @@ mod crash;
 mod rollback;
 // `owner rotate-key` and Ed25519-signed replies.
 mod keys;
+// Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
+mod ops;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.

@@ -20,9 +20,11 @@ use crate::cli::{ConfigArg, Exit};
 
 /// The arguments of `check` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
-#[command(after_help = "Exit codes: 0 no problem found; 1 a problem found (each on a line starting with FAIL, with its \
+#[command(
+    after_help = "Exit codes: 0 no problem found; 1 a problem found (each on a line starting with FAIL, with its \
 fix); 2 no config file found, or another error.\n\
-Examples:\n  mailferry check --config /etc/mailferry/recipient.toml\n  mailferry check --offline --json")]
+Examples:\n  mailferry check --config /etc/mailferry/recipient.toml\n  mailferry check --offline --json"
+)]
 pub struct CheckCommand {
     #[command(flatten)]
     config: ConfigArg,
@@ -98,7 +100,7 @@ impl CheckCommand {
         let mut f = Findings::default();
         let role = match NodeConfig::load(&path) {
             Err(e) => {
-                f.fail("config", format!("{e:#}"), "correct the file (see README.md, \"Configuration\")");
+                f.fail("config", one_line(&format!("{e:#}")), "correct the file (see README.md, \"Configuration\")");
                 None
             }
             Ok(NodeConfig::Owner(cfg)) => {
@@ -124,6 +126,17 @@ impl CheckCommand {
     }
 }
 
+/// A multi-line message (a TOML error with its source excerpt and caret) as one line: the excerpt's
+/// lines (`3 | intervall = "1h"`, `| ^^^^`) are left out, the rest joined.
+fn one_line(text: &str) -> String {
+    let excerpt = |l: &str| {
+        let rest = l.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
+        rest.starts_with('|')
+    };
+    let kept: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !excerpt(l)).collect();
+    kept.join(" ")
+}
+
 fn mode(meta: &std::fs::Metadata) -> u32 {
     meta.permissions().mode() & 0o7777
 }
@@ -134,7 +147,11 @@ fn state(state_dir: &Path, f: &mut Findings) {
     let dir = match std::fs::metadata(state_dir) {
         Ok(m) if m.is_dir() => m,
         Ok(_) => {
-            return f.fail("state-dir", format!("`{}` is not a directory", state_dir.display()), "set state-dir to a directory");
+            return f.fail(
+                "state-dir",
+                format!("`{}` is not a directory", state_dir.display()),
+                "set state-dir to a directory",
+            );
         }
         Err(e) => {
             return f.fail(
@@ -363,10 +380,9 @@ async fn transport(t: &TransportConfig, offline: bool, f: &mut Findings) {
 }
 
 async fn mail_transport(mail: &MailConfig, offline: bool, f: &mut Findings) {
-    for (check, pw, ca) in [
-        ("smtp", &mail.smtp.password_file, &mail.smtp.ca_file),
-        ("imap", &mail.imap.password_file, &mail.imap.ca_file),
-    ] {
+    for (check, pw, ca) in
+        [("smtp", &mail.smtp.password_file, &mail.smtp.ca_file), ("imap", &mail.imap.password_file, &mail.imap.ca_file)]
+    {
         if let Some(pw) = pw {
             secret_file(check, "password-file", pw, 0o007, f);
         }
@@ -389,13 +405,17 @@ async fn mail_transport(mail: &MailConfig, offline: bool, f: &mut Findings) {
             Ok(text) => f.ok(check, format!("{} as {}: {text}", info.server, info.user)),
             Err(e) => {
                 let fix = match e.kind {
-                    TransportErrorKind::Auth => "check username and the password source (password-file, \
-                                                 password-command or token-command)",
+                    TransportErrorKind::Auth => {
+                        "check username and the password source (password-file, \
+                                                 password-command or token-command)"
+                    }
                     TransportErrorKind::Transient => {
                         "check host and port, that the server runs, and that the network lets the connection through"
                     }
-                    _ => "check security and port (starttls on 587/143, tls on 465/993) and the server certificate \
-                          (ca-file)",
+                    _ => {
+                        "check security and port (starttls on 587/143, tls on 465/993) and the server certificate \
+                          (ca-file)"
+                    }
                 };
                 f.fail(check, format!("{e:#}"), fix);
             }
@@ -406,6 +426,15 @@ async fn mail_transport(mail: &MailConfig, offline: bool, f: &mut Findings) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_errors_become_one_line() {
+        let e = "config file `r.toml` is invalid: TOML parse error at line 3, column 1\n  |\n3 | intervall = \"1h\"\n  | ^^^^^^^^^\nunknown field `intervall`, expected one of `name`\n";
+        assert_eq!(
+            one_line(e),
+            "config file `r.toml` is invalid: TOML parse error at line 3, column 1 unknown field `intervall`, expected one of `name`"
+        );
+    }
 
     #[test]
     fn mount_points_are_unescaped() {

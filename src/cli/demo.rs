@@ -108,7 +108,9 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
     ));
     say(&format!("    wrote {} (mode 600, holds site1's own key)", enrollment.display()));
     recipient::init(&base.join("site1"), &d.data, &enrollment, &d.spool)?;
-    say("  $ mailferry recipient init --dir site1 --data site1-data --enrollment site1.enrollment --transport-root spool");
+    say(
+        "  $ mailferry recipient init --dir site1 --data site1-data --enrollment site1.enrollment --transport-root spool",
+    );
     say(&format!("    wrote {} (data tree {})", d.site_cfg.display(), d.data.display()));
 
     heading(3, "Publish generation 1 and sync");

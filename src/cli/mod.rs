@@ -191,25 +191,20 @@ pub fn locate_config(explicit: Option<&Path>, role: Option<Role>) -> Result<Path
         None => vec![Role::Owner, Role::Recipient],
     };
     for dir in &dirs {
-        let found: Vec<PathBuf> =
-            roles.iter().map(|r| dir.join(r.file_name())).filter(|p| p.is_file()).collect();
+        let found: Vec<PathBuf> = roles.iter().map(|r| dir.join(r.file_name())).filter(|p| p.is_file()).collect();
         match found.as_slice() {
             [] => continue,
             [one] => {
                 tracing::info!("using config file `{}`", one.display());
                 return Ok(one.clone());
             }
-            [a, b, ..] => bail!(
-                "both `{}` and `{}` exist; say which node this is with --config FILE",
-                a.display(),
-                b.display()
-            ),
+            [a, b, ..] => {
+                bail!("both `{}` and `{}` exist; say which node this is with --config FILE", a.display(), b.display())
+            }
         }
     }
-    let tried: Vec<String> = dirs
-        .iter()
-        .flat_map(|d| roles.iter().map(move |r| format!("`{}`", d.join(r.file_name()).display())))
-        .collect();
+    let tried: Vec<String> =
+        dirs.iter().flat_map(|d| roles.iter().map(move |r| format!("`{}`", d.join(r.file_name()).display()))).collect();
     bail!("no config file found (looked for {}); give --config FILE or set MAILFERRY_CONFIG", tried.join(", "))
 }
 
@@ -272,9 +267,7 @@ pub fn init_logging(cli: &Cli) -> Result<()> {
                  `mailferry=debug,warn`"
             )
         })?,
-        Err(std::env::VarError::NotPresent) => {
-            tracing_subscriber::EnvFilter::new(format!("mailferry={default},warn"))
-        }
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new(format!("mailferry={default},warn")),
         Err(std::env::VarError::NotUnicode(_)) => bail!("MAILFERRY_LOG is not valid UTF-8"),
     };
     let journald = stderr_is_journal();
@@ -284,7 +277,11 @@ pub fn init_logging(cli: &Cli) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(terminal && !journald);
-    if journald { builder.without_time().init() } else { builder.init() }
+    if journald {
+        builder.without_time().init()
+    } else {
+        builder.init()
+    }
     output::set_quiet(cli.quiet);
     // Progress bars only for a person watching a terminal, and not in quiet mode.
     if terminal && !cli.quiet {
@@ -299,7 +296,10 @@ fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
     let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else { return false };
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
-    rustix::fs::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == ino)
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else { return false };
+    std::fs::File::from(fd).metadata().is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
 /// Runs the parsed command.

@@ -83,11 +83,35 @@ fn common<'a>(
     attention: bool,
 ) {
     m.gauge("mailferry_info", "The node's role (always 1).", vec![("role", role.to_owned())], Some(1.0));
-    m.gauge("mailferry_attention", "1 when `mailferry status` exits 1 (the node needs attention).", vec![], flag(attention));
-    m.counter("mailferry_rejected_messages_total", "Refused messages recorded (see `mailferry log --rejected`).", rejected as f64);
-    m.gauge("mailferry_outbox_pending", "Outgoing messages waiting for the mail server.", vec![], Some(outbox.pending as f64));
-    m.gauge("mailferry_outbox_failed", "Outgoing messages the mail server refused permanently.", vec![], Some(outbox.failed as f64));
-    m.gauge("mailferry_transport_failing", "1 when the last run ended with a mail server or spool error.", vec![], flag(transport.failing()));
+    m.gauge(
+        "mailferry_attention",
+        "1 when `mailferry status` exits 1 (the node needs attention).",
+        vec![],
+        flag(attention),
+    );
+    m.counter(
+        "mailferry_rejected_messages_total",
+        "Refused messages recorded (see `mailferry log --rejected`).",
+        rejected as f64,
+    );
+    m.gauge(
+        "mailferry_outbox_pending",
+        "Outgoing messages waiting for the mail server.",
+        vec![],
+        Some(outbox.pending as f64),
+    );
+    m.gauge(
+        "mailferry_outbox_failed",
+        "Outgoing messages the mail server refused permanently.",
+        vec![],
+        Some(outbox.failed as f64),
+    );
+    m.gauge(
+        "mailferry_transport_failing",
+        "1 when the last run ended with a mail server or spool error.",
+        vec![],
+        flag(transport.failing()),
+    );
     m.gauge(
         "mailferry_transport_last_error_timestamp_seconds",
         "When the last mail server or spool error happened.",
@@ -107,9 +131,19 @@ pub fn owner(s: &OwnerStatus, attention: bool) -> String {
     let mut m = Metrics::default();
     common(&mut m, "owner", s.rejected, &s.outbox, &s.transport, attention);
     let g = s.generation.as_ref();
-    m.gauge("mailferry_generation", "The newest published generation (0 for none).", vec![], Some(g.map_or(0, |g| g.number) as f64));
+    m.gauge(
+        "mailferry_generation",
+        "The newest published generation (0 for none).",
+        vec![],
+        Some(g.map_or(0, |g| g.number) as f64),
+    );
     m.gauge("mailferry_generation_files", "Regular files in the newest generation.", vec![], g.map(|g| g.files as f64));
-    m.gauge("mailferry_generation_bytes", "Bytes in the regular files of the newest generation.", vec![], g.map(|g| g.bytes as f64));
+    m.gauge(
+        "mailferry_generation_bytes",
+        "Bytes in the regular files of the newest generation.",
+        vec![],
+        g.map(|g| g.bytes as f64),
+    );
     m.gauge(
         "mailferry_generation_published_timestamp_seconds",
         "When the newest generation was published.",
@@ -117,8 +151,18 @@ pub fn owner(s: &OwnerStatus, attention: bool) -> String {
         g.map(|g| g.created as f64),
     );
     m.gauge("mailferry_recipients", "Registered recipients.", vec![], Some(s.recipients.len() as f64));
-    m.gauge("mailferry_budget_replies", "Most replies one recipient is sent per budget period.", vec![], Some(s.budget.replies as f64));
-    m.gauge("mailferry_budget_bytes", "Most reply bytes one recipient is sent per budget period.", vec![], Some(s.budget.bytes as f64));
+    m.gauge(
+        "mailferry_budget_replies",
+        "Most replies one recipient is sent per budget period.",
+        vec![],
+        Some(s.budget.replies as f64),
+    );
+    m.gauge(
+        "mailferry_budget_bytes",
+        "Most reply bytes one recipient is sent per budget period.",
+        vec![],
+        Some(s.budget.bytes as f64),
+    );
     for r in &s.recipients {
         let l = || vec![("recipient", r.name.clone())];
         m.gauge(
@@ -133,7 +177,12 @@ pub fn owner(s: &OwnerStatus, attention: bool) -> String {
             l(),
             time(r.last_request_at),
         );
-        m.gauge("mailferry_recipient_last_reply_timestamp_seconds", "When a recipient was last replied to.", l(), time(r.last_reply_at));
+        m.gauge(
+            "mailferry_recipient_last_reply_timestamp_seconds",
+            "When a recipient was last replied to.",
+            l(),
+            time(r.last_reply_at),
+        );
         m.gauge(
             "mailferry_recipient_last_receipt_timestamp_seconds",
             "When a recipient's last receipt arrived.",
@@ -160,8 +209,18 @@ pub fn owner(s: &OwnerStatus, attention: bool) -> String {
 pub fn recipient(s: &RecipientStatus, attention: bool) -> String {
     let mut m = Metrics::default();
     common(&mut m, "recipient", s.rejected, &s.outbox, &s.transport, attention);
-    m.gauge("mailferry_generation", "The generation applied to the data tree (0 for none).", vec![], Some(s.generation as f64));
-    m.gauge("mailferry_last_request_timestamp_seconds", "When the last request was sent.", vec![], time(s.last_request_at));
+    m.gauge(
+        "mailferry_generation",
+        "The generation applied to the data tree (0 for none).",
+        vec![],
+        Some(s.generation as f64),
+    );
+    m.gauge(
+        "mailferry_last_request_timestamp_seconds",
+        "When the last request was sent.",
+        vec![],
+        time(s.last_request_at),
+    );
     m.gauge(
         "mailferry_last_reply_timestamp_seconds",
         "When the last authenticated reply was accepted.",
@@ -169,7 +228,12 @@ pub fn recipient(s: &RecipientStatus, attention: bool) -> String {
         time(s.last_reply_at),
     );
     m.gauge("mailferry_outstanding_requests", "Requests awaiting their reply.", vec![], Some(s.outstanding as f64));
-    m.gauge("mailferry_interrupted_apply", "1 while an interrupted apply waits for the next run.", vec![], flag(s.interrupted_apply));
+    m.gauge(
+        "mailferry_interrupted_apply",
+        "1 while an interrupted apply waits for the next run.",
+        vec![],
+        flag(s.interrupted_apply),
+    );
     m.gauge("mailferry_stale", "1 when no fresh reply came for longer than stale-after.", vec![], flag(s.stale));
     m.gauge("mailferry_stale_after_seconds", "The stale-after in force.", vec![], Some(s.stale_after as f64));
     m.gauge(
@@ -192,6 +256,9 @@ mod tests {
         m.gauge("mailferry_a", "A.", vec![("recipient", "x\"y\\z\n".into())], Some(1.0));
         m.gauge("mailferry_b", "B.", vec![], None);
         let text = m.render();
-        assert_eq!(text, "# HELP mailferry_a A.\n# TYPE mailferry_a gauge\nmailferry_a{recipient=\"x\\\"y\\\\z\\n\"} 1\n");
+        assert_eq!(
+            text,
+            "# HELP mailferry_a A.\n# TYPE mailferry_a gauge\nmailferry_a{recipient=\"x\\\"y\\\\z\\n\"} 1\n"
+        );
     }
 }

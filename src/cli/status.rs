@@ -205,10 +205,9 @@ impl Render for RecipientStatus {
         writeln!(out, "last reply:   {}", fmt_time(s.last_reply_at))?;
         match &s.key_id {
             Some(k) => writeln!(out, "key id:       {k}")?,
-            None => writeln!(
-                out,
-                "KEY: the key file cannot be read (see `mailferry check`); replies cannot be verified"
-            )?,
+            None => {
+                writeln!(out, "KEY: the key file cannot be read (see `mailferry check`); replies cannot be verified")?
+            }
         }
         if let Some(k) = &s.owner_public_key {
             writeln!(out, "owner key:    ed25519 {k} (replies must be signed)")?;

@@ -9,15 +9,17 @@ use mailferry::node::owner;
 use serde::Serialize;
 
 use crate::cli::Exit;
-use crate::cli::transport_args::TransportArgs;
 use crate::cli::output::{Output, Render, Stream};
+use crate::cli::transport_args::TransportArgs;
 
 /// The arguments of `owner init` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  mailferry owner init --dir /etc/mailferry --state-dir /var/lib/mailferry \\\n      \
+#[command(
+    after_help = "Examples:\n  mailferry owner init --dir /etc/mailferry --state-dir /var/lib/mailferry \\\n      \
 --source /srv/tree --address owner@example.org --smtp-host mail.example.org \\\n      \
 --password-file /etc/mailferry/mail-password\n  \
-mailferry owner init --dir ./owner --source ./tree --address owner@example.org --transport-root ./spool")]
+mailferry owner init --dir ./owner --source ./tree --address owner@example.org --transport-root ./spool"
+)]
 pub struct InitCommand {
     /// Directory for the config and state.
     #[arg(long, value_name = "DIR")]

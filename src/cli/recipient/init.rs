@@ -9,8 +9,8 @@ use mailferry::node::recipient;
 use serde::Serialize;
 
 use crate::cli::Exit;
-use crate::cli::transport_args::TransportArgs;
 use crate::cli::output::{Output, Render, Stream};
+use crate::cli::transport_args::TransportArgs;
 
 /// The arguments of `recipient init` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
