@@ -395,7 +395,7 @@ fn check_names_each_problem_with_its_fix() {
     fs::write(&site.config, &staged).unwrap();
     let out = check(&site.config);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("FAIL  staging: staging directory"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("is on another file system than the data tree"), "{}", text(&out.stdout));
     // Staging inside the data tree.
     let inside =
         cfg.replace("[recipient]\n", &format!("[recipient]\nstaging-dir = \"{}/stage\"\n", site.data.display()));
@@ -565,4 +565,29 @@ fn help_has_examples_exit_codes_and_global_options() {
     assert!(sub.contains("Global options:") && sub.contains("prometheus"), "{sub}");
     let init = ok(&["owner", "init", "--help"]);
     assert!(init.contains("--state-dir") && init.contains("--smtp-host") && init.contains("Mail transport"), "{init}");
+}
+
+#[test]
+fn check_finds_staging_on_another_mount_of_the_same_file_system() {
+    // systemd's ReadWritePaths= bind-mounts each path on its own: the device numbers stay equal, but a
+    // rename from one mount to another fails with EXDEV. A private mount namespace makes the same here.
+    let w = World::new();
+    let site = w.site("site1");
+    let script = format!(
+        "mount --bind '{d}' '{d}' && exec '{bin}' check --offline --config '{cfg}'",
+        d = site.data.display(),
+        bin = bin().display(),
+        cfg = site.config
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("MAILFERRY_CONFIG")
+        .output()
+        .expect("unshare(1) runs");
+    assert_eq!(out.status.code(), Some(1), "{}", show(&["check (in a mount namespace)"], &out));
+    let lines = text(&out.stdout);
+    let fail = lines.lines().find(|l| l.starts_with("FAIL  staging")).unwrap_or_else(|| panic!("{lines}"));
+    assert!(fail.contains("different mounts") && fail.contains("ReadWritePaths="), "{fail}");
+    // Outside the namespace the same node is fine.
+    assert_eq!(run(&["check", "--offline", "--config", &site.config]).status.code(), Some(0));
 }
