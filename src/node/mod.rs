@@ -128,7 +128,9 @@ pub trait Node {
     /// Local failures (database, store, outbox, a full disk); the message should then stay where it is.
     fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
         let digest = Digest::of(raw);
+        tracing::trace!(digest = %digest.short(), bytes = raw.len(), "handling a message");
         if let Some(seen) = self.db().seen(&digest)? {
+            tracing::debug!(digest = %digest.short(), settled = seen.settled, "message seen before");
             if !seen.settled {
                 return Ok(Handled::Duplicate { rejected: seen.rejected });
             }
@@ -141,7 +143,10 @@ pub trait Node {
             return Ok(Handled::Refused(refusal));
         }
         match self.act(raw, &digest)? {
-            Ok(h) => Ok(h),
+            Ok(h) => {
+                tracing::debug!(digest = %digest.short(), outcome = ?h, "message handled");
+                Ok(h)
+            }
             Err(refusal) => {
                 record_refusal(self.db(), &refusal, raw, &digest, true)?;
                 Ok(Handled::Refused(refusal))
@@ -176,7 +181,9 @@ pub async fn process_inbox<N: Node, T: Transport>(
     transport: &mut T,
     report: &mut RunReport,
 ) -> Result<()> {
-    for msg in transport.fetch().await? {
+    let messages = transport.fetch().await?;
+    tracing::debug!(count = messages.len(), "fetched the messages waiting");
+    for msg in messages {
         let handled = node.handle(&msg.raw)?;
         if matches!(handled, Handled::Refused(_)) {
             // A local copy gives `log` a file to point at whatever the transport does with the original;
@@ -189,6 +196,7 @@ pub async fn process_inbox<N: Node, T: Transport>(
         report.count(&handled);
         crate::failpoint::hit("before-settle");
         if let Some(d) = handled.disposition() {
+            tracing::trace!(id = %msg.id, disposition = ?d, "filing the message");
             match transport.settle(&msg.id, d).await {
                 Ok(()) => node.db().mark_settled(&Digest::of(&msg.raw))?,
                 Err(e) => {
@@ -339,7 +347,11 @@ impl Outbox {
     /// Only local failures on the state database; transport failures are logged and counted.
     pub async fn flush<T: Transport>(db: &Db, transport: &mut T) -> Result<FlushReport> {
         let mut report = FlushReport::default();
-        for name in db.outbox_pending()? {
+        let pending = db.outbox_pending()?;
+        if !pending.is_empty() {
+            tracing::debug!(count = pending.len(), "sending the outbox");
+        }
+        for name in pending {
             let (from, to, raw) = db.outbox_get(&name)?;
             match transport.send(&from, &to, &raw).await {
                 Ok(()) => {

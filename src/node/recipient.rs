@@ -386,6 +386,13 @@ impl Recipient {
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || sub.need_full_inventory;
+        tracing::debug!(
+            generation,
+            full,
+            unchanged = applied_root == Some(root),
+            resend = resend.is_some(),
+            "building a request"
+        );
         let (inventory_kind, inventory, removed) = if full {
             (InventoryKind::Full, scan.manifest.listing(), Vec::new())
         } else if applied_root == Some(root) {
@@ -783,6 +790,7 @@ impl Recipient {
         std::fs::create_dir_all(&in_state)?;
         let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev());
         if dev(&in_state)? == dev(data).with_context(|| format!("data tree `{}` is missing", data.display()))? {
+            tracing::debug!(staging = %in_state.display(), "staging in the state directory: same file system");
             return Ok(in_state);
         }
         let parent = data.parent().context("the data tree has no parent directory")?;
@@ -790,6 +798,7 @@ impl Recipient {
         let beside = parent.join(format!(".{name}.mailferry-staging"));
         std::fs::create_dir_all(&beside)
             .with_context(|| format!("failed to create staging directory `{}`", beside.display()))?;
+        tracing::debug!(staging = %beside.display(), "staging beside the data tree: the state is on another file system");
         Ok(beside)
     }
 }
