@@ -96,7 +96,8 @@ Exit codes:
   2    error: bad command line or config, a local failure (one line on stderr)
   75   temporary failure (EX_TEMPFAIL): a mail server could not be reached, or deliver could not handle
        the message now; an MTA defers it, try again later
-  130  interrupted by SIGINT (Ctrl-C) during a one-shot command; the next run finishes what was begun
+  130  interrupted by SIGINT (Ctrl-C) during a one-shot command; nothing is left half-done (the next
+       run finishes an interrupted apply)
 
 Logs go to stderr: -v/-vv add detail, -q leaves warnings and errors; MAILFERRY_LOG takes a tracing
 filter (for example mailferry=debug) and overrides both.";
@@ -129,8 +130,11 @@ enum Command {
     Deliver(deliver::DeliverCommand),
     /// List refused messages with their reasons.
     Log(log::LogCommand),
-    /// Check a node's config, key and password file modes, data tree and staging placement, and log in
-    /// to its mail servers once; one line per problem, with its fix.
+    /// Check a node's setup: config, file modes, data tree, staging, one login to each mail server.
+    ///
+    /// Validates the config, the modes of the key file, password files and state database, the data tree
+    /// and where files are staged (the data tree's file system and mount), and logs in to SMTP and IMAP
+    /// once; one line per finding, each problem with its fix. Nothing is changed or sent.
     Check(check::CheckCommand),
     /// Run the whole story in a temporary directory: publish, sync, change, sync, tamper.
     Demo(demo::DemoCommand),
