@@ -487,9 +487,6 @@ def maildir_messages(spool, address):
     return out
 
 
-SUMMARY_RE = re.compile(r"(owner|recipient): (\d+) message\(s\): (\d+) handled, (\d+) refused")
-
-
 class World:
     def __init__(self, binary, base):
         self.bin = binary
@@ -528,11 +525,13 @@ class World:
 
     def step(self, side, label, *extra):
         cfg = self.owner_cfg if side == "owner" else self.site_cfg
-        p = self.mf(side, "run", "--config", cfg, "--once", *extra)
-        for m in SUMMARY_RE.finditer(p.stderr):
-            if int(m.group(4)) > 0:
-                die(f"{side} refused a message in step {label!r}:\n{p.stderr}\n"
-                    f"see: {self.bin} log --config {cfg} --rejected")
+        # --fail-on-refusal: exit 1 when a message was refused, which a benchmark must never see.
+        p = self.mf(side, "run", "--config", cfg, "--once", "--fail-on-refusal", *extra, check=False)
+        if p.rc == 1:
+            die(f"{side} refused a message in step {label!r}:\n{p.stderr}\n"
+                f"see: {self.bin} log --config {cfg} --rejected")
+        elif p.rc != 0:
+            die(f"{side} run failed in step {label!r} (exit {p.rc}):\n{p.stderr}")
         self.steps.append((side, label, p))
         return p
 

@@ -271,6 +271,8 @@ pub struct Rejection {
     pub message_id: Option<String>,
     /// Subject (untrusted).
     pub subject: Option<String>,
+    /// BLAKE3 of the raw message (names its kept copy, `STATE/rejected/DIGEST.eml`).
+    pub digest: Option<String>,
 }
 
 /// A registered recipient, as the owner knows it.
@@ -595,7 +597,7 @@ impl Db {
     /// SQLite errors.
     pub fn rejections_after(&self, after: i64) -> Result<Vec<(i64, Rejection)>> {
         let mut st = self.conn.prepare(
-            "SELECT id, at, reason, detail, sender, message_id, subject FROM rejections WHERE id > ?1 ORDER BY id",
+            "SELECT id, at, reason, detail, sender, message_id, subject, digest FROM rejections WHERE id > ?1 ORDER BY id",
         )?;
         let rows = st.query_map([after], |r| {
             Ok((
@@ -607,6 +609,7 @@ impl Db {
                     sender: r.get(4)?,
                     message_id: r.get(5)?,
                     subject: r.get(6)?,
+                    digest: r.get(7)?,
                 },
             ))
         })?;
@@ -618,8 +621,9 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rejections(&self) -> Result<Vec<Rejection>> {
-        let mut st =
-            self.conn.prepare("SELECT at, reason, detail, sender, message_id, subject FROM rejections ORDER BY id")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id")?;
         let rows = st.query_map([], |r| {
             Ok(Rejection {
                 at: r.get::<_, i64>(0)? as u64,
@@ -628,6 +632,7 @@ impl Db {
                 sender: r.get(3)?,
                 message_id: r.get(4)?,
                 subject: r.get(5)?,
+                digest: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

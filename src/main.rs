@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::parse();
-    cli::init_logging(&args);
+    if let Err(err) = cli::init_logging(&args) {
+        eprintln!("error: {err:#}");
+        return cli::Exit::Error.into();
+    }
     match cli::run(args) {
         Ok(code) => code.into(),
         Err(err) => {
@@ -18,7 +21,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {err:#}");
-            cli::Exit::Error.into()
+            cli::exit_for(&err).into()
         }
     }
 }

@@ -1238,7 +1238,7 @@ fn one_enrollment_on_two_machines_is_named_on_both_sides() {
     ok(&["recipient", "run", "--config", &config, "--once"]);
     let outbox = spool.join(OWNER).join("new");
     let request = fs::read_dir(&outbox).unwrap().next().unwrap().unwrap().path();
-    ok(&["deliver", "--config", &w.owner_config, request.to_str().unwrap()]);
+    fails(&["deliver", "--config", &w.owner_config, request.to_str().unwrap()], 1);
     assert_eq!(rejections(&w.owner_config), ["replay"]);
     let detail = last_refusal_detail(&w.owner_config);
     assert!(detail.contains("another machine uses \"site1\"'s enrollment"), "{detail}");

@@ -489,3 +489,52 @@ async fn without_move_and_uidplus_the_filed_copy_is_never_fetched_again() {
     assert!(flags[0].contains("\\Deleted"), "original not flagged deleted: {flags:?}");
     assert!(t.fetch().await.expect("fetch again").is_empty(), "a filed message was fetched again");
 }
+
+/// `mailferry check` logs in once to each server through `transport::probe`, as `msmtp --serverinfo` does:
+/// nothing is sent or moved, a wrong password is an `Auth` failure naming server and user, and the
+/// binary's `check` turns each into one line (the command's own test of its offline parts is in `ops`).
+#[tokio::test]
+async fn probe_logs_in_once_and_names_what_fails() {
+    let m = mailserver::shared();
+    let (user, pw) = m.fresh_user("probe");
+    let (_dir, pw_file) = password_file(&pw);
+    let cfg = config(m, &user, &Secret::File(&pw_file), SUBMISSION_STARTTLS, IMAPS, true);
+    let infos = mailferry::transport::probe(&cfg).await.expect("valid config");
+    assert_eq!(infos.iter().map(|i| i.service).collect::<Vec<_>>(), ["smtp", "imap"]);
+    for info in &infos {
+        let text = info.result.as_ref().unwrap_or_else(|e| panic!("{} probe failed: {e:#}", info.service));
+        assert!(text.starts_with("logged in"), "{}: {text}", info.service);
+        assert_eq!(info.user, user);
+    }
+    assert!(infos[0].result.as_ref().unwrap().contains("SIZE"), "smtp shows its size limit");
+    assert_eq!(m.count(&user, "INBOX"), 0, "a probe sends nothing");
+
+    let (_bad_dir, bad_file) = password_file("not-the-password");
+    let bad = config(m, &user, &Secret::File(&bad_file), SUBMISSION_STARTTLS, IMAPS, true);
+    for info in mailferry::transport::probe(&bad).await.expect("valid config") {
+        let err = info.result.expect_err("a wrong password must fail the probe");
+        assert_eq!(err.kind, TransportErrorKind::Auth, "{}: {err:#}", info.service);
+        assert!(format!("{err:#}").contains(&user), "{err:#}");
+    }
+
+    // Through the binary: a recipient config whose mail settings are these, checked online.
+    let dir = tempfile::tempdir().unwrap();
+    let mail_toml = toml::to_string(&cfg).unwrap();
+    let key = dir.path().join("recipient.key");
+    mailferry::config::write_secret(&key, &mailferry::crypto::Key::generate().to_hex()).unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let node = dir.path().join("recipient.toml");
+    std::fs::write(
+        &node,
+        format!(
+            "[recipient]\nname = \"probe\"\naddress = \"{user}\"\nowner-address = \"{user}\"\ndata = \"data\"\n\
+             key-file = \"recipient.key\"\n[transport]\nkind = \"mail\"\n{mail_toml}"
+        ),
+    )
+    .unwrap();
+    let out = crate::util::run(&["check", "--config", node.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("ok    smtp:") && l.contains("logged in")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("ok    imap:") && l.contains("logged in")), "{stdout}");
+}

@@ -15,7 +15,9 @@ mod crash;
 mod rollback;
 // `owner rotate-key` and Ed25519-signed replies.
 mod keys;
-// The shipped units' sandbox: state directory and data tree on separate mounts.
+// The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
+mod units;
+// Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
 mod ops;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;

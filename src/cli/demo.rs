@@ -75,7 +75,13 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
             tmp.path().to_path_buf()
         }
     };
-    say(&format!("mailferry demo in `{}`", base.display()));
+    match keep {
+        Some(_) => say(&format!("mailferry demo in `{}` (kept afterwards)", base.display())),
+        None => say(&format!(
+            "mailferry demo in `{}` (removed at the end; `mailferry demo --keep DIR` keeps the files)",
+            base.display()
+        )),
+    }
     say("An owner (a vendor) keeps a recipient (a customer site) in sync through a Maildir spool,");
     say("the transport that air-gapped sites carry on removable media.");
 
@@ -93,23 +99,32 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
 
     heading(2, "Set up the owner and enroll one recipient");
     owner::init(&base.join("owner"), &d.source, OWNER, &d.spool)?;
-    say(&format!("  owner init        -> {}", d.owner_cfg.display()));
+    say(&format!("  $ mailferry owner init --dir owner --source source --address {OWNER} --transport-root spool"));
+    say(&format!("    wrote {}", d.owner_cfg.display()));
     let enrollment = base.join("site1.enrollment");
     open_owner(&d)?.add_recipient("site1", SITE, &enrollment)?;
-    say(&format!("  owner add-recipient site1 -> {} (mode 600, holds site1's own key)", enrollment.display()));
+    say(&format!(
+        "  $ mailferry owner add-recipient --config owner/owner.toml --name site1 --address {SITE} --out site1.enrollment"
+    ));
+    say(&format!("    wrote {} (mode 600, holds site1's own key)", enrollment.display()));
     recipient::init(&base.join("site1"), &d.data, &enrollment, &d.spool)?;
-    say(&format!("  recipient init    -> {} (data tree {})", d.site_cfg.display(), d.data.display()));
+    say(
+        "  $ mailferry recipient init --dir site1 --data site1-data --enrollment site1.enrollment --transport-root spool",
+    );
+    say(&format!("    wrote {} (data tree {})", d.site_cfg.display(), d.data.display()));
 
     heading(3, "Publish generation 1 and sync");
     let g1 = open_owner(&d)?.publish()?;
-    say(&format!("  published generation {} root {} ({} files)", g1.generation, g1.root.short(), g1.files));
+    say("  $ mailferry owner publish --config owner/owner.toml");
+    say(&format!("    generation {} root {} ({} files)", g1.generation, g1.root.short(), g1.files));
     sync(&d).await?;
     check_equal(&d, g1.root)?;
 
     heading(4, "Change the source: edit, add, delete, rename, exec bit, empty directory");
     change_tree(&d.source)?;
     let g2 = open_owner(&d)?.publish()?;
-    say(&format!("  published generation {} root {} ({} files)", g2.generation, g2.root.short(), g2.files));
+    say("  $ mailferry owner publish --config owner/owner.toml");
+    say(&format!("    generation {} root {} ({} files)", g2.generation, g2.root.short(), g2.files));
     fs::write(d.source.join("README.txt"), "edited after publishing: must not leak into replies\n")?;
     say("  (and edited README.txt again after publishing: generations are immutable)");
     sync(&d).await?;
@@ -125,6 +140,10 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
     let mut site = open_site(&d)?;
     let mut t = AnyTransport::open(&site.config().transport, SITE)?;
     let rep = site.run_once(&mut t, false).await?;
+    say(&format!(
+        "  $ mailferry recipient run --config site1/recipient.toml --once --no-request\n    recipient: {}",
+        super::output::summary_words(&rep)
+    ));
     if rep.refused != 1 {
         bail!("the tampered reply was not refused: {rep:?}");
     }
@@ -132,6 +151,7 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
     let last = rejected.last().context("refusal was not recorded")?;
     say(&format!("  recipient refused it: {}: {}", last.reason, last.detail));
     say(&format!("  the message is in `{}`", d.spool.join(SITE).join(".rejected/cur").display()));
+    say("  $ mailferry log --config site1/recipient.toml --rejected   (lists it, with its reason)");
     let after = scan::scan(&d.data)?.manifest.root();
     if after != before {
         bail!("the data tree changed after a refused reply");
@@ -148,6 +168,9 @@ pub async fn run(keep: Option<&Path>) -> Result<Exit> {
     if have == latest.root {
         say(&format!("  recipient tree == owner generation {} (root {})", latest.number, have));
         say("  demo finished: every step behaved as it should");
+        if keep.is_none() {
+            say(&format!("  removing `{}`; run `mailferry demo --keep DIR` to look around afterwards", base.display()));
+        }
         Ok(Exit::Success)
     } else {
         say(&format!("  MISMATCH: recipient root {have}, owner generation {} root {}", latest.number, latest.root));
@@ -174,12 +197,10 @@ async fn recipient_step(d: &Demo, request: bool, what: &str) -> Result<()> {
     let mut t = AnyTransport::open(&site.config().transport, SITE)?;
     let r = site.run_once(&mut t, request).await?;
     say(&format!(
-        "  {what:<22} recipient run --once{}: {} applied, {} refused, {} mail sent",
+        "  {what:<22} $ mailferry recipient run --config site1/recipient.toml --once{}",
         if request { "" } else { " --no-request" },
-        r.handled,
-        r.refused,
-        r.sent
     ));
+    say(&format!("  {:<24}recipient: {}", "", super::output::summary_words(&r)));
     Ok(())
 }
 
@@ -187,7 +208,8 @@ async fn owner_step(d: &Demo, what: &str) -> Result<()> {
     let mut o = open_owner(d)?;
     let mut t = AnyTransport::open(&o.config().transport, OWNER)?;
     let r = o.run_once(&mut t).await?;
-    say(&format!("  {what:<22} owner run --once: {} handled, {} refused, {} mail sent", r.handled, r.refused, r.sent));
+    say(&format!("  {what:<22} $ mailferry owner run --config owner/owner.toml --once"));
+    say(&format!("  {:<24}owner: {}", "", super::output::summary_words(&r)));
     Ok(())
 }
 
@@ -270,9 +292,9 @@ fn show_tree(root: &Path) -> Result<()> {
         match l.entry {
             Entry::Dir => say(&format!("    {}/", l.path)),
             Entry::File(f) => say(&format!(
-                "    {}  {} bytes{}  {}",
+                "    {}  {}{}  {}",
                 l.path,
-                f.size,
+                super::output::bytes(f.size),
                 if f.mode == mailferry::manifest::Mode::Executable { ", executable" } else { "" },
                 f.blake3.short()
             )),

@@ -1,27 +1,76 @@
 //! `mailferry status`: a node's generation, tree root, last request and reply, refusals and mail, as
-//! text or one JSON object; exits 1 when something needs attention.
+//! text, one JSON object (`docs/status.schema.json`) or Prometheus metrics; exits 1 when something needs
+//! attention.
 
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use mailferry::config::{NodeConfig, Signing};
 use mailferry::node::owner::{self, OwnerStatus};
 use mailferry::node::recipient::{self, RecipientStatus};
 use mailferry::node::{OutboxStatus, TransportStatus};
+use serde::Serialize;
 
-use crate::cli::output::{Output, Render, Stream};
+use crate::cli::output::{Output, Render, Stream, bytes};
 use crate::cli::{ConfigArg, Exit};
+
+/// The version of the `status --json` and `log --json` objects (`schema_version`): raised when a field
+/// is removed or changes meaning; fields may be added without a raise.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How `status` shows the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Lines for a person.
+    Human,
+    /// One JSON object (docs/status.schema.json).
+    Json,
+    /// Prometheus text exposition format, for node_exporter's textfile collector.
+    Prometheus,
+}
 
 /// The arguments of `status` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
+#[command(after_help = "Exit codes: 0 all is well; 1 needs attention (an interrupted apply, mail that could not be \
+sent or a failing server, a rollback hold, stale, an unreadable key file); 2 error.\n\
+Examples:\n  mailferry status --json | jq .generation\n  \
+mailferry status --format prometheus > /var/lib/node_exporter/mailferry.prom")]
 pub struct StatusCommand {
     #[command(flatten)]
     config: ConfigArg,
-    /// One JSON object on stdout.
-    #[arg(long)]
+    /// One JSON object on stdout (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
     json: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+/// A node's status as shown: the schema version and the config file it came from, then the node's own
+/// fields.
+#[derive(Debug, Serialize)]
+pub struct Shown<'a, T> {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The config file used (found at a default place, or given).
+    pub config: PathBuf,
+    /// Whether `status` exits 1.
+    pub attention: bool,
+    /// The node's fields.
+    #[serde(flatten)]
+    pub status: &'a T,
+}
+
+impl<T: Render> Render for Shown<'_, T> {
+    const STREAM: Stream = Stream::Stdout;
+
+    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
+        self.status.human(out)?;
+        writeln!(out, "config:      {}", self.config.display())
+    }
 }
 
 impl StatusCommand {
@@ -30,25 +79,55 @@ impl StatusCommand {
     /// # Errors
     /// An unreadable config or state.
     pub fn execute(self) -> Result<Exit> {
-        let out = Output::new(self.json);
+        let format = if self.json { Format::Json } else { self.format };
+        let out = Output::new(format == Format::Json);
         let attention = match self.config.load()? {
             NodeConfig::Owner(cfg) => {
                 let s = owner::status(&cfg)?;
-                out.print(&s)?;
-                s.outbox.failed > 0 || s.transport.failing()
+                let attention = owner_attention(&s);
+                show(format, &out, &cfg.path, attention, &s, crate::cli::prometheus::owner)?;
+                attention
             }
             NodeConfig::Recipient(cfg) => {
                 let s = recipient::status(&cfg)?;
-                out.print(&s)?;
-                s.outbox.failed > 0
-                    || s.interrupted_apply
-                    || s.transport.failing()
-                    || s.stale
-                    || s.rollback_held.is_some()
+                let attention = recipient_attention(&s);
+                show(format, &out, &cfg.path, attention, &s, crate::cli::prometheus::recipient)?;
+                attention
             }
         };
         Ok(if attention { Exit::Attention } else { Exit::Success })
     }
+}
+
+fn show<T: Render>(
+    format: Format,
+    out: &Output,
+    config: &Path,
+    attention: bool,
+    status: &T,
+    metrics: fn(&T, bool) -> String,
+) -> Result<()> {
+    if format == Format::Prometheus {
+        let mut stdout = io::stdout().lock();
+        stdout.write_all(metrics(status, attention).as_bytes())?;
+        return Ok(());
+    }
+    out.print(&Shown { schema_version: SCHEMA_VERSION, config: config.to_owned(), attention, status })
+}
+
+/// Whether an owner's `status` exits 1.
+pub fn owner_attention(s: &OwnerStatus) -> bool {
+    s.outbox.failed > 0 || s.transport.failing()
+}
+
+/// Whether a recipient's `status` exits 1.
+pub fn recipient_attention(s: &RecipientStatus) -> bool {
+    s.outbox.failed > 0
+        || s.interrupted_apply
+        || s.transport.failing()
+        || s.stale
+        || s.rollback_held.is_some()
+        || s.key_id.is_none()
 }
 
 impl Render for OwnerStatus {
@@ -60,10 +139,10 @@ impl Render for OwnerStatus {
         match &s.generation {
             Some(g) => writeln!(
                 out,
-                "generation:  {} ({} files, {} bytes, published {})",
+                "generation:  {} ({} files, {}, published {})",
                 g.number,
                 g.files,
-                g.bytes,
+                bytes(g.bytes),
                 fmt_time(Some(g.created))
             )?,
             None => writeln!(out, "generation:  none published")?,
@@ -86,7 +165,7 @@ impl Render for OwnerStatus {
                 writeln!(out, "    key:          {} (rotating to {k})", r.key_id)?;
             }
             if let Some(limit) = r.relay_limit {
-                writeln!(out, "    part size:    {limit} bytes (learned from a relay's refusal)")?;
+                writeln!(out, "    part size:    {} (learned from a relay's refusal)", bytes(limit))?;
             }
             if let Some((at, what)) = r.last_bounce.as_deref().and_then(|b| b.split_once(' ')) {
                 writeln!(out, "    last bounce:  {} {what}", fmt_time(at.parse().ok()))?;
@@ -95,8 +174,11 @@ impl Render for OwnerStatus {
                 let period = humantime::format_duration(std::time::Duration::from_secs(s.budget.period));
                 writeln!(
                     out,
-                    "    sent:         {} replies, {} bytes in the last {period} (budget {} replies, {} bytes)",
-                    r.spent_replies, r.spent_bytes, s.budget.replies, s.budget.bytes
+                    "    sent:         {} replies, {} in the last {period} (budget {} replies, {})",
+                    r.spent_replies,
+                    bytes(r.spent_bytes),
+                    s.budget.replies,
+                    bytes(s.budget.bytes)
                 )?;
             }
             writeln!(out, "    last request: {}", fmt_time(r.last_request_at))?;
@@ -121,7 +203,12 @@ impl Render for RecipientStatus {
         writeln!(out, "tree root:    {}", s.root.as_deref().unwrap_or("-"))?;
         writeln!(out, "last request: {}", fmt_time(s.last_request_at))?;
         writeln!(out, "last reply:   {}", fmt_time(s.last_reply_at))?;
-        writeln!(out, "key id:       {}", s.key_id.as_deref().unwrap_or("(key file unreadable)"))?;
+        match &s.key_id {
+            Some(k) => writeln!(out, "key id:       {k}")?,
+            None => {
+                writeln!(out, "KEY: the key file cannot be read (see `mailferry check`); replies cannot be verified")?
+            }
+        }
         if let Some(k) = &s.owner_public_key {
             writeln!(out, "owner key:    ed25519 {k} (replies must be signed)")?;
         }

@@ -132,7 +132,9 @@ pub trait Role {
     /// Local failures (database, store, outbox, a full disk); the message should then stay where it is.
     fn handle(&mut self, raw: &[u8]) -> Result<Handled> {
         let digest = Digest::of(raw);
+        tracing::trace!(digest = %digest.short(), bytes = raw.len(), "handling a message");
         if let Some(seen) = self.db().seen(&digest)? {
+            tracing::debug!(digest = %digest.short(), settled = seen.settled, "message seen before");
             if !seen.settled {
                 return Ok(Handled::Duplicate { rejected: seen.rejected });
             }
@@ -145,7 +147,10 @@ pub trait Role {
             return Ok(Handled::Refused(refusal));
         }
         match self.act(raw, &digest)? {
-            Ok(h) => Ok(h),
+            Ok(h) => {
+                tracing::debug!(digest = %digest.short(), outcome = ?h, "message handled");
+                Ok(h)
+            }
             Err(refusal) => {
                 record_refusal(self.db(), &refusal, raw, &digest, true)?;
                 Ok(Handled::Refused(refusal))
@@ -180,11 +185,22 @@ pub async fn process_inbox<N: Role, T: Transport>(
     transport: &mut T,
     report: &mut RunReport,
 ) -> Result<()> {
-    for msg in transport.fetch().await? {
+    let messages = transport.fetch().await?;
+    tracing::debug!(count = messages.len(), "fetched the messages waiting");
+    for msg in messages {
         let handled = node.handle(&msg.raw)?;
+        if matches!(handled, Handled::Refused(_)) {
+            // A local copy gives `log` a file to point at whatever the transport does with the original;
+            // failing to write it (a full disk) must not stop the message being filed.
+            match keep_rejected(node.state_dir(), &msg.raw) {
+                Ok(kept) => tracing::debug!(kept = %kept.display(), "kept a copy of the refused message"),
+                Err(e) => warn!(error = %format!("{e:#}"), "could not keep a copy of the refused message"),
+            }
+        }
         report.count(&handled);
         crate::failpoint::hit("before-settle");
         if let Some(d) = handled.disposition() {
+            tracing::trace!(id = %msg.id, disposition = ?d, "filing the message");
             match transport.settle(&msg.id, d).await {
                 Ok(()) => node.db().mark_settled(&Digest::of(&msg.raw))?,
                 Err(e) => {
@@ -374,7 +390,11 @@ impl Outbox {
     /// Only local failures on the state database; transport failures are logged and counted.
     pub async fn flush<T: Transport>(db: &Db, transport: &mut T) -> Result<FlushReport> {
         let mut report = FlushReport::default();
-        for name in db.outbox_pending()? {
+        let pending = db.outbox_pending()?;
+        if !pending.is_empty() {
+            tracing::debug!(count = pending.len(), "sending the outbox");
+        }
+        for name in pending {
             let (from, to, raw) = db.outbox_get(&name)?;
             match transport.send(&from, &to, &raw).await {
                 Ok(()) => {
@@ -485,8 +505,8 @@ pub struct TooLarge {
     pub bytes: u64,
 }
 
-/// Keeps a copy of a refused message in `STATE/rejected/` (for messages that arrived outside the
-/// transport, through `mailferry deliver`).
+/// Keeps a copy of a refused message as `STATE/rejected/DIGEST.eml` (every refused message, whether it
+/// came through the transport or `mailferry deliver`), for `mailferry log` to point at.
 ///
 /// # Errors
 /// I/O errors.
@@ -517,6 +537,9 @@ pub struct RunReport {
     pub sent: usize,
     /// Whether a request was sent (recipient).
     pub requested: bool,
+    /// What became of each message, in order, for a summary in words.
+    #[serde(skip)]
+    pub outcomes: Vec<Handled>,
 }
 
 impl RunReport {
@@ -529,5 +552,6 @@ impl RunReport {
             Handled::Deferred(_) => self.deferred += 1,
             _ => self.handled += 1,
         }
+        self.outcomes.push(h.clone());
     }
 }

@@ -117,6 +117,21 @@ pub struct OwnerStatus {
 /// # Errors
 /// An existing config, an unusable address or source, or I/O errors.
 pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> Result<PathBuf> {
+    let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
+    init_with(dir, source, address, None, transport)
+}
+
+/// Creates an owner as [`init`] does, with its state in `state_dir` (default `dir`) and any transport.
+///
+/// # Errors
+/// As [`init`].
+pub fn init_with(
+    dir: &Path,
+    source: &Path,
+    address: &str,
+    state_dir: Option<&Path>,
+    transport: TransportConfig,
+) -> Result<PathBuf> {
     check_address(address).map_err(anyhow::Error::msg)?;
     if !source.is_dir() {
         bail!("source tree `{}` is not a directory", source.display());
@@ -131,7 +146,7 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
     let section = OwnerSection {
         address: address.to_owned(),
         source: std::path::absolute(source)?,
-        state_dir: None,
+        state_dir: state_dir.map(std::path::absolute).transpose()?,
         interval: std::time::Duration::from_secs(60),
         compression_level: 9,
         admin_address: None,
@@ -144,7 +159,11 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
         bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
     };
-    let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
+    let state = state_dir.unwrap_or(dir);
+    if state != dir {
+        std::fs::create_dir_all(state).with_context(|| format!("failed to create `{}`", state.display()))?;
+        set_private(state)?;
+    }
     #[derive(Serialize)]
     struct File<'a> {
         owner: &'a OwnerSection,
@@ -155,8 +174,8 @@ pub fn init(dir: &Path, source: &Path, address: &str, transport_root: &Path) -> 
         toml::to_string(&File { owner: &section, transport: &transport })?
     );
     std::fs::write(&path, text).with_context(|| format!("failed to write `{}`", path.display()))?;
-    Db::open(&dir.join("state.db"))?;
-    Store::open(&dir.join("store"), 9)?;
+    Db::open(&state.join("state.db"))?;
+    Store::open(&state.join("store"), 9)?;
     Ok(path)
 }
 

@@ -101,6 +101,21 @@ pub struct RecipientStatus {
 /// An unreadable or too-open enrollment file, a state directory inside the data tree, an existing
 /// config, or I/O errors.
 pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -> Result<PathBuf> {
+    let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
+    init_with(dir, data, enrollment, None, transport)
+}
+
+/// Creates a recipient as [`init`] does, with its state in `state_dir` (default `dir`) and any transport.
+///
+/// # Errors
+/// As [`init`].
+pub fn init_with(
+    dir: &Path,
+    data: &Path,
+    enrollment: &Path,
+    state_dir: Option<&Path>,
+    transport: TransportConfig,
+) -> Result<PathBuf> {
     let e = Enrollment::load(enrollment)?;
     let key = Key::from_hex(&e.key)
         .with_context(|| format!("enrollment file `{}` has an invalid key", enrollment.display()))?;
@@ -115,6 +130,13 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
     }
     std::fs::create_dir_all(data).with_context(|| format!("failed to create data tree `{}`", data.display()))?;
     crate::config::check_state_outside_data(dir, data)?;
+    let state = state_dir.unwrap_or(dir);
+    if state != dir {
+        crate::config::check_state_outside_data(state, data)?;
+        std::fs::create_dir_all(state).with_context(|| format!("failed to create `{}`", state.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))?;
+    }
     let path = dir.join("recipient.toml");
     if path.exists() {
         bail!("`{}` already exists", path.display());
@@ -126,7 +148,7 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
         address: e.address.clone(),
         owner_address: e.owner_address.clone(),
         data: std::path::absolute(data)?,
-        state_dir: None,
+        state_dir: state_dir.map(std::path::absolute).transpose()?,
         key_file: PathBuf::from("recipient.key"),
         staging_dir: None,
         interval: humantime::parse_duration(&e.transport.interval).unwrap_or(std::time::Duration::from_secs(3600)),
@@ -136,7 +158,6 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
         admin_address: None,
         owner_public_key: e.owner_public_key.clone(),
     };
-    let transport = TransportConfig::Maildir { root: std::path::absolute(transport_root)? };
     #[derive(Serialize)]
     struct File<'a> {
         recipient: &'a RecipientSection,
@@ -147,7 +168,7 @@ pub fn init(dir: &Path, data: &Path, enrollment: &Path, transport_root: &Path) -
         toml::to_string(&File { recipient: &section, transport: &transport })?
     );
     std::fs::write(&path, text).with_context(|| format!("failed to write `{}`", path.display()))?;
-    Db::open(&dir.join("state.db"))?;
+    Db::open(&state.join("state.db"))?;
     Ok(path)
 }
 
@@ -389,6 +410,13 @@ impl Recipient {
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || sub.need_full_inventory;
+        tracing::debug!(
+            generation,
+            full,
+            unchanged = applied_root == Some(root),
+            resend = resend.is_some(),
+            "building a request"
+        );
         let (inventory_kind, inventory, removed) = if full {
             (InventoryKind::Full, scan.manifest.listing(), Vec::new())
         } else if applied_root == Some(root) {

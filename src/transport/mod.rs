@@ -60,16 +60,44 @@ pub enum TransportErrorKind {
 }
 
 /// A transport failure with enough context to act on and to show to an operator.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
+///
+/// It shows as `WHAT: CAUSE`, the cause's whole chain included once, and reports no `source()` of its
+/// own: the errors of the mail crates repeat their cause in their own text (`io: Connection refused`
+/// over `Connection refused`), so a chain printed link by link would say the same thing three times.
+#[derive(Debug)]
 pub struct TransportError {
     /// What kind of failure this is.
     pub kind: TransportErrorKind,
     /// What the transport was doing, naming the server, user, folder or path involved.
     pub what: String,
     /// The underlying cause.
-    #[source]
     pub source: anyhow::Error,
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, cause_text(&self.source))
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+/// An error's chain as one line, `a: b: c`, leaving out a link whose text the link before already holds.
+pub fn cause_text(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for link in err.chain() {
+        let text = link.to_string();
+        if !last.is_empty() && last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
 }
 
 impl TransportError {
@@ -191,6 +219,33 @@ impl AnyTransport {
     }
 }
 
+/// What logging in to one mail server once showed (`mailferry check`, like `msmtp --serverinfo`).
+#[derive(Debug)]
+pub struct ServerInfo {
+    /// `smtp` or `imap`.
+    pub service: &'static str,
+    /// `host:port`.
+    pub server: String,
+    /// The login name.
+    pub user: String,
+    /// What the server offers, or why the login failed.
+    pub result: Result<String, TransportError>,
+}
+
+/// Logs in to the SMTP and IMAP servers of `config` once each and logs out; nothing is sent or moved.
+///
+/// # Errors
+/// Settings the transport refuses (checked again here, as `MailTransport::new` does).
+pub async fn probe(config: &mail::MailConfig) -> Result<Vec<ServerInfo>, mail::ConfigError> {
+    let mut smtp = mail::smtp::SmtpSender::new(&config.smtp)?;
+    let mut imap = mail::imap::ImapMailbox::new(&config.imap)?;
+    let (s, i) = (smtp.endpoint().clone(), imap.endpoint().clone());
+    Ok(vec![
+        ServerInfo { service: "smtp", server: s.addr(), user: s.username, result: smtp.probe().await },
+        ServerInfo { service: "imap", server: i.addr(), user: i.username, result: imap.probe().await },
+    ])
+}
+
 impl Transport for AnyTransport {
     async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
         match self {
@@ -218,5 +273,22 @@ impl Transport for AnyTransport {
             AnyTransport::Maildir(t) => t.size_limit().await,
             AnyTransport::Mail(t) => Transport::size_limit(t.as_mut()).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        // What async-imap reports for a refused connection: its own text repeats its source's.
+        #[derive(Debug, thiserror::Error)]
+        #[error("io: {0}")]
+        struct Io(#[source] std::io::Error);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let e = TransportError::new(TransportErrorKind::Transient, "imap connect to 127.0.0.1:1", Io(io));
+        let shown = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(shown, "imap connect to 127.0.0.1:1: io: Connection refused (os error 111)");
     }
 }

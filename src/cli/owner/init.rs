@@ -10,9 +10,16 @@ use serde::Serialize;
 
 use crate::cli::Exit;
 use crate::cli::output::{Output, Render, Stream};
+use crate::cli::transport_args::TransportArgs;
 
 /// The arguments of `owner init` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  mailferry owner init --dir /etc/mailferry --state-dir /var/lib/mailferry \\\n      \
+--source /srv/tree --address owner@example.org --smtp-host mail.example.org \\\n      \
+--password-file /etc/mailferry/mail-password\n  \
+mailferry owner init --dir ./owner --source ./tree --address owner@example.org --transport-root ./spool"
+)]
 pub struct InitCommand {
     /// Directory for the config and state.
     #[arg(long, value_name = "DIR")]
@@ -23,9 +30,11 @@ pub struct InitCommand {
     /// The owner's mail address.
     #[arg(long, value_name = "ADDR")]
     address: String,
-    /// Maildir spool root.
-    #[arg(long, value_name = "SPOOL")]
-    transport_root: PathBuf,
+    /// State directory (database, content store, lock) [default: DIR].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 /// The owner created.
@@ -56,7 +65,8 @@ impl InitCommand {
     /// # Errors
     /// An existing owner, an unusable directory or source tree.
     pub fn execute(self) -> Result<Exit> {
-        let config = owner::init(&self.dir, &self.source, &self.address, &self.transport_root)?;
+        let transport = self.transport.config(&self.address)?;
+        let config = owner::init_with(&self.dir, &self.source, &self.address, self.state_dir.as_deref(), transport)?;
         Output::human().print(&Created { config, address: self.address })?;
         Ok(Exit::Success)
     }

@@ -17,7 +17,7 @@ use super::Exit;
 #[derive(Debug, Subcommand)]
 pub enum OwnerCommand {
     /// Create an owner: DIR/owner.toml, its state database and content store.
-    Init(init::InitCommand),
+    Init(Box<init::InitCommand>),
     /// Register a recipient with a fresh key and write its enrollment file (mode 0600).
     AddRecipient(add_recipient::AddRecipientCommand),
     /// Unregister a recipient; its key stops verifying at once.

@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use mailferry::node::owner::{Owner, Published};
 
-use crate::cli::output::{Output, Render, Stream};
+use crate::cli::output::{Output, Render, Stream, bytes};
 use crate::cli::{ConfigArg, Exit};
 
 /// The arguments of `owner publish` (its help text is the doc of its variant in the command enum).
@@ -23,8 +23,11 @@ impl Render for Published {
         if self.new {
             writeln!(
                 out,
-                "generation {} root {} ({} files, {} bytes)",
-                self.generation, self.root, self.files, self.bytes
+                "generation {} root {} ({} files, {})",
+                self.generation,
+                self.root,
+                self.files,
+                bytes(self.bytes)
             )
         } else {
             writeln!(

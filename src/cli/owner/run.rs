@@ -17,13 +17,17 @@ pub struct RunCommand {
     /// Answer every pending request, then exit.
     #[arg(long)]
     once: bool,
+    /// With --once: exit 1 when a message was refused (it is recorded either way).
+    #[arg(long, requires = "once")]
+    fail_on_refusal: bool,
 }
 
 impl RunCommand {
     /// Runs the owner once, or until SIGINT or SIGTERM.
     ///
     /// # Errors
-    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first).
+    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first; an
+    /// unreachable mail server exits 75, see [`crate::cli::exit_for`]).
     pub async fn execute(self) -> Result<Exit> {
         let cfg = self.config.owner()?;
         let mut t = AnyTransport::open(&cfg.transport, &cfg.owner.address)?;
@@ -31,7 +35,11 @@ impl RunCommand {
         let interval = cfg.owner.interval;
         let mut daemon = OwnerDaemon::new(cfg);
         if self.once {
-            show(&daemon.once(&mut t).await?)?;
+            let report = daemon.once(&mut t).await?;
+            show(&report)?;
+            if self.fail_on_refusal && report.refused > 0 {
+                return Ok(Exit::Attention);
+            }
         } else {
             let shutdown = crate::cli::signal::shutdown()?;
             info!(interval = %humantime::format_duration(interval), "owner running until SIGINT or SIGTERM");

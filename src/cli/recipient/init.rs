@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::cli::Exit;
 use crate::cli::output::{Output, Render, Stream};
+use crate::cli::transport_args::TransportArgs;
 
 /// The arguments of `recipient init` (its help text is the doc of its variant in the command enum).
 #[derive(Debug, Args)]
@@ -23,9 +24,11 @@ pub struct InitCommand {
     /// The enrollment file from `owner add-recipient`.
     #[arg(long, value_name = "FILE")]
     enrollment: PathBuf,
-    /// Maildir spool root.
-    #[arg(long, value_name = "SPOOL")]
-    transport_root: PathBuf,
+    /// State directory (database, stat cache, lock), outside the data tree [default: DIR].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 /// The recipient created.
@@ -52,7 +55,10 @@ impl InitCommand {
     /// # Errors
     /// An existing recipient, an unreadable enrollment file, state inside the data tree.
     pub fn execute(self) -> Result<Exit> {
-        let config = recipient::init(&self.dir, &self.data, &self.enrollment, &self.transport_root)?;
+        let address = mailferry::config::Enrollment::load(&self.enrollment)?.address;
+        let transport = self.transport.config(&address)?;
+        let config =
+            recipient::init_with(&self.dir, &self.data, &self.enrollment, self.state_dir.as_deref(), transport)?;
         Output::human().print(&Created { config, data: self.data })?;
         Ok(Exit::Success)
     }

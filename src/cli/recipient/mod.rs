@@ -14,7 +14,7 @@ use super::Exit;
 #[derive(Debug, Subcommand)]
 pub enum RecipientCommand {
     /// Create a recipient from an enrollment file: DIR/recipient.toml and DIR/recipient.key.
-    Init(init::InitCommand),
+    Init(Box<init::InitCommand>),
     /// Take up a new enrollment file for this recipient (from `owner reenroll`): its key replaces the key
     /// file at once.
     Enroll(enroll::EnrollCommand),

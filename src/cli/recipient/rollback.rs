@@ -83,7 +83,9 @@ impl RollbackCommand {
     /// # Errors
     /// Nothing kept, an interrupted apply, a changed tree, state failures.
     pub fn execute(self) -> Result<Exit> {
-        let mut r = Recipient::open_as_is(self.config.recipient()?)?;
+        let cfg = self.config.recipient()?;
+        let config = cfg.path.clone();
+        let mut r = Recipient::open_as_is(cfg)?;
         if self.release {
             Output::human().print(&Released { generation: rollback::release(r.db())? })?;
         } else {
@@ -93,7 +95,7 @@ impl RollbackCommand {
                 to: done.to,
                 ops: done.ops,
                 resumed: done.resumed,
-                config: self.config.path().to_owned(),
+                config,
             })?;
         }
         Ok(Exit::Success)

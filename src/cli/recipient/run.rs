@@ -21,13 +21,17 @@ pub struct RunCommand {
     /// Only apply; send no request.
     #[arg(long)]
     no_request: bool,
+    /// With --once: exit 1 when a message was refused (it is recorded either way).
+    #[arg(long, requires = "once")]
+    fail_on_refusal: bool,
 }
 
 impl RunCommand {
     /// Runs the recipient once, or until SIGINT or SIGTERM.
     ///
     /// # Errors
-    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first).
+    /// An unusable config or transport; with `--once`, a failed run (recorded for `status` first; an
+    /// unreachable mail server exits 75, see [`crate::cli::exit_for`]).
     pub async fn execute(self) -> Result<Exit> {
         let cfg = self.config.recipient()?;
         let mut t = AnyTransport::open(&cfg.transport, &cfg.recipient.address)?;
@@ -35,7 +39,11 @@ impl RunCommand {
         let interval = cfg.recipient.interval;
         let mut daemon = RecipientDaemon::new(cfg, !self.no_request);
         if self.once {
-            show(&daemon.once(&mut t).await?)?;
+            let report = daemon.once(&mut t).await?;
+            show(&report)?;
+            if self.fail_on_refusal && report.refused > 0 {
+                return Ok(Exit::Attention);
+            }
         } else {
             let shutdown = crate::cli::signal::shutdown()?;
             info!(interval = %humantime::format_duration(interval), "recipient running until SIGINT or SIGTERM");

@@ -162,6 +162,17 @@ pub struct MailConfig {
     pub imap: ImapConfig,
 }
 
+impl AuthMechanism {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "plain",
+            AuthMechanism::Login => "login",
+            AuthMechanism::Xoauth2 => "xoauth2",
+        }
+    }
+}
+
 /// A configuration value that cannot work, with the table it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid [{section}] setting: {message}")]

@@ -284,6 +284,25 @@ impl ImapMailbox {
         }
     }
 
+    /// Connects, logs in, selects the inbox and logs out, once (`mailferry check`). Returns what the
+    /// server offers, for a person.
+    ///
+    /// # Errors
+    /// As [`ImapMailbox::fetch`].
+    pub async fn probe(&mut self) -> Result<String, TransportError> {
+        let c = self.connect().await?;
+        let idle = match (self.config.idle, c.has_idle) {
+            (true, true) => "IDLE",
+            (false, _) => "polling (idle = false)",
+            (true, false) => "polling (no IDLE)",
+        };
+        let moves = if c.has_move { "MOVE" } else { "no MOVE: COPY and EXPUNGE" };
+        let text = format!("logged in, `{}` selected ({idle}, {moves})", self.config.inbox);
+        self.conn = Some(c);
+        self.logout().await;
+        Ok(text)
+    }
+
     /// Whether [`ImapMailbox::wait_for_mail`] uses IDLE (true) or polls (false); `None` before the first
     /// connection, which is when the server's capabilities become known.
     pub fn uses_idle(&self) -> Option<bool> {

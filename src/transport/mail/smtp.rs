@@ -151,6 +151,45 @@ impl SmtpSender {
         Ok(limit)
     }
 
+    /// Connects, secures the connection as configured, logs in and sends NOOP, once, as
+    /// `msmtp --serverinfo` does (`mailferry check`). Returns what the server showed, for a person.
+    ///
+    /// # Errors
+    /// As [`SmtpSender::send`]: `Auth` for refused credentials, `Permanent` for a certificate that does not
+    /// verify, `Transient` for a server that cannot be reached.
+    pub async fn probe(&mut self) -> Result<String, TransportError> {
+        let limit = self.size_limit().await?;
+        let what = format!("smtp login to {} as {}", self.endpoint.addr(), self.endpoint.username);
+        let transport = self.build().await?;
+        let res = tokio::time::timeout(self.endpoint.timeout * 3, transport.test_connection()).await;
+        match res {
+            Err(_) => Err(TransportError::new(
+                TransportErrorKind::Transient,
+                what,
+                anyhow::anyhow!("no answer within {}s", (self.endpoint.timeout * 3).as_secs()),
+            )),
+            Ok(Err(e)) => {
+                let kind = classify(&e);
+                let what = if kind == TransportErrorKind::Auth { format!("{what} refused") } else { what };
+                Err(TransportError::new(kind, what, e))
+            }
+            Ok(Ok(false)) => Err(TransportError::new(
+                TransportErrorKind::Transient,
+                what,
+                anyhow::anyhow!("the server did not answer NOOP"),
+            )),
+            Ok(Ok(true)) => {
+                let security = match self.endpoint.security {
+                    Security::Starttls => "STARTTLS",
+                    Security::Tls => "TLS",
+                    Security::None => "no encryption",
+                };
+                let size = limit.map_or_else(|| "no SIZE limit".to_owned(), |n| format!("SIZE {n}"));
+                Ok(format!("logged in ({security}, {}, {size})", self.endpoint.auth.as_str()))
+            }
+        }
+    }
+
     async fn build(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, TransportError> {
         let ep = &self.endpoint;
         let secret = ep.secret.read().await.map_err(|e| {
