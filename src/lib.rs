@@ -29,7 +29,13 @@
 //! - [`crypto`]: keys, HMAC-SHA256, nonces, sealing a rotated key under the old one, the owner's optional
 //!   Ed25519 reply signatures.
 //! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
-//!   reasons, and [`protocol::envelope`] for MIME (and how large a chunk fits a message).
+//!   reasons, [`protocol::envelope`] for MIME (and how large a chunk fits a message, delivery tokens),
+//!   and [`protocol::bounded`], decoding that counts and caps as the bytes stream in.
+//! - [`engine`]: the protocol's decisions. [`engine::verify`] is the one verification pipeline of both
+//!   roles (raw bytes to a verified message or a refusal); [`engine::owner`] and [`engine::recipient`]
+//!   take a verified message, a read-only view of the state and the time, and return a refusal or a plan
+//!   with the effects the shell applies in one transaction; randomness comes in through
+//!   [`engine::Entropy`]. Tested table-driven, one case per refusal rule of `docs/protocol.md` §11.
 //! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
 //!   binaries (our own applier); both streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
@@ -41,17 +47,22 @@
 //! - [`statcache`]: the stat cache file (one checksummed file in the recipient's state directory,
 //!   replaced atomically; a damaged one only costs a full rehash).
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
-//! - [`db`]: the state database (SQLite): generations, recipients, nonces, seen messages, rejections.
+//! - [`db`]: the state database (SQLite, numbered migrations, typed tables): generations per channel,
+//!   recipients, nonces, seen messages, rejections, the recipient's facts per subscription.
 //! - [`apply`] (staging, journal, execution; [`apply::staging`] picks a staging place a rename into the tree
 //!   works from): the only code that writes into a data tree, and only through
 //!   [`apply::tree`] directory handles that never follow a symbolic link.
 //! - [`transport`]: the only code that moves mail: [`transport::maildir`] (a spool, carried by hand
 //!   between machines) and [`transport::mail`] (SMTP submission with lettre, IMAP with IDLE, rustls).
-//! - [`node`]: owner and recipient drivers tying it together; [`node::pack`] chooses how each file
-//!   travels and writes the pack; the outbox (in the state database); kept parts on both sides;
-//!   staleness and admin notices; [`node::rollback`], the recipient's local return to the generation
-//!   before (the kept store, the hold); [`node::run`], the daemon loop (a step at a time under the state
-//!   lock, IDLE or polling in between, capped backoff with jitter, an injected shutdown).
+//! - [`node`]: the shell around the engine. [`node::State`] is a state directory open (its lock and
+//!   database); [`node::owner`] and [`node::recipient`] are the two roles on it, each feeding messages
+//!   through [`engine`] and performing the effects (the recipient's one `finish` ends every journal:
+//!   apply, rollback, recovery); [`node::compose::Node`] holds both roles on one state and routes each
+//!   message to its part (a relay); [`node::pack`] chooses how each file travels and writes the pack; the
+//!   outbox (in the state database); kept parts on both sides; staleness and admin notices;
+//!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
+//!   hold); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
+//!   between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
@@ -70,7 +81,10 @@
 //! - mailferry's own state (database, journal, outbox, keys) never lives inside a data tree.
 //! - Anything that depends on a message being sent is committed in the same database transaction that
 //!   queues the message, and a message is filed by its transport only after its effects are durable.
-//! - The core modules listed above as pure do no I/O; only [`transport`] talks to mail systems.
+//! - The core modules listed above as pure do no I/O; only [`transport`] talks to mail systems. Nothing
+//!   under [`engine`] opens a file or a database, reads the clock or draws random bytes.
+//! - A refused message changes nothing: refusals carry no effects, and every effect of one step is
+//!   applied in one transaction, in the order the engine gives.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

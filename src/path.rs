@@ -196,7 +196,7 @@ const IGNORABLE: &[(char, char)] = &[
     ('\u{E0000}', '\u{E0FFF}'),
 ];
 
-/// Whether `c` is skipped when names are compared (see [`IGNORABLE`]).
+/// Whether `c` is skipped when names are compared (the list `IGNORABLE` in this file).
 pub fn is_ignorable(c: char) -> bool {
     IGNORABLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }

@@ -12,7 +12,7 @@
 //! are decoded with a window of at most [`MAX_WINDOW_LOG`].
 //!
 //! The derived `Deserialize` of a struct cannot pass state to a field's deserializer, so the decode in
-//! progress keeps its limits and counts in a thread-local [`Scope`]; outside one (local, trusted state
+//! progress keeps its limits and counts in a thread-local `Scope`; outside one (local, trusted state
 //! read back from the database), [`seq`] reads a list without bounds.
 //!
 //! Pure: bytes in, values out.
