@@ -523,12 +523,19 @@ async fn probe_logs_in_once_and_names_what_fails() {
     let key = dir.path().join("recipient.key");
     mailferry::config::write_secret(&key, &mailferry::crypto::Key::generate().to_hex()).unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::set_permissions(dir.path().join("state"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // `check` wants a password file nobody else can read (the probes above do not look).
+        std::fs::set_permissions(&pw_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let node = dir.path().join("recipient.toml");
     std::fs::write(
         &node,
         format!(
             "[recipient]\nname = \"probe\"\naddress = \"{user}\"\nowner-address = \"{user}\"\ndata = \"data\"\n\
-             key-file = \"recipient.key\"\n[transport]\nkind = \"mail\"\n{mail_toml}"
+             state-dir = \"state\"\nkey-file = \"recipient.key\"\n[transport]\nkind = \"mail\"\n{mail_toml}"
         ),
     )
     .unwrap();
