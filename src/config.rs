@@ -61,22 +61,7 @@ impl RecipientSection {
     }
 }
 
-/// How a node sends and receives mail.
-///
-/// `kind = "maildir"` takes `root` in the `[transport]` table. `kind = "mail"` takes its settings from the
-/// top-level `[smtp]` and `[imap]` tables (the layout the README documents); `[transport.smtp]` and
-/// `[transport.imap]` are accepted as well, but one file may not use both spellings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum TransportConfig {
-    /// A Maildir spool: mail to address A is delivered into `root/A/`.
-    Maildir {
-        /// The spool directory.
-        root: PathBuf,
-    },
-    /// SMTP submission out, the node's own IMAP mailbox in. Boxed: the settings are large.
-    Mail(Box<MailConfig>),
-}
+pub use crate::transport::TransportConfig;
 
 /// The `[transport]` table as written.
 #[derive(Deserialize)]

@@ -12,9 +12,17 @@ use std::fmt;
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::manifest::{hex, unhex};
-
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// Lowercase hex encoding.
+pub fn hex(bytes: &[u8]) -> String {
+    ::hex::encode(bytes)
+}
+
+/// Decodes lowercase or uppercase hex; `None` if it is not hex (signs and odd lengths included).
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    ::hex::decode(s).ok()
+}
 
 /// Fills `buf` from the operating system's random source.
 ///

@@ -13,6 +13,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::crypto::{hex, unhex};
 use crate::path::RelPath;
 
 /// A BLAKE3 digest, written as 64 lowercase hex digits on the wire.
@@ -75,16 +76,6 @@ impl<'de> Deserialize<'de> for Digest {
         let s = String::deserialize(d)?;
         Digest::from_hex(&s).map_err(serde::de::Error::custom)
     }
-}
-
-/// Lowercase hex encoding.
-pub fn hex(bytes: &[u8]) -> String {
-    ::hex::encode(bytes)
-}
-
-/// Decodes lowercase or uppercase hex; `None` if it is not hex (signs and odd lengths included).
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    ::hex::decode(s).ok()
 }
 
 /// A file's permission bits as mailferry manages them: executable or not.

@@ -191,21 +191,7 @@ impl Exclude {
     }
 }
 
-/// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
-/// changes `ctime`, which no one can set back.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Stamp {
-    /// Length.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// Status change time, nanoseconds since the epoch.
-    pub ctime_ns: i64,
-    /// Inode number.
-    pub ino: u64,
-    /// Mode bits.
-    pub mode: u32,
-}
+pub use crate::statcache::Stamp;
 
 impl Stamp {
     /// The stamp of a file's metadata.

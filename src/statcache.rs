@@ -22,12 +22,27 @@ use std::path::Path;
 
 use crate::manifest::Digest;
 use crate::path::RelPath;
-use crate::scan::Stamp;
 
 const MAGIC: &[u8; 8] = b"MFSTATC\0";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 24;
 const FIXED_LEN: usize = 8 + 8 + 8 + 8 + 4 + 32;
+
+/// What a regular file looked like on disk. When all of it is unchanged, so is the content: any write
+/// changes `ctime`, which no one can set back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Stamp {
+    /// Length.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+    /// Inode number.
+    pub ino: u64,
+    /// Mode bits.
+    pub mode: u32,
+}
 
 /// The name of the stat cache file in a recipient's state directory.
 pub const FILE_NAME: &str = "stat-cache";

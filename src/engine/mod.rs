@@ -27,7 +27,7 @@ pub trait Entropy {
     fn hex_id(&mut self, n: usize) -> String {
         let mut buf = vec![0; n];
         self.fill(&mut buf);
-        crate::manifest::hex(&buf)
+        crate::crypto::hex(&buf)
     }
 }
 

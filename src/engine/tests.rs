@@ -11,12 +11,12 @@ use super::owner::{
     self, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome, Rotation,
     SentReply, Spent,
 };
+use super::owner::{LearnedLimit, SentMessage};
 use super::recipient::{self as rcp, Applied, PartStep, RecipientKeys, RecipientView, WholeStep};
 use super::verify::{self, KeyRole, Keyring as _, Opened, Policy, Verified};
 use super::{Entropy, SeededEntropy};
 use crate::apply::OnExtra;
 use crate::crypto::{Key, Nonce, SigningKey};
-use crate::db::{LearnedLimit, SentMessage};
 use crate::limits::Limits;
 use crate::manifest::{Digest, Entry, FileMeta, Listed, Manifest, Mode, Op};
 use crate::path::RelPath;

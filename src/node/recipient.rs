@@ -259,6 +259,73 @@ impl Recipient {
         Ok(r)
     }
 
+    /// `mailferry recipient rollback`: returns the tree to the generation kept for a rollback
+    /// ([`super::rollback`]), or finishes a rollback that was interrupted. The recipient must have been
+    /// opened with [`Recipient::open_as_is`], so that an interrupted apply is refused here rather than
+    /// finished.
+    ///
+    /// # Errors
+    /// Nothing kept, an interrupted apply, a drifted tree (see [`super::rollback::Refused`]), content
+    /// missing from the store,
+    /// or I/O and state failures. Before the journal is committed the tree is unchanged; after, the next run
+    /// finishes the rollback.
+    pub fn rollback(&mut self) -> Result<super::rollback::RolledBack> {
+        let r = self;
+        if let Some(journal) = Journal::load(r.state_dir())? {
+            let JournalKind::Rollback { from } = journal.kind else {
+                bail!(
+                    "the apply of generation {} was interrupted; finish it first (`mailferry recipient run --once \
+                     --no-request`), then roll back",
+                    journal.generation
+                );
+            };
+            warn!(from, to = journal.generation, "finishing a rollback that was interrupted");
+            r.finish(&journal).context("failed to finish the interrupted rollback")?;
+            return Ok(super::rollback::RolledBack { from, to: journal.generation, ops: journal.ops, resumed: true });
+        }
+        let (applied, _, current) = r.db().applied()?;
+        let Some(previous) = r.db().previous()? else {
+            bail!(
+                "nothing to roll back to: no generation before {applied} is kept (one is kept after an update to a \
+                 newer generation, and only one level: a rollback uses it up)"
+            );
+        };
+        let scan = r.scan_tree()?;
+        let to = previous.generation;
+        let plan =
+            super::rollback::plan(&scan, &current, &previous.manifest, r.config().recipient.on_extra).map_err(|e| {
+                anyhow::format_err!(
+                    "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
+                 recipient run --once`), or undo the change, then roll back"
+                )
+            })?;
+        let id = Nonce::generate().to_hex();
+        let stage_dir = r.staging_root()?.join(&id);
+        let data = &r.config().recipient.data;
+        if let Err(e) = super::rollback::stage(&plan, &previous.store, data, &scan.manifest, &stage_dir) {
+            let _ = std::fs::remove_dir_all(&stage_dir);
+            return Err(e.context(format!("cannot roll back generation {applied} to {to}; the data tree is unchanged")));
+        }
+        let journal = Journal {
+            version: 1,
+            data_root: data.clone(),
+            stage_dir,
+            generation: to,
+            reply_id: id,
+            nonce: String::new(),
+            message: Digest([0; 32]),
+            ops: plan.ops.len(),
+            target: previous.manifest.listing(),
+            steps: plan.steps,
+            kind: JournalKind::Rollback { from: applied },
+            key_id: None,
+        };
+        journal.commit(r.state_dir())?;
+        crate::failpoint::hit("apply-committed");
+        r.finish(&journal).context("rollback interrupted; the next run finishes it")?;
+        Ok(super::rollback::RolledBack { from: applied, to, ops: journal.ops, resumed: false })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RecipientConfig {
         &self.cfg

@@ -30,10 +30,7 @@ use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
 
 use super::Handled;
-use super::Role as _;
-use super::recipient::Recipient;
 use crate::apply::{Journal, JournalKind, OnExtra, Step, tree};
-use crate::crypto::Nonce;
 use crate::db::Db;
 use crate::manifest::{Digest, Entry, FileMeta, Manifest, Op, diff, ordered};
 use crate::path::RelPath;
@@ -138,7 +135,7 @@ fn steps_for(tree: &Manifest, ops: &[Op]) -> (Vec<Step>, Vec<(String, RelPath, F
     (steps, puts)
 }
 
-/// What [`rollback`] did.
+/// What a rollback ([`crate::node::recipient::Recipient::rollback`]) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolledBack {
     /// The generation undone, now held back.
@@ -149,69 +146,6 @@ pub struct RolledBack {
     pub ops: usize,
     /// It finished a rollback that a crash had interrupted.
     pub resumed: bool,
-}
-
-/// Returns the tree of `r` to the generation kept for a rollback, or finishes a rollback that was
-/// interrupted. `r` must have been opened with [`Recipient::open_as_is`], so that an interrupted apply is
-/// refused here rather than finished.
-///
-/// # Errors
-/// Nothing kept, an interrupted apply, a drifted tree (see [`Refused`]), content missing from the store,
-/// or I/O and state failures. Before the journal is committed the tree is unchanged; after, the next run
-/// finishes the rollback.
-pub fn rollback(r: &mut Recipient) -> Result<RolledBack> {
-    if let Some(journal) = Journal::load(r.state_dir())? {
-        let JournalKind::Rollback { from } = journal.kind else {
-            bail!(
-                "the apply of generation {} was interrupted; finish it first (`mailferry recipient run --once \
-                 --no-request`), then roll back",
-                journal.generation
-            );
-        };
-        warn!(from, to = journal.generation, "finishing a rollback that was interrupted");
-        r.finish(&journal).context("failed to finish the interrupted rollback")?;
-        return Ok(RolledBack { from, to: journal.generation, ops: journal.ops, resumed: true });
-    }
-    let (applied, _, current) = r.db().applied()?;
-    let Some(previous) = r.db().previous()? else {
-        bail!(
-            "nothing to roll back to: no generation before {applied} is kept (one is kept after an update to a \
-             newer generation, and only one level: a rollback uses it up)"
-        );
-    };
-    let scan = r.scan_tree()?;
-    let to = previous.generation;
-    let plan = plan(&scan, &current, &previous.manifest, r.config().recipient.on_extra).map_err(|e| {
-        anyhow::format_err!(
-            "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
-             recipient run --once`), or undo the change, then roll back"
-        )
-    })?;
-    let id = Nonce::generate().to_hex();
-    let stage_dir = r.staging_root()?.join(&id);
-    let data = &r.config().recipient.data;
-    if let Err(e) = stage(&plan, &previous.store, data, &scan.manifest, &stage_dir) {
-        let _ = fs::remove_dir_all(&stage_dir);
-        return Err(e.context(format!("cannot roll back generation {applied} to {to}; the data tree is unchanged")));
-    }
-    let journal = Journal {
-        version: 1,
-        data_root: data.clone(),
-        stage_dir,
-        generation: to,
-        reply_id: id,
-        nonce: String::new(),
-        message: Digest([0; 32]),
-        ops: plan.ops.len(),
-        target: previous.manifest.listing(),
-        steps: plan.steps,
-        kind: JournalKind::Rollback { from: applied },
-        key_id: None,
-    };
-    journal.commit(r.state_dir())?;
-    crate::failpoint::hit("apply-committed");
-    r.finish(&journal).context("rollback interrupted; the next run finishes it")?;
-    Ok(RolledBack { from: applied, to, ops: journal.ops, resumed: false })
 }
 
 /// Records a rollback whose steps are done (the generation before is applied, the undone one held back),
@@ -337,7 +271,7 @@ fn is_staging_name(name: &str) -> bool {
 /// Stages every file of `plan` into `stage_dir/files/`: from the store's `previous/`, or else from a file
 /// of the tree (as `tree` lists it) with the same content. Every copy is checked against its size and
 /// BLAKE3 as it is written, and fsynced.
-fn stage(plan: &RollbackPlan, store: &Path, data: &Path, tree: &Manifest, stage_dir: &Path) -> Result<()> {
+pub(crate) fn stage(plan: &RollbackPlan, store: &Path, data: &Path, tree: &Manifest, stage_dir: &Path) -> Result<()> {
     // Kept files are named by step, not content: learn their content by reading them (the store holds only
     // what one apply replaced or deleted). Files that cannot be read are simply not used.
     let kept_dir = store.join("previous");

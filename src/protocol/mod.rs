@@ -18,8 +18,9 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::crypto::{Key, Nonce, PublicKey, SigningKey};
+use crate::crypto::{hex, unhex};
 use crate::limits::Limits;
-use crate::manifest::{Digest, Entry, Listed, Op, Source, hex, unhex};
+use crate::manifest::{Digest, Entry, Listed, Op, Source};
 use bounded::List;
 
 /// The protocol version this build speaks; carried in every control and auth part.

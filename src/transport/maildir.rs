@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Disposition, Incoming, Transport, TransportError, TransportErrorKind};
-use crate::manifest::hex;
+use crate::crypto::hex;
 
 /// A node's view of a Maildir spool.
 #[derive(Debug, Clone)]

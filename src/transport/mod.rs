@@ -20,6 +20,7 @@ pub mod mail;
 pub mod maildir;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use mail::Wake;
@@ -133,6 +134,23 @@ pub trait Transport: fmt::Debug {
     }
 }
 
+/// How a node sends and receives mail.
+///
+/// `kind = "maildir"` takes `root` in the `[transport]` table. `kind = "mail"` takes its settings from the
+/// top-level `[smtp]` and `[imap]` tables (the layout the README documents); `[transport.smtp]` and
+/// `[transport.imap]` are accepted as well, but one file may not use both spellings.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TransportConfig {
+    /// A Maildir spool: mail to address A is delivered into `root/A/`.
+    Maildir {
+        /// The spool directory.
+        root: PathBuf,
+    },
+    /// SMTP submission out, the node's own IMAP mailbox in. Boxed: the settings are large.
+    Mail(Box<mail::MailConfig>),
+}
+
 /// The transport a node's config selects, dispatched statically.
 #[derive(Debug)]
 pub enum AnyTransport {
@@ -169,12 +187,10 @@ impl AnyTransport {
     ///
     /// # Errors
     /// When the transport cannot be set up (an unusable address, an uncreatable spool).
-    pub fn open(config: &crate::config::TransportConfig, own: &str) -> Result<AnyTransport, TransportError> {
+    pub fn open(config: &TransportConfig, own: &str) -> Result<AnyTransport, TransportError> {
         match config {
-            crate::config::TransportConfig::Maildir { root } => {
-                Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?))
-            }
-            crate::config::TransportConfig::Mail(mail) => {
+            TransportConfig::Maildir { root } => Ok(AnyTransport::Maildir(maildir::MaildirTransport::new(root, own)?)),
+            TransportConfig::Mail(mail) => {
                 let t = mail::MailTransport::new(mail).map_err(|e| {
                     TransportError::new(TransportErrorKind::Permanent, "invalid mail transport settings", e)
                 })?;

@@ -89,7 +89,7 @@ impl RollbackCommand {
         if self.release {
             Output::human().print(&Released { generation: rollback::release(r.db())? })?;
         } else {
-            let done = rollback::rollback(&mut r)?;
+            let done = r.rollback()?;
             Output::human().print(&RolledBack {
                 from: done.from,
                 to: done.to,
