@@ -545,7 +545,13 @@ impl Journal {
         let shown = |p: &RelPath| self.data_root.join(p.as_str());
         // The parents whose entries changed, to be flushed at the end (`None` is the root).
         let mut dirty: BTreeSet<Option<RelPath>> = BTreeSet::new();
+        // The swap of a large apply takes a while (a rename and an fsync per directory): say so.
+        if self.steps.len() >= 10_000 {
+            tracing::info!(steps = self.steps.len(), "swapping the new generation into place");
+        }
+        let progress = crate::progress::Progress::steps("swapping", self.steps.len() as u64);
         for (i, step) in self.steps.iter().enumerate() {
+            progress.add(1);
             match step {
                 Step::RemoveFile { path } => {
                     let Some((dir, name)) = removal_parent(&root, path)? else { continue };

@@ -42,7 +42,21 @@ impl Progress {
         Progress { bar, started: Instant::now() }
     }
 
-    /// Counts `n` more bytes done.
+    /// A counter for `what`, which will count up to `total` steps (an apply's renames).
+    pub fn steps(what: &str, total: u64) -> Progress {
+        let bar = ENABLED.load(Ordering::Relaxed).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+            let style = ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} steps {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(what.to_owned());
+            bar
+        });
+        Progress { bar, started: Instant::now() }
+    }
+
+    /// Counts `n` more bytes (or steps) done.
     pub fn add(&self, n: u64) {
         let Some(bar) = &self.bar else { return };
         bar.inc(n);

@@ -72,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
         target: plan.target.listing(),
         steps: plan.steps.clone(),
         kind: apply::JournalKind::Apply,
+        key_id: None,
     };
     journal.execute().expect("a planned and staged apply executes");
     let after = scan::scan(&root).expect("the tree is readable");
