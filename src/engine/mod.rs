@@ -31,16 +31,6 @@ pub trait Entropy {
     }
 }
 
-/// The operating system's random generator.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemEntropy;
-
-impl Entropy for SystemEntropy {
-    fn fill(&mut self, buf: &mut [u8]) {
-        crate::crypto::random(buf);
-    }
-}
-
 /// A deterministic generator for tests and reproducible fixtures: BLAKE3 in extendable-output mode
 /// over a seed. Never for keys or nonces in production.
 #[derive(Debug, Clone)]

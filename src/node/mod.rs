@@ -323,6 +323,16 @@ impl State {
     }
 }
 
+/// The operating system's random generator, the shell's [`crate::engine::Entropy`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemEntropy;
+
+impl crate::engine::Entropy for SystemEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        crate::crypto::random(buf);
+    }
+}
+
 /// Takes the state directory's lock so that two runs never interleave, waiting up to ten minutes for
 /// another process to finish its step.
 ///

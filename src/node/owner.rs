@@ -19,6 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::SystemEntropy;
 use super::pack::{Packed, Packer};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
@@ -28,7 +29,7 @@ use crate::engine::owner::{
     AnswerPlan, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome,
     ResendPlan, Rotation, SentReply, Spent,
 };
-use crate::engine::{self, Entropy, SystemEntropy, verify};
+use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply};
@@ -914,4 +915,37 @@ fn split(
         emit(k, &token, &raw)?;
     }
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_with_site() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        let key = Key::generate();
+        db.add_recipient("site1", "site1@example.org", &key.to_hex(), &key.id()).unwrap();
+        (dir, db)
+    }
+
+    /// A step's effects are applied in one transaction: when one fails, none of them is.
+    #[test]
+    fn a_steps_effects_are_all_or_nothing() {
+        let (_dir, db) = db_with_site();
+        let limit = LearnedLimit { limit: 70_000, learned_at: 1, refused: Some(100_000), reply_id: None };
+        let failing = [
+            Effect::SetBounce { recipient: "site1".into(), summary: "1 5.1.1 unknown".into() },
+            Effect::SetRelayLimit { recipient: "site1".into(), limit: limit.clone() },
+            // No rotation is under way: this one fails, after the others ran.
+            Effect::CompleteRotation { recipient: "site1".into() },
+        ];
+        let err = db.transaction(|db| apply_effects(db, &failing)).unwrap_err();
+        assert!(format!("{err:#}").contains("no key rotation"), "{err:#}");
+        assert_eq!(db.bounce("site1").unwrap(), None, "the first effect was rolled back");
+        assert_eq!(db.relay_limit("site1").unwrap(), None, "and the second");
+        db.transaction(|db| apply_effects(db, &failing[..2])).unwrap();
+        assert_eq!(db.bounce("site1").unwrap().as_deref(), Some("1 5.1.1 unknown"));
+        assert_eq!(db.relay_limit("site1").unwrap(), Some(limit));
+    }
 }
