@@ -720,6 +720,7 @@ mod tests {
             payloads: vec![],
             body: Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
             rekey: None,
+            same_as: None,
         };
         Update { head, body: Body { mailferry: VERSION, ops: diff(from, to), streams: vec![] } }
     }

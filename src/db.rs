@@ -113,7 +113,8 @@ const MIGRATIONS: &[&str] = &[
         last_request_at INTEGER, last_reply_at INTEGER, stale_notified_at INTEGER,
         need_full_inventory INTEGER NOT NULL DEFAULT 0, full_content INTEGER NOT NULL DEFAULT 0,
         previous_generation INTEGER NOT NULL DEFAULT 0, previous_store TEXT,
-        rollback_hold INTEGER NOT NULL DEFAULT 0, previous_key TEXT, previous_key_until INTEGER, pending_key TEXT);
+        rollback_hold INTEGER NOT NULL DEFAULT 0, previous_key TEXT, previous_key_until INTEGER, pending_key TEXT,
+        fresh_next INTEGER NOT NULL DEFAULT 0);
      INSERT INTO subscriptions (name, seq, applied_generation, applied_root, last_request_at, last_reply_at,
             stale_notified_at, need_full_inventory, full_content, previous_generation, previous_store,
             rollback_hold, previous_key, previous_key_until) VALUES ('default',
@@ -149,6 +150,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE requests ADD COLUMN root TEXT;
      ALTER TABLE requests ADD COLUMN base TEXT;
      ALTER TABLE requests ADD COLUMN created INTEGER;
+     ALTER TABLE requests ADD COLUMN parts INTEGER;
+     ALTER TABLE requests ADD COLUMN full_content INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE wanted_replies (
+        reply_id TEXT PRIMARY KEY, subscription TEXT NOT NULL, nonce TEXT NOT NULL, parts INTEGER NOT NULL);
      UPDATE requests SET root = (SELECT g.root FROM generations g WHERE g.number = requests.generation);
      ALTER TABLE outstanding ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE applied ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
@@ -238,6 +243,8 @@ pub struct Subscription {
     pub previous_key_until: Option<u64>,
     /// A new key taken up but not yet written to the key file (hex, secret).
     pub pending_key: Option<String>,
+    /// The next request asks `fresh` (a reference reply pointed to a reply this recipient cannot use).
+    pub fresh_next: bool,
 }
 
 /// What `status` shows about the mail system: the last server error and how new mail is noticed.
@@ -335,6 +342,10 @@ pub struct Answered<'a> {
     pub ops: usize,
     /// Bytes queued.
     pub reply_bytes: usize,
+    /// The parts it went out in.
+    pub parts: u32,
+    /// Whether the request asked for whole files only.
+    pub full_content: bool,
 }
 
 /// A key rotation under way: the new key travels with every reply until the recipient uses it.
@@ -1013,11 +1024,24 @@ impl Db {
     /// SQLite errors.
     pub fn record_answer(&self, a: &Answered<'_>) -> Result<()> {
         let t = now() as i64;
-        let Answered { recipient, nonce, seq, created, reply_id, generation, root, base, ops, reply_bytes } = *a;
+        let Answered {
+            recipient,
+            nonce,
+            seq,
+            created,
+            reply_id,
+            generation,
+            root,
+            base,
+            ops,
+            reply_bytes,
+            parts,
+            full_content,
+        } = *a;
         self.conn.execute(
             "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base,
-                                   created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                   created, parts, full_content)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 nonce,
                 recipient,
@@ -1029,7 +1053,9 @@ impl Db {
                 reply_bytes as i64,
                 root.to_hex(),
                 base.to_hex(),
-                created as i64
+                created as i64,
+                parts,
+                full_content
             ],
         )?;
         self.conn.execute(
@@ -1074,6 +1100,34 @@ impl Db {
             .optional()?
             .flatten()
             .map(|v| v as u64))
+    }
+
+    /// The newest reply with operations sent to `recipient` for a tree with root `base`, bringing
+    /// `generation`, for a request asking `full_content` or not, whose receipt has not come and whose
+    /// first part is still kept: reply id, the nonce it answered, its parts.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn repeat_of(
+        &self,
+        recipient: &str,
+        base: &Digest,
+        generation: u64,
+        full_content: bool,
+    ) -> Result<Option<(String, String, u32)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT q.reply_id, q.nonce, q.parts FROM requests q
+                 WHERE q.recipient = ?1 AND q.base = ?2 AND q.generation = ?3 AND q.full_content = ?4
+                   AND q.ops > 0 AND q.parts IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.recipient = q.recipient AND r.reply_id = q.reply_id)
+                   AND EXISTS (SELECT 1 FROM sent_parts p WHERE p.reply_id = q.reply_id AND p.part = 1)
+                 ORDER BY q.seq DESC LIMIT 1",
+                params![recipient, base.to_hex(), generation as i64, full_content],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?)
     }
 
     /// How many replies (answers and resends) `recipient` was sent since `since`, and their bytes.
@@ -1266,7 +1320,7 @@ impl Db {
         Ok(self.conn.query_row(
             "SELECT seq, applied_generation, applied_root, applied_key_id, last_request_at, last_reply_at,
                     stale_notified_at, need_full_inventory, full_content, rollback_hold, previous_key,
-                    previous_key_until, pending_key
+                    previous_key_until, pending_key, fresh_next
              FROM subscriptions WHERE name = ?1",
             [SUB],
             |r| {
@@ -1285,6 +1339,7 @@ impl Db {
                     previous_key: r.get(10)?,
                     previous_key_until: opt(r.get(11)?),
                     pending_key: r.get(12)?,
+                    fresh_next: r.get(13)?,
                 })
             },
         )?)
@@ -1306,6 +1361,38 @@ impl Db {
     pub fn set_full_content(&self, on: bool) -> Result<()> {
         self.conn.execute("UPDATE subscriptions SET full_content = ?1 WHERE name = ?2", params![on, SUB])?;
         Ok(())
+    }
+
+    /// Whether the next request asks `fresh`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_fresh_next(&self, on: bool) -> Result<()> {
+        self.conn.execute("UPDATE subscriptions SET fresh_next = ?1 WHERE name = ?2", params![on, SUB])?;
+        Ok(())
+    }
+
+    /// Records that every part of reply `reply_id` (answering `nonce`, in `parts` parts) is wanted: a
+    /// reference reply pointed to it and none of it is here. The next request asks for them.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn want_reply(&self, reply_id: &str, nonce: &str, parts: u32) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO wanted_replies (reply_id, subscription, nonce, parts) VALUES (?1, ?2, ?3, ?4)",
+            params![reply_id, SUB, nonce, parts],
+        )?;
+        Ok(())
+    }
+
+    /// The replies wanted whole: reply id, nonce, parts.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn wanted_replies(&self) -> Result<Vec<(String, String, u32)>> {
+        let mut st = self.conn.prepare("SELECT reply_id, nonce, parts FROM wanted_replies WHERE subscription = ?1")?;
+        let rows = st.query_map([SUB], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records that a staleness notice went out (or, with `None`, that the stale spell is over).
@@ -1716,6 +1803,7 @@ impl Db {
     /// SQLite errors.
     pub fn forget_parts(&self, reply_id: &str) -> Result<()> {
         self.conn.execute("DELETE FROM received_parts WHERE reply_id = ?1", [reply_id])?;
+        self.conn.execute("DELETE FROM wanted_replies WHERE reply_id = ?1", [reply_id])?;
         Ok(())
     }
 

@@ -899,6 +899,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         want: Want::Latest,
         full_content: false,
         resend: None,
+        fresh: false,
     };
     let control = mailferry::protocol::encode(&req);
     let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));
@@ -1251,4 +1252,82 @@ fn one_enrollment_on_two_machines_is_named_on_both_sides() {
     let detail = last_refusal_detail(&config);
     assert!(detail.contains("another machine uses this recipient's enrollment"), "{detail}");
     assert_eq!(count(&data), 0, "the second machine's tree is untouched");
+}
+
+// ---- amplification: a repeated request costs a reference ----
+
+/// Twenty requests from the same tree with fresh nonces (a stolen key, or a recipient stuck in a loop)
+/// cost one reply and nineteen references to it, not twenty replies.
+#[test]
+fn repeated_requests_from_the_same_tree_cost_a_reference_each() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    put(&w.source, "big.bin", &noise(200_000, 21), 0o644);
+    w.publish();
+    site.run(true);
+    let owner_new = w.spool.join(OWNER).join("new");
+    let request = fs::read_dir(&owner_new).unwrap().next().unwrap().unwrap().path();
+    let raw = fs::read(&request).unwrap();
+    let control: serde_json::Value = serde_json::from_slice(&envelope::parse(&raw, u64::MAX).unwrap().control).unwrap();
+    let (nonce, seq) = (control["nonce"].as_str().unwrap().to_owned(), control["seq"].as_u64().unwrap());
+    for i in 1..20u64 {
+        let copy = owner_new.join(format!("again-{i}"));
+        fs::write(&copy, &raw).unwrap();
+        let new_nonce = format!("{:032x}", 0xfeed_0000u64 + i);
+        let edit = |c: Vec<u8>| {
+            let c = replace(c, &nonce, new_nonce.as_bytes());
+            replace(c, &format!("\"seq\":{seq}"), format!("\"seq\":{}", seq + i).as_bytes())
+        };
+        resign(&copy, &site.key(), "site1", edit);
+    }
+    let log = w.owner_run();
+    assert!(log.contains("with a reference to the reply already sent"), "{log}");
+    let mut sizes: Vec<u64> =
+        fs::read_dir(site.maildir(&w).join("new")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes.len(), 20, "every request is answered: {sizes:?}");
+    let (full, references) = (sizes[19], &sizes[..19]);
+    assert!(full > 200_000, "one full reply: {sizes:?}");
+    assert!(references.iter().all(|s| *s < 8_000), "nineteen references of a few KB: {sizes:?}");
+    assert!(rejections(&w.owner_config).is_empty());
+    // The genuine recipient applies the one reply and is not confused by the references.
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert!(site.rejections().iter().all(|r| r == "replay"), "{:?}", site.rejections());
+}
+
+/// A reply lost on the way as a whole: the recipient asks again, the owner answers with a reference, the
+/// recipient asks for the reply's parts, and gets the very same parts.
+#[test]
+fn a_reply_lost_whole_comes_again_through_a_reference() {
+    let w = World::new();
+    let site = w.site("site1");
+    let cfg = fs::read_to_string(&site.config).unwrap().replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"");
+    fs::write(&site.config, cfg).unwrap();
+    varied_tree(&w.source);
+    put(&w.source, "big.bin", &noise(100_000, 22), 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let inbox = site.maildir(&w).join("new");
+    let lost: Vec<_> = fs::read_dir(&inbox).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(lost.len(), 1);
+    let original = fs::read(&lost[0]).unwrap();
+    fs::remove_file(&lost[0]).unwrap();
+    site.run(true);
+    let log = w.owner_run();
+    assert!(log.contains("with a reference"), "{log}");
+    let log = site.run(true);
+    assert!(log.contains("none of it is here"), "{log}");
+    assert!(log.contains("asking for lost parts again"), "{log}");
+    w.owner_run();
+    let again: Vec<_> = fs::read_dir(&inbox).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(fs::read(&again[0]).unwrap(), original, "the very same part, byte for byte");
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert!(site.rejections().is_empty(), "{:?}", site.rejections());
 }

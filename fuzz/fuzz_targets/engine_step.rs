@@ -78,6 +78,9 @@ impl OwnerView for World {
     fn last_request_created(&self, _: &str) -> Result<Option<u64>> {
         Ok(Some(100))
     }
+    fn repeat_of(&self, _: &str, _: &Digest, g: u64, _: bool) -> Result<Option<protocol::SameAs>> {
+        Ok((g == 2).then(|| protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([7; 16]), parts: 2 }))
+    }
 }
 
 impl RecipientView for World {
@@ -104,6 +107,9 @@ impl RecipientView for World {
     }
     fn last_seq(&self) -> Result<u64> {
         Ok(5)
+    }
+    fn has_parts(&self, r: &str) -> Result<bool> {
+        Ok(r.starts_with('a'))
     }
 }
 

@@ -17,7 +17,7 @@ use super::verify::{KeyRole, Keyed, Keyring, Verified};
 use crate::crypto::{Key, Nonce};
 use crate::manifest::{Digest, Manifest, Op, diff};
 use crate::protocol::{
-    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, Request, Resend, VERSION,
+    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, Request, Resend, SameAs, VERSION,
 };
 
 /// A registered recipient as the engine needs it.
@@ -193,6 +193,13 @@ pub trait OwnerView {
     /// # Errors
     /// Local failures.
     fn last_request_created(&self, recipient: &str) -> Result<Option<u64>>;
+    /// The newest reply with operations already sent to `recipient` for a tree with root `base`, bringing
+    /// `generation` (asked for whole files or not, as `full_content`), with no receipt yet and its parts
+    /// still kept.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn repeat_of(&self, recipient: &str, base: &Digest, generation: u64, full_content: bool) -> Result<Option<SameAs>>;
 }
 
 /// The owner's keyring: registered recipients' keys, the keys rotations deliver, retired keys in their grace.
@@ -284,6 +291,8 @@ pub struct AnswerPlan {
     pub ops: Vec<Op>,
     /// The size its parts must fit, with this step's effects taken into account.
     pub limit: u64,
+    /// A reference reply: the earlier reply that already answers this tree (no operations then).
+    pub same_as: Option<SameAs>,
     /// Effects to apply with the reply.
     pub effects: Vec<Effect>,
 }
@@ -570,7 +579,17 @@ fn on_request(
     let target = view.manifest(generation.number)?.ok_or_else(|| {
         anyhow::format_err!("the newest generation {} has no manifest in the state database", generation.number)
     })?;
-    let ops = inventory.as_ref().map_or_else(Vec::new, |inv| diff(inv, &target));
+    // R7: the same tree, for the same generation, was answered before and that reply is still on its way
+    // (or lost): a reference to it costs a few kilobytes, a new reply as much as the first. A recipient
+    // that cannot use the earlier reply asks `fresh`.
+    let same_as = match (&inventory, &req.resend, req.fresh) {
+        (Some(_), None, false) => view.repeat_of(&rec.name, &req.root, generation.number, req.full_content)?,
+        _ => None,
+    };
+    let ops = match (&inventory, &same_as) {
+        (Some(inv), None) => diff(inv, &target),
+        _ => Vec::new(),
+    };
     // A limit this very step learns applies to the reply it sends.
     let learned_now = effects.iter().rev().find_map(|e| match e {
         Effect::SetRelayLimit { recipient, limit } if *recipient == rec.name => Some(limit.limit),
@@ -590,6 +609,7 @@ fn on_request(
         target,
         ops,
         limit,
+        same_as,
         effects,
     })))
 }
@@ -784,5 +804,6 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
             sealed: plan.key.seal_key_with_nonce(&rec.name, &r.key, seal_nonce),
             grace: r.grace,
         }),
+        same_as: plan.same_as.clone(),
     }
 }

@@ -48,6 +48,11 @@ pub trait RecipientView {
     /// # Errors
     /// Local failures.
     fn rollback_hold(&self) -> Result<Option<u64>>;
+    /// Whether some part of reply `reply_id` is kept here.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn has_parts(&self, reply_id: &str) -> Result<bool>;
     /// The last request sequence number this recipient used.
     ///
     /// # Errors
@@ -230,6 +235,17 @@ fn check_generation(applied: &Applied, reply: &Reply, key: &Key, role: KeyRole) 
     Ok(())
 }
 
+/// What a reference reply leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Referred {
+    /// Some of the reply referred to is here: its other parts come, or are asked for as usual.
+    Wait,
+    /// None of it is here but its request is outstanding: the next request asks for all its parts.
+    AskParts,
+    /// Its request is no longer outstanding, so it could not be accepted: the next request asks `fresh`.
+    AskFresh,
+}
+
 /// What to do with a whole, verified reply.
 #[derive(Debug)]
 pub enum WholeStep {
@@ -239,6 +255,15 @@ pub enum WholeStep {
     Current {
         /// The generation in the tree.
         generation: u64,
+        /// Effects to apply.
+        effects: Vec<Effect>,
+    },
+    /// A reference reply: close the request, apply the effects, and act on the reply referred to.
+    Referred {
+        /// The reply referred to.
+        same: crate::protocol::SameAs,
+        /// What to do about it.
+        step: Referred,
         /// Effects to apply.
         effects: Vec<Effect>,
     },
@@ -280,6 +305,16 @@ pub fn on_whole(
             )));
         };
         effects.push(Effect::TakeKey { new, previous_until: now.saturating_add(rekey.grace) });
+    }
+    if let Some(same) = &reply.same_as {
+        let step = if view.has_parts(&same.reply_id)? {
+            Referred::Wait
+        } else if view.outstanding(&same.nonce)?.is_some() {
+            Referred::AskParts
+        } else {
+            Referred::AskFresh
+        };
+        return Ok(WholeStep::Referred { same: same.clone(), step, effects });
     }
     let applied = view.applied()?.generation;
     if reply.need_full_inventory {

@@ -85,6 +85,7 @@ struct MemOwner {
     parts: HashMap<String, u64>,
     limits: HashMap<String, LearnedLimit>,
     last_created: Option<u64>,
+    earlier: Option<protocol::SameAs>,
 }
 
 impl OwnerView for MemOwner {
@@ -136,6 +137,9 @@ impl OwnerView for MemOwner {
     fn last_request_created(&self, _: &str) -> Result<Option<u64>> {
         Ok(self.last_created)
     }
+    fn repeat_of(&self, _: &str, base: &Digest, generation: u64, _: bool) -> Result<Option<protocol::SameAs>> {
+        Ok(self.earlier.clone().filter(|_| *base == site_tree().root() && generation == 2))
+    }
 }
 
 fn site_tree() -> Manifest {
@@ -185,6 +189,7 @@ fn request() -> Request {
         want: Want::Latest,
         full_content: false,
         resend: None,
+        fresh: false,
     }
 }
 
@@ -378,6 +383,32 @@ fn step_9_a_reply_to_a_seq_never_used_names_another_machine() {
 }
 
 #[test]
+fn r7_a_repeated_tree_is_answered_with_a_reference_unless_fresh_or_resending() {
+    let mut w = owner_world();
+    let earlier = protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([3; 16]), parts: 4 };
+    w.earlier = Some(earlier.clone());
+    let answer = |r: &Request| match owner_step(&w, &mail(Kind::Request, r, "site1", &key(1), &[])) {
+        Outcome::Answer(plan) => *plan,
+        other => panic!("{other:?}"),
+    };
+    let plan = answer(&request());
+    assert_eq!(plan.same_as, Some(earlier.clone()));
+    assert!(plan.ops.is_empty(), "a reference carries no operations");
+    let fresh = answer(&Request { fresh: true, ..request() });
+    assert!(fresh.same_as.is_none() && !fresh.ops.is_empty(), "asked fresh: a new reply");
+    let other_tree = answer(&Request {
+        inventory: vec![Listed { path: path("x"), entry: file(b"x") }],
+        root: {
+            let mut m = site_tree();
+            m.insert(path("x"), file(b"x"));
+            m.root()
+        },
+        ..request()
+    });
+    assert!(other_tree.same_as.is_none(), "another tree is another answer");
+}
+
+#[test]
 fn r5_nothing_published_leaves_the_request_waiting() {
     let mut w = owner_world();
     w.generations.clear();
@@ -446,6 +477,7 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         payloads: vec![protocol::Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest([0; 32]) }],
         body: Frame { offset: 0, length: 100, size: 100, blake3: Digest([0; 32]) },
         rekey: None,
+        same_as: None,
     }
 }
 
@@ -575,6 +607,7 @@ struct MemRecipient {
     outstanding: HashMap<Nonce, u64>,
     applied: Applied,
     hold: Option<u64>,
+    kept: Vec<String>,
 }
 
 impl RecipientView for MemRecipient {
@@ -602,6 +635,9 @@ impl RecipientView for MemRecipient {
     fn last_seq(&self) -> Result<u64> {
         Ok(5)
     }
+    fn has_parts(&self, reply_id: &str) -> Result<bool> {
+        Ok(self.kept.iter().any(|k| k == reply_id))
+    }
 }
 
 fn site() -> MemRecipient {
@@ -611,6 +647,7 @@ fn site() -> MemRecipient {
         outstanding: HashMap::from([(Nonce([7; 16]), 5)]),
         applied: Applied { generation: 1, root: Some(site_tree().root()), key_id: Some(key(1).id()) },
         hold: None,
+        kept: Vec::new(),
     }
 }
 
@@ -857,6 +894,28 @@ fn a_new_key_is_taken_up_only_with_a_reply_that_is_accepted() {
     let WholeStep::Apply { effects, plan, .. } = whole(&v, &good, scan_of(site_tree())) else { panic!("applies") };
     assert_eq!(effects, vec![rcp::Effect::TakeKey { new: key(3), previous_until: NOW + 60 }]);
     assert_eq!(plan.target.root(), new_tree().root());
+}
+
+#[test]
+fn a_reference_reply_waits_for_asks_for_or_asks_afresh() {
+    let mut v = site();
+    let same = protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([8; 16]), parts: 3 };
+    let u = update(Reply { same_as: Some(same.clone()), ..reply() }, Vec::new());
+    let step = |v: &MemRecipient| {
+        let mut scan = || -> Result<Scan> { panic!("a reference needs no scan") };
+        match rcp::on_whole(v, &u, &key(1), &mut scan, &site_tree(), OnExtra::Delete, NOW).unwrap() {
+            WholeStep::Referred { step, effects, .. } => {
+                assert!(effects.is_empty());
+                step
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(step(&v), rcp::Referred::AskFresh, "the request it answered is not outstanding");
+    v.outstanding.insert(Nonce([8; 16]), 4);
+    assert_eq!(step(&v), rcp::Referred::AskParts);
+    v.kept.push(same.reply_id.clone());
+    assert_eq!(step(&v), rcp::Referred::Wait);
 }
 
 #[test]

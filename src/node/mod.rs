@@ -66,6 +66,11 @@ pub enum Handled {
         /// Parts in the reply.
         of: u32,
     },
+    /// Recipient: a reference reply, pointing to a reply sent before for the same tree.
+    Referred {
+        /// The reply referred to.
+        reply_id: String,
+    },
     /// Recipient: a reply confirming the tree is current.
     Current {
         /// The generation in the tree.

@@ -578,6 +578,8 @@ impl Role for Owner {
                         base: req.root,
                         ops: 0,
                         reply_bytes: bytes,
+                        parts: n as u32,
+                        full_content: req.full_content,
                     })?;
                     db.mark_seen(digest, "processed")
                 })?;
@@ -673,11 +675,20 @@ impl Owner {
                 base: req.root,
                 ops: n_ops,
                 reply_bytes: bytes,
+                parts,
+                full_content: req.full_content,
             })?;
             db.mark_seen(digest, "processed")?;
             Ok((parts, bytes))
         })?;
         crate::failpoint::hit("owner-queued");
+        if let Some(same) = &plan.same_as {
+            info!(
+                recipient = %rec.name, generation = head.generation, bytes, earlier = %same.reply_id,
+                "answered a repeated request with a reference to the reply already sent for the same tree"
+            );
+            return Ok(Handled::Answered { recipient: rec.name.clone(), generation: head.generation, ops: 0 });
+        }
         info!(
             recipient = %rec.name, generation = head.generation, ops = n_ops, parts, bytes, to = %to,
             local = stats.local, frames = stats.frames, streamed = stats.streamed,
@@ -818,6 +829,22 @@ impl OwnerView for View<'_> {
 
     fn last_request_created(&self, recipient: &str) -> Result<Option<u64>> {
         self.db.last_request_created(recipient)
+    }
+
+    fn repeat_of(
+        &self,
+        recipient: &str,
+        base: &Digest,
+        generation: u64,
+        full_content: bool,
+    ) -> Result<Option<protocol::SameAs>> {
+        self.db
+            .repeat_of(recipient, base, generation, full_content)?
+            .map(|(reply_id, nonce, parts)| {
+                let nonce = Nonce::from_hex(&nonce).map_err(anyhow::Error::msg)?;
+                Ok(protocol::SameAs { reply_id, nonce, parts })
+            })
+            .transpose()
     }
 }
 

@@ -526,6 +526,7 @@ impl Recipient {
             want: Want::Latest,
             full_content,
             resend,
+            fresh: sub.fresh_next,
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
@@ -547,6 +548,9 @@ impl Recipient {
         self.state.db.transaction(|db| {
             anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
             db.add_outstanding(&nonce.to_hex(), seq)?;
+            if sub.fresh_next {
+                db.set_fresh_next(false)?;
+            }
             if full {
                 db.set_need_full_inventory(false)?;
             }
@@ -579,6 +583,16 @@ impl Recipient {
             let have: BTreeSet<u32> = kept.iter().map(|(k, _)| *k).collect();
             let missing = (1..=parts).filter(|k| !have.contains(k)).collect();
             found = Some((Resend { reply_id, parts: missing }, at));
+        }
+        // A reply a reference pointed to, none of which is here: every part of it.
+        for (reply_id, nonce, parts) in self.state.db.wanted_replies()? {
+            if self.state.db.outstanding(&nonce)?.is_none() {
+                self.state.db.forget_parts(&reply_id)?;
+                continue;
+            }
+            if found.is_none() && self.state.db.received_parts(&reply_id)?.is_empty() {
+                found = Some((Resend { reply_id, parts: (1..=parts).collect() }, 0));
+            }
         }
         Ok(found)
     }
@@ -618,6 +632,7 @@ impl Recipient {
                 // A local rollback holds back the generation it undid (node::rollback).
                 if let Some(held) = super::rollback::hold(&self.state.db, generation, &nonce, digest)? {
                     self.forget_parts(&reply.reply_id)?;
+                    self.state.db.set_fresh_next(true)?;
                     return Ok(Ok(held));
                 }
             }
@@ -681,9 +696,11 @@ impl Recipient {
         self.state.db.clear_pending_key()
     }
 
-    /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts.
+    /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts. The next
+    /// request asks `fresh`: a reference to the reply refused would be of no use.
     fn give_up(&self, nonce: &str, reply_id: &str) -> Result<()> {
         self.state.db.close_outstanding(nonce)?;
+        self.state.db.set_fresh_next(true)?;
         self.forget_parts(reply_id)
     }
 
@@ -780,6 +797,7 @@ impl Recipient {
                 return self.current(nonce, digest, generation, &effects);
             }
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
+            WholeStep::Referred { same, step, effects } => return self.referred(nonce, digest, &same, step, &effects),
         };
         let stage_dir = self.staging_root()?.join(&reply.reply_id);
         if stage_dir.exists() {
@@ -858,6 +876,43 @@ impl Recipient {
         }
         tracing::debug!(entries = c.scan.manifest.len(), hashed = c.hashed, "scanned the data tree");
         Ok(c.scan)
+    }
+
+    /// Records a reference reply: the request is answered, and the reply it points to is waited for, asked for
+    /// again, or (when it can no longer be used here) the next request asks `fresh`.
+    fn referred(
+        &mut self,
+        nonce: &str,
+        digest: &Digest,
+        same: &protocol::SameAs,
+        step: engine::recipient::Referred,
+        effects: &[RecipientEffect],
+    ) -> Result<Result<Handled, Refusal>> {
+        use engine::recipient::Referred;
+        let key = self.key.clone();
+        self.state.db.transaction(|db| {
+            for e in effects {
+                if let RecipientEffect::TakeKey { new, previous_until } = e {
+                    db.take_key(&key.to_hex(), &key.id(), *previous_until, &new.to_hex(), &new.id())?;
+                }
+            }
+            match step {
+                Referred::Wait => {}
+                Referred::AskParts => db.want_reply(&same.reply_id, &same.nonce.to_hex(), same.parts)?,
+                Referred::AskFresh => db.set_fresh_next(true)?,
+            }
+            db.close_outstanding(nonce)?;
+            db.mark_fresh_reply()?;
+            db.mark_seen(digest, "processed")
+        })?;
+        self.finish_key()?;
+        let what = match step {
+            Referred::Wait => "its parts are arriving",
+            Referred::AskParts => "none of it is here: the next request asks for its parts",
+            Referred::AskFresh => "its request is no longer outstanding here: the next request asks afresh",
+        };
+        info!(earlier = %same.reply_id, "the owner answered with a reference to a reply sent before; {what}");
+        Ok(Ok(Handled::Referred { reply_id: same.reply_id.clone() }))
     }
 
     /// Records a reply that confirms the tree is current, with the effects the engine accepted it with.
@@ -1075,5 +1130,9 @@ impl RecipientView for View<'_> {
 
     fn last_seq(&self) -> Result<u64> {
         Ok(self.db.subscription()?.seq)
+    }
+
+    fn has_parts(&self, reply_id: &str) -> Result<bool> {
+        Ok(!self.db.received_parts(reply_id)?.is_empty())
     }
 }

@@ -139,6 +139,10 @@ pub struct Request {
     /// otherwise it answers the request as usual.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resend: Option<Resend>,
+    /// Do not answer with a reference to an earlier reply (`same-as`): this recipient cannot use it (the
+    /// request it answered is no longer outstanding here).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 /// How a request describes the recipient's tree.
@@ -226,6 +230,23 @@ pub struct Reply {
     /// authenticates this reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rekey: Option<Rekey>,
+    /// A **reference reply**: the owner already answered this recipient's tree, for this generation, with
+    /// another reply, still on its way or lost. This reply carries no operations; the recipient uses the
+    /// reply referred to (asking for its parts again if they were lost), or asks `fresh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<SameAs>,
+}
+
+/// The earlier reply a reference reply points to.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SameAs {
+    /// Its id (32 hex digits).
+    pub reply_id: String,
+    /// The nonce of the request it answered.
+    pub nonce: Nonce,
+    /// How many parts it has.
+    pub parts: u32,
 }
 
 /// A recipient's next key, delivered inside an authenticated reply.
@@ -765,6 +786,15 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     if !valid_reply_id(&r.reply_id) {
         return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
     }
+    if let Some(same) = &r.same_as {
+        // The id names a directory of kept parts, and the count a resend to ask for: both are bounded.
+        if !valid_reply_id(&same.reply_id) || same.reply_id == r.reply_id {
+            return Err(Refusal::new(Reason::Malformed, format!("same-as names reply {:?}", same.reply_id)));
+        }
+        if same.parts == 0 || same.parts as usize > limits.max_parts {
+            return Err(Refusal::new(Reason::Limit, format!("same-as names a reply in {} parts", same.parts)));
+        }
+    }
     if r.part == 0 || r.part > r.parts || r.parts as usize > limits.max_parts {
         return Err(Refusal::new(Reason::Limit, format!("part {} of {} is out of range", r.part, r.parts)));
     }
@@ -1010,6 +1040,7 @@ mod tests {
             payloads: vec![Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest([3; 32]) }],
             body: Frame { offset: 10, length: 90, size: 400, blake3: Digest([4; 32]) },
             rekey: None,
+            same_as: None,
         }
     }
 
@@ -1254,6 +1285,7 @@ mod tests {
             want: Want::Latest,
             full_content: false,
             resend: None,
+            fresh: false,
         }
     }
 
