@@ -33,9 +33,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::KeyId;
 use crate::delta::{self, DecodeError};
 use crate::manifest::{Digest, Entry, LinkTarget, Listed, Manifest, Mode, Op, Source, ordered};
 use crate::path::RelPath;
+use crate::protocol::ReplyId;
 use crate::protocol::{Method, Reason, Refusal, Update};
 use crate::scan::{ForeignKind, Scan};
 
@@ -421,8 +423,8 @@ pub struct Journal {
     pub stage_dir: PathBuf,
     /// Generation being applied.
     pub generation: u64,
-    /// The reply's id.
-    pub reply_id: String,
+    /// The reply's id (for a rollback, a fresh id of the same form).
+    pub reply_id: ReplyId,
     /// The nonce the reply answered.
     pub nonce: String,
     /// BLAKE3 of the raw message, for the seen-store.
@@ -439,7 +441,7 @@ pub struct Journal {
     /// The id of the key that authenticated the reply (recorded with the applied generation); none for a
     /// rollback, or in journals written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_id: Option<String>,
+    pub key_id: Option<KeyId>,
 }
 
 /// What a [`Journal`] records.
@@ -709,7 +711,7 @@ mod tests {
             recipient: "r".into(),
             nonce: Nonce([0; 16]),
             request_seq: 1,
-            reply_id: "x".into(),
+            reply_id: ReplyId::unchecked("x"),
             part: 1,
             parts: 1,
             created: 0,
@@ -850,7 +852,7 @@ mod tests {
                 data_root: data.clone(),
                 stage_dir: stage,
                 generation: 2,
-                reply_id: "0".repeat(32),
+                reply_id: ReplyId::unchecked("0".repeat(32)),
                 nonce: "0".repeat(32),
                 message: Digest::of(b""),
                 ops: 1,

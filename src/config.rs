@@ -488,7 +488,7 @@ pub struct Enrollment {
     /// The recipient's key, 64 hex digits.
     pub key: String,
     /// The key's public id.
-    pub key_id: String,
+    pub key_id: crate::crypto::KeyId,
     /// The owner's Ed25519 public key, when it signs replies (`signing = "hmac+ed25519"`): the recipient
     /// pins it and refuses replies without the owner's signature.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -60,9 +60,9 @@ impl Key {
     }
 
     /// A public identifier of the key (16 hex digits), safe to put in messages and logs.
-    pub fn id(&self) -> String {
+    pub fn id(&self) -> KeyId {
         let d = blake3::derive_key("mailferry key id v1", &self.0);
-        hex(&d[..8])
+        KeyId(hex(&d[..8]))
     }
 
     /// HMAC-SHA256 of `data` under this key.
@@ -79,6 +79,98 @@ impl Key {
         m.verify_slice(tag).is_ok()
     }
 }
+
+/// Implements the string-like conveniences shared by the id newtypes ([`KeyId`],
+/// [`crate::protocol::ReplyId`]): `as_str`, `Display`, a `Debug` that shows the bare string (so log lines
+/// and refusal details read exactly as they did when ids were strings), and comparisons with strings.
+macro_rules! string_id {
+    ($t:ident) => {
+        impl $t {
+            /// The id as it travels on the wire.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The id, without checking it. Only for values that were checked before they were stored, such
+            /// as those read back from the node's own state database.
+            pub(crate) fn unchecked(s: impl Into<String>) -> $t {
+                $t(s.into())
+            }
+        }
+
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl ::std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $t {
+            fn eq(&self, other: &String) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<$t> for str {
+            fn eq(&self, other: &$t) -> bool {
+                self == other.0
+            }
+        }
+
+        impl PartialEq<$t> for &str {
+            fn eq(&self, other: &$t) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$t> for String {
+            fn eq(&self, other: &$t) -> bool {
+                *self == other.0
+            }
+        }
+    };
+}
+pub(crate) use string_id;
+
+/// The public id of a [`Key`] (16 lowercase hex digits, see [`Key::id`]), safe to put in messages and
+/// logs. On the wire and in the state database it is the bare string; decoding accepts any string, and
+/// [`crate::protocol::decode_control`] refuses those that are not ids.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// `s` as a key id, if it is 16 lowercase hex digits.
+    pub fn new(s: impl Into<String>) -> Option<KeyId> {
+        let s = s.into();
+        (s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(KeyId(s))
+    }
+}
+
+string_id!(KeyId);
 
 /// Whether `a` and `b` are equal, compared in constant time (for secrets such as delivery tokens).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -115,7 +207,7 @@ impl Key {
 
     /// Opens a key sealed by [`Key::seal_key`] under this key for `recipient`, and checks it has the id
     /// `key_id`. `None` when it does not open or is not that key.
-    pub fn open_key(&self, recipient: &str, key_id: &str, sealed: &str) -> Option<Key> {
+    pub fn open_key(&self, recipient: &str, key_id: &KeyId, sealed: &str) -> Option<Key> {
         use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
         let bytes = unhex(sealed)?;
         if bytes.len() != 12 + 32 + 16 {
@@ -127,7 +219,7 @@ impl Key {
         let aad = rekey_aad(recipient, key_id);
         let plain = cipher.decrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: ct, aad: &aad }).ok()?;
         let key = Key(plain.try_into().ok()?);
-        (key.id() == key_id).then_some(key)
+        (key.id() == *key_id).then_some(key)
     }
 
     fn rekey_cipher_key(&self) -> chacha20poly1305::Key {
@@ -135,8 +227,8 @@ impl Key {
     }
 }
 
-fn rekey_aad(recipient: &str, key_id: &str) -> Vec<u8> {
-    [recipient.as_bytes(), b"\0", key_id.as_bytes()].concat()
+fn rekey_aad(recipient: &str, key_id: &KeyId) -> Vec<u8> {
+    [recipient.as_bytes(), b"\0", key_id.as_str().as_bytes()].concat()
 }
 
 /// Domain separation for reply signatures: a signature over anything else never verifies as one.

@@ -15,9 +15,30 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 pub use crate::engine::owner::{LearnedLimit, SentMessage};
+use crate::crypto::KeyId;
 use crate::manifest::{Digest, Listed, Manifest};
-use crate::protocol::Refusal;
+use crate::protocol::{Refusal, ReplyId};
 use crate::protocol::envelope::Hints;
+
+// Reply ids and key ids are stored as TEXT, exactly as before they had types. A value read back was
+// checked before it was written (or made by this node), so it is taken as it is.
+macro_rules! sql_text_id {
+    ($t:ty) => {
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                String::column_result(value).map(<$t>::unchecked)
+            }
+        }
+    };
+}
+sql_text_id!(ReplyId);
+sql_text_id!(KeyId);
 
 /// The schema, as numbered migrations: migration `i` (from 0) takes a database from schema version `i` to
 /// `i + 1`. A database is created by running them all, and an existing one is brought up to date by
@@ -224,7 +245,7 @@ pub struct Subscription {
     /// Its root, hex.
     pub applied_root: Option<String>,
     /// The id of the key whose reply brought it (none for a rollback, or before ids were recorded).
-    pub applied_key_id: Option<String>,
+    pub applied_key_id: Option<KeyId>,
     /// When the last request was queued.
     pub last_request_at: Option<u64>,
     /// When the last fresh, authenticated reply was accepted.
@@ -293,7 +314,7 @@ pub struct RecipientRow {
     #[serde(skip)]
     pub key_hex: String,
     /// Public key id.
-    pub key_id: String,
+    pub key_id: KeyId,
     /// Highest request sequence number seen.
     pub last_seq: u64,
     /// Last authenticated request.
@@ -331,7 +352,7 @@ pub struct Answered<'a> {
     /// The time the request says it was made (a hint, kept to tell a second machine from a delay).
     pub created: u64,
     /// The reply.
-    pub reply_id: &'a str,
+    pub reply_id: &'a ReplyId,
     /// The generation it brings.
     pub generation: u64,
     /// That generation's root.
@@ -354,7 +375,7 @@ pub struct PendingKey {
     /// The new key in hex (secret).
     pub key_hex: String,
     /// Its public id.
-    pub key_id: String,
+    pub key_id: KeyId,
     /// When the rotation started.
     pub started: u64,
     /// Seconds the old key stays valid once the new one is in use.
@@ -840,7 +861,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors, including a name that is taken.
-    pub fn add_recipient(&self, name: &str, address: &str, key_hex: &str, key_id: &str) -> Result<()> {
+    pub fn add_recipient(&self, name: &str, address: &str, key_hex: &str, key_id: &KeyId) -> Result<()> {
         self.conn
             .execute(
                 "INSERT INTO recipients (name, address, key, key_id, created) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -917,7 +938,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors, or no such recipient.
-    pub fn start_key_rotation(&self, name: &str, key_hex: &str, key_id: &str, grace: u64) -> Result<()> {
+    pub fn start_key_rotation(&self, name: &str, key_hex: &str, key_id: &KeyId, grace: u64) -> Result<()> {
         anyhow::ensure!(self.recipient(name)?.is_some(), "no recipient named {name:?} is registered");
         self.conn.execute(
             "INSERT OR REPLACE INTO key_rotations (recipient, key, key_id, started, grace) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -950,7 +971,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors, or no rotation under way.
-    pub fn complete_key_rotation(&self, name: &str) -> Result<String> {
+    pub fn complete_key_rotation(&self, name: &str) -> Result<KeyId> {
         let db = self;
         {
             let pending = db.key_rotation(name)?.with_context(|| format!("no key rotation for {name:?}"))?;
@@ -972,7 +993,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors, or no such recipient.
-    pub fn replace_key(&self, name: &str, key_hex: &str, key_id: &str) -> Result<()> {
+    pub fn replace_key(&self, name: &str, key_hex: &str, key_id: &KeyId) -> Result<()> {
         let n = self
             .conn
             .execute("UPDATE recipients SET key = ?2, key_id = ?3 WHERE name = ?1", params![name, key_hex, key_id])?;
@@ -998,7 +1019,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn retired_key(&self, name: &str, key_id: &str) -> Result<Option<String>> {
+    pub fn retired_key(&self, name: &str, key_id: &KeyId) -> Result<Option<String>> {
         self.conn.execute("DELETE FROM retired_keys WHERE valid_until <= ?1", [now() as i64])?;
         Ok(self
             .conn
@@ -1069,13 +1090,13 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(String, u64, Option<Digest>)>> {
+    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(ReplyId, u64, Option<Digest>)>> {
         let row = self
             .conn
             .query_row(
                 "SELECT reply_id, generation, root FROM requests WHERE nonce = ?1 AND recipient = ?2",
                 params![nonce, recipient],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<String>>(2)?)),
+                |r| Ok((r.get::<_, ReplyId>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<String>>(2)?)),
             )
             .optional()?;
         row.map(|(id, g, root)| {
@@ -1114,7 +1135,7 @@ impl Db {
         base: &Digest,
         generation: u64,
         full_content: bool,
-    ) -> Result<Option<(String, String, u32)>> {
+    ) -> Result<Option<(ReplyId, String, u32)>> {
         Ok(self
             .conn
             .query_row(
@@ -1232,7 +1253,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn resent(&self, reply_id: &str) -> Result<u64> {
+    pub fn resent(&self, reply_id: &ReplyId) -> Result<u64> {
         Ok(self
             .conn
             .query_row("SELECT count FROM resends WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))
@@ -1244,7 +1265,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn count_resend(&self, reply_id: &str) -> Result<()> {
+    pub fn count_resend(&self, reply_id: &ReplyId) -> Result<()> {
         self.conn.execute(
             "INSERT INTO resends (reply_id, count) VALUES (?1, 1)
              ON CONFLICT (reply_id) DO UPDATE SET count = count + 1",
@@ -1257,7 +1278,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>> {
+    pub fn reply_generation(&self, recipient: &str, reply_id: &ReplyId) -> Result<Option<u64>> {
         Ok(self
             .conn
             .query_row(
@@ -1273,7 +1294,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
+    pub fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool> {
         Ok(self.conn.query_row(
             "SELECT count(*) FROM receipts WHERE recipient = ?1 AND reply_id = ?2",
             params![recipient, reply_id],
@@ -1377,7 +1398,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn want_reply(&self, reply_id: &str, nonce: &str, parts: u32) -> Result<()> {
+    pub fn want_reply(&self, reply_id: &ReplyId, nonce: &str, parts: u32) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO wanted_replies (reply_id, subscription, nonce, parts) VALUES (?1, ?2, ?3, ?4)",
             params![reply_id, SUB, nonce, parts],
@@ -1389,7 +1410,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn wanted_replies(&self) -> Result<Vec<(String, String, u32)>> {
+    pub fn wanted_replies(&self) -> Result<Vec<(ReplyId, String, u32)>> {
         let mut st = self.conn.prepare("SELECT reply_id, nonce, parts FROM wanted_replies WHERE subscription = ?1")?;
         let rows = st.query_map([SUB], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1412,7 +1433,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn take_key(&self, current_hex: &str, current_id: &str, until: u64, new_hex: &str, new_id: &str) -> Result<()> {
+    pub fn take_key(&self, current_hex: &str, current_id: &KeyId, until: u64, new_hex: &str, new_id: &KeyId) -> Result<()> {
         // A rotation authenticated by the key the applied generation came under continues its epoch.
         self.conn.execute(
             "UPDATE subscriptions SET previous_key = ?1, previous_key_until = ?2, pending_key = ?3,
@@ -1557,10 +1578,10 @@ impl Db {
         &self,
         generation: u64,
         manifest: &Manifest,
-        reply_id: &str,
+        reply_id: &ReplyId,
         nonce: &str,
         ops: usize,
-        key_id: Option<&str>,
+        key_id: Option<&KeyId>,
     ) -> Result<()> {
         let root = manifest.root();
         self.conn.execute(
@@ -1623,7 +1644,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &str, ops: usize, held: u64) -> Result<()> {
+    pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &ReplyId, ops: usize, held: u64) -> Result<()> {
         // A history row with no nonce: no reply brought it.
         self.record_applied(generation, manifest, id, "", ops, None)?;
         self.clear_previous()?;
@@ -1655,7 +1676,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn reply_applied(&self, reply_id: &str) -> Result<bool> {
+    pub fn reply_applied(&self, reply_id: &ReplyId) -> Result<bool> {
         Ok(self
             .conn
             .query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
@@ -1668,7 +1689,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn keep_sent_part(&self, reply_id: &str, part: u32, recipient: &str, raw: &[u8]) -> Result<()> {
+    pub fn keep_sent_part(&self, reply_id: &ReplyId, part: u32, recipient: &str, raw: &[u8]) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO sent_parts (reply_id, part, recipient, created, raw) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![reply_id, part, recipient, now() as i64, raw],
@@ -1717,7 +1738,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
+    pub fn sent_part_count(&self, reply_id: &ReplyId) -> Result<u64> {
         Ok(self
             .conn
             .query_row("SELECT count(*) FROM sent_ids WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
@@ -1728,7 +1749,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn reply_of_outbox_name(&self, name: &str) -> Result<Option<String>> {
+    pub fn reply_of_outbox_name(&self, name: &str) -> Result<Option<ReplyId>> {
         let Some(nonce) = name.strip_prefix("reply-").and_then(|r| r.split('-').next()) else { return Ok(None) };
         Ok(self.conn.query_row("SELECT reply_id FROM requests WHERE nonce = ?1", [nonce], |r| r.get(0)).optional()?)
     }
@@ -1737,7 +1758,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>> {
+    pub fn sent_part(&self, recipient: &str, reply_id: &ReplyId, part: u32) -> Result<Option<Vec<u8>>> {
         Ok(self
             .conn
             .query_row(
@@ -1753,7 +1774,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn drop_sent_parts(&self, reply_id: Option<&str>, max_age: u64) -> Result<usize> {
+    pub fn drop_sent_parts(&self, reply_id: Option<&ReplyId>, max_age: u64) -> Result<usize> {
         let cutoff = now().saturating_sub(max_age) as i64;
         // Message ids outlive the parts (a report may come after a receipt dropped them), not their age.
         self.conn.execute("DELETE FROM sent_ids WHERE at < ?1", [cutoff])?;
@@ -1766,7 +1787,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn record_part(&self, reply_id: &str, part: u32, nonce: &str, control: &[u8]) -> Result<()> {
+    pub fn record_part(&self, reply_id: &ReplyId, part: u32, nonce: &str, control: &[u8]) -> Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO received_parts (reply_id, part, nonce, received_at, control)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1779,7 +1800,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn received_parts(&self, reply_id: &str) -> Result<Vec<(u32, Vec<u8>)>> {
+    pub fn received_parts(&self, reply_id: &ReplyId) -> Result<Vec<(u32, Vec<u8>)>> {
         let mut st = self.conn.prepare("SELECT part, control FROM received_parts WHERE reply_id = ?1 ORDER BY part")?;
         let rows = st.query_map([reply_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1789,7 +1810,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn partial_replies(&self) -> Result<Vec<(String, String, u64)>> {
+    pub fn partial_replies(&self) -> Result<Vec<(ReplyId, String, u64)>> {
         let mut st = self.conn.prepare(
             "SELECT reply_id, nonce, max(received_at) FROM received_parts GROUP BY reply_id ORDER BY 3 DESC",
         )?;
@@ -1801,7 +1822,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn forget_parts(&self, reply_id: &str) -> Result<()> {
+    pub fn forget_parts(&self, reply_id: &ReplyId) -> Result<()> {
         self.conn.execute("DELETE FROM received_parts WHERE reply_id = ?1", [reply_id])?;
         self.conn.execute("DELETE FROM wanted_replies WHERE reply_id = ?1", [reply_id])?;
         Ok(())

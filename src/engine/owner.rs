@@ -14,10 +14,10 @@ use anyhow::Result;
 
 use super::Entropy;
 use super::verify::{KeyRole, Keyed, Keyring, Verified};
-use crate::crypto::{Key, Nonce};
+use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest, Op, diff};
 use crate::protocol::{
-    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, Request, Resend, SameAs, VERSION,
+    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend, SameAs, VERSION,
 };
 
 /// A registered recipient as the engine needs it.
@@ -55,7 +55,7 @@ pub struct Generation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentReply {
     /// The reply's id.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// The generation it brought.
     pub generation: u64,
     /// That generation's root (`None` for replies recorded before roots were kept).
@@ -68,7 +68,7 @@ pub struct SentMessage {
     /// To whom.
     pub recipient: String,
     /// Which reply.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// Which part.
     pub part: u32,
     /// Its size.
@@ -87,7 +87,7 @@ pub struct LearnedLimit {
     /// The smallest part size refused, which growing back never reaches.
     pub refused: Option<u64>,
     /// The reply whose refusal taught it (one reply shrinks the limit once).
-    pub reply_id: Option<String>,
+    pub reply_id: Option<ReplyId>,
 }
 
 /// What a recipient was sent over a recent period, for its budget.
@@ -126,7 +126,7 @@ pub trait OwnerView {
     ///
     /// # Errors
     /// Local failures.
-    fn retired_key(&self, name: &str, key_id: &str, now: u64) -> Result<Option<Key>>;
+    fn retired_key(&self, name: &str, key_id: &KeyId, now: u64) -> Result<Option<Key>>;
     /// Whether a request with this nonce was answered before (for any recipient).
     ///
     /// # Errors
@@ -151,22 +151,22 @@ pub trait OwnerView {
     ///
     /// # Errors
     /// Local failures.
-    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool>;
+    fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool>;
     /// The generation reply `reply_id` to `recipient` brought, if the owner sent it.
     ///
     /// # Errors
     /// Local failures.
-    fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>>;
+    fn reply_generation(&self, recipient: &str, reply_id: &ReplyId) -> Result<Option<u64>>;
     /// A kept part of an earlier reply.
     ///
     /// # Errors
     /// Local failures.
-    fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>>;
+    fn sent_part(&self, recipient: &str, reply_id: &ReplyId, part: u32) -> Result<Option<Vec<u8>>>;
     /// How often the parts of `reply_id` were sent again.
     ///
     /// # Errors
     /// Local failures.
-    fn resent(&self, reply_id: &str) -> Result<u64>;
+    fn resent(&self, reply_id: &ReplyId) -> Result<u64>;
     /// What `recipient` was sent since `since`.
     ///
     /// # Errors
@@ -181,7 +181,7 @@ pub trait OwnerView {
     ///
     /// # Errors
     /// Local failures.
-    fn sent_part_count(&self, reply_id: &str) -> Result<u64>;
+    fn sent_part_count(&self, reply_id: &ReplyId) -> Result<u64>;
     /// The part size learned for `recipient`, if any.
     ///
     /// # Errors
@@ -206,17 +206,17 @@ pub trait OwnerView {
 pub struct OwnerKeys<'a>(pub &'a dyn OwnerView);
 
 impl Keyring for OwnerKeys<'_> {
-    fn lookup(&self, recipient: &str, key_id: &str, now: u64) -> Result<Result<Keyed, Refusal>> {
+    fn lookup(&self, recipient: &str, key_id: &KeyId, now: u64) -> Result<Result<Keyed, Refusal>> {
         let Some(rec) = self.0.recipient(recipient)? else {
             return Ok(Err(Refusal::new(
                 Reason::UnknownRecipient,
                 format!("no recipient named {recipient:?} is registered"),
             )));
         };
-        if key_id == rec.key.id() {
+        if *key_id == rec.key.id() {
             return Ok(Ok(Keyed { key: rec.key, role: KeyRole::Current }));
         }
-        if let Some(r) = self.0.rotation(recipient)?.filter(|r| r.key.id() == key_id) {
+        if let Some(r) = self.0.rotation(recipient)?.filter(|r| r.key.id() == *key_id) {
             return Ok(Ok(Keyed { key: r.key, role: KeyRole::Rotating }));
         }
         if let Some(key) = self.0.retired_key(recipient, key_id, now)? {
@@ -259,14 +259,14 @@ pub enum Effect {
     /// The parts of `reply_id` were sent again once more.
     CountResend {
         /// Which reply.
-        reply_id: String,
+        reply_id: ReplyId,
     },
     /// Record a receipt as the recipient's state.
     RecordReceipt(Receipt),
     /// Forget the kept parts of a reply.
     DropSentParts {
         /// Which reply.
-        reply_id: String,
+        reply_id: ReplyId,
     },
 }
 
@@ -305,7 +305,7 @@ pub struct ResendPlan {
     /// The request asking.
     pub request: Request,
     /// The reply.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// Its generation.
     pub generation: u64,
     /// The parts, as sent the first time.
@@ -730,7 +730,7 @@ pub fn on_report(
         let current = learned_limit(view, &sent.recipient, now)?;
         let limit = shrunk_limit(sent.bytes, policy.min_relay_limit);
         let already =
-            current.as_ref().is_some_and(|l| l.reply_id.as_deref() == Some(&sent.reply_id) || l.limit <= limit);
+            current.as_ref().is_some_and(|l| l.reply_id.as_ref() == Some(&sent.reply_id) || l.limit <= limit);
         if already {
             return Ok(ReportOutcome::Act {
                 effects: Vec::new(),
@@ -779,7 +779,8 @@ pub fn shrunk_limit(refused: u64, min: u64) -> u64 {
 /// The control fields of a fresh reply (one part, no payloads yet: the shell cuts the pack into parts).
 pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: Frame) -> Reply {
     let rec = &plan.recipient;
-    let reply_id = rng.hex_id(16);
+    // Sixteen random bytes in hex are always a valid reply id.
+    let reply_id = ReplyId::unchecked(rng.hex_id(16));
     let mut seal_nonce = [0; 12];
     rng.fill(&mut seal_nonce);
     Reply {

@@ -11,9 +11,9 @@ use anyhow::Result;
 
 use super::verify::{KeyRole, Keyed, Keyring};
 use crate::apply::{self, OnExtra, Plan};
-use crate::crypto::{Key, Nonce};
+use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest};
-use crate::protocol::{Reason, Refusal, Reply, Update};
+use crate::protocol::{Reason, Refusal, Reply, ReplyId, Update};
 use crate::scan::Scan;
 
 /// The recipient's state, read-only, as the engine sees it.
@@ -36,7 +36,7 @@ pub trait RecipientView {
     ///
     /// # Errors
     /// Local failures.
-    fn reply_applied(&self, reply_id: &str) -> Result<bool>;
+    fn reply_applied(&self, reply_id: &ReplyId) -> Result<bool>;
     /// The applied generation (0 for none), its root, and the id of the key whose reply applied it
     /// (`None` when not known: applied before key ids were recorded, or by a rollback).
     ///
@@ -52,7 +52,7 @@ pub trait RecipientView {
     ///
     /// # Errors
     /// Local failures.
-    fn has_parts(&self, reply_id: &str) -> Result<bool>;
+    fn has_parts(&self, reply_id: &ReplyId) -> Result<bool>;
     /// The last request sequence number this recipient used.
     ///
     /// # Errors
@@ -68,14 +68,14 @@ pub struct Applied {
     /// Its root.
     pub root: Option<Digest>,
     /// The id of the key that authenticated the reply that brought it.
-    pub key_id: Option<String>,
+    pub key_id: Option<KeyId>,
 }
 
 /// The recipient's keyring: its own key, and the one a rotation replaced while its grace lasts.
 pub struct RecipientKeys<'a>(pub &'a dyn RecipientView);
 
 impl Keyring for RecipientKeys<'_> {
-    fn lookup(&self, recipient: &str, key_id: &str, now: u64) -> Result<Result<Keyed, Refusal>> {
+    fn lookup(&self, recipient: &str, key_id: &KeyId, now: u64) -> Result<Result<Keyed, Refusal>> {
         let me = self.0.name();
         if recipient != me {
             return Ok(Err(Refusal::new(
@@ -84,10 +84,10 @@ impl Keyring for RecipientKeys<'_> {
             )));
         }
         let key = self.0.key();
-        if key_id == key.id() {
+        if *key_id == key.id() {
             return Ok(Ok(Keyed { key: key.clone(), role: KeyRole::Current }));
         }
-        if let Some(previous) = self.0.previous_key(now)?.filter(|k| k.id() == key_id) {
+        if let Some(previous) = self.0.previous_key(now)?.filter(|k| k.id() == *key_id) {
             return Ok(Ok(Keyed { key: previous, role: KeyRole::Retired }));
         }
         Ok(Err(Refusal::new(

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use crate::crypto::{Key, PublicKey};
+use crate::crypto::{Key, KeyId, PublicKey};
 use crate::limits::Limits;
 use crate::protocol::envelope::{self, Hints};
 use crate::protocol::{self, Auth, Control, Kind, Reason, Refusal};
@@ -46,7 +46,7 @@ pub trait Keyring {
     ///
     /// # Errors
     /// Local failures reading the state.
-    fn lookup(&self, recipient: &str, key_id: &str, now: u64) -> Result<Result<Keyed, Refusal>>;
+    fn lookup(&self, recipient: &str, key_id: &KeyId, now: u64) -> Result<Result<Keyed, Refusal>>;
 }
 
 /// What the verifying node expects of a message.

@@ -60,7 +60,7 @@ pub enum Handled {
     /// Recipient: one part of a reply kept until the others arrive.
     PartKept {
         /// The reply.
-        reply_id: String,
+        reply_id: crate::protocol::ReplyId,
         /// Parts kept so far.
         have: u32,
         /// Parts in the reply.
@@ -69,7 +69,7 @@ pub enum Handled {
     /// Recipient: a reference reply, pointing to a reply sent before for the same tree.
     Referred {
         /// The reply referred to.
-        reply_id: String,
+        reply_id: crate::protocol::ReplyId,
     },
     /// Recipient: a reply confirming the tree is current.
     Current {

@@ -23,7 +23,7 @@ use super::SystemEntropy;
 use super::pack::{Packed, Packer};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
-use crate::crypto::{Key, Nonce, SigningKey};
+use crate::crypto::{Key, KeyId, Nonce, SigningKey};
 use crate::db::{Answered, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
 use crate::engine::owner::{
     AnswerPlan, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome,
@@ -32,7 +32,7 @@ use crate::engine::owner::{
 use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply};
+use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply, ReplyId};
 use crate::scan::{Exclude, ForeignKind, scan_excluding};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
@@ -448,7 +448,7 @@ impl Owner {
     ///
     /// # Errors
     /// No such recipient, a grace longer than a year, or state failures.
-    pub fn rotate_key(&mut self, name: &str, grace: std::time::Duration) -> Result<String> {
+    pub fn rotate_key(&mut self, name: &str, grace: std::time::Duration) -> Result<KeyId> {
         if grace.as_secs() > protocol::MAX_REKEY_GRACE {
             bail!("a grace period of {} is longer than a year", humantime::format_duration(grace));
         }
@@ -716,7 +716,7 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
         match e {
             Effect::CompleteRotation { recipient } => {
                 let old = db.complete_key_rotation(recipient)?;
-                info!(recipient = %recipient, old, "the recipient uses its new key: rotation complete");
+                info!(recipient = %recipient, old = %old, "the recipient uses its new key: rotation complete");
             }
             Effect::SetRelayLimit { recipient, limit } => db.set_relay_limit(recipient, Some(limit))?,
             Effect::ClearRelayLimit { recipient } => {
@@ -762,7 +762,7 @@ impl OwnerView for View<'_> {
             .transpose()
     }
 
-    fn retired_key(&self, name: &str, key_id: &str, _now: u64) -> Result<Option<Key>> {
+    fn retired_key(&self, name: &str, key_id: &KeyId, _now: u64) -> Result<Option<Key>> {
         self.db.retired_key(name, key_id)?.map(|hex| Key::from_hex(&hex).context("stored key is corrupt")).transpose()
     }
 
@@ -794,19 +794,19 @@ impl OwnerView for View<'_> {
         }))
     }
 
-    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
+    fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool> {
         self.db.receipt_recorded(recipient, reply_id)
     }
 
-    fn reply_generation(&self, recipient: &str, reply_id: &str) -> Result<Option<u64>> {
+    fn reply_generation(&self, recipient: &str, reply_id: &ReplyId) -> Result<Option<u64>> {
         self.db.reply_generation(recipient, reply_id)
     }
 
-    fn sent_part(&self, recipient: &str, reply_id: &str, part: u32) -> Result<Option<Vec<u8>>> {
+    fn sent_part(&self, recipient: &str, reply_id: &ReplyId, part: u32) -> Result<Option<Vec<u8>>> {
         self.db.sent_part(recipient, reply_id, part)
     }
 
-    fn resent(&self, reply_id: &str) -> Result<u64> {
+    fn resent(&self, reply_id: &ReplyId) -> Result<u64> {
         self.db.resent(reply_id)
     }
 
@@ -819,7 +819,7 @@ impl OwnerView for View<'_> {
         self.db.sent_id(message_id)
     }
 
-    fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
+    fn sent_part_count(&self, reply_id: &ReplyId) -> Result<u64> {
         self.db.sent_part_count(reply_id)
     }
 

@@ -20,14 +20,14 @@ use tracing::{info, warn};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
-use crate::crypto::{Key, Nonce, PublicKey};
+use crate::crypto::{Key, KeyId, Nonce, PublicKey};
 use crate::db::{Db, now};
 use crate::engine::recipient::{Applied, Effect as RecipientEffect, PartStep, RecipientKeys, RecipientView, WholeStep};
 use crate::engine::{self, verify};
 use crate::manifest::{Digest, Entry, Listed};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, Request, Resend, Update,
+    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend, Update,
     VERSION, Want,
 };
 use crate::scan;
@@ -90,7 +90,7 @@ pub struct RecipientStatus {
     /// The last server error and how new mail is noticed.
     pub transport: super::TransportStatus,
     /// Public id of the key in the key file (none if it cannot be read).
-    pub key_id: Option<String>,
+    pub key_id: Option<KeyId>,
     /// The owner's Ed25519 key replies must be signed with, if pinned.
     pub owner_public_key: Option<String>,
 }
@@ -178,7 +178,7 @@ pub fn init_with(
 ///
 /// # Errors
 /// An enrollment for another recipient or another owner key, an unreadable enrollment, or I/O failures.
-pub fn enroll(cfg: &RecipientConfig, enrollment: &Path) -> Result<String> {
+pub fn enroll(cfg: &RecipientConfig, enrollment: &Path) -> Result<KeyId> {
     let e = Enrollment::load(enrollment)?;
     let r = &cfg.recipient;
     let mine = [
@@ -212,7 +212,7 @@ pub fn enroll(cfg: &RecipientConfig, enrollment: &Path) -> Result<String> {
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir).and_then(|d| d.sync_all())?;
     }
-    info!(key = %key.id(), old, "enrolled afresh");
+    info!(key = %key.id(), old = %old, "enrolled afresh");
     node.key = key;
     Ok(node.key.id())
 }
@@ -311,7 +311,8 @@ impl Recipient {
             data_root: data.clone(),
             stage_dir,
             generation: to,
-            reply_id: id,
+            // A rollback's history row gets a fresh id of the form of a reply id.
+            reply_id: ReplyId::unchecked(id),
             nonce: String::new(),
             message: Digest([0; 32]),
             ops: plan.ops.len(),
@@ -370,7 +371,7 @@ impl Recipient {
         self.state.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
                 super::rollback::keep_previous(db, journal)?;
-                let key_id = journal.key_id.as_deref();
+                let key_id = journal.key_id.as_ref();
                 db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops, key_id)?;
             }
             // Any other request described the tree as it was before: none of them is answerable now.
@@ -390,7 +391,7 @@ impl Recipient {
         &self,
         key: &Key,
         nonce: Nonce,
-        reply_id: &str,
+        reply_id: &ReplyId,
         generation: u64,
         root: Digest,
         status: ReceiptStatus,
@@ -400,7 +401,7 @@ impl Recipient {
             kind: Kind::Receipt,
             recipient: self.cfg.recipient.name.clone(),
             nonce,
-            reply_id: reply_id.to_owned(),
+            reply_id: reply_id.clone(),
             created: now(),
             generation,
             root,
@@ -698,13 +699,13 @@ impl Recipient {
 
     /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts. The next
     /// request asks `fresh`: a reference to the reply refused would be of no use.
-    fn give_up(&self, nonce: &str, reply_id: &str) -> Result<()> {
+    fn give_up(&self, nonce: &str, reply_id: &ReplyId) -> Result<()> {
         self.state.db.close_outstanding(nonce)?;
         self.state.db.set_fresh_next(true)?;
         self.forget_parts(reply_id)
     }
 
-    fn forget_parts(&self, reply_id: &str) -> Result<()> {
+    fn forget_parts(&self, reply_id: &ReplyId) -> Result<()> {
         self.state.db.forget_parts(reply_id)?;
         let dir = self.parts_dir(reply_id);
         match std::fs::remove_dir_all(&dir) {
@@ -716,9 +717,9 @@ impl Recipient {
         Ok(())
     }
 
-    fn parts_dir(&self, reply_id: &str) -> PathBuf {
+    fn parts_dir(&self, reply_id: &ReplyId) -> PathBuf {
         // Reply ids are 32 hex digits (checked when the control part was decoded): a plain file name.
-        self.cfg.state_dir.join("parts").join(reply_id)
+        self.cfg.state_dir.join("parts").join(reply_id.as_str())
     }
 
     /// Keeps a verified part on disk. When every part is here, assembles the pack, checks it, and returns
@@ -799,7 +800,7 @@ impl Recipient {
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
             WholeStep::Referred { same, step, effects } => return self.referred(nonce, digest, &same, step, &effects),
         };
-        let stage_dir = self.staging_root()?.join(&reply.reply_id);
+        let stage_dir = self.staging_root()?.join(reply.reply_id.as_str());
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
                 .with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
@@ -1114,7 +1115,7 @@ impl RecipientView for View<'_> {
         self.db.outstanding(&nonce.to_hex())
     }
 
-    fn reply_applied(&self, reply_id: &str) -> Result<bool> {
+    fn reply_applied(&self, reply_id: &ReplyId) -> Result<bool> {
         self.db.reply_applied(reply_id)
     }
 
@@ -1132,7 +1133,7 @@ impl RecipientView for View<'_> {
         Ok(self.db.subscription()?.seq)
     }
 
-    fn has_parts(&self, reply_id: &str) -> Result<bool> {
+    fn has_parts(&self, reply_id: &ReplyId) -> Result<bool> {
         Ok(!self.db.received_parts(reply_id)?.is_empty())
     }
 }

@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::crypto::{Key, Nonce, PublicKey, SigningKey};
+use crate::crypto::{Key, KeyId, Nonce, PublicKey, SigningKey, string_id};
 use crate::crypto::{hex, unhex};
 use crate::limits::Limits;
 use crate::manifest::{Digest, Entry, Listed, Op, Source};
@@ -204,7 +204,7 @@ pub struct Reply {
     /// The seq of the request answered.
     pub request_seq: u64,
     /// Random id shared by all parts of this reply.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// This part's number, from 1.
     pub part: u32,
     /// How many parts the reply has.
@@ -242,7 +242,7 @@ pub struct Reply {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SameAs {
     /// Its id (32 hex digits).
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// The nonce of the request it answered.
     pub nonce: Nonce,
     /// How many parts it has.
@@ -254,7 +254,7 @@ pub struct SameAs {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Rekey {
     /// Public id of the new key.
-    pub key_id: String,
+    pub key_id: KeyId,
     /// The new key, sealed by [`Key::seal_key`] under the key whose MAC this reply carries.
     pub sealed: String,
     /// Seconds the old key stays valid after the recipient takes up the new one (for messages already
@@ -371,7 +371,7 @@ pub struct Update {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Resend {
     /// The reply.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// The part numbers missing.
     #[serde(deserialize_with = "resend_list")]
     pub parts: Vec<u32>,
@@ -401,7 +401,7 @@ pub struct Receipt {
     /// The nonce of the request whose reply this acknowledges.
     pub nonce: Nonce,
     /// The reply acknowledged.
-    pub reply_id: String,
+    pub reply_id: ReplyId,
     /// Seconds since the Unix epoch (a hint).
     pub created: u64,
     /// Generation now applied.
@@ -421,7 +421,7 @@ pub struct Auth {
     /// The recipient whose key made the MAC (selects the key; not trusted until the MAC verifies).
     pub recipient: String,
     /// Public id of the key (see [`Key::id`]).
-    pub key_id: String,
+    pub key_id: KeyId,
     /// Always [`MAC_ALG`].
     pub alg: String,
     /// The tag, 64 hex digits.
@@ -756,7 +756,7 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
         }
         Control::Reply(r) => check_reply_shape(r, limits)?,
         Control::Receipt(r) => {
-            if !valid_reply_id(&r.reply_id) {
+            if !valid_reply_id(r.reply_id.as_str()) {
                 return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
             }
         }
@@ -783,12 +783,12 @@ fn check_integers(control: &Control) -> Result<(), Refusal> {
 }
 
 fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
-    if !valid_reply_id(&r.reply_id) {
+    if !valid_reply_id(r.reply_id.as_str()) {
         return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
     }
     if let Some(same) = &r.same_as {
         // The id names a directory of kept parts, and the count a resend to ask for: both are bounded.
-        if !valid_reply_id(&same.reply_id) || same.reply_id == r.reply_id {
+        if !valid_reply_id(same.reply_id.as_str()) || same.reply_id == r.reply_id {
             return Err(Refusal::new(Reason::Malformed, format!("same-as names reply {:?}", same.reply_id)));
         }
         if same.parts == 0 || same.parts as usize > limits.max_parts {
@@ -822,7 +822,7 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     }
     if let Some(k) = &r.rekey {
         let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex_of(&k.key_id, 16) || !hex_of(&k.sealed, 120) || k.grace > MAX_REKEY_GRACE {
+        if !hex_of(k.key_id.as_str(), 16) || !hex_of(&k.sealed, 120) || k.grace > MAX_REKEY_GRACE {
             return Err(Refusal::new(
                 Reason::Malformed,
                 "rekey is not a 16-digit key id, a 120-digit sealed key and a grace of at most a year",
@@ -1005,6 +1005,23 @@ pub fn check_payloads(reply: &Reply, attachments: &BTreeMap<String, Vec<u8>>) ->
 pub fn valid_reply_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+/// The id shared by all parts of one reply: 32 lowercase hex digits, drawn at random by the owner. On the
+/// wire and in the state database it is the bare string; decoding accepts any string, and
+/// [`decode_control`] refuses those that are not ids ([`valid_reply_id`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReplyId(String);
+
+impl ReplyId {
+    /// `s` as a reply id, if it is one ([`valid_reply_id`]).
+    pub fn new(s: impl Into<String>) -> Option<ReplyId> {
+        let s = s.into();
+        valid_reply_id(&s).then_some(ReplyId(s))
+    }
+}
+
+string_id!(ReplyId);
 
 /// Payload ids are short, boring file names: `[a-z0-9][a-z0-9.-]{0,63}`.
 pub fn valid_payload_id(id: &str) -> bool {

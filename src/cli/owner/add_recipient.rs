@@ -32,7 +32,7 @@ pub struct AddRecipientCommand {
 struct Registered {
     name: String,
     address: String,
-    key_id: String,
+    key_id: mailferry::crypto::KeyId,
     enrollment: PathBuf,
 }
 

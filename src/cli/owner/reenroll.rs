@@ -28,7 +28,7 @@ pub struct ReenrollCommand {
 #[derive(Debug, Serialize)]
 struct Reenrolled {
     name: String,
-    key_id: String,
+    key_id: mailferry::crypto::KeyId,
     enrollment: PathBuf,
 }
 

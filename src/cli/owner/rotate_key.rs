@@ -29,7 +29,7 @@ pub struct RotateKeyCommand {
 struct Rotating {
     name: String,
     /// The new key's id.
-    key_id: String,
+    key_id: mailferry::crypto::KeyId,
     grace: Duration,
 }
 

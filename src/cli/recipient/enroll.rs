@@ -23,7 +23,7 @@ pub struct EnrollCommand {
 /// The key taken up.
 #[derive(Debug, Serialize)]
 struct Enrolled {
-    key_id: String,
+    key_id: mailferry::crypto::KeyId,
 }
 
 impl Render for Enrolled {
