@@ -46,7 +46,7 @@ async fn main() -> Result<()> {
     let text = fs::read_to_string(&enrollment)?;
     let mut e: toml::Table = toml::from_str(&text)?;
     e.insert("key".into(), key.to_hex().into());
-    e.insert("key-id".into(), key.id().into());
+    e.insert("key-id".into(), key.id().to_string().into());
     fs::write(&enrollment, toml::to_string(&e)?)?;
     fs::set_permissions(&enrollment, fs::Permissions::from_mode(0o600))?;
     let site_cfg = recipient::init(&base.join("site1"), &data, &enrollment, &spool)?;

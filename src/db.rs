@@ -14,11 +14,11 @@ use anyhow::{Context as _, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-pub use crate::engine::owner::{LearnedLimit, SentMessage};
 use crate::crypto::KeyId;
+pub use crate::engine::owner::{LearnedLimit, SentMessage};
 use crate::manifest::{Digest, Listed, Manifest};
-use crate::protocol::{Refusal, ReplyId};
 use crate::protocol::envelope::Hints;
+use crate::protocol::{Refusal, ReplyId};
 
 // Reply ids and key ids are stored as TEXT, exactly as before they had types. A value read back was
 // checked before it was written (or made by this node), so it is taken as it is.
@@ -1433,7 +1433,14 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn take_key(&self, current_hex: &str, current_id: &KeyId, until: u64, new_hex: &str, new_id: &KeyId) -> Result<()> {
+    pub fn take_key(
+        &self,
+        current_hex: &str,
+        current_id: &KeyId,
+        until: u64,
+        new_hex: &str,
+        new_id: &KeyId,
+    ) -> Result<()> {
         // A rotation authenticated by the key the applied generation came under continues its epoch.
         self.conn.execute(
             "UPDATE subscriptions SET previous_key = ?1, previous_key_until = ?2, pending_key = ?3,
@@ -1644,7 +1651,14 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn record_rollback(&self, generation: u64, manifest: &Manifest, id: &ReplyId, ops: usize, held: u64) -> Result<()> {
+    pub fn record_rollback(
+        &self,
+        generation: u64,
+        manifest: &Manifest,
+        id: &ReplyId,
+        ops: usize,
+        held: u64,
+    ) -> Result<()> {
         // A history row with no nonce: no reply brought it.
         self.record_applied(generation, manifest, id, "", ops, None)?;
         self.clear_previous()?;

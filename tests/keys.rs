@@ -80,7 +80,7 @@ fn a_rotated_key_travels_sealed_and_the_old_one_ends_after_its_grace() {
         // The receipt, made under the new key, completes the rotation.
         w.owner_run();
     }
-    assert_eq!((kept.key().id(), cut.key().id()), (next.clone(), rotating("cut").0));
+    assert_eq!((kept.key().id().to_string(), cut.key().id().to_string()), (next.clone(), rotating("cut").0));
     assert_ne!(kept.key(), old_kept);
     assert_ne!(cut.key(), old_cut);
     assert_eq!(kept.status()["key_id"], next.as_str(), "status shows the key in use");
@@ -156,7 +156,7 @@ fn a_crash_while_taking_up_a_new_key_converges() {
     assert_ne!(site.key(), old);
     assert_same_tree(&w.source, &site.data);
     let s = w.owner_status();
-    assert_eq!(s["recipients"][0]["key_id"], site.key().id());
+    assert_eq!(s["recipients"][0]["key_id"], site.key().id().as_str());
     assert!(s["recipients"][0]["rotating_to"].is_null());
     assert!(rejections(&w.owner_config).is_empty());
     assert!(site.rejections().is_empty());

@@ -17,7 +17,8 @@ use super::verify::{KeyRole, Keyed, Keyring, Verified};
 use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest, Op, diff};
 use crate::protocol::{
-    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend, SameAs, VERSION,
+    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend, SameAs,
+    VERSION,
 };
 
 /// A registered recipient as the engine needs it.
@@ -729,8 +730,7 @@ pub fn on_report(
     if report.too_large() {
         let current = learned_limit(view, &sent.recipient, now)?;
         let limit = shrunk_limit(sent.bytes, policy.min_relay_limit);
-        let already =
-            current.as_ref().is_some_and(|l| l.reply_id.as_ref() == Some(&sent.reply_id) || l.limit <= limit);
+        let already = current.as_ref().is_some_and(|l| l.reply_id.as_ref() == Some(&sent.reply_id) || l.limit <= limit);
         if already {
             return Ok(ReportOutcome::Act {
                 effects: Vec::new(),

@@ -16,14 +16,14 @@ use super::recipient::{self as rcp, Applied, PartStep, RecipientKeys, RecipientV
 use super::verify::{self, KeyRole, Keyring as _, Opened, Policy, Verified};
 use super::{Entropy, SeededEntropy};
 use crate::apply::OnExtra;
-use crate::crypto::{Key, Nonce, SigningKey};
+use crate::crypto::{Key, KeyId, Nonce, SigningKey};
 use crate::limits::Limits;
 use crate::manifest::{Digest, Entry, FileMeta, Listed, Manifest, Mode, Op};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Envelope, Outgoing};
 use crate::protocol::{
-    self, Auth, Body, Control, Frame, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Reply, Request, Update,
-    VERSION, Want,
+    self, Auth, Body, Control, Frame, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Reply, ReplyId, Request,
+    Update, VERSION, Want,
 };
 use crate::scan::Scan;
 
@@ -95,7 +95,7 @@ impl OwnerView for MemOwner {
     fn rotation(&self, name: &str) -> Result<Option<Rotation>> {
         Ok(self.rotations.get(name).cloned())
     }
-    fn retired_key(&self, _: &str, _: &str, _: u64) -> Result<Option<Key>> {
+    fn retired_key(&self, _: &str, _: &KeyId, _: u64) -> Result<Option<Key>> {
         Ok(None)
     }
     fn request_answered(&self, nonce: &Nonce) -> Result<bool> {
@@ -110,16 +110,16 @@ impl OwnerView for MemOwner {
     fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
         Ok(self.answered.get(nonce).filter(|(r, _)| r == recipient).map(|(_, s)| s.clone()))
     }
-    fn receipt_recorded(&self, recipient: &str, reply_id: &str) -> Result<bool> {
+    fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool> {
         Ok(self.receipts.iter().any(|(r, id)| r == recipient && id == reply_id))
     }
-    fn reply_generation(&self, _: &str, _: &str) -> Result<Option<u64>> {
+    fn reply_generation(&self, _: &str, _: &ReplyId) -> Result<Option<u64>> {
         Ok(None)
     }
-    fn sent_part(&self, _: &str, _: &str, _: u32) -> Result<Option<Vec<u8>>> {
+    fn sent_part(&self, _: &str, _: &ReplyId, _: u32) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
-    fn resent(&self, _: &str) -> Result<u64> {
+    fn resent(&self, _: &ReplyId) -> Result<u64> {
         Ok(0)
     }
     fn spent_since(&self, _: &str, _: u64) -> Result<Spent> {
@@ -128,8 +128,8 @@ impl OwnerView for MemOwner {
     fn sent_message(&self, message_id: &str) -> Result<Option<SentMessage>> {
         Ok(self.sent.get(message_id).cloned())
     }
-    fn sent_part_count(&self, reply_id: &str) -> Result<u64> {
-        Ok(self.parts.get(reply_id).copied().unwrap_or(0))
+    fn sent_part_count(&self, reply_id: &ReplyId) -> Result<u64> {
+        Ok(self.parts.get(reply_id.as_str()).copied().unwrap_or(0))
     }
     fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
         Ok(self.limits.get(recipient).cloned())
@@ -199,7 +199,7 @@ fn receipt() -> Receipt {
         kind: Kind::Receipt,
         recipient: "site1".into(),
         nonce: Nonce([9; 16]),
-        reply_id: "ab".repeat(16),
+        reply_id: ReplyId::unchecked("ab".repeat(16)),
         created: NOW,
         generation: 2,
         root: new_tree().root(),
@@ -298,7 +298,13 @@ fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
         ),
         (
             "c2_receipt_names_another_reply",
-            mail(Kind::Receipt, &Receipt { reply_id: "cd".repeat(16), ..receipt() }, "site1", &k, &[]),
+            mail(
+                Kind::Receipt,
+                &Receipt { reply_id: ReplyId::unchecked("cd".repeat(16)), ..receipt() },
+                "site1",
+                &k,
+                &[],
+            ),
             Reason::Malformed,
         ),
         (
@@ -316,7 +322,8 @@ fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
 
 fn owner_with_history() -> MemOwner {
     let mut w = owner_world();
-    let sent = SentReply { reply_id: "ab".repeat(16), generation: 2, root: Some(new_tree().root()) };
+    let sent =
+        SentReply { reply_id: ReplyId::unchecked("ab".repeat(16)), generation: 2, root: Some(new_tree().root()) };
     w.answered.insert(Nonce([9; 16]), ("site1".into(), sent.clone()));
     w.answered.insert(Nonce([8; 16]), ("site1".into(), sent));
     w
@@ -385,7 +392,7 @@ fn step_9_a_reply_to_a_seq_never_used_names_another_machine() {
 #[test]
 fn r7_a_repeated_tree_is_answered_with_a_reference_unless_fresh_or_resending() {
     let mut w = owner_world();
-    let earlier = protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([3; 16]), parts: 4 };
+    let earlier = protocol::SameAs { reply_id: ReplyId::unchecked("cd".repeat(16)), nonce: Nonce([3; 16]), parts: 4 };
     w.earlier = Some(earlier.clone());
     let answer = |r: &Request| match owner_step(&w, &mail(Kind::Request, r, "site1", &key(1), &[])) {
         Outcome::Answer(plan) => *plan,
@@ -466,7 +473,7 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         recipient: "site1".into(),
         nonce: Nonce([7; 16]),
         request_seq: 5,
-        reply_id: "ab".repeat(16),
+        reply_id: ReplyId::unchecked("ab".repeat(16)),
         part: 1,
         parts: 1,
         created: NOW,
@@ -531,7 +538,7 @@ fn a_delivery_report_needs_the_token_and_shrinks_once_per_reply() {
         "m1@example.org".into(),
         SentMessage {
             recipient: "site1".into(),
-            reply_id: "ab".repeat(16),
+            reply_id: ReplyId::unchecked("ab".repeat(16)),
             part: 2,
             bytes: 1_000_000,
             token: Some(token.clone()),
@@ -607,7 +614,7 @@ struct MemRecipient {
     outstanding: HashMap<Nonce, u64>,
     applied: Applied,
     hold: Option<u64>,
-    kept: Vec<String>,
+    kept: Vec<ReplyId>,
 }
 
 impl RecipientView for MemRecipient {
@@ -623,7 +630,7 @@ impl RecipientView for MemRecipient {
     fn outstanding(&self, nonce: &Nonce) -> Result<Option<u64>> {
         Ok(self.outstanding.get(nonce).copied())
     }
-    fn reply_applied(&self, _: &str) -> Result<bool> {
+    fn reply_applied(&self, _: &ReplyId) -> Result<bool> {
         Ok(false)
     }
     fn applied(&self) -> Result<Applied> {
@@ -635,7 +642,7 @@ impl RecipientView for MemRecipient {
     fn last_seq(&self) -> Result<u64> {
         Ok(5)
     }
-    fn has_parts(&self, reply_id: &str) -> Result<bool> {
+    fn has_parts(&self, reply_id: &ReplyId) -> Result<bool> {
         Ok(self.kept.iter().any(|k| k == reply_id))
     }
 }
@@ -725,7 +732,7 @@ fn recipient_refuses_each_rule_of_11_3_steps_1_to_10_in_order() {
         ),
         (
             "6_bad_reply_id",
-            mail(Kind::Reply, &Reply { reply_id: "XYZ".into(), ..r.clone() }, "site1", &k, &[]),
+            mail(Kind::Reply, &Reply { reply_id: ReplyId::unchecked("XYZ"), ..r.clone() }, "site1", &k, &[]),
             None,
             Reason::Malformed,
             false,
@@ -899,7 +906,7 @@ fn a_new_key_is_taken_up_only_with_a_reply_that_is_accepted() {
 #[test]
 fn a_reference_reply_waits_for_asks_for_or_asks_afresh() {
     let mut v = site();
-    let same = protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([8; 16]), parts: 3 };
+    let same = protocol::SameAs { reply_id: ReplyId::unchecked("cd".repeat(16)), nonce: Nonce([8; 16]), parts: 3 };
     let u = update(Reply { same_as: Some(same.clone()), ..reply() }, Vec::new());
     let step = |v: &MemRecipient| {
         let mut scan = || -> Result<Scan> { panic!("a reference needs no scan") };

@@ -27,8 +27,8 @@ use crate::engine::{self, verify};
 use crate::manifest::{Digest, Entry, Listed};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend, Update,
-    VERSION, Want,
+    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend,
+    Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};

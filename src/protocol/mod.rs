@@ -1046,7 +1046,7 @@ mod tests {
             recipient: "site1".into(),
             nonce: Nonce([7; 16]),
             request_seq: 3,
-            reply_id: "0123456789abcdef0123456789abcdef".into(),
+            reply_id: ReplyId::unchecked("0123456789abcdef0123456789abcdef"),
             part: 1,
             parts: 1,
             created: 0,
@@ -1229,7 +1229,7 @@ mod tests {
     fn ids_that_name_files_are_strict() {
         for bad in ["../evil-reply-id", "/tmp/x", "0123456789abcdef0123456789abcde", "0123456789ABCDEF0123456789ABCDEF"]
         {
-            let r = Reply { reply_id: bad.into(), ..reply() };
+            let r = Reply { reply_id: ReplyId::unchecked(bad), ..reply() };
             assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed, "{bad}");
         }
         for (id, ok) in [
@@ -1360,7 +1360,7 @@ mod tests {
         let good = Reply { rekey: Some(rekey.clone()), ..reply() };
         assert_eq!(decode_control(&encode(&good), &Limits::default()).unwrap(), Control::Reply(Box::new(good)));
         for bad in [
-            Rekey { key_id: "../x".into(), ..rekey.clone() },
+            Rekey { key_id: KeyId::unchecked("../x"), ..rekey.clone() },
             Rekey { sealed: rekey.sealed[..100].into(), ..rekey.clone() },
             Rekey { grace: MAX_REKEY_GRACE + 1, ..rekey.clone() },
         ] {
