@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use libfuzzer_sys::fuzz_target;
-use mailferry::crypto::{Key, Nonce};
+use mailferry::crypto::{Key, KeyId, Nonce};
 use mailferry::engine::owner::{
     self, Budget, Generation, LearnedLimit, OwnerKeys, OwnerPolicy, OwnerView, Registered, Rotation, SentMessage,
     SentReply, Spent,
@@ -17,7 +17,7 @@ use mailferry::engine::verify::{self, KeyRole, Opened, Policy};
 use mailferry::limits::Limits;
 use mailferry::manifest::{Digest, Manifest};
 use mailferry::protocol::envelope::{self, Outgoing};
-use mailferry::protocol::{self, Auth, Control, Kind};
+use mailferry::protocol::{self, Auth, Control, Kind, ReplyId};
 
 struct World {
     key: Key,
@@ -36,7 +36,7 @@ impl OwnerView for World {
     fn rotation(&self, _: &str) -> Result<Option<Rotation>> {
         Ok(None)
     }
-    fn retired_key(&self, _: &str, _: &str, _: u64) -> Result<Option<Key>> {
+    fn retired_key(&self, _: &str, _: &KeyId, _: u64) -> Result<Option<Key>> {
         Ok(None)
     }
     fn request_answered(&self, n: &Nonce) -> Result<bool> {
@@ -49,18 +49,22 @@ impl OwnerView for World {
         Ok((g == 1 || g == 2).then(|| self.generation.clone()))
     }
     fn answered_for(&self, _: &str, n: &Nonce) -> Result<Option<SentReply>> {
-        Ok((n.0[0] == 1).then(|| SentReply { reply_id: "ab".repeat(16), generation: 2, root: Some(Digest([0; 32])) }))
+        Ok((n.0[0] == 1).then(|| SentReply {
+            reply_id: ReplyId::new("ab".repeat(16)).unwrap(),
+            generation: 2,
+            root: Some(Digest([0; 32])),
+        }))
     }
-    fn receipt_recorded(&self, _: &str, _: &str) -> Result<bool> {
+    fn receipt_recorded(&self, _: &str, _: &ReplyId) -> Result<bool> {
         Ok(false)
     }
-    fn reply_generation(&self, _: &str, _: &str) -> Result<Option<u64>> {
+    fn reply_generation(&self, _: &str, _: &ReplyId) -> Result<Option<u64>> {
         Ok(Some(2))
     }
-    fn sent_part(&self, _: &str, _: &str, k: u32) -> Result<Option<Vec<u8>>> {
+    fn sent_part(&self, _: &str, _: &ReplyId, k: u32) -> Result<Option<Vec<u8>>> {
         Ok((k < 4).then(|| vec![k as u8; 10]))
     }
-    fn resent(&self, _: &str) -> Result<u64> {
+    fn resent(&self, _: &ReplyId) -> Result<u64> {
         Ok(0)
     }
     fn spent_since(&self, _: &str, _: u64) -> Result<Spent> {
@@ -69,7 +73,7 @@ impl OwnerView for World {
     fn sent_message(&self, _: &str) -> Result<Option<SentMessage>> {
         Ok(None)
     }
-    fn sent_part_count(&self, _: &str) -> Result<u64> {
+    fn sent_part_count(&self, _: &ReplyId) -> Result<u64> {
         Ok(2)
     }
     fn relay_limit(&self, _: &str) -> Result<Option<LearnedLimit>> {
@@ -79,7 +83,11 @@ impl OwnerView for World {
         Ok(Some(100))
     }
     fn repeat_of(&self, _: &str, _: &Digest, g: u64, _: bool) -> Result<Option<protocol::SameAs>> {
-        Ok((g == 2).then(|| protocol::SameAs { reply_id: "cd".repeat(16), nonce: Nonce([7; 16]), parts: 2 }))
+        Ok((g == 2).then(|| protocol::SameAs {
+            reply_id: ReplyId::new("cd".repeat(16)).unwrap(),
+            nonce: Nonce([7; 16]),
+            parts: 2,
+        }))
     }
 }
 
@@ -96,7 +104,7 @@ impl RecipientView for World {
     fn outstanding(&self, n: &Nonce) -> Result<Option<u64>> {
         Ok((n.0[0] == 7).then_some(5))
     }
-    fn reply_applied(&self, _: &str) -> Result<bool> {
+    fn reply_applied(&self, _: &ReplyId) -> Result<bool> {
         Ok(false)
     }
     fn applied(&self) -> Result<Applied> {
@@ -108,8 +116,8 @@ impl RecipientView for World {
     fn last_seq(&self) -> Result<u64> {
         Ok(5)
     }
-    fn has_parts(&self, r: &str) -> Result<bool> {
-        Ok(r.starts_with('a'))
+    fn has_parts(&self, r: &ReplyId) -> Result<bool> {
+        Ok(r.as_str().starts_with('a'))
     }
 }
 
@@ -134,7 +142,8 @@ fuzz_target!(|control: &[u8]| {
         relay_limit: 10_240_000,
         min_relay_limit: 65_536,
     };
-    let as_owner = Policy { accepts: &[Kind::Request, Kind::Receipt], sends: &[Kind::Reply], pinned_owner: None, limits: &limits };
+    let as_owner =
+        Policy { accepts: &[Kind::Request, Kind::Receipt], sends: &[Kind::Reply], pinned_owner: None, limits: &limits };
     if let Ok(Ok(Opened::Verified(v))) = verify::open(&raw, &OwnerKeys(&world), &as_owner, 1_000) {
         let _ = owner::on_message(&world, *v, &policy, 1_000).expect("the view does not fail");
     }
