@@ -557,3 +557,34 @@ fn a_relay_node_holds_both_roles_on_one_state() {
     // Both roles work on one state directory: one database, one lock.
     assert!(dir.join("state.db").exists() && !data.join("state.db").exists());
 }
+
+/// `recipient run --dry-run` lists what applying the waiting reply would change, as `rsync -n -i` does,
+/// and changes nothing: the tree, the reply in the inbox, the outstanding request and the state stay.
+#[test]
+fn a_dry_run_lists_what_an_apply_would_change_and_changes_nothing() {
+    let w = World::new();
+    let site = w.site("site1");
+    varied_tree(&w.source);
+    w.publish();
+    w.sync(&site);
+    put(&w.source, "README", b"version 2\n", 0o644);
+    put(&w.source, "added/new.bin", &[7u8; 5000], 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let before = (snapshot(&site.data), count(&site.maildir(&w).join("new")), site.status());
+    let out = ok(&["recipient", "run", "--config", &site.config, "--dry-run"]);
+    assert!(out.starts_with("generation 2 (reply "), "{out}");
+    assert!(out.lines().any(|l| l.starts_with(">fc") && l.ends_with(" README")), "{out}");
+    assert!(out.lines().any(|l| l == ">f+++++++++ added/new.bin"), "{out}");
+    assert!(out.lines().any(|l| l == "cd+++++++++ added"), "{out}");
+    let json = ok(&["recipient", "run", "--config", &site.config, "--dry-run", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!((v["outcome"].as_str(), v["generation"].as_u64()), (Some("apply"), Some(2)), "{v}");
+    assert_eq!((snapshot(&site.data), count(&site.maildir(&w).join("new")), site.status()), before, "nothing changed");
+    // The real run applies exactly that.
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    let out = ok(&["recipient", "run", "--config", &site.config, "--dry-run"]);
+    assert!(out.is_empty(), "nothing waits now: {out}");
+}

@@ -25,6 +25,7 @@ use crate::db::{Db, now};
 use crate::engine::recipient::{Applied, Effect as RecipientEffect, PartStep, RecipientKeys, RecipientView, WholeStep};
 use crate::engine::{self, verify};
 use crate::manifest::{Digest, Entry, Listed};
+use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
     self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend,
@@ -861,6 +862,11 @@ impl Recipient {
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
     pub(crate) fn scan_tree(&self) -> Result<scan::Scan> {
+        self.scan_tree_saving(true)
+    }
+
+    /// Scans the data tree; with `save`, keeps the stat cache for the next scan.
+    fn scan_tree_saving(&self, save: bool) -> Result<scan::Scan> {
         let data = &self.cfg.recipient.data;
         let cache_file = self.cfg.state_dir.join(statcache::FILE_NAME);
         let old = StatCache::load(&cache_file).unwrap_or_else(|e| {
@@ -870,7 +876,8 @@ impl Recipient {
         let c =
             scan::scan_cached(data, &old).with_context(|| format!("failed to scan data tree `{}`", data.display()))?;
         // An unchanged tree writes nothing. The cache only saves work, so failing to write it is not fatal.
-        if let Some(new) = &c.cache
+        if save
+            && let Some(new) = &c.cache
             && let Err(e) = new.save(&cache_file)
         {
             warn!("failed to write the stat cache `{}`: {e}", cache_file.display());
@@ -948,6 +955,192 @@ impl Recipient {
     pub(crate) fn staging_root(&self) -> Result<PathBuf> {
         let r = &self.cfg.recipient;
         apply::staging::choose(r.staging_dir.as_deref(), &self.cfg.state_dir, &r.data)
+    }
+}
+
+/// What a waiting reply would do, as `recipient run --dry-run` shows it (nothing is changed to find out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Preview {
+    /// Applying it would make these changes to the tree.
+    Apply {
+        /// The generation it brings.
+        generation: u64,
+        /// The reply.
+        reply_id: ReplyId,
+        /// Each change, itemized as `rsync -i` does (`>f+++++++++`, `>fc........`, `*deleting`, ...).
+        changes: Vec<Change>,
+    },
+    /// The tree already is what it brings.
+    Current {
+        /// The generation.
+        generation: u64,
+    },
+    /// Not all of its parts are here yet.
+    Incomplete {
+        /// The reply.
+        reply_id: ReplyId,
+        /// Parts here (kept, or waiting in the inbox).
+        have: u32,
+        /// Parts it has.
+        of: u32,
+    },
+    /// It points to a reply sent before (`same-as`).
+    Referred {
+        /// The reply referred to.
+        reply_id: ReplyId,
+    },
+    /// A local rollback holds its generation back.
+    Held {
+        /// The generation it brings.
+        generation: u64,
+    },
+    /// It would be refused.
+    Refused {
+        /// The reason code.
+        reason: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// One change an apply would make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// The `rsync -i` code.
+    pub code: String,
+    /// The path.
+    pub path: RelPath,
+}
+
+/// The changes from `from` to `to`, itemized as `rsync -i` does; paths in `kept` stay.
+fn itemize(from: &crate::manifest::Manifest, to: &crate::manifest::Manifest, kept: &[RelPath]) -> Vec<Change> {
+    let mut out = Vec::new();
+    for op in crate::manifest::diff(from, to) {
+        let path = op.path().clone();
+        let code = match (&op, from.get(&path)) {
+            (crate::manifest::Op::Delete { .. }, _) if kept.contains(&path) => continue,
+            (crate::manifest::Op::Delete { .. }, _) => "*deleting".to_owned(),
+            (crate::manifest::Op::Mkdir { .. }, _) => "cd+++++++++".to_owned(),
+            (crate::manifest::Op::Put { blake3, size, mode, .. }, Some(Entry::File(old))) => format!(
+                ">f{}{}..{}....",
+                if old.blake3 != *blake3 { 'c' } else { '.' },
+                if old.size != *size { 's' } else { '.' },
+                if old.mode != *mode { 'p' } else { '.' }
+            ),
+            (crate::manifest::Op::Put { .. }, _) => ">f+++++++++".to_owned(),
+            (_, Some(Entry::Link(_))) => "cL.c.......".to_owned(),
+            _ => "cL+++++++++".to_owned(),
+        };
+        out.push(Change { code, path });
+    }
+    out
+}
+
+impl Recipient {
+    /// Verifies and plans the replies in `messages` (and the parts kept before) as a run would, and says
+    /// what applying each would change, without changing anything: no part is kept, no message marked
+    /// seen, no request answered, the stat cache not written. Staging (delta bases checked against their
+    /// digests) is not tried, so a reply that staging would refuse shows as it would be planned.
+    ///
+    /// # Errors
+    /// Local failures (an unreadable tree or state).
+    pub fn preview(&self, messages: &[Vec<u8>]) -> Result<Vec<Preview>> {
+        use std::collections::BTreeMap;
+        let now = now();
+        let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
+        let (accepts, sends) = ([Kind::Reply], [Kind::Request, Kind::Receipt]);
+        let policy = verify::Policy {
+            accepts: &accepts,
+            sends: &sends,
+            pinned_owner: self.owner_key.as_ref(),
+            limits: &self.cfg.limits,
+        };
+        let refused = |r: Refusal| Preview::Refused { reason: r.reason.code().to_owned(), detail: r.detail };
+        let mut out = Vec::new();
+        // Per reply: its control fields, the key that made it, and its chunks by part number.
+        type Gathered = (Reply, Key, BTreeMap<u32, Vec<u8>>);
+        let mut replies: BTreeMap<ReplyId, Gathered> = BTreeMap::new();
+        for raw in messages {
+            let msg = match verify::open(raw, &RecipientKeys(&view), &policy, now)? {
+                Ok(verify::Opened::Verified(m)) => *m,
+                Ok(verify::Opened::NotForThisNode { .. }) => continue,
+                Err(r) => {
+                    out.push(refused(r));
+                    continue;
+                }
+            };
+            let Control::Reply(reply) = msg.control else { continue };
+            match engine::recipient::on_part(&view, &reply, msg.key_role)? {
+                PartStep::Refused { refusal, .. } => out.push(refused(refusal)),
+                PartStep::Held { generation, .. } => out.push(Preview::Held { generation }),
+                PartStep::Keep { .. } => match protocol::check_payloads(&reply, &msg.attachments) {
+                    Err(r) => out.push(refused(r)),
+                    Ok(()) => {
+                        let own = reply.own_payload().expect("check_payloads found this part's chunk");
+                        let chunk = msg.attachments[&own.id].clone();
+                        let entry = replies
+                            .entry(reply.reply_id.clone())
+                            .or_insert_with(|| ((*reply).clone(), msg.key, BTreeMap::new()));
+                        entry.2.insert(reply.part, chunk);
+                    }
+                },
+            }
+        }
+        for (reply_id, (reply, key, mut chunks)) in replies {
+            // Parts kept from earlier runs complete it.
+            for (k, p) in (1..).zip(&reply.payloads) {
+                if chunks.contains_key(&k) {
+                    continue;
+                }
+                if let Ok(bytes) = std::fs::read(self.parts_dir(&reply_id).join(format!("{k}.chunk")))
+                    && bytes.len() as u64 == p.size
+                    && Digest::of(&bytes) == p.blake3
+                {
+                    chunks.insert(k, bytes);
+                }
+            }
+            if chunks.len() < reply.parts as usize {
+                out.push(Preview::Incomplete { reply_id, have: chunks.len() as u32, of: reply.parts });
+                continue;
+            }
+            let pack: Vec<u8> = chunks.into_values().flatten().collect();
+            let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
+            let Some(frame) = pack.get(at..at.saturating_add(len)) else {
+                out.push(refused(Refusal::new(Reason::BadPayload, "the body frame lies outside the pack")));
+                continue;
+            };
+            let body = match protocol::open_body(&reply, frame, &self.cfg.limits) {
+                Ok(b) => b,
+                Err(r) => {
+                    out.push(refused(r));
+                    continue;
+                }
+            };
+            let update = Update { head: reply.clone(), body };
+            let (_, _, previous) = self.state.db.applied()?;
+            let mut scan = || self.scan_tree_saving(false);
+            let step = engine::recipient::on_whole(
+                &view,
+                &update,
+                &key,
+                &mut scan,
+                &previous,
+                self.cfg.recipient.on_extra,
+                now,
+            )?;
+            out.push(match step {
+                WholeStep::Refused(r) => refused(r),
+                WholeStep::Current { generation, .. } => Preview::Current { generation },
+                WholeStep::Referred { same, .. } => Preview::Referred { reply_id: same.reply_id },
+                WholeStep::Apply { plan, scan, .. } => Preview::Apply {
+                    generation: reply.generation,
+                    reply_id,
+                    changes: itemize(&scan.manifest, &plan.target, &plan.kept),
+                },
+            });
+        }
+        Ok(out)
     }
 }
 
