@@ -800,6 +800,26 @@ fn step_11_a_held_generation_is_held_not_refused() {
 }
 
 #[test]
+fn step_12_a_part_must_carry_exactly_its_own_chunk() {
+    // The shell checks the chunk of a part the engine keeps (`PartStep::Keep`) before it keeps it.
+    let chunk = vec![5u8; 100];
+    let r = Reply {
+        payloads: vec![protocol::Payload { id: "pack-0001.bin".into(), size: 100, blake3: Digest::of(&chunk) }],
+        ..reply()
+    };
+    let with = |items: &[(&str, &[u8])]| {
+        let m: std::collections::BTreeMap<String, Vec<u8>> =
+            items.iter().map(|(k, v)| ((*k).to_owned(), v.to_vec())).collect();
+        protocol::check_payloads(&r, &m).map_err(|e| e.reason)
+    };
+    assert_eq!(with(&[("pack-0001.bin", &chunk)]), Ok(()));
+    assert_eq!(with(&[]), Err(Reason::BadPayload), "missing");
+    assert_eq!(with(&[("pack-0001.bin", &chunk[..99])]), Err(Reason::BadPayload), "short");
+    assert_eq!(with(&[("pack-0001.bin", &[6u8; 100])]), Err(Reason::BadPayload), "altered");
+    assert_eq!(with(&[("pack-0001.bin", &chunk), ("extra.bin", b"x")]), Err(Reason::BadPayload), "unlisted");
+}
+
+#[test]
 fn step_10_a_generation_applied_under_a_key_no_longer_held_does_not_bind_the_current_one() {
     // A stolen key (key 9) once set generation 2^53 - 1; the site has since been enrolled afresh (key 1).
     let mut v = site();
