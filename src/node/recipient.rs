@@ -271,8 +271,7 @@ impl Recipient {
     /// or I/O and state failures. Before the journal is committed the tree is unchanged; after, the next run
     /// finishes the rollback.
     pub fn rollback(&mut self) -> Result<super::rollback::RolledBack> {
-        let r = self;
-        if let Some(journal) = Journal::load(r.state_dir())? {
+        if let Some(journal) = Journal::load(self.state_dir())? {
             let JournalKind::Rollback { from } = journal.kind else {
                 bail!(
                     "the apply of generation {} was interrupted; finish it first (`mailferry recipient run --once \
@@ -281,28 +280,28 @@ impl Recipient {
                 );
             };
             warn!(from, to = journal.generation, "finishing a rollback that was interrupted");
-            r.finish(&journal).context("failed to finish the interrupted rollback")?;
+            self.finish(&journal).context("failed to finish the interrupted rollback")?;
             return Ok(super::rollback::RolledBack { from, to: journal.generation, ops: journal.ops, resumed: true });
         }
-        let (applied, _, current) = r.db().applied()?;
-        let Some(previous) = r.db().previous()? else {
+        let (applied, _, current) = self.db().applied()?;
+        let Some(previous) = self.db().previous()? else {
             bail!(
                 "nothing to roll back to: no generation before {applied} is kept (one is kept after an update to a \
                  newer generation, and only one level: a rollback uses it up)"
             );
         };
-        let scan = r.scan_tree()?;
+        let scan = self.scan_tree()?;
         let to = previous.generation;
-        let plan =
-            super::rollback::plan(&scan, &current, &previous.manifest, r.config().recipient.on_extra).map_err(|e| {
+        let plan = super::rollback::plan(&scan, &current, &previous.manifest, self.config().recipient.on_extra)
+            .map_err(|e| {
                 anyhow::format_err!(
                     "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
                  recipient run --once`), or undo the change, then roll back"
                 )
             })?;
         let id = Nonce::generate().to_hex();
-        let stage_dir = r.staging_root()?.join(&id);
-        let data = &r.config().recipient.data;
+        let stage_dir = self.staging_root()?.join(&id);
+        let data = &self.config().recipient.data;
         if let Err(e) = super::rollback::stage(&plan, &previous.store, data, &scan.manifest, &stage_dir) {
             let _ = std::fs::remove_dir_all(&stage_dir);
             return Err(e.context(format!("cannot roll back generation {applied} to {to}; the data tree is unchanged")));
@@ -322,9 +321,9 @@ impl Recipient {
             kind: JournalKind::Rollback { from: applied },
             key_id: None,
         };
-        journal.commit(r.state_dir())?;
+        journal.commit(self.state_dir())?;
         crate::failpoint::hit("apply-committed");
-        r.finish(&journal).context("rollback interrupted; the next run finishes it")?;
+        self.finish(&journal).context("rollback interrupted; the next run finishes it")?;
         Ok(super::rollback::RolledBack { from: applied, to, ops: journal.ops, resumed: false })
     }
 
@@ -601,14 +600,8 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
-        let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
-        let (accepts, sends) = ([Kind::Reply], [Kind::Request, Kind::Receipt]);
-        let policy = verify::Policy {
-            accepts: &accepts,
-            sends: &sends,
-            pinned_owner: self.owner_key.as_ref(),
-            limits: &self.cfg.limits,
-        };
+        let view = self.view();
+        let policy = self.policy();
         let msg = match refuse!(verify::open(raw, &RecipientKeys(&view), &policy, now)?) {
             verify::Opened::Verified(m) => *m,
             verify::Opened::NotForThisNode { kind, .. } => {
@@ -662,18 +655,16 @@ impl Recipient {
         res
     }
 
-    /// Takes up a new key the engine accepted with its reply: in the state database first (the current
-    /// key kept as the previous one for the grace period, the new one pending), then in the key file.
-    fn take_key(&mut self, effects: &[RecipientEffect]) -> Result<()> {
+    /// Applies the effects the engine accepted a reply with, in the caller's transaction. A new key goes
+    /// into the state database first (the current key kept as the previous one for the grace period, the
+    /// new one pending); [`Recipient::finish_key`] then writes the key file.
+    fn apply_effects(db: &Db, current: &Key, effects: &[RecipientEffect]) -> Result<()> {
         for e in effects {
-            if let RecipientEffect::TakeKey { new, previous_until } = e {
-                self.state.db.take_key(
-                    &self.key.to_hex(),
-                    &self.key.id(),
-                    *previous_until,
-                    &new.to_hex(),
-                    &new.id(),
-                )?;
+            match e {
+                RecipientEffect::TakeKey { new, previous_until } => {
+                    db.take_key(&current.to_hex(), &current.id(), *previous_until, &new.to_hex(), &new.id())?;
+                }
+                RecipientEffect::NeedFullInventory => db.set_need_full_inventory(true)?,
             }
         }
         Ok(())
@@ -786,7 +777,7 @@ impl Recipient {
         let (_, _, previous) = self.state.db.applied()?;
         let data = self.cfg.recipient.data.clone();
         let step = {
-            let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
+            let view = self.view();
             let mut scan = || self.scan_tree();
             engine::recipient::on_whole(&view, update, under, &mut scan, &previous, self.cfg.recipient.on_extra, now)?
         };
@@ -833,7 +824,8 @@ impl Recipient {
         // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
         // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
         // not yet marked seen, is applied under the key it was made with, kept as the previous one).
-        self.take_key(&effects)?;
+        let key = &self.key;
+        self.state.db.transaction(|db| Recipient::apply_effects(db, key, &effects))?;
         let journal = Journal {
             version: 1,
             data_root: data,
@@ -897,13 +889,9 @@ impl Recipient {
         effects: &[RecipientEffect],
     ) -> Result<Result<Handled, Refusal>> {
         use engine::recipient::Referred;
-        let key = self.key.clone();
+        let key = &self.key;
         self.state.db.transaction(|db| {
-            for e in effects {
-                if let RecipientEffect::TakeKey { new, previous_until } = e {
-                    db.take_key(&key.to_hex(), &key.id(), *previous_until, &new.to_hex(), &new.id())?;
-                }
-            }
+            Recipient::apply_effects(db, key, effects)?;
             match step {
                 Referred::Wait => {}
                 Referred::AskParts => db.want_reply(&same.reply_id, &same.nonce.to_hex(), same.parts)?,
@@ -931,16 +919,9 @@ impl Recipient {
         generation: u64,
         effects: &[RecipientEffect],
     ) -> Result<Result<Handled, Refusal>> {
-        let key = self.key.clone();
+        let key = &self.key;
         self.state.db.transaction(|db| {
-            for e in effects {
-                match e {
-                    RecipientEffect::TakeKey { new, previous_until } => {
-                        db.take_key(&key.to_hex(), &key.id(), *previous_until, &new.to_hex(), &new.id())?;
-                    }
-                    RecipientEffect::NeedFullInventory => db.set_need_full_inventory(true)?,
-                }
-            }
+            Recipient::apply_effects(db, key, effects)?;
             db.close_outstanding(nonce)?;
             db.mark_fresh_reply()?;
             db.mark_seen(digest, "processed")
@@ -1048,14 +1029,8 @@ impl Recipient {
     pub fn preview(&self, messages: &[Vec<u8>]) -> Result<Vec<Preview>> {
         use std::collections::BTreeMap;
         let now = now();
-        let view = View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key };
-        let (accepts, sends) = ([Kind::Reply], [Kind::Request, Kind::Receipt]);
-        let policy = verify::Policy {
-            accepts: &accepts,
-            sends: &sends,
-            pinned_owner: self.owner_key.as_ref(),
-            limits: &self.cfg.limits,
-        };
+        let view = self.view();
+        let policy = self.policy();
         let refused = |r: Refusal| Preview::Refused { reason: r.reason.code().to_owned(), detail: r.detail };
         let mut out = Vec::new();
         // Per reply: its control fields, the key that made it, and its chunks by part number.
@@ -1276,6 +1251,23 @@ impl Role for Recipient {
             return Ok(Ok(Handled::Bounced { status: what }));
         }
         self.evaluate(raw, digest)
+    }
+}
+
+impl Recipient {
+    fn view(&self) -> View<'_> {
+        View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key }
+    }
+
+    /// What the recipient expects of a message: replies, under its pinned owner key if it has one; its
+    /// own requests and receipts come back as "not for this node".
+    fn policy(&self) -> verify::Policy<'_> {
+        verify::Policy {
+            accepts: &[Kind::Reply],
+            sends: &[Kind::Request, Kind::Receipt],
+            pinned_owner: self.owner_key.as_ref(),
+            limits: &self.cfg.limits,
+        }
     }
 }
 
