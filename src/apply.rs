@@ -723,6 +723,9 @@ mod tests {
             body: Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
             rekey: None,
             same_as: None,
+            channel: "default".into(),
+            standing: None,
+            pinned: None,
         };
         Update { head, body: Body { mailferry: VERSION, ops: diff(from, to), streams: vec![] } }
     }

@@ -197,6 +197,9 @@ pub struct RecipientSection {
     pub address: String,
     /// The owner's address (requests go there).
     pub owner_address: String,
+    /// The channel `data` keeps. Default `default` (an owner's one tree).
+    #[serde(default = "default_channel", skip_serializing_if = "is_default_channel")]
+    pub channel: String,
     /// The data tree kept in sync.
     pub data: PathBuf,
     /// State directory. Default: the config file's directory. Must not be inside `data`.
@@ -232,11 +235,54 @@ pub struct RecipientSection {
     pub owner_public_key: Option<String>,
 }
 
+fn default_channel() -> String {
+    crate::protocol::DEFAULT_CHANNEL.to_owned()
+}
+
+fn is_default_channel(c: &str) -> bool {
+    c == crate::protocol::DEFAULT_CHANNEL
+}
+
+/// A `[[subscription]]` table: one more channel this recipient keeps, in its own data tree
+/// (`mailferry recipient subscribe`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SubscriptionSection {
+    /// The channel.
+    pub channel: String,
+    /// Its data tree. Must not overlap the state directory or another subscription's tree.
+    pub data: PathBuf,
+    /// Where its new files are staged (as `[recipient] staging-dir`). Default: chosen as for the main tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_dir: Option<PathBuf>,
+    /// What to do with files the owner does not list. Default: as `[recipient] on-extra`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_extra: Option<OnExtra>,
+}
+
+/// One data tree a recipient keeps, resolved: its channel, its tree, and where its own state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The channel.
+    pub channel: String,
+    /// The data tree.
+    pub data: PathBuf,
+    /// Its `staging-dir`, if set.
+    pub staging_dir: Option<PathBuf>,
+    /// What to do with files the owner does not list.
+    pub on_extra: OnExtra,
+    /// Where this tree's journal, stat cache, kept parts and rollback store live: the state directory for
+    /// the main tree, `STATE/channels/CHANNEL` for the others.
+    pub dir: PathBuf,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawFile {
     owner: Option<OwnerSection>,
     recipient: Option<RecipientSection>,
+    #[serde(default)]
+    subscription: Vec<SubscriptionSection>,
     transport: RawTransport,
     smtp: Option<SmtpConfig>,
     imap: Option<ImapConfig>,
@@ -272,6 +318,20 @@ pub struct RecipientConfig {
     pub limits: Limits,
     /// Resolved state directory.
     pub state_dir: PathBuf,
+    /// Every data tree it keeps: the `[recipient]` one first, then each `[[subscription]]`.
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl RecipientConfig {
+    /// The subscription of `channel`, if this recipient keeps it.
+    pub fn subscription(&self, channel: &str) -> Option<&Subscription> {
+        self.subscriptions.iter().find(|s| s.channel == channel)
+    }
+
+    /// The `[recipient]` table's subscription.
+    pub fn main(&self) -> &Subscription {
+        &self.subscriptions[0]
+    }
 }
 
 /// Either role's configuration.
@@ -345,6 +405,9 @@ impl NodeConfig {
         let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let transport = resolve_transport(&base, raw.transport, raw.smtp, raw.imap)
             .with_context(|| format!("config file `{}` is invalid", path.display()))?;
+        if raw.recipient.is_none() && !raw.subscription.is_empty() {
+            bail!("config file `{}`: [[subscription]] belongs to a recipient's config", path.display());
+        }
         match (raw.owner, raw.recipient) {
             (Some(mut owner), None) => {
                 owner.source = resolve(&base, &owner.source);
@@ -372,12 +435,68 @@ impl NodeConfig {
                     crate::crypto::PublicKey::from_hex(k)
                         .with_context(|| format!("config file `{}`: owner-public-key", path.display()))?;
                 }
-                Ok(NodeConfig::Recipient(RecipientConfig { path, recipient, transport, limits: raw.limits, state_dir }))
+                let subscriptions = resolve_subscriptions(&path, &base, &recipient, raw.subscription, &state_dir)?;
+                Ok(NodeConfig::Recipient(RecipientConfig {
+                    path,
+                    recipient,
+                    transport,
+                    limits: raw.limits,
+                    state_dir,
+                    subscriptions,
+                }))
             }
             (Some(_), Some(_)) => bail!("config file `{}` has both [owner] and [recipient]", path.display()),
             (None, None) => bail!("config file `{}` has neither [owner] nor [recipient]", path.display()),
         }
     }
+}
+
+/// The recipient's data trees, checked: valid channel names, each channel once, no tree overlapping
+/// another or the state directory.
+fn resolve_subscriptions(
+    path: &Path,
+    base: &Path,
+    r: &RecipientSection,
+    extra: Vec<SubscriptionSection>,
+    state_dir: &Path,
+) -> Result<Vec<Subscription>> {
+    let main = Subscription {
+        channel: r.channel.clone(),
+        data: r.data.clone(),
+        staging_dir: r.staging_dir.clone(),
+        on_extra: r.on_extra,
+        dir: state_dir.to_path_buf(),
+    };
+    let mut all = vec![main];
+    for s in extra {
+        all.push(Subscription {
+            dir: state_dir.join("channels").join(&s.channel),
+            channel: s.channel,
+            data: resolve(base, &s.data),
+            staging_dir: s.staging_dir.as_deref().map(|p| resolve(base, p)),
+            on_extra: s.on_extra.unwrap_or(r.on_extra),
+        });
+    }
+    for (i, s) in all.iter().enumerate() {
+        if !crate::protocol::valid_channel_name(&s.channel) {
+            bail!("config file `{}`: channel name {:?} is not valid", path.display(), s.channel);
+        }
+        check_state_outside_data(state_dir, &s.data)?;
+        for t in &all[..i] {
+            if t.channel == s.channel {
+                bail!("config file `{}`: channel {:?} is subscribed twice", path.display(), s.channel);
+            }
+            if let Some((a, b)) = overlap(&t.data, &s.data) {
+                bail!(
+                    "config file `{}`: data trees `{}` and `{}` overlap: each channel needs its own tree",
+                    path.display(),
+                    a.display(),
+                    b.display()
+                );
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// Refuses a state directory inside the data tree (or the data tree inside the state directory): the

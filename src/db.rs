@@ -20,6 +20,12 @@ use crate::manifest::{Digest, Listed, Manifest};
 use crate::protocol::envelope::Hints;
 use crate::protocol::{Refusal, ReplyId};
 
+mod channels;
+mod subscription;
+
+pub use channels::{ChannelRow, GrantRow, GroupRow};
+pub use subscription::Sub;
+
 // Reply ids and key ids are stored as TEXT, exactly as before they had types. A value read back was
 // checked before it was written (or made by this node), so it is taken as it is.
 macro_rules! sql_text_id {
@@ -179,6 +185,39 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE outstanding ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE applied ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE received_parts ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';",
+    // 3: channels, groups and grants (owner); keys move from the default subscription to the node, and
+    // each subscription learns what the owner said of its entitlement (recipient).
+    "CREATE TABLE channels (
+        name TEXT PRIMARY KEY, source TEXT, created INTEGER NOT NULL,
+        open INTEGER NOT NULL DEFAULT 0, encrypt INTEGER NOT NULL DEFAULT 0);
+     INSERT INTO channels (name, source, created, open) VALUES ('default', NULL, CAST(strftime('%s', 'now') AS INTEGER), 1);
+     CREATE TABLE groups (name TEXT PRIMARY KEY, created INTEGER NOT NULL);
+     CREATE TABLE group_members (
+        grp TEXT NOT NULL, recipient TEXT NOT NULL, PRIMARY KEY (grp, recipient));
+     CREATE TABLE grants (
+        grp TEXT NOT NULL, channel TEXT NOT NULL, until TEXT, pin INTEGER, selector TEXT,
+        created INTEGER NOT NULL, PRIMARY KEY (grp, channel));
+     CREATE TABLE channel_seqs (
+        recipient TEXT NOT NULL, channel TEXT NOT NULL, last_seq INTEGER NOT NULL,
+        PRIMARY KEY (recipient, channel));
+     INSERT INTO channel_seqs SELECT name, 'default', last_seq FROM recipients;
+     CREATE TABLE channel_keys (
+        channel TEXT NOT NULL, epoch INTEGER NOT NULL, key TEXT NOT NULL, created INTEGER NOT NULL,
+        PRIMARY KEY (channel, epoch));
+     ALTER TABLE recipients ADD COLUMN suspended INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE requests ADD COLUMN channel TEXT NOT NULL DEFAULT 'default';
+     ALTER TABLE receipts ADD COLUMN channel TEXT NOT NULL DEFAULT 'default';
+     CREATE INDEX requests_by_recipient ON requests (recipient, channel);
+
+     ALTER TABLE node ADD COLUMN previous_key TEXT;
+     ALTER TABLE node ADD COLUMN previous_key_until INTEGER;
+     ALTER TABLE node ADD COLUMN pending_key TEXT;
+     UPDATE node SET
+        previous_key = (SELECT previous_key FROM subscriptions WHERE name = 'default'),
+        previous_key_until = (SELECT previous_key_until FROM subscriptions WHERE name = 'default'),
+        pending_key = (SELECT pending_key FROM subscriptions WHERE name = 'default');
+     ALTER TABLE subscriptions ADD COLUMN standing TEXT;
+     ALTER TABLE subscriptions ADD COLUMN pinned INTEGER;",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -232,8 +271,16 @@ pub struct Seen {
     pub at: u64,
 }
 
-/// The one subscription of today's recipient, whose facts the state keys by subscription.
-const SUB: &str = DEFAULT_SUBSCRIPTION;
+/// The recipient's keys besides the key file (node-wide: one identity for every subscription).
+#[derive(Debug, Clone, Default)]
+pub struct NodeKeys {
+    /// The key a rotation replaced (hex, secret).
+    pub previous_key: Option<String>,
+    /// Until when replies under it are accepted.
+    pub previous_key_until: Option<u64>,
+    /// A new key taken up but not yet written to the key file (hex, secret).
+    pub pending_key: Option<String>,
+}
 
 /// What a recipient knows about one subscription (its data tree).
 #[derive(Debug, Clone, Default)]
@@ -258,12 +305,11 @@ pub struct Subscription {
     pub full_content: bool,
     /// Replies bringing this generation or an older one are held back (0: no hold).
     pub rollback_hold: u64,
-    /// The key a rotation replaced (hex, secret).
-    pub previous_key: Option<String>,
-    /// Until when replies under it are accepted.
-    pub previous_key_until: Option<u64>,
-    /// A new key taken up but not yet written to the key file (hex, secret).
-    pub pending_key: Option<String>,
+    /// What the owner last said of this recipient's entitlement to the channel (`not-entitled`,
+    /// `expired on DATE`, `suspended`, `pinned at N`), if anything but plain service.
+    pub standing: Option<String>,
+    /// The generation the owner pins this recipient at, if it said so.
+    pub pinned: Option<u64>,
     /// The next request asks `fresh` (a reference reply pointed to a reply this recipient cannot use).
     pub fresh_next: bool,
 }
@@ -345,6 +391,8 @@ pub struct RecipientRow {
 pub struct Answered<'a> {
     /// Who asked.
     pub recipient: &'a str,
+    /// For which channel.
+    pub channel: &'a str,
     /// The request's nonce, hex.
     pub nonce: &'a str,
     /// Its seq (the recipient's new last seq).
@@ -760,58 +808,79 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn add_generation(&self, m: &Manifest) -> Result<u64> {
-        let number = self.latest_generation()?.map_or(1, |g| g.number + 1);
+    pub fn add_generation(&self, channel: &str, m: &Manifest) -> Result<u64> {
+        let number = self.latest_generation(channel)?.map_or(1, |g| g.number + 1);
         let (files, bytes) = m.file_stats();
         self.conn.execute(
-            "INSERT INTO generations (number, root, created, files, bytes, manifest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![number as i64, m.root().to_hex(), now() as i64, files as i64, bytes as i64, pack_manifest(m)?],
+            "INSERT INTO generations (channel, number, root, created, files, bytes, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![channel, number as i64, m.root().to_hex(), now() as i64, files as i64, bytes as i64, pack_manifest(m)?],
         )?;
         Ok(number)
     }
 
-    /// The newest generation, if any was published.
+    /// The newest generation of `channel`, if any was published.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn latest_generation(&self) -> Result<Option<GenerationRow>> {
-        self.conn
-            .query_row(
-                "SELECT number, root, created, files, bytes FROM generations ORDER BY number DESC LIMIT 1",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
-            )
-            .optional()?
-            .map(|(n, root, c, f, b)| {
-                Ok(GenerationRow {
-                    number: n as u64,
-                    root: Digest::from_hex(&root).map_err(anyhow::Error::msg)?,
-                    created: c as u64,
-                    files: f as u64,
-                    bytes: b as u64,
-                })
+    pub fn latest_generation(&self, channel: &str) -> Result<Option<GenerationRow>> {
+        Ok(self.generations_where("WHERE channel = ?1 ORDER BY number DESC LIMIT 1", [channel])?.pop())
+    }
+
+    /// Generation `number` of `channel`, if it is kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn generation(&self, channel: &str, number: u64) -> Result<Option<GenerationRow>> {
+        Ok(self.generations_where("WHERE channel = ?1 AND number = ?2", params![channel, number as i64])?.pop())
+    }
+
+    /// The kept generations of `channel`, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn generations(&self, channel: &str) -> Result<Vec<GenerationRow>> {
+        self.generations_where("WHERE channel = ?1 ORDER BY number", [channel])
+    }
+
+    fn generations_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<GenerationRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT number, root, created, files, bytes FROM generations {clause}"))?;
+        let rows = st.query_map(p, |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (n, root, c, f, b) = row?;
+            Ok(GenerationRow {
+                number: n as u64,
+                root: Digest::from_hex(&root).map_err(anyhow::Error::msg)?,
+                created: c as u64,
+                files: f as u64,
+                bytes: b as u64,
             })
-            .transpose()
+        })
+        .collect()
     }
 
     /// The manifest of generation `number`.
     ///
     /// # Errors
     /// SQLite errors, a missing generation, or a corrupt manifest.
-    pub fn generation_manifest(&self, number: u64) -> Result<Manifest> {
+    pub fn generation_manifest(&self, channel: &str, number: u64) -> Result<Manifest> {
         let data: Vec<u8> = self
             .conn
-            .query_row("SELECT manifest FROM generations WHERE number = ?1", [number as i64], |r| r.get(0))
+            .query_row(
+                "SELECT manifest FROM generations WHERE channel = ?1 AND number = ?2",
+                params![channel, number as i64],
+                |r| r.get(0),
+            )
             .optional()?
-            .with_context(|| format!("generation {number} does not exist"))?;
+            .with_context(|| format!("generation {number} of channel {channel:?} does not exist"))?;
         unpack_manifest(&data)
     }
 
@@ -819,24 +888,30 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn has_generation(&self, number: u64) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM generations WHERE number = ?1", [number as i64], |r| r.get::<_, i64>(0))?
-            > 0)
+    pub fn has_generation(&self, channel: &str, number: u64) -> Result<bool> {
+        Ok(self.generation(channel, number)?.is_some())
     }
 
-    /// Forgets every generation but the newest `keep`; returns the numbers forgotten.
+    /// Forgets every generation of `channel` but the newest `keep` and those a grant pins; returns the
+    /// numbers forgotten.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn prune_generations(&self, keep: u64) -> Result<Vec<u64>> {
-        let Some(latest) = self.latest_generation()? else { return Ok(Vec::new()) };
+    pub fn prune_generations(&self, channel: &str, keep: u64) -> Result<Vec<u64>> {
+        let Some(latest) = self.latest_generation(channel)? else { return Ok(Vec::new()) };
         let cutoff = latest.number.saturating_sub(keep) as i64;
-        let mut st = self.conn.prepare("SELECT number FROM generations WHERE number <= ?1 ORDER BY number")?;
-        let gone: Vec<u64> =
-            st.query_map([cutoff], |r| r.get::<_, i64>(0))?.map(|n| n.map(|n| n as u64)).collect::<Result<_, _>>()?;
-        self.conn.execute("DELETE FROM generations WHERE number <= ?1", [cutoff])?;
+        let pinned = "SELECT pin FROM grants WHERE channel = ?1 AND pin IS NOT NULL";
+        let mut st = self.conn.prepare(&format!(
+            "SELECT number FROM generations WHERE channel = ?1 AND number <= ?2 AND number NOT IN ({pinned}) ORDER BY number"
+        ))?;
+        let gone: Vec<u64> = st
+            .query_map(params![channel, cutoff], |r| r.get::<_, i64>(0))?
+            .map(|n| n.map(|n| n as u64))
+            .collect::<Result<_, _>>()?;
+        self.conn.execute(
+            &format!("DELETE FROM generations WHERE channel = ?1 AND number <= ?2 AND number NOT IN ({pinned})"),
+            params![channel, cutoff],
+        )?;
         Ok(gone)
     }
 
@@ -1009,8 +1084,8 @@ impl Db {
     /// SQLite errors.
     pub fn forget_keys(&self) -> Result<()> {
         self.conn.execute(
-            "UPDATE subscriptions SET previous_key = NULL, previous_key_until = NULL, pending_key = NULL WHERE name = ?1",
-            [SUB],
+            "UPDATE node SET previous_key = NULL, previous_key_until = NULL, pending_key = NULL",
+            [],
         )?;
         Ok(())
     }
@@ -1047,6 +1122,7 @@ impl Db {
         let t = now() as i64;
         let Answered {
             recipient,
+            channel,
             nonce,
             seq,
             created,
@@ -1061,8 +1137,8 @@ impl Db {
         } = *a;
         self.conn.execute(
             "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base,
-                                   created, parts, full_content)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                   created, parts, full_content, channel)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 nonce,
                 recipient,
@@ -1076,12 +1152,20 @@ impl Db {
                 base.to_hex(),
                 created as i64,
                 parts,
-                full_content
+                full_content,
+                channel
             ],
         )?;
         self.conn.execute(
-            "UPDATE recipients SET last_seq = ?2, last_request_at = ?3, last_reply_at = ?3 WHERE name = ?1",
-            params![recipient, seq as i64, t],
+            "INSERT INTO channel_seqs (recipient, channel, last_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (recipient, channel) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+            params![recipient, channel, seq as i64],
+        )?;
+        // `recipients.last_seq` is the default channel's, as it always was.
+        self.conn.execute(
+            "UPDATE recipients SET last_seq = CASE WHEN ?4 = 'default' THEN ?2 ELSE last_seq END,
+                    last_request_at = ?3, last_reply_at = ?3 WHERE name = ?1",
+            params![recipient, seq as i64, t, channel],
         )?;
         Ok(())
     }
@@ -1090,32 +1174,59 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<(ReplyId, u64, Option<Digest>)>> {
+    pub fn answered_for(
+        &self,
+        recipient: &str,
+        nonce: &str,
+    ) -> Result<Option<(ReplyId, u64, Option<Digest>, String)>> {
         let row = self
             .conn
             .query_row(
-                "SELECT reply_id, generation, root FROM requests WHERE nonce = ?1 AND recipient = ?2",
+                "SELECT reply_id, generation, root, channel FROM requests WHERE nonce = ?1 AND recipient = ?2",
                 params![nonce, recipient],
-                |r| Ok((r.get::<_, ReplyId>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<String>>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, ReplyId>(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                },
             )
             .optional()?;
-        row.map(|(id, g, root)| {
+        row.map(|(id, g, root, channel)| {
             let root = root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
-            Ok((id, g, root))
+            Ok((id, g, root, channel))
         })
         .transpose()
+    }
+
+    /// The highest request seq answered for `recipient` on `channel` (0 for none).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn last_seq(&self, recipient: &str, channel: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_seq FROM channel_seqs WHERE recipient = ?1 AND channel = ?2",
+                params![recipient, channel],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map_or(0, |v| v as u64))
     }
 
     /// The `created` time stated by `recipient`'s request with the highest seq answered.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn last_request_created(&self, recipient: &str) -> Result<Option<u64>> {
+    pub fn last_request_created(&self, recipient: &str, channel: &str) -> Result<Option<u64>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT created FROM requests WHERE recipient = ?1 ORDER BY seq DESC LIMIT 1",
-                [recipient],
+                "SELECT created FROM requests WHERE recipient = ?1 AND channel = ?2 ORDER BY seq DESC LIMIT 1",
+                [recipient, channel],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .optional()?
@@ -1132,6 +1243,7 @@ impl Db {
     pub fn repeat_of(
         &self,
         recipient: &str,
+        channel: &str,
         base: &Digest,
         generation: u64,
         full_content: bool,
@@ -1141,11 +1253,11 @@ impl Db {
             .query_row(
                 "SELECT q.reply_id, q.nonce, q.parts FROM requests q
                  WHERE q.recipient = ?1 AND q.base = ?2 AND q.generation = ?3 AND q.full_content = ?4
-                   AND q.ops > 0 AND q.parts IS NOT NULL
+                   AND q.channel = ?5 AND q.ops > 0 AND q.parts IS NOT NULL
                    AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.recipient = q.recipient AND r.reply_id = q.reply_id)
                    AND EXISTS (SELECT 1 FROM sent_parts p WHERE p.reply_id = q.reply_id AND p.part = 1)
                  ORDER BY q.seq DESC LIMIT 1",
-                params![recipient, base.to_hex(), generation as i64, full_content],
+                params![recipient, base.to_hex(), generation as i64, full_content, channel],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?)
@@ -1310,123 +1422,31 @@ impl Db {
         let t = now() as i64;
         let status = serde_json::to_value(r.status)?.as_str().unwrap_or("applied").to_owned();
         self.conn.execute(
-            "INSERT OR IGNORE INTO receipts (recipient, at, nonce, reply_id, generation, root, status)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![r.recipient, t, r.nonce.to_hex(), r.reply_id, r.generation as i64, r.root.to_hex(), status],
+            "INSERT OR IGNORE INTO receipts (recipient, at, nonce, reply_id, generation, root, status, channel)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                r.recipient,
+                t,
+                r.nonce.to_hex(),
+                r.reply_id,
+                r.generation as i64,
+                r.root.to_hex(),
+                status,
+                r.channel
+            ],
         )?;
+        // The recipient row shows the default channel's state, as it always did.
         self.conn.execute(
-            "UPDATE recipients SET last_receipt_at = ?2, applied_generation = ?3, applied_root = ?4 WHERE name = ?1",
-            params![r.recipient, t, r.generation as i64, r.root.to_hex()],
+            "UPDATE recipients SET last_receipt_at = ?2,
+                    applied_generation = CASE WHEN ?5 = 'default' THEN ?3 ELSE applied_generation END,
+                    applied_root = CASE WHEN ?5 = 'default' THEN ?4 ELSE applied_root END
+             WHERE name = ?1",
+            params![r.recipient, t, r.generation as i64, r.root.to_hex(), r.channel],
         )?;
         Ok(())
     }
 
     // ---- recipient ----
-
-    /// Takes the next request sequence number.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn next_seq(&self) -> Result<u64> {
-        let seq = self.subscription()?.seq + 1;
-        self.conn.execute("UPDATE subscriptions SET seq = ?1 WHERE name = ?2", params![seq as i64, SUB])?;
-        Ok(seq)
-    }
-
-    /// The recipient's facts about its data tree.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn subscription(&self) -> Result<Subscription> {
-        Ok(self.conn.query_row(
-            "SELECT seq, applied_generation, applied_root, applied_key_id, last_request_at, last_reply_at,
-                    stale_notified_at, need_full_inventory, full_content, rollback_hold, previous_key,
-                    previous_key_until, pending_key, fresh_next
-             FROM subscriptions WHERE name = ?1",
-            [SUB],
-            |r| {
-                let opt = |v: Option<i64>| v.map(|v| v as u64);
-                Ok(Subscription {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    applied_generation: r.get::<_, i64>(1)? as u64,
-                    applied_root: r.get(2)?,
-                    applied_key_id: r.get(3)?,
-                    last_request_at: opt(r.get(4)?),
-                    last_reply_at: opt(r.get(5)?),
-                    stale_notified_at: opt(r.get(6)?),
-                    need_full_inventory: r.get(7)?,
-                    full_content: r.get(8)?,
-                    rollback_hold: r.get::<_, i64>(9)? as u64,
-                    previous_key: r.get(10)?,
-                    previous_key_until: opt(r.get(11)?),
-                    pending_key: r.get(12)?,
-                    fresh_next: r.get(13)?,
-                })
-            },
-        )?)
-    }
-
-    /// Whether the next request lists the whole tree (the owner asked for it).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_need_full_inventory(&self, on: bool) -> Result<()> {
-        self.conn.execute("UPDATE subscriptions SET need_full_inventory = ?1 WHERE name = ?2", params![on, SUB])?;
-        Ok(())
-    }
-
-    /// Whether the next request asks for whole files only (a delta base was not what the owner thought).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_full_content(&self, on: bool) -> Result<()> {
-        self.conn.execute("UPDATE subscriptions SET full_content = ?1 WHERE name = ?2", params![on, SUB])?;
-        Ok(())
-    }
-
-    /// Whether the next request asks `fresh`.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_fresh_next(&self, on: bool) -> Result<()> {
-        self.conn.execute("UPDATE subscriptions SET fresh_next = ?1 WHERE name = ?2", params![on, SUB])?;
-        Ok(())
-    }
-
-    /// Records that every part of reply `reply_id` (answering `nonce`, in `parts` parts) is wanted: a
-    /// reference reply pointed to it and none of it is here. The next request asks for them.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn want_reply(&self, reply_id: &ReplyId, nonce: &str, parts: u32) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO wanted_replies (reply_id, subscription, nonce, parts) VALUES (?1, ?2, ?3, ?4)",
-            params![reply_id, SUB, nonce, parts],
-        )?;
-        Ok(())
-    }
-
-    /// The replies wanted whole: reply id, nonce, parts.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn wanted_replies(&self) -> Result<Vec<(ReplyId, String, u32)>> {
-        let mut st = self.conn.prepare("SELECT reply_id, nonce, parts FROM wanted_replies WHERE subscription = ?1")?;
-        let rows = st.query_map([SUB], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Records that a staleness notice went out (or, with `None`, that the stale spell is over).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_stale_notified(&self, at: Option<u64>) -> Result<()> {
-        self.conn.execute(
-            "UPDATE subscriptions SET stale_notified_at = ?1 WHERE name = ?2",
-            params![at.map(|v| v as i64), SUB],
-        )?;
-        Ok(())
-    }
 
     /// Takes up a new key (in the transaction that accepts the reply bringing it): the current key is kept
     /// as the previous one until `until`, and the new one waits in `pending_key` until the key file holds it.
@@ -1441,12 +1461,15 @@ impl Db {
         new_hex: &str,
         new_id: &KeyId,
     ) -> Result<()> {
-        // A rotation authenticated by the key the applied generation came under continues its epoch.
+        // A rotation authenticated by the key an applied generation came under continues its epoch, in
+        // every subscription.
         self.conn.execute(
-            "UPDATE subscriptions SET previous_key = ?1, previous_key_until = ?2, pending_key = ?3,
-                    applied_key_id = CASE WHEN applied_key_id = ?4 THEN ?5 ELSE applied_key_id END
-             WHERE name = ?6",
-            params![current_hex, until as i64, new_hex, current_id, new_id, SUB],
+            "UPDATE node SET previous_key = ?1, previous_key_until = ?2, pending_key = ?3",
+            params![current_hex, until as i64, new_hex],
+        )?;
+        self.conn.execute(
+            "UPDATE subscriptions SET applied_key_id = ?2 WHERE applied_key_id = ?1",
+            params![current_id, new_id],
         )?;
         Ok(())
     }
@@ -1456,245 +1479,23 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn clear_pending_key(&self) -> Result<()> {
-        self.conn.execute("UPDATE subscriptions SET pending_key = NULL WHERE name = ?1", [SUB])?;
+        self.conn.execute("UPDATE node SET pending_key = NULL", [])?;
         Ok(())
     }
 
-    /// Records a request as sent and awaiting its reply.
+    /// The recipient's keys besides the key file: the one a rotation replaced and until when it is
+    /// accepted, and one taken up but not yet written to the key file.
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn add_outstanding(&self, nonce: &str, seq: u64) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO outstanding (nonce, seq, sent_at) VALUES (?1, ?2, ?3)",
-            params![nonce, seq as i64, now() as i64],
-        )?;
-        self.conn
-            .execute("UPDATE subscriptions SET last_request_at = ?1 WHERE name = ?2", params![now() as i64, SUB])?;
-        Ok(())
-    }
-
-    /// The sequence number of the request with `nonce`, if it is still outstanding.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn outstanding(&self, nonce: &str) -> Result<Option<u64>> {
-        Ok(self
-            .conn
-            .query_row("SELECT seq FROM outstanding WHERE nonce = ?1", [nonce], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(|v| v as u64))
-    }
-
-    /// The send time of the newest outstanding request.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn newest_outstanding(&self) -> Result<Option<u64>> {
-        Ok(self
-            .conn
-            .query_row("SELECT max(sent_at) FROM outstanding", [], |r| r.get::<_, Option<i64>>(0))?
-            .map(|v| v as u64))
-    }
-
-    /// Number of outstanding requests.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn outstanding_count(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT count(*) FROM outstanding", [], |r| r.get::<_, i64>(0))? as u64)
-    }
-
-    /// Marks a request answered: its nonce is no longer accepted.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn close_outstanding(&self, nonce: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM outstanding WHERE nonce = ?1", [nonce])?;
-        Ok(())
-    }
-
-    /// Records that a fresh, authenticated reply was accepted now (applied, or confirming the tree is
-    /// current): the clock that staleness is measured on.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn mark_fresh_reply(&self) -> Result<()> {
-        self.conn.execute(
-            "UPDATE subscriptions SET last_reply_at = ?1, stale_notified_at = NULL WHERE name = ?2",
-            params![now() as i64, SUB],
-        )?;
-        Ok(())
-    }
-
-    /// Forgets outstanding requests older than `max_age` seconds, keeping the newest 16 in any case.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn expire_outstanding(&self, max_age: u64) -> Result<()> {
-        let cutoff = now().saturating_sub(max_age) as i64;
-        self.conn.execute(
-            "DELETE FROM outstanding WHERE sent_at < ?1
-               AND nonce NOT IN (SELECT nonce FROM outstanding ORDER BY sent_at DESC LIMIT 16)",
-            [cutoff],
-        )?;
-        Ok(())
-    }
-
-    /// The generation and root this recipient last applied, without loading the manifest.
-    ///
-    /// # Errors
-    /// SQLite errors or a corrupt root.
-    pub fn applied_root(&self) -> Result<(u64, Option<Digest>)> {
-        let sub = self.subscription()?;
-        let root = sub.applied_root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
-        Ok((sub.applied_generation, root))
-    }
-
-    fn manifest_named(&self, name: &str) -> Result<Option<Manifest>> {
-        let data: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT data FROM manifests WHERE subscription = ?1 AND name = ?2", [SUB, name], |r| r.get(0))
-            .optional()?;
-        data.map(|d| unpack_manifest(&d)).transpose()
-    }
-
-    fn set_manifest_named(&self, name: &str, m: &Manifest) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO manifests (subscription, name, data) VALUES (?1, ?2, ?3)",
-            params![SUB, name, pack_manifest(m)?],
-        )?;
-        Ok(())
-    }
-
-    /// The generation, root and manifest this recipient last applied.
-    ///
-    /// # Errors
-    /// SQLite errors or a corrupt manifest.
-    pub fn applied(&self) -> Result<(u64, Option<Digest>, Manifest)> {
-        let (generation, root) = self.applied_root()?;
-        Ok((generation, root, self.manifest_named("applied")?.unwrap_or_default()))
-    }
-
-    /// Records a completed apply: the new generation, its root and manifest, the id of the key whose reply
-    /// brought it (`None` for a rollback), and the history row.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn record_applied(
-        &self,
-        generation: u64,
-        manifest: &Manifest,
-        reply_id: &ReplyId,
-        nonce: &str,
-        ops: usize,
-        key_id: Option<&KeyId>,
-    ) -> Result<()> {
-        let root = manifest.root();
-        self.conn.execute(
-            "UPDATE subscriptions SET applied_generation = ?1, applied_root = ?2,
-                    applied_key_id = coalesce(?3, applied_key_id) WHERE name = ?4",
-            params![generation as i64, root.to_hex(), key_id, SUB],
-        )?;
-        self.set_manifest_named("applied", manifest)?;
-        self.conn.execute(
-            "INSERT INTO applied (at, generation, root, reply_id, nonce, ops) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![now() as i64, generation as i64, root.to_hex(), reply_id, nonce, ops as i64],
-        )?;
-        Ok(())
-    }
-
-    /// The generation kept for `mailferry recipient rollback`, if any.
-    ///
-    /// # Errors
-    /// SQLite errors or a corrupt manifest.
-    pub fn previous(&self) -> Result<Option<Previous>> {
-        let (generation, store): (i64, Option<String>) = self.conn.query_row(
-            "SELECT previous_generation, previous_store FROM subscriptions WHERE name = ?1",
-            [SUB],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let store = store.filter(|s| !s.is_empty());
-        let manifest = self.manifest_named("previous")?;
-        let (Some(store), Some(manifest), true) = (store, manifest, generation > 0) else { return Ok(None) };
-        Ok(Some(Previous { generation: generation as u64, manifest, store: store.into() }))
-    }
-
-    /// Keeps `generation` with `manifest` for a rollback, its files in `store`, replacing what was kept.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_previous(&self, generation: u64, manifest: &Manifest, store: &Path) -> Result<()> {
-        let store = store.to_str().with_context(|| format!("`{}` is not UTF-8", store.display()))?;
-        self.conn.execute(
-            "UPDATE subscriptions SET previous_generation = ?1, previous_store = ?2 WHERE name = ?3",
-            params![generation as i64, store, SUB],
-        )?;
-        self.set_manifest_named("previous", manifest)
-    }
-
-    /// Forgets the generation kept for a rollback.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn clear_previous(&self) -> Result<()> {
-        self.conn.execute(
-            "UPDATE subscriptions SET previous_generation = 0, previous_store = NULL WHERE name = ?1",
-            [SUB],
-        )?;
-        self.conn.execute("DELETE FROM manifests WHERE subscription = ?1 AND name = 'previous'", [SUB])?;
-        Ok(())
-    }
-
-    /// Records a finished rollback: `generation` with `manifest` is applied again (a history row under
-    /// `id`), nothing is kept for another rollback, and generations up to `held` are held back.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn record_rollback(
-        &self,
-        generation: u64,
-        manifest: &Manifest,
-        id: &ReplyId,
-        ops: usize,
-        held: u64,
-    ) -> Result<()> {
-        // A history row with no nonce: no reply brought it.
-        self.record_applied(generation, manifest, id, "", ops, None)?;
-        self.clear_previous()?;
-        let held = held.max(self.rollback_hold()?.unwrap_or(0));
-        self.set_rollback_hold(Some(held))
-    }
-
-    /// The generation a rollback holds back: replies bringing it or an older one are not applied.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn rollback_hold(&self) -> Result<Option<u64>> {
-        Ok(Some(self.subscription()?.rollback_hold).filter(|g| *g > 0))
-    }
-
-    /// Sets or (with `None`) ends the rollback hold.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn set_rollback_hold(&self, held: Option<u64>) -> Result<()> {
-        self.conn.execute(
-            "UPDATE subscriptions SET rollback_hold = ?1 WHERE name = ?2",
-            params![held.unwrap_or(0) as i64, SUB],
-        )?;
-        Ok(())
-    }
-
-    /// Whether a reply with this id was applied already.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn reply_applied(&self, reply_id: &ReplyId) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row("SELECT count(*) FROM applied WHERE reply_id = ?1", [reply_id], |r| r.get::<_, i64>(0))?
-            > 0)
+    pub fn keys(&self) -> Result<NodeKeys> {
+        Ok(self.conn.query_row("SELECT previous_key, previous_key_until, pending_key FROM node", [], |r| {
+            Ok(NodeKeys {
+                previous_key: r.get(0)?,
+                previous_key_until: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                pending_key: r.get(2)?,
+            })
+        })?)
     }
 
     // ---- parts ----
@@ -1797,59 +1598,6 @@ impl Db {
             .execute("DELETE FROM sent_parts WHERE reply_id = ?1 OR created < ?2", params![reply_id, cutoff])?)
     }
 
-    /// Records a verified part of a reply (its chunk is on disk) with its control bytes.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn record_part(&self, reply_id: &ReplyId, part: u32, nonce: &str, control: &[u8]) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO received_parts (reply_id, part, nonce, received_at, control)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![reply_id, part, nonce, now() as i64, control],
-        )?;
-        Ok(())
-    }
-
-    /// The parts of a reply received so far, with their control bytes.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn received_parts(&self, reply_id: &ReplyId) -> Result<Vec<(u32, Vec<u8>)>> {
-        let mut st = self.conn.prepare("SELECT part, control FROM received_parts WHERE reply_id = ?1 ORDER BY part")?;
-        let rows = st.query_map([reply_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Incomplete replies: reply id, nonce, and when the last part arrived.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn partial_replies(&self) -> Result<Vec<(ReplyId, String, u64)>> {
-        let mut st = self.conn.prepare(
-            "SELECT reply_id, nonce, max(received_at) FROM received_parts GROUP BY reply_id ORDER BY 3 DESC",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Forgets the received parts of a reply.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn forget_parts(&self, reply_id: &ReplyId) -> Result<()> {
-        self.conn.execute("DELETE FROM received_parts WHERE reply_id = ?1", [reply_id])?;
-        self.conn.execute("DELETE FROM wanted_replies WHERE reply_id = ?1", [reply_id])?;
-        Ok(())
-    }
-
-    /// Forgets every outstanding request (a reply was applied: the tree they described is gone).
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn close_all_outstanding(&self) -> Result<()> {
-        self.conn.execute("DELETE FROM outstanding", [])?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -1873,7 +1621,8 @@ mod tests {
     fn a_recipient_database_of_the_first_release_migrates_in_place() {
         let (_dir, db) = open_fixture("recipient-v1.db");
         assert_eq!(version(&db), SCHEMA_VERSION);
-        let sub = db.subscription().unwrap();
+        let d = db.sub(DEFAULT_SUBSCRIPTION).unwrap();
+        let sub = d.subscription().unwrap();
         assert_eq!(sub.seq, 2);
         assert_eq!(sub.applied_generation, 1);
         assert_eq!(sub.applied_root.as_deref().map(|r| &r[..12]), Some("4abc1472930a"));
@@ -1881,11 +1630,13 @@ mod tests {
         assert!(sub.last_request_at.is_some() && sub.last_reply_at.is_some());
         assert_eq!((sub.need_full_inventory, sub.full_content, sub.rollback_hold), (false, false, 0));
         assert_eq!(sub.stale_notified_at, None, "an empty meta value is no notice");
-        let (generation, root, manifest) = db.applied().unwrap();
+        let (generation, root, manifest) = d.applied().unwrap();
         assert_eq!((generation, root.map(|r| r.short())), (1, Some("4abc1472930a".to_owned())));
         assert_eq!(manifest.len(), 3, "a.txt, d, d/b.txt");
-        assert_eq!(db.outstanding_count().unwrap(), 1);
-        assert!(db.previous().unwrap().is_none());
+        assert_eq!(d.outstanding_count().unwrap(), 1);
+        assert!(d.previous().unwrap().is_none());
+        assert!(db.keys().unwrap().pending_key.is_none());
+        assert_eq!((sub.standing, sub.pinned), (None, None), "plain service until the owner says otherwise");
         assert_eq!(db.created_at().unwrap(), Some(1_796_128_624));
         assert_eq!(db.transport_status().unwrap().receive_mode.as_deref(), Some("interval"));
         let meta: i64 =
@@ -1897,15 +1648,21 @@ mod tests {
     fn an_owner_database_of_the_first_release_migrates_in_place() {
         let (_dir, db) = open_fixture("owner-v1.db");
         assert_eq!(version(&db), SCHEMA_VERSION);
-        let latest = db.latest_generation().unwrap().unwrap();
+        let latest = db.latest_generation("default").unwrap().unwrap();
         assert_eq!((latest.number, latest.root.short()), (2, "4aab7bfbb7f7".to_owned()));
-        assert_eq!(db.generation_manifest(1).unwrap().root().short(), "4abc1472930a");
+        assert_eq!(db.generation_manifest("default", 1).unwrap().root().short(), "4abc1472930a");
         let rec = db.recipient("site1").unwrap().unwrap();
         assert_eq!((rec.last_seq, rec.applied_generation), (2, Some(1)));
+        // The sequence number moved to the channel; the default channel is open to every recipient.
+        assert_eq!(db.last_seq("site1", "default").unwrap(), 2);
+        let default = db.channel("default").unwrap().unwrap();
+        assert!(default.open && !default.encrypt && default.source.is_none());
+        assert!(!db.suspended("site1").unwrap());
         assert_eq!(db.key_rotation("site1").unwrap().unwrap().key_id, "c6dc7da7e7f1f2d6");
         // Replies recorded by the first release get the root of the generation they brought.
-        let (reply_id, generation, root) =
+        let (reply_id, generation, root, channel) =
             db.answered_for("site1", "87a716c67a7bc3ea150eac524f3be194").unwrap().unwrap();
+        assert_eq!(channel, "default");
         assert_eq!((reply_id.as_str(), generation), ("8db5a1a0e8b4c22675131103358015c7", 1));
         assert_eq!(root.map(|r| r.short()), Some("4abc1472930a".to_owned()));
         assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);
@@ -1918,10 +1675,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let db = Db::open(&path).unwrap();
-        db.next_seq().unwrap();
+        db.sub(DEFAULT_SUBSCRIPTION).unwrap().next_seq().unwrap();
         drop(db);
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.subscription().unwrap().seq, 1, "state survives a reopen");
+        assert_eq!(db.sub(DEFAULT_SUBSCRIPTION).unwrap().subscription().unwrap().seq, 1, "state survives a reopen");
         db.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(db);
         let err = format!("{:#}", Db::open(&path).unwrap_err());

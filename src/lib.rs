@@ -102,6 +102,7 @@ pub mod node;
 pub mod path;
 pub mod progress;
 pub mod protocol;
+pub mod registration;
 pub mod retry;
 pub mod scan;
 pub mod statcache;

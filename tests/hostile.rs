@@ -883,6 +883,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         mailferry: VERSION,
         kind: Kind::Request,
         recipient: "site1".into(),
+        channel: "default".into(),
         nonce: mailferry::crypto::Nonce::generate(),
         seq: 1,
         created: 0,

@@ -17,8 +17,8 @@ use super::verify::{KeyRole, Keyed, Keyring, Verified};
 use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest, Op, diff};
 use crate::protocol::{
-    Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend, SameAs,
-    VERSION,
+    self, Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend,
+    SameAs, Standing, VERSION,
 };
 
 /// A registered recipient as the engine needs it.
@@ -30,8 +30,6 @@ pub struct Registered {
     pub address: String,
     /// Its key.
     pub key: Key,
-    /// The highest request sequence number answered.
-    pub last_seq: u64,
 }
 
 /// A key rotation under way.
@@ -61,6 +59,90 @@ pub struct SentReply {
     pub generation: u64,
     /// That generation's root (`None` for replies recorded before roots were kept).
     pub root: Option<Digest>,
+    /// The channel it was for.
+    pub channel: String,
+}
+
+/// What decides whether a recipient may be sent a channel: the record [`entitlement`] reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The channel, if it exists.
+    pub channel: Option<ChannelAccess>,
+    /// The owner suspended this recipient.
+    pub suspended: bool,
+    /// The grants of the channel that reach the recipient through its groups.
+    pub grants: Vec<GrantAccess>,
+    /// The recipient's registration facts, for grants with a selector.
+    pub facts: Option<crate::registration::Facts>,
+    /// The tags the owner set on the recipient.
+    pub tags: std::collections::BTreeSet<String>,
+}
+
+/// A channel as entitlement sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelAccess {
+    /// Every registered recipient may be sent it, grant or not.
+    pub open: bool,
+}
+
+/// One grant as entitlement sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrantAccess {
+    /// The last valid day (`YYYY-MM-DD`, UTC), if it expires.
+    pub until: Option<String>,
+    /// The generation it pins, if any.
+    pub pin: Option<u64>,
+    /// The selector its recipients must match, if any.
+    pub selector: Option<String>,
+}
+
+/// Whether a recipient is sent a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entitlement {
+    /// It is, up to generation `pin` if pinned.
+    Granted {
+        /// The generation it stays at.
+        pin: Option<u64>,
+    },
+    /// It is not: the answer says why.
+    Denied(Standing),
+}
+
+/// Decides what a recipient is entitled to of a channel at `now`. A suspended recipient gets nothing; a
+/// channel that does not exist reads as one without a grant; grants whose selector the recipient's facts
+/// do not match do not count. Among the grants in force the most generous wins (unpinned over pinned,
+/// a later pin over an earlier); an open channel needs no grant. With grants that all ended, the answer
+/// names the last day any of them was valid.
+pub fn entitlement(a: &Access, now: u64) -> Entitlement {
+    if a.suspended {
+        return Entitlement::Denied(Standing::Suspended);
+    }
+    let Some(channel) = a.channel else { return Entitlement::Denied(Standing::NotEntitled) };
+    let selected: Vec<&GrantAccess> = a
+        .grants
+        .iter()
+        .filter(|g| g.selector.as_deref().is_none_or(|s| selector_matches(s, a.facts.as_ref(), &a.tags)))
+        .collect();
+    // A grant is valid through the whole of its last day, in UTC.
+    let ends = |g: &GrantAccess| g.until.as_deref().map(|u| protocol::parse_date(u).map_or(0, |d| d + 86_400));
+    let active: Vec<&&GrantAccess> = selected.iter().filter(|g| ends(g).is_none_or(|end| now < end)).collect();
+    if !active.is_empty() {
+        let pin = if active.iter().any(|g| g.pin.is_none()) { None } else { active.iter().filter_map(|g| g.pin).max() };
+        return Entitlement::Granted { pin };
+    }
+    if channel.open {
+        return Entitlement::Granted { pin: None };
+    }
+    match selected.iter().filter_map(|g| g.until.clone()).max() {
+        Some(on) => Entitlement::Denied(Standing::Expired { on }),
+        None => Entitlement::Denied(Standing::NotEntitled),
+    }
+}
+
+/// Whether a grant's selector admits a recipient with these facts and tags. A selector that does not
+/// parse admits nobody (the owner's commands refuse to store one).
+fn selector_matches(selector: &str, facts: Option<&crate::registration::Facts>, tags: &std::collections::BTreeSet<String>) -> bool {
+    crate::registration::Selector::parse(selector).is_ok_and(|s| s.matches(facts, tags))
 }
 
 /// A reply part as sent, remembered by its `Message-ID` so that a delivery report about it can be read.
@@ -133,16 +215,31 @@ pub trait OwnerView {
     /// # Errors
     /// Local failures.
     fn request_answered(&self, nonce: &Nonce) -> Result<bool>;
-    /// The newest generation.
+    /// The newest generation of `channel`.
     ///
     /// # Errors
     /// Local failures.
-    fn latest_generation(&self) -> Result<Option<Generation>>;
-    /// The tree of a kept generation, `None` when it was pruned or never existed.
+    fn latest_generation(&self, channel: &str) -> Result<Option<Generation>>;
+    /// Generation `number` of `channel`, if it is kept.
     ///
     /// # Errors
     /// Local failures.
-    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>>;
+    fn generation(&self, channel: &str, number: u64) -> Result<Option<Generation>>;
+    /// The tree of a kept generation of `channel`, `None` when it was pruned or never existed.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn manifest(&self, channel: &str, generation: u64) -> Result<Option<Arc<Manifest>>>;
+    /// What decides whether `recipient` may be sent `channel`.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn access(&self, recipient: &str, channel: &str) -> Result<Access>;
+    /// The highest request seq answered for `recipient` on `channel` (0 for none).
+    ///
+    /// # Errors
+    /// Local failures.
+    fn last_seq(&self, recipient: &str, channel: &str) -> Result<u64>;
     /// What was sent for `recipient`'s request `nonce`.
     ///
     /// # Errors
@@ -193,14 +290,21 @@ pub trait OwnerView {
     ///
     /// # Errors
     /// Local failures.
-    fn last_request_created(&self, recipient: &str) -> Result<Option<u64>>;
+    fn last_request_created(&self, recipient: &str, channel: &str) -> Result<Option<u64>>;
     /// The newest reply with operations already sent to `recipient` for a tree with root `base`, bringing
     /// `generation` (asked for whole files or not, as `full_content`), with no receipt yet and its parts
     /// still kept.
     ///
     /// # Errors
     /// Local failures.
-    fn repeat_of(&self, recipient: &str, base: &Digest, generation: u64, full_content: bool) -> Result<Option<SameAs>>;
+    fn repeat_of(
+        &self,
+        recipient: &str,
+        channel: &str,
+        base: &Digest,
+        generation: u64,
+        full_content: bool,
+    ) -> Result<Option<SameAs>>;
 }
 
 /// The owner's keyring: registered recipients' keys, the keys rotations deliver, retired keys in their grace.
@@ -294,6 +398,10 @@ pub struct AnswerPlan {
     pub limit: u64,
     /// A reference reply: the earlier reply that already answers this tree (no operations then).
     pub same_as: Option<SameAs>,
+    /// An answer without an update: why the recipient is not sent the channel (no operations then).
+    pub standing: Option<Standing>,
+    /// The generation the recipient is pinned at, if it is.
+    pub pinned: Option<u64>,
     /// Effects to apply with the reply.
     pub effects: Vec<Effect>,
 }
@@ -427,14 +535,17 @@ fn on_receipt(
     let Some(sent) = view.answered_for(&rec.name, &r.nonce)? else {
         refuse!(Reason::Replay, "receipt for nonce {} that was never answered", r.nonce);
     };
-    if r.reply_id != sent.reply_id || r.generation != sent.generation {
+    if r.reply_id != sent.reply_id || r.generation != sent.generation || r.channel != sent.channel {
         refuse!(
             Reason::Malformed,
-            "receipt names reply {} and generation {}, but the reply sent was {} with generation {}",
+            "receipt names reply {} and generation {} of channel {:?}, but the reply sent was {} with generation {} \
+             of {:?}",
             r.reply_id,
             r.generation,
+            r.channel,
             sent.reply_id,
-            sent.generation
+            sent.generation,
+            sent.channel
         );
     }
     // The owner knows the root of what it sent: a receipt claiming another state could come from no reply.
@@ -491,34 +602,22 @@ fn on_request(
     if view.request_answered(&req.nonce)? {
         refuse!(Reason::Replay, "request nonce {} was answered before", req.nonce);
     }
-    if req.seq <= rec.last_seq {
+    let last_seq = view.last_seq(&rec.name, &req.channel)?;
+    if req.seq <= last_seq {
         // A fresh nonce under the recipient's key with an old seq, made after the request that used the
         // newer seq (to the second: clocks are hints): not a delayed request but, most likely, another machine
         // counting from its own start.
-        if view.last_request_created(&rec.name)?.is_some_and(|last| req.created >= last) {
+        if view.last_request_created(&rec.name, &req.channel)?.is_some_and(|last| req.created >= last) {
             refuse!(
                 Reason::Replay,
                 "request seq {} is not newer than {}, though it was made no earlier: most likely another machine \
                  uses {:?}'s enrollment; each machine needs its own (`mailferry owner add-recipient`)",
                 req.seq,
-                rec.last_seq,
+                last_seq,
                 rec.name
             );
         }
-        refuse!(Reason::Replay, "request seq {} is not newer than {} (replayed or reordered)", req.seq, rec.last_seq);
-    }
-    let Some(generation) = view.latest_generation()? else {
-        return Ok(Outcome::Deferred(format!(
-            "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`)",
-            rec.name
-        )));
-    };
-    if req.generation > generation.number {
-        tracing::warn!(
-            recipient = %rec.name, claimed = req.generation, newest = generation.number,
-            "the recipient claims a generation newer than any published: its key may have been used by someone \
-             else; enroll it afresh (`mailferry owner reenroll`)"
-        );
+        refuse!(Reason::Replay, "request seq {} is not newer than {} (replayed or reordered)", req.seq, last_seq);
     }
     // R6: the recipient's budget. Whoever holds a key (a stolen one, or a recipient stuck in a loop)
     // can make the owner mail only so much to the registered address.
@@ -536,6 +635,39 @@ fn on_request(
             b.bytes
         );
     }
+    // R8: what the recipient is entitled to. A refusal here is an authenticated answer, so the recipient
+    // can tell "not entitled" from "current" and from silence.
+    let pin = match entitlement(&view.access(&rec.name, &req.channel)?, now) {
+        Entitlement::Denied(standing) => return denial(view, rec, req, key, effects, standing, policy, now),
+        Entitlement::Granted { pin } => pin,
+    };
+    let Some(latest) = view.latest_generation(&req.channel)? else {
+        return Ok(Outcome::Deferred(format!(
+            "request from {:?} for channel {:?} left waiting: nothing is published yet (run `mailferry owner \
+             publish`)",
+            rec.name, req.channel
+        )));
+    };
+    if req.generation > latest.number {
+        tracing::warn!(
+            recipient = %rec.name, claimed = req.generation, newest = latest.number,
+            "the recipient claims a generation newer than any published: its key may have been used by someone \
+             else; enroll it afresh (`mailferry owner reenroll`)"
+        );
+    }
+    let generation = match pin {
+        Some(p) if req.generation > p => {
+            return denial(view, rec, req, key, effects, Standing::Pinned { at: p }, policy, now);
+        }
+        Some(p) if p < latest.number => match view.generation(&req.channel, p)? {
+            Some(g) => g,
+            None => {
+                tracing::warn!(recipient = %rec.name, channel = %req.channel, pin = p, "the pinned generation is not kept");
+                return denial(view, rec, req, key, effects, Standing::Pinned { at: p }, policy, now);
+            }
+        },
+        _ => latest,
+    };
     // R3 and R4: the recipient's tree, listed whole, or rebuilt from the generation it names plus its changes.
     let inventory = match req.inventory_kind {
         InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
@@ -543,7 +675,7 @@ fn on_request(
             Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
         },
         InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
-        InventoryKind::Changes => match view.manifest(req.generation)? {
+        InventoryKind::Changes => match view.manifest(&req.channel, req.generation)? {
             None => None,
             Some(base) => {
                 let mut m = (*base).clone();
@@ -577,14 +709,20 @@ fn on_request(
     {
         return Ok(Outcome::Resend(Box::new(ResendPlan { effects, ..plan })));
     }
-    let target = view.manifest(generation.number)?.ok_or_else(|| {
-        anyhow::format_err!("the newest generation {} has no manifest in the state database", generation.number)
+    let target = view.manifest(&req.channel, generation.number)?.ok_or_else(|| {
+        anyhow::format_err!(
+            "generation {} of channel {:?} has no manifest in the state database",
+            generation.number,
+            req.channel
+        )
     })?;
     // R7: the same tree, for the same generation, was answered before and that reply is still on its way
     // (or lost): a reference to it costs a few kilobytes, a new reply as much as the first. A recipient
     // that cannot use the earlier reply asks `fresh`.
     let same_as = match (&inventory, &req.resend, req.fresh) {
-        (Some(_), None, false) => view.repeat_of(&rec.name, &req.root, generation.number, req.full_content)?,
+        (Some(_), None, false) => {
+            view.repeat_of(&rec.name, &req.channel, &req.root, generation.number, req.full_content)?
+        }
         _ => None,
     };
     let ops = match (&inventory, &same_as) {
@@ -611,6 +749,43 @@ fn on_request(
         ops,
         limit,
         same_as,
+        standing: None,
+        pinned: pin,
+        effects,
+    })))
+}
+
+/// The answer without an update: the request's own generation and root back, no operations, and why.
+#[allow(clippy::too_many_arguments)]
+fn denial(
+    view: &dyn OwnerView,
+    rec: Registered,
+    req: Request,
+    key: Key,
+    effects: Vec<Effect>,
+    standing: Standing,
+    policy: &OwnerPolicy,
+    now: u64,
+) -> Result<Outcome> {
+    let limit = part_limit(view, &rec.name, policy, now)?;
+    let generation = Generation { number: req.generation, root: req.root };
+    let pinned = match standing {
+        Standing::Pinned { at } => Some(at),
+        _ => None,
+    };
+    Ok(Outcome::Answer(Box::new(AnswerPlan {
+        recipient: rec,
+        request: req,
+        key,
+        rekey: None,
+        inventory: Some(Manifest::default()),
+        generation,
+        target: Arc::new(Manifest::default()),
+        ops: Vec::new(),
+        limit,
+        same_as: None,
+        standing: Some(standing),
+        pinned,
         effects,
     })))
 }
@@ -787,6 +962,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         mailferry: VERSION,
         kind: Kind::Reply,
         recipient: rec.name.clone(),
+        channel: plan.request.channel.clone(),
         nonce: plan.request.nonce,
         request_seq: plan.request.seq,
         reply_id,
@@ -796,7 +972,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         generation: plan.generation.number,
         root: plan.generation.root,
         base: plan.request.root,
-        need_full_inventory: plan.inventory.is_none(),
+        need_full_inventory: plan.inventory.is_none() && plan.standing.is_none(),
         payloads: Vec::new(),
         body,
         // The next key travels sealed under the key the reply is made under.
@@ -806,5 +982,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
             grace: r.grace,
         }),
         same_as: plan.same_as.clone(),
+        standing: plan.standing.clone(),
+        pinned: plan.pinned,
     }
 }

@@ -13,13 +13,15 @@ use super::verify::{KeyRole, Keyed, Keyring};
 use crate::apply::{self, OnExtra, Plan};
 use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest};
-use crate::protocol::{Reason, Refusal, Reply, ReplyId, Update};
+use crate::protocol::{Reason, Refusal, Reply, ReplyId, Standing, Update};
 use crate::scan::Scan;
 
 /// The recipient's state, read-only, as the engine sees it.
 pub trait RecipientView {
     /// The recipient's registered name.
     fn name(&self) -> &str;
+    /// The channel of the tree this view is about.
+    fn channel(&self) -> &str;
     /// The key in force.
     fn key(&self) -> &Key;
     /// The key a rotation replaced, while its grace lasts at `now`.
@@ -130,6 +132,9 @@ pub enum PartStep {
         /// The newest generation held back.
         held: u64,
     },
+    /// The owner answers without an update (not entitled, expired, suspended, pinned): close the request,
+    /// record what it said, change nothing else.
+    Standing(Standing),
     /// Check the part's chunk and keep it; when the reply is whole, call [`on_whole`].
     Keep {
         /// The seq of the request it answers.
@@ -148,6 +153,13 @@ pub fn on_part(view: &dyn RecipientView, reply: &Reply, role: KeyRole) -> Result
         return Ok(refuse(
             Reason::WrongRecipient,
             format!("reply is for {:?}, this is {me:?}", reply.recipient),
+            false,
+        ));
+    }
+    if reply.channel != view.channel() {
+        return Ok(refuse(
+            Reason::Malformed,
+            format!("reply is for channel {:?}, this tree keeps {:?}", reply.channel, view.channel()),
             false,
         ));
     }
@@ -177,6 +189,10 @@ pub fn on_part(view: &dyn RecipientView, reply: &Reply, role: KeyRole) -> Result
             format!("reply names request {}, but nonce {nonce} belongs to request {seq}", reply.request_seq),
             true,
         ));
+    }
+    // An answer without an update states the request's own generation back: nothing to compare.
+    if let Some(standing) = &reply.standing {
+        return Ok(PartStep::Standing(standing.clone()));
     }
     if let Err(r) = check_generation(&view.applied()?, reply, view.key(), role) {
         return Ok(PartStep::Refused { refusal: r, give_up: true });

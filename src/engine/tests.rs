@@ -11,7 +11,7 @@ use super::owner::{
     self, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome, Rotation,
     SentReply, Spent,
 };
-use super::owner::{LearnedLimit, SentMessage};
+use super::owner::{Access, ChannelAccess, Entitlement, GrantAccess, LearnedLimit, SentMessage};
 use super::recipient::{self as rcp, Applied, PartStep, RecipientKeys, RecipientView, WholeStep};
 use super::verify::{self, KeyRole, Keyring as _, Opened, Policy, Verified};
 use super::{Entropy, SeededEntropy};
@@ -23,7 +23,7 @@ use crate::path::RelPath;
 use crate::protocol::envelope::{self, Envelope, Outgoing};
 use crate::protocol::{
     self, Auth, Body, Control, Frame, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Reply, ReplyId, Request,
-    Update, VERSION, Want,
+    Standing, Update, VERSION, Want,
 };
 use crate::scan::Scan;
 
@@ -86,6 +86,8 @@ struct MemOwner {
     limits: HashMap<String, LearnedLimit>,
     last_created: Option<u64>,
     earlier: Option<protocol::SameAs>,
+    access: HashMap<String, Access>,
+    last_seq: HashMap<(String, String), u64>,
 }
 
 impl OwnerView for MemOwner {
@@ -101,11 +103,25 @@ impl OwnerView for MemOwner {
     fn request_answered(&self, nonce: &Nonce) -> Result<bool> {
         Ok(self.answered.contains_key(nonce))
     }
-    fn latest_generation(&self) -> Result<Option<Generation>> {
-        Ok(self.generations.last().map(|(g, _)| *g))
+    fn latest_generation(&self, channel: &str) -> Result<Option<Generation>> {
+        Ok(self.generations.last().map(|(g, _)| *g).filter(|_| channel == "default"))
     }
-    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>> {
-        Ok(self.generations.iter().find(|(g, _)| g.number == generation).map(|(_, m)| m.clone()))
+    fn generation(&self, channel: &str, number: u64) -> Result<Option<Generation>> {
+        Ok(self.generations.iter().map(|(g, _)| *g).find(|g| g.number == number).filter(|_| channel == "default"))
+    }
+    fn manifest(&self, channel: &str, generation: u64) -> Result<Option<Arc<Manifest>>> {
+        Ok(self
+            .generations
+            .iter()
+            .find(|(g, _)| g.number == generation)
+            .map(|(_, m)| m.clone())
+            .filter(|_| channel == "default"))
+    }
+    fn access(&self, _: &str, channel: &str) -> Result<Access> {
+        Ok(self.access.get(channel).cloned().unwrap_or_default())
+    }
+    fn last_seq(&self, recipient: &str, channel: &str) -> Result<u64> {
+        Ok(self.last_seq.get(&(recipient.to_owned(), channel.to_owned())).copied().unwrap_or(0))
     }
     fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
         Ok(self.answered.get(nonce).filter(|(r, _)| r == recipient).map(|(_, s)| s.clone()))
@@ -134,10 +150,17 @@ impl OwnerView for MemOwner {
     fn relay_limit(&self, recipient: &str) -> Result<Option<LearnedLimit>> {
         Ok(self.limits.get(recipient).cloned())
     }
-    fn last_request_created(&self, _: &str) -> Result<Option<u64>> {
+    fn last_request_created(&self, _: &str, _: &str) -> Result<Option<u64>> {
         Ok(self.last_created)
     }
-    fn repeat_of(&self, _: &str, base: &Digest, generation: u64, _: bool) -> Result<Option<protocol::SameAs>> {
+    fn repeat_of(
+        &self,
+        _: &str,
+        _: &str,
+        base: &Digest,
+        generation: u64,
+        _: bool,
+    ) -> Result<Option<protocol::SameAs>> {
         Ok(self.earlier.clone().filter(|_| *base == site_tree().root() && generation == 2))
     }
 }
@@ -155,8 +178,10 @@ fn owner_world() -> MemOwner {
     let mut w = MemOwner::default();
     w.recipients.insert(
         "site1".into(),
-        Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1), last_seq: 4 },
+        Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1) },
     );
+    w.last_seq.insert(("site1".into(), "default".into()), 4);
+    w.access.insert("default".into(), Access { channel: Some(ChannelAccess { open: true }), ..Access::default() });
     for (n, m) in [(1, site_tree()), (2, new_tree())] {
         w.generations.push((Generation { number: n, root: m.root() }, Arc::new(m)));
     }
@@ -177,6 +202,7 @@ fn request() -> Request {
         mailferry: VERSION,
         kind: Kind::Request,
         recipient: "site1".into(),
+        channel: "default".into(),
         nonce: Nonce([7; 16]),
         seq: 5,
         created: NOW,
@@ -198,6 +224,7 @@ fn receipt() -> Receipt {
         mailferry: VERSION,
         kind: Kind::Receipt,
         recipient: "site1".into(),
+        channel: "default".into(),
         nonce: Nonce([9; 16]),
         reply_id: ReplyId::unchecked("ab".repeat(16)),
         created: NOW,
@@ -323,7 +350,12 @@ fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
 fn owner_with_history() -> MemOwner {
     let mut w = owner_world();
     let sent =
-        SentReply { reply_id: ReplyId::unchecked("ab".repeat(16)), generation: 2, root: Some(new_tree().root()) };
+        SentReply {
+            reply_id: ReplyId::unchecked("ab".repeat(16)),
+            generation: 2,
+            root: Some(new_tree().root()),
+            channel: "default".into(),
+        };
     w.answered.insert(Nonce([9; 16]), ("site1".into(), sent.clone()));
     w.answered.insert(Nonce([8; 16]), ("site1".into(), sent));
     w
@@ -423,6 +455,174 @@ fn r5_nothing_published_leaves_the_request_waiting() {
     assert!(matches!(owner_step(&w, &raw), Outcome::Deferred(_)));
 }
 
+/// `owner::entitlement`, one case per rule: suspension, unknown channel, grants (expired, pinned, in
+/// force, with selectors), open channels.
+#[test]
+fn r8_entitlement_follows_grants_expiry_pins_and_suspension() {
+    // 2026-12-01T00:00:00Z.
+    let day = 1_796_083_200;
+    let open = Some(ChannelAccess { open: true });
+    let closed = Some(ChannelAccess { open: false });
+    let grant = |until: Option<&str>, pin: Option<u64>| GrantAccess {
+        until: until.map(str::to_owned),
+        pin,
+        selector: None,
+    };
+    let granted = |pin| Entitlement::Granted { pin };
+    let denied = Entitlement::Denied;
+    let cases: Vec<(&str, Access, Entitlement)> = vec![
+        ("suspended", Access { channel: open, suspended: true, ..Access::default() }, denied(Standing::Suspended)),
+        ("no_such_channel", Access { channel: None, ..Access::default() }, denied(Standing::NotEntitled)),
+        (
+            "no_such_channel_even_with_a_grant",
+            Access { channel: None, grants: vec![grant(None, None)], ..Access::default() },
+            denied(Standing::NotEntitled),
+        ),
+        ("closed_without_grant", Access { channel: closed, ..Access::default() }, denied(Standing::NotEntitled)),
+        ("open_without_grant", Access { channel: open, ..Access::default() }, granted(None)),
+        (
+            "granted",
+            Access { channel: closed, grants: vec![grant(None, None)], ..Access::default() },
+            granted(None),
+        ),
+        (
+            "valid_through_its_last_day",
+            Access { channel: closed, grants: vec![grant(Some("2026-12-01"), None)], ..Access::default() },
+            granted(None),
+        ),
+        (
+            "expired_the_day_before",
+            Access { channel: closed, grants: vec![grant(Some("2026-11-30"), None)], ..Access::default() },
+            denied(Standing::Expired { on: "2026-11-30".into() }),
+        ),
+        (
+            "expired_names_the_last_day_of_any",
+            Access {
+                channel: closed,
+                grants: vec![grant(Some("2026-10-01"), None), grant(Some("2026-11-15"), None)],
+                ..Access::default()
+            },
+            denied(Standing::Expired { on: "2026-11-15".into() }),
+        ),
+        (
+            "open_channel_outlives_an_expired_grant",
+            Access { channel: open, grants: vec![grant(Some("2026-11-30"), Some(3))], ..Access::default() },
+            granted(None),
+        ),
+        (
+            "pinned",
+            Access { channel: closed, grants: vec![grant(None, Some(41))], ..Access::default() },
+            granted(Some(41)),
+        ),
+        (
+            "the_later_pin_wins",
+            Access { channel: closed, grants: vec![grant(None, Some(41)), grant(None, Some(42))], ..Access::default() },
+            granted(Some(42)),
+        ),
+        (
+            "unpinned_beats_pinned",
+            Access { channel: closed, grants: vec![grant(None, Some(41)), grant(None, None)], ..Access::default() },
+            granted(None),
+        ),
+        (
+            "an_expired_pin_does_not_hold",
+            Access {
+                channel: closed,
+                grants: vec![grant(Some("2026-01-01"), Some(5)), grant(None, None)],
+                ..Access::default()
+            },
+            granted(None),
+        ),
+        (
+            "an_unparsable_selector_admits_nobody",
+            Access {
+                channel: closed,
+                grants: vec![GrantAccess { selector: Some("arch = ".into()), ..grant(None, None) }],
+                ..Access::default()
+            },
+            denied(Standing::NotEntitled),
+        ),
+    ];
+    for (name, access, want) in cases {
+        assert_eq!(owner::entitlement(&access, day + 3600), want, "{name}");
+    }
+}
+
+#[test]
+fn r8_a_request_without_entitlement_gets_an_answer_that_says_so_and_carries_nothing() {
+    let mut w = owner_world();
+    let raw = mail(Kind::Request, &Request { channel: "sigdb".into(), ..request() }, "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.standing, Some(Standing::NotEntitled), "a channel that does not exist: not entitled");
+    assert!(plan.ops.is_empty() && plan.rekey.is_none() && plan.same_as.is_none());
+    assert_eq!((plan.generation.number, plan.generation.root), (1, site_tree().root()), "the request's own state");
+    // The same answer for a channel that exists without a grant: nothing tells them apart.
+    w.access.insert("sigdb".into(), Access { channel: Some(ChannelAccess { open: false }), ..Access::default() });
+    let Outcome::Answer(again) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(again.standing, plan.standing);
+    let mut rng = SeededEntropy::new(1);
+    let head = owner::reply_head(&again, &mut rng, NOW, Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) });
+    assert_eq!(head.channel, "sigdb");
+    assert!(!head.need_full_inventory, "an answer without an update asks for nothing");
+    // A suspended recipient is told so even for the open default channel.
+    w.access.get_mut("default").unwrap().suspended = true;
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.standing, Some(Standing::Suspended));
+}
+
+#[test]
+fn r8_a_pinned_recipient_is_brought_to_its_pin_and_no_further() {
+    let mut w = owner_world();
+    let pin = |p| Access {
+        channel: Some(ChannelAccess { open: false }),
+        grants: vec![GrantAccess { pin: Some(p), ..GrantAccess::default() }],
+        ..Access::default()
+    };
+    w.access.insert("default".into(), pin(1));
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!((plan.generation.number, plan.pinned, plan.standing.clone()), (1, Some(1), None), "stays at 1");
+    assert!(plan.ops.is_empty(), "it has generation 1 already");
+    w.access.insert("default".into(), pin(2));
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!((plan.generation.number, plan.pinned), (2, Some(2)), "the pin moved: brought to 2");
+    assert!(!plan.ops.is_empty());
+    // A recipient already past its pin is told so, and sent nothing.
+    let ahead = Request { generation: 2, root: new_tree().root(), ..request() };
+    w.access.insert("default".into(), pin(1));
+    let raw = mail(Kind::Request, &ahead, "site1", &key(1), &[]);
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.standing, Some(Standing::Pinned { at: 1 }));
+}
+
+#[test]
+fn r2_sequence_numbers_count_per_channel() {
+    let mut w = owner_world();
+    w.access.insert("sigdb".into(), Access { channel: Some(ChannelAccess { open: true }), ..Access::default() });
+    // seq 3 is old on the default channel (its last is 4) but new on another.
+    let raw = mail(Kind::Request, &Request { seq: 3, channel: "sigdb".into(), ..request() }, "site1", &key(1), &[]);
+    assert!(!matches!(owner_step(&w, &raw), Outcome::Refused(_)), "new on sigdb");
+    let raw = mail(Kind::Request, &Request { seq: 3, ..request() }, "site1", &key(1), &[]);
+    assert_eq!(refused(&owner_step(&w, &raw)), Reason::Replay, "old on default");
+}
+
+#[test]
+fn c1_a_receipt_must_name_the_channel_of_the_reply() {
+    let mut w = owner_world();
+    let sent = SentReply {
+        reply_id: ReplyId::unchecked("ab".repeat(16)),
+        generation: 2,
+        root: Some(new_tree().root()),
+        channel: "default".into(),
+    };
+    w.answered.insert(Nonce([9; 16]), ("site1".into(), sent));
+    let ok = mail(Kind::Receipt, &receipt(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &ok), Outcome::Receipt { .. }));
+    let other = mail(Kind::Receipt, &Receipt { channel: "sigdb".into(), ..receipt() }, "site1", &key(1), &[]);
+    assert_eq!(refused(&owner_step(&w, &other)), Reason::Malformed);
+}
+
 #[test]
 fn r6_a_recipient_over_its_budget_is_refused() {
     let mut w = owner_world();
@@ -485,6 +685,9 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         body: Frame { offset: 0, length: 100, size: 100, blake3: Digest([0; 32]) },
         rekey: None,
         same_as: None,
+        channel: "default".into(),
+        standing: None,
+        pinned: None,
     }
 }
 
@@ -620,6 +823,9 @@ struct MemRecipient {
 impl RecipientView for MemRecipient {
     fn name(&self) -> &str {
         "site1"
+    }
+    fn channel(&self) -> &str {
+        "default"
     }
     fn key(&self) -> &Key {
         &self.key

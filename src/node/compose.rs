@@ -76,7 +76,7 @@ impl Node {
     /// Whether the owner part publishes the recipient part's data tree.
     fn relays(&self) -> bool {
         match (&self.downstream, &self.upstream) {
-            (Some(o), Some(r)) => o.config().owner.source == r.config().recipient.data,
+            (Some(o), Some(r)) => o.config().owner.source == r.config().main().data,
             _ => false,
         }
     }
@@ -112,7 +112,7 @@ impl Node {
 
     fn applied_root(&self) -> Result<Option<Digest>> {
         Ok(match &self.upstream {
-            Some(_) => self.state.db.applied_root()?.1,
+            Some(r) => self.state.db.sub(&r.config().main().channel)?.applied_root()?.1,
             None => None,
         })
     }

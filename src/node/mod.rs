@@ -71,6 +71,13 @@ pub enum Handled {
         /// The reply referred to.
         reply_id: crate::protocol::ReplyId,
     },
+    /// Recipient: the owner answered without an update (not entitled, expired, suspended, pinned).
+    Standing {
+        /// The channel.
+        channel: String,
+        /// What the owner said.
+        standing: crate::protocol::Standing,
+    },
     /// Recipient: a reply confirming the tree is current.
     Current {
         /// The generation in the tree.

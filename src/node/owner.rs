@@ -24,10 +24,10 @@ use super::pack::{Packed, Packer};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportConfig, TransportHint, write_secret};
 use crate::crypto::{Key, KeyId, Nonce, SigningKey};
-use crate::db::{Answered, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
+use crate::db::{Answered, ChannelRow, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
 use crate::engine::owner::{
-    AnswerPlan, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered, ReportOutcome,
-    ResendPlan, Rotation, SentReply, Spent,
+    Access, AnswerPlan, Budget, ChannelAccess, Effect, GrantAccess, Generation, Outcome, OwnerKeys, OwnerPolicy,
+    OwnerView, Registered, ReportOutcome, ResendPlan, Rotation, SentReply, Spent,
 };
 use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
@@ -49,7 +49,7 @@ pub struct Owner {
     cfg: OwnerConfig,
     state: Rc<State>,
     store: Store,
-    manifests: RefCell<HashMap<u64, Arc<Manifest>>>,
+    manifests: RefCell<HashMap<(String, u64), Arc<Manifest>>>,
     /// The outgoing server's `SIZE`, learned at the start of a run.
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
@@ -294,7 +294,15 @@ impl Owner {
     /// A source tree with symlinks, device files, unrepresentable names or case collisions, one that holds
     /// any of the owner's state, or I/O errors.
     pub fn publish(&mut self) -> Result<Published> {
-        let source = self.cfg.owner.source.clone();
+        self.publish_channel(protocol::DEFAULT_CHANNEL)
+    }
+
+    /// Snapshots the source tree of `channel` as [`Owner::publish`] does the default channel's.
+    ///
+    /// # Errors
+    /// No such channel, or what [`Owner::publish`] reports.
+    pub fn publish_channel(&mut self, channel: &str) -> Result<Published> {
+        let source = self.channel_source(channel)?;
         crate::config::check_state_outside_source(&self.cfg.state_dir, &source)?;
         let state = Exclude::directory(&self.cfg.state_dir)
             .with_context(|| format!("failed to list the state directory `{}`", self.cfg.state_dir.display()))?;
@@ -331,34 +339,69 @@ impl Owner {
         manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
-        if let Some(latest) = self.state.db.latest_generation()?
+        if let Some(latest) = self.state.db.latest_generation(channel)?
             && latest.root == root
         {
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
         // The new objects are durable and in place before the generation that refers to them exists.
         batch.commit().context("failed to store the new generation's content")?;
-        let generation = self.state.db.add_generation(&manifest)?;
-        info!(generation, root = %root.short(), files, bytes, "published");
-        self.prune()?;
+        let generation = self.state.db.add_generation(channel, &manifest)?;
+        info!(channel, generation, root = %root.short(), files, bytes, "published");
+        self.prune(channel)?;
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
     }
 
     /// Keeps the newest `keep-generations` generations and the content they refer to. Replies already
     /// made are unaffected: their parts are kept whole, apart from the store.
-    fn prune(&mut self) -> Result<()> {
-        let gone = self.state.db.prune_generations(self.cfg.owner.keep_generations)?;
+    fn prune(&mut self, channel: &str) -> Result<()> {
+        let gone = self.state.db.prune_generations(channel, self.cfg.owner.keep_generations)?;
         if gone.is_empty() {
             return Ok(());
         }
         for g in &gone {
-            self.manifests.borrow_mut().remove(g);
+            self.manifests.borrow_mut().remove(&(channel.to_owned(), *g));
         }
         let keep = self.state.db.kept_contents()?;
         let (objects, bytes) = self.store.retain(&keep)?;
         let cached = super::pack::prune_cache(&self.cfg.state_dir.join("deltas"), KEEP_DELTAS)?;
-        info!(generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
+        info!(channel, generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
         Ok(())
+    }
+
+    /// The tree `channel` publishes: the config's `source` for the default channel, the one
+    /// `owner channel add` named for the others.
+    fn channel_source(&self, channel: &str) -> Result<PathBuf> {
+        if channel == protocol::DEFAULT_CHANNEL {
+            return Ok(self.cfg.owner.source.clone());
+        }
+        let row = self.state.db.channel(channel)?.with_context(|| format!("no channel named {channel:?}"))?;
+        row.source.with_context(|| format!("channel {channel:?} has no source tree"))
+    }
+
+    /// Adds a channel publishing `source` (`mailferry owner channel add`). An open channel is sent to every
+    /// registered recipient; any other only through grants. With `encrypt`, its reply payloads are
+    /// encrypted under a key only the recipients it is sent to receive.
+    ///
+    /// # Errors
+    /// A bad or taken name, a source that is not a directory or overlaps the owner's state, or state
+    /// failures.
+    pub fn add_channel(&mut self, name: &str, source: &Path, open: bool, encrypt: bool) -> Result<ChannelRow> {
+        if !protocol::valid_channel_name(name) {
+            bail!(
+                "channel name {name:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`, not starting \
+                 with `-` or `.`"
+            );
+        }
+        if !source.is_dir() {
+            bail!("source tree `{}` is not a directory", source.display());
+        }
+        let source = std::path::absolute(source)?;
+        crate::config::check_state_outside_source(&self.cfg.state_dir, &source)?;
+        let text = source.to_str().with_context(|| format!("`{}` is not UTF-8", source.display()))?;
+        self.state.db.add_channel(name, Some(text), open, encrypt)?;
+        info!(channel = name, source = %source.display(), open, encrypt, "channel added");
+        self.state.db.channel(name)?.context("the channel just added is gone")
     }
 
     /// Answers every waiting request and records every receipt, then sends what is queued.
@@ -468,7 +511,7 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
     Ok(OwnerStatus {
         role: "owner",
         address: cfg.owner.address.clone(),
-        generation: db.latest_generation()?,
+        generation: db.latest_generation(protocol::DEFAULT_CHANNEL)?,
         recipients: db
             .recipients()?
             .into_iter()
@@ -559,7 +602,7 @@ impl Role for Owner {
                 let from = &self.cfg.owner.address;
                 let nonce = req.nonce.to_hex();
                 let n = parts.len();
-                let root = self.view().manifest(generation)?.map_or(req.root, |m| m.root());
+                let root = self.view().manifest(&req.channel, generation)?.map_or(req.root, |m| m.root());
                 self.state.db.transaction(|db| {
                     apply_effects(db, &effects)?;
                     let mut bytes = 0;
@@ -569,6 +612,7 @@ impl Role for Owner {
                     }
                     db.record_answer(&Answered {
                         recipient: &rec.name,
+                        channel: &req.channel,
                         nonce: &nonce,
                         seq: req.seq,
                         created: req.created,
@@ -666,6 +710,7 @@ impl Owner {
             })?;
             db.record_answer(&Answered {
                 recipient: &rec.name,
+                channel: &req.channel,
                 nonce: &nonce,
                 seq: req.seq,
                 created: req.created,
@@ -737,7 +782,7 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
 /// The owner's state as the engine reads it. Generation manifests are decoded once and cached.
 struct View<'a> {
     db: &'a Db,
-    manifests: &'a RefCell<HashMap<u64, Arc<Manifest>>>,
+    manifests: &'a RefCell<HashMap<(String, u64), Arc<Manifest>>>,
 }
 
 impl OwnerView for View<'_> {
@@ -749,7 +794,6 @@ impl OwnerView for View<'_> {
                     key: Key::from_hex(&r.key_hex).context("stored key is corrupt")?,
                     name: r.name,
                     address: r.address,
-                    last_seq: r.last_seq,
                 })
             })
             .transpose()
@@ -770,27 +814,52 @@ impl OwnerView for View<'_> {
         self.db.request_answered(&nonce.to_hex())
     }
 
-    fn latest_generation(&self) -> Result<Option<Generation>> {
-        Ok(self.db.latest_generation()?.map(|g| Generation { number: g.number, root: g.root }))
+    fn latest_generation(&self, channel: &str) -> Result<Option<Generation>> {
+        Ok(self.db.latest_generation(channel)?.map(|g| Generation { number: g.number, root: g.root }))
     }
 
-    fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>> {
-        if let Some(m) = self.manifests.borrow().get(&generation) {
+    fn generation(&self, channel: &str, number: u64) -> Result<Option<Generation>> {
+        Ok(self.db.generation(channel, number)?.map(|g| Generation { number: g.number, root: g.root }))
+    }
+
+    fn manifest(&self, channel: &str, generation: u64) -> Result<Option<Arc<Manifest>>> {
+        let at = (channel.to_owned(), generation);
+        if let Some(m) = self.manifests.borrow().get(&at) {
             return Ok(Some(m.clone()));
         }
-        if !self.db.has_generation(generation)? {
+        if !self.db.has_generation(channel, generation)? {
             return Ok(None);
         }
-        let m = Arc::new(self.db.generation_manifest(generation)?);
-        self.manifests.borrow_mut().insert(generation, m.clone());
+        let m = Arc::new(self.db.generation_manifest(channel, generation)?);
+        self.manifests.borrow_mut().insert(at, m.clone());
         Ok(Some(m))
     }
 
+    fn access(&self, recipient: &str, channel: &str) -> Result<Access> {
+        Ok(Access {
+            channel: self.db.channel(channel)?.map(|c| ChannelAccess { open: c.open }),
+            suspended: self.db.suspended(recipient)?,
+            grants: self
+                .db
+                .grants_for(recipient, channel)?
+                .into_iter()
+                .map(|g| GrantAccess { until: g.until, pin: g.pin, selector: g.selector })
+                .collect(),
+            facts: None,
+            tags: Default::default(),
+        })
+    }
+
+    fn last_seq(&self, recipient: &str, channel: &str) -> Result<u64> {
+        self.db.last_seq(recipient, channel)
+    }
+
     fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
-        Ok(self.db.answered_for(recipient, &nonce.to_hex())?.map(|(reply_id, generation, root)| SentReply {
+        Ok(self.db.answered_for(recipient, &nonce.to_hex())?.map(|(reply_id, generation, root, channel)| SentReply {
             reply_id,
             generation,
             root,
+            channel,
         }))
     }
 
@@ -827,19 +896,20 @@ impl OwnerView for View<'_> {
         self.db.relay_limit(recipient)
     }
 
-    fn last_request_created(&self, recipient: &str) -> Result<Option<u64>> {
-        self.db.last_request_created(recipient)
+    fn last_request_created(&self, recipient: &str, channel: &str) -> Result<Option<u64>> {
+        self.db.last_request_created(recipient, channel)
     }
 
     fn repeat_of(
         &self,
         recipient: &str,
+        channel: &str,
         base: &Digest,
         generation: u64,
         full_content: bool,
     ) -> Result<Option<protocol::SameAs>> {
         self.db
-            .repeat_of(recipient, base, generation, full_content)?
+            .repeat_of(recipient, channel, base, generation, full_content)?
             .map(|(reply_id, nonce, parts)| {
                 let nonce = Nonce::from_hex(&nonce).map_err(anyhow::Error::msg)?;
                 Ok(protocol::SameAs { reply_id, nonce, parts })

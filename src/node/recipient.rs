@@ -19,7 +19,9 @@ use tracing::{info, warn};
 
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
-use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
+use crate::config::{
+    Enrollment, RecipientConfig, RecipientSection, Subscription, TransportConfig, read_key_file, write_secret,
+};
 use crate::crypto::{Key, KeyId, Nonce, PublicKey};
 use crate::db::{Db, now};
 use crate::engine::recipient::{Applied, Effect as RecipientEffect, PartStep, RecipientKeys, RecipientView, WholeStep};
@@ -94,6 +96,51 @@ pub struct RecipientStatus {
     pub key_id: Option<KeyId>,
     /// The owner's Ed25519 key replies must be signed with, if pinned.
     pub owner_public_key: Option<String>,
+    /// The channel of the main tree (`data`).
+    pub channel: String,
+    /// What the owner last said of the main tree's entitlement, when not plain service (`not-entitled`,
+    /// `expired on DATE`, `suspended`, `pinned at N`).
+    pub standing: Option<String>,
+    /// Every tree this recipient keeps, the main one first.
+    pub subscriptions: Vec<SubscriptionStatus>,
+}
+
+/// One tree's part of the recipient's `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionStatus {
+    /// The channel.
+    pub channel: String,
+    /// The data tree.
+    pub data: PathBuf,
+    /// Generation applied, 0 for none.
+    pub generation: u64,
+    /// Root of the applied generation.
+    pub root: Option<String>,
+    /// When the last request for it was sent.
+    pub last_request_at: Option<u64>,
+    /// When the last authenticated reply for it was accepted.
+    pub last_reply_at: Option<u64>,
+    /// Requests for it awaiting replies.
+    pub outstanding: u64,
+    /// An interrupted apply waiting to be finished.
+    pub interrupted_apply: bool,
+    /// The generation kept for `recipient rollback --channel`, if any.
+    pub previous_generation: Option<u64>,
+    /// After a rollback: replies bringing this generation or an older one are not applied.
+    pub rollback_held: Option<u64>,
+    /// No fresh, authenticated reply for it for longer than `stale-after`.
+    pub stale: bool,
+    /// What the owner last said of its entitlement, when not plain service.
+    pub standing: Option<String>,
+    /// The generation the owner pins it at, if it said so.
+    pub pinned: Option<u64>,
+}
+
+impl SubscriptionStatus {
+    /// Whether the owner refuses this tree (not entitled, expired, suspended): nothing reaches it.
+    pub fn refused(&self) -> bool {
+        self.standing.as_deref().is_some_and(|s| !s.starts_with("pinned"))
+    }
 }
 
 /// Creates a recipient: `DIR/recipient.toml` and `DIR/recipient.key` from an enrollment file.
@@ -148,6 +195,7 @@ pub fn init_with(
         name: e.name.clone(),
         address: e.address.clone(),
         owner_address: e.owner_address.clone(),
+        channel: protocol::DEFAULT_CHANNEL.to_owned(),
         data: std::path::absolute(data)?,
         state_dir: state_dir.map(std::path::absolute).transpose()?,
         key_file: PathBuf::from("recipient.key"),
@@ -271,7 +319,17 @@ impl Recipient {
     /// or I/O and state failures. Before the journal is committed the tree is unchanged; after, the next run
     /// finishes the rollback.
     pub fn rollback(&mut self) -> Result<super::rollback::RolledBack> {
-        if let Some(journal) = Journal::load(self.state_dir())? {
+        let channel = self.cfg.main().channel.clone();
+        self.rollback_channel(&channel)
+    }
+
+    /// [`Recipient::rollback`] for the tree of `channel`.
+    ///
+    /// # Errors
+    /// A channel this recipient does not keep, or what [`Recipient::rollback`] reports.
+    pub fn rollback_channel(&mut self, channel: &str) -> Result<super::rollback::RolledBack> {
+        let sub = self.sub(channel)?;
+        if let Some(journal) = Journal::load(&sub.dir)? {
             let JournalKind::Rollback { from } = journal.kind else {
                 bail!(
                     "the apply of generation {} was interrupted; finish it first (`mailferry recipient run --once \
@@ -280,19 +338,20 @@ impl Recipient {
                 );
             };
             warn!(from, to = journal.generation, "finishing a rollback that was interrupted");
-            self.finish(&journal).context("failed to finish the interrupted rollback")?;
+            self.finish(&sub, &journal).context("failed to finish the interrupted rollback")?;
             return Ok(super::rollback::RolledBack { from, to: journal.generation, ops: journal.ops, resumed: true });
         }
-        let (applied, _, current) = self.db().applied()?;
-        let Some(previous) = self.db().previous()? else {
+        let db = self.state.db.sub(&sub.channel)?;
+        let (applied, _, current) = db.applied()?;
+        let Some(previous) = db.previous()? else {
             bail!(
                 "nothing to roll back to: no generation before {applied} is kept (one is kept after an update to a \
                  newer generation, and only one level: a rollback uses it up)"
             );
         };
-        let scan = self.scan_tree()?;
+        let scan = self.scan_tree(&sub)?;
         let to = previous.generation;
-        let plan = super::rollback::plan(&scan, &current, &previous.manifest, self.config().recipient.on_extra)
+        let plan = super::rollback::plan(&scan, &current, &previous.manifest, sub.on_extra)
             .map_err(|e| {
                 anyhow::format_err!(
                     "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
@@ -300,8 +359,8 @@ impl Recipient {
                 )
             })?;
         let id = Nonce::generate().to_hex();
-        let stage_dir = self.staging_root()?.join(&id);
-        let data = &self.config().recipient.data;
+        let stage_dir = self.staging_root(&sub)?.join(&id);
+        let data = &sub.data;
         if let Err(e) = super::rollback::stage(&plan, &previous.store, data, &scan.manifest, &stage_dir) {
             let _ = std::fs::remove_dir_all(&stage_dir);
             return Err(e.context(format!("cannot roll back generation {applied} to {to}; the data tree is unchanged")));
@@ -321,9 +380,9 @@ impl Recipient {
             kind: JournalKind::Rollback { from: applied },
             key_id: None,
         };
-        journal.commit(self.state_dir())?;
+        journal.commit(&sub.dir)?;
         crate::failpoint::hit("apply-committed");
-        self.finish(&journal).context("rollback interrupted; the next run finishes it")?;
+        self.finish(&sub, &journal).context("rollback interrupted; the next run finishes it")?;
         Ok(super::rollback::RolledBack { from: applied, to, ops: journal.ops, resumed: false })
     }
 
@@ -334,9 +393,22 @@ impl Recipient {
 
     /// Finishes an apply that a crash interrupted after its journal was committed.
     pub(crate) fn recover(&mut self) -> Result<()> {
-        let Some(journal) = Journal::load(&self.cfg.state_dir)? else { return Ok(()) };
-        warn!(generation = journal.generation, "finishing an apply that was interrupted");
-        self.finish(&journal).context("failed to finish the interrupted apply")
+        for sub in self.cfg.subscriptions.clone() {
+            let Some(journal) = Journal::load(&sub.dir)? else { continue };
+            warn!(channel = %sub.channel, generation = journal.generation, "finishing an apply that was interrupted");
+            self.finish(&sub, &journal).context("failed to finish the interrupted apply")?;
+        }
+        Ok(())
+    }
+
+    /// The subscription of `channel`.
+    ///
+    /// # Errors
+    /// A channel this recipient does not keep.
+    pub fn sub(&self, channel: &str) -> Result<Subscription> {
+        self.cfg.subscription(channel).cloned().with_context(|| {
+            format!("this recipient does not subscribe to channel {channel:?} (`mailferry recipient subscribe`)")
+        })
     }
 
     /// The one place a committed journal is finished, whether it is an apply just committed, a rollback,
@@ -346,50 +418,69 @@ impl Recipient {
     ///
     /// # Errors
     /// I/O or state failures; the journal then stays and the next run finishes it.
-    pub(crate) fn finish(&mut self, journal: &Journal) -> Result<()> {
+    pub(crate) fn finish(&mut self, sub: &Subscription, journal: &Journal) -> Result<()> {
         journal.execute()?;
         crate::failpoint::hit("apply-done");
         match journal.kind {
-            JournalKind::Apply => self.complete(journal),
-            JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, &self.cfg.state_dir, journal),
+            JournalKind::Apply => self.complete(sub, journal),
+            JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, sub, journal),
         }
     }
 
     /// Records a finished apply and queues its receipt in one transaction; then removes the journal.
-    fn complete(&mut self, journal: &Journal) -> Result<()> {
+    fn complete(&mut self, sub: &Subscription, journal: &Journal) -> Result<()> {
         let target = journal.target()?;
         let nonce = Nonce::from_hex(&journal.nonce).map_err(anyhow::Error::msg)?;
         // A key this reply brought is the key from now on: the receipt is made under it, which tells the
         // owner the rotation arrived.
-        let key = match self.state.db.subscription()?.pending_key {
+        let key = match self.state.db.keys()?.pending_key {
             Some(hex) => Key::from_hex(&hex).context("the pending key in the state database is corrupt")?,
             None => self.key.clone(),
         };
-        let receipt =
-            self.receipt(&key, nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
+        let receipt = self.receipt(
+            &key,
+            &sub.channel,
+            nonce,
+            &journal.reply_id,
+            journal.generation,
+            target.root(),
+            ReceiptStatus::Applied,
+        )?;
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.state.db.transaction(|db| {
-            if !db.reply_applied(&journal.reply_id)? {
-                super::rollback::keep_previous(db, journal)?;
+            let sdb = db.sub(&sub.channel)?;
+            if !sdb.reply_applied(&journal.reply_id)? {
+                super::rollback::keep_previous(sdb, journal)?;
                 let key_id = journal.key_id.as_ref();
-                db.record_applied(journal.generation, &target, &journal.reply_id, &journal.nonce, journal.ops, key_id)?;
+                sdb.record_applied(
+                    journal.generation,
+                    &target,
+                    &journal.reply_id,
+                    &journal.nonce,
+                    journal.ops,
+                    key_id,
+                )?;
             }
             // Any other request described the tree as it was before: none of them is answerable now.
-            db.close_all_outstanding()?;
-            db.mark_fresh_reply()?;
+            sdb.close_all_outstanding()?;
+            sdb.mark_fresh_reply()?;
             db.mark_seen(&journal.message, "processed")?;
             db.outbox_put(&format!("receipt-{}", journal.reply_id), from, to, &receipt)
         })?;
-        journal.finish(&self.cfg.state_dir)?;
-        if let Some(root) = journal.stage_dir.parent() {
-            super::rollback::tidy_staging(&self.state.db, root);
+        journal.finish(&sub.dir)?;
+        if let Some(root) = journal.stage_dir.parent()
+            && let Ok(sdb) = self.state.db.sub(&sub.channel)
+        {
+            super::rollback::tidy_staging(sdb, root);
         }
         self.finish_key()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn receipt(
         &self,
         key: &Key,
+        channel: &str,
         nonce: Nonce,
         reply_id: &ReplyId,
         generation: u64,
@@ -400,6 +491,7 @@ impl Recipient {
             mailferry: VERSION,
             kind: Kind::Receipt,
             recipient: self.cfg.recipient.name.clone(),
+            channel: channel.to_owned(),
             nonce,
             reply_id: reply_id.clone(),
             created: now(),
@@ -412,9 +504,10 @@ impl Recipient {
         Ok(envelope::build(&Outgoing {
             from: &self.cfg.recipient.address,
             to: &self.cfg.recipient.owner_address,
-            subject: format!("mailferry: {} has generation {generation}", self.cfg.recipient.name),
+            subject: format!("mailferry: {} has generation {generation} of {channel}", self.cfg.recipient.name),
             text: format!(
-                "This is an automatic receipt from mailferry: recipient {:?} now has generation {generation}.\n",
+                "This is an automatic receipt from mailferry: recipient {:?} now has generation {generation} of \
+                 channel {channel:?}.\n",
                 self.cfg.recipient.name
             ),
             kind: Kind::Receipt,
@@ -447,34 +540,54 @@ impl Recipient {
     /// State failures.
     pub fn request_blocked_until(&self) -> Result<Option<u64>> {
         let timeout = self.cfg.recipient.reply_timeout.as_secs();
-        Ok(self.state.db.newest_outstanding()?.map(|sent| sent + timeout).filter(|at| *at > now()))
+        let mut earliest: Option<u64> = None;
+        for sub in &self.cfg.subscriptions {
+            let blocked = self.state.db.sub(&sub.channel)?.newest_outstanding()?.map(|sent| sent + timeout);
+            match blocked.filter(|at| *at > now()) {
+                // One tree may ask now: nothing holds the recipient back.
+                None => return Ok(None),
+                Some(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+            }
+        }
+        Ok(earliest)
     }
 
-    /// Sends a request unless one sent less than `reply-timeout` ago is still unanswered. Returns whether
-    /// one was queued.
+    /// Sends a request for each tree unless one sent for it less than `reply-timeout` ago is still
+    /// unanswered. Returns whether one was queued.
     ///
     /// # Errors
     /// An unreadable data tree or state failures.
     pub fn maybe_request(&mut self) -> Result<bool> {
+        let mut any = false;
+        for sub in self.cfg.subscriptions.clone() {
+            any |= self.maybe_request_for(&sub)?;
+        }
+        Ok(any)
+    }
+
+    /// [`Recipient::maybe_request`] for one tree.
+    fn maybe_request_for(&mut self, tree: &Subscription) -> Result<bool> {
         let timeout = self.cfg.recipient.reply_timeout.as_secs();
-        self.state.db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
-        let resend = self.missing_parts()?;
+        let db = self.state.db.sub(&tree.channel)?;
+        db.expire_outstanding(timeout.max(7 * 24 * 3600))?;
+        let resend = self.missing_parts(tree)?;
         let last_part = resend.as_ref().map_or(0, |(_, at)| *at);
-        if let Some(sent) = self.state.db.newest_outstanding()?
+        if let Some(sent) = db.newest_outstanding()?
             && now().saturating_sub(sent.max(last_part)) < timeout
         {
             info!(
+                channel = %tree.channel,
                 "a request sent {}s ago is still awaiting its reply; not sending another",
                 now().saturating_sub(sent)
             );
             return Ok(false);
         }
         let resend = resend.map(|(r, _)| r);
-        let sub = self.state.db.subscription()?;
+        let sub = db.subscription()?;
         let full_content = sub.full_content;
-        let scan = self.scan_tree()?;
+        let scan = self.scan_tree(tree)?;
         let root = scan.manifest.root();
-        let (generation, applied_root) = self.state.db.applied_root()?;
+        let (generation, applied_root) = db.applied_root()?;
         // After first contact only the drift from the applied generation travels, unless the owner asked
         // for the whole tree.
         let full = generation == 0 || sub.need_full_inventory;
@@ -491,7 +604,7 @@ impl Recipient {
             // Equal roots are equal trees: no drift, and no need to load the applied manifest.
             (InventoryKind::Changes, Vec::new(), Vec::new())
         } else {
-            let (_, _, applied) = self.state.db.applied()?;
+            let (_, _, applied) = db.applied()?;
             let changed = scan
                 .manifest
                 .iter()
@@ -515,6 +628,7 @@ impl Recipient {
             mailferry: VERSION,
             kind: Kind::Request,
             recipient: self.cfg.recipient.name.clone(),
+            channel: tree.channel.clone(),
             nonce,
             seq,
             created: now(),
@@ -546,7 +660,14 @@ impl Recipient {
         })?;
         // The nonce becomes outstanding in the same transaction that queues the request.
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
-        self.state.db.transaction(|db| {
+        // The default channel's outbox names are as they always were.
+        let outbox_name = if tree.channel == protocol::DEFAULT_CHANNEL {
+            format!("request-{seq:010}")
+        } else {
+            format!("request-{}-{seq:010}", tree.channel)
+        };
+        self.state.db.transaction(|all| {
+            let db = all.sub(&tree.channel)?;
             anyhow::ensure!(db.next_seq()? == seq, "another process sent a request meanwhile");
             db.add_outstanding(&nonce.to_hex(), seq)?;
             if sub.fresh_next {
@@ -555,27 +676,28 @@ impl Recipient {
             if full {
                 db.set_need_full_inventory(false)?;
             }
-            db.outbox_put(&format!("request-{seq:010}"), from, to, &raw)
+            all.outbox_put(&outbox_name, from, to, &raw)
         })?;
         match &req.resend {
             Some(r) => {
-                info!(seq, reply = %r.reply_id, parts = ?r.parts, bytes = raw.len(), "request queued, asking for lost parts again")
+                info!(channel = %tree.channel, seq, reply = %r.reply_id, parts = ?r.parts, bytes = raw.len(), "request queued, asking for lost parts again")
             }
-            None => info!(seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued"),
+            None => info!(channel = %tree.channel, seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued"),
         }
         Ok(true)
     }
 
     /// The newest incomplete reply whose request is still outstanding, with the parts it lacks and when
     /// its last part arrived. Incomplete replies whose request was given up are dropped.
-    fn missing_parts(&mut self) -> Result<Option<(Resend, u64)>> {
+    fn missing_parts(&self, tree: &Subscription) -> Result<Option<(Resend, u64)>> {
         let mut found = None;
-        for (reply_id, nonce, at) in self.state.db.partial_replies()? {
-            let kept = self.state.db.received_parts(&reply_id)?;
+        let db = self.state.db.sub(&tree.channel)?;
+        for (reply_id, nonce, at) in db.partial_replies()? {
+            let kept = db.received_parts(&reply_id)?;
             let parts = kept.first().and_then(|(_, c)| serde_json::from_slice::<Reply>(c).ok()).map_or(0, |r| r.parts);
-            if self.state.db.outstanding(&nonce)?.is_none() {
+            if db.outstanding(&nonce)?.is_none() {
                 info!(reply = %reply_id, "dropping the kept parts of a reply whose request was given up");
-                self.forget_parts(&reply_id)?;
+                self.forget_parts(tree, &reply_id)?;
                 continue;
             }
             if found.is_some() || parts == 0 {
@@ -586,12 +708,12 @@ impl Recipient {
             found = Some((Resend { reply_id, parts: missing }, at));
         }
         // A reply a reference pointed to, none of which is here: every part of it.
-        for (reply_id, nonce, parts) in self.state.db.wanted_replies()? {
-            if self.state.db.outstanding(&nonce)?.is_none() {
-                self.state.db.forget_parts(&reply_id)?;
+        for (reply_id, nonce, parts) in db.wanted_replies()? {
+            if db.outstanding(&nonce)?.is_none() {
+                db.forget_parts(&reply_id)?;
                 continue;
             }
-            if found.is_none() && self.state.db.received_parts(&reply_id)?.is_empty() {
+            if found.is_none() && db.received_parts(&reply_id)?.is_empty() {
                 found = Some((Resend { reply_id, parts: (1..=parts).collect() }, 0));
             }
         }
@@ -600,7 +722,8 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
-        let view = self.view();
+        let main = self.cfg.main().clone();
+        let view = self.view(&main);
         let policy = self.policy();
         let msg = match refuse!(verify::open(raw, &RecipientKeys(&view), &policy, now)?) {
             verify::Opened::Verified(m) => *m,
@@ -615,29 +738,40 @@ impl Recipient {
         let Control::Reply(reply) = msg.control else {
             return Ok(Err(Refusal::new(Reason::Unexpected, "a recipient accepts only replies")));
         };
+        // The channel is authenticated now: the reply goes to that tree, and only that tree's requests,
+        // parts and generation count for it.
+        let Some(tree) = self.cfg.subscription(&reply.channel).cloned() else {
+            return Ok(Err(Refusal::new(
+                Reason::Unexpected,
+                format!("reply is for channel {:?}, which this recipient does not subscribe to", reply.channel),
+            )));
+        };
+        let view = self.view(&tree);
         let nonce = reply.nonce.to_hex();
         match engine::recipient::on_part(&view, &reply, msg.key_role)? {
             PartStep::Refused { refusal, give_up } => {
                 if give_up {
-                    self.give_up(&nonce, &reply.reply_id)?;
+                    self.give_up(&tree, &nonce, &reply.reply_id)?;
                 }
                 return Ok(Err(refusal));
             }
             PartStep::Held { generation, .. } => {
                 // A local rollback holds back the generation it undid (node::rollback).
-                if let Some(held) = super::rollback::hold(&self.state.db, generation, &nonce, digest)? {
-                    self.forget_parts(&reply.reply_id)?;
-                    self.state.db.set_fresh_next(true)?;
+                let db = self.state.db.sub(&tree.channel)?;
+                if let Some(held) = super::rollback::hold(&self.state.db, db, generation, &nonce, digest)? {
+                    self.forget_parts(&tree, &reply.reply_id)?;
+                    db.set_fresh_next(true)?;
                     return Ok(Ok(held));
                 }
             }
+            PartStep::Standing(standing) => return self.standing(&tree, &nonce, digest, &reply, standing),
             PartStep::Keep { .. } => {}
         }
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
         refuse!(protocol::check_payloads(&reply, &msg.attachments));
-        let Some(update) = refuse!(self.keep_part(&reply, &msg.attachments, &nonce)?) else {
-            let have = self.state.db.received_parts(&reply.reply_id)?.len() as u32;
+        let Some(update) = refuse!(self.keep_part(&tree, &reply, &msg.attachments, &nonce)?) else {
+            let have = self.state.db.sub(&tree.channel)?.received_parts(&reply.reply_id)?.len() as u32;
             self.state.db.mark_seen(digest, "processed")?;
             info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
             return Ok(Ok(Handled::PartKept { reply_id: reply.reply_id.clone(), have, of: reply.parts }));
@@ -645,10 +779,10 @@ impl Recipient {
         // From here on the reply is authentic, whole, and answers a request of ours: whatever happens,
         // that request is answered, so the next run asks again at once instead of waiting for
         // `reply-timeout`.
-        let res = self.answer_reply(&update, &msg.key, digest, &nonce, now);
+        let res = self.answer_reply(&tree, &update, &msg.key, digest, &nonce, now);
         match &res {
-            Ok(Err(_)) => self.give_up(&nonce, &update.head.reply_id)?,
-            Ok(Ok(_)) => self.forget_parts(&update.head.reply_id)?,
+            Ok(Err(_)) => self.give_up(&tree, &nonce, &update.head.reply_id)?,
+            Ok(Ok(_)) => self.forget_parts(&tree, &update.head.reply_id)?,
             // A local failure (a full disk): keep the parts, the next run tries again.
             Err(_) => {}
         }
@@ -658,22 +792,44 @@ impl Recipient {
     /// Applies the effects the engine accepted a reply with, in the caller's transaction. A new key goes
     /// into the state database first (the current key kept as the previous one for the grace period, the
     /// new one pending); [`Recipient::finish_key`] then writes the key file.
-    fn apply_effects(db: &Db, current: &Key, effects: &[RecipientEffect]) -> Result<()> {
+    fn apply_effects(db: &Db, channel: &str, current: &Key, effects: &[RecipientEffect]) -> Result<()> {
         for e in effects {
             match e {
                 RecipientEffect::TakeKey { new, previous_until } => {
                     db.take_key(&current.to_hex(), &current.id(), *previous_until, &new.to_hex(), &new.id())?;
                 }
-                RecipientEffect::NeedFullInventory => db.set_need_full_inventory(true)?,
+                RecipientEffect::NeedFullInventory => db.sub(channel)?.set_need_full_inventory(true)?,
             }
         }
         Ok(())
     }
 
+    /// Records an answer without an update (not entitled, expired, suspended, pinned): the request is
+    /// answered, the tree is unchanged, and `status` shows what the owner said.
+    fn standing(
+        &mut self,
+        tree: &Subscription,
+        nonce: &str,
+        digest: &Digest,
+        reply: &Reply,
+        standing: protocol::Standing,
+    ) -> Result<Result<Handled, Refusal>> {
+        let text = standing.to_string();
+        self.state.db.transaction(|db| {
+            let sdb = db.sub(&tree.channel)?;
+            sdb.set_standing(Some(&text), reply.pinned)?;
+            sdb.close_outstanding(nonce)?;
+            sdb.mark_fresh_reply()?;
+            db.mark_seen(digest, "processed")
+        })?;
+        warn!(channel = %tree.channel, "the owner answers: {text}; the tree is unchanged");
+        Ok(Ok(Handled::Standing { channel: tree.channel.clone(), standing }))
+    }
+
     /// Writes a key taken up but not yet in the key file (after a crash, on the next start), then forgets
     /// it was pending. The key file is replaced whole (temporary file, fsync, rename, directory fsync).
     fn finish_key(&mut self) -> Result<()> {
-        let Some(hex) = self.state.db.subscription()?.pending_key else { return Ok(()) };
+        let Some(hex) = self.state.db.keys()?.pending_key else { return Ok(()) };
         let new = Key::from_hex(&hex).context("the pending key in the state database is corrupt")?;
         if new != self.key {
             crate::failpoint::hit("rekey-saved");
@@ -691,15 +847,16 @@ impl Recipient {
 
     /// Closes request `nonce` after its reply was refused, and drops the reply's kept parts. The next
     /// request asks `fresh`: a reference to the reply refused would be of no use.
-    fn give_up(&self, nonce: &str, reply_id: &ReplyId) -> Result<()> {
-        self.state.db.close_outstanding(nonce)?;
-        self.state.db.set_fresh_next(true)?;
-        self.forget_parts(reply_id)
+    fn give_up(&self, tree: &Subscription, nonce: &str, reply_id: &ReplyId) -> Result<()> {
+        let db = self.state.db.sub(&tree.channel)?;
+        db.close_outstanding(nonce)?;
+        db.set_fresh_next(true)?;
+        self.forget_parts(tree, reply_id)
     }
 
-    fn forget_parts(&self, reply_id: &ReplyId) -> Result<()> {
-        self.state.db.forget_parts(reply_id)?;
-        let dir = self.parts_dir(reply_id);
+    fn forget_parts(&self, tree: &Subscription, reply_id: &ReplyId) -> Result<()> {
+        self.state.db.sub(&tree.channel)?.forget_parts(reply_id)?;
+        let dir = self.parts_dir(tree, reply_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 warn!(error = %e, "could not remove `{}`", dir.display());
@@ -709,21 +866,23 @@ impl Recipient {
         Ok(())
     }
 
-    fn parts_dir(&self, reply_id: &ReplyId) -> PathBuf {
+    fn parts_dir(&self, tree: &Subscription, reply_id: &ReplyId) -> PathBuf {
         // Reply ids are 32 hex digits (checked when the control part was decoded): a plain file name.
-        self.cfg.state_dir.join("parts").join(reply_id.as_str())
+        tree.dir.join("parts").join(reply_id.as_str())
     }
 
     /// Keeps a verified part on disk. When every part is here, assembles the pack, checks it, and returns
     /// the whole reply with its body decoded.
     fn keep_part(
         &mut self,
+        tree: &Subscription,
         reply: &Reply,
         attachments: &std::collections::BTreeMap<String, Vec<u8>>,
         nonce: &str,
     ) -> Result<Result<Option<Update>, Refusal>> {
-        let dir = self.parts_dir(&reply.reply_id);
-        let kept = self.state.db.received_parts(&reply.reply_id)?;
+        let dir = self.parts_dir(tree, &reply.reply_id);
+        let db = self.state.db.sub(&tree.channel)?;
+        let kept = db.received_parts(&reply.reply_id)?;
         if let Some((_, first)) = kept.first() {
             let first: Reply = serde_json::from_slice(first).context("a kept part's control is corrupt")?;
             if !first.same_reply(reply) {
@@ -737,8 +896,8 @@ impl Recipient {
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
         let chunk = dir.join(format!("{}.chunk", reply.part));
         write_durably(&chunk, &attachments[&own.id])?;
-        self.state.db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
-        let have: BTreeSet<u32> = self.state.db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
+        db.record_part(&reply.reply_id, reply.part, nonce, &protocol::encode(reply))?;
+        let have: BTreeSet<u32> = db.received_parts(&reply.reply_id)?.into_iter().map(|(k, _)| k).collect();
         if have.len() < reply.parts as usize {
             return Ok(Ok(None));
         }
@@ -753,7 +912,7 @@ impl Recipient {
                 let path = dir.join(format!("{k}.chunk"));
                 let bytes = std::fs::read(&path).with_context(|| format!("failed to read `{}`", path.display()))?;
                 if bytes.len() as u64 != p.size || Digest::of(&bytes) != p.blake3 {
-                    self.state.db.forget_parts(&reply.reply_id)?;
+                    db.forget_parts(&reply.reply_id)?;
                     bail!("kept part {k} of reply {} is damaged on disk; it will be asked for again", reply.reply_id);
                 }
                 out.write_all(&bytes)?;
@@ -767,6 +926,7 @@ impl Recipient {
     /// The checks and the apply for an authentic, whole reply to an outstanding request, made under `under`.
     fn answer_reply(
         &mut self,
+        tree: &Subscription,
         update: &Update,
         under: &Key,
         digest: &Digest,
@@ -774,12 +934,12 @@ impl Recipient {
         now: u64,
     ) -> Result<Result<Handled, Refusal>> {
         let reply = &update.head;
-        let (_, _, previous) = self.state.db.applied()?;
-        let data = self.cfg.recipient.data.clone();
+        let (_, _, previous) = self.state.db.sub(&tree.channel)?.applied()?;
+        let data = tree.data.clone();
         let step = {
-            let view = self.view();
-            let mut scan = || self.scan_tree();
-            engine::recipient::on_whole(&view, update, under, &mut scan, &previous, self.cfg.recipient.on_extra, now)?
+            let view = self.view(tree);
+            let mut scan = || self.scan_tree(tree);
+            engine::recipient::on_whole(&view, update, under, &mut scan, &previous, tree.on_extra, now)?
         };
         let (plan, effects, scan) = match step {
             WholeStep::Refused(r) => return Ok(Err(r)),
@@ -787,12 +947,14 @@ impl Recipient {
                 if effects.contains(&RecipientEffect::NeedFullInventory) {
                     info!("the owner asked for the full tree; the next request lists it");
                 }
-                return self.current(nonce, digest, generation, &effects);
+                return self.current(tree, nonce, digest, generation, reply.pinned, &effects);
             }
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
-            WholeStep::Referred { same, step, effects } => return self.referred(nonce, digest, &same, step, &effects),
+            WholeStep::Referred { same, step, effects } => {
+                return self.referred(tree, nonce, digest, &same, step, &effects);
+            }
         };
-        let stage_dir = self.staging_root()?.join(reply.reply_id.as_str());
+        let stage_dir = self.staging_root(tree)?.join(reply.reply_id.as_str());
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
                 .with_context(|| format!("failed to clear `{}`", stage_dir.display()))?;
@@ -804,7 +966,7 @@ impl Recipient {
                 by_digest.entry(m.blake3).or_insert_with(|| data.join(p.as_str()));
             }
         }
-        let pack = self.parts_dir(&reply.reply_id).join("pack");
+        let pack = self.parts_dir(tree, &reply.reply_id).join("pack");
         let lookup = |d: &Digest| by_digest.get(d).cloned();
         let sources = apply::Sources { pack: &pack, local: &lookup };
         if let Err(e) = apply::stage(&plan, update, &sources, &stage_dir) {
@@ -813,7 +975,7 @@ impl Recipient {
                 StageError::Refused(r) => {
                     // Whole files can be checked without trusting anything local: ask for them next time.
                     warn!("{r}; the next request asks for whole files");
-                    self.state.db.set_full_content(true)?;
+                    self.state.db.sub(&tree.channel)?.set_full_content(true)?;
                     return Ok(Err(r));
                 }
                 io @ StageError::Io { .. } => {
@@ -825,7 +987,10 @@ impl Recipient {
         // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
         // not yet marked seen, is applied under the key it was made with, kept as the previous one).
         let key = &self.key;
-        self.state.db.transaction(|db| Recipient::apply_effects(db, key, &effects))?;
+        self.state.db.transaction(|db| {
+            Recipient::apply_effects(db, &tree.channel, key, &effects)?;
+            db.sub(&tree.channel)?.set_standing(None, reply.pinned)
+        })?;
         let journal = Journal {
             version: 1,
             data_root: data,
@@ -840,27 +1005,28 @@ impl Recipient {
             kind: JournalKind::Apply,
             key_id: Some(under.id()),
         };
-        journal.commit(&self.cfg.state_dir)?;
+        journal.commit(&tree.dir)?;
         crate::failpoint::hit("apply-committed");
-        self.finish(&journal).context("apply interrupted; the next run finishes it")?;
-        self.state.db.set_full_content(false)?;
+        self.finish(tree, &journal).context("apply interrupted; the next run finishes it")?;
+        self.state.db.sub(&tree.channel)?.set_full_content(false)?;
         if !plan.kept.is_empty() {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
         let ops = update.body.ops.len();
-        info!(generation = reply.generation, ops, root = %reply.root.short(), "applied");
+        info!(channel = %tree.channel, generation = reply.generation, ops, root = %reply.root.short(), "applied");
         Ok(Ok(Handled::Applied { generation: reply.generation, ops }))
     }
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
-    pub(crate) fn scan_tree(&self) -> Result<scan::Scan> {
-        self.scan_tree_saving(true)
+    pub(crate) fn scan_tree(&self, tree: &Subscription) -> Result<scan::Scan> {
+        self.scan_tree_saving(tree, true)
     }
 
     /// Scans the data tree; with `save`, keeps the stat cache for the next scan.
-    fn scan_tree_saving(&self, save: bool) -> Result<scan::Scan> {
-        let data = &self.cfg.recipient.data;
-        let cache_file = self.cfg.state_dir.join(statcache::FILE_NAME);
+    fn scan_tree_saving(&self, tree: &Subscription, save: bool) -> Result<scan::Scan> {
+        let data = &tree.data;
+        std::fs::create_dir_all(&tree.dir).with_context(|| format!("failed to create `{}`", tree.dir.display()))?;
+        let cache_file = tree.dir.join(statcache::FILE_NAME);
         let old = StatCache::load(&cache_file).unwrap_or_else(|e| {
             warn!("{:#}; every file will be read again", anyhow::Error::from(e));
             StatCache::new()
@@ -882,6 +1048,7 @@ impl Recipient {
     /// again, or (when it can no longer be used here) the next request asks `fresh`.
     fn referred(
         &mut self,
+        tree: &Subscription,
         nonce: &str,
         digest: &Digest,
         same: &protocol::SameAs,
@@ -891,14 +1058,15 @@ impl Recipient {
         use engine::recipient::Referred;
         let key = &self.key;
         self.state.db.transaction(|db| {
-            Recipient::apply_effects(db, key, effects)?;
+            Recipient::apply_effects(db, &tree.channel, key, effects)?;
+            let sdb = db.sub(&tree.channel)?;
             match step {
                 Referred::Wait => {}
-                Referred::AskParts => db.want_reply(&same.reply_id, &same.nonce.to_hex(), same.parts)?,
-                Referred::AskFresh => db.set_fresh_next(true)?,
+                Referred::AskParts => sdb.want_reply(&same.reply_id, &same.nonce.to_hex(), same.parts)?,
+                Referred::AskFresh => sdb.set_fresh_next(true)?,
             }
-            db.close_outstanding(nonce)?;
-            db.mark_fresh_reply()?;
+            sdb.close_outstanding(nonce)?;
+            sdb.mark_fresh_reply()?;
             db.mark_seen(digest, "processed")
         })?;
         self.finish_key()?;
@@ -914,28 +1082,31 @@ impl Recipient {
     /// Records a reply that confirms the tree is current, with the effects the engine accepted it with.
     fn current(
         &mut self,
+        tree: &Subscription,
         nonce: &str,
         digest: &Digest,
         generation: u64,
+        pinned: Option<u64>,
         effects: &[RecipientEffect],
     ) -> Result<Result<Handled, Refusal>> {
         let key = &self.key;
         self.state.db.transaction(|db| {
-            Recipient::apply_effects(db, key, effects)?;
-            db.close_outstanding(nonce)?;
-            db.mark_fresh_reply()?;
+            Recipient::apply_effects(db, &tree.channel, key, effects)?;
+            let sdb = db.sub(&tree.channel)?;
+            sdb.set_standing(None, pinned)?;
+            sdb.close_outstanding(nonce)?;
+            sdb.mark_fresh_reply()?;
             db.mark_seen(digest, "processed")
         })?;
         self.finish_key()?;
-        info!(generation, "owner confirms the tree is current");
+        info!(channel = %tree.channel, generation, "owner confirms the tree is current");
         Ok(Ok(Handled::Current { generation }))
     }
 
     /// Where files are staged: a directory from which a rename into the data tree works (see
     /// [`apply::staging::choose`]), outside the data tree.
-    pub(crate) fn staging_root(&self) -> Result<PathBuf> {
-        let r = &self.cfg.recipient;
-        apply::staging::choose(r.staging_dir.as_deref(), &self.cfg.state_dir, &r.data)
+    pub(crate) fn staging_root(&self, tree: &Subscription) -> Result<PathBuf> {
+        apply::staging::choose(tree.staging_dir.as_deref(), &tree.dir, &tree.data)
     }
 }
 
@@ -975,6 +1146,11 @@ pub enum Preview {
     Held {
         /// The generation it brings.
         generation: u64,
+    },
+    /// The owner answers without an update (not entitled, expired, suspended, pinned).
+    Standing {
+        /// What it says.
+        standing: String,
     },
     /// It would be refused.
     Refused {
@@ -1029,7 +1205,8 @@ impl Recipient {
     pub fn preview(&self, messages: &[Vec<u8>]) -> Result<Vec<Preview>> {
         use std::collections::BTreeMap;
         let now = now();
-        let view = self.view();
+        let main = self.cfg.main().clone();
+        let view = self.view(&main);
         let policy = self.policy();
         let refused = |r: Refusal| Preview::Refused { reason: r.reason.code().to_owned(), detail: r.detail };
         let mut out = Vec::new();
@@ -1046,9 +1223,15 @@ impl Recipient {
                 }
             };
             let Control::Reply(reply) = msg.control else { continue };
-            match engine::recipient::on_part(&view, &reply, msg.key_role)? {
+            let Some(tree) = self.cfg.subscription(&reply.channel) else {
+                let r = format!("reply is for channel {:?}, which this recipient does not subscribe to", reply.channel);
+                out.push(refused(Refusal::new(Reason::Unexpected, r)));
+                continue;
+            };
+            match engine::recipient::on_part(&self.view(tree), &reply, msg.key_role)? {
                 PartStep::Refused { refusal, .. } => out.push(refused(refusal)),
                 PartStep::Held { generation, .. } => out.push(Preview::Held { generation }),
+                PartStep::Standing(standing) => out.push(Preview::Standing { standing: standing.to_string() }),
                 PartStep::Keep { .. } => match protocol::check_payloads(&reply, &msg.attachments) {
                     Err(r) => out.push(refused(r)),
                     Ok(()) => {
@@ -1063,12 +1246,14 @@ impl Recipient {
             }
         }
         for (reply_id, (reply, key, mut chunks)) in replies {
+            let tree = self.sub(&reply.channel)?;
+            let view = self.view(&tree);
             // Parts kept from earlier runs complete it.
             for (k, p) in (1..).zip(&reply.payloads) {
                 if chunks.contains_key(&k) {
                     continue;
                 }
-                if let Ok(bytes) = std::fs::read(self.parts_dir(&reply_id).join(format!("{k}.chunk")))
+                if let Ok(bytes) = std::fs::read(self.parts_dir(&tree, &reply_id).join(format!("{k}.chunk")))
                     && bytes.len() as u64 == p.size
                     && Digest::of(&bytes) == p.blake3
                 {
@@ -1093,17 +1278,9 @@ impl Recipient {
                 }
             };
             let update = Update { head: reply.clone(), body };
-            let (_, _, previous) = self.state.db.applied()?;
-            let mut scan = || self.scan_tree_saving(false);
-            let step = engine::recipient::on_whole(
-                &view,
-                &update,
-                &key,
-                &mut scan,
-                &previous,
-                self.cfg.recipient.on_extra,
-                now,
-            )?;
+            let (_, _, previous) = self.state.db.sub(&tree.channel)?.applied()?;
+            let mut scan = || self.scan_tree_saving(&tree, false);
+            let step = engine::recipient::on_whole(&view, &update, &key, &mut scan, &previous, tree.on_extra, now)?;
             out.push(match step {
                 WholeStep::Refused(r) => refused(r),
                 WholeStep::Current { generation, .. } => Preview::Current { generation },
@@ -1145,27 +1322,52 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 /// State failures.
 pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
-    let (generation, root) = db.applied_root()?;
-    let sub = db.subscription()?;
+    let subscriptions =
+        cfg.subscriptions.iter().map(|t| subscription_status(&db, cfg, t)).collect::<Result<Vec<_>>>()?;
+    let main = subscriptions[0].clone();
     Ok(RecipientStatus {
         role: "recipient",
         name: cfg.recipient.name.clone(),
-        data: cfg.recipient.data.clone(),
-        generation,
-        root: root.map(|r| r.to_hex()),
-        last_request_at: sub.last_request_at,
-        last_reply_at: sub.last_reply_at,
-        outstanding: db.outstanding_count()?,
+        data: main.data.clone(),
+        generation: main.generation,
+        root: main.root.clone(),
+        last_request_at: main.last_request_at,
+        last_reply_at: main.last_reply_at,
+        outstanding: main.outstanding,
         rejected: db.rejection_count()?,
-        interrupted_apply: Journal::path(&cfg.state_dir).exists(),
+        interrupted_apply: subscriptions.iter().any(|s| s.interrupted_apply),
         outbox: Outbox::status(&db)?,
-        previous_generation: db.previous()?.map(|p| p.generation),
-        rollback_held: db.rollback_hold()?,
-        stale: stale_since(&db, cfg)?.is_some(),
+        previous_generation: main.previous_generation,
+        rollback_held: main.rollback_held,
+        stale: subscriptions.iter().any(|s| s.stale),
         stale_after: cfg.recipient.stale_after().as_secs(),
         transport: super::TransportStatus::read(&db)?,
         key_id: read_key_file(&cfg.recipient.key_file).ok().map(|k| k.id()),
         owner_public_key: cfg.recipient.owner_public_key.clone(),
+        channel: main.channel.clone(),
+        standing: main.standing.clone(),
+        subscriptions,
+    })
+}
+
+fn subscription_status(db: &Db, cfg: &RecipientConfig, tree: &Subscription) -> Result<SubscriptionStatus> {
+    let sdb = db.sub(&tree.channel)?;
+    let (generation, root) = sdb.applied_root()?;
+    let sub = sdb.subscription()?;
+    Ok(SubscriptionStatus {
+        channel: tree.channel.clone(),
+        data: tree.data.clone(),
+        generation,
+        root: root.map(|r| r.to_hex()),
+        last_request_at: sub.last_request_at,
+        last_reply_at: sub.last_reply_at,
+        outstanding: sdb.outstanding_count()?,
+        interrupted_apply: Journal::path(&tree.dir).exists(),
+        previous_generation: sdb.previous()?.map(|p| p.generation),
+        rollback_held: sdb.rollback_hold()?,
+        stale: stale_since(db, cfg, tree)?.is_some(),
+        standing: sub.standing,
+        pinned: sub.pinned,
     })
 }
 
@@ -1174,8 +1376,8 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
 ///
 /// # Errors
 /// State failures.
-pub fn stale_since(db: &Db, cfg: &RecipientConfig) -> Result<Option<std::time::Duration>> {
-    let since = db.subscription()?.last_reply_at.or(db.created_at()?);
+pub fn stale_since(db: &Db, cfg: &RecipientConfig, tree: &Subscription) -> Result<Option<std::time::Duration>> {
+    let since = db.sub(&tree.channel)?.subscription()?.last_reply_at.or(db.created_at()?);
     let Some(since) = since else { return Ok(None) };
     let quiet = std::time::Duration::from_secs(now().saturating_sub(since));
     // Times are whole seconds: stale once the quiet reaches `stale-after`.
@@ -1188,15 +1390,24 @@ pub fn stale_since(db: &Db, cfg: &RecipientConfig) -> Result<Option<std::time::D
 /// # Errors
 /// State failures.
 pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
-    let Some(quiet) = stale_since(db, cfg)? else { return Ok(false) };
+    let mut stale = false;
+    for tree in &cfg.subscriptions {
+        stale |= notice_tree_staleness(db, cfg, tree)?;
+    }
+    Ok(stale)
+}
+
+fn notice_tree_staleness(db: &Db, cfg: &RecipientConfig, tree: &Subscription) -> Result<bool> {
+    let Some(quiet) = stale_since(db, cfg, tree)? else { return Ok(false) };
     let r = &cfg.recipient;
     warn!(
+        channel = %tree.channel,
         quiet = %humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
         "no fresh reply from the owner for longer than stale-after ({}): updates may be withheld",
         humantime::format_duration(r.stale_after())
     );
     let Some(admin) = &r.admin_address else { return Ok(true) };
-    if db.subscription()?.stale_notified_at.is_some() {
+    if db.sub(&tree.channel)?.subscription()?.stale_notified_at.is_some() {
         return Ok(true);
     }
     let text = format!(
@@ -1204,7 +1415,7 @@ pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
          Its stale-after is {}. Updates may be withheld, or mail between the sites is failing.\n\
          Run `mailferry status --config {}` on the recipient for details.\n",
         r.name,
-        r.data.display(),
+        tree.data.display(),
         r.owner_address,
         humantime::format_duration(std::time::Duration::from_secs(quiet.as_secs())),
         humantime::format_duration(r.stale_after()),
@@ -1217,8 +1428,8 @@ pub fn notice_staleness(db: &Db, cfg: &RecipientConfig) -> Result<bool> {
         .text_body(text)
         .write_to_vec()?;
     db.transaction(|db| {
-        db.outbox_put(&format!("stale-notice-{}", now()), &r.address, admin, &raw)?;
-        db.set_stale_notified(Some(now()))
+        db.outbox_put(&format!("stale-notice-{}-{}", tree.channel, now()), &r.address, admin, &raw)?;
+        db.sub(&tree.channel)?.set_stale_notified(Some(now()))
     })?;
     Ok(true)
 }
@@ -1255,8 +1466,8 @@ impl Role for Recipient {
 }
 
 impl Recipient {
-    fn view(&self) -> View<'_> {
-        View { db: &self.state.db, name: &self.cfg.recipient.name, key: &self.key }
+    fn view<'a>(&'a self, tree: &'a Subscription) -> View<'a> {
+        View { db: &self.state.db, sub: &tree.channel, name: &self.cfg.recipient.name, key: &self.key }
     }
 
     /// What the recipient expects of a message: replies, under its pinned owner key if it has one; its
@@ -1274,6 +1485,7 @@ impl Recipient {
 /// The recipient's state as the engine reads it.
 struct View<'a> {
     db: &'a Db,
+    sub: &'a str,
     name: &'a str,
     key: &'a Key,
 }
@@ -1288,8 +1500,8 @@ impl RecipientView for View<'_> {
     }
 
     fn previous_key(&self, now: u64) -> Result<Option<Key>> {
-        let sub = self.db.subscription()?;
-        let (Some(hex), Some(until)) = (sub.previous_key, sub.previous_key_until) else { return Ok(None) };
+        let keys = self.db.keys()?;
+        let (Some(hex), Some(until)) = (keys.previous_key, keys.previous_key_until) else { return Ok(None) };
         if now >= until {
             return Ok(None);
         }
@@ -1297,28 +1509,32 @@ impl RecipientView for View<'_> {
     }
 
     fn outstanding(&self, nonce: &Nonce) -> Result<Option<u64>> {
-        self.db.outstanding(&nonce.to_hex())
+        self.db.sub(self.sub)?.outstanding(&nonce.to_hex())
     }
 
     fn reply_applied(&self, reply_id: &ReplyId) -> Result<bool> {
-        self.db.reply_applied(reply_id)
+        self.db.sub(self.sub)?.reply_applied(reply_id)
+    }
+
+    fn channel(&self) -> &str {
+        self.sub
     }
 
     fn applied(&self) -> Result<Applied> {
-        let sub = self.db.subscription()?;
+        let sub = self.db.sub(self.sub)?.subscription()?;
         let root = sub.applied_root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
         Ok(Applied { generation: sub.applied_generation, root, key_id: sub.applied_key_id })
     }
 
     fn rollback_hold(&self) -> Result<Option<u64>> {
-        self.db.rollback_hold()
+        self.db.sub(self.sub)?.rollback_hold()
     }
 
     fn last_seq(&self) -> Result<u64> {
-        Ok(self.db.subscription()?.seq)
+        Ok(self.db.sub(self.sub)?.subscription()?.seq)
     }
 
     fn has_parts(&self, reply_id: &ReplyId) -> Result<bool> {
-        Ok(!self.db.received_parts(reply_id)?.is_empty())
+        Ok(!self.db.sub(self.sub)?.received_parts(reply_id)?.is_empty())
     }
 }

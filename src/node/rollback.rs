@@ -31,7 +31,8 @@ use tracing::{info, warn};
 
 use super::Handled;
 use crate::apply::{Journal, JournalKind, OnExtra, Step, tree};
-use crate::db::Db;
+use crate::config::Subscription;
+use crate::db::{Db, Sub};
 use crate::manifest::{Digest, Entry, FileMeta, Manifest, Op, diff, ordered};
 use crate::path::RelPath;
 use crate::scan::Scan;
@@ -153,20 +154,21 @@ pub struct RolledBack {
 ///
 /// # Errors
 /// State or I/O failures; the journal then stays and the next run finishes.
-pub(crate) fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<()> {
+pub(crate) fn complete(db: &Db, tree: &Subscription, journal: &Journal) -> Result<()> {
     let JournalKind::Rollback { from } = journal.kind else {
         bail!("journal of reply {} is not a rollback", journal.reply_id)
     };
     let target = journal.target()?;
     db.transaction(|db| {
+        let db = db.sub(&tree.channel)?;
         if !db.reply_applied(&journal.reply_id)? {
             db.record_rollback(journal.generation, &target, &journal.reply_id, journal.ops, from)?;
         }
         Ok(())
     })?;
-    journal.finish(state_dir)?;
+    journal.finish(&tree.dir)?;
     if let Some(root) = journal.stage_dir.parent() {
-        tidy_staging(db, root);
+        tidy_staging(db.sub(&tree.channel)?, root);
     }
     info!(from, to = journal.generation, "rolled back; generation {from} and older are held back");
     Ok(())
@@ -176,7 +178,7 @@ pub(crate) fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<(
 ///
 /// # Errors
 /// State failures.
-pub fn release(db: &Db) -> Result<Option<u64>> {
+pub fn release(db: Sub<'_>) -> Result<Option<u64>> {
     let held = db.rollback_hold()?;
     db.set_rollback_hold(None)?;
     Ok(held)
@@ -189,15 +191,16 @@ pub fn release(db: &Db) -> Result<Option<u64>> {
 ///
 /// # Errors
 /// State failures.
-pub fn hold(db: &Db, generation: u64, nonce: &str, digest: &Digest) -> Result<Option<Handled>> {
+pub fn hold(all: &Db, db: Sub<'_>, generation: u64, nonce: &str, digest: &Digest) -> Result<Option<Handled>> {
     let Some(held) = db.rollback_hold()? else { return Ok(None) };
     if generation > held {
         return Ok(None);
     }
-    db.transaction(|db| {
+    all.transaction(|all| {
+        let db = all.sub(db.name())?;
         db.close_outstanding(nonce)?;
         db.mark_fresh_reply()?;
-        db.mark_seen(digest, "processed")
+        all.mark_seen(digest, "processed")
     })?;
     warn!(
         generation,
@@ -216,7 +219,7 @@ pub fn hold(db: &Db, generation: u64, nonce: &str, digest: &Digest) -> Result<Op
 ///
 /// # Errors
 /// State failures.
-pub fn keep_previous(db: &Db, journal: &Journal) -> Result<()> {
+pub fn keep_previous(db: Sub<'_>, journal: &Journal) -> Result<()> {
     let (applied, _, manifest) = db.applied()?;
     if journal.generation > applied {
         if applied > 0 {
@@ -238,7 +241,7 @@ pub fn keep_previous(db: &Db, journal: &Journal) -> Result<()> {
 /// applies and rollbacks, of failed stagings, and the store of the generation kept before. Only entries
 /// named like staging directories (32 hex digits) are touched, whatever else an operator keeps there.
 /// Failures are logged: a leftover directory costs space, not correctness.
-pub fn tidy_staging(db: &Db, root: &Path) {
+pub fn tidy_staging(db: Sub<'_>, root: &Path) {
     let keep = match db.previous() {
         Ok(p) => p.map(|p| p.store),
         Err(e) => {

@@ -43,6 +43,25 @@ pub const MAX_GENERATION: u64 = MAX_INTEGER;
 /// Largest `seq` of a request and `request-seq` of a reply ([`MAX_INTEGER`]).
 pub const MAX_SEQ: u64 = MAX_INTEGER;
 
+/// The channel of an owner that publishes one tree, and of every message that names none.
+pub const DEFAULT_CHANNEL: &str = "default";
+
+/// Whether `name` may name a channel (or a group): 1–64 letters, digits, `-`, `_` and `.`, not starting
+/// with `.` or `-`.
+pub fn valid_channel_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !name.starts_with(['.', '-'])
+}
+
+fn default_channel() -> String {
+    DEFAULT_CHANNEL.to_owned()
+}
+
+fn is_default_channel(c: &str) -> bool {
+    c == DEFAULT_CHANNEL
+}
+
 // The lists an attacker controls are read through [`bounded::seq`], which counts their elements as
 // they stream in (see [`bounded`]).
 fn inventory_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
@@ -105,9 +124,12 @@ pub struct Request {
     pub kind: Kind,
     /// The recipient's registered name.
     pub recipient: String,
+    /// The channel whose tree this request describes (absent: [`DEFAULT_CHANNEL`]).
+    #[serde(default = "default_channel", skip_serializing_if = "is_default_channel")]
+    pub channel: String,
     /// Fresh random value the reply must echo.
     pub nonce: Nonce,
-    /// Per-recipient counter, strictly increasing.
+    /// Per-recipient and per-channel counter, strictly increasing.
     pub seq: u64,
     /// Seconds since the Unix epoch when the request was made (a hint; freshness comes from the nonce).
     pub created: u64,
@@ -199,6 +221,9 @@ pub struct Reply {
     pub kind: Kind,
     /// The recipient this reply is for.
     pub recipient: String,
+    /// The channel it brings (absent: [`DEFAULT_CHANNEL`]); always the request's.
+    #[serde(default = "default_channel", skip_serializing_if = "is_default_channel")]
+    pub channel: String,
     /// The nonce of the request answered.
     pub nonce: Nonce,
     /// The seq of the request answered.
@@ -235,6 +260,48 @@ pub struct Reply {
     /// reply referred to (asking for its parts again if they were lost), or asks `fresh`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub same_as: Option<SameAs>,
+    /// The owner will not send this channel to this recipient (or not now): the reply carries no
+    /// operations and changes nothing but what the recipient shows. Its `generation` and `root` are the
+    /// request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing: Option<Standing>,
+    /// The recipient is pinned at this generation of the channel: it is brought there and no further.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<u64>,
+}
+
+/// Why the owner answers a request without an update (`docs/protocol.md` §4.4). A channel that does not
+/// exist and one that exists without a grant get the same answer: a recipient learns nothing of channels
+/// it may not have.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Standing {
+    /// No grant reaches this recipient for the channel.
+    NotEntitled,
+    /// Its grants ended: the last valid day was `on` (`YYYY-MM-DD`, UTC).
+    Expired {
+        /// The last day of the grant.
+        on: String,
+    },
+    /// The owner suspended this recipient.
+    Suspended,
+    /// The recipient has a generation newer than the one it is pinned at: nothing is sent until the pin
+    /// moves.
+    Pinned {
+        /// The generation it is pinned at.
+        at: u64,
+    },
+}
+
+impl fmt::Display for Standing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Standing::NotEntitled => f.write_str("not-entitled"),
+            Standing::Expired { on } => write!(f, "expired on {on}"),
+            Standing::Suspended => f.write_str("suspended"),
+            Standing::Pinned { at } => write!(f, "pinned at {at}"),
+        }
+    }
 }
 
 /// The earlier reply a reference reply points to.
@@ -398,6 +465,9 @@ pub struct Receipt {
     pub kind: Kind,
     /// The recipient's registered name.
     pub recipient: String,
+    /// The channel of the reply acknowledged (absent: [`DEFAULT_CHANNEL`]).
+    #[serde(default = "default_channel", skip_serializing_if = "is_default_channel")]
+    pub channel: String,
     /// The nonce of the request whose reply this acknowledges.
     pub nonce: Nonce,
     /// The reply acknowledged.
@@ -731,6 +801,14 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
         Kind::Receipt => Control::Receipt(bounded::decode(|| Ok(bytes), max, limits, "receipt control part")?),
     };
     check_integers(&control)?;
+    let channel = match &control {
+        Control::Request(r) => &r.channel,
+        Control::Reply(r) => &r.channel,
+        Control::Receipt(r) => &r.channel,
+    };
+    if !valid_channel_name(channel) {
+        return Err(Refusal::new(Reason::Malformed, format!("channel name {channel:?} is not valid")));
+    }
     match &control {
         Control::Request(r) => {
             if r.inventory_kind == InventoryKind::Full && !r.removed.is_empty() {
@@ -766,6 +844,42 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
 
 /// The numbers of a control part are at most [`MAX_INTEGER`]; sizes and offsets of a reply are bounded
 /// further by the limits ([`check_reply_shape`]).
+/// Whether `s` is a date written `YYYY-MM-DD` (the form grants expire on).
+pub fn valid_date(s: &str) -> bool {
+    parse_date(s).is_some()
+}
+
+/// The Unix time of midnight UTC starting day `s` (`YYYY-MM-DD`), if it is a real date from 1970 to 9999.
+pub fn parse_date(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let t = &s[r];
+        t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok()).flatten()
+    };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if y < 1970 || !(1..=12).contains(&m) || d == 0 || d > days_in[m as usize - 1] {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), for the proleptic Gregorian calendar.
+    let (y, m, d) = (i64::from(y) - i64::from(m <= 2), i64::from(m), i64::from(d));
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(((era * 146_097 + doe - 719_468) * 86_400) as u64)
+}
+
+/// The date (`YYYY-MM-DD`, UTC) of Unix time `t`.
+pub fn format_date(t: u64) -> String {
+    let s = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string();
+    s[..10].to_owned()
+}
+
 fn check_integers(control: &Control) -> Result<(), Refusal> {
     let fields: Vec<(&str, u64)> = match control {
         Control::Request(r) => {
@@ -773,7 +887,19 @@ fn check_integers(control: &Control) -> Result<(), Refusal> {
             let payload = r.inventory_payload.as_ref().map_or(0, |p| p.size);
             vec![("seq", r.seq), ("created", r.created), ("generation", r.generation), ("payload size", payload)]
         }
-        Control::Reply(r) => vec![("request-seq", r.request_seq), ("created", r.created), ("generation", r.generation)],
+        Control::Reply(r) => {
+            let at = match &r.standing {
+                Some(Standing::Pinned { at }) => *at,
+                _ => 0,
+            };
+            vec![
+                ("request-seq", r.request_seq),
+                ("created", r.created),
+                ("generation", r.generation),
+                ("pinned", r.pinned.unwrap_or(0)),
+                ("pinned at", at),
+            ]
+        }
         Control::Receipt(r) => vec![("created", r.created), ("generation", r.generation)],
     };
     match fields.iter().find(|(_, v)| *v > MAX_INTEGER) {
@@ -785,6 +911,20 @@ fn check_integers(control: &Control) -> Result<(), Refusal> {
 fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     if !valid_reply_id(r.reply_id.as_str()) {
         return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
+    }
+    if let Some(standing) = &r.standing {
+        // An answer without an update carries nothing to apply or take up.
+        if r.same_as.is_some() || r.rekey.is_some() || r.need_full_inventory || r.parts != 1 {
+            return Err(Refusal::new(
+                Reason::Malformed,
+                format!("a {standing} reply has one part and no same-as, rekey or need-full-inventory"),
+            ));
+        }
+        if let Standing::Expired { on } = standing
+            && !valid_date(on)
+        {
+            return Err(Refusal::new(Reason::Malformed, format!("expiry date {on:?} is not YYYY-MM-DD")));
+        }
     }
     if let Some(same) = &r.same_as {
         // The id names a directory of kept parts, and the count a resend to ask for: both are bounded.
@@ -1044,6 +1184,9 @@ mod tests {
             mailferry: VERSION,
             kind: Kind::Reply,
             recipient: "site1".into(),
+            channel: DEFAULT_CHANNEL.into(),
+            standing: None,
+            pinned: None,
             nonce: Nonce([7; 16]),
             request_seq: 3,
             reply_id: ReplyId::unchecked("0123456789abcdef0123456789abcdef"),
@@ -1290,6 +1433,7 @@ mod tests {
             mailferry: VERSION,
             kind: Kind::Request,
             recipient: "site1".into(),
+            channel: DEFAULT_CHANNEL.into(),
             nonce: Nonce([1; 16]),
             seq: 1,
             created: 0,

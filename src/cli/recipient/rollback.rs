@@ -21,6 +21,9 @@ pub struct RollbackCommand {
     /// Only end the hold of an earlier rollback: the held generation may be applied again.
     #[arg(long)]
     release: bool,
+    /// The channel whose tree to roll back (default: the `[recipient]` tree's).
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
 }
 
 /// What `--release` did.
@@ -85,11 +88,13 @@ impl RollbackCommand {
     pub fn execute(self) -> Result<Exit> {
         let cfg = self.config.recipient()?;
         let config = cfg.path.clone();
+        let channel = self.channel.unwrap_or_else(|| cfg.main().channel.clone());
         let mut r = Recipient::open_as_is(cfg)?;
+        let tree = r.sub(&channel)?;
         if self.release {
-            Output::human().print(&Released { generation: rollback::release(r.db())? })?;
+            Output::human().print(&Released { generation: rollback::release(r.db().sub(&tree.channel)?)? })?;
         } else {
-            let done = r.rollback()?;
+            let done = r.rollback_channel(&tree.channel)?;
             Output::human().print(&RolledBack {
                 from: done.from,
                 to: done.to,

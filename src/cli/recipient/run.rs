@@ -61,6 +61,7 @@ impl Render for Previewed {
                 writeln!(out, "generation {generation}: held back by a local rollback; it would not be applied")
             }
             Preview::Refused { reason, detail } => writeln!(out, "would be refused ({reason}): {detail}"),
+            Preview::Standing { standing } => writeln!(out, "the owner answers without an update: {standing}"),
         }
     }
 }
