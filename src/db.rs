@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::crypto::KeyId;
-pub use crate::engine::owner::{LearnedLimit, SentMessage};
+pub use crate::engine::owner::{LearnedLimit, SentMessage, SentReply};
 use crate::manifest::{Digest, Listed, Manifest};
 use crate::protocol::envelope::Hints;
 use crate::protocol::{Refusal, ReplyId};
@@ -814,7 +814,15 @@ impl Db {
         self.conn.execute(
             "INSERT INTO generations (channel, number, root, created, files, bytes, manifest)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![channel, number as i64, m.root().to_hex(), now() as i64, files as i64, bytes as i64, pack_manifest(m)?],
+            params![
+                channel,
+                number as i64,
+                m.root().to_hex(),
+                now() as i64,
+                files as i64,
+                bytes as i64,
+                pack_manifest(m)?
+            ],
         )?;
         Ok(number)
     }
@@ -844,7 +852,8 @@ impl Db {
     }
 
     fn generations_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<GenerationRow>> {
-        let mut st = self.conn.prepare(&format!("SELECT number, root, created, files, bytes FROM generations {clause}"))?;
+        let mut st =
+            self.conn.prepare(&format!("SELECT number, root, created, files, bytes FROM generations {clause}"))?;
         let rows = st.query_map(p, |r| {
             Ok((
                 r.get::<_, i64>(0)?,
@@ -1083,10 +1092,7 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn forget_keys(&self) -> Result<()> {
-        self.conn.execute(
-            "UPDATE node SET previous_key = NULL, previous_key_until = NULL, pending_key = NULL",
-            [],
-        )?;
+        self.conn.execute("UPDATE node SET previous_key = NULL, previous_key_until = NULL, pending_key = NULL", [])?;
         Ok(())
     }
 
@@ -1174,11 +1180,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn answered_for(
-        &self,
-        recipient: &str,
-        nonce: &str,
-    ) -> Result<Option<(ReplyId, u64, Option<Digest>, String)>> {
+    pub fn answered_for(&self, recipient: &str, nonce: &str) -> Result<Option<SentReply>> {
         let row = self
             .conn
             .query_row(
@@ -1194,9 +1196,9 @@ impl Db {
                 },
             )
             .optional()?;
-        row.map(|(id, g, root, channel)| {
+        row.map(|(reply_id, generation, root, channel)| {
             let root = root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?;
-            Ok((id, g, root, channel))
+            Ok(SentReply { reply_id, generation, root, channel })
         })
         .transpose()
     }
@@ -1597,7 +1599,6 @@ impl Db {
             .conn
             .execute("DELETE FROM sent_parts WHERE reply_id = ?1 OR created < ?2", params![reply_id, cutoff])?)
     }
-
 }
 
 #[cfg(test)]
@@ -1660,9 +1661,9 @@ mod tests {
         assert!(!db.suspended("site1").unwrap());
         assert_eq!(db.key_rotation("site1").unwrap().unwrap().key_id, "c6dc7da7e7f1f2d6");
         // Replies recorded by the first release get the root of the generation they brought.
-        let (reply_id, generation, root, channel) =
-            db.answered_for("site1", "87a716c67a7bc3ea150eac524f3be194").unwrap().unwrap();
-        assert_eq!(channel, "default");
+        let sent = db.answered_for("site1", "87a716c67a7bc3ea150eac524f3be194").unwrap().unwrap();
+        let (reply_id, generation, root) = (sent.reply_id, sent.generation, sent.root);
+        assert_eq!(sent.channel, "default");
         assert_eq!((reply_id.as_str(), generation), ("8db5a1a0e8b4c22675131103358015c7", 1));
         assert_eq!(root.map(|r| r.short()), Some("4abc1472930a".to_owned()));
         assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);

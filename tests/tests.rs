@@ -19,6 +19,8 @@ mod keys;
 mod units;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
 mod ops;
+// Channels, groups, grants, expiry, pins, suspension: each site gets exactly what it is entitled to.
+mod channels;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.

@@ -124,7 +124,9 @@ pub fn summary_words(r: &RunReport) -> String {
             }
             Handled::PartKept { .. } => kept_parts += 1,
             Handled::Current { generation } => said.push(format!("generation {generation} is current")),
-            Handled::Standing { channel, standing } => said.push(format!("the owner answers for {channel:?}: {standing}")),
+            Handled::Standing { channel, standing } => {
+                said.push(format!("the owner answers for {channel:?}: {standing}"))
+            }
             Handled::Referred { reply_id } => said.push(format!("the owner refers to reply {reply_id}, sent before")),
             Handled::Bounced { status } => said.push(format!("read a delivery report ({status})")),
             Handled::Held { generation, .. } => {

@@ -128,6 +128,7 @@ pub fn recipient_attention(s: &RecipientStatus) -> bool {
         || s.stale
         || s.rollback_held.is_some()
         || s.key_id.is_none()
+        || s.subscriptions.iter().any(|t| t.refused() || t.rollback_held.is_some() || t.interrupted_apply)
 }
 
 impl Render for OwnerStatus {
@@ -236,6 +237,27 @@ impl Render for RecipientStatus {
                 "STALE: no fresh reply from the owner for longer than stale-after ({}); updates may be withheld",
                 humantime::format_duration(Duration::from_secs(s.stale_after))
             )?;
+        }
+        if s.subscriptions.len() > 1 || s.subscriptions.iter().any(|t| t.standing.is_some() || t.pinned.is_some()) {
+            writeln!(out, "channels:")?;
+            for t in &s.subscriptions {
+                let generation =
+                    if t.generation == 0 { "none applied".into() } else { format!("generation {}", t.generation) };
+                let mut notes = Vec::new();
+                if let Some(st) = &t.standing {
+                    notes.push(if t.refused() { st.to_uppercase() } else { st.clone() });
+                } else if let Some(p) = t.pinned {
+                    notes.push(format!("pinned at {p}"));
+                }
+                if let Some(h) = t.rollback_held {
+                    notes.push(format!("held at {h}"));
+                }
+                if t.stale {
+                    notes.push("stale".into());
+                }
+                let notes = if notes.is_empty() { String::new() } else { format!(" [{}]", notes.join(", ")) };
+                writeln!(out, "  {:<16} {generation} in `{}`{notes}", t.channel, t.data.display())?;
+            }
         }
         Ok(())
     }

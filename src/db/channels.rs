@@ -109,7 +109,8 @@ impl Db {
     }
 
     fn channels_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<ChannelRow>> {
-        let mut st = self.conn.prepare(&format!("SELECT name, source, created, open, encrypt FROM channels {clause}"))?;
+        let mut st =
+            self.conn.prepare(&format!("SELECT name, source, created, open, encrypt FROM channels {clause}"))?;
         let rows = st.query_map(p, |r| {
             Ok(ChannelRow {
                 name: r.get(0)?,
@@ -164,8 +165,9 @@ impl Db {
     /// # Errors
     /// Not a member, or SQLite errors.
     pub fn leave_group(&self, group: &str, recipient: &str) -> Result<()> {
-        let n =
-            self.conn.execute("DELETE FROM group_members WHERE grp = ?1 AND recipient = ?2", params![group, recipient])?;
+        let n = self
+            .conn
+            .execute("DELETE FROM group_members WHERE grp = ?1 AND recipient = ?2", params![group, recipient])?;
         if n == 0 {
             bail!("{recipient:?} is not in group {group:?}");
         }
@@ -182,7 +184,8 @@ impl Db {
         names
             .into_iter()
             .map(|name| {
-                let mut st = self.conn.prepare("SELECT recipient FROM group_members WHERE grp = ?1 ORDER BY recipient")?;
+                let mut st =
+                    self.conn.prepare("SELECT recipient FROM group_members WHERE grp = ?1 ORDER BY recipient")?;
                 let members = st.query_map([&name], |r| r.get(0))?.collect::<Result<_, _>>()?;
                 let grants = self.grants_where("WHERE grp = ?1 ORDER BY channel", [&name])?;
                 Ok(GroupRow { name, members, grants })

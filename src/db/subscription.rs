@@ -94,7 +94,9 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn set_need_full_inventory(&self, on: bool) -> Result<()> {
-        self.db.conn.execute("UPDATE subscriptions SET need_full_inventory = ?1 WHERE name = ?2", params![on, self.name])?;
+        self.db
+            .conn
+            .execute("UPDATE subscriptions SET need_full_inventory = ?1 WHERE name = ?2", params![on, self.name])?;
         Ok(())
     }
 
@@ -134,7 +136,8 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn wanted_replies(&self) -> Result<Vec<(ReplyId, String, u32)>> {
-        let mut st = self.db.conn.prepare("SELECT reply_id, nonce, parts FROM wanted_replies WHERE subscription = ?1")?;
+        let mut st =
+            self.db.conn.prepare("SELECT reply_id, nonce, parts FROM wanted_replies WHERE subscription = ?1")?;
         let rows = st.query_map([self.name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -160,8 +163,10 @@ impl Sub<'_> {
             "INSERT INTO outstanding (nonce, seq, sent_at, subscription) VALUES (?1, ?2, ?3, ?4)",
             params![nonce, seq as i64, now() as i64, self.name],
         )?;
-        self.db.conn
-            .execute("UPDATE subscriptions SET last_request_at = ?1 WHERE name = ?2", params![now() as i64, self.name])?;
+        self.db.conn.execute(
+            "UPDATE subscriptions SET last_request_at = ?1 WHERE name = ?2",
+            params![now() as i64, self.name],
+        )?;
         Ok(())
     }
 
@@ -173,7 +178,9 @@ impl Sub<'_> {
         Ok(self
             .db
             .conn
-            .query_row("SELECT seq FROM outstanding WHERE nonce = ?1 AND subscription = ?2", [nonce, self.name], |r| r.get::<_, i64>(0))
+            .query_row("SELECT seq FROM outstanding WHERE nonce = ?1 AND subscription = ?2", [nonce, self.name], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()?
             .map(|v| v as u64))
     }
@@ -186,7 +193,9 @@ impl Sub<'_> {
         Ok(self
             .db
             .conn
-            .query_row("SELECT max(sent_at) FROM outstanding WHERE subscription = ?1", [self.name], |r| r.get::<_, Option<i64>>(0))?
+            .query_row("SELECT max(sent_at) FROM outstanding WHERE subscription = ?1", [self.name], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
             .map(|v| v as u64))
     }
 
@@ -195,7 +204,9 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn outstanding_count(&self) -> Result<u64> {
-        Ok(self.db.conn.query_row("SELECT count(*) FROM outstanding WHERE subscription = ?1", [self.name], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.db.conn.query_row("SELECT count(*) FROM outstanding WHERE subscription = ?1", [self.name], |r| {
+            r.get::<_, i64>(0)
+        })? as u64)
     }
 
     /// Marks a request answered: its nonce is no longer accepted.
@@ -248,7 +259,9 @@ impl Sub<'_> {
         let data: Option<Vec<u8>> = self
             .db
             .conn
-            .query_row("SELECT data FROM manifests WHERE subscription = ?1 AND name = ?2", [self.name, name], |r| r.get(0))
+            .query_row("SELECT data FROM manifests WHERE subscription = ?1 AND name = ?2", [self.name, name], |r| {
+                r.get(0)
+            })
             .optional()?;
         data.map(|d| unpack_manifest(&d)).transpose()
     }
@@ -411,7 +424,8 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn received_parts(&self, reply_id: &ReplyId) -> Result<Vec<(u32, Vec<u8>)>> {
-        let mut st = self.db.conn.prepare("SELECT part, control FROM received_parts WHERE reply_id = ?1 ORDER BY part")?;
+        let mut st =
+            self.db.conn.prepare("SELECT part, control FROM received_parts WHERE reply_id = ?1 ORDER BY part")?;
         let rows = st.query_map([reply_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -141,7 +141,11 @@ pub fn entitlement(a: &Access, now: u64) -> Entitlement {
 
 /// Whether a grant's selector admits a recipient with these facts and tags. A selector that does not
 /// parse admits nobody (the owner's commands refuse to store one).
-fn selector_matches(selector: &str, facts: Option<&crate::registration::Facts>, tags: &std::collections::BTreeSet<String>) -> bool {
+fn selector_matches(
+    selector: &str,
+    facts: Option<&crate::registration::Facts>,
+    tags: &std::collections::BTreeSet<String>,
+) -> bool {
     crate::registration::Selector::parse(selector).is_ok_and(|s| s.matches(facts, tags))
 }
 

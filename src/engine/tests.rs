@@ -153,14 +153,7 @@ impl OwnerView for MemOwner {
     fn last_request_created(&self, _: &str, _: &str) -> Result<Option<u64>> {
         Ok(self.last_created)
     }
-    fn repeat_of(
-        &self,
-        _: &str,
-        _: &str,
-        base: &Digest,
-        generation: u64,
-        _: bool,
-    ) -> Result<Option<protocol::SameAs>> {
+    fn repeat_of(&self, _: &str, _: &str, base: &Digest, generation: u64, _: bool) -> Result<Option<protocol::SameAs>> {
         Ok(self.earlier.clone().filter(|_| *base == site_tree().root() && generation == 2))
     }
 }
@@ -176,10 +169,8 @@ fn new_tree() -> Manifest {
 /// An owner with recipient `site1` (key 1, last seq 4) and generations 1 (the site's tree) and 2.
 fn owner_world() -> MemOwner {
     let mut w = MemOwner::default();
-    w.recipients.insert(
-        "site1".into(),
-        Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1) },
-    );
+    w.recipients
+        .insert("site1".into(), Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1) });
     w.last_seq.insert(("site1".into(), "default".into()), 4);
     w.access.insert("default".into(), Access { channel: Some(ChannelAccess { open: true }), ..Access::default() });
     for (n, m) in [(1, site_tree()), (2, new_tree())] {
@@ -349,13 +340,12 @@ fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
 
 fn owner_with_history() -> MemOwner {
     let mut w = owner_world();
-    let sent =
-        SentReply {
-            reply_id: ReplyId::unchecked("ab".repeat(16)),
-            generation: 2,
-            root: Some(new_tree().root()),
-            channel: "default".into(),
-        };
+    let sent = SentReply {
+        reply_id: ReplyId::unchecked("ab".repeat(16)),
+        generation: 2,
+        root: Some(new_tree().root()),
+        channel: "default".into(),
+    };
     w.answered.insert(Nonce([9; 16]), ("site1".into(), sent.clone()));
     w.answered.insert(Nonce([8; 16]), ("site1".into(), sent));
     w
@@ -463,11 +453,8 @@ fn r8_entitlement_follows_grants_expiry_pins_and_suspension() {
     let day = 1_796_083_200;
     let open = Some(ChannelAccess { open: true });
     let closed = Some(ChannelAccess { open: false });
-    let grant = |until: Option<&str>, pin: Option<u64>| GrantAccess {
-        until: until.map(str::to_owned),
-        pin,
-        selector: None,
-    };
+    let grant =
+        |until: Option<&str>, pin: Option<u64>| GrantAccess { until: until.map(str::to_owned), pin, selector: None };
     let granted = |pin| Entitlement::Granted { pin };
     let denied = Entitlement::Denied;
     let cases: Vec<(&str, Access, Entitlement)> = vec![
@@ -480,11 +467,7 @@ fn r8_entitlement_follows_grants_expiry_pins_and_suspension() {
         ),
         ("closed_without_grant", Access { channel: closed, ..Access::default() }, denied(Standing::NotEntitled)),
         ("open_without_grant", Access { channel: open, ..Access::default() }, granted(None)),
-        (
-            "granted",
-            Access { channel: closed, grants: vec![grant(None, None)], ..Access::default() },
-            granted(None),
-        ),
+        ("granted", Access { channel: closed, grants: vec![grant(None, None)], ..Access::default() }, granted(None)),
         (
             "valid_through_its_last_day",
             Access { channel: closed, grants: vec![grant(Some("2026-12-01"), None)], ..Access::default() },
@@ -561,7 +544,8 @@ fn r8_a_request_without_entitlement_gets_an_answer_that_says_so_and_carries_noth
     let Outcome::Answer(again) = owner_step(&w, &raw) else { panic!("answered") };
     assert_eq!(again.standing, plan.standing);
     let mut rng = SeededEntropy::new(1);
-    let head = owner::reply_head(&again, &mut rng, NOW, Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) });
+    let head =
+        owner::reply_head(&again, &mut rng, NOW, Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) });
     assert_eq!(head.channel, "sigdb");
     assert!(!head.need_full_inventory, "an answer without an update asks for nothing");
     // A suspended recipient is told so even for the open default channel.

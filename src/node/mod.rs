@@ -12,6 +12,7 @@
 //! - Outgoing mail goes through the [`Outbox`] first and leaves it only when the transport accepted it.
 
 pub mod compose;
+pub mod grants;
 pub mod owner;
 pub mod pack;
 pub mod recipient;

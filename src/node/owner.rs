@@ -26,7 +26,7 @@ use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportCon
 use crate::crypto::{Key, KeyId, Nonce, SigningKey};
 use crate::db::{Answered, ChannelRow, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
 use crate::engine::owner::{
-    Access, AnswerPlan, Budget, ChannelAccess, Effect, GrantAccess, Generation, Outcome, OwnerKeys, OwnerPolicy,
+    Access, AnswerPlan, Budget, ChannelAccess, Effect, Generation, GrantAccess, Outcome, OwnerKeys, OwnerPolicy,
     OwnerView, Registered, ReportOutcome, ResendPlan, Rotation, SentReply, Spent,
 };
 use crate::engine::{self, Entropy, verify};
@@ -654,7 +654,7 @@ impl Owner {
         }
     }
 
-    fn view(&self) -> View<'_> {
+    pub(crate) fn view(&self) -> View<'_> {
         View { db: &self.state.db, manifests: &self.manifests }
     }
 
@@ -780,7 +780,7 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
 }
 
 /// The owner's state as the engine reads it. Generation manifests are decoded once and cached.
-struct View<'a> {
+pub(crate) struct View<'a> {
     db: &'a Db,
     manifests: &'a RefCell<HashMap<(String, u64), Arc<Manifest>>>,
 }
@@ -855,12 +855,7 @@ impl OwnerView for View<'_> {
     }
 
     fn answered_for(&self, recipient: &str, nonce: &Nonce) -> Result<Option<SentReply>> {
-        Ok(self.db.answered_for(recipient, &nonce.to_hex())?.map(|(reply_id, generation, root, channel)| SentReply {
-            reply_id,
-            generation,
-            root,
-            channel,
-        }))
+        self.db.answered_for(recipient, &nonce.to_hex())
     }
 
     fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool> {

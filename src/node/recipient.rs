@@ -221,6 +221,69 @@ pub fn init_with(
     Ok(path)
 }
 
+/// What `recipient subscribe` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscribed {
+    /// The channel.
+    pub channel: String,
+    /// Its data tree.
+    pub data: PathBuf,
+}
+
+/// Adds a `[[subscription]]` to the recipient's config (`mailferry recipient subscribe`): the next run
+/// requests `channel` for the tree `data`. The config is rewritten whole (a temporary file, then a rename)
+/// and checked as it will be loaded before it replaces the old one; its comments and other tables stay.
+///
+/// # Errors
+/// A bad channel name, a channel subscribed already, a tree overlapping another or the state directory, or
+/// I/O failures; the config is unchanged then.
+pub fn subscribe(cfg: &RecipientConfig, channel: &str, data: &Path) -> Result<Subscribed> {
+    if cfg.subscription(channel).is_some() {
+        bail!("this recipient subscribes to channel {channel:?} already");
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("failed to create data tree `{}`", data.display()))?;
+    let data = std::path::absolute(data)?;
+    let text =
+        std::fs::read_to_string(&cfg.path).with_context(|| format!("failed to read `{}`", cfg.path.display()))?;
+    #[derive(Serialize)]
+    struct Table<'a> {
+        subscription: [&'a crate::config::SubscriptionSection; 1],
+    }
+    let section = crate::config::SubscriptionSection {
+        channel: channel.to_owned(),
+        data: data.clone(),
+        staging_dir: None,
+        on_extra: None,
+    };
+    let added = toml::to_string(&Table { subscription: [&section] })?;
+    let text = format!(
+        "{}
+
+{added}",
+        text.trim_end()
+    );
+    let dir = cfg.path.parent().context("the config file has no directory")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    // Checked as the next start will load it, before it replaces the config.
+    let checked = crate::config::NodeConfig::load(tmp.path()).and_then(|c| match c {
+        crate::config::NodeConfig::Recipient(r) => Ok(r),
+        crate::config::NodeConfig::Owner(_) => bail!("not a recipient config"),
+    });
+    let checked = checked.map_err(|e| e.context(format!("cannot subscribe to {channel:?}")))?;
+    let tree = checked.subscription(channel).context("the subscription did not load")?;
+    std::fs::create_dir_all(&tree.dir).with_context(|| format!("failed to create `{}`", tree.dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&cfg.path)?.permissions().mode();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    tmp.persist(&cfg.path).map_err(|e| e.error)?;
+    info!(channel, data = %data.display(), "subscribed");
+    Ok(Subscribed { channel: channel.to_owned(), data })
+}
+
 /// Takes up a new enrollment for this recipient (`mailferry recipient enroll`): its key replaces the key
 /// file at once, and the previous and pending keys are forgotten. The enrollment must be for this
 /// recipient (name, address, owner address) and pin the owner key the config pins. Returns the new key id.
@@ -351,13 +414,12 @@ impl Recipient {
         };
         let scan = self.scan_tree(&sub)?;
         let to = previous.generation;
-        let plan = super::rollback::plan(&scan, &current, &previous.manifest, sub.on_extra)
-            .map_err(|e| {
-                anyhow::format_err!(
-                    "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
+        let plan = super::rollback::plan(&scan, &current, &previous.manifest, sub.on_extra).map_err(|e| {
+            anyhow::format_err!(
+                "cannot roll back generation {applied} to {to}: {e}; let the next sync repair the tree (`mailferry \
                  recipient run --once`), or undo the change, then roll back"
-                )
-            })?;
+            )
+        })?;
         let id = Nonce::generate().to_hex();
         let stage_dir = self.staging_root(&sub)?.join(&id);
         let data = &sub.data;
@@ -682,7 +744,9 @@ impl Recipient {
             Some(r) => {
                 info!(channel = %tree.channel, seq, reply = %r.reply_id, parts = ?r.parts, bytes = raw.len(), "request queued, asking for lost parts again")
             }
-            None => info!(channel = %tree.channel, seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued"),
+            None => {
+                info!(channel = %tree.channel, seq, generation, entries = req.inventory.len(), bytes = raw.len(), "request queued")
+            }
         }
         Ok(true)
     }

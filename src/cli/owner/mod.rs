@@ -1,12 +1,17 @@
 //! `mailferry owner ...`: the commands of the node that publishes the authoritative tree.
 
 mod add_recipient;
+mod channel;
+mod grant;
+mod group;
 mod init;
 mod publish;
 mod reenroll;
 mod remove_recipient;
 mod rotate_key;
 mod run;
+mod show;
+mod suspend;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -32,6 +37,23 @@ pub enum OwnerCommand {
     Publish(publish::PublishCommand),
     /// Answer requests: once with --once, else until SIGINT/SIGTERM.
     Run(run::RunCommand),
+    /// Add, list or change channels: named trees, each with its own generations.
+    #[command(subcommand)]
+    Channel(channel::ChannelCommand),
+    /// Add groups of recipients and change who is in them.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Grant a channel to a group, optionally until a date, pinned to a generation, or for the recipients a
+    /// selector picks.
+    Grant(grant::GrantCommand),
+    /// Withdraw a group's grant of a channel.
+    Revoke(grant::RevokeCommand),
+    /// Suspend a recipient: it is answered "suspended" and sent nothing else.
+    Suspend(suspend::SuspendCommand),
+    /// Resume a suspended recipient.
+    Resume(suspend::SuspendCommand),
+    /// Show a recipient: its groups and what it is entitled to in each channel.
+    Show(show::ShowCommand),
 }
 
 impl OwnerCommand {
@@ -48,6 +70,13 @@ impl OwnerCommand {
             OwnerCommand::Reenroll(c) => c.execute(),
             OwnerCommand::Publish(c) => c.execute(),
             OwnerCommand::Run(c) => c.execute().await,
+            OwnerCommand::Channel(c) => c.execute(),
+            OwnerCommand::Group(c) => c.execute(),
+            OwnerCommand::Grant(c) => c.execute(),
+            OwnerCommand::Revoke(c) => c.execute(),
+            OwnerCommand::Suspend(c) => c.execute(true),
+            OwnerCommand::Resume(c) => c.execute(false),
+            OwnerCommand::Show(c) => c.execute(),
         }
     }
 }

@@ -14,6 +14,9 @@ use crate::cli::{ConfigArg, Exit};
 pub struct PublishCommand {
     #[command(flatten)]
     config: ConfigArg,
+    /// The channel to publish (default: the default channel, the config's `source`).
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
 }
 
 impl Render for Published {
@@ -45,7 +48,11 @@ impl PublishCommand {
     /// # Errors
     /// An unreadable source tree, store or state failures.
     pub fn execute(self) -> Result<Exit> {
-        let published = Owner::open(self.config.owner()?)?.publish()?;
+        let mut owner = Owner::open(self.config.owner()?)?;
+        let published = match &self.channel {
+            Some(c) => owner.publish_channel(c)?,
+            None => owner.publish()?,
+        };
         Output::human().print(&published)?;
         Ok(Exit::Success)
     }

@@ -4,6 +4,7 @@ mod enroll;
 mod init;
 mod rollback;
 mod run;
+mod subscribe;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -27,6 +28,8 @@ pub enum RecipientCommand {
     /// uses it up. Refused when nothing is kept, while an apply is interrupted, or when the tree has
     /// changed since the current generation was applied.
     Rollback(rollback::RollbackCommand),
+    /// Keep one more of the owner's channels, in a data tree of its own (a `[[subscription]]` in the config).
+    Subscribe(subscribe::SubscribeCommand),
 }
 
 impl RecipientCommand {
@@ -40,6 +43,7 @@ impl RecipientCommand {
             RecipientCommand::Enroll(c) => c.execute(),
             RecipientCommand::Run(c) => c.execute().await,
             RecipientCommand::Rollback(c) => c.execute(),
+            RecipientCommand::Subscribe(c) => c.execute(),
         }
     }
 }
