@@ -15,6 +15,7 @@ pub mod compose;
 pub mod owner;
 pub mod pack;
 pub mod recipient;
+pub mod registration;
 pub mod rollback;
 pub mod run;
 
