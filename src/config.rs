@@ -413,9 +413,8 @@ impl NodeConfig {
                 check_state_outside_data(&state_dir, &recipient.data)?;
                 for (key, value) in [("contact", &recipient.contact), ("update-timing", &recipient.update_timing)] {
                     if let Some(v) = value {
-                        crate::registration::check_fact(v).map_err(|e| {
-                            anyhow::format_err!("config file `{}`: {key}: {e}", path.display())
-                        })?;
+                        crate::registration::check_fact(v)
+                            .map_err(|e| anyhow::format_err!("config file `{}`: {key}: {e}", path.display()))?;
                     }
                 }
                 if let Some(k) = &recipient.owner_public_key {
@@ -468,7 +467,7 @@ pub fn check_state_outside_source(state_dir: &Path, source: &Path) -> Result<()>
 }
 
 /// The two paths, resolved, when one is inside the other (or they are the same directory).
-fn overlap(a: &Path, b: &Path) -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn overlap(a: &Path, b: &Path) -> Option<(PathBuf, PathBuf)> {
     let (a, b) = (resolved(a), resolved(b));
     (a.starts_with(&b) || b.starts_with(&a)).then_some((a, b))
 }

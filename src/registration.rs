@@ -252,7 +252,10 @@ mod tests {
         let text = br#"{"arch":"aarch64","hostname":"h","install":"manual","mailferry-version":"9.0","os":"linux",
             "gpu":"none","future":{"nested":[1,2,3]}}"#;
         let f = Facts::from_json(text).unwrap();
-        assert_eq!((f.arch.as_str(), f.install, f.contact, f.installed.len()), ("aarch64", InstallMode::Manual, None, 0));
+        assert_eq!(
+            (f.arch.as_str(), f.install, f.contact.as_deref(), f.installed.len()),
+            ("aarch64", InstallMode::Manual, None, 0)
+        );
         assert!(!String::from_utf8(f.to_canonical_json()).unwrap().contains("contact"));
     }
 
@@ -269,7 +272,7 @@ mod tests {
                         f.installed.insert(format!("c{i}"), Installed { generation: 1, root: "0".repeat(64) });
                     }
                 }),
-                "65 installed channels",
+                "installed channels, more than the 64 allowed",
             ),
             (
                 Box::new(|f| {

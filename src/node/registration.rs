@@ -37,12 +37,7 @@ pub fn platform() -> Platform {
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| os_release(&t));
-    Platform {
-        os: text(u.sysname()).to_lowercase(),
-        arch: text(u.machine()),
-        hostname: text(u.nodename()),
-        os_release,
-    }
+    Platform { os: text(u.sysname()).to_lowercase(), arch: text(u.machine()), hostname: text(u.nodename()), os_release }
 }
 
 /// `ID VERSION_ID` (or `ID` alone) of an os-release file, unquoted.
@@ -126,7 +121,7 @@ mod tests {
             &path,
             format!(
                 "[recipient]\nname = \"r\"\naddress = \"r@x\"\nowner-address = \"o@x\"\ndata = \"data\"\n\
-                 key-file = \"k\"\ninterval = \"30m\"\n{extra}[transport]\nkind = \"maildir\"\nroot = \"s\"\n"
+                 key-file = \"k\"\nstate-dir = \"state\"\ninterval = \"30m\"\n{extra}[transport]\nkind = \"maildir\"\nroot = \"s\"\n"
             ),
         )
         .unwrap();
@@ -137,7 +132,10 @@ mod tests {
     #[test]
     fn os_release_files_read_as_id_and_version() {
         let cases = [
-            ("PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nID=debian\n", Some("debian 13")),
+            (
+                "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nID=debian\n",
+                Some("debian 13"),
+            ),
             ("ID=arch\nBUILD_ID=rolling\n", Some("arch")),
             ("ID='alpine'\nVERSION_ID=3.20.1\n", Some("alpine 3.20.1")),
             ("ID_LIKE=debian\nNAME=x\n", None),
@@ -187,7 +185,7 @@ mod tests {
                 &path,
                 format!(
                     "[recipient]\nname = \"r\"\naddress = \"r@x\"\nowner-address = \"o@x\"\ndata = \"data\"\n\
-                     key-file = \"k\"\n{extra}[transport]\nkind = \"maildir\"\nroot = \"s\"\n"
+                     key-file = \"k\"\nstate-dir = \"state\"\n{extra}[transport]\nkind = \"maildir\"\nroot = \"s\"\n"
                 ),
             )
             .unwrap();

@@ -104,7 +104,9 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
 /// # Errors
 /// Every problem found (a list with none is refused too).
 pub fn parse(text: &str, format: Format) -> Result<Vec<Entry>, ListError> {
-    let mut problems = Vec::new();
+    // Problems keyed by where they are (line or entry number; 0 for the whole list), reported in
+    // list order.
+    let mut problems: Vec<(usize, String)> = Vec::new();
     let raw = match format {
         Format::Csv => csv(text, &mut problems),
         Format::Toml => match toml::from_str::<TomlList>(text) {
@@ -112,40 +114,42 @@ pub fn parse(text: &str, format: Format) -> Result<Vec<Entry>, ListError> {
                 .recipient
                 .into_iter()
                 .enumerate()
-                .map(|(i, e)| (format!("recipient {}", i + 1), e.name, e.address, e.tags))
+                .map(|(i, e)| (i + 1, format!("recipient {}", i + 1), e.name, e.address, e.tags))
                 .collect(),
             Err(e) => {
-                problems.push(format!("not a list of [[recipient]] tables: {}", e.message()));
+                problems.push((0, format!("not a list of [[recipient]] tables: {}", e.message())));
                 Vec::new()
             }
         },
     };
     if raw.is_empty() && problems.is_empty() {
-        problems.push("no recipients are listed".into());
+        problems.push((0, "no recipients are listed".into()));
     }
     if raw.len() > MAX_ENTRIES {
-        problems.push(format!("{} recipients are listed, more than the {MAX_ENTRIES} one list may hold", raw.len()));
+        let n = raw.len();
+        problems.push((0, format!("{n} recipients are listed, more than the {MAX_ENTRIES} one list may hold")));
     }
     let mut names: HashMap<String, String> = HashMap::new();
     let mut addresses: HashMap<String, String> = HashMap::new();
     let mut entries = Vec::new();
-    for (at, name, address, tags) in raw {
+    for (key, at, name, address, tags) in raw {
+        let mut problem = |p: String| problems.push((key, p));
         if let Err(e) = check_name(&name) {
-            problems.push(format!("{at}: recipient name {name:?} {e}"));
+            problem(format!("{at}: recipient name {name:?} {e}"));
         } else if let Some(first) = names.insert(name.to_ascii_lowercase(), at.clone()) {
-            problems.push(format!("{at}: the name {name:?} is already listed at {first} (names are compared ignoring case)"));
+            problem(format!("{at}: the name {name:?} is already listed at {first} (names are compared ignoring case)"));
         }
         if let Err(e) = crate::transport::maildir::check_address(&address) {
-            problems.push(format!("{at}: {e}"));
+            problem(format!("{at}: {e}"));
         } else if let Some(first) = addresses.insert(address.to_ascii_lowercase(), at.clone()) {
-            problems.push(format!("{at}: the address {address:?} is already listed at {first}"));
+            problem(format!("{at}: the address {address:?} is already listed at {first}"));
         }
         if tags.len() > MAX_TAGS {
-            problems.push(format!("{at}: {} tags, more than the {MAX_TAGS} allowed", tags.len()));
+            problem(format!("{at}: {} tags, more than the {MAX_TAGS} allowed", tags.len()));
         }
         for t in &tags {
             if let Err(e) = check_tag(t) {
-                problems.push(format!("{at}: tag {t:?} {e}"));
+                problem(format!("{at}: tag {t:?} {e}"));
             }
         }
         entries.push(Entry { name, address, tags: tags.into_iter().collect(), at });
@@ -153,14 +157,14 @@ pub fn parse(text: &str, format: Format) -> Result<Vec<Entry>, ListError> {
     if problems.is_empty() {
         Ok(entries)
     } else {
-        problems.truncate(MAX_PROBLEMS);
-        Err(ListError { problems })
+        problems.sort_by_key(|(key, _)| *key);
+        Err(ListError { problems: problems.into_iter().take(MAX_PROBLEMS).map(|(_, p)| p).collect() })
     }
 }
 
-type Raw = (String, String, String, Vec<String>);
+type Raw = (usize, String, String, String, Vec<String>);
 
-fn csv(text: &str, problems: &mut Vec<String>) -> Vec<Raw> {
+fn csv(text: &str, problems: &mut Vec<(usize, String)>) -> Vec<Raw> {
     let mut out = Vec::new();
     let mut header: Option<usize> = None;
     for (i, line) in text.lines().enumerate() {
@@ -170,7 +174,10 @@ fn csv(text: &str, problems: &mut Vec<String>) -> Vec<Raw> {
             continue;
         }
         if line.contains('"') {
-            problems.push(format!("{at}: quotes are not understood here (names, addresses and tags never need them)"));
+            problems.push((
+                i + 1,
+                format!("{at}: quotes are not understood here (names, addresses and tags never need them)"),
+            ));
             continue;
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -179,22 +186,26 @@ fn csv(text: &str, problems: &mut Vec<String>) -> Vec<Raw> {
             if names == ["name", "address"] || names == ["name", "address", "tags"] {
                 header = Some(names.len());
             } else {
-                problems.push(format!("{at}: the first line must be the header `name,address` or `name,address,tags`"));
+                problems.push((
+                    i + 1,
+                    format!("{at}: the first line must be the header `name,address` or `name,address,tags`"),
+                ));
                 return out;
             }
             continue;
         };
         if fields.len() < 2 || fields.len() > columns {
-            problems.push(format!("{at}: expected {columns} comma-separated fields, found {}", fields.len()));
+            problems.push((i + 1, format!("{at}: expected {columns} comma-separated fields, found {}", fields.len())));
             continue;
         }
         let tags = fields.get(2).map_or_else(Vec::new, |t| {
             t.split(';').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect()
         });
-        out.push((at, fields[0].to_owned(), fields[1].to_owned(), tags));
+        out.push((i + 1, at, fields[0].to_owned(), fields[1].to_owned(), tags));
     }
     if header.is_none() && problems.is_empty() {
-        problems.push("the list is empty: it needs the header `name,address[,tags]` and one recipient a line".into());
+        problems
+            .push((0, "the list is empty: it needs the header `name,address[,tags]` and one recipient a line".into()));
     }
     out
 }
@@ -205,7 +216,8 @@ mod tests {
 
     #[test]
     fn csv_and_toml_read_the_same_recipients() {
-        let csv = "name,address,tags\n# a comment\n\nsite1, s1@c.test, eu;tier-gold\nsite2,s2@c.test,\nsite3,s3@c.test\n";
+        let csv =
+            "name,address,tags\n# a comment\n\nsite1, s1@c.test, eu;tier-gold\nsite2,s2@c.test,\nsite3,s3@c.test\n";
         let toml = "[[recipient]]\nname = \"site1\"\naddress = \"s1@c.test\"\ntags = [\"tier-gold\", \"eu\"]\n\
                     [[recipient]]\nname = \"site2\"\naddress = \"s2@c.test\"\n\
                     [[recipient]]\nname = \"site3\"\naddress = \"s3@c.test\"\ntags = []\n";

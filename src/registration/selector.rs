@@ -167,7 +167,9 @@ impl Selector {
         let s = p.or()?;
         match p.peek() {
             (Tok::End, _) => Ok(s),
-            (t, column) => Err(SelectorError { column, message: format!("expected `and`, `or` or the end, found {t}") }),
+            (t, column) => {
+                Err(SelectorError { column, message: format!("expected `and`, `or` or the end, found {t}") })
+            }
         }
     }
 
@@ -350,7 +352,9 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, SelectorError> {
                 let eq = chars.get(i + 1) == Some(&'=');
                 let op = match (c, eq) {
                     ('!', true) => Op::Ne,
-                    ('!', false) => return Err(err(column, "`!` must be followed by `=`; for negation write `not`".into())),
+                    ('!', false) => {
+                        return Err(err(column, "`!` must be followed by `=`; for negation write `not`".into()));
+                    }
                     ('<', true) => Op::Le,
                     ('<', false) => Op::Lt,
                     ('>', true) => Op::Ge,
