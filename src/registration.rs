@@ -262,7 +262,8 @@ mod tests {
     #[test]
     fn facts_out_of_bounds_are_refused() {
         let long = "x".repeat(MAX_FACT_BYTES + 1);
-        let cases: Vec<(Box<dyn Fn(&mut Facts)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Facts)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|f| f.hostname = "x".repeat(MAX_FACT_BYTES + 1)), "`hostname`: is 257 bytes long"),
             (Box::new(|f| f.contact = Some("evil\u{1b}[2J".into())), "`contact`: holds a control character"),
             (Box::new(|f| f.os_release = Some("a\nb".into())), "`os-release`: holds a control character"),

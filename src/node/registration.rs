@@ -199,5 +199,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("state.db")).unwrap();
         assert!(installed(&db).unwrap().is_empty(), "nothing applied yet");
+        let m = crate::manifest::Manifest::default();
+        db.record_applied(3, &m, &crate::protocol::ReplyId::unchecked("0".repeat(32)), "n", 0, None).unwrap();
+        let got = installed(&db).unwrap();
+        assert_eq!(got, BTreeMap::from([("default".to_owned(), Installed { generation: 3, root: m.root().to_hex() })]));
+        let (_d, cfg) = config("");
+        local_facts(&cfg, got).validate().unwrap();
     }
 }

@@ -60,13 +60,28 @@ pub struct Entry {
 /// A list that cannot be enrolled, with every problem found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ListError {
-    /// `at: problem`, in list order.
+    /// How many problems were found.
+    pub count: usize,
+    /// `at: problem`, in list order: the first [`MAX_PROBLEMS`], then `and N more` if there are more.
     pub problems: Vec<String>,
+}
+
+impl ListError {
+    /// The error for these problems: the first [`MAX_PROBLEMS`], and a last line counting the rest.
+    pub fn new(mut problems: Vec<String>) -> ListError {
+        let count = problems.len();
+        if problems.len() > MAX_PROBLEMS {
+            let more = problems.len() - MAX_PROBLEMS;
+            problems.truncate(MAX_PROBLEMS);
+            problems.push(format!("and {more} more"));
+        }
+        ListError { count, problems }
+    }
 }
 
 impl fmt::Display for ListError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.problems.len();
+        let n = self.count;
         write!(f, "the list has {} problem{}; nothing was registered", n, if n == 1 { "" } else { "s" })?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
@@ -158,7 +173,7 @@ pub fn parse(text: &str, format: Format) -> Result<Vec<Entry>, ListError> {
         Ok(entries)
     } else {
         problems.sort_by_key(|(key, _)| *key);
-        Err(ListError { problems: problems.into_iter().take(MAX_PROBLEMS).map(|(_, p)| p).collect() })
+        Err(ListError::new(problems.into_iter().map(|(_, p)| p).collect()))
     }
 }
 
@@ -285,6 +300,12 @@ mod tests {
         let tags: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
         let err = parse(&format!("name,address,tags\na,a@c,{}\n", tags.join(";")), Format::Csv).unwrap_err();
         assert!(err.problems[0].contains("33 tags"), "{err}");
+        let bad: String =
+            std::iter::once("name,address\n".to_owned()).chain((0..60).map(|i| format!(".s{i},s{i}@c\n"))).collect();
+        let err = parse(&bad, Format::Csv).unwrap_err();
+        assert_eq!(err.problems.len(), MAX_PROBLEMS + 1);
+        assert_eq!(err.problems.last().unwrap(), "and 10 more");
+        assert!(err.to_string().starts_with("the list has 60 problems"), "{err}");
     }
 
     #[test]

@@ -65,8 +65,7 @@ impl Owner {
             planned.push((e, path));
         }
         if !problems.is_empty() {
-            problems.truncate(crate::registration::list::MAX_PROBLEMS);
-            return Err(ListError { problems }.into());
+            return Err(ListError::new(problems).into());
         }
         if !out_dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
