@@ -233,6 +233,49 @@ pub struct RecipientSection {
     /// carry the owner's signature under it. Default: none (replies are checked by HMAC alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_public_key: Option<String>,
+    /// Whether updates are installed as they arrive (`auto`) or wait for the operator (`manual`); also
+    /// reported to the owner in the registration facts. Default `auto`.
+    #[serde(default, skip_serializing_if = "InstallMode::is_auto")]
+    pub install: InstallMode,
+    /// Who to contact about this machine (free text, at most 256 bytes), reported to the owner in the
+    /// registration facts. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+    /// When this machine prefers to be updated (free text, at most 256 bytes, such as "nights, weekends"),
+    /// reported to the owner in the registration facts. Default: the request interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_timing: Option<String>,
+}
+
+/// Whether a recipient installs updates as they arrive or waits for its operator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstallMode {
+    /// Installed as soon as a reply is verified.
+    #[default]
+    Auto,
+    /// Kept until the operator approves it.
+    Manual,
+}
+
+impl InstallMode {
+    fn is_auto(&self) -> bool {
+        *self == InstallMode::Auto
+    }
+
+    /// The word used in config files and registration facts: `auto` or `manual`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstallMode::Auto => "auto",
+            InstallMode::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for InstallMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn default_channel() -> String {
@@ -431,6 +474,12 @@ impl NodeConfig {
                 recipient.staging_dir = recipient.staging_dir.as_deref().map(|s| resolve(&base, s));
                 let state_dir = recipient.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
                 check_state_outside_data(&state_dir, &recipient.data)?;
+                for (key, value) in [("contact", &recipient.contact), ("update-timing", &recipient.update_timing)] {
+                    if let Some(v) = value {
+                        crate::registration::check_fact(v)
+                            .map_err(|e| anyhow::format_err!("config file `{}`: {key}: {e}", path.display()))?;
+                    }
+                }
                 if let Some(k) = &recipient.owner_public_key {
                     crate::crypto::PublicKey::from_hex(k)
                         .with_context(|| format!("config file `{}`: owner-public-key", path.display()))?;
@@ -537,7 +586,7 @@ pub fn check_state_outside_source(state_dir: &Path, source: &Path) -> Result<()>
 }
 
 /// The two paths, resolved, when one is inside the other (or they are the same directory).
-fn overlap(a: &Path, b: &Path) -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn overlap(a: &Path, b: &Path) -> Option<(PathBuf, PathBuf)> {
     let (a, b) = (resolved(a), resolved(b));
     (a.starts_with(&b) || b.starts_with(&a)).then_some((a, b))
 }

@@ -218,6 +218,15 @@ const MIGRATIONS: &[&str] = &[
         pending_key = (SELECT pending_key FROM subscriptions WHERE name = 'default');
      ALTER TABLE subscriptions ADD COLUMN standing TEXT;
      ALTER TABLE subscriptions ADD COLUMN pinned INTEGER;",
+    // 4: registration: the owner's tags per recipient, which grant selectors test (`tag = "eu"`); the facts
+    // each recipient last registered (owner); what the recipient last registered (recipient).
+    "CREATE TABLE recipient_tags (
+        recipient TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (recipient, tag));
+     CREATE TABLE registrations (
+        recipient TEXT PRIMARY KEY, facts TEXT NOT NULL, digest TEXT NOT NULL, created INTEGER NOT NULL,
+        received_at INTEGER NOT NULL);
+     ALTER TABLE node ADD COLUMN registered_digest TEXT;
+     ALTER TABLE node ADD COLUMN registered_at INTEGER;",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -1014,8 +1023,49 @@ impl Db {
             anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
             db.conn.execute("DELETE FROM key_rotations WHERE recipient = ?1", [name])?;
             db.conn.execute("DELETE FROM retired_keys WHERE recipient = ?1", [name])?;
+            db.conn.execute("DELETE FROM recipient_tags WHERE recipient = ?1", [name])?;
             Ok(())
         })
+    }
+
+    /// The owner's tags of a recipient, sorted.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn recipient_tags(&self, name: &str) -> Result<std::collections::BTreeSet<String>> {
+        let mut st = self.conn.prepare("SELECT tag FROM recipient_tags WHERE recipient = ?1")?;
+        let tags = st.query_map([name], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(tags)
+    }
+
+    /// Every recipient's tags (recipients without tags are absent).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn all_recipient_tags(&self) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>> {
+        let mut st = self.conn.prepare("SELECT recipient, tag FROM recipient_tags")?;
+        let mut all = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (recipient, tag) = row?;
+            all.entry(recipient).or_default().insert(tag);
+        }
+        Ok(all)
+    }
+
+    /// Adds tags to a registered recipient (a tag it has already is kept) and removes others; the
+    /// caller checks the tags' names.
+    ///
+    /// # Errors
+    /// SQLite errors, or no such recipient.
+    pub fn change_recipient_tags(&self, name: &str, add: &[String], remove: &[String]) -> Result<()> {
+        anyhow::ensure!(self.recipient(name)?.is_some(), "no recipient named {name:?} is registered");
+        for tag in add {
+            self.conn.execute("INSERT OR IGNORE INTO recipient_tags (recipient, tag) VALUES (?1, ?2)", [name, tag])?;
+        }
+        for tag in remove {
+            self.conn.execute("DELETE FROM recipient_tags WHERE recipient = ?1 AND tag = ?2", [name, tag])?;
+        }
+        Ok(())
     }
 
     /// Starts (or restarts, with a fresh key) rotating `name`'s key to `key_hex`.
@@ -1669,6 +1719,25 @@ mod tests {
         assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);
         assert_eq!(db.relay_limit("site1").unwrap(), None);
         assert_eq!(db.signing_key().unwrap(), None);
+        assert!(db.recipient_tags("site1").unwrap().is_empty(), "no tags before registration's migration");
+    }
+
+    #[test]
+    fn tags_are_kept_per_recipient_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        let k = KeyId::new("0123456789abcdef").unwrap();
+        db.add_recipient("a", "a@x", &"0".repeat(64), &k).unwrap();
+        db.add_recipient("b", "b@x", &"0".repeat(64), &k).unwrap();
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        db.change_recipient_tags("a", &t(&["eu", "gold", "eu"]), &[]).unwrap();
+        db.change_recipient_tags("b", &t(&["us"]), &[]).unwrap();
+        db.change_recipient_tags("a", &t(&["beta"]), &t(&["gold", "never-had"])).unwrap();
+        assert_eq!(db.recipient_tags("a").unwrap().into_iter().collect::<Vec<_>>(), t(&["beta", "eu"]));
+        assert!(db.change_recipient_tags("c", &t(&["x"]), &[]).unwrap_err().to_string().contains("no recipient"));
+        db.remove_recipient("a").unwrap();
+        assert!(db.recipient_tags("a").unwrap().is_empty(), "a recipient added again under the name starts bare");
+        assert_eq!(db.all_recipient_tags().unwrap().into_keys().collect::<Vec<_>>(), t(&["b"]));
     }
 
     #[test]

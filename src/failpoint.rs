@@ -11,6 +11,7 @@
 //! | `apply-done` | after the last step, before the apply or rollback is recorded |
 //! | `owner-queued` | after a reply is queued and the request recorded, before anything is sent |
 //! | `before-settle` | after a message is handled, before the transport files it |
+//! | `enroll-before-commit` | after `owner add-recipients` wrote every enrollment file, before it registers them |
 //! | `rekey-saved` | after a recipient saved its old key as previous, before it writes the new key file |
 
 use std::sync::OnceLock;

@@ -40,6 +40,9 @@
 //!   binaries (our own applier); both streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
+//! - [`registration`]: a recipient's registration facts (bounded, canonically encoded, digested),
+//!   [`registration::selector`], the grant selectors over facts and owner tags, and
+//!   [`registration::list`], the CSV and TOML lists that bulk enrollment reads.
 //!
 //! I/O shell:
 //! - [`scan`]: reads a tree into a manifest (never follows symlinks); the stat cache that lets a rescan
@@ -60,6 +63,7 @@
 //!   apply, rollback, recovery); [`node::compose::Node`] holds both roles on one state and routes each
 //!   message to its part (a relay); [`node::pack`] chooses how each file travels and writes the pack; the
 //!   outbox (in the state database); kept parts on both sides; staleness and admin notices;
+//!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
 //!   hold); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).

@@ -15,6 +15,8 @@ mod crash;
 mod rollback;
 // `owner rotate-key` and Ed25519-signed replies.
 mod keys;
+// `owner add-recipients` (bulk enrollment from CSV or TOML) and `owner tag`.
+mod enroll;
 // The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
 mod units;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.

@@ -146,7 +146,7 @@ fn selector_matches(
     facts: Option<&crate::registration::Facts>,
     tags: &std::collections::BTreeSet<String>,
 ) -> bool {
-    crate::registration::Selector::parse(selector).is_ok_and(|s| s.matches(facts, tags))
+    crate::registration::selector::Selector::parse(selector).is_ok_and(|s| s.matches(facts, tags))
 }
 
 /// A reply part as sent, remembered by its `Message-ID` so that a delivery report about it can be read.

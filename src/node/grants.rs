@@ -132,7 +132,8 @@ impl Owner {
             bail!("generation {pin} of channel {:?} is not kept (see `mailferry owner channel list`)", g.channel);
         }
         if let Some(s) = &g.selector {
-            crate::registration::Selector::parse(s).map_err(|e| anyhow::format_err!("--selector {s:?}: {e}"))?;
+            crate::registration::selector::Selector::parse(s)
+                .map_err(|e| anyhow::format_err!("--selector {s:?}: {e}"))?;
         }
         Ok(())
     }
@@ -159,7 +160,7 @@ impl Owner {
             let access = self.view().access(&m, &g.channel)?;
             let selected = match &g.selector {
                 None => true,
-                Some(s) => crate::registration::Selector::parse(s)
+                Some(s) => crate::registration::selector::Selector::parse(s)
                     .is_ok_and(|sel| sel.matches(access.facts.as_ref(), &access.tags)),
             };
             if selected { reaches.push(m) } else { leaves_out.push(m) }

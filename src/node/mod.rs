@@ -16,6 +16,7 @@ pub mod grants;
 pub mod owner;
 pub mod pack;
 pub mod recipient;
+pub mod registration;
 pub mod rollback;
 pub mod run;
 

@@ -19,6 +19,9 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
+mod enroll;
+pub use enroll::Enrolled;
+
 use super::SystemEntropy;
 use super::pack::{Packed, Packer};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};

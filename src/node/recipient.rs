@@ -206,6 +206,9 @@ pub fn init_with(
         stale_after: None,
         admin_address: None,
         owner_public_key: e.owner_public_key.clone(),
+        install: crate::config::InstallMode::Auto,
+        contact: None,
+        update_timing: None,
     };
     #[derive(Serialize)]
     struct File<'a> {

@@ -1,6 +1,7 @@
 //! `mailferry owner ...`: the commands of the node that publishes the authoritative tree.
 
 mod add_recipient;
+mod add_recipients;
 mod channel;
 mod grant;
 mod group;
@@ -12,6 +13,7 @@ mod rotate_key;
 mod run;
 mod show;
 mod suspend;
+mod tag;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -25,6 +27,11 @@ pub enum OwnerCommand {
     Init(Box<init::InitCommand>),
     /// Register a recipient with a fresh key and write its enrollment file (mode 0600).
     AddRecipient(add_recipient::AddRecipientCommand),
+    /// Register every recipient of a CSV or TOML list, one enrollment file each (mode 0600), all or
+    /// nothing: the whole list is checked first and every problem named.
+    AddRecipients(add_recipients::AddRecipientsCommand),
+    /// Add or remove the owner's tags of a recipient (grant selectors test them: `tag = "eu"`).
+    Tag(tag::TagCommand),
     /// Unregister a recipient; its key stops verifying at once.
     RemoveRecipient(remove_recipient::RemoveRecipientCommand),
     /// Give a recipient a new key, delivered with its next reply sealed under the current key; the current
@@ -65,6 +72,8 @@ impl OwnerCommand {
         match self {
             OwnerCommand::Init(c) => c.execute(),
             OwnerCommand::AddRecipient(c) => c.execute(),
+            OwnerCommand::AddRecipients(c) => c.execute(),
+            OwnerCommand::Tag(c) => c.execute(),
             OwnerCommand::RemoveRecipient(c) => c.execute(),
             OwnerCommand::RotateKey(c) => c.execute(),
             OwnerCommand::Reenroll(c) => c.execute(),
