@@ -226,7 +226,7 @@ const MIGRATIONS: &[&str] = &[
         recipient TEXT PRIMARY KEY, facts TEXT NOT NULL, digest TEXT NOT NULL, created INTEGER NOT NULL,
         received_at INTEGER NOT NULL);
      ALTER TABLE node ADD COLUMN registered_digest TEXT;
-     ALTER TABLE node ADD COLUMN registered_at INTEGER;",
+     ALTER TABLE node ADD COLUMN registered_pending TEXT;",
 ];
 
 /// The schema version this build writes: the number of migrations.

@@ -901,6 +901,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         full_content: false,
         resend: None,
         fresh: false,
+        registration: None,
     };
     let control = mailferry::protocol::encode(&req);
     let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));

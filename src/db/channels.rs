@@ -329,4 +329,72 @@ impl Db {
         )?;
         Ok(epoch)
     }
+
+    /// Keeps `facts` (carried by a request made at `created`) as `recipient`'s registration, replacing
+    /// what it registered before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_registration(&self, recipient: &str, facts: &crate::registration::Facts, created: u64) -> Result<()> {
+        let json = String::from_utf8(facts.to_canonical_json())?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO registrations (recipient, facts, digest, created, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![recipient, json, hex::encode(facts.digest()), created as i64, now() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The facts `recipient` last registered and when it made them.
+    ///
+    /// # Errors
+    /// SQLite errors, or stored facts that no longer decode.
+    pub fn registration(&self, recipient: &str) -> Result<Option<(crate::registration::Facts, u64)>> {
+        let row: Option<(String, i64)> = self
+            .conn
+            .query_row("SELECT facts, created FROM registrations WHERE recipient = ?1", [recipient], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        row.map(|(facts, created)| {
+            let facts = crate::registration::Facts::from_json(facts.as_bytes())
+                .map_err(|e| anyhow::format_err!("the registration kept for {recipient:?} is corrupt: {e}"))?;
+            Ok((facts, created as u64))
+        })
+        .transpose()
+    }
+
+    /// The digest of the facts this recipient's owner has confirmed receiving (it answered a request that
+    /// carried them), and the nonce of a request carrying newer facts, awaiting its answer.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn registered(&self) -> Result<(Option<String>, Option<String>)> {
+        Ok(self
+            .conn
+            .query_row("SELECT registered_digest, registered_pending FROM node", [], |r| Ok((r.get(0)?, r.get(1)?)))?)
+    }
+
+    /// Records that the request with `nonce` carries facts with `digest` (pending until it is answered).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_registration_pending(&self, digest: &str, nonce: &str) -> Result<()> {
+        self.conn.execute("UPDATE node SET registered_pending = ?1 || ' ' || ?2", params![nonce, digest])?;
+        Ok(())
+    }
+
+    /// An authentic answer to request `nonce` arrived: if that request carried facts, they are registered.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn registration_answered(&self, nonce: &str) -> Result<()> {
+        let (_, pending) = self.registered()?;
+        if let Some((n, digest)) = pending.as_deref().and_then(|p| p.split_once(' '))
+            && n == nonce
+        {
+            self.conn.execute("UPDATE node SET registered_digest = ?1, registered_pending = NULL", [digest])?;
+        }
+        Ok(())
+    }
 }

@@ -372,6 +372,15 @@ pub enum Effect {
     },
     /// Record a receipt as the recipient's state.
     RecordReceipt(Receipt),
+    /// Keep the facts a request carried as the recipient's registration.
+    RecordRegistration {
+        /// Whose.
+        recipient: String,
+        /// The facts.
+        facts: Box<crate::registration::Facts>,
+        /// When the request carrying them was made.
+        created: u64,
+    },
     /// Forget the kept parts of a reply.
     DropSentParts {
         /// Which reply.
@@ -641,7 +650,18 @@ fn on_request(
     }
     // R8: what the recipient is entitled to. A refusal here is an authenticated answer, so the recipient
     // can tell "not entitled" from "current" and from silence.
-    let pin = match entitlement(&view.access(&rec.name, &req.channel)?, now) {
+    // Facts the request carries are the recipient's from now on, if it is answered; grants with a selector
+    // already see them.
+    let mut access = view.access(&rec.name, &req.channel)?;
+    if let Some(facts) = &req.registration {
+        access.facts = Some(facts.clone());
+        effects.push(Effect::RecordRegistration {
+            recipient: rec.name.clone(),
+            facts: Box::new(facts.clone()),
+            created: req.created,
+        });
+    }
+    let pin = match entitlement(&access, now) {
         Entitlement::Denied(standing) => return denial(view, rec, req, key, effects, standing, policy, now),
         Entitlement::Granted { pin } => pin,
     };

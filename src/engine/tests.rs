@@ -207,6 +207,7 @@ fn request() -> Request {
         full_content: false,
         resend: None,
         fresh: false,
+        registration: None,
     }
 }
 

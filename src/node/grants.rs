@@ -28,6 +28,12 @@ pub struct Shown {
     pub suspended: bool,
     /// The groups it is in.
     pub groups: Vec<String>,
+    /// The tags the owner set on it (`owner tag`).
+    pub tags: Vec<String>,
+    /// The facts it last registered, and when it made them.
+    pub registration: Option<crate::registration::Facts>,
+    /// When it made them.
+    pub registered_at: Option<u64>,
     /// What it is entitled to, per channel.
     pub channels: Vec<ShownChannel>,
 }
@@ -197,6 +203,7 @@ impl Owner {
         let db = self.db();
         let rec = db.recipient(name)?.with_context(|| format!("no recipient named {name:?} is registered"))?;
         let view = self.view();
+        let registration = db.registration(name)?;
         let channels = db
             .channels()?
             .into_iter()
@@ -215,6 +222,9 @@ impl Owner {
             key_id: rec.key_id.to_string(),
             suspended: db.suspended(name)?,
             groups: db.groups_of(name)?,
+            tags: db.recipient_tags(name)?.into_iter().collect(),
+            registered_at: registration.as_ref().map(|(_, at)| *at),
+            registration: registration.map(|(f, _)| f),
             channels,
         })
     }

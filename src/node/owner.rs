@@ -774,6 +774,9 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
             Effect::SetBounce { recipient, summary } => db.set_bounce(recipient, summary)?,
             Effect::CountResend { reply_id } => db.count_resend(reply_id)?,
             Effect::RecordReceipt(r) => db.record_receipt(r)?,
+            Effect::RecordRegistration { recipient, facts, created } => {
+                db.record_registration(recipient, facts, *created)?;
+            }
             Effect::DropSentParts { reply_id } => {
                 db.drop_sent_parts(Some(reply_id), KEEP_SENT_PARTS)?;
             }
@@ -848,8 +851,8 @@ impl OwnerView for View<'_> {
                 .into_iter()
                 .map(|g| GrantAccess { until: g.until, pin: g.pin, selector: g.selector })
                 .collect(),
-            facts: None,
-            tags: Default::default(),
+            facts: self.db.registration(recipient)?.map(|(f, _)| f),
+            tags: self.db.recipient_tags(recipient)?,
         })
     }
 

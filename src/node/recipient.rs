@@ -689,6 +689,12 @@ impl Recipient {
         };
         let nonce = Nonce::generate();
         let seq = sub.seq + 1;
+        // The facts travel with the first request after they change, until a request carrying them is
+        // answered (`docs/protocol.md` §7.8).
+        let facts =
+            super::registration::local_facts(&self.cfg, super::registration::installed(&self.state.db, &self.cfg)?);
+        let digest = hex::encode(facts.digest());
+        let registration = (self.state.db.registered()?.0.as_deref() != Some(digest.as_str())).then_some(facts);
         let req = Request {
             mailferry: VERSION,
             kind: Kind::Request,
@@ -707,6 +713,7 @@ impl Recipient {
             full_content,
             resend,
             fresh: sub.fresh_next,
+            registration,
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
@@ -740,6 +747,9 @@ impl Recipient {
             }
             if full {
                 db.set_need_full_inventory(false)?;
+            }
+            if req.registration.is_some() {
+                all.set_registration_pending(&digest, &nonce.to_hex())?;
             }
             all.outbox_put(&outbox_name, from, to, &raw)
         })?;
@@ -815,6 +825,8 @@ impl Recipient {
         };
         let view = self.view(&tree);
         let nonce = reply.nonce.to_hex();
+        // An authentic answer to a request that carried facts: the owner has them.
+        self.state.db.registration_answered(&nonce)?;
         match engine::recipient::on_part(&view, &reply, msg.key_role)? {
             PartStep::Refused { refusal, give_up } => {
                 if give_up {

@@ -165,6 +165,10 @@ pub struct Request {
     /// request it answered is no longer outstanding here).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
+    /// The recipient's registration facts (`docs/protocol.md` §7.8), in the first request after
+    /// enrollment and after they change; authenticated with the request, kept by the owner with its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<crate::registration::Facts>,
 }
 
 /// How a request describes the recipient's tree.
@@ -825,6 +829,11 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
                     ));
                 }
             }
+            if let Some(facts) = &r.registration
+                && let Err(e) = facts.validate()
+            {
+                return Err(Refusal::new(Reason::Malformed, format!("registration facts: {e}")));
+            }
             if r.inventory.len() + r.removed.len() > limits.max_inventory_entries {
                 return Err(Refusal::new(
                     Reason::Limit,
@@ -842,8 +851,6 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
     Ok(control)
 }
 
-/// The numbers of a control part are at most [`MAX_INTEGER`]; sizes and offsets of a reply are bounded
-/// further by the limits ([`check_reply_shape`]).
 /// Whether `s` is a date written `YYYY-MM-DD` (the form grants expire on).
 pub fn valid_date(s: &str) -> bool {
     parse_date(s).is_some()
@@ -880,6 +887,8 @@ pub fn format_date(t: u64) -> String {
     s[..10].to_owned()
 }
 
+/// The numbers of a control part are at most [`MAX_INTEGER`]; sizes and offsets of a reply are bounded
+/// further by the limits ([`check_reply_shape`]).
 fn check_integers(control: &Control) -> Result<(), Refusal> {
     let fields: Vec<(&str, u64)> = match control {
         Control::Request(r) => {
@@ -1447,6 +1456,7 @@ mod tests {
             full_content: false,
             resend: None,
             fresh: false,
+            registration: None,
         }
     }
 

@@ -37,6 +37,34 @@ impl Render for Shown {
         )?;
         let groups = if self.groups.is_empty() { "none".to_owned() } else { self.groups.join(", ") };
         writeln!(out, "groups: {groups}")?;
+        if !self.tags.is_empty() {
+            writeln!(out, "tags:   {}", self.tags.join(", "))?;
+        }
+        match &self.registration {
+            None => writeln!(out, "registration: none yet (sent with its first request)")?,
+            Some(f) => {
+                writeln!(
+                    out,
+                    "platform: {} {} on {}{}",
+                    f.os,
+                    f.arch,
+                    f.hostname,
+                    f.os_release.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                )?;
+                writeln!(out, "install:  {}, timing {}", f.install, f.update_timing.as_deref().unwrap_or("-"))?;
+                if let Some(c) = &f.contact {
+                    writeln!(out, "contact:  {c}")?;
+                }
+                for (channel, i) in &f.installed {
+                    writeln!(
+                        out,
+                        "installed: {channel} generation {} root {}",
+                        i.generation,
+                        &i.root[..12.min(i.root.len())]
+                    )?;
+                }
+            }
+        }
         for c in &self.channels {
             writeln!(out, "  {:<16} {}", c.channel, c.entitlement)?;
         }
