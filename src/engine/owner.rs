@@ -654,10 +654,10 @@ fn on_request(
     // already see them.
     let mut access = view.access(&rec.name, &req.channel)?;
     if let Some(facts) = &req.registration {
-        access.facts = Some(facts.clone());
+        access.facts = Some((**facts).clone());
         effects.push(Effect::RecordRegistration {
             recipient: rec.name.clone(),
-            facts: Box::new(facts.clone()),
+            facts: facts.clone(),
             created: req.created,
         });
     }

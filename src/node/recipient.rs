@@ -694,7 +694,7 @@ impl Recipient {
         let facts =
             super::registration::local_facts(&self.cfg, super::registration::installed(&self.state.db, &self.cfg)?);
         let digest = hex::encode(facts.digest());
-        let registration = (self.state.db.registered()?.0.as_deref() != Some(digest.as_str())).then_some(facts);
+        let registration = (self.state.db.registered()?.0.as_deref() != Some(digest.as_str())).then(|| Box::new(facts));
         let req = Request {
             mailferry: VERSION,
             kind: Kind::Request,

@@ -168,7 +168,7 @@ pub struct Request {
     /// The recipient's registration facts (`docs/protocol.md` §7.8), in the first request after
     /// enrollment and after they change; authenticated with the request, kept by the owner with its answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registration: Option<crate::registration::Facts>,
+    pub registration: Option<Box<crate::registration::Facts>>,
 }
 
 /// How a request describes the recipient's tree.
