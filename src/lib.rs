@@ -39,6 +39,7 @@
 //! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
 //!   binaries (our own applier); both streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
+//! - [`registration`]: a recipient's registration facts, grant selectors over them, enrollment lists.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //! - [`registration`]: a recipient's registration facts (bounded, canonically encoded, digested),
 //!   [`registration::selector`], the grant selectors over facts and owner tags, and
@@ -51,7 +52,9 @@
 //!   replaced atomically; a damaged one only costs a full rehash).
 //! - [`store`]: the owner's content-addressed store of every kept generation's files.
 //! - [`db`]: the state database (SQLite, numbered migrations, typed tables): generations per channel,
-//!   recipients, nonces, seen messages, rejections, the recipient's facts per subscription.
+//!   recipients, nonces, seen messages, rejections; the owner's channels, groups, grants and
+//!   registrations ([`db::Db::channels`]); the recipient's facts per subscription ([`db::Db::sub`] scopes
+//!   them to one tree).
 //! - [`apply`] (staging, journal, execution; [`apply::staging`] picks a staging place a rename into the tree
 //!   works from): the only code that writes into a data tree, and only through
 //!   [`apply::tree`] directory handles that never follow a symbolic link.
@@ -65,7 +68,7 @@
 //!   outbox (in the state database); kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
-//!   hold); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
+//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
