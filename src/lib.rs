@@ -39,7 +39,6 @@
 //! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
 //!   binaries (our own applier); both streamed and bounded when decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
-//! - [`registration`]: a recipient's registration facts, grant selectors over them, enrollment lists.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //! - [`registration`]: a recipient's registration facts (bounded, canonically encoded, digested),
 //!   [`registration::selector`], the grant selectors over facts and owner tags, and

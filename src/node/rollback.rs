@@ -4,7 +4,7 @@
 //! What is kept: after an apply that moves the tree to a newer generation, the apply's staging directory
 //! stays under the staging root (on the data tree's file system, so files move by rename) as the *store*
 //! of the generation before: its `previous/` holds every file the apply replaced or deleted. The state
-//! database keeps that generation's number and manifest and the store's path ([`Db::previous`]), recorded
+//! database keeps that generation's number and manifest and the store's path ([`Sub::previous`]), recorded
 //! in the transaction that records the apply ([`keep_previous`]). The next such apply replaces both and
 //! [`tidy_staging`] removes the old store: one generation is kept, so there is one level of rollback.
 //!
@@ -12,7 +12,7 @@
 //! of the tree with the same content (BLAKE3 checked while copying), and runs through the same journal as
 //! an apply ([`Journal::execute`]): after a crash the next run finishes it, so the tree is the current
 //! generation or the one before, never a mix. It then records the generation before as applied and holds
-//! back the undone one ([`Db::record_rollback`]): a reply bringing it or an older generation is not
+//! back the undone one ([`Sub::record_rollback`]): a reply bringing it or an older generation is not
 //! applied ([`hold`]); a newer generation applies normally and ends the hold; `rollback --release` ends it
 //! by hand.
 //!
