@@ -7,6 +7,8 @@
 //! owner's public key trusts only the owner, not anyone who learned its shared key. Nothing here does
 //! I/O except drawing randomness from the operating system.
 
+pub mod stream;
+
 use std::fmt;
 
 use hmac::{KeyInit, Mac};
@@ -231,6 +233,59 @@ fn rekey_aad(recipient: &str, key_id: &KeyId) -> Vec<u8> {
     [recipient.as_bytes(), b"\0", key_id.as_str().as_bytes()].concat()
 }
 
+/// Domain separation for sealing a channel key under a recipient's key.
+const CHANNEL_KEY_CONTEXT: &str = "mailferry channel key v1";
+
+impl Key {
+    /// Seals `channel_key`, epoch `epoch` of `channel`'s key, for `recipient` under this key (the
+    /// recipient's): ChaCha20-Poly1305 under a key derived from this one (another derivation than
+    /// [`Key::seal_key`]'s, so one sealing never opens as the other), with the recipient, channel and
+    /// epoch as associated data, and the AEAD nonce given (fresh for every sealing). Returns
+    /// hex(nonce ‖ ciphertext ‖ tag), 120 hex digits.
+    pub fn seal_channel_key(
+        &self,
+        recipient: &str,
+        channel: &str,
+        epoch: u64,
+        channel_key: &Key,
+        nonce: [u8; 12],
+    ) -> String {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.derived(CHANNEL_KEY_CONTEXT));
+        let aad = channel_key_aad(recipient, channel, epoch);
+        let sealed = cipher
+            .encrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: &channel_key.0, aad: &aad })
+            .expect("ChaCha20-Poly1305 seals 32 bytes");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        hex(&out)
+    }
+
+    /// Opens a channel key sealed by [`Key::seal_channel_key`] under this key for the same recipient,
+    /// channel and epoch. `None` when it does not open.
+    pub fn open_channel_key(&self, recipient: &str, channel: &str, epoch: u64, sealed: &str) -> Option<Key> {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let bytes = unhex(sealed)?;
+        if bytes.len() != 12 + 32 + 16 {
+            return None;
+        }
+        let (nonce, ct) = bytes.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().ok()?;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new(&self.derived(CHANNEL_KEY_CONTEXT));
+        let aad = channel_key_aad(recipient, channel, epoch);
+        let plain = cipher.decrypt(&chacha20poly1305::Nonce::from(nonce), Payload { msg: ct, aad: &aad }).ok()?;
+        Some(Key(plain.try_into().ok()?))
+    }
+
+    fn derived(&self, context: &str) -> chacha20poly1305::Key {
+        chacha20poly1305::Key::from(blake3::derive_key(context, &self.0))
+    }
+}
+
+fn channel_key_aad(recipient: &str, channel: &str, epoch: u64) -> Vec<u8> {
+    serde_json::to_vec(&(recipient, channel, epoch)).expect("a tuple of strings and a number encodes")
+}
+
 /// Domain separation for reply signatures: a signature over anything else never verifies as one.
 const SIGNATURE_CONTEXT: &[u8] = b"mailferry reply signature v1\0";
 
@@ -438,6 +493,26 @@ mod tests {
         assert_eq!(old.open_key("site1", &new.id(), &hex(&flipped)), None, "a changed byte must not open");
         assert_eq!(old.open_key("site1", &new.id(), &sealed[..100]), None);
         assert_ne!(old.seal_key("site1", &new), sealed, "each sealing uses a fresh nonce");
+    }
+
+    #[test]
+    fn a_sealed_channel_key_opens_only_for_its_recipient_channel_and_epoch() {
+        let (mine, theirs, ck) = (Key::generate(), Key::generate(), Key::generate());
+        let sealed = mine.seal_channel_key("site1", "engine", 3, &ck, [5; 12]);
+        assert_eq!(sealed.len(), 120);
+        assert!(!sealed.contains(&ck.to_hex()), "the channel key must not travel in the clear");
+        assert_eq!(mine.open_channel_key("site1", "engine", 3, &sealed), Some(ck.clone()));
+        assert_eq!(theirs.open_channel_key("site1", "engine", 3, &sealed), None, "another recipient's key");
+        assert_eq!(mine.open_channel_key("site2", "engine", 3, &sealed), None, "bound to the recipient");
+        assert_eq!(mine.open_channel_key("site1", "rules", 3, &sealed), None, "bound to the channel");
+        assert_eq!(mine.open_channel_key("site1", "engine", 4, &sealed), None, "bound to the epoch");
+        // A rotated key sealed by `seal_key` never opens as a channel key, nor the other way round.
+        let rekey = mine.seal_key("site1", &ck);
+        assert_eq!(mine.open_channel_key("site1", "engine", 3, &rekey), None);
+        assert_eq!(mine.open_key("site1", &ck.id(), &sealed), None);
+        let mut flipped = unhex(&sealed).unwrap();
+        flipped[30] ^= 1;
+        assert_eq!(mine.open_channel_key("site1", "engine", 3, &hex(&flipped)), None);
     }
 
     #[test]
