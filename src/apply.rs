@@ -723,6 +723,7 @@ mod tests {
             body: Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
             rekey: None,
             same_as: None,
+            sealed_key: None,
             channel: "default".into(),
             standing: None,
             pinned: None,

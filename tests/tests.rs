@@ -17,6 +17,8 @@ mod rollback;
 mod keys;
 // `owner add-recipients` (bulk enrollment from CSV or TOML) and `owner tag`.
 mod enroll;
+// Payload encryption per channel: what another reader of a reply mail can read of it.
+mod encryption;
 // The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
 mod units;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.

@@ -1006,6 +1006,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
             grace: r.grace,
         }),
         same_as: plan.same_as.clone(),
+        sealed_key: None,
         standing: plan.standing.clone(),
         pinned: plan.pinned,
     }

@@ -670,6 +670,7 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         body: Frame { offset: 0, length: 100, size: 100, blake3: Digest([0; 32]) },
         rekey: None,
         same_as: None,
+        sealed_key: None,
         channel: "default".into(),
         standing: None,
         pinned: None,

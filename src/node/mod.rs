@@ -19,6 +19,7 @@ pub mod recipient;
 pub mod registration;
 pub mod rollback;
 pub mod run;
+pub mod sealing;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};

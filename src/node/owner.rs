@@ -407,6 +407,16 @@ impl Owner {
         self.state.db.channel(name)?.context("the channel just added is gone")
     }
 
+    /// Starts a new key epoch for channel `name` (`mailferry owner channel rekey`): replies made from now
+    /// on are encrypted under a fresh key, so a recipient no longer sent the channel cannot read later
+    /// payloads with the key it kept. Returns the new epoch.
+    ///
+    /// # Errors
+    /// No such channel, or state failures.
+    pub fn rekey_channel(&mut self, name: &str) -> Result<u64> {
+        super::sealing::rekey_channel(&self.state.db, name)
+    }
+
     /// Answers every waiting request and records every receipt, then sends what is queued.
     ///
     /// # Errors
@@ -684,7 +694,9 @@ impl Owner {
         let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
         super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
         let mut rng = SystemEntropy;
-        let head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
+        let mut head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
+        // A channel that encrypts: the whole pack is encrypted before it is cut into parts.
+        let packed = super::sealing::seal_pack(&self.state.db, &mut head, packed, &plan.key, &mut rng)?;
         let limit = plan.limit;
         let (rec, req) = (&plan.recipient, &plan.request);
         let signer = self.signer.clone();

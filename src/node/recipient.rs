@@ -849,7 +849,7 @@ impl Recipient {
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
         refuse!(protocol::check_payloads(&reply, &msg.attachments));
-        let Some(update) = refuse!(self.keep_part(&tree, &reply, &msg.attachments, &nonce)?) else {
+        let Some(update) = refuse!(self.keep_part(&tree, &reply, &msg.attachments, &nonce, &msg.key)?) else {
             let have = self.state.db.sub(&tree.channel)?.received_parts(&reply.reply_id)?.len() as u32;
             self.state.db.mark_seen(digest, "processed")?;
             info!(reply = %reply.reply_id, part = reply.part, have, of = reply.parts, "kept a part of a reply");
@@ -950,14 +950,16 @@ impl Recipient {
         tree.dir.join("parts").join(reply_id.as_str())
     }
 
-    /// Keeps a verified part on disk. When every part is here, assembles the pack, checks it, and returns
-    /// the whole reply with its body decoded.
+    /// Keeps a verified part on disk. When every part is here, assembles the pack, checks it, decrypts it
+    /// when it is encrypted (its channel key sealed under `under`, the key the part verified under), and
+    /// returns the whole reply with its body decoded.
     fn keep_part(
         &mut self,
         tree: &Subscription,
         reply: &Reply,
         attachments: &std::collections::BTreeMap<String, Vec<u8>>,
         nonce: &str,
+        under: &Key,
     ) -> Result<Result<Option<Update>, Refusal>> {
         let dir = self.parts_dir(tree, &reply.reply_id);
         let db = self.state.db.sub(&tree.channel)?;
@@ -982,10 +984,12 @@ impl Recipient {
         }
         // Every part is here: one pack file, each chunk checked again on the way (the disk may lie).
         let pack_path = dir.join("pack");
+        // An encrypted pack is assembled beside it, then decrypted into it.
+        let assembled = if reply.sealed_key.is_some() { dir.join("sealed") } else { pack_path.clone() };
         {
             let mut out = std::io::BufWriter::new(
-                std::fs::File::create(&pack_path)
-                    .with_context(|| format!("failed to create `{}`", pack_path.display()))?,
+                std::fs::File::create(&assembled)
+                    .with_context(|| format!("failed to create `{}`", assembled.display()))?,
             );
             for (k, p) in (1..).zip(&reply.payloads) {
                 let path = dir.join(format!("{k}.chunk"));
@@ -997,6 +1001,9 @@ impl Recipient {
                 out.write_all(&bytes)?;
             }
             out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
+        }
+        if reply.sealed_key.is_some() {
+            refuse!(super::sealing::open_pack_file(reply, under, &assembled, &pack_path)?);
         }
         let body = refuse!(read_body(&pack_path, reply, &self.cfg.limits)?);
         Ok(Ok(Some(Update { head: reply.clone(), body })))
@@ -1343,7 +1350,15 @@ impl Recipient {
                 out.push(Preview::Incomplete { reply_id, have: chunks.len() as u32, of: reply.parts });
                 continue;
             }
-            let pack: Vec<u8> = chunks.into_values().flatten().collect();
+            let mut pack: Vec<u8> = chunks.into_values().flatten().collect();
+            if reply.sealed_key.is_some() {
+                let mut plain = Vec::new();
+                if let Err(r) = super::sealing::open_pack(&reply, &key, pack.as_slice(), &mut plain)? {
+                    out.push(refused(r));
+                    continue;
+                }
+                pack = plain;
+            }
             let (at, len) = (reply.body.offset as usize, reply.body.length as usize);
             let Some(frame) = pack.get(at..at.saturating_add(len)) else {
                 out.push(refused(Refusal::new(Reason::BadPayload, "the body frame lies outside the pack")));

@@ -272,6 +272,42 @@ pub struct Reply {
     /// The recipient is pinned at this generation of the channel: it is brought there and no further.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<u64>,
+    /// The channel encrypts (`docs/protocol.md` §6.6): the pack is encrypted under the channel's key, which
+    /// travels here sealed under the key that authenticates this reply. The payloads' sizes and digests
+    /// are of the encrypted pack; the body frame's and the body's offsets are in the decrypted pack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+/// How a reply's pack is encrypted, and the channel key that decrypts it, sealed for the recipient.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SealedKey {
+    /// The channel key's epoch (a new one on `owner channel rekey`).
+    pub epoch: u64,
+    /// The channel key, sealed by [`Key::seal_channel_key`] under the key whose MAC this reply carries:
+    /// 120 hex digits.
+    pub sealed: String,
+    /// The stream's random nonce prefix ([`crate::crypto::stream`]): 38 hex digits.
+    pub nonce_prefix: String,
+    /// Length of the decrypted pack.
+    pub plain_size: u64,
+    /// Always [`crate::crypto::stream::ALG`].
+    pub alg: String,
+}
+
+impl SealedKey {
+    /// The nonce prefix as bytes, if it is 19 bytes of hex.
+    pub fn prefix(&self) -> Option<[u8; crate::crypto::stream::PREFIX]> {
+        unhex(&self.nonce_prefix)?.try_into().ok()
+    }
+}
+
+/// The associated data of every segment of a reply's encrypted pack: the reply's recipient, channel, id,
+/// generation and root, so a pack decrypts only as the reply it was made for.
+pub fn pack_aad(reply: &Reply) -> Vec<u8> {
+    let fields = (&reply.recipient, &reply.channel, &reply.reply_id, reply.generation, &reply.root);
+    [b"mailferry pack v1\0".as_slice(), &encode(&fields)].concat()
 }
 
 /// Why the owner answers a request without an update (`docs/protocol.md` §4.4). A channel that does not
@@ -334,9 +370,14 @@ pub struct Rekey {
 }
 
 impl Reply {
-    /// Total length of the pack.
+    /// Total length of the pack as it travels (encrypted, when the channel encrypts).
     pub fn pack_size(&self) -> u64 {
         self.payloads.iter().map(|p| p.size).sum()
+    }
+
+    /// Length of the pack its frames and sources point into: the decrypted pack's, when it is encrypted.
+    pub fn plain_pack_size(&self) -> u64 {
+        self.sealed_key.as_ref().map_or_else(|| self.pack_size(), |k| k.plain_size)
     }
 
     /// The chunk this part carries.
@@ -599,6 +640,9 @@ pub enum Reason {
     LocalTree,
     /// The message kind makes no sense for this node (a reply sent to an owner).
     Unexpected,
+    /// An encrypted pack does not decrypt: its channel key does not open under this recipient's key, or a
+    /// segment does not verify (another key, another reply's data, truncated or changed bytes).
+    Undecryptable,
 }
 
 impl Reason {
@@ -619,6 +663,7 @@ impl Reason {
             Reason::TreeMismatch => "tree-mismatch",
             Reason::LocalTree => "local-tree",
             Reason::Unexpected => "unexpected",
+            Reason::Undecryptable => "undecryptable",
         }
     }
 }
@@ -964,7 +1009,29 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
     let Some(pack) = pack.filter(|&n| n <= limits.max_reply_bytes) else {
         return Err(Refusal::new(Reason::Limit, format!("pack is larger than {} bytes", limits.max_reply_bytes)));
     };
-    check_frame("body", &r.body, pack)?;
+    if let Some(k) = &r.sealed_key {
+        // The ciphertext's length follows from the plaintext's: anything else is not a stream we make.
+        let shaped = k.prefix().is_some()
+            && k.alg == crate::crypto::stream::ALG
+            && k.sealed.len() == 120
+            && k.sealed.bytes().all(|b| b.is_ascii_hexdigit());
+        if !shaped || k.epoch == 0 || k.epoch > MAX_INTEGER {
+            return Err(Refusal::new(
+                Reason::Malformed,
+                "sealed-key is not a positive epoch, a 120-digit sealed key, a 38-digit nonce prefix and a known alg",
+            ));
+        }
+        if r.standing.is_some() {
+            return Err(Refusal::new(Reason::Malformed, "an answer without an update carries no sealed-key"));
+        }
+        if crate::crypto::stream::sealed_len(k.plain_size) != Some(pack) {
+            return Err(Refusal::new(
+                Reason::BadPayload,
+                format!("an encrypted pack of {pack} bytes cannot hold the {} bytes sealed-key declares", k.plain_size),
+            ));
+        }
+    }
+    check_frame("body", &r.body, r.plain_pack_size())?;
     // No zstd frame is longer than this for its output, so a recipient never reads more for the body.
     if r.body.length > zstd::zstd_safe::compress_bound(usize::try_from(r.body.size).unwrap_or(usize::MAX)) as u64 {
         return Err(Refusal::new(Reason::BadPayload, "body frame is longer than any zstd frame of its size"));
@@ -1058,7 +1125,7 @@ pub fn check_body(head: &Reply, body: &Body, limits: &Limits) -> Result<(), Refu
     if head.need_full_inventory && !body.ops.is_empty() {
         return Err(Refusal::new(Reason::Malformed, "a reply asking for a full inventory carries operations"));
     }
-    let pack = head.pack_size();
+    let pack = head.plain_pack_size();
     let mut total: u64 = 0;
     for (i, s) in body.streams.iter().enumerate() {
         check_frame(&format!("delta stream {i}"), &s.frame(), pack)?;
@@ -1210,6 +1277,7 @@ mod tests {
             body: Frame { offset: 10, length: 90, size: 400, blake3: Digest([4; 32]) },
             rekey: None,
             same_as: None,
+            sealed_key: None,
         }
     }
 
@@ -1521,6 +1589,64 @@ mod tests {
             let r = Reply { rekey: Some(bad), ..reply() };
             assert_eq!(decode_control(&encode(&r), &Limits::default()).unwrap_err().reason, Reason::Malformed);
         }
+    }
+
+    #[test]
+    fn a_sealed_key_must_be_well_formed_and_fit_the_encrypted_pack() {
+        let (mine, ck) = (Key::generate(), Key::generate());
+        let sealed = SealedKey {
+            epoch: 1,
+            sealed: mine.seal_channel_key("site1", DEFAULT_CHANNEL, 1, &ck, [1; 12]),
+            nonce_prefix: hex(&[9; crate::crypto::stream::PREFIX]),
+            // The pack travels as 100 bytes: 84 of plaintext and one tag.
+            plain_size: 84,
+            alg: crate::crypto::stream::ALG.into(),
+        };
+        let body = Frame { offset: 10, length: 70, size: 400, blake3: Digest([4; 32]) };
+        let good = Reply { sealed_key: Some(sealed.clone()), body, ..reply() };
+        assert_eq!(good.plain_pack_size(), 84);
+        assert_eq!(decode_control(&encode(&good), &Limits::default()).unwrap(), Control::Reply(Box::new(good.clone())));
+        let refused = |r: &Reply| decode_control(&encode(r), &Limits::default()).unwrap_err().reason;
+        for bad in [
+            SealedKey { epoch: 0, ..sealed.clone() },
+            SealedKey { sealed: sealed.sealed[..100].into(), ..sealed.clone() },
+            SealedKey { nonce_prefix: "00".into(), ..sealed.clone() },
+            SealedKey { alg: "rot13".into(), ..sealed.clone() },
+        ] {
+            assert_eq!(refused(&Reply { sealed_key: Some(bad), ..good.clone() }), Reason::Malformed);
+        }
+        // A plaintext size the ciphertext cannot hold (a pack that is not such a stream).
+        for plain_size in [83, 85, 100] {
+            let r = Reply { sealed_key: Some(SealedKey { plain_size, ..sealed.clone() }), ..good.clone() };
+            assert_eq!(refused(&r), Reason::BadPayload, "{plain_size}");
+        }
+        // Frames point into the plaintext: the body frame must fit its 84 bytes, not the 100 that travel.
+        let beyond = Reply { body: Frame { offset: 10, length: 80, ..body }, ..good.clone() };
+        assert_eq!(refused(&beyond), Reason::BadPayload);
+        assert!(
+            decode_control(&encode(&Reply { sealed_key: None, ..beyond }), &Limits::default()).is_ok(),
+            "unencrypted it fits"
+        );
+        let standing = Reply { standing: Some(Standing::NotEntitled), ..good.clone() };
+        assert_eq!(refused(&standing), Reason::Malformed);
+        // And so do the body's sources.
+        let b = Body {
+            mailferry: VERSION,
+            ops: vec![Op::Put {
+                path: RelPath::new("a").unwrap(),
+                mode: Mode::Regular,
+                size: 5,
+                blake3: Digest([5; 32]),
+                source: Some(Source::Pack { offset: 80, length: 10 }),
+            }],
+            streams: Vec::new(),
+        };
+        assert_eq!(check_body(&good, &b, &Limits::default()).unwrap_err().reason, Reason::BadPayload);
+        assert!(check_body(&Reply { sealed_key: None, ..good.clone() }, &b, &Limits::default()).is_ok());
+        // The associated data binds the reply's identity.
+        assert_ne!(pack_aad(&good), pack_aad(&Reply { recipient: "site2".into(), ..good.clone() }));
+        assert_ne!(pack_aad(&good), pack_aad(&Reply { generation: 3, ..good.clone() }));
+        assert_eq!(pack_aad(&good), pack_aad(&Reply { part: 1, created: 99, ..good.clone() }));
     }
 
     #[test]
