@@ -26,8 +26,9 @@
 //! Pure core (no I/O, unit-tested):
 //! - [`path`]: validated tree-relative paths; the one place hostile names are refused.
 //! - [`manifest`]: trees, tree roots, [`manifest::diff`] and [`manifest::Manifest::apply`].
-//! - [`crypto`]: keys, HMAC-SHA256, nonces, sealing a rotated key under the old one, the owner's optional
-//!   Ed25519 reply signatures.
+//! - [`crypto`]: keys, HMAC-SHA256, nonces, sealing a rotated key under the old one (and a channel key
+//!   under a recipient's), the owner's optional Ed25519 reply signatures; [`crypto::stream`], the
+//!   streamed XChaCha20-Poly1305 encryption of an encrypting channel's packs.
 //! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
 //!   reasons, [`protocol::envelope`] for MIME (and how large a chunk fits a message, delivery tokens),
 //!   and [`protocol::bounded`], decoding that counts and caps as the bytes stream in.
@@ -64,7 +65,8 @@
 //!   through [`engine`] and performing the effects (the recipient's one `finish` ends every journal:
 //!   apply, rollback, recovery); [`node::compose::Node`] holds both roles on one state and routes each
 //!   message to its part (a relay); [`node::pack`] chooses how each file travels and writes the pack; the
-//!   outbox (in the state database); kept parts on both sides; staleness and admin notices;
+//!   outbox (in the state database); [`node::sealing`], a channel's key and its packs encrypted and
+//!   decrypted; kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
 //!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
