@@ -96,7 +96,8 @@ fn an_encrypted_channel_syncs_and_its_mail_shows_nothing_of_the_content() {
     assert!(site.rejections().is_empty(), "{:?}", site.rejections());
 
     // A new epoch: the next reply is encrypted under another key.
-    assert_eq!(mailferry::node::sealing::rekey_channel(&owner_db(&w), "default").unwrap(), 2);
+    let out = ok(&["owner", "channel", "rekey", "--config", &w.owner_config, "--name", "default", "--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["epoch"], 2, "{out}");
     put(&w.source, "plans/three.bin", &marked("MARKER-THREE", 5), 0o644);
     w.publish();
     let next = w.pending_reply(&site);

@@ -22,6 +22,9 @@ pub enum ChannelCommand {
     List(ListCommand),
     /// Change whether a channel is open to every recipient.
     Set(SetCommand),
+    /// Start a new key epoch for an encrypting channel: replies made from now on are encrypted under a
+    /// fresh key (do this after cutting a recipient off: it keeps the keys it was sent).
+    Rekey(RekeyCommand),
 }
 
 /// The arguments of `owner channel add`.
@@ -67,6 +70,43 @@ pub struct SetCommand {
     /// `true`: every registered recipient is sent it; `false`: only recipients with a grant.
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     open: bool,
+}
+
+/// The arguments of `owner channel rekey`.
+#[derive(Debug, Args)]
+pub struct RekeyCommand {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The channel.
+    #[arg(long)]
+    name: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `owner channel rekey` did.
+#[derive(Debug, Serialize)]
+struct Rekeyed {
+    channel: String,
+    epoch: u64,
+    encrypt: bool,
+}
+
+impl Render for Rekeyed {
+    const STREAM: Stream = Stream::Stdout;
+
+    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(
+            out,
+            "channel {:?}: key epoch {}; replies made from now on use the new key",
+            self.channel, self.epoch
+        )?;
+        if !self.encrypt {
+            writeln!(out, "(the channel does not encrypt: the key is used once it does)")?;
+        }
+        Ok(())
+    }
 }
 
 /// One channel as listed.
@@ -158,6 +198,12 @@ impl ChannelCommand {
                 owner.db().set_channel(&c.name, Some(c.open), None)?;
                 let row = owner.db().channel(&c.name)?.expect("the channel was just changed");
                 Output::human().print(&listed(&owner, row)?)?;
+            }
+            ChannelCommand::Rekey(c) => {
+                let mut owner = Owner::open(c.config.owner()?)?;
+                let epoch = owner.rekey_channel(&c.name)?;
+                let encrypt = owner.db().channel(&c.name)?.is_some_and(|ch| ch.encrypt);
+                Output::new(c.json).print(&Rekeyed { channel: c.name, epoch, encrypt })?;
             }
         }
         Ok(Exit::Success)
