@@ -167,3 +167,71 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn an_encrypted_reply_in_parts_arrives_in_any_order() {
+    let w = World::new();
+    let site = w.site("site1");
+    encrypt(&w, "default");
+    let text = fs::read_to_string(&w.owner_config).unwrap();
+    fs::write(&w.owner_config, text.replace("relay-limit = 10240000", "relay-limit = 100000")).unwrap();
+    put(&w.source, "big.bin", &marked("MARKER-IN-A-BIG-FILE", 11), 0o644);
+    put(&w.source, "more.bin", &noise(300_000, 13), 0o644);
+    w.publish();
+    site.run(true);
+    w.owner_run();
+    let new = site.maildir(&w).join("new");
+    let mut parts: Vec<PathBuf> = fs::read_dir(&new).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(parts.len() >= 4, "300 KB through a 100 KB relay: {} parts", parts.len());
+    for p in &parts {
+        let control = control_of(p);
+        assert!(control["sealed-key"].is_object(), "every part names the sealed key");
+        assert!(!contains(&readable(&fs::read(p).unwrap()), b"MARKER-IN-A-BIG-FILE"));
+    }
+    // The last part first, then the rest: the encrypted pack is whole only then, and decrypts.
+    parts.sort_by_key(|p| std::cmp::Reverse(control_of(p)["part"].as_u64().unwrap()));
+    let held = w.path("held");
+    fs::create_dir_all(&held).unwrap();
+    for p in &parts[1..] {
+        fs::rename(p, held.join(p.file_name().unwrap())).unwrap();
+    }
+    site.run(false);
+    assert_eq!(site.status()["generation"], 0);
+    for p in &parts[1..] {
+        fs::rename(held.join(p.file_name().unwrap()), p).unwrap();
+    }
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+    assert!(site.rejections().is_empty(), "{:?}", site.rejections());
+}
+
+#[test]
+fn a_channel_added_with_encrypt_reaches_its_granted_recipient_encrypted() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "README", b"the open default channel\n", 0o644);
+    w.publish();
+    let engine = w.path("engine-source");
+    put(&engine, "engine.bin", &marked("MARKER-ENGINE-BUILD", 17), 0o755);
+    let cfg = w.owner_config.as_str();
+    let src = engine.to_str().unwrap();
+    ok(&["owner", "channel", "add", "--config", cfg, "--name", "engine", "--source", src, "--encrypt"]);
+    ok(&["owner", "publish", "--config", cfg, "--channel", "engine"]);
+    ok(&["owner", "group", "add", "--config", cfg, "--name", "pro", "--members", "site1"]);
+    ok(&["owner", "grant", "--config", cfg, "--group", "pro", "--channel", "engine"]);
+    let tree = w.path("site1-engine");
+    ok(&["recipient", "subscribe", "--config", &site.config, "--channel", "engine", "--data", tree.to_str().unwrap()]);
+    site.run(true);
+    w.owner_run();
+    let new = site.maildir(&w).join("new");
+    let replies: Vec<PathBuf> = fs::read_dir(&new).unwrap().map(|e| e.unwrap().path()).collect();
+    let (sealed, plain): (Vec<_>, Vec<_>) = replies.iter().partition(|p| control_of(p)["channel"] == "engine");
+    assert_eq!((sealed.len(), plain.len()), (1, 1), "one reply per channel");
+    assert!(control_of(sealed[0])["sealed-key"].is_object());
+    assert!(control_of(plain[0]).get("sealed-key").is_none(), "the default channel does not encrypt");
+    assert!(!contains(&readable(&fs::read(sealed[0]).unwrap()), b"MARKER-ENGINE-BUILD"));
+    site.run(false);
+    assert_same_tree(&engine, &tree);
+    assert_same_tree(&w.source, &site.data);
+    assert!(site.rejections().is_empty(), "{:?}", site.rejections());
+}
