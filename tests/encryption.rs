@@ -89,6 +89,9 @@ fn an_encrypted_channel_syncs_and_its_mail_shows_nothing_of_the_content() {
         key["plain-size"].as_u64().unwrap() + 16 * key["plain-size"].as_u64().unwrap().div_ceil(65536).max(1)
     );
 
+    // A dry run decrypts it too, and says what it would change.
+    let out = ok(&["recipient", "run", "--config", &site.config, "--dry-run"]);
+    assert!(out.lines().any(|l| l == ">f+++++++++ plans/two.bin"), "{out}");
     site.run(false);
     w.owner_run();
     assert_same_tree(&w.source, &site.data);
