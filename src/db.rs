@@ -179,6 +179,15 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE outstanding ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE applied ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';
      ALTER TABLE received_parts ADD COLUMN subscription TEXT NOT NULL DEFAULT 'default';",
+    // 3 (install): failed install hooks, and the verified update kept ready for `recipient approve` or
+    // its apply window (its uncommitted journal, as JSON), per subscription.
+    "CREATE TABLE hook_failures (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, subscription TEXT NOT NULL, at INTEGER NOT NULL,
+        generation INTEGER NOT NULL, reply_id TEXT NOT NULL, hook TEXT NOT NULL, exit_status INTEGER,
+        output_tail TEXT NOT NULL, action TEXT NOT NULL);
+     CREATE TABLE install_waiting (
+        subscription TEXT PRIMARY KEY, generation INTEGER NOT NULL, reply_id TEXT NOT NULL,
+        base TEXT NOT NULL, reason TEXT NOT NULL, since INTEGER NOT NULL, journal BLOB NOT NULL);",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -395,6 +404,42 @@ pub struct GenerationRow {
     pub files: u64,
     /// Bytes in regular files.
     pub bytes: u64,
+}
+
+/// A failed install hook, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HookFailureRow {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The generation being installed.
+    pub generation: u64,
+    /// The reply that brought it.
+    pub reply_id: ReplyId,
+    /// Which hook: `post-apply`, or `shipped post-apply`.
+    pub hook: String,
+    /// Its exit code; none when it was killed (by a signal, or at the timeout).
+    pub exit_status: Option<i32>,
+    /// The last bytes of what it wrote to stdout and stderr.
+    pub output_tail: String,
+    /// What was done: `rolled-back`, `kept`, or `kept: WHY` when a rollback was not possible.
+    pub action: String,
+}
+
+/// A verified, staged update kept ready to install (`install = "manual"` or an apply window).
+#[derive(Debug, Clone)]
+pub struct WaitingRow {
+    /// The generation it brings.
+    pub generation: u64,
+    /// The reply.
+    pub reply_id: ReplyId,
+    /// The tree root it was planned against: the tree must still be that when it is installed.
+    pub base: Digest,
+    /// `manual` or `apply-window`.
+    pub reason: String,
+    /// Since when it waits (Unix seconds).
+    pub since: u64,
+    /// Its journal, not yet committed (JSON).
+    pub journal: Vec<u8>,
 }
 
 /// The generation a recipient keeps for `mailferry recipient rollback`.
@@ -1697,6 +1742,96 @@ impl Db {
             > 0)
     }
 
+    // ---- install ----
+
+    /// Records a failed install hook and what was done about it (`rolled-back`, `kept`, or why neither).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_hook_failure(&self, f: &HookFailureRow) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO hook_failures (subscription, at, generation, reply_id, hook, exit_status, output_tail, action)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![SUB, f.at as i64, f.generation as i64, f.reply_id, f.hook, f.exit_status, f.output_tail, f.action],
+        )?;
+        Ok(())
+    }
+
+    /// The most recent failed install hook, if any.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn last_hook_failure(&self) -> Result<Option<HookFailureRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT at, generation, reply_id, hook, exit_status, output_tail, action FROM hook_failures
+                 WHERE subscription = ?1 ORDER BY id DESC LIMIT 1",
+                [SUB],
+                |r| {
+                    Ok(HookFailureRow {
+                        at: r.get::<_, i64>(0)? as u64,
+                        generation: r.get::<_, i64>(1)? as u64,
+                        reply_id: r.get(2)?,
+                        hook: r.get(3)?,
+                        exit_status: r.get(4)?,
+                        output_tail: r.get(5)?,
+                        action: r.get(6)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Keeps a verified, staged update ready to install, replacing the one kept before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_waiting_install(&self, w: &WaitingRow) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO install_waiting (subscription, generation, reply_id, base, reason, since, journal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![SUB, w.generation as i64, w.reply_id, w.base.to_hex(), w.reason, w.since as i64, w.journal],
+        )?;
+        Ok(())
+    }
+
+    /// The update kept ready to install, if any.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt row.
+    pub fn waiting_install(&self) -> Result<Option<WaitingRow>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT generation, reply_id, base, reason, since, journal FROM install_waiting WHERE subscription = ?1",
+                [SUB],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, ReplyId>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)? as u64,
+                        r.get::<_, Vec<u8>>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((generation, reply_id, base, reason, since, journal)) = row else { return Ok(None) };
+        let base = Digest::from_hex(&base).map_err(anyhow::Error::msg).context("a waiting update's base is corrupt")?;
+        Ok(Some(WaitingRow { generation, reply_id, base, reason, since, journal }))
+    }
+
+    /// Forgets the update kept ready.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn clear_waiting_install(&self) -> Result<()> {
+        self.conn.execute("DELETE FROM install_waiting WHERE subscription = ?1", [SUB])?;
+        Ok(())
+    }
+
     // ---- parts ----
 
     /// Keeps a sent reply part, so that it can be sent again if it is lost.
@@ -1911,6 +2046,39 @@ mod tests {
         assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);
         assert_eq!(db.relay_limit("site1").unwrap(), None);
         assert_eq!(db.signing_key().unwrap(), None);
+    }
+
+    #[test]
+    fn hook_failures_and_the_waiting_update_are_kept_per_subscription() {
+        let (_dir, db) = open_fixture("recipient-v1.db");
+        assert_eq!(db.last_hook_failure().unwrap(), None);
+        let f = |n: u64| HookFailureRow {
+            at: n,
+            generation: n,
+            reply_id: ReplyId::unchecked("a".repeat(32)),
+            hook: "post-apply".into(),
+            exit_status: Some(3),
+            output_tail: format!("out {n}"),
+            action: "rolled-back".into(),
+        };
+        db.record_hook_failure(&f(1)).unwrap();
+        db.record_hook_failure(&f(2)).unwrap();
+        assert_eq!(db.last_hook_failure().unwrap(), Some(f(2)), "the newest");
+        assert!(db.waiting_install().unwrap().is_none());
+        let w = |g: u64| WaitingRow {
+            generation: g,
+            reply_id: ReplyId::unchecked("b".repeat(32)),
+            base: Digest::of(b"base"),
+            reason: "manual".into(),
+            since: 7,
+            journal: b"{}".to_vec(),
+        };
+        db.set_waiting_install(&w(2)).unwrap();
+        db.set_waiting_install(&w(3)).unwrap();
+        let got = db.waiting_install().unwrap().unwrap();
+        assert_eq!((got.generation, got.base, got.journal), (3, Digest::of(b"base"), b"{}".to_vec()), "replaced");
+        db.clear_waiting_install().unwrap();
+        assert!(db.waiting_install().unwrap().is_none());
     }
 
     #[test]

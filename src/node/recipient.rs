@@ -17,11 +17,12 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::install::{self, InstallMode, InstallPolicy, OnHookFailure};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{Enrollment, RecipientConfig, RecipientSection, TransportConfig, read_key_file, write_secret};
 use crate::crypto::{Key, KeyId, Nonce, PublicKey};
-use crate::db::{Db, now};
+use crate::db::{DEFAULT_SUBSCRIPTION, Db, now};
 use crate::engine::recipient::{Applied, Effect as RecipientEffect, PartStep, RecipientKeys, RecipientView, WholeStep};
 use crate::engine::{self, verify};
 use crate::manifest::{Digest, Entry, Listed};
@@ -53,6 +54,22 @@ pub struct Recipient {
     key: Key,
     /// The owner's pinned Ed25519 key: replies must be signed under it.
     owner_key: Option<PublicKey>,
+    /// Hooks, manual installation, apply windows.
+    install: InstallPolicy,
+}
+
+/// What installing a waiting update did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    /// The generation installed.
+    pub generation: u64,
+    /// Its operations.
+    pub ops: usize,
+    /// The generation the tree has now: `generation`, or the one before when a failed post-apply hook
+    /// rolled it back.
+    pub applied: u64,
+    /// The post-apply hook that failed, if one did.
+    pub hook_failure: Option<crate::db::HookFailureRow>,
 }
 
 /// The recipient's view for `status`.
@@ -94,6 +111,10 @@ pub struct RecipientStatus {
     pub key_id: Option<KeyId>,
     /// The owner's Ed25519 key replies must be signed with, if pinned.
     pub owner_public_key: Option<String>,
+    /// A verified update kept ready to install (`install = "manual"`, or outside its apply window).
+    pub waiting: Option<install::WaitingStatus>,
+    /// The most recent failed install hook.
+    pub last_hook_failure: Option<crate::db::HookFailureRow>,
 }
 
 /// Creates a recipient: `DIR/recipient.toml` and `DIR/recipient.key` from an enrollment file.
@@ -158,6 +179,13 @@ pub fn init_with(
         stale_after: None,
         admin_address: None,
         owner_public_key: e.owner_public_key.clone(),
+        pre_apply: None,
+        post_apply: None,
+        hook_timeout: None,
+        shipped_hooks: false,
+        on_hook_failure: Default::default(),
+        install: Default::default(),
+        apply_window: Vec::new(),
     };
     #[derive(Serialize)]
     struct File<'a> {
@@ -254,7 +282,8 @@ impl Recipient {
         );
         let key = read_key_file(&cfg.recipient.key_file)?;
         let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
-        let mut r = Recipient { cfg, state, key, owner_key };
+        let install = InstallPolicy::from_section(&cfg.recipient)?;
+        let mut r = Recipient { cfg, state, key, owner_key, install };
         // A key taken up just before a crash is written now.
         r.finish_key()?;
         Ok(r)
@@ -320,6 +349,8 @@ impl Recipient {
             steps: plan.steps,
             kind: JournalKind::Rollback { from: applied },
             key_id: None,
+            phase: apply::Phase::Swap,
+            signed: false,
         };
         journal.commit(self.state_dir())?;
         crate::failpoint::hit("apply-committed");
@@ -347,11 +378,75 @@ impl Recipient {
     /// # Errors
     /// I/O or state failures; the journal then stays and the next run finishes it.
     pub(crate) fn finish(&mut self, journal: &Journal) -> Result<()> {
-        journal.execute()?;
-        crate::failpoint::hit("apply-done");
+        // Hooks pending: the steps are done; the post-apply hooks run again (node::install).
+        let rerun = journal.phase == apply::Phase::HooksPending;
+        if !rerun {
+            journal.execute()?;
+            crate::failpoint::hit("apply-done");
+        }
         match journal.kind {
-            JournalKind::Apply => self.complete(journal),
+            JournalKind::Apply => match self.hooks().post_apply(journal, rerun)? {
+                None => self.complete(journal),
+                Some(failure) => self.hook_failed(journal, &failure),
+            },
             JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, &self.cfg.state_dir, journal),
+        }
+    }
+
+    /// The hooks of this recipient's subscription.
+    fn hooks(&self) -> install::Hooks<'_> {
+        install::Hooks { policy: &self.install, channel: DEFAULT_SUBSCRIPTION, state_dir: &self.cfg.state_dir }
+    }
+
+    /// A post-apply hook of `journal` failed after the swap. The failure is recorded; then with
+    /// `on-hook-failure = "rollback"` the tree returns to the generation before (which also holds the
+    /// failed one back), else (or when there is no way back) the apply is recorded as usual.
+    fn hook_failed(&mut self, journal: &Journal, failure: &install::HookFailure) -> Result<()> {
+        let back = match self.install.on_hook_failure {
+            OnHookFailure::Keep => Err(String::new()),
+            OnHookFailure::Rollback => {
+                let (before, _, manifest) = self.state.db.applied()?;
+                let scan = self.scan_tree()?;
+                let stage_dir = self.staging_root()?.join(Nonce::generate().to_hex());
+                let on_extra = self.cfg.recipient.on_extra;
+                install::rollback_journal(journal, (before, &manifest), &scan, on_extra, stage_dir)?
+            }
+        };
+        let action = match &back {
+            Ok(_) => "rolled-back".to_owned(),
+            Err(why) if why.is_empty() => "kept".to_owned(),
+            Err(why) => format!("kept: {why}"),
+        };
+        // The fleet's failure receipt (`install::HookFailure`) is queued here, in this transaction.
+        self.state.db.transaction(|db| {
+            install::record_failure(db, journal, failure, &action)?;
+            if back.is_ok() {
+                // The apply is never recorded: its reply is answered here.
+                db.close_outstanding(&journal.nonce)?;
+                db.mark_fresh_reply()?;
+                db.mark_seen(&journal.message, "processed")?;
+            }
+            Ok(())
+        })?;
+        match back {
+            Ok(rollback) => {
+                warn!(
+                    generation = journal.generation,
+                    to = rollback.generation,
+                    "returning to generation {}",
+                    rollback.generation
+                );
+                rollback.commit(&self.cfg.state_dir)?;
+                crate::failpoint::hit("apply-committed");
+                self.finish(&rollback)
+            }
+            Err(_) => {
+                warn!(
+                    generation = journal.generation,
+                    "keeping generation {} although its hook failed ({action})", journal.generation
+                );
+                self.complete(journal)
+            }
         }
     }
 
@@ -432,6 +527,9 @@ impl Recipient {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
+        if let Some(done) = self.install_due(install::local_now())? {
+            report.count(&Handled::Applied { generation: done.generation, ops: done.ops });
+        }
         process_inbox(self, transport, &mut report).await?;
         if request {
             report.requested = self.maybe_request()?;
@@ -792,6 +890,14 @@ impl Recipient {
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
             WholeStep::Referred { same, step, effects } => return self.referred(nonce, digest, &same, step, &effects),
         };
+        let wait = self.install.wait(install::local_now());
+        if let Some(wait) = wait
+            && let Some(w) = self.state.db.waiting_install()?
+            && (w.generation, w.base) == (reply.generation, reply.base)
+        {
+            // The same generation is waiting already, planned against the same tree: keep that one.
+            return self.keep_ready(None, wait, &effects, digest, nonce);
+        }
         let stage_dir = self.staging_root()?.join(reply.reply_id.as_str());
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
@@ -821,11 +927,6 @@ impl Recipient {
                 }
             }
         }
-        // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
-        // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
-        // not yet marked seen, is applied under the key it was made with, kept as the previous one).
-        let key = &self.key;
-        self.state.db.transaction(|db| Recipient::apply_effects(db, key, &effects))?;
         let journal = Journal {
             version: 1,
             data_root: data,
@@ -839,7 +940,27 @@ impl Recipient {
             steps: plan.steps,
             kind: JournalKind::Apply,
             key_id: Some(under.id()),
+            phase: apply::Phase::Swap,
+            // With a pinned owner key every reply that got this far carried a signature that verifies
+            // under it (engine::verify step 5a): shipped hooks may run.
+            signed: self.owner_key.is_some(),
         };
+        if let Some(wait) = wait {
+            return self.keep_ready(Some((journal, reply.base)), wait, &effects, digest, nonce);
+        }
+        if let Err(veto) = self.hooks().pre_apply(&journal)? {
+            let _ = std::fs::remove_dir_all(&journal.stage_dir);
+            return Ok(Err(veto));
+        }
+        // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
+        // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
+        // not yet marked seen, is applied under the key it was made with, kept as the previous one).
+        let key = &self.key;
+        self.state.db.transaction(|db| {
+            Recipient::apply_effects(db, key, &effects)?;
+            // An older update waiting to be installed is superseded.
+            install::discard_waiting(db)
+        })?;
         journal.commit(&self.cfg.state_dir)?;
         crate::failpoint::hit("apply-committed");
         self.finish(&journal).context("apply interrupted; the next run finishes it")?;
@@ -848,8 +969,122 @@ impl Recipient {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
         let ops = update.body.ops.len();
+        if self.state.db.applied_root()?.0 != reply.generation {
+            // Its post-apply hook failed and the tree went back (node::install).
+            return Ok(Ok(Handled::Held { generation: reply.generation, held: reply.generation }));
+        }
         info!(generation = reply.generation, ops, root = %reply.root.short(), "applied");
         Ok(Ok(Handled::Applied { generation: reply.generation, ops }))
+    }
+
+    /// Keeps a verified, staged update ready rather than installing it (`ready`: its journal, not committed,
+    /// and the tree root it was planned against; `None` when the same one waits already). The reply counts
+    /// as answered and accepted (a key it brings is taken up); the update replaced, if any, is discarded.
+    fn keep_ready(
+        &mut self,
+        ready: Option<(Journal, Digest)>,
+        wait: install::Wait,
+        effects: &[RecipientEffect],
+        digest: &Digest,
+        nonce: &str,
+    ) -> Result<Result<Handled, Refusal>> {
+        let channel = DEFAULT_SUBSCRIPTION;
+        let replaced = if ready.is_some() { self.state.db.waiting_install()? } else { None };
+        let (key, cfg) = (&self.key, &self.cfg);
+        let generation = self.state.db.transaction(|db| {
+            Recipient::apply_effects(db, key, effects)?;
+            let generation = match &ready {
+                Some((journal, base)) => {
+                    install::keep_ready(db, cfg, channel, journal, *base, wait)?;
+                    journal.generation
+                }
+                None => db.waiting_install()?.map_or(0, |w| w.generation),
+            };
+            db.close_outstanding(nonce)?;
+            db.mark_fresh_reply()?;
+            db.mark_seen(digest, "processed")?;
+            Ok(generation)
+        })?;
+        if let Some(old) = replaced
+            && ready.as_ref().is_some_and(|(j, _)| j.reply_id != old.reply_id)
+        {
+            info!(old = old.generation, new = generation, "a newer verified update replaces the one waiting");
+            install::remove_staged(&old);
+        }
+        self.finish_key()?;
+        Ok(Ok(Handled::Ready { generation, wait }))
+    }
+
+    /// Installs the update kept ready if its apply window is open at local time `now` (and installation
+    /// is not manual). Returns the generation installed, if one was.
+    ///
+    /// # Errors
+    /// Local failures; see [`Recipient::approve`].
+    pub fn install_due(&mut self, now: jiff::civil::DateTime) -> Result<Option<Installed>> {
+        if self.install.install == InstallMode::Manual || self.install.wait(now).is_some() {
+            return Ok(None);
+        }
+        let Some(w) = self.state.db.waiting_install()? else { return Ok(None) };
+        info!(generation = w.generation, "the apply window is open: installing the update that waited");
+        match self.install_waiting(w)? {
+            Ok(done) => Ok(Some(done)),
+            Err(why) => {
+                warn!("{why}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `mailferry recipient approve`: installs the update kept ready for `channel` (default: the one
+    /// channel), whatever the apply window.
+    ///
+    /// # Errors
+    /// An unknown channel, nothing waiting, a tree changed since the update was made ready or a pre-apply
+    /// veto (the update is discarded then, and the next request asks again), or local failures.
+    pub fn approve(&mut self, channel: Option<&str>) -> Result<Installed> {
+        let mine = DEFAULT_SUBSCRIPTION;
+        if let Some(c) = channel
+            && c != mine
+        {
+            bail!("this recipient has no channel {c:?} (it has {mine:?})");
+        }
+        let Some(w) = self.state.db.waiting_install()? else {
+            bail!("nothing waits to be installed (`mailferry status` shows what does)");
+        };
+        self.install_waiting(w)?.map_err(anyhow::Error::msg)
+    }
+
+    /// Installs a waiting update: the tree must still be what it was planned against, then the pre-apply
+    /// hooks, the journal, the swap and the post-apply hooks, as for an update installed at once.
+    /// `Ok(Err(why))` when it cannot be installed and was discarded.
+    fn install_waiting(&mut self, w: crate::db::WaitingRow) -> Result<Result<Installed, String>> {
+        let journal: Journal = serde_json::from_slice(&w.journal).context("a waiting update's journal is corrupt")?;
+        let discard = |r: &Recipient, why: String| -> Result<Result<Installed, String>> {
+            install::discard_waiting(&r.state.db)?;
+            r.state.db.set_fresh_next(true)?;
+            Ok(Err(format!("{why}; it is discarded, and the next request asks again")))
+        };
+        let scan = self.scan_tree()?;
+        if !scan.foreign.is_empty() || scan.manifest.root() != w.base {
+            let why = format!("the data tree changed since generation {} was made ready", w.generation);
+            return discard(self, why);
+        }
+        if let Err(veto) = self.hooks().pre_apply(&journal)? {
+            return discard(self, veto.to_string());
+        }
+        // The message was filed long ago; recording the apply marks it seen again, as not yet filed.
+        let settled = self.state.db.seen(&journal.message)?.is_some_and(|s| s.settled);
+        journal.commit(&self.cfg.state_dir)?;
+        self.state.db.clear_waiting_install()?;
+        crate::failpoint::hit("apply-committed");
+        self.finish(&journal).context("apply interrupted; the next run finishes it")?;
+        if settled {
+            self.state.db.mark_settled(&journal.message)?;
+        }
+        let (now_at, _) = self.state.db.applied_root()?;
+        let failure = self.state.db.last_hook_failure()?.filter(|f| f.reply_id == journal.reply_id);
+        info!(generation = journal.generation, "installed the update that waited");
+        Ok(Ok(Installed { generation: journal.generation, ops: journal.ops, applied: now_at, hook_failure: failure }))
     }
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
@@ -1166,6 +1401,8 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         transport: super::TransportStatus::read(&db)?,
         key_id: read_key_file(&cfg.recipient.key_file).ok().map(|k| k.id()),
         owner_public_key: cfg.recipient.owner_public_key.clone(),
+        waiting: install::waiting_status(&db, &InstallPolicy::from_section(&cfg.recipient)?)?,
+        last_hook_failure: db.last_hook_failure()?,
     })
 }
 

@@ -525,6 +525,8 @@ pub enum Reason {
     LocalTree,
     /// The message kind makes no sense for this node (a reply sent to an owner).
     Unexpected,
+    /// The recipient's `pre-apply` hook (or the update's shipped one) refused to let the update in.
+    Vetoed,
 }
 
 impl Reason {
@@ -545,6 +547,7 @@ impl Reason {
             Reason::TreeMismatch => "tree-mismatch",
             Reason::LocalTree => "local-tree",
             Reason::Unexpected => "unexpected",
+            Reason::Vetoed => "vetoed",
         }
     }
 }
