@@ -1,5 +1,6 @@
 //! `mailferry recipient ...`: the commands of a node that keeps a data tree in sync with an owner.
 
+mod approve;
 mod enroll;
 mod init;
 mod rollback;
@@ -27,6 +28,12 @@ pub enum RecipientCommand {
     /// uses it up. Refused when nothing is kept, while an apply is interrupted, or when the tree has
     /// changed since the current generation was applied.
     Rollback(rollback::RollbackCommand),
+    /// Install the verified update kept ready (install = "manual", or waiting for its apply-window).
+    ///
+    /// Runs the pre-apply hook, swaps the update in and runs the post-apply hook, as a run would. Refused
+    /// when nothing waits; an update whose tree changed since it was made ready, or that pre-apply
+    /// vetoes, is discarded (the next request asks again).
+    Approve(approve::ApproveCommand),
 }
 
 impl RecipientCommand {
@@ -40,6 +47,7 @@ impl RecipientCommand {
             RecipientCommand::Enroll(c) => c.execute(),
             RecipientCommand::Run(c) => c.execute().await,
             RecipientCommand::Rollback(c) => c.execute(),
+            RecipientCommand::Approve(c) => c.execute(),
         }
     }
 }
