@@ -61,7 +61,8 @@
 //!   message to its part (a relay); [`node::pack`] chooses how each file travels and writes the pack; the
 //!   outbox (in the state database); kept parts on both sides; staleness and admin notices;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
-//!   hold); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
+//!   hold); [`node::install`], what happens around an install (pre- and post-apply hooks, scripts shipped
+//!   in the tree, a failed hook rolled back, updates kept ready for `recipient approve` or an apply window); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).

@@ -280,7 +280,9 @@ fn a_manual_recipient_changes_nothing_until_approve() {
     // A newer generation replaces the one waiting.
     put(&w.source, "b", b"2", 0o644);
     w.publish();
-    w.sync(&site);
+    let reply = fs::read(w.pending_reply(&site)).unwrap();
+    site.run(false);
+    w.owner_run();
     assert_eq!(snapshot(&site.data), before);
     assert_eq!(site.status()["waiting"]["generation"], 2);
     assert_eq!(staged(&site), 1, "the staged files of generation 1 are gone");
@@ -301,6 +303,10 @@ fn a_manual_recipient_changes_nothing_until_approve() {
     w.owner_run();
     assert_eq!(w.owner_status()["recipients"][0]["applied_generation"], 2);
     assert_eq!(site.rejections(), Vec::<String>::new());
+    // Installing it later did not make its reply look unfiled: a copy of it is a replay.
+    fs::write(site.maildir(&w).join("new").join("copy.eml"), &reply).unwrap();
+    site.run(false);
+    assert_eq!(site.rejections(), ["replay"]);
 }
 
 #[test]

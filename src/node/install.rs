@@ -1037,6 +1037,51 @@ mod tests {
         assert_eq!(p.wait(at("2026-05-03T03:00")), Some(Wait::Manual), "manual waits even in a window");
     }
 
+    #[test]
+    fn tidying_the_staging_root_leaves_the_update_waiting_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = Db::open(&tmp.path().join("state.db")).unwrap();
+        let root = tmp.path().join("staging");
+        let (waiting, other) = (root.join("a".repeat(32)), root.join("b".repeat(32)));
+        for d in [&waiting, &other] {
+            std::fs::create_dir_all(d.join("files")).unwrap();
+        }
+        let journal = Journal {
+            version: 1,
+            data_root: tmp.path().join("data"),
+            stage_dir: waiting.clone(),
+            generation: 2,
+            reply_id: ReplyId::unchecked("a".repeat(32)),
+            nonce: "0".repeat(32),
+            message: Digest::of(b"m"),
+            ops: 0,
+            target: vec![],
+            steps: vec![],
+            kind: JournalKind::Apply,
+            key_id: None,
+            phase: Phase::Swap,
+            signed: false,
+        };
+        let cfg_dir = tmp.path();
+        let cfg = RecipientConfig {
+            path: cfg_dir.join("recipient.toml"),
+            recipient: toml::from_str(
+                "name = \"r\"\naddress = \"r@x.test\"\nowner-address = \"o@x.test\"\ndata = \"/d\"\nkey-file = \"k\"",
+            )
+            .unwrap(),
+            transport: crate::config::TransportConfig::Maildir { root: cfg_dir.join("spool") },
+            limits: Default::default(),
+            state_dir: cfg_dir.to_path_buf(),
+        };
+        keep_ready(&db, &cfg, "default", &journal, Digest::of(b"base"), Wait::Manual).unwrap();
+        crate::node::rollback::tidy_staging(&db, &root);
+        assert!(waiting.join("files").exists(), "the update waiting keeps its staged files");
+        assert!(!other.exists());
+        assert_eq!(db.outbox_pending().unwrap().len(), 0, "no admin-address: no notice");
+        discard_waiting(&db).unwrap();
+        assert!(!waiting.exists() && db.waiting_install().unwrap().is_none());
+    }
+
     fn env<'a>(changed: &'a Path, data: &'a Path) -> HookEnv<'a> {
         HookEnv { channel: "default", generation: 7, root: Digest::of(b"r"), data, changed, rerun: true }
     }

@@ -438,7 +438,8 @@ impl Recipient {
                 );
                 rollback.commit(&self.cfg.state_dir)?;
                 crate::failpoint::hit("apply-committed");
-                self.finish(&rollback)
+                self.finish(&rollback)?;
+                self.finish_key()
             }
             Err(_) => {
                 warn!(
@@ -528,7 +529,7 @@ impl Recipient {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
         if let Some(done) = self.install_due(install::local_now())? {
-            report.count(&Handled::Applied { generation: done.generation, ops: done.ops });
+            report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
         }
         process_inbox(self, transport, &mut report).await?;
         if request {
