@@ -1125,16 +1125,26 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let changed = tmp.path().join("changed");
         let started = std::time::Instant::now();
+        let pid_file = tmp.path().join("pid");
         // The background sleep keeps the output open: the group kill must end it too.
-        let out = run_hook(
-            Program::Shell("echo started; sleep 60 & sleep 60"),
-            &env(&changed, tmp.path()),
-            Duration::from_millis(300),
-        );
+        let line = format!("echo started; sleep 60 & echo $! > {}; wait", pid_file.display());
+        let out = run_hook(Program::Shell(&line), &env(&changed, tmp.path()), Duration::from_millis(500));
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
         assert_eq!(out.exit_status, None);
         assert!(out.ended.starts_with("killed at the hook-timeout"), "{}", out.ended);
         assert_eq!(out.output_tail, "started\n");
+        // What the hook started in the background is gone too (or a zombie nobody reaped yet).
+        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state.rsplit_once(") ").map_or("", |(_, rest)| &rest[..1]);
+            if state.is_empty() || state == "Z" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the hook's background process {pid} still runs ({state})");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let missing =
             run_hook(Program::Script(&tmp.path().join("nothing")), &env(&changed, tmp.path()), Duration::from_secs(5));
         assert!(!missing.success() && missing.output_tail.contains("failed to start"), "{missing:?}");
