@@ -443,7 +443,7 @@ fn a_shipped_script_changed_in_the_tree_after_the_swap_does_not_run() {
     let args = ["recipient", "run", "--config", site.config.as_str(), "--once", "--no-request"];
     assert!(crashed(&run_with_failpoint(&args, "after-swap-before-hook:1")));
     // Someone with write access to the data tree swaps the script before it runs.
-    let evil = format!("#!/bin/sh\necho evil >> \"$MAILFERRY_DATA/../shipped.log\"\n");
+    let evil = "#!/bin/sh\necho evil >> \"$MAILFERRY_DATA/../shipped.log\"\n";
     put(&site.data, ".mailferry/hooks/post-apply", evil.as_bytes(), 0o755);
     let out = site.run(false);
     assert_eq!(shipped_log(&site), "", "neither the script nor the evil one ran");
