@@ -442,6 +442,31 @@ pub struct Journal {
     /// rollback, or in journals written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<KeyId>,
+    /// How far the apply got: journals written before hooks existed are [`Phase::Swap`].
+    #[serde(default, skip_serializing_if = "Phase::is_swap")]
+    pub phase: Phase,
+    /// The reply carried the owner's Ed25519 signature under the pinned key, so the scripts its tree lists
+    /// may run (with `shipped-hooks = true`); false for a rollback and in journals written before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed: bool,
+}
+
+/// Where the apply of a [`Journal`] stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// The steps are being performed (they may be repeated).
+    #[default]
+    Swap,
+    /// Every step is done and post-apply hooks are due: a crash from here on runs them on the next start
+    /// (at least once; the hook is told it may be a rerun), without performing the steps again.
+    HooksPending,
+}
+
+impl Phase {
+    fn is_swap(&self) -> bool {
+        *self == Phase::Swap
+    }
 }
 
 /// What a [`Journal`] records.
@@ -864,6 +889,8 @@ mod tests {
                 steps: vec![step],
                 kind: JournalKind::Apply,
                 key_id: None,
+                phase: Phase::Swap,
+                signed: false,
             };
             let res = journal.execute();
             assert_eq!(listing(&outside), before, "{name}: nothing outside the tree changed");
@@ -879,6 +906,18 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_journal_written_before_hooks_existed_reads_as_swapping_and_unsigned() {
+        let old = r#"{"version":1,"data-root":"/d","stage-dir":"/s","generation":2,
+            "reply-id":"00000000000000000000000000000000","nonce":"00","message":"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+            "ops":0,"target":[],"steps":[]}"#;
+        let j: Journal = serde_json::from_str(old).unwrap();
+        assert_eq!((j.phase, j.signed, j.kind), (Phase::Swap, false, JournalKind::Apply));
+        let pending = Journal { phase: Phase::HooksPending, ..j };
+        let back: Journal = serde_json::from_slice(&serde_json::to_vec(&pending).unwrap()).unwrap();
+        assert_eq!(back.phase, Phase::HooksPending);
     }
 
     #[test]

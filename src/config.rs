@@ -245,6 +245,48 @@ pub struct RecipientSection {
     /// reported to the owner in the registration facts. Default: the request interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_timing: Option<String>,
+    /// A command (run with `sh -c`) after an update is verified and staged, before the tree changes; a
+    /// non-zero exit vetoes the update (see `node::install`). Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_apply: Option<String>,
+    /// A command (run with `sh -c`) after an update is in the tree, such as `systemctl reload
+    /// clamav-daemon`. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_apply: Option<String>,
+    /// How long a hook may run before it (its whole process group) is killed and counts as failed.
+    /// Default 5m.
+    #[serde(default, with = "duration_opt", skip_serializing_if = "Option::is_none")]
+    pub hook_timeout: Option<Duration>,
+    /// Run the install scripts an update ships in `.mailferry/hooks/` (only when the reply is signed under
+    /// `owner-public-key`, and only the exact bytes the signed tree lists). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shipped_hooks: bool,
+    /// What a failed `post-apply` hook does: `rollback` (to the generation before, which is then held
+    /// back) or `keep`. Default `rollback`.
+    #[serde(default, skip_serializing_if = "crate::node::install::OnHookFailure::is_default")]
+    pub on_hook_failure: crate::node::install::OnHookFailure,
+    /// When verified updates may be installed, in the local time zone: `"Sat 02:00-04:00"`, or a list
+    /// (`["Mon-Fri 22:00-23:30", "daily 03:00-04:00"]`). Default: at any time.
+    #[serde(default, deserialize_with = "one_or_many", serialize_with = "many", skip_serializing_if = "Vec::is_empty")]
+    pub apply_window: Vec<String>,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+fn many<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v)
 }
 
 /// Whether a recipient installs updates as they arrive or waits for its operator.
@@ -261,6 +303,11 @@ pub enum InstallMode {
 impl InstallMode {
     fn is_auto(&self) -> bool {
         *self == InstallMode::Auto
+    }
+
+    /// Whether this is the default (not written into a new config).
+    pub fn is_default(&self) -> bool {
+        self.is_auto()
     }
 
     /// The word used in config files and registration facts: `auto` or `manual`.
@@ -378,6 +425,8 @@ impl RecipientConfig {
 }
 
 /// Either role's configuration.
+// Loaded once per command and moved, never kept in bulk: boxing a variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum NodeConfig {
     /// An owner.
@@ -484,6 +533,8 @@ impl NodeConfig {
                     crate::crypto::PublicKey::from_hex(k)
                         .with_context(|| format!("config file `{}`: owner-public-key", path.display()))?;
                 }
+                crate::node::install::InstallPolicy::from_section(&recipient)
+                    .with_context(|| format!("config file `{}` is invalid", path.display()))?;
                 let subscriptions = resolve_subscriptions(&path, &base, &recipient, raw.subscription, &state_dir)?;
                 Ok(NodeConfig::Recipient(RecipientConfig {
                     path,

@@ -227,6 +227,15 @@ const MIGRATIONS: &[&str] = &[
         received_at INTEGER NOT NULL);
      ALTER TABLE node ADD COLUMN registered_digest TEXT;
      ALTER TABLE node ADD COLUMN registered_pending TEXT;",
+    // 5 (install): failed install hooks, and the verified update kept ready for `recipient approve` or
+    // its apply window (its uncommitted journal, as JSON), per subscription.
+    "CREATE TABLE hook_failures (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, subscription TEXT NOT NULL, at INTEGER NOT NULL,
+        generation INTEGER NOT NULL, reply_id TEXT NOT NULL, hook TEXT NOT NULL, exit_status INTEGER,
+        output_tail TEXT NOT NULL, action TEXT NOT NULL);
+     CREATE TABLE install_waiting (
+        subscription TEXT PRIMARY KEY, generation INTEGER NOT NULL, reply_id TEXT NOT NULL,
+        base TEXT NOT NULL, reason TEXT NOT NULL, since INTEGER NOT NULL, journal BLOB NOT NULL);",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -452,6 +461,42 @@ pub struct GenerationRow {
     pub files: u64,
     /// Bytes in regular files.
     pub bytes: u64,
+}
+
+/// A failed install hook, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HookFailureRow {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// The generation being installed.
+    pub generation: u64,
+    /// The reply that brought it.
+    pub reply_id: ReplyId,
+    /// Which hook: `post-apply`, or `shipped post-apply`.
+    pub hook: String,
+    /// Its exit code; none when it was killed (by a signal, or at the timeout).
+    pub exit_status: Option<i32>,
+    /// The last bytes of what it wrote to stdout and stderr.
+    pub output_tail: String,
+    /// What was done: `rolled-back`, `kept`, or `kept: WHY` when a rollback was not possible.
+    pub action: String,
+}
+
+/// A verified, staged update kept ready to install (`install = "manual"` or an apply window).
+#[derive(Debug, Clone)]
+pub struct WaitingRow {
+    /// The generation it brings.
+    pub generation: u64,
+    /// The reply.
+    pub reply_id: ReplyId,
+    /// The tree root it was planned against: the tree must still be that when it is installed.
+    pub base: Digest,
+    /// `manual` or `apply-window`.
+    pub reason: String,
+    /// Since when it waits (Unix seconds).
+    pub since: u64,
+    /// Its journal, not yet committed (JSON).
+    pub journal: Vec<u8>,
 }
 
 /// The generation a recipient keeps for `mailferry recipient rollback`.
@@ -1738,6 +1783,43 @@ mod tests {
         db.remove_recipient("a").unwrap();
         assert!(db.recipient_tags("a").unwrap().is_empty(), "a recipient added again under the name starts bare");
         assert_eq!(db.all_recipient_tags().unwrap().into_keys().collect::<Vec<_>>(), t(&["b"]));
+    }
+
+    #[test]
+    fn hook_failures_and_the_waiting_update_are_kept_per_subscription() {
+        let (_dir, all) = open_fixture("recipient-v1.db");
+        let db = all.sub(DEFAULT_SUBSCRIPTION).unwrap();
+        let other = all.sub("sigdb").unwrap();
+        assert_eq!(db.last_hook_failure().unwrap(), None);
+        let f = |n: u64| HookFailureRow {
+            at: n,
+            generation: n,
+            reply_id: ReplyId::unchecked("a".repeat(32)),
+            hook: "post-apply".into(),
+            exit_status: Some(3),
+            output_tail: format!("out {n}"),
+            action: "rolled-back".into(),
+        };
+        db.record_hook_failure(&f(1)).unwrap();
+        db.record_hook_failure(&f(2)).unwrap();
+        assert_eq!(db.last_hook_failure().unwrap(), Some(f(2)), "the newest");
+        assert_eq!(other.last_hook_failure().unwrap(), None, "another tree's failures are its own");
+        assert!(db.waiting_install().unwrap().is_none());
+        let w = |g: u64| WaitingRow {
+            generation: g,
+            reply_id: ReplyId::unchecked("b".repeat(32)),
+            base: Digest::of(b"base"),
+            reason: "manual".into(),
+            since: 7,
+            journal: b"{}".to_vec(),
+        };
+        db.set_waiting_install(&w(2)).unwrap();
+        db.set_waiting_install(&w(3)).unwrap();
+        assert!(other.waiting_install().unwrap().is_none(), "another tree has nothing waiting");
+        let got = db.waiting_install().unwrap().unwrap();
+        assert_eq!((got.generation, got.base, got.journal), (3, Digest::of(b"base"), b"{}".to_vec()), "replaced");
+        db.clear_waiting_install().unwrap();
+        assert!(db.waiting_install().unwrap().is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `apply-step` | after each step of an apply or a rollback, journal committed |
 //! | `apply-committed` | after the journal of an apply or a rollback is committed, before the first step |
 //! | `apply-done` | after the last step, before the apply or rollback is recorded |
+//! | `after-swap-before-hook` | after the journal records that post-apply hooks are due, before they run |
 //! | `owner-queued` | after a reply is queued and the request recorded, before anything is sent |
 //! | `before-settle` | after a message is handled, before the transport files it |
 //! | `enroll-before-commit` | after `owner add-recipients` wrote every enrollment file, before it registers them |

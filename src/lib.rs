@@ -69,7 +69,7 @@
 //!   decrypted; kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
-//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
+//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for `recipient approve` or an apply window); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).

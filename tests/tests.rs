@@ -13,6 +13,8 @@ mod hostile;
 mod crash;
 // `recipient rollback`: the tree back to the generation before, the undone one held back, kill -9 in between.
 mod rollback;
+// Install hooks (local and shipped), hooks pending across a crash, manual installs, apply windows.
+mod install;
 // `owner rotate-key` and Ed25519-signed replies.
 mod keys;
 // `owner add-recipients` (bulk enrollment from CSV or TOML) and `owner tag`.

@@ -132,6 +132,14 @@ pub fn summary_words(r: &RunReport) -> String {
             Handled::Held { generation, .. } => {
                 said.push(format!("held back generation {generation} (rolled back locally)"))
             }
+            Handled::Ready { generation, wait } => said.push(match wait {
+                mailferry::node::install::Wait::Manual => {
+                    format!("generation {generation} is ready; `mailferry recipient approve` installs it")
+                }
+                mailferry::node::install::Wait::Window => {
+                    format!("generation {generation} is ready; it is installed when its apply window opens")
+                }
+            }),
             Handled::Duplicate { .. } | Handled::Deferred(_) | Handled::Refused(_) | Handled::NotForThisNode(_) => {}
         }
     }

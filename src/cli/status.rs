@@ -129,6 +129,8 @@ pub fn recipient_attention(s: &RecipientStatus) -> bool {
         || s.rollback_held.is_some()
         || s.key_id.is_none()
         || s.subscriptions.iter().any(|t| t.refused() || t.rollback_held.is_some() || t.interrupted_apply)
+        || s.waiting.as_ref().is_some_and(|w| w.reason == "manual")
+        || s.last_hook_failure.as_ref().is_some_and(|f| f.generation == s.generation)
 }
 
 impl Render for OwnerStatus {
@@ -230,6 +232,36 @@ impl Render for RecipientStatus {
                 "HELD: rolled back locally; generation {held} and older are not applied until a newer one \
                  arrives or `mailferry recipient rollback --release`"
             )?;
+        }
+        if let Some(w) = &s.waiting {
+            match w.reason.as_str() {
+                "manual" => writeln!(
+                    out,
+                    "READY: generation {} is verified and waits since {} for `mailferry recipient approve`",
+                    w.generation,
+                    fmt_time(Some(w.since))
+                )?,
+                _ => writeln!(
+                    out,
+                    "waiting:      generation {} for its apply window (next opens {})",
+                    w.generation,
+                    w.window_opens.as_deref().unwrap_or("-")
+                )?,
+            }
+        }
+        if let Some(f) = &s.last_hook_failure {
+            let code = f.exit_status.map_or("killed".to_owned(), |c| format!("exit {c}"));
+            writeln!(
+                out,
+                "HOOK FAILED:  {} of generation {} at {} ({code}; {})",
+                f.hook,
+                f.generation,
+                fmt_time(Some(f.at)),
+                f.action
+            )?;
+            for line in f.output_tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev() {
+                writeln!(out, "  | {line}")?;
+            }
         }
         if s.stale {
             writeln!(

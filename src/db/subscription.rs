@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use rusqlite::{OptionalExtension as _, params};
 
-use super::{Db, Previous, Subscription, now, pack_manifest, unpack_manifest};
+use super::{Db, HookFailureRow, Previous, Subscription, WaitingRow, now, pack_manifest, unpack_manifest};
 use crate::crypto::KeyId;
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::ReplyId;
@@ -45,6 +45,11 @@ impl Sub<'_> {
     /// The subscription's name (its channel).
     pub fn name(&self) -> &str {
         self.name
+    }
+
+    /// The whole state database.
+    pub fn db(&self) -> &Db {
+        self.db
     }
 
     /// Takes the next request sequence number.
@@ -472,6 +477,105 @@ impl Sub<'_> {
             "UPDATE subscriptions SET standing = ?1, pinned = ?2 WHERE name = ?3",
             params![standing, pinned.map(|p| p as i64), self.name],
         )?;
+        Ok(())
+    }
+
+    /// Records a failed install hook and what was done about it (`rolled-back`, `kept`, or why neither).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_hook_failure(&self, f: &HookFailureRow) -> Result<()> {
+        self.db.conn.execute(
+            "INSERT INTO hook_failures (subscription, at, generation, reply_id, hook, exit_status, output_tail, action)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                self.name,
+                f.at as i64,
+                f.generation as i64,
+                f.reply_id,
+                f.hook,
+                f.exit_status,
+                f.output_tail,
+                f.action
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The most recent failed install hook, if any.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn last_hook_failure(&self) -> Result<Option<HookFailureRow>> {
+        Ok(self
+            .db
+            .conn
+            .query_row(
+                "SELECT at, generation, reply_id, hook, exit_status, output_tail, action FROM hook_failures
+                 WHERE subscription = ?1 ORDER BY id DESC LIMIT 1",
+                [self.name],
+                |r| {
+                    Ok(HookFailureRow {
+                        at: r.get::<_, i64>(0)? as u64,
+                        generation: r.get::<_, i64>(1)? as u64,
+                        reply_id: r.get(2)?,
+                        hook: r.get(3)?,
+                        exit_status: r.get(4)?,
+                        output_tail: r.get(5)?,
+                        action: r.get(6)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Keeps a verified, staged update ready to install, replacing the one kept before.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_waiting_install(&self, w: &WaitingRow) -> Result<()> {
+        self.db.conn.execute(
+            "INSERT OR REPLACE INTO install_waiting (subscription, generation, reply_id, base, reason, since, journal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![self.name, w.generation as i64, w.reply_id, w.base.to_hex(), w.reason, w.since as i64, w.journal],
+        )?;
+        Ok(())
+    }
+
+    /// The update kept ready to install, if any.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt row.
+    pub fn waiting_install(&self) -> Result<Option<WaitingRow>> {
+        let row = self
+            .db
+            .conn
+            .query_row(
+                "SELECT generation, reply_id, base, reason, since, journal FROM install_waiting WHERE subscription = ?1",
+                [self.name],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, ReplyId>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)? as u64,
+                        r.get::<_, Vec<u8>>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((generation, reply_id, base, reason, since, journal)) = row else { return Ok(None) };
+        let base = Digest::from_hex(&base).map_err(anyhow::Error::msg).context("a waiting update's base is corrupt")?;
+        Ok(Some(WaitingRow { generation, reply_id, base, reason, since, journal }))
+    }
+
+    /// Forgets the update kept ready.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn clear_waiting_install(&self) -> Result<()> {
+        self.db.conn.execute("DELETE FROM install_waiting WHERE subscription = ?1", [self.name])?;
         Ok(())
     }
 }

@@ -94,6 +94,11 @@ impl Node {
             None => report.sent += super::Outbox::flush(&self.state.db, transport).await?.sent,
         }
         let applied_before = self.applied_root()?;
+        if let Some(r) = &mut self.upstream
+            && let Some(done) = r.install_due(super::install::local_now())?
+        {
+            report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
+        }
         process_inbox(self, transport, &mut report).await?;
         if request && let Some(r) = &mut self.upstream {
             report.requested = r.maybe_request()?;

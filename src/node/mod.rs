@@ -13,6 +13,7 @@
 
 pub mod compose;
 pub mod grants;
+pub mod install;
 pub mod owner;
 pub mod pack;
 pub mod recipient;
@@ -97,6 +98,13 @@ pub enum Handled {
         generation: u64,
         /// The newest generation held back.
         held: u64,
+    },
+    /// Recipient: a verified update kept ready, not installed: for `recipient approve` or its apply window.
+    Ready {
+        /// The generation it brings.
+        generation: u64,
+        /// Why it waits.
+        wait: install::Wait,
     },
     /// Handled before (same raw bytes); `rejected` says how it was filed then.
     Duplicate {

@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::install::{self, InstallMode, InstallPolicy, OnHookFailure};
 use super::{Handled, Outbox, Role, RunReport, State, process_inbox};
 use crate::apply::{self, Journal, JournalKind, OnExtra, StageError};
 use crate::config::{
@@ -55,6 +56,22 @@ pub struct Recipient {
     key: Key,
     /// The owner's pinned Ed25519 key: replies must be signed under it.
     owner_key: Option<PublicKey>,
+    /// Hooks, manual installation, apply windows.
+    install: InstallPolicy,
+}
+
+/// What installing a waiting update did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    /// The generation installed.
+    pub generation: u64,
+    /// Its operations.
+    pub ops: usize,
+    /// The generation the tree has now: `generation`, or the one before when a failed post-apply hook
+    /// rolled it back.
+    pub applied: u64,
+    /// The post-apply hook that failed, if one did.
+    pub hook_failure: Option<crate::db::HookFailureRow>,
 }
 
 /// The recipient's view for `status`.
@@ -103,6 +120,10 @@ pub struct RecipientStatus {
     pub standing: Option<String>,
     /// Every tree this recipient keeps, the main one first.
     pub subscriptions: Vec<SubscriptionStatus>,
+    /// A verified update kept ready to install (`install = "manual"`, or outside its apply window).
+    pub waiting: Option<install::WaitingStatus>,
+    /// The most recent failed install hook.
+    pub last_hook_failure: Option<crate::db::HookFailureRow>,
 }
 
 /// One tree's part of the recipient's `status`.
@@ -134,6 +155,11 @@ pub struct SubscriptionStatus {
     pub standing: Option<String>,
     /// The generation the owner pins it at, if it said so.
     pub pinned: Option<u64>,
+    /// A verified update kept ready to install for this tree (`install = "manual"`, or outside its apply
+    /// window).
+    pub waiting: Option<install::WaitingStatus>,
+    /// The most recent failed install hook of this tree.
+    pub last_hook_failure: Option<crate::db::HookFailureRow>,
 }
 
 impl SubscriptionStatus {
@@ -209,6 +235,12 @@ pub fn init_with(
         install: crate::config::InstallMode::Auto,
         contact: None,
         update_timing: None,
+        pre_apply: None,
+        post_apply: None,
+        hook_timeout: None,
+        shipped_hooks: false,
+        on_hook_failure: Default::default(),
+        apply_window: Vec::new(),
     };
     #[derive(Serialize)]
     struct File<'a> {
@@ -368,7 +400,8 @@ impl Recipient {
         );
         let key = read_key_file(&cfg.recipient.key_file)?;
         let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
-        let mut r = Recipient { cfg, state, key, owner_key };
+        let install = InstallPolicy::from_section(&cfg.recipient)?;
+        let mut r = Recipient { cfg, state, key, owner_key, install };
         // A key taken up just before a crash is written now.
         r.finish_key()?;
         Ok(r)
@@ -444,6 +477,8 @@ impl Recipient {
             steps: plan.steps,
             kind: JournalKind::Rollback { from: applied },
             key_id: None,
+            phase: apply::Phase::Swap,
+            signed: false,
         };
         journal.commit(&sub.dir)?;
         crate::failpoint::hit("apply-committed");
@@ -484,11 +519,77 @@ impl Recipient {
     /// # Errors
     /// I/O or state failures; the journal then stays and the next run finishes it.
     pub(crate) fn finish(&mut self, sub: &Subscription, journal: &Journal) -> Result<()> {
-        journal.execute()?;
-        crate::failpoint::hit("apply-done");
+        // Hooks pending: the steps are done; the post-apply hooks run again (node::install).
+        let rerun = journal.phase == apply::Phase::HooksPending;
+        if !rerun {
+            journal.execute()?;
+            crate::failpoint::hit("apply-done");
+        }
         match journal.kind {
-            JournalKind::Apply => self.complete(sub, journal),
+            JournalKind::Apply => match self.hooks(sub).post_apply(journal, rerun)? {
+                None => self.complete(sub, journal),
+                Some(failure) => self.hook_failed(sub, journal, &failure),
+            },
             JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, sub, journal),
+        }
+    }
+
+    /// The hooks of one tree: `[recipient]`'s install keys, for the tree's channel and state.
+    fn hooks<'a>(&'a self, tree: &'a Subscription) -> install::Hooks<'a> {
+        install::Hooks { policy: &self.install, channel: &tree.channel, state_dir: &tree.dir }
+    }
+
+    /// A post-apply hook of `journal` failed after the swap. The failure is recorded; then with
+    /// `on-hook-failure = "rollback"` the tree returns to the generation before (which also holds the
+    /// failed one back), else (or when there is no way back) the apply is recorded as usual.
+    fn hook_failed(&mut self, tree: &Subscription, journal: &Journal, failure: &install::HookFailure) -> Result<()> {
+        let back = match self.install.on_hook_failure {
+            OnHookFailure::Keep => Err(String::new()),
+            OnHookFailure::Rollback => {
+                let (before, _, manifest) = self.state.db.sub(&tree.channel)?.applied()?;
+                let scan = self.scan_tree(tree)?;
+                let stage_dir = self.staging_root(tree)?.join(Nonce::generate().to_hex());
+                let on_extra = tree.on_extra;
+                install::rollback_journal(journal, (before, &manifest), &scan, on_extra, stage_dir)?
+            }
+        };
+        let action = match &back {
+            Ok(_) => "rolled-back".to_owned(),
+            Err(why) if why.is_empty() => "kept".to_owned(),
+            Err(why) => format!("kept: {why}"),
+        };
+        // The fleet's failure receipt (`install::HookFailure`) is queued here, in this transaction.
+        self.state.db.transaction(|db| {
+            install::record_failure(db, &tree.channel, journal, failure, &action)?;
+            if back.is_ok() {
+                // The apply is never recorded: its reply is answered here.
+                let sdb = db.sub(&tree.channel)?;
+                sdb.close_outstanding(&journal.nonce)?;
+                sdb.mark_fresh_reply()?;
+                db.mark_seen(&journal.message, "processed")?;
+            }
+            Ok(())
+        })?;
+        match back {
+            Ok(rollback) => {
+                warn!(
+                    generation = journal.generation,
+                    to = rollback.generation,
+                    "returning to generation {}",
+                    rollback.generation
+                );
+                rollback.commit(&tree.dir)?;
+                crate::failpoint::hit("apply-committed");
+                self.finish(tree, &rollback)?;
+                self.finish_key()
+            }
+            Err(_) => {
+                warn!(
+                    generation = journal.generation,
+                    "keeping generation {} although its hook failed ({action})", journal.generation
+                );
+                self.complete(tree, journal)
+            }
         }
     }
 
@@ -590,6 +691,9 @@ impl Recipient {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
+        if let Some(done) = self.install_due(install::local_now())? {
+            report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
+        }
         process_inbox(self, transport, &mut report).await?;
         if request {
             report.requested = self.maybe_request()?;
@@ -1040,6 +1144,14 @@ impl Recipient {
                 return self.referred(tree, nonce, digest, &same, step, &effects);
             }
         };
+        let wait = self.install.wait(install::local_now());
+        if let Some(wait) = wait
+            && let Some(w) = self.state.db.sub(&tree.channel)?.waiting_install()?
+            && (w.generation, w.base) == (reply.generation, reply.base)
+        {
+            // The same generation is waiting already, planned against the same tree: keep that one.
+            return self.keep_ready(tree, None, wait, &effects, digest, nonce);
+        }
         let stage_dir = self.staging_root(tree)?.join(reply.reply_id.as_str());
         if stage_dir.exists() {
             std::fs::remove_dir_all(&stage_dir)
@@ -1069,14 +1181,6 @@ impl Recipient {
                 }
             }
         }
-        // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
-        // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
-        // not yet marked seen, is applied under the key it was made with, kept as the previous one).
-        let key = &self.key;
-        self.state.db.transaction(|db| {
-            Recipient::apply_effects(db, &tree.channel, key, &effects)?;
-            db.sub(&tree.channel)?.set_standing(None, reply.pinned)
-        })?;
         let journal = Journal {
             version: 1,
             data_root: data,
@@ -1090,7 +1194,28 @@ impl Recipient {
             steps: plan.steps,
             kind: JournalKind::Apply,
             key_id: Some(under.id()),
+            phase: apply::Phase::Swap,
+            // With a pinned owner key every reply that got this far carried a signature that verifies
+            // under it (engine::verify step 5a): shipped hooks may run.
+            signed: self.owner_key.is_some(),
         };
+        if let Some(wait) = wait {
+            return self.keep_ready(tree, Some((journal, reply.base)), wait, &effects, digest, nonce);
+        }
+        if let Err(veto) = self.hooks(tree).pre_apply(&journal)? {
+            let _ = std::fs::remove_dir_all(&journal.stage_dir);
+            return Ok(Err(veto));
+        }
+        // Everything is verified and staged: the reply is accepted. A key it brings is taken up now, before
+        // the journal commits (a crash in between finishes writing the key on the next start, and the reply,
+        // not yet marked seen, is applied under the key it was made with, kept as the previous one).
+        let key = &self.key;
+        self.state.db.transaction(|db| {
+            Recipient::apply_effects(db, &tree.channel, key, &effects)?;
+            db.sub(&tree.channel)?.set_standing(None, reply.pinned)?;
+            // An older update waiting to be installed is superseded.
+            install::discard_waiting(db, &tree.channel)
+        })?;
         journal.commit(&tree.dir)?;
         crate::failpoint::hit("apply-committed");
         self.finish(tree, &journal).context("apply interrupted; the next run finishes it")?;
@@ -1099,8 +1224,124 @@ impl Recipient {
             info!(kept = plan.kept.len(), "left files the owner does not list in place (on-extra = \"keep\")");
         }
         let ops = update.body.ops.len();
+        if self.state.db.sub(&tree.channel)?.applied_root()?.0 != reply.generation {
+            // Its post-apply hook failed and the tree went back (node::install).
+            return Ok(Ok(Handled::Held { generation: reply.generation, held: reply.generation }));
+        }
         info!(channel = %tree.channel, generation = reply.generation, ops, root = %reply.root.short(), "applied");
         Ok(Ok(Handled::Applied { generation: reply.generation, ops }))
+    }
+
+    /// Keeps a verified, staged update ready rather than installing it (`ready`: its journal, not committed,
+    /// and the tree root it was planned against; `None` when the same one waits already). The reply counts
+    /// as answered and accepted (a key it brings is taken up); the update replaced, if any, is discarded.
+    fn keep_ready(
+        &mut self,
+        tree: &Subscription,
+        ready: Option<(Journal, Digest)>,
+        wait: install::Wait,
+        effects: &[RecipientEffect],
+        digest: &Digest,
+        nonce: &str,
+    ) -> Result<Result<Handled, Refusal>> {
+        let channel = tree.channel.as_str();
+        let replaced = if ready.is_some() { self.state.db.sub(channel)?.waiting_install()? } else { None };
+        let (key, cfg) = (&self.key, &self.cfg);
+        let generation = self.state.db.transaction(|db| {
+            Recipient::apply_effects(db, channel, key, effects)?;
+            let sdb = db.sub(channel)?;
+            let generation = match &ready {
+                Some((journal, base)) => {
+                    install::keep_ready(db, cfg, channel, journal, *base, wait)?;
+                    journal.generation
+                }
+                None => sdb.waiting_install()?.map_or(0, |w| w.generation),
+            };
+            sdb.close_outstanding(nonce)?;
+            sdb.mark_fresh_reply()?;
+            db.mark_seen(digest, "processed")?;
+            Ok(generation)
+        })?;
+        if let Some(old) = replaced
+            && ready.as_ref().is_some_and(|(j, _)| j.reply_id != old.reply_id)
+        {
+            info!(channel, old = old.generation, new = generation, "a newer verified update replaces the one waiting");
+            install::remove_staged(&old);
+        }
+        self.finish_key()?;
+        Ok(Ok(Handled::Ready { generation, wait }))
+    }
+
+    /// Installs the updates kept ready whose apply window is open at local time `now` (unless installation
+    /// is manual). Returns the last one installed, if any was.
+    ///
+    /// # Errors
+    /// Local failures; see [`Recipient::approve`].
+    pub fn install_due(&mut self, now: jiff::civil::DateTime) -> Result<Option<Installed>> {
+        if self.install.install == InstallMode::Manual || self.install.wait(now).is_some() {
+            return Ok(None);
+        }
+        let mut done = None;
+        for tree in self.cfg.subscriptions.clone() {
+            let Some(w) = self.state.db.sub(&tree.channel)?.waiting_install()? else { continue };
+            info!(channel = %tree.channel, generation = w.generation, "the apply window is open: installing the update that waited");
+            match self.install_waiting(&tree, w)? {
+                Ok(d) => done = Some(d),
+                Err(why) => warn!("{why}"),
+            }
+        }
+        Ok(done)
+    }
+
+    /// `mailferry recipient approve`: installs the update kept ready for `channel` (default: the main
+    /// tree's), whatever the apply window.
+    ///
+    /// # Errors
+    /// An unknown channel, nothing waiting, a tree changed since the update was made ready or a pre-apply
+    /// veto (the update is discarded then, and the next request asks again), or local failures.
+    pub fn approve(&mut self, channel: Option<&str>) -> Result<Installed> {
+        let tree = match channel {
+            Some(c) => self.sub(c)?,
+            None => self.cfg.main().clone(),
+        };
+        let Some(w) = self.state.db.sub(&tree.channel)?.waiting_install()? else {
+            bail!("nothing waits to be installed for channel {:?} (`mailferry status` shows what does)", tree.channel);
+        };
+        self.install_waiting(&tree, w)?.map_err(anyhow::Error::msg)
+    }
+
+    /// Installs a waiting update: the tree must still be what it was planned against, then the pre-apply
+    /// hooks, the journal, the swap and the post-apply hooks, as for an update installed at once.
+    /// `Ok(Err(why))` when it cannot be installed and was discarded.
+    fn install_waiting(&mut self, tree: &Subscription, w: crate::db::WaitingRow) -> Result<Result<Installed, String>> {
+        let journal: Journal = serde_json::from_slice(&w.journal).context("a waiting update's journal is corrupt")?;
+        let discard = |r: &Recipient, why: String| -> Result<Result<Installed, String>> {
+            install::discard_waiting(&r.state.db, &tree.channel)?;
+            r.state.db.sub(&tree.channel)?.set_fresh_next(true)?;
+            Ok(Err(format!("{why}; it is discarded, and the next request asks again")))
+        };
+        let scan = self.scan_tree(tree)?;
+        if !scan.foreign.is_empty() || scan.manifest.root() != w.base {
+            let why = format!("the data tree changed since generation {} was made ready", w.generation);
+            return discard(self, why);
+        }
+        if let Err(veto) = self.hooks(tree).pre_apply(&journal)? {
+            return discard(self, veto.to_string());
+        }
+        // The message was filed long ago; recording the apply marks it seen again, as not yet filed.
+        let settled = self.state.db.seen(&journal.message)?.is_some_and(|s| s.settled);
+        journal.commit(&tree.dir)?;
+        self.state.db.sub(&tree.channel)?.clear_waiting_install()?;
+        crate::failpoint::hit("apply-committed");
+        self.finish(tree, &journal).context("apply interrupted; the next run finishes it")?;
+        if settled {
+            self.state.db.mark_settled(&journal.message)?;
+        }
+        let sdb = self.state.db.sub(&tree.channel)?;
+        let (now_at, _) = sdb.applied_root()?;
+        let failure = sdb.last_hook_failure()?.filter(|f| f.reply_id == journal.reply_id);
+        info!(channel = %tree.channel, generation = journal.generation, "installed the update that waited");
+        Ok(Ok(Installed { generation: journal.generation, ops: journal.ops, applied: now_at, hook_failure: failure }))
     }
 
     /// Scans the data tree, reading only files that changed since the last scan (the stat cache).
@@ -1440,6 +1681,8 @@ pub fn status(cfg: &RecipientConfig) -> Result<RecipientStatus> {
         owner_public_key: cfg.recipient.owner_public_key.clone(),
         channel: main.channel.clone(),
         standing: main.standing.clone(),
+        waiting: main.waiting.clone(),
+        last_hook_failure: main.last_hook_failure.clone(),
         subscriptions,
     })
 }
@@ -1462,6 +1705,8 @@ fn subscription_status(db: &Db, cfg: &RecipientConfig, tree: &Subscription) -> R
         stale: stale_since(db, cfg, tree)?.is_some(),
         standing: sub.standing,
         pinned: sub.pinned,
+        waiting: install::waiting_status(db, &tree.channel, &InstallPolicy::from_section(&cfg.recipient)?)?,
+        last_hook_failure: sdb.last_hook_failure()?,
     })
 }
 

@@ -249,10 +249,12 @@ pub fn tidy_staging(db: Sub<'_>, root: &Path) {
             return;
         }
     };
+    // An update kept ready to install (node::install) has its files staged there too.
+    let waiting = super::install::waiting_stage_dir(db.db(), db.name());
     let Ok(entries) = fs::read_dir(root) else { return };
     for e in entries.flatten() {
         let path = e.path();
-        if !is_staging_name(&e.file_name().to_string_lossy()) {
+        if !is_staging_name(&e.file_name().to_string_lossy()) || waiting.as_deref() == Some(path.as_path()) {
             continue;
         }
         let res = if keep.as_deref() == Some(path.as_path()) {
@@ -329,7 +331,7 @@ pub(crate) fn stage(plan: &RollbackPlan, store: &Path, data: &Path, tree: &Manif
 
 /// Copies `from` into a new file `name` in `dir`, checking the size and BLAKE3 of `meta` as it goes, and
 /// fsyncs it. Returns false, leaving no file, when the content is not `meta`'s.
-fn copy_checked(mut from: File, dir: &tree::Dir, name: &str, meta: &FileMeta) -> io::Result<bool> {
+pub(crate) fn copy_checked(mut from: File, dir: &tree::Dir, name: &str, meta: &FileMeta) -> io::Result<bool> {
     let mut out = dir.create_file(name, 0o600)?;
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];

@@ -643,6 +643,8 @@ pub enum Reason {
     /// An encrypted pack does not decrypt: its channel key does not open under this recipient's key, or a
     /// segment does not verify (another key, another reply's data, truncated or changed bytes).
     Undecryptable,
+    /// The recipient's `pre-apply` hook (or the update's shipped one) refused to let the update in.
+    Vetoed,
 }
 
 impl Reason {
@@ -664,6 +666,7 @@ impl Reason {
             Reason::LocalTree => "local-tree",
             Reason::Unexpected => "unexpected",
             Reason::Undecryptable => "undecryptable",
+            Reason::Vetoed => "vetoed",
         }
     }
 }

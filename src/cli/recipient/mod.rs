@@ -1,5 +1,6 @@
 //! `mailferry recipient ...`: the commands of a node that keeps a data tree in sync with an owner.
 
+mod approve;
 mod enroll;
 mod init;
 mod rollback;
@@ -30,6 +31,12 @@ pub enum RecipientCommand {
     Rollback(rollback::RollbackCommand),
     /// Keep one more of the owner's channels, in a data tree of its own (a `[[subscription]]` in the config).
     Subscribe(subscribe::SubscribeCommand),
+    /// Install the verified update kept ready (install = "manual", or waiting for its apply-window).
+    ///
+    /// Runs the pre-apply hook, swaps the update in and runs the post-apply hook, as a run would. Refused
+    /// when nothing waits; an update whose tree changed since it was made ready, or that pre-apply
+    /// vetoes, is discarded (the next request asks again).
+    Approve(approve::ApproveCommand),
 }
 
 impl RecipientCommand {
@@ -44,6 +51,7 @@ impl RecipientCommand {
             RecipientCommand::Run(c) => c.execute().await,
             RecipientCommand::Rollback(c) => c.execute(),
             RecipientCommand::Subscribe(c) => c.execute(),
+            RecipientCommand::Approve(c) => c.execute(),
         }
     }
 }
