@@ -159,6 +159,9 @@ pub fn init_with(
         budget_period: crate::config::default_budget_period(),
         bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
         bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
+        recipient_interval: crate::config::default_recipient_interval(),
+        silent_after_intervals: crate::config::default_silent_after_intervals(),
+        alert_interval: crate::config::default_alert_interval(),
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -228,6 +231,21 @@ impl Owner {
     /// # Errors
     /// A taken name, an unusable address, an existing `out`, or I/O errors.
     pub fn add_recipient(&mut self, name: &str, address: &str, out: &Path) -> Result<Enrollment> {
+        self.add_recipient_with(name, address, out, None)
+    }
+
+    /// Registers a recipient as [`Owner::add_recipient`] does, expected to request every `interval`
+    /// (written into its enrollment file; default `recipient-interval`), which `owner fleet` holds it to.
+    ///
+    /// # Errors
+    /// As [`Owner::add_recipient`].
+    pub fn add_recipient_with(
+        &mut self,
+        name: &str,
+        address: &str,
+        out: &Path,
+        interval: Option<std::time::Duration>,
+    ) -> Result<Enrollment> {
         if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             bail!("recipient name {name:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`");
@@ -237,8 +255,14 @@ impl Owner {
             bail!("`{}` already exists", out.display());
         }
         let key = Key::generate();
-        let enrollment = self.enrollment(name, address, &key);
-        self.state.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+        let mut enrollment = self.enrollment(name, address, &key);
+        if let Some(i) = interval {
+            enrollment.transport.interval = humantime::format_duration(i).to_string();
+        }
+        self.state.db.transaction(|db| {
+            db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+            db.set_fleet_interval(name, crate::fleet::DEFAULT_CHANNEL, interval.map(|i| i.as_secs()))
+        })?;
         write_enrollment(&enrollment, out, "recipient init")?;
         Ok(enrollment)
     }
@@ -279,7 +303,7 @@ impl Owner {
                     TransportConfig::Maildir { .. } => "maildir".into(),
                     TransportConfig::Mail(_) => "mail".into(),
                 },
-                interval: "1h".into(),
+                interval: humantime::format_duration(self.cfg.owner.recipient_interval).to_string(),
             },
         }
     }
@@ -581,6 +605,7 @@ impl Role for Owner {
                         parts: n as u32,
                         full_content: req.full_content,
                     })?;
+                    db.fleet_note(&rec.name, crate::fleet::DEFAULT_CHANNEL, req.generation, &req.root, req.created)?;
                     db.mark_seen(digest, "processed")
                 })?;
                 info!(recipient = %rec.name, reply = %reply_id, parts = n, "sent lost parts again");
@@ -591,8 +616,16 @@ impl Role for Owner {
                     apply_effects(db, &effects)?;
                     db.mark_seen(digest, "processed")
                 })?;
-                info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
-                Handled::Receipt { recipient: r.recipient, generation: r.generation }
+                match (&r.reason, &r.detail) {
+                    (Some(reason), Some(detail)) => warn!(
+                        recipient = %r.recipient, generation = r.generation, reply = %r.reply_id,
+                        reason = reason.code(), "the recipient could not apply its reply: {detail}"
+                    ),
+                    _ => {
+                        info!(recipient = %r.recipient, generation = r.generation, status = r.status.code(), "receipt recorded")
+                    }
+                }
+                Handled::Receipt { recipient: r.recipient, generation: r.generation, status: r.status }
             }
         }))
     }
@@ -678,6 +711,8 @@ impl Owner {
                 parts,
                 full_content: req.full_content,
             })?;
+            // What the recipient has, as its request says, for the fleet's version database.
+            db.fleet_note(&rec.name, crate::fleet::DEFAULT_CHANNEL, req.generation, &req.root, req.created)?;
             db.mark_seen(digest, "processed")?;
             Ok((parts, bytes))
         })?;
@@ -725,7 +760,7 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
             }
             Effect::SetBounce { recipient, summary } => db.set_bounce(recipient, summary)?,
             Effect::CountResend { reply_id } => db.count_resend(reply_id)?,
-            Effect::RecordReceipt(r) => db.record_receipt(r)?,
+            Effect::RecordReceipt(r) => db.record_receipt(r, crate::fleet::DEFAULT_CHANNEL)?,
             Effect::DropSentParts { reply_id } => {
                 db.drop_sent_parts(Some(reply_id), KEEP_SENT_PARTS)?;
             }
@@ -800,6 +835,10 @@ impl OwnerView for View<'_> {
 
     fn reply_generation(&self, recipient: &str, reply_id: &ReplyId) -> Result<Option<u64>> {
         self.db.reply_generation(recipient, reply_id)
+    }
+
+    fn outcome_recorded(&self, recipient: &str, reply_id: &ReplyId, status: protocol::ReceiptStatus) -> Result<bool> {
+        self.db.outcome_recorded(recipient, reply_id, status.code())
     }
 
     fn sent_part(&self, recipient: &str, reply_id: &ReplyId, part: u32) -> Result<Option<Vec<u8>>> {

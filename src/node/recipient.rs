@@ -28,8 +28,8 @@ use crate::manifest::{Digest, Entry, Listed};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend,
-    Update, VERSION, Want,
+    self, Auth, Control, FailureReason, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId,
+    Request, Resend, Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};
@@ -351,7 +351,23 @@ impl Recipient {
         crate::failpoint::hit("apply-done");
         match journal.kind {
             JournalKind::Apply => self.complete(journal),
-            JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, &self.cfg.state_dir, journal),
+            JournalKind::Rollback { from } => {
+                // The owner hears of it, through the reply that brought the generation undone (if one did).
+                let receipt = match self.state.db.applied_reply(from)? {
+                    Some((reply_id, nonce)) => {
+                        let nonce = Nonce::from_hex(&nonce).map_err(anyhow::Error::msg)?;
+                        let state = (journal.generation, journal.target()?.root());
+                        let raw = self.receipt(&self.key, nonce, &reply_id, state, ReceiptStatus::RolledBack, None)?;
+                        Some((format!("receipt-rolled-back-{}", journal.reply_id), raw))
+                    }
+                    None => None,
+                };
+                let (sender, owner) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
+                super::rollback::complete(&self.state.db, &self.cfg.state_dir, journal, |db| match &receipt {
+                    Some((name, raw)) => db.outbox_put(name, sender, owner, raw),
+                    None => Ok(()),
+                })
+            }
         }
     }
 
@@ -365,8 +381,14 @@ impl Recipient {
             Some(hex) => Key::from_hex(&hex).context("the pending key in the state database is corrupt")?,
             None => self.key.clone(),
         };
-        let receipt =
-            self.receipt(&key, nonce, &journal.reply_id, journal.generation, target.root(), ReceiptStatus::Applied)?;
+        let receipt = self.receipt(
+            &key,
+            nonce,
+            &journal.reply_id,
+            (journal.generation, target.root()),
+            ReceiptStatus::Applied,
+            None,
+        )?;
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.state.db.transaction(|db| {
             if !db.reply_applied(&journal.reply_id)? {
@@ -387,14 +409,16 @@ impl Recipient {
         self.finish_key()
     }
 
+    /// A receipt for reply `reply_id` (answering `nonce`) saying the tree now is `(generation, root)`;
+    /// a negative one (`failed`) carries its reason and detail.
     fn receipt(
         &self,
         key: &Key,
         nonce: Nonce,
         reply_id: &ReplyId,
-        generation: u64,
-        root: Digest,
+        (generation, root): (u64, Digest),
         status: ReceiptStatus,
+        failure: Option<(FailureReason, &str)>,
     ) -> Result<Vec<u8>> {
         let receipt = Receipt {
             mailferry: VERSION,
@@ -406,22 +430,89 @@ impl Recipient {
             generation,
             root,
             status,
+            reason: failure.map(|(r, _)| r),
+            detail: failure.map(|(_, d)| protocol::bounded_detail(d)),
         };
         let control = protocol::encode(&receipt);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, key, &control));
+        let name = &self.cfg.recipient.name;
+        let (subject, text) = match (status, failure) {
+            (_, Some((reason, detail))) => (
+                format!("mailferry: {name} could not apply generation update ({})", reason.code()),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} could not apply reply {reply_id} \
+                     ({}: {detail}); it has generation {generation}.\n",
+                    reason.code()
+                ),
+            ),
+            (ReceiptStatus::RolledBack, None) => (
+                format!("mailferry: {name} rolled back to generation {generation}"),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} rolled back to generation {generation}.\n"
+                ),
+            ),
+            _ => (
+                format!("mailferry: {name} has generation {generation}"),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} now has generation {generation}.\n"
+                ),
+            ),
+        };
         Ok(envelope::build(&Outgoing {
             from: &self.cfg.recipient.address,
             to: &self.cfg.recipient.owner_address,
-            subject: format!("mailferry: {} has generation {generation}", self.cfg.recipient.name),
-            text: format!(
-                "This is an automatic receipt from mailferry: recipient {:?} now has generation {generation}.\n",
-                self.cfg.recipient.name
-            ),
+            subject,
+            text,
             kind: Kind::Receipt,
             control: &control,
             auth: &auth,
             payloads: vec![],
         })?)
+    }
+
+    /// Sends the owner a negative receipt for reply `reply_id`, which answered request `nonce` (hex): the
+    /// recipient refused it or could not apply it, for `reason` (`detail` is cut to
+    /// [`protocol::MAX_RECEIPT_DETAIL`] bytes). At most one per request: that one was sent is recorded in
+    /// the transaction that queues it, and a second call does nothing. The receipt states the generation
+    /// applied and its root (`base` when nothing is applied yet: the tree the request described). Returns
+    /// whether one was queued; the run's next outbox flush sends it. For an install hook that failed, too.
+    ///
+    /// # Errors
+    /// State failures, or a `nonce` that is not hex.
+    pub fn fail(
+        &self,
+        nonce: &str,
+        reply_id: &ReplyId,
+        base: Digest,
+        reason: FailureReason,
+        detail: &str,
+    ) -> Result<bool> {
+        if self.state.db.failure_receipt_sent(nonce)? {
+            return Ok(false);
+        }
+        let (generation, root) = self.state.db.applied_root()?;
+        let parsed = Nonce::from_hex(nonce).map_err(anyhow::Error::msg)?;
+        let receipt = self.receipt(
+            &self.key,
+            parsed,
+            reply_id,
+            (generation, root.unwrap_or(base)),
+            ReceiptStatus::Failed,
+            Some((reason, detail)),
+        )?;
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
+        let queued = self.state.db.transaction(|db| {
+            if db.failure_receipt_sent(nonce)? {
+                return Ok(false);
+            }
+            db.record_failure_receipt(nonce, reply_id, reason.code())?;
+            db.outbox_put(&format!("receipt-failed-{nonce}"), from, to, &receipt)?;
+            Ok(true)
+        })?;
+        if queued {
+            info!(reply = %reply_id, reason = reason.code(), "queued a negative receipt for the owner");
+        }
+        Ok(queued)
     }
 
     /// Applies every verified reply waiting, then, if `request` and no request is still awaiting its reply,
@@ -432,7 +523,13 @@ impl Recipient {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
-        process_inbox(self, transport, &mut report).await?;
+        if let Err(e) = process_inbox(self, transport, &mut report).await {
+            // A local failure (a full disk) may have queued a negative receipt: the owner hears of it now.
+            if let Err(flush) = Outbox::flush(&self.state.db, transport).await {
+                warn!(error = %format!("{flush:#}"), "could not send the outbox after a failed run");
+            }
+            return Err(e);
+        }
         if request {
             report.requested = self.maybe_request()?;
         }
@@ -620,15 +717,22 @@ impl Recipient {
             PartStep::Refused { refusal, give_up } => {
                 if give_up {
                     self.give_up(&nonce, &reply.reply_id)?;
+                    let reason = FailureReason::of_refusal(refusal.reason);
+                    self.fail(&nonce, &reply.reply_id, reply.base, reason, &refusal.to_string())?;
                 }
                 return Ok(Err(refusal));
             }
-            PartStep::Held { generation, .. } => {
+            PartStep::Held { generation, held } => {
                 // A local rollback holds back the generation it undid (node::rollback).
-                if let Some(held) = super::rollback::hold(&self.state.db, generation, &nonce, digest)? {
+                if let Some(handled) = super::rollback::hold(&self.state.db, generation, &nonce, digest)? {
                     self.forget_parts(&reply.reply_id)?;
                     self.state.db.set_fresh_next(true)?;
-                    return Ok(Ok(held));
+                    let detail = format!(
+                        "a local rollback holds generation {held} and older back; generation {generation} is not \
+                         applied until a newer one arrives or `mailferry recipient rollback --release`"
+                    );
+                    self.fail(&nonce, &reply.reply_id, reply.base, FailureReason::Held, &detail)?;
+                    return Ok(Ok(handled));
                 }
             }
             PartStep::Keep { .. } => {}
@@ -647,7 +751,11 @@ impl Recipient {
         // `reply-timeout`.
         let res = self.answer_reply(&update, &msg.key, digest, &nonce, now);
         match &res {
-            Ok(Err(_)) => self.give_up(&nonce, &update.head.reply_id)?,
+            Ok(Err(r)) => {
+                self.give_up(&nonce, &update.head.reply_id)?;
+                let reason = FailureReason::of_refusal(r.reason);
+                self.fail(&nonce, &update.head.reply_id, update.head.base, reason, &r.to_string())?;
+            }
             Ok(Ok(_)) => self.forget_parts(&update.head.reply_id)?,
             // A local failure (a full disk): keep the parts, the next run tries again.
             Err(_) => {}
@@ -787,7 +895,16 @@ impl Recipient {
                 if effects.contains(&RecipientEffect::NeedFullInventory) {
                     info!("the owner asked for the full tree; the next request lists it");
                 }
-                return self.current(nonce, digest, generation, &effects);
+                // A reply that meant to change the tree found it current already (another reply got there
+                // first, or the tree was repaired by hand): the owner could not know, so it is told.
+                let receipt = if reply.base != reply.root {
+                    let nonce = Nonce::from_hex(nonce).map_err(anyhow::Error::msg)?;
+                    let state = (generation, reply.root);
+                    Some(self.receipt(&self.key, nonce, &reply.reply_id, state, ReceiptStatus::Current, None)?)
+                } else {
+                    None
+                };
+                return self.current(nonce, digest, generation, &effects, receipt.map(|r| (&reply.reply_id, r)));
             }
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
             WholeStep::Referred { same, step, effects } => return self.referred(nonce, digest, &same, step, &effects),
@@ -816,8 +933,16 @@ impl Recipient {
                     self.state.db.set_full_content(true)?;
                     return Ok(Err(r));
                 }
-                io @ StageError::Io { .. } => {
-                    return Err(anyhow::Error::new(io).context("the data tree is unchanged"));
+                StageError::Io { dir, source } => {
+                    // The reply may be fine and stays in the inbox for the next run; the owner hears of it once.
+                    let full =
+                        matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
+                    let reason = if full { FailureReason::DiskFull } else { FailureReason::StagingFailed };
+                    let detail = format!("failed to stage files in `{}`: {source}", dir.display());
+                    self.fail(nonce, &reply.reply_id, reply.base, reason, &detail)?;
+                    return Err(
+                        anyhow::Error::new(StageError::Io { dir, source }).context("the data tree is unchanged")
+                    );
                 }
             }
         }
@@ -918,12 +1043,17 @@ impl Recipient {
         digest: &Digest,
         generation: u64,
         effects: &[RecipientEffect],
+        receipt: Option<(&ReplyId, Vec<u8>)>,
     ) -> Result<Result<Handled, Refusal>> {
         let key = &self.key;
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.state.db.transaction(|db| {
             Recipient::apply_effects(db, key, effects)?;
             db.close_outstanding(nonce)?;
             db.mark_fresh_reply()?;
+            if let Some((reply_id, raw)) = &receipt {
+                db.outbox_put(&format!("receipt-{reply_id}"), from, to, raw)?;
+            }
             db.mark_seen(digest, "processed")
         })?;
         self.finish_key()?;

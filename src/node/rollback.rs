@@ -153,7 +153,12 @@ pub struct RolledBack {
 ///
 /// # Errors
 /// State or I/O failures; the journal then stays and the next run finishes.
-pub(crate) fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<()> {
+pub(crate) fn complete(
+    db: &Db,
+    state_dir: &Path,
+    journal: &Journal,
+    also: impl FnOnce(&Db) -> Result<()>,
+) -> Result<()> {
     let JournalKind::Rollback { from } = journal.kind else {
         bail!("journal of reply {} is not a rollback", journal.reply_id)
     };
@@ -161,6 +166,8 @@ pub(crate) fn complete(db: &Db, state_dir: &Path, journal: &Journal) -> Result<(
     db.transaction(|db| {
         if !db.reply_applied(&journal.reply_id)? {
             db.record_rollback(journal.generation, &target, &journal.reply_id, journal.ops, from)?;
+            // What depends on the rollback being recorded (its receipt) is queued with the record.
+            also(db)?;
         }
         Ok(())
     })?;
