@@ -353,9 +353,9 @@ pub struct RecipientRow {
     pub last_reply_at: Option<u64>,
     /// Last receipt.
     pub last_receipt_at: Option<u64>,
-    /// Generation the last receipt reported.
+    /// Generation the recipient has, as its last request or receipt (of any outcome) stated it.
     pub applied_generation: Option<u64>,
-    /// Root the last receipt reported.
+    /// Root of its tree, as stated with `applied_generation`.
     pub applied_root: Option<String>,
     /// Id of the key a rotation is delivering, until the recipient first uses it.
     pub rotating_to: Option<String>,

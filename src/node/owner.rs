@@ -489,6 +489,10 @@ impl Owner {
 /// State failures.
 pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
+    // What each recipient has is what it last stated (a request, or a receipt of any outcome), never a
+    // generation it refused or rolled back from.
+    let has: HashMap<String, (Option<u64>, Option<Digest>)> =
+        db.fleet_facts(crate::fleet::DEFAULT_CHANNEL)?.into_iter().map(|f| (f.name, (f.generation, f.root))).collect();
     Ok(OwnerStatus {
         role: "owner",
         address: cfg.owner.address.clone(),
@@ -497,6 +501,12 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
             .recipients()?
             .into_iter()
             .map(|mut r| {
+                if let Some((generation, root)) = has.get(&r.name)
+                    && generation.is_some()
+                {
+                    r.applied_generation = *generation;
+                    r.applied_root = root.map(|d| d.to_hex());
+                }
                 r.last_bounce = db.bounce(&r.name)?;
                 r.relay_limit = db
                     .relay_limit(&r.name)?

@@ -1,6 +1,8 @@
 //! `mailferry owner ...`: the commands of the node that publishes the authoritative tree.
 
 mod add_recipient;
+pub mod fleet;
+mod history;
 mod init;
 mod publish;
 mod reenroll;
@@ -32,6 +34,16 @@ pub enum OwnerCommand {
     Publish(publish::PublishCommand),
     /// Answer requests: once with --once, else until SIGINT/SIGTERM.
     Run(run::RunCommand),
+    /// Show every recipient's state: current, behind, in flight, silent, failed (with why), held, never
+    /// seen; exit 1 when one shown is failed or silent.
+    ///
+    /// One line per recipient and a summary (`412 current, 9 behind, 2 silent, 1 failed`), as text, one
+    /// JSON object (docs/fleet.schema.json) or Prometheus metrics. The states come from what each
+    /// recipient's requests and receipts (negative ones included) stated, and when it last made contact:
+    /// silent after `silent-after-intervals` of its intervals without a request.
+    Fleet(fleet::FleetCommand),
+    /// Show what happened to one recipient's replies: each reply sent, applied, failed (with why), rolled back.
+    History(history::HistoryCommand),
 }
 
 impl OwnerCommand {
@@ -48,6 +60,8 @@ impl OwnerCommand {
             OwnerCommand::Reenroll(c) => c.execute(),
             OwnerCommand::Publish(c) => c.execute(),
             OwnerCommand::Run(c) => c.execute().await,
+            OwnerCommand::Fleet(c) => c.execute(),
+            OwnerCommand::History(c) => c.execute(),
         }
     }
 }
