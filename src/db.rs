@@ -1538,14 +1538,17 @@ impl Db {
     /// SQLite errors.
     pub fn fleet_history(&self, recipient: &str) -> Result<Vec<crate::fleet::HistoryEntry>> {
         let mut st = self.conn.prepare(
+            // Each outcome goes after the reply it is about (by that request's seq), in the order recorded.
             "SELECT at, channel, event, reply_id, generation, root, reason, detail FROM (
-                SELECT id AS k, 1 AS o, at, channel, event, reply_id, generation, root, reason, detail
-                  FROM fleet_events WHERE recipient = ?1
+                SELECT coalesce((SELECT max(q.seq) FROM requests q WHERE q.recipient = e.recipient
+                                 AND q.reply_id = e.reply_id), 0) AS s, 1 AS o, e.id AS k,
+                       e.at, e.channel, e.event, e.reply_id, e.generation, e.root, e.reason, e.detail
+                  FROM fleet_events e WHERE e.recipient = ?1
                 UNION ALL
-                SELECT seq AS k, 0 AS o, received_at, 'default', 'sent', reply_id, generation, root, NULL,
+                SELECT seq AS s, 0 AS o, 0 AS k, received_at, 'default', 'sent', reply_id, generation, root, NULL,
                        CASE WHEN base = root THEN 'no changes: the tree was current' ELSE ops || ' operations' END
                   FROM requests WHERE recipient = ?1)
-             ORDER BY at, o, k",
+             ORDER BY s, o, k",
         )?;
         let rows = st.query_map([recipient], |r| {
             Ok(crate::fleet::HistoryEntry {

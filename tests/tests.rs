@@ -17,6 +17,8 @@ mod rollback;
 mod keys;
 // The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
 mod units;
+// The fleet view: a scripted fleet of 50 recipients, failures, rollbacks, silence, alerts.
+mod fleet;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
 mod ops;
 // Protocol v1 messages from fixtures/ that must keep verifying.
