@@ -518,7 +518,8 @@ mod tests {
     #[test]
     fn the_state_follows_from_the_facts_and_the_time() {
         let latest = Some((7, root(7)));
-        let cases: Vec<(&str, Facts, Option<(u64, Digest)>, FleetState, Option<u64>, Option<&str>)> = vec![
+        type Case = (&'static str, Facts, Option<(u64, Digest)>, FleetState, Option<u64>, Option<&'static str>);
+        let cases: Vec<Case> = vec![
             (
                 "has the newest root",
                 Facts { generation: Some(7), root: Some(root(7)), ..facts() },
