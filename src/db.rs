@@ -2245,6 +2245,14 @@ mod tests {
         assert_eq!(db.spent_since("site1", 0).unwrap().0, 2);
         assert_eq!(db.relay_limit("site1").unwrap(), None);
         assert_eq!(db.signing_key().unwrap(), None);
+        // Migration 3: the receipts recorded become the fleet's facts and history.
+        let facts = db.fleet_facts("default").unwrap();
+        let site1 = facts.iter().find(|f| f.name == "site1").unwrap();
+        assert_eq!((site1.generation, site1.root.map(|r| r.short())), (Some(1), Some("4abc1472930a".to_owned())));
+        assert!(site1.last_contact_at.is_some());
+        let events: Vec<String> = db.fleet_history("site1").unwrap().into_iter().map(|e| e.event).collect();
+        assert_eq!(events.iter().filter(|e| *e == "sent").count(), 2, "{events:?}");
+        assert!(events.contains(&"applied".to_owned()), "{events:?}");
     }
 
     #[test]
