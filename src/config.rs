@@ -126,6 +126,26 @@ pub struct OwnerSection {
     /// 1,073,741,824 (1 GiB).
     #[serde(default = "default_bsdiff_daily_budget")]
     pub bsdiff_daily_budget: u64,
+    /// How often recipients are expected to request: written into enrollment files as their interval,
+    /// and what `owner fleet` expects of a recipient enrolled without one of its own. Default 1h.
+    #[serde(with = "duration", default = "default_recipient_interval")]
+    pub recipient_interval: Duration,
+    /// A recipient is `silent` in `owner fleet` after this many of its intervals without a request.
+    /// Default 3; at least 1.
+    #[serde(default = "default_silent_after_intervals")]
+    pub silent_after_intervals: u32,
+    /// At most one fleet alert mail (recipients turned silent or failed, or recovered) goes to
+    /// `admin-address` per this period. Default 1h.
+    #[serde(with = "duration", default = "default_alert_interval")]
+    pub alert_interval: Duration,
+}
+
+pub(crate) fn default_silent_after_intervals() -> u32 {
+    crate::fleet::DEFAULT_SILENT_AFTER_INTERVALS
+}
+
+pub(crate) fn default_alert_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 pub(crate) fn default_budget_replies() -> u64 {
@@ -180,7 +200,7 @@ fn default_owner_interval() -> Duration {
 fn default_level() -> i32 {
     9
 }
-fn default_recipient_interval() -> Duration {
+pub(crate) fn default_recipient_interval() -> Duration {
     Duration::from_secs(3600)
 }
 fn default_reply_timeout() -> Duration {
@@ -514,6 +534,12 @@ impl NodeConfig {
                 }
                 if owner.keep_generations == 0 {
                     bail!("config file `{}`: keep-generations must be at least 1", path.display());
+                }
+                if owner.silent_after_intervals == 0 || owner.recipient_interval.is_zero() {
+                    bail!(
+                        "config file `{}`: silent-after-intervals and recipient-interval must be at least 1",
+                        path.display()
+                    );
                 }
                 Ok(NodeConfig::Owner(OwnerConfig { path, owner, transport, limits: raw.limits, state_dir }))
             }

@@ -236,6 +236,36 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE install_waiting (
         subscription TEXT PRIMARY KEY, generation INTEGER NOT NULL, reply_id TEXT NOT NULL,
         base TEXT NOT NULL, reason TEXT NOT NULL, since INTEGER NOT NULL, journal BLOB NOT NULL);",
+    // 6: the fleet's version database (owner): per recipient and channel what it has, as its requests and
+    // receipts state it, when it last made contact and the interval it is expected at; every outcome of a
+    // reply (applied, current, failed, rolled back) as history, the receipts recorded so far moved into it;
+    // which state each recipient was last alerted in, and when the last alert went. On a recipient, which
+    // negative receipts it sent (at most one per request).
+    "CREATE TABLE fleet (
+        recipient TEXT NOT NULL, channel TEXT NOT NULL DEFAULT 'default',
+        generation INTEGER, root TEXT, stated_created INTEGER, stated_at INTEGER,
+        last_contact_at INTEGER, interval INTEGER,
+        PRIMARY KEY (recipient, channel));
+     INSERT INTO fleet (recipient, channel, generation, root, stated_at, last_contact_at)
+        SELECT name, 'default', applied_generation, applied_root, last_receipt_at,
+               CASE WHEN last_request_at IS NULL THEN last_receipt_at
+                    WHEN last_receipt_at IS NULL THEN last_request_at
+                    ELSE max(last_request_at, last_receipt_at) END
+        FROM recipients WHERE applied_generation IS NOT NULL OR last_request_at IS NOT NULL;
+     CREATE TABLE fleet_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, recipient TEXT NOT NULL, channel TEXT NOT NULL DEFAULT 'default',
+        at INTEGER NOT NULL, created INTEGER, event TEXT NOT NULL, reply_id TEXT, nonce TEXT,
+        generation INTEGER, root TEXT, reason TEXT, detail TEXT);
+     CREATE INDEX fleet_events_by_recipient ON fleet_events (recipient, channel, id);
+     INSERT INTO fleet_events (recipient, channel, at, event, reply_id, nonce, generation, root)
+        SELECT recipient, 'default', at, status, reply_id, nonce, generation, root FROM receipts ORDER BY id;
+     CREATE TABLE fleet_alerts (
+        recipient TEXT NOT NULL, channel TEXT NOT NULL DEFAULT 'default', state TEXT NOT NULL, at INTEGER NOT NULL,
+        PRIMARY KEY (recipient, channel));
+     ALTER TABLE node ADD COLUMN fleet_alert_at INTEGER;
+     CREATE TABLE failure_receipts (
+        subscription TEXT NOT NULL DEFAULT 'default', nonce TEXT NOT NULL, reply_id TEXT NOT NULL,
+        reason TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (subscription, nonce));",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -387,9 +417,9 @@ pub struct RecipientRow {
     pub last_reply_at: Option<u64>,
     /// Last receipt.
     pub last_receipt_at: Option<u64>,
-    /// Generation the last receipt reported.
+    /// Generation the recipient has, as its last request or receipt (of any outcome) stated it.
     pub applied_generation: Option<u64>,
-    /// Root the last receipt reported.
+    /// Root of its tree, as stated with `applied_generation`.
     pub applied_root: Option<String>,
     /// Id of the key a rotation is delivering, until the recipient first uses it.
     pub rotating_to: Option<String>,
@@ -1511,27 +1541,33 @@ impl Db {
         )? > 0)
     }
 
-    /// Records a receipt and what it says the recipient now has.
+    /// Records a receipt of `channel`: its outcome in the fleet's history, and what it says the recipient
+    /// now has. An `applied` or `current` receipt is also the recipient's receipt of that reply.
     ///
     /// # Errors
     /// SQLite errors.
     pub fn record_receipt(&self, r: &crate::protocol::Receipt) -> Result<()> {
+        let channel = r.channel.as_str();
+        use crate::protocol::ReceiptStatus;
         let t = now() as i64;
-        let status = serde_json::to_value(r.status)?.as_str().unwrap_or("applied").to_owned();
-        self.conn.execute(
-            "INSERT OR IGNORE INTO receipts (recipient, at, nonce, reply_id, generation, root, status, channel)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                r.recipient,
-                t,
-                r.nonce.to_hex(),
-                r.reply_id,
-                r.generation as i64,
-                r.root.to_hex(),
-                status,
-                r.channel
-            ],
-        )?;
+        let status = r.status.code();
+        if matches!(r.status, ReceiptStatus::Applied | ReceiptStatus::Current) {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO receipts (recipient, at, nonce, reply_id, generation, root, status, channel)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    r.recipient,
+                    t,
+                    r.nonce.to_hex(),
+                    r.reply_id,
+                    r.generation as i64,
+                    r.root.to_hex(),
+                    status,
+                    r.channel
+                ],
+            )?;
+        }
+        // What the recipient has now, whatever the outcome: `status` never shows a generation it no longer has.
         // The recipient row shows the default channel's state, as it always did.
         self.conn.execute(
             "UPDATE recipients SET last_receipt_at = ?2,
@@ -1540,6 +1576,264 @@ impl Db {
              WHERE name = ?1",
             params![r.recipient, t, r.generation as i64, r.root.to_hex(), r.channel],
         )?;
+        self.conn.execute(
+            "INSERT INTO fleet_events (recipient, channel, at, created, event, reply_id, nonce, generation, root,
+                                       reason, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                r.recipient,
+                channel,
+                t,
+                r.created as i64,
+                status,
+                r.reply_id,
+                r.nonce.to_hex(),
+                r.generation as i64,
+                r.root.to_hex(),
+                r.reason.map(|x| x.code()),
+                r.detail
+            ],
+        )?;
+        self.fleet_note(&r.recipient, channel, r.generation, &r.root, r.created)
+    }
+
+    /// Whether an outcome `status` (`failed`, `rolled-back`) of reply `reply_id` was recorded for `recipient`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outcome_recorded(&self, recipient: &str, reply_id: &ReplyId, status: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM fleet_events WHERE recipient = ?1 AND reply_id = ?2 AND event = ?3",
+            params![recipient, reply_id, status],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    /// Notes what `recipient` has on `channel`, as an authenticated request or receipt made at `created`
+    /// (the recipient's clock) states it, and that it made contact now. A statement made before the one
+    /// recorded (mail that was overtaken on its way) only counts as contact.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn fleet_note(
+        &self,
+        recipient: &str,
+        channel: &str,
+        generation: u64,
+        root: &Digest,
+        created: u64,
+    ) -> Result<()> {
+        let t = now() as i64;
+        self.conn.execute(
+            "INSERT INTO fleet (recipient, channel, generation, root, stated_created, stated_at, last_contact_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (recipient, channel) DO UPDATE SET
+                generation = CASE WHEN stated_created IS NULL OR excluded.stated_created >= stated_created
+                                  THEN excluded.generation ELSE generation END,
+                root = CASE WHEN stated_created IS NULL OR excluded.stated_created >= stated_created
+                            THEN excluded.root ELSE root END,
+                stated_at = CASE WHEN stated_created IS NULL OR excluded.stated_created >= stated_created
+                                 THEN excluded.stated_at ELSE stated_at END,
+                stated_created = max(coalesce(stated_created, 0), excluded.stated_created),
+                last_contact_at = excluded.last_contact_at",
+            params![recipient, channel, generation as i64, root.to_hex(), created as i64, t],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the interval `recipient` is expected to make contact at on `channel` (`None`: the owner's
+    /// default).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_fleet_interval(&self, recipient: &str, channel: &str, interval: Option<u64>) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO fleet (recipient, channel, interval) VALUES (?1, ?2, ?3)
+             ON CONFLICT (recipient, channel) DO UPDATE SET interval = excluded.interval",
+            params![recipient, channel, interval.map(|v| v as i64)],
+        )?;
+        Ok(())
+    }
+
+    /// The facts the fleet view derives each registered recipient's state on `channel` from, by name.
+    ///
+    /// # Errors
+    /// SQLite errors or corrupt roots.
+    pub fn fleet_facts(&self, channel: &str) -> Result<Vec<crate::fleet::Facts>> {
+        use crate::fleet::{Facts, InFlight, Outcome};
+        let mut st = self.conn.prepare(
+            "SELECT r.name, r.address, r.created, f.generation, f.root, f.last_contact_at, f.interval
+             FROM recipients r LEFT JOIN fleet f ON f.recipient = r.name AND f.channel = ?1 ORDER BY r.name",
+        )?;
+        let rows = st
+            .query_map([channel], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outcome = self.conn.prepare_cached(
+            "SELECT event, at, reply_id, generation, reason, detail FROM fleet_events
+             WHERE recipient = ?1 AND channel = ?2 ORDER BY coalesce(created, at) DESC, id DESC LIMIT 1",
+        )?;
+        // The newest reply that changes the tree and has no outcome yet, sent after the last outcome.
+        let mut flight = self.conn.prepare_cached(
+            "SELECT q.reply_id, q.generation, q.received_at FROM requests q
+             WHERE q.recipient = ?1 AND q.base IS NOT NULL AND q.root IS NOT NULL AND q.base != q.root
+               AND NOT EXISTS (SELECT 1 FROM fleet_events e WHERE e.recipient = q.recipient AND e.reply_id = q.reply_id)
+               AND q.received_at >= coalesce((SELECT max(e.at) FROM fleet_events e WHERE e.recipient = q.recipient
+                                              AND e.channel = ?2), 0)
+             ORDER BY q.seq DESC LIMIT 1",
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, address, enrolled, generation, root, contact, interval) in rows {
+            let last = outcome
+                .query_row(params![name, channel], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Option<ReplyId>>(2)?,
+                        r.get::<_, Option<i64>>(3)?.map(|g| g as u64),
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .optional()?
+                .map(|(event, at, reply_id, generation, reason, detail)| Outcome {
+                    event,
+                    at,
+                    reply_id,
+                    generation,
+                    reason,
+                    detail,
+                });
+            let in_flight = flight
+                .query_row(params![name, channel], |r| {
+                    Ok(InFlight {
+                        reply_id: r.get(0)?,
+                        generation: r.get::<_, i64>(1)? as u64,
+                        sent_at: r.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .optional()?;
+            out.push(Facts {
+                name,
+                address,
+                channel: channel.to_owned(),
+                enrolled_at: enrolled as u64,
+                generation: generation.map(|g| g as u64),
+                root: root.map(|r| Digest::from_hex(&r)).transpose().map_err(anyhow::Error::msg)?,
+                last_contact_at: contact.map(|t| t as u64),
+                interval: interval.map(|t| t as u64),
+                last_outcome: last,
+                in_flight,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The newest generation of `channel`: its number and root.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt root.
+    pub fn channel_latest(&self, channel: &str) -> Result<Option<(u64, Digest)>> {
+        self.conn
+            .query_row(
+                "SELECT number, root FROM generations WHERE channel = ?1 ORDER BY number DESC LIMIT 1",
+                [channel],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+            .map(|(n, root)| Ok((n, Digest::from_hex(&root).map_err(anyhow::Error::msg)?)))
+            .transpose()
+    }
+
+    /// What happened to `recipient`'s replies, oldest first: every outcome its receipts reported, and every
+    /// reply sent (with `event` `sent`).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn fleet_history(&self, recipient: &str) -> Result<Vec<crate::fleet::HistoryEntry>> {
+        let mut st = self.conn.prepare(
+            // Each outcome goes after the reply it is about (by that request's seq), in the order recorded.
+            "SELECT at, channel, event, reply_id, generation, root, reason, detail FROM (
+                SELECT coalesce((SELECT max(q.seq) FROM requests q WHERE q.recipient = e.recipient
+                                 AND q.reply_id = e.reply_id), 0) AS s, 1 AS o, e.id AS k,
+                       e.at, e.channel, e.event, e.reply_id, e.generation, e.root, e.reason, e.detail
+                  FROM fleet_events e WHERE e.recipient = ?1
+                UNION ALL
+                SELECT seq AS s, 0 AS o, 0 AS k, received_at, 'default', 'sent', reply_id, generation, root, NULL,
+                       CASE WHEN base = root THEN 'no changes: the tree was current' ELSE ops || ' operations' END
+                  FROM requests WHERE recipient = ?1)
+             ORDER BY s, o, k",
+        )?;
+        let rows = st.query_map([recipient], |r| {
+            Ok(crate::fleet::HistoryEntry {
+                at: r.get::<_, i64>(0)? as u64,
+                channel: r.get(1)?,
+                event: r.get(2)?,
+                reply_id: r.get(3)?,
+                generation: r.get::<_, Option<i64>>(4)?.map(|g| g as u64),
+                root: r.get(5)?,
+                reason: r.get(6)?,
+                detail: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The state each recipient was last alerted in (only `silent` and `failed` are kept), by
+    /// (recipient, channel).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn fleet_alerted(&self) -> Result<std::collections::BTreeMap<(String, String), String>> {
+        let mut st = self.conn.prepare("SELECT recipient, channel, state FROM fleet_alerts")?;
+        let rows = st.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that (recipient, channel) was alerted in `state`, or with `None` that it recovered.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_fleet_alerted(&self, recipient: &str, channel: &str, state: Option<&str>) -> Result<()> {
+        match state {
+            Some(s) => self.conn.execute(
+                "INSERT OR REPLACE INTO fleet_alerts (recipient, channel, state, at) VALUES (?1, ?2, ?3, ?4)",
+                params![recipient, channel, s, now() as i64],
+            )?,
+            None => self.conn.execute(
+                "DELETE FROM fleet_alerts WHERE recipient = ?1 AND channel = ?2",
+                params![recipient, channel],
+            )?,
+        };
+        Ok(())
+    }
+
+    /// When the last fleet alert was queued.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn fleet_alert_at(&self) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT fleet_alert_at FROM node WHERE id = 1", [], |r| r.get::<_, Option<i64>>(0))?
+            .map(|t| t as u64))
+    }
+
+    /// Records when the last fleet alert was queued.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_fleet_alert_at(&self, at: u64) -> Result<()> {
+        self.conn.execute("UPDATE node SET fleet_alert_at = ?1 WHERE id = 1", [at as i64])?;
         Ok(())
     }
 
@@ -1765,6 +2059,14 @@ mod tests {
         assert_eq!(db.relay_limit("site1").unwrap(), None);
         assert_eq!(db.signing_key().unwrap(), None);
         assert!(db.recipient_tags("site1").unwrap().is_empty(), "no tags before registration's migration");
+        // Migration 6: the receipts recorded become the fleet's facts and history.
+        let facts = db.fleet_facts("default").unwrap();
+        let site1 = facts.iter().find(|f| f.name == "site1").unwrap();
+        assert_eq!((site1.generation, site1.root.map(|r| r.short())), (Some(1), Some("4abc1472930a".to_owned())));
+        assert!(site1.last_contact_at.is_some());
+        let events: Vec<String> = db.fleet_history("site1").unwrap().into_iter().map(|e| e.event).collect();
+        assert_eq!(events.iter().filter(|e| *e == "sent").count(), 2, "{events:?}");
+        assert!(events.contains(&"applied".to_owned()), "{events:?}");
     }
 
     #[test]

@@ -71,6 +71,9 @@
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
 //!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for `recipient approve` or an apply window); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).
+//! - [`fleet`]: the owner's version database seen whole: each recipient's state (current, behind,
+//!   in flight, silent, failed, held, never seen) derived purely from what its requests and receipts
+//!   stated and the time; its history; batched, rate-limited alerts to the admin.
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
@@ -104,6 +107,7 @@ pub mod db;
 pub mod delta;
 pub mod engine;
 pub mod failpoint;
+pub mod fleet;
 pub mod limits;
 pub mod manifest;
 pub mod node;

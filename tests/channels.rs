@@ -334,3 +334,38 @@ fn registration_facts_show_in_owner_show_and_select_recipients() {
     v.cycle();
     assert_same_tree(&v.source("rules"), &tree);
 }
+
+#[test]
+fn the_fleet_view_shows_each_channel_with_entitlement_pins_and_groups() {
+    let v = vendor();
+    v.cycle();
+    v.owner(&["grant", "--group", "eval", "--channel", "sigdb", "--until", "2020-01-31"]);
+    put(&v.source("engine"), "engine.dat", b"engine generation 2\n", 0o644);
+    v.publish("engine");
+    v.cycle();
+    let fleet = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["owner", "fleet", "--config", &v.w.owner_config, "--json"];
+        all.extend_from_slice(args);
+        let out = run(&all);
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let state = |j: &serde_json::Value, name: &str| {
+        let r = j["recipients"].as_array().unwrap().iter().find(|r| r["name"] == name).cloned();
+        r.map(|r| (r["state"].as_str().unwrap().to_owned(), r["reason"].as_str().map(str::to_owned)))
+    };
+    let sigdb = fleet(&["--channel", "sigdb"]);
+    assert_eq!(state(&sigdb, "pro1"), Some(("current".into(), None)));
+    assert_eq!(state(&sigdb, "eval1"), Some(("expired".into(), Some("expired on 2020-01-31".into()))));
+    assert_eq!(state(&sigdb, "legacy1"), None, "never asked for sigdb and not entitled: not listed");
+    let engine = fleet(&["--channel", "engine"]);
+    assert_eq!(state(&engine, "pro1"), Some(("current".into(), None)));
+    assert_eq!(state(&engine, "legacy1"), Some(("current".into(), Some("pinned".into()))), "current at its pin");
+    assert_eq!(state(&engine, "basic1"), Some(("not-entitled".into(), Some("not-entitled".into()))), "it asked");
+    let pro = fleet(&["--channel", "engine", "--group", "pro"]);
+    let names: Vec<&str> = pro["recipients"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pro1", "pro2", "pro3"]);
+    assert_eq!(state(&pro, "pro3"), Some(("never-seen".into(), None)), "entitled, but it never asked for engine");
+    let err = fails(&["owner", "fleet", "--config", &v.w.owner_config, "--channel", "nothing"], 2);
+    assert!(err.contains("no channel named"), "{err}");
+}

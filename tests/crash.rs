@@ -109,32 +109,6 @@ fn owner_killed_while_answering_replies_exactly_once() {
     }
 }
 
-/// Unmounts a tmpfs when the test ends, however it ends.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "the full-disk test mounts a small tmpfs and needs root (CI runs as root)"
-        );
-        Tmpfs(at.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let st = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap();
-        assert!(st.success());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_while_staging_leaves_the_tree_and_the_reply_alone() {
     let w = World::new();

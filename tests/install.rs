@@ -153,6 +153,14 @@ fn a_failing_post_apply_hook_rolls_the_tree_back_to_exactly_the_generation_befor
     assert_eq!(runs(&log).len(), 2, "once for generation 1, once for 2; the rollback runs no hook");
     let text = String::from_utf8(run(&["status", "--config", &site.config]).stdout).unwrap();
     assert!(text.contains("HOOK FAILED:  post-apply of generation 2") && text.contains("| reload failed"), "{text}");
+    // The owner hears of it: a failure receipt with the hook's exit status and the end of its output.
+    w.owner_run();
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&run(&["owner", "fleet", "--config", &w.owner_config, "--json"]).stdout).unwrap();
+    let row = &fleet["recipients"][0];
+    assert_eq!((row["state"].as_str(), row["reason"].as_str()), (Some("failed"), Some("hook-failed")), "{row}");
+    let detail = row["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("exit status 3") && detail.contains("more on stderr"), "{detail}");
 
     // The failed generation is held back; a newer one installs (and its hook succeeds).
     w.sync(&site);
@@ -178,6 +186,12 @@ fn with_on_hook_failure_keep_a_failed_hook_leaves_the_generation_and_records_the
         (Some("kept"), Some(3))
     );
     assert_eq!(run(&["status", "--config", &site.config]).status.code(), Some(1), "a failed hook needs attention");
+    site.run(false);
+    w.owner_run();
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&run(&["owner", "fleet", "--config", &w.owner_config, "--json"]).stdout).unwrap();
+    let row = &fleet["recipients"][0];
+    assert_eq!((row["state"].as_str(), row["reason"].as_str()), (Some("failed"), Some("hook-failed")), "{row}");
 }
 
 #[test]

@@ -41,13 +41,13 @@ fn show(args: &[&str], out: &Output) -> String {
 
 // ---- a small JSON Schema validator: exactly the keywords docs/*.schema.json use, and no others ----
 
-fn schema(name: &str) -> Value {
+pub(crate) fn schema(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(name);
     serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The problems of `v` against `s` (whose `$ref`s point into `root`); empty when it is valid.
-fn validate(root: &Value, s: &Value, v: &Value, at: &str) -> Vec<String> {
+pub(crate) fn validate(root: &Value, s: &Value, v: &Value, at: &str) -> Vec<String> {
     let mut errs = Vec::new();
     let obj = s.as_object().unwrap_or_else(|| panic!("schema at {at} is not an object"));
     for (k, sv) in obj {
@@ -142,7 +142,7 @@ fn validate(root: &Value, s: &Value, v: &Value, at: &str) -> Vec<String> {
     errs
 }
 
-fn assert_valid(schema_name: &str, v: &Value) {
+pub(crate) fn assert_valid(schema_name: &str, v: &Value) {
     let root = schema(schema_name);
     let errs = validate(&root, &root, v, "$");
     assert!(errs.is_empty(), "{schema_name} refuses {v:#}:\n{}", errs.join("\n"));

@@ -23,6 +23,8 @@ mod enroll;
 mod encryption;
 // The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
 mod units;
+// The fleet view: a scripted fleet of 50 recipients, failures, rollbacks, silence, alerts.
+mod fleet;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
 mod ops;
 // Channels, groups, grants, expiry, pins, suspension: each site gets exactly what it is entitled to.

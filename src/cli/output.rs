@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 use mailferry::node::{Handled, RunReport};
+use mailferry::protocol::ReceiptStatus;
 use serde::Serialize;
 
 /// Where a result's human form goes.
@@ -116,9 +117,14 @@ pub fn summary_words(r: &RunReport) -> String {
             Handled::Answered { recipient, generation, ops } => {
                 said.push(format!("answered {recipient:?} with generation {generation} ({})", changes(*ops)))
             }
-            Handled::Receipt { recipient, generation } => {
-                said.push(format!("{recipient:?} reports generation {generation} applied"))
-            }
+            Handled::Receipt { recipient, generation, status } => said.push(match status {
+                ReceiptStatus::Applied => format!("{recipient:?} reports generation {generation} applied"),
+                ReceiptStatus::Current => format!("{recipient:?} reports generation {generation} current"),
+                ReceiptStatus::Failed => {
+                    format!("{recipient:?} could not apply its reply (has generation {generation})")
+                }
+                ReceiptStatus::RolledBack => format!("{recipient:?} rolled back to generation {generation}"),
+            }),
             Handled::Applied { generation, ops } => {
                 said.push(format!("applied generation {generation} ({})", changes(*ops)))
             }

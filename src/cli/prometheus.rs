@@ -205,6 +205,52 @@ pub fn owner(s: &OwnerStatus, attention: bool) -> String {
     m.render()
 }
 
+/// The fleet's metrics (`owner fleet --format prometheus`): recipients per state, and each recipient's
+/// state, generation, lag and last contact.
+pub fn fleet(rows: &[mailferry::fleet::FleetRow], attention: bool) -> String {
+    use mailferry::fleet::FleetState;
+    let mut m = Metrics::default();
+    m.gauge(
+        "mailferry_fleet_attention",
+        "1 when `mailferry owner fleet` exits 1 (a recipient shown is failed or silent).",
+        vec![],
+        flag(attention),
+    );
+    for s in FleetState::ALL {
+        m.gauge(
+            "mailferry_fleet_recipients",
+            "Recipients shown in each state.",
+            vec![("state", s.code().to_owned())],
+            Some(rows.iter().filter(|r| r.state == s).count() as f64),
+        );
+    }
+    for r in rows {
+        let l = || vec![("recipient", r.name.clone()), ("channel", r.channel.clone())];
+        let mut with_state = l();
+        with_state.push(("state", r.state.code().to_owned()));
+        m.gauge("mailferry_fleet_recipient_state", "A recipient's state (the label; always 1).", with_state, Some(1.0));
+        m.gauge(
+            "mailferry_fleet_recipient_generation",
+            "The generation a recipient has, as it last stated.",
+            l(),
+            r.generation.map(|g| g as f64),
+        );
+        m.gauge(
+            "mailferry_fleet_recipient_behind",
+            "How many generations a recipient is behind the newest.",
+            l(),
+            r.behind.map(|b| b as f64),
+        );
+        m.gauge(
+            "mailferry_fleet_recipient_last_contact_timestamp_seconds",
+            "When a recipient last made authenticated contact.",
+            l(),
+            time(r.last_contact_at),
+        );
+    }
+    m.render()
+}
+
 /// The recipient's metrics.
 pub fn recipient(s: &RecipientStatus, attention: bool) -> String {
     let mut m = Metrics::default();

@@ -296,7 +296,7 @@ impl Render for RecipientStatus {
 }
 
 /// A moment as RFC 3339 and how long ago it was; `never` for none.
-fn fmt_time(t: Option<u64>) -> String {
+pub fn fmt_time(t: Option<u64>) -> String {
     match t {
         None => "never".into(),
         Some(t) => {

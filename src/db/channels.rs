@@ -397,4 +397,23 @@ impl Db {
         }
         Ok(())
     }
+
+    /// What decides whether `recipient` may be sent `channel` ([`crate::engine::owner::entitlement`]).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn access(&self, recipient: &str, channel: &str) -> Result<crate::engine::owner::Access> {
+        use crate::engine::owner::{Access, ChannelAccess, GrantAccess};
+        Ok(Access {
+            channel: self.channel(channel)?.map(|c| ChannelAccess { open: c.open }),
+            suspended: self.suspended(recipient)?,
+            grants: self
+                .grants_for(recipient, channel)?
+                .into_iter()
+                .map(|g| GrantAccess { until: g.until, pin: g.pin, selector: g.selector })
+                .collect(),
+            facts: self.registration(recipient)?.map(|(f, _)| f),
+            tags: self.recipient_tags(recipient)?,
+        })
+    }
 }

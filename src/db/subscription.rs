@@ -578,4 +578,46 @@ impl Sub<'_> {
         self.db.conn.execute("DELETE FROM install_waiting WHERE subscription = ?1", [self.name])?;
         Ok(())
     }
+
+    /// Whether a negative receipt was sent for request `nonce`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn failure_receipt_sent(&self, nonce: &str) -> Result<bool> {
+        Ok(self.db.conn.query_row(
+            "SELECT count(*) FROM failure_receipts WHERE subscription = ?1 AND nonce = ?2",
+            params![self.name, nonce],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    /// Records that a negative receipt for request `nonce` (reply `reply_id`) was queued.
+    ///
+    /// # Errors
+    /// SQLite errors, including one recorded before for the nonce.
+    pub fn record_failure_receipt(&self, nonce: &str, reply_id: &ReplyId, reason: &str) -> Result<()> {
+        self.db.conn.execute(
+            "INSERT INTO failure_receipts (subscription, nonce, reply_id, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![self.name, nonce, reply_id, reason, now() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The reply that brought generation `generation` (its id and the nonce it answered), the newest such
+    /// apply; `None` when none did (nothing applied it, or a rollback did).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn applied_reply(&self, generation: u64) -> Result<Option<(ReplyId, String)>> {
+        Ok(self
+            .db
+            .conn
+            .query_row(
+                "SELECT reply_id, nonce FROM applied WHERE generation = ?1 AND nonce != '' AND subscription = ?2
+                 ORDER BY id DESC LIMIT 1",
+                params![generation as i64, self.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
 }

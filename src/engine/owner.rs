@@ -17,8 +17,8 @@ use super::verify::{KeyRole, Keyed, Keyring, Verified};
 use crate::crypto::{Key, KeyId, Nonce};
 use crate::manifest::{Digest, Manifest, Op, diff};
 use crate::protocol::{
-    self, Control, Frame, InventoryKind, Kind, Reason, Receipt, Refusal, Rekey, Reply, ReplyId, Request, Resend,
-    SameAs, Standing, VERSION,
+    self, Control, Frame, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Rekey, Reply, ReplyId, Request,
+    Resend, SameAs, Standing, VERSION,
 };
 
 /// A registered recipient as the engine needs it.
@@ -254,6 +254,12 @@ pub trait OwnerView {
     /// # Errors
     /// Local failures.
     fn receipt_recorded(&self, recipient: &str, reply_id: &ReplyId) -> Result<bool>;
+    /// Whether a negative (`failed`) or `rolled-back` receipt with `status` for reply `reply_id` was
+    /// recorded.
+    ///
+    /// # Errors
+    /// Local failures.
+    fn outcome_recorded(&self, recipient: &str, reply_id: &ReplyId, status: ReceiptStatus) -> Result<bool>;
     /// The generation reply `reply_id` to `recipient` brought, if the owner sent it.
     ///
     /// # Errors
@@ -370,7 +376,7 @@ pub enum Effect {
         /// Which reply.
         reply_id: ReplyId,
     },
-    /// Record a receipt as the recipient's state.
+    /// Record a receipt (any status) as the recipient's state and in its history.
     RecordReceipt(Receipt),
     /// Keep the facts a request carried as the recipient's registration.
     RecordRegistration {
@@ -548,6 +554,9 @@ fn on_receipt(
     let Some(sent) = view.answered_for(&rec.name, &r.nonce)? else {
         refuse!(Reason::Replay, "receipt for nonce {} that was never answered", r.nonce);
     };
+    if matches!(r.status, ReceiptStatus::Failed | ReceiptStatus::RolledBack) {
+        return on_outcome(view, rec, r, &sent, effects);
+    }
     if r.reply_id != sent.reply_id || r.generation != sent.generation || r.channel != sent.channel {
         refuse!(
             Reason::Malformed,
@@ -597,6 +606,55 @@ fn on_receipt(
             });
         }
     }
+    Ok(Outcome::Receipt { receipt: r, effects })
+}
+
+/// Checks C2n–C3n of a negative or rolled-back receipt (`docs/protocol.md` §11.2): it names the reply sent
+/// for its nonce; a rollback goes back from the generation that reply brought, to a tree the owner knows
+/// that generation by (when it still keeps it); and each is recorded at most once per reply. Its
+/// `generation` and `root` say what the recipient has now.
+fn on_outcome(
+    view: &dyn OwnerView,
+    rec: &Registered,
+    r: Receipt,
+    sent: &SentReply,
+    mut effects: Vec<Effect>,
+) -> Result<Outcome> {
+    if r.reply_id != sent.reply_id {
+        refuse!(
+            Reason::Malformed,
+            "{} receipt names reply {}, but the reply sent for its nonce was {}",
+            r.status.code(),
+            r.reply_id,
+            sent.reply_id
+        );
+    }
+    if r.status == ReceiptStatus::RolledBack {
+        if r.generation >= sent.generation {
+            refuse!(
+                Reason::Malformed,
+                "receipt reports a rollback to generation {} from reply {}, which brought generation {}",
+                r.generation,
+                r.reply_id,
+                sent.generation
+            );
+        }
+        if let Some(m) = view.manifest(&r.channel, r.generation)?
+            && m.root() != r.root
+        {
+            refuse!(
+                Reason::Malformed,
+                "receipt reports a rollback to generation {} with root {}, but that generation's root is {}",
+                r.generation,
+                r.root.short(),
+                m.root().short()
+            );
+        }
+    }
+    if view.outcome_recorded(&rec.name, &r.reply_id, r.status)? {
+        refuse!(Reason::Replay, "a {} receipt for reply {} was recorded before", r.status.code(), r.reply_id);
+    }
+    effects.push(Effect::RecordReceipt(r.clone()));
     Ok(Outcome::Receipt { receipt: r, effects })
 }
 

@@ -79,6 +79,7 @@ struct MemOwner {
     rotations: HashMap<String, Rotation>,
     answered: HashMap<Nonce, (String, SentReply)>,
     receipts: Vec<(String, String)>,
+    outcomes: Vec<(String, String, ReceiptStatus)>,
     generations: Vec<(Generation, Arc<Manifest>)>,
     spent: Spent,
     sent: HashMap<String, SentMessage>,
@@ -131,6 +132,9 @@ impl OwnerView for MemOwner {
     }
     fn reply_generation(&self, _: &str, _: &ReplyId) -> Result<Option<u64>> {
         Ok(None)
+    }
+    fn outcome_recorded(&self, recipient: &str, reply_id: &ReplyId, status: ReceiptStatus) -> Result<bool> {
+        Ok(self.outcomes.iter().any(|(r, id, s)| r == recipient && id == reply_id && *s == status))
     }
     fn sent_part(&self, _: &str, _: &ReplyId, _: u32) -> Result<Option<Vec<u8>>> {
         Ok(None)
@@ -223,6 +227,8 @@ fn receipt() -> Receipt {
         generation: 2,
         root: new_tree().root(),
         status: ReceiptStatus::Applied,
+        reason: None,
+        detail: None,
     }
 }
 
@@ -384,6 +390,76 @@ fn c3_a_second_receipt_for_a_reply_is_a_replay() {
     assert!(matches!(owner_step(&w, &raw), Outcome::Receipt { .. }));
     w.receipts.push(("site1".into(), "ab".repeat(16)));
     assert_eq!(refused(&owner_step(&w, &raw)), Reason::Replay);
+}
+
+/// Negative and rolled-back receipts (§11.2 C1, C2n, C3n): each rule refuses with no effect, and an
+/// accepted one is recorded as it is, once per reply and status, after a success too (a hook can fail after
+/// the apply).
+#[test]
+fn negative_and_rolled_back_receipts_are_checked_then_recorded_once() {
+    let failed = Receipt {
+        status: ReceiptStatus::Failed,
+        generation: 1,
+        root: site_tree().root(),
+        reason: Some(protocol::FailureReason::DiskFull),
+        detail: Some("no space left on device".into()),
+        ..receipt()
+    };
+    let rolled = Receipt { status: ReceiptStatus::RolledBack, generation: 1, root: site_tree().root(), ..receipt() };
+    let other_reply = ReplyId::unchecked("cd".repeat(16));
+    let k = key(1);
+    let cases: Vec<(&str, Receipt, Option<Reason>)> = vec![
+        ("failed", failed.clone(), None),
+        (
+            "failed at a newer generation (a reply it refused as a rollback)",
+            Receipt { generation: 7, ..failed.clone() },
+            None,
+        ),
+        (
+            "failed for a nonce never answered",
+            Receipt { nonce: Nonce([3; 16]), ..failed.clone() },
+            Some(Reason::Replay),
+        ),
+        (
+            "failed naming another reply",
+            Receipt { reply_id: other_reply.clone(), ..failed.clone() },
+            Some(Reason::Malformed),
+        ),
+        ("rolled back", rolled.clone(), None),
+        (
+            "rolled back to the generation the reply brought",
+            Receipt { generation: 2, root: new_tree().root(), ..rolled.clone() },
+            Some(Reason::Malformed),
+        ),
+        (
+            "rolled back to a root that generation does not have",
+            Receipt { root: Digest([5; 32]), ..rolled.clone() },
+            Some(Reason::Malformed),
+        ),
+        (
+            "rolled back naming another reply",
+            Receipt { reply_id: other_reply, ..rolled.clone() },
+            Some(Reason::Malformed),
+        ),
+    ];
+    let mut w = owner_with_history();
+    // A success recorded before does not stop a failure reported after it.
+    w.receipts.push(("site1".into(), "ab".repeat(16)));
+    for (name, r, want) in cases {
+        let outcome = owner_step(&w, &mail(Kind::Receipt, &r, "site1", &k, &[]));
+        match (want, outcome) {
+            (Some(reason), outcome) => assert_eq!(refused(&outcome), reason, "{name}: {outcome:?}"),
+            (None, Outcome::Receipt { receipt, effects }) => {
+                assert_eq!(receipt, r, "{name}");
+                assert_eq!(effects, vec![Effect::RecordReceipt(r.clone())], "{name}: recorded, nothing else");
+            }
+            (None, other) => panic!("{name}: {other:?}"),
+        }
+    }
+    // C3n: once per reply and status.
+    w.outcomes.push(("site1".into(), "ab".repeat(16), ReceiptStatus::Failed));
+    assert_eq!(refused(&owner_step(&w, &mail(Kind::Receipt, &failed, "site1", &k, &[]))), Reason::Replay);
+    assert!(matches!(owner_step(&w, &mail(Kind::Receipt, &rolled, "site1", &k, &[])), Outcome::Receipt { .. }));
 }
 
 #[test]

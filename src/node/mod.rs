@@ -53,6 +53,8 @@ pub enum Handled {
         recipient: String,
         /// The generation it reports.
         generation: u64,
+        /// What the recipient did with its reply.
+        status: crate::protocol::ReceiptStatus,
     },
     /// Recipient: a reply applied.
     Applied {

@@ -29,8 +29,8 @@ use crate::config::{Enrollment, OwnerConfig, OwnerSection, Signing, TransportCon
 use crate::crypto::{Key, KeyId, Nonce, SigningKey};
 use crate::db::{Answered, ChannelRow, Db, GenerationRow, LearnedLimit, RecipientRow, SentMessage, now};
 use crate::engine::owner::{
-    Access, AnswerPlan, Budget, ChannelAccess, Effect, Generation, GrantAccess, Outcome, OwnerKeys, OwnerPolicy,
-    OwnerView, Registered, ReportOutcome, ResendPlan, Rotation, SentReply, Spent,
+    Access, AnswerPlan, Budget, Effect, Generation, Outcome, OwnerKeys, OwnerPolicy, OwnerView, Registered,
+    ReportOutcome, ResendPlan, Rotation, SentReply, Spent,
 };
 use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
@@ -162,6 +162,9 @@ pub fn init_with(
         budget_period: crate::config::default_budget_period(),
         bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
         bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
+        recipient_interval: crate::config::default_recipient_interval(),
+        silent_after_intervals: crate::config::default_silent_after_intervals(),
+        alert_interval: crate::config::default_alert_interval(),
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -231,6 +234,21 @@ impl Owner {
     /// # Errors
     /// A taken name, an unusable address, an existing `out`, or I/O errors.
     pub fn add_recipient(&mut self, name: &str, address: &str, out: &Path) -> Result<Enrollment> {
+        self.add_recipient_with(name, address, out, None)
+    }
+
+    /// Registers a recipient as [`Owner::add_recipient`] does, expected to request every `interval`
+    /// (written into its enrollment file; default `recipient-interval`), which `owner fleet` holds it to.
+    ///
+    /// # Errors
+    /// As [`Owner::add_recipient`].
+    pub fn add_recipient_with(
+        &mut self,
+        name: &str,
+        address: &str,
+        out: &Path,
+        interval: Option<std::time::Duration>,
+    ) -> Result<Enrollment> {
         if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             bail!("recipient name {name:?} must be 1-64 characters of letters, digits, `-`, `_` and `.`");
@@ -240,8 +258,14 @@ impl Owner {
             bail!("`{}` already exists", out.display());
         }
         let key = Key::generate();
-        let enrollment = self.enrollment(name, address, &key);
-        self.state.db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+        let mut enrollment = self.enrollment(name, address, &key);
+        if let Some(i) = interval {
+            enrollment.transport.interval = humantime::format_duration(i).to_string();
+        }
+        self.state.db.transaction(|db| {
+            db.add_recipient(name, address, &key.to_hex(), &key.id())?;
+            db.set_fleet_interval(name, crate::fleet::DEFAULT_CHANNEL, interval.map(|i| i.as_secs()))
+        })?;
         write_enrollment(&enrollment, out, "recipient init")?;
         Ok(enrollment)
     }
@@ -282,7 +306,7 @@ impl Owner {
                     TransportConfig::Maildir { .. } => "maildir".into(),
                     TransportConfig::Mail(_) => "mail".into(),
                 },
-                interval: "1h".into(),
+                interval: humantime::format_duration(self.cfg.owner.recipient_interval).to_string(),
             },
         }
     }
@@ -521,6 +545,10 @@ impl Owner {
 /// State failures.
 pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
     let db = Db::open(&cfg.state_dir.join("state.db"))?;
+    // What each recipient has is what it last stated (a request, or a receipt of any outcome), never a
+    // generation it refused or rolled back from.
+    let has: HashMap<String, (Option<u64>, Option<Digest>)> =
+        db.fleet_facts(crate::fleet::DEFAULT_CHANNEL)?.into_iter().map(|f| (f.name, (f.generation, f.root))).collect();
     Ok(OwnerStatus {
         role: "owner",
         address: cfg.owner.address.clone(),
@@ -529,6 +557,12 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
             .recipients()?
             .into_iter()
             .map(|mut r| {
+                if let Some((generation, root)) = has.get(&r.name)
+                    && generation.is_some()
+                {
+                    r.applied_generation = *generation;
+                    r.applied_root = root.map(|d| d.to_hex());
+                }
                 r.last_bounce = db.bounce(&r.name)?;
                 r.relay_limit = db
                     .relay_limit(&r.name)?
@@ -638,6 +672,7 @@ impl Role for Owner {
                         parts: n as u32,
                         full_content: req.full_content,
                     })?;
+                    db.fleet_note(&rec.name, &req.channel, req.generation, &req.root, req.created)?;
                     db.mark_seen(digest, "processed")
                 })?;
                 info!(recipient = %rec.name, reply = %reply_id, parts = n, "sent lost parts again");
@@ -648,8 +683,16 @@ impl Role for Owner {
                     apply_effects(db, &effects)?;
                     db.mark_seen(digest, "processed")
                 })?;
-                info!(recipient = %r.recipient, generation = r.generation, "receipt recorded");
-                Handled::Receipt { recipient: r.recipient, generation: r.generation }
+                match (&r.reason, &r.detail) {
+                    (Some(reason), Some(detail)) => warn!(
+                        recipient = %r.recipient, generation = r.generation, reply = %r.reply_id,
+                        reason = reason.code(), "the recipient could not apply its reply: {detail}"
+                    ),
+                    _ => {
+                        info!(recipient = %r.recipient, generation = r.generation, status = r.status.code(), "receipt recorded")
+                    }
+                }
+                Handled::Receipt { recipient: r.recipient, generation: r.generation, status: r.status }
             }
         }))
     }
@@ -738,6 +781,8 @@ impl Owner {
                 parts,
                 full_content: req.full_content,
             })?;
+            // What the recipient has, as its request says, for the fleet's version database.
+            db.fleet_note(&rec.name, &req.channel, req.generation, &req.root, req.created)?;
             db.mark_seen(digest, "processed")?;
             Ok((parts, bytes))
         })?;
@@ -854,18 +899,7 @@ impl OwnerView for View<'_> {
     }
 
     fn access(&self, recipient: &str, channel: &str) -> Result<Access> {
-        Ok(Access {
-            channel: self.db.channel(channel)?.map(|c| ChannelAccess { open: c.open }),
-            suspended: self.db.suspended(recipient)?,
-            grants: self
-                .db
-                .grants_for(recipient, channel)?
-                .into_iter()
-                .map(|g| GrantAccess { until: g.until, pin: g.pin, selector: g.selector })
-                .collect(),
-            facts: self.db.registration(recipient)?.map(|(f, _)| f),
-            tags: self.db.recipient_tags(recipient)?,
-        })
+        self.db.access(recipient, channel)
     }
 
     fn last_seq(&self, recipient: &str, channel: &str) -> Result<u64> {
@@ -882,6 +916,10 @@ impl OwnerView for View<'_> {
 
     fn reply_generation(&self, recipient: &str, reply_id: &ReplyId) -> Result<Option<u64>> {
         self.db.reply_generation(recipient, reply_id)
+    }
+
+    fn outcome_recorded(&self, recipient: &str, reply_id: &ReplyId, status: protocol::ReceiptStatus) -> Result<bool> {
+        self.db.outcome_recorded(recipient, reply_id, status.code())
     }
 
     fn sent_part(&self, recipient: &str, reply_id: &ReplyId, part: u32) -> Result<Option<Vec<u8>>> {

@@ -31,8 +31,8 @@ use crate::manifest::{Digest, Entry, Listed};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend,
-    Update, VERSION, Want,
+    self, Auth, Control, FailureReason, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId,
+    Request, Resend, Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};
@@ -530,7 +530,31 @@ impl Recipient {
                 None => self.complete(sub, journal),
                 Some(failure) => self.hook_failed(sub, journal, &failure),
             },
-            JournalKind::Rollback { .. } => super::rollback::complete(&self.state.db, sub, journal),
+            JournalKind::Rollback { from } => {
+                // The owner hears of it, through the reply that brought the generation undone (if one did).
+                let receipt = match self.state.db.sub(&sub.channel)?.applied_reply(from)? {
+                    Some((reply_id, nonce)) => {
+                        let nonce = Nonce::from_hex(&nonce).map_err(anyhow::Error::msg)?;
+                        let state = (journal.generation, journal.target()?.root());
+                        let raw = self.receipt(
+                            &self.key,
+                            &sub.channel,
+                            nonce,
+                            &reply_id,
+                            state,
+                            ReceiptStatus::RolledBack,
+                            None,
+                        )?;
+                        Some((format!("receipt-rolled-back-{}", journal.reply_id), raw))
+                    }
+                    None => None,
+                };
+                let (sender, owner) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
+                super::rollback::complete(&self.state.db, sub, journal, |db| match &receipt {
+                    Some((name, raw)) => db.outbox_put(name, sender, owner, raw),
+                    None => Ok(()),
+                })
+            }
         }
     }
 
@@ -570,6 +594,20 @@ impl Recipient {
             }
             Ok(())
         })?;
+        // The owner hears of it in a failure receipt with the hook's exit status and the tail of its output,
+        // sent after the outcome is recorded, so that it is the newest thing the owner hears of the reply.
+        // The receipt's detail is bounded: the head says what happened, the rest is the output's end.
+        let head = format!("{} {} ({action}); output: ", failure.hook, failure.ended);
+        let out = failure.output_tail.trim_end();
+        let room = protocol::MAX_RECEIPT_DETAIL.saturating_sub(head.len());
+        let mut from = out.len().saturating_sub(room);
+        while !out.is_char_boundary(from) {
+            from += 1;
+        }
+        let detail = format!("{head}{}", &out[from..]);
+        let base = journal.target()?.root();
+        let tell =
+            |r: &Recipient| r.fail(tree, &journal.nonce, &journal.reply_id, base, FailureReason::HookFailed, &detail);
         match back {
             Ok(rollback) => {
                 warn!(
@@ -581,6 +619,7 @@ impl Recipient {
                 rollback.commit(&tree.dir)?;
                 crate::failpoint::hit("apply-committed");
                 self.finish(tree, &rollback)?;
+                tell(self)?;
                 self.finish_key()
             }
             Err(_) => {
@@ -588,7 +627,8 @@ impl Recipient {
                     generation = journal.generation,
                     "keeping generation {} although its hook failed ({action})", journal.generation
                 );
-                self.complete(tree, journal)
+                self.complete(tree, journal)?;
+                tell(self).map(|_| ())
             }
         }
     }
@@ -608,9 +648,9 @@ impl Recipient {
             &sub.channel,
             nonce,
             &journal.reply_id,
-            journal.generation,
-            target.root(),
+            (journal.generation, target.root()),
             ReceiptStatus::Applied,
+            None,
         )?;
         let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.state.db.transaction(|db| {
@@ -642,6 +682,8 @@ impl Recipient {
         self.finish_key()
     }
 
+    /// A receipt for reply `reply_id` (answering `nonce`) saying the tree now is `(generation, root)`;
+    /// a negative one (`failed`) carries its reason and detail.
     #[allow(clippy::too_many_arguments)]
     fn receipt(
         &self,
@@ -649,9 +691,9 @@ impl Recipient {
         channel: &str,
         nonce: Nonce,
         reply_id: &ReplyId,
-        generation: u64,
-        root: Digest,
+        (generation, root): (u64, Digest),
         status: ReceiptStatus,
+        failure: Option<(FailureReason, &str)>,
     ) -> Result<Vec<u8>> {
         let receipt = Receipt {
             mailferry: VERSION,
@@ -664,23 +706,93 @@ impl Recipient {
             generation,
             root,
             status,
+            reason: failure.map(|(r, _)| r),
+            detail: failure.map(|(_, d)| protocol::bounded_detail(d)),
         };
         let control = protocol::encode(&receipt);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, key, &control));
+        let name = &self.cfg.recipient.name;
+        let (subject, text) = match (status, failure) {
+            (_, Some((reason, detail))) => (
+                format!("mailferry: {name} could not apply generation update ({})", reason.code()),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} could not apply reply {reply_id} \
+                     ({}: {detail}); it has generation {generation}.\n",
+                    reason.code()
+                ),
+            ),
+            (ReceiptStatus::RolledBack, None) => (
+                format!("mailferry: {name} rolled back to generation {generation}"),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} rolled back to generation {generation}.\n"
+                ),
+            ),
+            _ => (
+                format!("mailferry: {name} has generation {generation}"),
+                format!(
+                    "This is an automatic receipt from mailferry: recipient {name:?} now has generation {generation}.\n"
+                ),
+            ),
+        };
         Ok(envelope::build(&Outgoing {
             from: &self.cfg.recipient.address,
             to: &self.cfg.recipient.owner_address,
-            subject: format!("mailferry: {} has generation {generation} of {channel}", self.cfg.recipient.name),
-            text: format!(
-                "This is an automatic receipt from mailferry: recipient {:?} now has generation {generation} of \
-                 channel {channel:?}.\n",
-                self.cfg.recipient.name
-            ),
+            subject,
+            text,
             kind: Kind::Receipt,
             control: &control,
             auth: &auth,
             payloads: vec![],
         })?)
+    }
+
+    /// Sends the owner a negative receipt for reply `reply_id`, which answered request `nonce` (hex): the
+    /// recipient refused it or could not apply it, for `reason` (`detail` is cut to
+    /// [`protocol::MAX_RECEIPT_DETAIL`] bytes). At most one per request: that one was sent is recorded in
+    /// the transaction that queues it, and a second call does nothing. The receipt states the generation
+    /// applied and its root (`base` when nothing is applied yet: the tree the request described). Returns
+    /// whether one was queued; the run's next outbox flush sends it. For an install hook that failed, too.
+    ///
+    /// # Errors
+    /// State failures, or a `nonce` that is not hex.
+    pub fn fail(
+        &self,
+        tree: &Subscription,
+        nonce: &str,
+        reply_id: &ReplyId,
+        base: Digest,
+        reason: FailureReason,
+        detail: &str,
+    ) -> Result<bool> {
+        let sdb = self.state.db.sub(&tree.channel)?;
+        if sdb.failure_receipt_sent(nonce)? {
+            return Ok(false);
+        }
+        let (generation, root) = sdb.applied_root()?;
+        let parsed = Nonce::from_hex(nonce).map_err(anyhow::Error::msg)?;
+        let receipt = self.receipt(
+            &self.key,
+            &tree.channel,
+            parsed,
+            reply_id,
+            (generation, root.unwrap_or(base)),
+            ReceiptStatus::Failed,
+            Some((reason, detail)),
+        )?;
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
+        let queued = self.state.db.transaction(|db| {
+            let sdb = db.sub(&tree.channel)?;
+            if sdb.failure_receipt_sent(nonce)? {
+                return Ok(false);
+            }
+            sdb.record_failure_receipt(nonce, reply_id, reason.code())?;
+            db.outbox_put(&format!("receipt-failed-{nonce}"), from, to, &receipt)?;
+            Ok(true)
+        })?;
+        if queued {
+            info!(reply = %reply_id, reason = reason.code(), "queued a negative receipt for the owner");
+        }
+        Ok(queued)
     }
 
     /// Applies every verified reply waiting, then, if `request` and no request is still awaiting its reply,
@@ -694,7 +806,13 @@ impl Recipient {
         if let Some(done) = self.install_due(install::local_now())? {
             report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
         }
-        process_inbox(self, transport, &mut report).await?;
+        if let Err(e) = process_inbox(self, transport, &mut report).await {
+            // A local failure (a full disk) may have queued a negative receipt: the owner hears of it now.
+            if let Err(flush) = Outbox::flush(&self.state.db, transport).await {
+                warn!(error = %format!("{flush:#}"), "could not send the outbox after a failed run");
+            }
+            return Err(e);
+        }
         if request {
             report.requested = self.maybe_request()?;
         }
@@ -935,16 +1053,23 @@ impl Recipient {
             PartStep::Refused { refusal, give_up } => {
                 if give_up {
                     self.give_up(&tree, &nonce, &reply.reply_id)?;
+                    let reason = FailureReason::of_refusal(refusal.reason);
+                    self.fail(&tree, &nonce, &reply.reply_id, reply.base, reason, &refusal.to_string())?;
                 }
                 return Ok(Err(refusal));
             }
-            PartStep::Held { generation, .. } => {
+            PartStep::Held { generation, held } => {
                 // A local rollback holds back the generation it undid (node::rollback).
                 let db = self.state.db.sub(&tree.channel)?;
-                if let Some(held) = super::rollback::hold(&self.state.db, db, generation, &nonce, digest)? {
+                if let Some(handled) = super::rollback::hold(&self.state.db, db, generation, &nonce, digest)? {
                     self.forget_parts(&tree, &reply.reply_id)?;
                     db.set_fresh_next(true)?;
-                    return Ok(Ok(held));
+                    let detail = format!(
+                        "a local rollback holds generation {held} and older back; generation {generation} is not \
+                         applied until a newer one arrives or `mailferry recipient rollback --release`"
+                    );
+                    self.fail(&tree, &nonce, &reply.reply_id, reply.base, FailureReason::Held, &detail)?;
+                    return Ok(Ok(handled));
                 }
             }
             PartStep::Standing(standing) => return self.standing(&tree, &nonce, digest, &reply, standing),
@@ -964,7 +1089,11 @@ impl Recipient {
         // `reply-timeout`.
         let res = self.answer_reply(&tree, &update, &msg.key, digest, &nonce, now);
         match &res {
-            Ok(Err(_)) => self.give_up(&tree, &nonce, &update.head.reply_id)?,
+            Ok(Err(r)) => {
+                self.give_up(&tree, &nonce, &update.head.reply_id)?;
+                let reason = FailureReason::of_refusal(r.reason);
+                self.fail(&tree, &nonce, &update.head.reply_id, update.head.base, reason, &r.to_string())?;
+            }
             Ok(Ok(_)) => self.forget_parts(&tree, &update.head.reply_id)?,
             // A local failure (a full disk): keep the parts, the next run tries again.
             Err(_) => {}
@@ -1137,7 +1266,25 @@ impl Recipient {
                 if effects.contains(&RecipientEffect::NeedFullInventory) {
                     info!("the owner asked for the full tree; the next request lists it");
                 }
-                return self.current(tree, nonce, digest, generation, reply.pinned, &effects);
+                // A reply that meant to change the tree found it current already (another reply got there
+                // first, or the tree was repaired by hand): the owner could not know, so it is told.
+                let receipt = if reply.base != reply.root {
+                    let nonce = Nonce::from_hex(nonce).map_err(anyhow::Error::msg)?;
+                    let state = (generation, reply.root);
+                    Some(self.receipt(
+                        &self.key,
+                        &tree.channel,
+                        nonce,
+                        &reply.reply_id,
+                        state,
+                        ReceiptStatus::Current,
+                        None,
+                    )?)
+                } else {
+                    None
+                };
+                let receipt = receipt.map(|r| (&reply.reply_id, r));
+                return self.current(tree, nonce, digest, generation, reply.pinned, &effects, receipt);
             }
             WholeStep::Apply { plan, effects, scan } => (plan, effects, scan),
             WholeStep::Referred { same, step, effects } => {
@@ -1176,8 +1323,16 @@ impl Recipient {
                     self.state.db.sub(&tree.channel)?.set_full_content(true)?;
                     return Ok(Err(r));
                 }
-                io @ StageError::Io { .. } => {
-                    return Err(anyhow::Error::new(io).context("the data tree is unchanged"));
+                StageError::Io { dir, source } => {
+                    // The reply may be fine and stays in the inbox for the next run; the owner hears of it once.
+                    let full =
+                        matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
+                    let reason = if full { FailureReason::DiskFull } else { FailureReason::StagingFailed };
+                    let detail = format!("failed to stage files in `{}`: {source}", dir.display());
+                    self.fail(tree, nonce, &reply.reply_id, reply.base, reason, &detail)?;
+                    return Err(
+                        anyhow::Error::new(StageError::Io { dir, source }).context("the data tree is unchanged")
+                    );
                 }
             }
         }
@@ -1407,6 +1562,7 @@ impl Recipient {
     }
 
     /// Records a reply that confirms the tree is current, with the effects the engine accepted it with.
+    #[allow(clippy::too_many_arguments)]
     fn current(
         &mut self,
         tree: &Subscription,
@@ -1415,14 +1571,19 @@ impl Recipient {
         generation: u64,
         pinned: Option<u64>,
         effects: &[RecipientEffect],
+        receipt: Option<(&ReplyId, Vec<u8>)>,
     ) -> Result<Result<Handled, Refusal>> {
         let key = &self.key;
+        let (from, to) = (&self.cfg.recipient.address, &self.cfg.recipient.owner_address);
         self.state.db.transaction(|db| {
             Recipient::apply_effects(db, &tree.channel, key, effects)?;
             let sdb = db.sub(&tree.channel)?;
             sdb.set_standing(None, pinned)?;
             sdb.close_outstanding(nonce)?;
             sdb.mark_fresh_reply()?;
+            if let Some((reply_id, raw)) = &receipt {
+                db.outbox_put(&format!("receipt-{reply_id}"), from, to, raw)?;
+            }
             db.mark_seen(digest, "processed")
         })?;
         self.finish_key()?;

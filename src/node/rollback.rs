@@ -154,15 +154,22 @@ pub struct RolledBack {
 ///
 /// # Errors
 /// State or I/O failures; the journal then stays and the next run finishes.
-pub(crate) fn complete(db: &Db, tree: &Subscription, journal: &Journal) -> Result<()> {
+pub(crate) fn complete(
+    db: &Db,
+    tree: &Subscription,
+    journal: &Journal,
+    also: impl FnOnce(&Db) -> Result<()>,
+) -> Result<()> {
     let JournalKind::Rollback { from } = journal.kind else {
         bail!("journal of reply {} is not a rollback", journal.reply_id)
     };
     let target = journal.target()?;
-    db.transaction(|db| {
-        let db = db.sub(&tree.channel)?;
+    db.transaction(|all| {
+        let db = all.sub(&tree.channel)?;
         if !db.reply_applied(&journal.reply_id)? {
             db.record_rollback(journal.generation, &target, &journal.reply_id, journal.ops, from)?;
+            // What depends on the rollback being recorded (its receipt) is queued with the record.
+            also(all)?;
         }
         Ok(())
     })?;

@@ -135,6 +135,16 @@ pub trait Daemon {
         Ok(())
     }
 
+    /// Runs after each step with the loop's database: queues the owner's fleet alert when one is due
+    /// ([`crate::fleet::queue_alerts`]). Returns whether one was queued (the loop then sends it at once).
+    ///
+    /// # Errors
+    /// State failures, which end the daemon.
+    fn alerts(&self, db: &Db) -> Result<bool> {
+        let _ = db;
+        Ok(false)
+    }
+
     /// Whether a successful step's report is worth showing.
     fn worth_showing(&self, report: &RunReport) -> bool;
 
@@ -220,6 +230,9 @@ pub async fn run<D: Daemon, L: Listen>(
             Err(e) => warn!(error = %format!("{e:#}"), "run failed"),
         }
         admin_summary(&db, transport, &daemon.admin()).await?;
+        if daemon.alerts(&db)? {
+            Outbox::flush(&db, transport).await?;
+        }
         if note_step(&db, transport, &res)? {
             let delay = backoff.failed_with(random());
             info!(retry_in = %humantime::format_duration(delay), "retrying soon");
@@ -326,6 +339,9 @@ impl OwnerDaemon {
         let res = o.run_once(transport).await;
         note_step(o.db(), transport, &res)?;
         admin_summary(o.db(), transport, &self.admin()).await?;
+        if self.alerts(o.db())? {
+            Outbox::flush(o.db(), transport).await?;
+        }
         transport.close().await;
         res
     }
@@ -342,6 +358,10 @@ impl Daemon for OwnerDaemon {
 
     fn admin(&self) -> Admin<'_> {
         Admin::owner(&self.cfg)
+    }
+
+    fn alerts(&self, db: &Db) -> Result<bool> {
+        crate::fleet::queue_alerts(db, &self.cfg, crate::db::now())
     }
 
     fn worth_showing(&self, report: &RunReport) -> bool {

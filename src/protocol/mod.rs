@@ -497,6 +497,105 @@ pub enum ReceiptStatus {
     Applied,
     /// The tree already was the reply's generation.
     Current,
+    /// The recipient refused the authentic reply, or could not apply it (a negative receipt, with a
+    /// [`FailureReason`] and a detail); `generation` and `root` say what the tree is now.
+    Failed,
+    /// A local rollback (`recipient rollback`) took the tree back from the generation this reply brought;
+    /// `generation` and `root` say what the tree is now, and newer replies up to the one undone are held.
+    RolledBack,
+}
+
+impl ReceiptStatus {
+    /// The kebab-case code, as on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            ReceiptStatus::Applied => "applied",
+            ReceiptStatus::Current => "current",
+            ReceiptStatus::Failed => "failed",
+            ReceiptStatus::RolledBack => "rolled-back",
+        }
+    }
+}
+
+/// Why a recipient did not apply an authentic reply, as a negative receipt says (`docs/protocol.md` §7.3.1).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureReason {
+    /// The data tree changed since the request, or holds a link leading outside or a special file.
+    LocalTree,
+    /// A local rollback holds the reply's generation back.
+    Held,
+    /// Staging ran out of disk space (`ENOSPC`, `EDQUOT`).
+    DiskFull,
+    /// Staging failed with another local I/O error (permissions, a read-only file system).
+    StagingFailed,
+    /// An install hook failed.
+    HookFailed,
+    /// The operations do not fit the tree, or do not produce the root promised.
+    TreeMismatch,
+    /// A payload that does not unpack to what was promised, or a limit the reply is over.
+    BadPayload,
+    /// The reply is for an older generation than the one applied.
+    Rollback,
+    /// Any other refusal of an authentic reply; the detail says which.
+    Refused,
+}
+
+impl FailureReason {
+    /// The kebab-case code, as on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureReason::LocalTree => "local-tree",
+            FailureReason::Held => "held",
+            FailureReason::DiskFull => "disk-full",
+            FailureReason::StagingFailed => "staging-failed",
+            FailureReason::HookFailed => "hook-failed",
+            FailureReason::TreeMismatch => "tree-mismatch",
+            FailureReason::BadPayload => "bad-payload",
+            FailureReason::Rollback => "rollback",
+            FailureReason::Refused => "refused",
+        }
+    }
+
+    /// The failure reason for a refusal of an authentic reply.
+    pub fn of_refusal(reason: Reason) -> FailureReason {
+        match reason {
+            Reason::LocalTree => FailureReason::LocalTree,
+            Reason::TreeMismatch | Reason::BadPath => FailureReason::TreeMismatch,
+            Reason::BadPayload | Reason::Limit => FailureReason::BadPayload,
+            Reason::Rollback => FailureReason::Rollback,
+            _ => FailureReason::Refused,
+        }
+    }
+
+    /// Every reason, for documentation and tests.
+    pub const ALL: [FailureReason; 9] = [
+        FailureReason::LocalTree,
+        FailureReason::Held,
+        FailureReason::DiskFull,
+        FailureReason::StagingFailed,
+        FailureReason::HookFailed,
+        FailureReason::TreeMismatch,
+        FailureReason::BadPayload,
+        FailureReason::Rollback,
+        FailureReason::Refused,
+    ];
+}
+
+/// Longest `detail` of a negative receipt, in bytes (§14).
+pub const MAX_RECEIPT_DETAIL: usize = 512;
+
+/// Largest receipt control part, in bytes (§14): a receipt's fields with a detail of
+/// [`MAX_RECEIPT_DETAIL`] bytes, escaped, fit well within it.
+pub const MAX_RECEIPT_BYTES: usize = 4096;
+
+/// Cuts `detail` to at most [`MAX_RECEIPT_DETAIL`] bytes, at a character boundary, for a negative receipt.
+pub fn bounded_detail(detail: &str) -> String {
+    let mut end = detail.len().min(MAX_RECEIPT_DETAIL);
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    detail[..end].to_owned()
 }
 
 /// A recipient's authenticated receipt.
@@ -525,6 +624,13 @@ pub struct Receipt {
     pub root: Digest,
     /// Outcome.
     pub status: ReceiptStatus,
+    /// [`ReceiptStatus::Failed`] only (and required there): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<FailureReason>,
+    /// [`ReceiptStatus::Failed`] only (and required there): a sentence for the operator, at most
+    /// [`MAX_RECEIPT_DETAIL`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The auth part: which key, and the MAC of the control part's exact decoded bytes.
@@ -850,6 +956,13 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
     let control = match kind {
         Kind::Request => Control::Request(bounded::decode(|| Ok(bytes), max, limits, "request control part")?),
         Kind::Reply => Control::Reply(Box::new(bounded::decode(|| Ok(bytes), max, limits, "reply control part")?)),
+        // A receipt holds no list: its size bounds it, checked before it is decoded (§14).
+        Kind::Receipt if bytes.len() > MAX_RECEIPT_BYTES => {
+            return Err(Refusal::new(
+                Reason::Limit,
+                format!("receipt control part is {} bytes, limit is {MAX_RECEIPT_BYTES}", bytes.len()),
+            ));
+        }
         Kind::Receipt => Control::Receipt(bounded::decode(|| Ok(bytes), max, limits, "receipt control part")?),
     };
     check_integers(&control)?;
@@ -893,6 +1006,22 @@ pub fn decode_control(bytes: &[u8], limits: &Limits) -> Result<Control, Refusal>
         Control::Receipt(r) => {
             if !valid_reply_id(r.reply_id.as_str()) {
                 return Err(Refusal::new(Reason::Malformed, format!("reply id {:?} is not 32 hex digits", r.reply_id)));
+            }
+            // A negative receipt says why, and only a negative receipt does.
+            let failed = r.status == ReceiptStatus::Failed;
+            if failed != r.reason.is_some() || failed != r.detail.is_some() {
+                return Err(Refusal::new(
+                    Reason::Malformed,
+                    format!("a receipt with status {} has reason and detail only when it is failed", r.status.code()),
+                ));
+            }
+            if let Some(d) = &r.detail
+                && d.len() > MAX_RECEIPT_DETAIL
+            {
+                return Err(Refusal::new(
+                    Reason::Limit,
+                    format!("receipt detail is {} bytes, limit is {MAX_RECEIPT_DETAIL}", d.len()),
+                ));
             }
         }
     }
@@ -1506,6 +1635,76 @@ mod tests {
         flipped[20] ^= 1;
         assert_eq!(verify_mac(&key, &auth, &flipped).unwrap_err().reason, Reason::BadMac);
         assert_eq!(verify_mac(&Key::generate(), &auth, &control).unwrap_err().reason, Reason::BadMac);
+    }
+
+    /// A negative receipt is a v1 receipt with status `failed`, a reason and a detail; each of the three
+    /// belongs with the others, the detail is bounded, and so is the whole receipt before it is decoded.
+    #[test]
+    fn negative_receipts_carry_a_reason_and_a_bounded_detail() {
+        let base = Receipt {
+            mailferry: VERSION,
+            kind: Kind::Receipt,
+            recipient: "site1".into(),
+            channel: DEFAULT_CHANNEL.into(),
+            nonce: Nonce([7; 16]),
+            reply_id: ReplyId::unchecked("ab".repeat(16)),
+            created: 0,
+            generation: 1,
+            root: Digest([1; 32]),
+            status: ReceiptStatus::Failed,
+            reason: Some(FailureReason::DiskFull),
+            detail: Some("no space left on device".into()),
+        };
+        let limits = Limits::default();
+        let decode = |r: &Receipt| decode_control(&encode(r), &limits).map(|_| ()).map_err(|e| e.reason);
+        let cases: Vec<(&str, Receipt, Result<(), Reason>)> = vec![
+            ("failed with reason and detail", base.clone(), Ok(())),
+            (
+                "applied without either",
+                Receipt { status: ReceiptStatus::Applied, reason: None, detail: None, ..base.clone() },
+                Ok(()),
+            ),
+            (
+                "rolled back without either",
+                Receipt { status: ReceiptStatus::RolledBack, reason: None, detail: None, ..base.clone() },
+                Ok(()),
+            ),
+            ("failed without a reason", Receipt { reason: None, ..base.clone() }, Err(Reason::Malformed)),
+            ("failed without a detail", Receipt { detail: None, ..base.clone() }, Err(Reason::Malformed)),
+            (
+                "applied with a reason",
+                Receipt { status: ReceiptStatus::Applied, detail: None, ..base.clone() },
+                Err(Reason::Malformed),
+            ),
+            (
+                "a detail one byte too long",
+                Receipt { detail: Some("x".repeat(MAX_RECEIPT_DETAIL + 1)), ..base.clone() },
+                Err(Reason::Limit),
+            ),
+            ("a detail at the limit", Receipt { detail: Some("x".repeat(MAX_RECEIPT_DETAIL)), ..base.clone() }, Ok(())),
+        ];
+        for (name, r, want) in cases {
+            assert_eq!(decode(&r), want, "{name}");
+        }
+        // A receipt padded past its size is refused before it is decoded.
+        let mut padded = encode(&base);
+        padded.splice(1..1, std::iter::repeat_n(b' ', MAX_RECEIPT_BYTES));
+        assert_eq!(decode_control(&padded, &limits).unwrap_err().reason, Reason::Limit);
+        // Unknown reasons are refused, as every unknown enumeration value is (§3).
+        let mut v = serde_json::to_value(&base).unwrap();
+        v["reason"] = "gremlins".into();
+        let err = decode_control(&serde_json::to_vec(&v).unwrap(), &limits).unwrap_err();
+        assert_eq!(err.reason, Reason::Malformed);
+        // An applied receipt is the same bytes as before the negative receipt existed.
+        let applied = Receipt { status: ReceiptStatus::Applied, reason: None, detail: None, ..base };
+        assert!(!String::from_utf8(encode(&applied)).unwrap().contains("reason"));
+        // Details are cut at a character boundary.
+        let long = "é".repeat(MAX_RECEIPT_DETAIL);
+        let cut = bounded_detail(&long);
+        assert!(cut.len() <= MAX_RECEIPT_DETAIL && cut.chars().all(|c| c == 'é'));
+        for r in FailureReason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.code());
+        }
     }
 
     fn request(inventory: Vec<Listed>) -> Request {

@@ -25,6 +25,10 @@ pub struct AddRecipientCommand {
     /// Where to write the enrollment file.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// How often this recipient is to request (written into the enrollment file); `owner fleet` shows it
+    /// silent after `silent-after-intervals` of them without a request. Default: `recipient-interval`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    interval: Option<std::time::Duration>,
 }
 
 /// The recipient registered. The key itself is only in the enrollment file.
@@ -56,7 +60,7 @@ impl AddRecipientCommand {
     /// A name or address already registered, an unwritable enrollment file, state failures.
     pub fn execute(self) -> Result<Exit> {
         let mut o = Owner::open(self.config.owner()?)?;
-        let e = o.add_recipient(&self.name, &self.address, &self.out)?;
+        let e = o.add_recipient_with(&self.name, &self.address, &self.out, self.interval)?;
         Output::human().print(&Registered {
             name: self.name,
             address: self.address,

@@ -3,8 +3,10 @@
 mod add_recipient;
 mod add_recipients;
 mod channel;
+pub mod fleet;
 mod grant;
 mod group;
+mod history;
 mod init;
 mod publish;
 mod reenroll;
@@ -61,6 +63,16 @@ pub enum OwnerCommand {
     Resume(suspend::SuspendCommand),
     /// Show a recipient: its groups and what it is entitled to in each channel.
     Show(show::ShowCommand),
+    /// Show every recipient's state: current, behind, in flight, silent, failed (with why), held, never
+    /// seen; exit 1 when one shown is failed or silent.
+    ///
+    /// One line per recipient and a summary (`412 current, 9 behind, 2 silent, 1 failed`), as text, one
+    /// JSON object (docs/fleet.schema.json) or Prometheus metrics. The states come from what each
+    /// recipient's requests and receipts (negative ones included) stated, and when it last made contact:
+    /// silent after `silent-after-intervals` of its intervals without a request.
+    Fleet(fleet::FleetCommand),
+    /// Show what happened to one recipient's replies: each reply sent, applied, failed (with why), rolled back.
+    History(history::HistoryCommand),
 }
 
 impl OwnerCommand {
@@ -86,6 +98,8 @@ impl OwnerCommand {
             OwnerCommand::Suspend(c) => c.execute(true),
             OwnerCommand::Resume(c) => c.execute(false),
             OwnerCommand::Show(c) => c.execute(),
+            OwnerCommand::Fleet(c) => c.execute(),
+            OwnerCommand::History(c) => c.execute(),
         }
     }
 }
