@@ -126,6 +126,10 @@ pub struct OwnerSection {
     /// 1,073,741,824 (1 GiB).
     #[serde(default = "default_bsdiff_daily_budget")]
     pub bsdiff_daily_budget: u64,
+    /// Offer a newly published generation to recipients only once it is approved (`owner approve`, or the
+    /// console's button); until then they are answered with the newest approved one. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_approval: bool,
 }
 
 pub(crate) fn default_budget_replies() -> u64 {

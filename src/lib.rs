@@ -63,6 +63,9 @@
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
 //!   hold); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
 //!   between, capped backoff with jitter, an injected shutdown).
+//! - [`console`]: the owner's web console (`owner serve`): axum and maud, a login with CSRF tokens,
+//!   read-only pages from short read transactions, the admin's actions ([`console::actions`], shared
+//!   with `owner approve`, `owner suspend`, `owner resume`); never the state lock.
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
@@ -91,6 +94,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod db;
 pub mod delta;

@@ -32,6 +32,8 @@ pub struct Registered {
     pub key: Key,
     /// The highest request sequence number answered.
     pub last_seq: u64,
+    /// Suspended by the admin: its requests are refused, nothing is sent to it.
+    pub suspended: bool,
 }
 
 /// A key rotation under way.
@@ -391,6 +393,13 @@ pub fn on_message(view: &dyn OwnerView, msg: Verified, policy: &OwnerPolicy, now
         KeyRole::Current | KeyRole::Retired => (rec.key.clone(), rotation),
     };
     match msg.control {
+        Control::Request(_) if rec.suspended => Ok(Outcome::Refused(Refusal::new(
+            Reason::Suspended,
+            format!(
+                "{:?} is suspended: its requests are not answered (`mailferry owner resume --name {}`)",
+                rec.name, rec.name
+            ),
+        ))),
         Control::Request(req) => {
             // A request's only possible attachment is its inventory.
             let inventory = match crate::protocol::open_inventory(&req, &msg.attachments, &policy.limits) {
@@ -509,7 +518,8 @@ fn on_request(
     }
     let Some(generation) = view.latest_generation()? else {
         return Ok(Outcome::Deferred(format!(
-            "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`)",
+            "request from {:?} left waiting: nothing is published (or, under require-approval, approved) yet \
+             (run `mailferry owner publish`, `mailferry owner approve`)",
             rec.name
         )));
     };

@@ -155,7 +155,13 @@ fn owner_world() -> MemOwner {
     let mut w = MemOwner::default();
     w.recipients.insert(
         "site1".into(),
-        Registered { name: "site1".into(), address: "site1@example.org".into(), key: key(1), last_seq: 4 },
+        Registered {
+            name: "site1".into(),
+            address: "site1@example.org".into(),
+            key: key(1),
+            last_seq: 4,
+            suspended: false,
+        },
     );
     for (n, m) in [(1, site_tree()), (2, new_tree())] {
         w.generations.push((Generation { number: n, root: m.root() }, Arc::new(m)));
@@ -421,6 +427,23 @@ fn r5_nothing_published_leaves_the_request_waiting() {
     w.generations.clear();
     let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
     assert!(matches!(owner_step(&w, &raw), Outcome::Deferred(_)));
+}
+
+#[test]
+fn a_suspended_recipients_request_is_refused_and_its_receipt_still_recorded() {
+    let mut w = owner_world();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Answer(_)));
+    w.recipients.get_mut("site1").unwrap().suspended = true;
+    let out = owner_step(&w, &raw);
+    assert_eq!(refused(&out), Reason::Suspended);
+    let Outcome::Refused(r) = out else { unreachable!() };
+    assert!(r.detail.contains("owner resume"), "{}", r.detail);
+    // A receipt keeps the owner's view of what the recipient has true, suspended or not.
+    let mut w = owner_with_history();
+    w.recipients.get_mut("site1").unwrap().suspended = true;
+    let raw = mail(Kind::Receipt, &receipt(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Receipt { .. }), "{:?}", owner_step(&w, &raw));
 }
 
 #[test]

@@ -159,6 +159,7 @@ pub fn init_with(
         budget_period: crate::config::default_budget_period(),
         bsdiff_request_budget: crate::config::DEFAULT_BSDIFF_REQUEST_BUDGET,
         bsdiff_daily_budget: crate::config::DEFAULT_BSDIFF_DAILY_BUDGET,
+        require_approval: false,
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -611,7 +612,7 @@ impl Owner {
     }
 
     fn view(&self) -> View<'_> {
-        View { db: &self.state.db, manifests: &self.manifests }
+        View { db: &self.state.db, manifests: &self.manifests, require_approval: self.cfg.owner.require_approval }
     }
 
     /// Packs the reply an [`AnswerPlan`] calls for, cuts it into parts, and queues them with the record of
@@ -738,6 +739,8 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
 struct View<'a> {
     db: &'a Db,
     manifests: &'a RefCell<HashMap<u64, Arc<Manifest>>>,
+    /// `require-approval`: the newest generation offered is the newest approved one.
+    require_approval: bool,
 }
 
 impl OwnerView for View<'_> {
@@ -750,6 +753,7 @@ impl OwnerView for View<'_> {
                     name: r.name,
                     address: r.address,
                     last_seq: r.last_seq,
+                    suspended: r.suspended,
                 })
             })
             .transpose()
@@ -771,7 +775,13 @@ impl OwnerView for View<'_> {
     }
 
     fn latest_generation(&self) -> Result<Option<Generation>> {
-        Ok(self.db.latest_generation()?.map(|g| Generation { number: g.number, root: g.root }))
+        let channel = crate::db::DEFAULT_SUBSCRIPTION;
+        let latest = if self.require_approval {
+            self.db.latest_approved_generation(channel)?
+        } else {
+            self.db.latest_generation()?
+        };
+        Ok(latest.map(|g| Generation { number: g.number, root: g.root }))
     }
 
     fn manifest(&self, generation: u64) -> Result<Option<Arc<Manifest>>> {

@@ -525,6 +525,8 @@ pub enum Reason {
     LocalTree,
     /// The message kind makes no sense for this node (a reply sent to an owner).
     Unexpected,
+    /// Owner: a request from a recipient the admin suspended (`owner suspend`, the console).
+    Suspended,
 }
 
 impl Reason {
@@ -545,6 +547,7 @@ impl Reason {
             Reason::TreeMismatch => "tree-mismatch",
             Reason::LocalTree => "local-tree",
             Reason::Unexpected => "unexpected",
+            Reason::Suspended => "suspended",
         }
     }
 }

@@ -1,12 +1,15 @@
 //! `mailferry owner ...`: the commands of the node that publishes the authoritative tree.
 
 mod add_recipient;
+mod approve;
 mod init;
 mod publish;
 mod reenroll;
 mod remove_recipient;
 mod rotate_key;
 mod run;
+mod serve;
+mod suspend;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -32,6 +35,15 @@ pub enum OwnerCommand {
     Publish(publish::PublishCommand),
     /// Answer requests: once with --once, else until SIGINT/SIGTERM.
     Run(run::RunCommand),
+    /// Serve the web console: the fleet, recipients, generations and refused messages, and the admin's
+    /// actions, behind a login.
+    Serve(serve::ServeCommand),
+    /// Approve a generation for serving (under `require-approval`, recipients get only approved ones).
+    Approve(approve::ApproveCommand),
+    /// Suspend a recipient: its requests are refused and nothing is sent to it until `owner resume`.
+    Suspend(suspend::SuspendCommand),
+    /// Resume a suspended recipient: its requests are answered again.
+    Resume(suspend::SuspendCommand),
 }
 
 impl OwnerCommand {
@@ -48,6 +60,10 @@ impl OwnerCommand {
             OwnerCommand::Reenroll(c) => c.execute(),
             OwnerCommand::Publish(c) => c.execute(),
             OwnerCommand::Run(c) => c.execute().await,
+            OwnerCommand::Serve(c) => c.execute().await,
+            OwnerCommand::Approve(c) => c.execute(),
+            OwnerCommand::Suspend(c) => c.execute(true),
+            OwnerCommand::Resume(c) => c.execute(false),
         }
     }
 }
