@@ -19,6 +19,8 @@ mod keys;
 mod units;
 // Operating a node: config lookup, `check`, the JSON schemas and Prometheus output, exit codes, output.
 mod ops;
+// The owner's web console in headless Chromium (Debian's chromium and chromium-driver).
+mod console;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.
