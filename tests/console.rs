@@ -313,6 +313,12 @@ async fn the_console_in_a_real_browser_shows_the_fleet_and_its_actions_need_a_lo
     let (_, head, _) = http(&addr, "GET", "/login", None, "");
     assert!(head.contains("set-cookie: mf_session=") && head.contains("httponly; samesite=strict"), "{head}");
     assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    // A session that has not logged in (the login form's) sees no page.
+    let anonymous = head.split("set-cookie: ").nth(1).unwrap().split(';').next().unwrap().to_owned();
+    for path in ["/", "/recipient?name=alpha", "/generations", "/intrusions"] {
+        let (status, head, _) = http(&addr, "GET", path, Some(&anonymous), "");
+        assert!(status == 303 && head.contains("location: /login"), "{path}: {head}");
+    }
 
     // Resumed, delta is answered again. (Charlie stays suspended: a request refused while suspended is not
     // answered later, and the recipient asks again after its reply-timeout.)
@@ -387,4 +393,69 @@ fn the_console_refuses_to_listen_beyond_loopback_without_tls() {
         2,
     );
     assert!(err.contains("readable by others"), "{err}");
+}
+
+#[tokio::test]
+async fn under_tls_the_session_cookie_is_secure_and_host_only() {
+    use rustls::pki_types::pem::PemObject;
+    let w = World::new();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (w.path("cert.pem"), w.path("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let serve = Daemon::start(
+        &[
+            "owner",
+            "serve",
+            "--config",
+            &w.owner_config,
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        w.path("serve.log"),
+    );
+    let addr = poll(30, "the console to listen", || {
+        let log = serve.log();
+        let url = log.split("console listening on https://").nth(1)?.split('/').next()?.to_owned();
+        Some(url)
+    });
+    // Without --password-file, the token is in the state directory, readable by its owner only.
+    let token = w.path("owner/console-token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(ck.cert.pem().as_bytes()).unwrap()).unwrap();
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(format!("GET /login HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("set-cookie: __host-mf_session=") && text.contains("httponly; samesite=strict; secure"),
+        "{text}"
+    );
+    // Plain HTTP on the TLS port gets nothing.
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    plain.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!got.starts_with(b"HTTP/"), "plain HTTP must not be served on the TLS port");
+    serve.stop();
 }
