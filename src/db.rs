@@ -409,6 +409,17 @@ pub struct GenerationRow {
     pub bytes: u64,
 }
 
+/// A kept generation with its channel and approval (when, by whom).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptGeneration {
+    /// Its channel.
+    pub channel: String,
+    /// The generation.
+    pub generation: GenerationRow,
+    /// When and by whom it was approved for serving.
+    pub approved: Option<(u64, String)>,
+}
+
 /// An admin action as logged (`owner serve`, `owner approve`, `owner suspend`, `owner resume`).
 #[derive(Debug, Clone, Serialize)]
 pub struct AdminAction {
@@ -1436,22 +1447,18 @@ impl Db {
             [channel],
         )?
         .pop()
-        .map(|(_, g, _)| g))
+        .map(|k| k.generation))
     }
 
     /// Every kept generation, newest first, with its channel and approval (when and by whom).
     ///
     /// # Errors
     /// SQLite errors or a corrupt root.
-    pub fn generations(&self) -> Result<Vec<(String, GenerationRow, Option<(u64, String)>)>> {
+    pub fn generations(&self) -> Result<Vec<KeptGeneration>> {
         self.generations_where("ORDER BY g.channel, g.number DESC", [])
     }
 
-    fn generations_where<P: rusqlite::Params>(
-        &self,
-        clause: &str,
-        p: P,
-    ) -> Result<Vec<(String, GenerationRow, Option<(u64, String)>)>> {
+    fn generations_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<KeptGeneration>> {
         let mut st = self.conn.prepare(&format!(
             "SELECT g.channel, g.number, g.root, g.created, g.files, g.bytes, a.approved_at, a.approved_by
              FROM generations g LEFT JOIN approvals a ON a.channel = g.channel AND a.number = g.number {clause}"
@@ -1470,7 +1477,7 @@ impl Db {
             let (channel, n, root, (c, f, b), at, by) = row?;
             let root = Digest::from_hex(&root).map_err(anyhow::Error::msg)?;
             let g = GenerationRow { number: n as u64, root, created: c as u64, files: f as u64, bytes: b as u64 };
-            Ok((channel, g, at.map(|at| (at as u64, by.unwrap_or_default()))))
+            Ok(KeptGeneration { channel, generation: g, approved: at.map(|at| (at as u64, by.unwrap_or_default())) })
         })
         .collect()
     }

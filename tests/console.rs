@@ -320,8 +320,8 @@ async fn the_console_in_a_real_browser_shows_the_fleet_and_its_actions_need_a_lo
         assert!(status == 303 && head.contains("location: /login"), "{path}: {head}");
     }
 
-    // Resumed, delta is answered again. (Charlie stays suspended: a request refused while suspended is not
-    // answered later, and the recipient asks again after its reply-timeout.)
+    // Resumed, delta is answered again. (Charlie stays suspended for the screenshot; a request refused while
+    // suspended is not answered later: the recipient asks again after its reply-timeout.)
     w.sync(&sites[3]);
     assert_eq!(std::fs::read(sites[3].data.join("app/config.txt")).unwrap(), b"version 2\n");
 
@@ -354,6 +354,16 @@ async fn the_console_in_a_real_browser_shows_the_fleet_and_its_actions_need_a_lo
     let viewport = c.find(Locator::Css("body")).await.unwrap().rectangle().await.unwrap().2;
     assert!(width <= viewport + 1.0, "the table is {width}px wide on a {viewport}px phone screen");
     std::fs::write(artifacts().join("console-phone.png"), c.screenshot().await.unwrap()).unwrap();
+
+    // Resumed from its page, charlie is answered again once its refused request counts as lost.
+    c.set_window_size(1280, 900).await.unwrap();
+    c.goto(&format!("{base}/recipient?name=charlie")).await.unwrap();
+    wait(&c, "#resume").await.click().await.unwrap();
+    wait(&c, "#suspend").await;
+    let cfg = std::fs::read_to_string(&sites[2].config).unwrap();
+    std::fs::write(&sites[2].config, cfg.replace("reply-timeout = \"6h\"", "reply-timeout = \"0s\"")).unwrap();
+    w.sync(&sites[2]);
+    assert_eq!(std::fs::read(sites[2].data.join("app/config.txt")).unwrap(), b"version 2\n");
 
     // Logging out ends the session.
     c.find(Locator::Css("nav form button")).await.unwrap().click().await.unwrap();

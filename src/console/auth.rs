@@ -213,7 +213,7 @@ pub fn set_cookie(id: Option<&str>, tls: bool) -> String {
 }
 
 /// The session id in a `Cookie` header, if any.
-pub fn session_id<'a>(cookie_header: &'a str, tls: bool) -> Option<&'a str> {
+pub fn session_id(cookie_header: &str, tls: bool) -> Option<&str> {
     let name = cookie_name(tls);
     cookie_header
         .split(';')

@@ -315,12 +315,12 @@ pub fn generations_page(db: &Db, policy: &RowPolicy) -> Result<GenerationsPage> 
         let generations = db
             .generations()?
             .into_iter()
-            .map(|(channel, generation, approved)| GenerationLine {
-                offered: channel == CHANNEL && Some(generation.number) == offered,
-                recipients: recipients.iter().filter(|r| r.applied_generation == Some(generation.number)).count(),
-                channel,
-                generation,
-                approved,
+            .map(|k| GenerationLine {
+                offered: k.channel == CHANNEL && Some(k.generation.number) == offered,
+                recipients: recipients.iter().filter(|r| r.applied_generation == Some(k.generation.number)).count(),
+                channel: k.channel,
+                generation: k.generation,
+                approved: k.approved,
             })
             .collect();
         let actions = db.actions(1000)?.into_iter().filter(|a| a.action == "approve").take(HISTORY as usize).collect();

@@ -288,24 +288,28 @@ async fn login(
     }
 }
 
-/// The session of a posted form that may act, or the response refusing it.
-fn acting(app: &App, headers: &HeaderMap, form: &[(String, String)]) -> Result<(), Response> {
-    let id = app.cookie(headers);
-    if app.auth().may_act(id, &field(form, "csrf"), now()) {
-        return Ok(());
+/// Whether a posted form may act: it comes from a logged-in session and carries that session's CSRF token.
+fn may_act(app: &App, headers: &HeaderMap, form: &[(String, String)]) -> bool {
+    let ok = app.auth().may_act(app.cookie(headers), &field(form, "csrf"), now());
+    if !ok {
+        warn!("console: refused a form without a logged-in session and its CSRF token");
     }
-    warn!("console: refused a form without a logged-in session and its CSRF token");
-    Err(app.failure(
+    ok
+}
+
+/// The answer to a form that may not act.
+fn refused_form(app: &App) -> Response {
+    app.failure(
         StatusCode::FORBIDDEN,
         "Refused",
         "This form did not come from a logged-in page of this console (its CSRF token is missing or wrong). Log in and try again.",
-    ))
+    )
 }
 
 async fn logout(State(app): State<Shared>, headers: HeaderMap, body: String) -> Response {
     let form = form_urlencoded(&body);
-    if let Err(r) = acting(&app, &headers, &form) {
-        return r;
+    if !may_act(&app, &headers, &form) {
+        return refused_form(&app);
     }
     if let Some(id) = app.cookie(&headers) {
         app.auth().logout(id);
@@ -320,8 +324,8 @@ async fn approve(
     body: String,
 ) -> Response {
     let form = form_urlencoded(&body);
-    if let Err(r) = acting(&app, &headers, &form) {
-        return r;
+    if !may_act(&app, &headers, &form) {
+        return refused_form(&app);
     }
     let channel = field(&form, "channel");
     let Ok(number) = field(&form, "generation").parse::<u64>() else {
@@ -341,8 +345,8 @@ async fn suspend(
     body: String,
 ) -> Response {
     let form = form_urlencoded(&body);
-    if let Err(r) = acting(&app, &headers, &form) {
-        return r;
+    if !may_act(&app, &headers, &form) {
+        return refused_form(&app);
     }
     let name = field(&form, "name");
     let on = field(&form, "on") != "false";

@@ -518,8 +518,8 @@ fn on_request(
     }
     let Some(generation) = view.latest_generation()? else {
         return Ok(Outcome::Deferred(format!(
-            "request from {:?} left waiting: nothing is published (or, under require-approval, approved) yet \
-             (run `mailferry owner publish`, `mailferry owner approve`)",
+            "request from {:?} left waiting: nothing is published yet (run `mailferry owner publish`), or under \
+             require-approval nothing approved (`mailferry owner approve`)",
             rec.name
         )));
     };
