@@ -115,9 +115,10 @@ fn fleet_row(db: &Db, r: RecipientRow, offered: Option<u64>) -> Result<FleetRow>
     };
     let bounced_after_receipt =
         bounce.as_deref().and_then(bounce_at).is_some_and(|at| r.last_receipt_at.is_none_or(|rec| at >= rec));
-    let newer_on_its_way = last_answer.as_ref().is_some_and(|a| {
-        a.generation > r.applied_generation.unwrap_or(0) && !db.receipt_recorded(&r.name, &a.reply_id).unwrap_or(true)
-    });
+    let newer_on_its_way = match &last_answer {
+        Some(a) if a.generation > r.applied_generation.unwrap_or(0) => !db.receipt_recorded(&r.name, &a.reply_id)?,
+        _ => false,
+    };
     let (state, reason) = if bounced_after_receipt {
         (FleetState::Failed, bounce.map(|b| format!("bounce: {b}")))
     } else if last_answer.is_none() && r.last_receipt_at.is_none() {
