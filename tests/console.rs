@@ -10,6 +10,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,8 +51,11 @@ impl Driver {
                  (`apt-get install chromium chromium-driver`; scripts/test.sh installs both)"
             );
         }
+        // Its own process group, which the browsers it starts join: dropping the driver ends them all,
+        // however the test ends.
         let child = Command::new(CHROMEDRIVER)
             .args(["--port=0", "--allowed-ips=127.0.0.1"])
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(log).unwrap())
             .stderr(Stdio::null())
@@ -68,7 +72,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The `kill` command keeps the tests free of `unsafe`; the group is our own child's.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
 }
