@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# install-test-deps.sh - install what the live mail tests need (Postfix + Dovecot), Debian/Ubuntu only.
+# install-test-deps.sh - install what the tests need: Postfix + Dovecot (the live mail tests) and headless
+# Chromium with its WebDriver (the console's browser test), Debian/Ubuntu only.
 #
 # Idempotent: a fast no-op when everything is already installed. Never starts system-wide
 # daemons: a policy-rc.d that refuses every service start is put in place for the install
@@ -7,7 +8,7 @@
 # "No configuration", so there is no /etc/postfix/main.cf and nothing listens on :25/:143/:993.
 # The test harness (tests/mailserver/start.sh) runs its own instances on 127.0.0.1 only.
 #
-# Must run as root. Env: INSTALL_TEST_DEPS_NO_UPDATE=1 skips `apt-get update`.
+# Runs apt-get as root, through sudo when not root. Env: INSTALL_TEST_DEPS_NO_UPDATE=1 skips `apt-get update`.
 set -euo pipefail
 
 have_all() {
@@ -15,16 +16,20 @@ have_all() {
     && command -v dovecot >/dev/null 2>&1 \
     && [ -x /usr/lib/dovecot/imap ] && [ -x /usr/lib/dovecot/lmtp ] \
     && command -v openssl >/dev/null 2>&1 && command -v flock >/dev/null 2>&1 \
-    && command -v runuser >/dev/null 2>&1
+    && command -v runuser >/dev/null 2>&1 \
+    && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]
 }
 
 if have_all; then
-  echo "install-test-deps: postfix, dovecot-imapd, dovecot-lmtpd already installed"
+  echo "install-test-deps: postfix, dovecot-imapd, dovecot-lmtpd, chromium, chromium-driver already installed"
   exit 0
 fi
 
-[ "$(id -u)" = 0 ] || { echo "install-test-deps: must run as root (apt-get install)" >&2; exit 1; }
-command -v apt-get >/dev/null 2>&1 || { echo "install-test-deps: apt-get not found; install postfix, dovecot-imapd, dovecot-lmtpd, openssl by hand" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "install-test-deps: must run as root, or with sudo (apt-get install)" >&2; exit 1; }
+  exec sudo --preserve-env=INSTALL_TEST_DEPS_NO_UPDATE "$0" "$@"
+fi
+command -v apt-get >/dev/null 2>&1 || { echo "install-test-deps: apt-get not found; install postfix, dovecot-imapd, dovecot-lmtpd, openssl, chromium, chromium-driver by hand" >&2; exit 1; }
 
 # Refuse service starts during the install (exit 101 = "action forbidden" for invoke-rc.d).
 created_policy=0
@@ -43,7 +48,7 @@ if [ "${INSTALL_TEST_DEPS_NO_UPDATE:-0}" != 1 ]; then
   apt-get update -q
 fi
 apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=120 \
-  postfix dovecot-imapd dovecot-lmtpd openssl util-linux iproute2
+  postfix dovecot-imapd dovecot-lmtpd openssl util-linux iproute2 chromium chromium-driver
 
-have_all || { echo "install-test-deps: packages installed but postfix/dovecot binaries still missing" >&2; exit 1; }
+have_all || { echo "install-test-deps: packages installed but postfix/dovecot/chromium binaries still missing" >&2; exit 1; }
 echo "install-test-deps: done"

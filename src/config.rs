@@ -138,6 +138,10 @@ pub struct OwnerSection {
     /// `admin-address` per this period. Default 1h.
     #[serde(with = "duration", default = "default_alert_interval")]
     pub alert_interval: Duration,
+    /// Offer a newly published generation to recipients only once it is approved (`owner approve`, or the
+    /// console's button); until then they are answered with the newest approved one. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_approval: bool,
 }
 
 pub(crate) fn default_silent_after_intervals() -> u32 {

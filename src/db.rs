@@ -266,6 +266,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE failure_receipts (
         subscription TEXT NOT NULL DEFAULT 'default', nonce TEXT NOT NULL, reply_id TEXT NOT NULL,
         reason TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (subscription, nonce));",
+    // 7: the owner's console (`owner serve`) and its command-line twins: under `require-approval` a
+    // generation is offered only once approved; every admin action is logged with who took it.
+    "CREATE TABLE approvals (
+        channel TEXT NOT NULL, number INTEGER NOT NULL, approved_at INTEGER NOT NULL, approved_by TEXT NOT NULL,
+        PRIMARY KEY (channel, number));
+     CREATE TABLE admin_actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL);",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -432,6 +440,8 @@ pub struct RecipientRow {
     pub spent_replies: u64,
     /// Their bytes (filled by the owner's `status`).
     pub spent_bytes: u64,
+    /// Suspended (`owner suspend`, or the console): its requests are refused and nothing is sent to it.
+    pub suspended: bool,
 }
 
 /// A request answered, as recorded.
@@ -529,6 +539,64 @@ pub struct WaitingRow {
     pub journal: Vec<u8>,
 }
 
+/// A kept generation with its channel and approval (when, by whom).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptGeneration {
+    /// Its channel.
+    pub channel: String,
+    /// The generation.
+    pub generation: GenerationRow,
+    /// When and by whom it was approved for serving.
+    pub approved: Option<(u64, String)>,
+}
+
+/// An admin action as logged (`owner serve`, `owner approve`, `owner suspend`, `owner resume`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminAction {
+    /// When (Unix seconds).
+    pub at: u64,
+    /// Who: `console ADDRESS` or `cli`.
+    pub actor: String,
+    /// What: `approve`, `suspend`, `resume`.
+    pub action: String,
+    /// On what: a recipient's name, or `CHANNEL/GENERATION`.
+    pub target: String,
+}
+
+/// A receipt the owner recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptRow {
+    /// When it was recorded (Unix seconds).
+    pub at: u64,
+    /// The reply it confirms.
+    pub reply_id: ReplyId,
+    /// The generation it reports.
+    pub generation: u64,
+    /// That generation's root, hex.
+    pub root: String,
+    /// What it says (`applied`, ...).
+    pub status: String,
+}
+
+/// A request the owner answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerRow {
+    /// When it was answered (Unix seconds).
+    pub at: u64,
+    /// The request's sequence number.
+    pub seq: u64,
+    /// The reply.
+    pub reply_id: ReplyId,
+    /// The generation it brings.
+    pub generation: u64,
+    /// Operations in it.
+    pub ops: u64,
+    /// Bytes queued.
+    pub bytes: u64,
+    /// Parts it went out in (unknown for replies of the first release).
+    pub parts: Option<u64>,
+}
+
 /// The generation a recipient keeps for `mailferry recipient rollback`.
 #[derive(Debug, Clone)]
 pub struct Previous {
@@ -588,6 +656,19 @@ impl Db {
                 Err(e)
             }
         }
+    }
+
+    /// Runs `f` in one read transaction: everything it reads is one snapshot, and (in WAL mode) it blocks
+    /// no writer, so a reader such as the console never holds up the daemon.
+    ///
+    /// # Errors
+    /// Whatever `f` returns, or SQLite errors.
+    pub fn read<T>(&self, f: impl FnOnce(&Db) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        let out = f(self);
+        // A read transaction has nothing to commit: ending it either way releases the snapshot.
+        let _ = self.conn.execute_batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        out
     }
 
     // ---- shared ----
@@ -1063,7 +1144,7 @@ impl Db {
     fn recipients_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<RecipientRow>> {
         let mut st = self.conn.prepare(&format!(
             "SELECT name, address, recipients.key, recipients.key_id, last_seq, last_request_at, last_reply_at,
-                    last_receipt_at, applied_generation, applied_root, key_rotations.key_id
+                    last_receipt_at, applied_generation, applied_root, key_rotations.key_id, suspended
              FROM recipients LEFT JOIN key_rotations ON key_rotations.recipient = recipients.name {clause}"
         ))?;
         let rows = st.query_map(p, |r| {
@@ -1083,6 +1164,7 @@ impl Db {
                 relay_limit: None,
                 spent_replies: 0,
                 spent_bytes: 0,
+                suspended: r.get(11)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1835,6 +1917,173 @@ impl Db {
     pub fn set_fleet_alert_at(&self, at: u64) -> Result<()> {
         self.conn.execute("UPDATE node SET fleet_alert_at = ?1 WHERE id = 1", [at as i64])?;
         Ok(())
+    }
+
+    // ---- owner: the console's actions and read model ----
+
+    /// Suspends (or resumes) a registered recipient.
+    ///
+    /// # Errors
+    /// SQLite errors, or no such recipient.
+    pub fn set_suspended(&self, name: &str, suspended: bool) -> Result<()> {
+        let n = self.conn.execute("UPDATE recipients SET suspended = ?2 WHERE name = ?1", params![name, suspended])?;
+        anyhow::ensure!(n == 1, "no recipient named {name:?} is registered");
+        Ok(())
+    }
+
+    /// Approves generation `number` of `channel` for serving (under `require-approval`), by `by`. Returns
+    /// false when it was approved before (the first approval is kept).
+    ///
+    /// # Errors
+    /// SQLite errors, or no such generation.
+    pub fn approve_generation(&self, channel: &str, number: u64, by: &str) -> Result<bool> {
+        let exists: i64 = self.conn.query_row(
+            "SELECT count(*) FROM generations WHERE channel = ?1 AND number = ?2",
+            params![channel, number as i64],
+            |r| r.get(0),
+        )?;
+        anyhow::ensure!(exists > 0, "generation {number} of channel {channel:?} does not exist (or was pruned)");
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO approvals (channel, number, approved_at, approved_by) VALUES (?1, ?2, ?3, ?4)",
+            params![channel, number as i64, now() as i64, by],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The newest kept generation of `channel` that was approved for serving.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt root.
+    pub fn latest_approved_generation(&self, channel: &str) -> Result<Option<GenerationRow>> {
+        Ok(self.kept_generations_where(
+            "WHERE g.channel = ?1 AND EXISTS (SELECT 1 FROM approvals a WHERE a.channel = g.channel AND a.number = g.number)
+             ORDER BY g.number DESC LIMIT 1",
+            [channel],
+        )?
+        .pop()
+        .map(|k| k.generation))
+    }
+
+    /// Every kept generation, newest first, with its channel and approval (when and by whom).
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt root.
+    pub fn kept_generations(&self) -> Result<Vec<KeptGeneration>> {
+        self.kept_generations_where("ORDER BY g.channel != 'default', g.channel, g.number DESC", [])
+    }
+
+    fn kept_generations_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<KeptGeneration>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT g.channel, g.number, g.root, g.created, g.files, g.bytes, a.approved_at, a.approved_by
+             FROM generations g LEFT JOIN approvals a ON a.channel = g.channel AND a.number = g.number {clause}"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                (r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?),
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (channel, n, root, (c, f, b), at, by) = row?;
+            let root = Digest::from_hex(&root).map_err(anyhow::Error::msg)?;
+            let g = GenerationRow { number: n as u64, root, created: c as u64, files: f as u64, bytes: b as u64 };
+            Ok(KeptGeneration { channel, generation: g, approved: at.map(|at| (at as u64, by.unwrap_or_default())) })
+        })
+        .collect()
+    }
+
+    /// Logs an admin action (`approve`, `suspend`, `resume`, ...) on `target`, taken by `actor`.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn log_action(&self, actor: &str, action: &str, target: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO admin_actions (at, actor, action, target) VALUES (?1, ?2, ?3, ?4)",
+            params![now() as i64, actor, action, target],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` admin actions, newest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn actions(&self, limit: u64) -> Result<Vec<AdminAction>> {
+        let mut st =
+            self.conn.prepare("SELECT at, actor, action, target FROM admin_actions ORDER BY id DESC LIMIT ?1")?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(AdminAction { at: r.get::<_, i64>(0)? as u64, actor: r.get(1)?, action: r.get(2)?, target: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` receipts of `recipient`, newest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn receipts_of(&self, recipient: &str, limit: u64) -> Result<Vec<ReceiptRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT at, reply_id, generation, root, status FROM receipts WHERE recipient = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![recipient, limit as i64], |r| {
+            Ok(ReceiptRow {
+                at: r.get::<_, i64>(0)? as u64,
+                reply_id: r.get(1)?,
+                generation: r.get::<_, i64>(2)? as u64,
+                root: r.get(3)?,
+                status: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` requests of `recipient` the owner answered, newest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn answers_of(&self, recipient: &str, limit: u64) -> Result<Vec<AnswerRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT received_at, seq, reply_id, generation, ops, reply_bytes, parts FROM requests
+             WHERE recipient = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![recipient, limit as i64], |r| {
+            Ok(AnswerRow {
+                at: r.get::<_, i64>(0)? as u64,
+                seq: r.get::<_, i64>(1)? as u64,
+                reply_id: r.get(2)?,
+                generation: r.get::<_, i64>(3)? as u64,
+                ops: r.get::<_, i64>(4)? as u64,
+                bytes: r.get::<_, i64>(5)? as u64,
+                parts: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` rejections, newest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn recent_rejections(&self, limit: u64) -> Result<Vec<Rejection>> {
+        let mut st = self.conn.prepare(
+            "SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(Rejection {
+                at: r.get::<_, i64>(0)? as u64,
+                reason: r.get(1)?,
+                detail: r.get(2)?,
+                sender: r.get(3)?,
+                message_id: r.get(4)?,
+                subject: r.get(5)?,
+                digest: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     // ---- recipient ----

@@ -107,6 +107,9 @@ pub struct FleetPolicy {
     pub default_interval: u64,
     /// Silent after this many intervals without contact (`[owner] silent-after-intervals`).
     pub silent_after_intervals: u32,
+    /// Recipients are measured against the newest approved generation, the one they are offered
+    /// (`[owner] require-approval`), not the newest published.
+    pub require_approval: bool,
 }
 
 impl FleetPolicy {
@@ -115,6 +118,7 @@ impl FleetPolicy {
         FleetPolicy {
             default_interval: cfg.owner.recipient_interval.as_secs(),
             silent_after_intervals: cfg.owner.silent_after_intervals,
+            require_approval: cfg.owner.require_approval,
         }
     }
 }
@@ -307,7 +311,11 @@ pub fn fleet(db: &Db, policy: &FleetPolicy, now: u64) -> Result<Vec<FleetRow>> {
 pub fn fleet_of(db: &Db, channel: &str, policy: &FleetPolicy, now: u64) -> Result<Vec<FleetRow>> {
     use crate::engine::owner::{Entitlement, entitlement};
     use crate::protocol::Standing;
-    let latest = db.channel_latest(channel)?;
+    let latest = if policy.require_approval {
+        db.latest_approved_generation(channel)?.map(|g| (g.number, g.root))
+    } else {
+        db.channel_latest(channel)?
+    };
     let mut rows = Vec::new();
     for f in db.fleet_facts(channel)? {
         let ent = entitlement(&db.access(&f.name, channel)?, now);
@@ -557,7 +565,8 @@ mod tests {
         Some(InFlight { reply_id: ReplyId::unchecked("cd".repeat(16)), generation, sent_at: NOW - 5 })
     }
 
-    const POLICY: FleetPolicy = FleetPolicy { default_interval: HOUR, silent_after_intervals: 3 };
+    const POLICY: FleetPolicy =
+        FleetPolicy { default_interval: HOUR, silent_after_intervals: 3, require_approval: false };
 
     /// Each rule of [`derive`], one case each, with the state, `behind` and `reason` it must give.
     #[test]

@@ -74,6 +74,9 @@
 //! - [`fleet`]: the owner's version database seen whole: each recipient's state (current, behind,
 //!   in flight, silent, failed, held, never seen) derived purely from what its requests and receipts
 //!   stated and the time; its history; batched, rate-limited alerts to the admin.
+//! - [`console`]: the owner's web console (`owner serve`): axum and maud, a login with CSRF tokens,
+//!   read-only pages from short read transactions, the admin's actions ([`console::actions`], shared
+//!   with `owner approve`, `owner suspend`, `owner resume`); never the state lock.
 //! - [`config`]: config and enrollment files.
 //! - [`retry`]: capped exponential backoff with jitter (the daemons' retries, IMAP reconnects).
 //! - [`failpoint`]: crash points that tests arm through the environment.
@@ -102,6 +105,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod db;
 pub mod delta;

@@ -29,6 +29,8 @@ mod fleet;
 mod ops;
 // Channels, groups, grants, expiry, pins, suspension: each site gets exactly what it is entitled to.
 mod channels;
+// The owner's web console in headless Chromium (Debian's chromium and chromium-driver).
+mod console;
 // Protocol v1 messages from fixtures/ that must keep verifying.
 mod golden;
 // Real mail: Postfix + Dovecot on 127.0.0.1 (tests/mailserver/), one shared instance per run.

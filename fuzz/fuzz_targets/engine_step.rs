@@ -31,6 +31,7 @@ impl OwnerView for World {
             address: "site1@example.org".into(),
             key: self.key.clone(),
             last_seq: 3,
+            suspended: false,
         }))
     }
     fn rotation(&self, _: &str) -> Result<Option<Rotation>> {

@@ -164,6 +164,13 @@ impl Render for OwnerStatus {
         for r in &s.recipients {
             let applied = r.applied_generation.map_or("unknown".into(), |g| format!("generation {g}"));
             writeln!(out, "  {} <{}>: {applied}", r.name, r.address)?;
+            if r.suspended {
+                writeln!(
+                    out,
+                    "    suspended:    its requests are refused (`mailferry owner resume --name {}`)",
+                    r.name
+                )?;
+            }
             if let Some(k) = &r.rotating_to {
                 writeln!(out, "    key:          {} (rotating to {k})", r.key_id)?;
             }

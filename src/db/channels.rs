@@ -278,18 +278,6 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Suspends (or resumes) one recipient: while suspended it is sent nothing but the answer that says so.
-    ///
-    /// # Errors
-    /// No such recipient, or SQLite errors.
-    pub fn set_suspended(&self, recipient: &str, on: bool) -> Result<()> {
-        let n = self.conn.execute("UPDATE recipients SET suspended = ?2 WHERE name = ?1", params![recipient, on])?;
-        if n == 0 {
-            bail!("no recipient named {recipient:?} is registered");
-        }
-        Ok(())
-    }
-
     /// Whether `recipient` is suspended.
     ///
     /// # Errors

@@ -685,6 +685,22 @@ fn c1_a_receipt_must_name_the_channel_of_the_reply() {
 }
 
 #[test]
+fn a_suspended_recipients_request_is_answered_suspended_and_its_receipt_still_recorded() {
+    let mut w = owner_world();
+    let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Answer(ref p) if p.standing.is_none()));
+    w.access.get_mut("default").unwrap().suspended = true;
+    let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
+    assert_eq!(plan.standing, Some(Standing::Suspended));
+    assert!(plan.ops.is_empty());
+    // A receipt keeps the owner's view of what the recipient has true, suspended or not.
+    let mut w = owner_with_history();
+    w.access.get_mut("default").unwrap().suspended = true;
+    let raw = mail(Kind::Receipt, &receipt(), "site1", &key(1), &[]);
+    assert!(matches!(owner_step(&w, &raw), Outcome::Receipt { .. }), "{:?}", owner_step(&w, &raw));
+}
+
+#[test]
 fn r6_a_recipient_over_its_budget_is_refused() {
     let mut w = owner_world();
     let raw = mail(Kind::Request, &request(), "site1", &key(1), &[]);

@@ -165,6 +165,7 @@ pub fn init_with(
         recipient_interval: crate::config::default_recipient_interval(),
         silent_after_intervals: crate::config::default_silent_after_intervals(),
         alert_interval: crate::config::default_alert_interval(),
+        require_approval: false,
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -711,7 +712,7 @@ impl Owner {
     }
 
     pub(crate) fn view(&self) -> View<'_> {
-        View { db: &self.state.db, manifests: &self.manifests }
+        View { db: &self.state.db, manifests: &self.manifests, require_approval: self.cfg.owner.require_approval }
     }
 
     /// Packs the reply an [`AnswerPlan`] calls for, cuts it into parts, and queues them with the record of
@@ -846,6 +847,8 @@ fn apply_effects(db: &Db, effects: &[Effect]) -> Result<()> {
 pub(crate) struct View<'a> {
     db: &'a Db,
     manifests: &'a RefCell<HashMap<(String, u64), Arc<Manifest>>>,
+    /// `require-approval`: the newest generation offered is the newest approved one.
+    require_approval: bool,
 }
 
 impl OwnerView for View<'_> {
@@ -878,7 +881,12 @@ impl OwnerView for View<'_> {
     }
 
     fn latest_generation(&self, channel: &str) -> Result<Option<Generation>> {
-        Ok(self.db.latest_generation(channel)?.map(|g| Generation { number: g.number, root: g.root }))
+        let latest = if self.require_approval {
+            self.db.latest_approved_generation(channel)?
+        } else {
+            self.db.latest_generation(channel)?
+        };
+        Ok(latest.map(|g| Generation { number: g.number, root: g.root }))
     }
 
     fn generation(&self, channel: &str, number: u64) -> Result<Option<Generation>> {

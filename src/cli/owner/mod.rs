@@ -2,6 +2,7 @@
 
 mod add_recipient;
 mod add_recipients;
+mod approve;
 mod channel;
 pub mod fleet;
 mod grant;
@@ -13,6 +14,7 @@ mod reenroll;
 mod remove_recipient;
 mod rotate_key;
 mod run;
+mod serve;
 mod show;
 mod suspend;
 mod tag;
@@ -73,6 +75,11 @@ pub enum OwnerCommand {
     Fleet(fleet::FleetCommand),
     /// Show what happened to one recipient's replies: each reply sent, applied, failed (with why), rolled back.
     History(history::HistoryCommand),
+    /// Serve the web console: the fleet, recipients, generations and refused messages, and the admin's
+    /// actions, behind a login.
+    Serve(serve::ServeCommand),
+    /// Approve a generation for serving (under `require-approval`, recipients get only approved ones).
+    Approve(approve::ApproveCommand),
 }
 
 impl OwnerCommand {
@@ -100,6 +107,8 @@ impl OwnerCommand {
             OwnerCommand::Show(c) => c.execute(),
             OwnerCommand::Fleet(c) => c.execute(),
             OwnerCommand::History(c) => c.execute(),
+            OwnerCommand::Serve(c) => c.execute().await,
+            OwnerCommand::Approve(c) => c.execute(),
         }
     }
 }

@@ -1,41 +1,23 @@
-//! `mailferry owner suspend` and `owner resume`: one recipient is sent nothing but the answer saying so.
-
-use std::io::{self, Write};
+//! `mailferry owner suspend` and `owner resume`: stop or restart answering a recipient (the console's
+//! Suspend and Resume buttons).
 
 use anyhow::Result;
 use clap::Args;
-use mailferry::node::owner::Owner;
-use serde::Serialize;
+use mailferry::console::actions;
+use mailferry::db::Db;
 
-use crate::cli::output::{Output, Render, Stream};
+use crate::cli::output::Output;
 use crate::cli::{ConfigArg, Exit};
 
-/// The arguments of `owner suspend` and `owner resume`.
+/// The arguments of `owner suspend` and `owner resume` (their help texts are the docs of their variants in
+/// the command enum).
 #[derive(Debug, Args)]
 pub struct SuspendCommand {
     #[command(flatten)]
     config: ConfigArg,
-    /// The recipient.
+    /// The recipient's name.
     #[arg(long)]
     name: String,
-}
-
-#[derive(Debug, Serialize)]
-struct Suspended {
-    name: String,
-    suspended: bool,
-}
-
-impl Render for Suspended {
-    const STREAM: Stream = Stream::Stderr;
-
-    fn human(&self, out: &mut dyn Write) -> io::Result<()> {
-        if self.suspended {
-            writeln!(out, "suspended {:?}: its requests are answered \"suspended\" and nothing else", self.name)
-        } else {
-            writeln!(out, "resumed {:?}: it is sent what its grants allow again", self.name)
-        }
-    }
 }
 
 impl SuspendCommand {
@@ -44,8 +26,10 @@ impl SuspendCommand {
     /// # Errors
     /// No such recipient, state failures.
     pub fn execute(self, on: bool) -> Result<Exit> {
-        Owner::open(self.config.owner()?)?.suspend(&self.name, on)?;
-        Output::human().print(&Suspended { name: self.name, suspended: on })?;
+        let cfg = self.config.owner()?;
+        // A short transaction, like `status`: no state lock, so it works while the daemon runs.
+        let db = Db::open(&cfg.state_dir.join("state.db"))?;
+        Output::human().print(&actions::suspend(&db, &self.name, on, "cli")?)?;
         Ok(Exit::Success)
     }
 }
