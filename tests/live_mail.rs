@@ -474,3 +474,114 @@ fn owner_killed_between_fetch_and_move_answers_each_request_exactly_once() {
     }
     w.owner.assert_outbox_empty();
 }
+
+/// Issue 13 over real mail: an owner with three products besides its open default channel and four groups
+/// serves six recipients through Postfix and Dovecot; each ends with exactly the trees it is entitled to,
+/// the rest answered "not-entitled" or "expired", a pinned one kept at its generation.
+#[test]
+fn channels_over_real_mail_each_site_gets_exactly_its_entitled_trees() {
+    let m = mailserver::shared();
+    let w = MailWorld::new(m, SUBMISSION_STARTTLS, IMAPS);
+    put(&w.source, "README", b"for every customer\n", 0o644);
+    w.publish();
+    let cfg = w.owner.config.clone();
+    let owner = |args: &[&str]| {
+        let words = if matches!(args[0], "channel" | "group") { 2 } else { 1 };
+        let mut all = vec!["owner"];
+        all.extend_from_slice(&args[..words]);
+        all.extend_from_slice(&["--config", &cfg]);
+        all.extend_from_slice(&args[words..]);
+        ok(&all)
+    };
+    let src = |c: &str| w.tmp.path().join(format!("src-{c}"));
+    for c in ["sigdb", "engine", "rules"] {
+        put(&src(c), &format!("{c}.dat"), format!("{c} 1\n").as_bytes(), 0o644);
+        owner(&["channel", "add", "--name", c, "--source", src(c).to_str().unwrap()]);
+        ok(&["owner", "publish", "--config", &cfg, "--channel", c]);
+    }
+    put(&src("engine"), "engine.dat", b"engine 2\n", 0o644);
+    ok(&["owner", "publish", "--config", &cfg, "--channel", "engine"]);
+    let plan: [(&str, &[&str]); 6] = [
+        ("basic1", &["sigdb", "engine"]),
+        ("basic2", &["sigdb"]),
+        ("pro1", &["sigdb", "engine", "rules"]),
+        ("pro2", &["sigdb", "engine", "rules"]),
+        ("eval1", &["sigdb"]),
+        ("legacy1", &["engine"]),
+    ];
+    let mut sites = Vec::new();
+    for (name, subs) in plan {
+        let s = w.site(name, SUBMISSION_STARTTLS, IMAPS);
+        for c in subs {
+            let tree = w.tmp.path().join(format!("{name}-{c}"));
+            ok(&[
+                "recipient",
+                "subscribe",
+                "--config",
+                &s.node.config,
+                "--channel",
+                c,
+                "--data",
+                tree.to_str().unwrap(),
+            ]);
+        }
+        sites.push((name, s, subs));
+    }
+    owner(&["group", "add", "--name", "basic", "--members", "basic1,basic2"]);
+    owner(&["group", "add", "--name", "pro", "--members", "pro1,pro2"]);
+    owner(&["group", "add", "--name", "eval", "--members", "eval1"]);
+    owner(&["group", "add", "--name", "legacy", "--members", "legacy1"]);
+    owner(&["grant", "--group", "basic", "--channel", "sigdb"]);
+    for c in ["sigdb", "engine", "rules"] {
+        owner(&["grant", "--group", "pro", "--channel", c]);
+    }
+    owner(&["grant", "--group", "eval", "--channel", "sigdb", "--until", "2020-06-30"]);
+    owner(&["grant", "--group", "legacy", "--channel", "engine", "--pin", "1"]);
+
+    // One cycle: every tree asks (the default one too), the owner answers each, the sites apply.
+    let trees: usize = sites.iter().map(|(_, _, subs)| 1 + subs.len()).sum();
+    for (_, s, _) in &sites {
+        s.run(true);
+    }
+    w.wait_inbox(&w.owner, trees);
+    w.owner_run();
+    for (_, s, subs) in &sites {
+        w.wait_inbox(&s.node, 1 + subs.len());
+        s.run(false);
+    }
+    let entitled = |name: &str, c: &str| match name {
+        "basic1" | "basic2" => c == "sigdb",
+        "pro1" | "pro2" => true,
+        "legacy1" => c == "engine",
+        _ => false,
+    };
+    for (name, s, subs) in &sites {
+        assert_same_tree(&w.source, &s.data);
+        let st = s.node.status();
+        for c in subs.iter() {
+            let tree = w.tmp.path().join(format!("{name}-{c}"));
+            let sub = st["subscriptions"].as_array().unwrap().iter().find(|t| t["channel"] == *c).unwrap().clone();
+            if *name == "legacy1" {
+                assert_eq!(fs::read(tree.join("engine.dat")).unwrap(), b"engine 1\n", "pinned at 1");
+                assert_eq!(sub["pinned"], 1, "{sub}");
+            } else if entitled(name, c) {
+                assert_same_tree(&src(c), &tree);
+                assert_eq!(sub["standing"], serde_json::Value::Null, "{name} {c}: {sub}");
+            } else {
+                assert_eq!(count(&tree), 0, "{name} must not get {c}");
+                let want = if *name == "eval1" { "expired on 2020-06-30" } else { "not-entitled" };
+                assert_eq!(sub["standing"], want, "{name} {c}: {sub}");
+            }
+        }
+    }
+    // The receipts reach the owner; its fleet view agrees, channel by channel.
+    w.wait_inbox(&w.owner, 1);
+    w.owner_run();
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&run(&["owner", "fleet", "--config", &cfg, "--channel", "sigdb", "--json"]).stdout)
+            .unwrap();
+    let state =
+        |n: &str| fleet["recipients"].as_array().unwrap().iter().find(|r| r["name"] == n).map(|r| r["state"].clone());
+    assert_eq!(state("pro1"), Some("current".into()));
+    assert_eq!(state("eval1"), Some("expired".into()));
+}
