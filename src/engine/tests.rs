@@ -212,6 +212,7 @@ fn request() -> Request {
         resend: None,
         fresh: false,
         registration: None,
+        accepts: Vec::new(),
     }
 }
 
@@ -763,6 +764,7 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         rekey: None,
         same_as: None,
         sealed_key: None,
+        broadcast: None,
         channel: "default".into(),
         standing: None,
         pinned: None,

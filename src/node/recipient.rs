@@ -936,6 +936,8 @@ impl Recipient {
             resend,
             fresh: sub.fresh_next,
             registration,
+            // Broadcast tickets need a pinned owner key: without it a broadcast part could not be verified.
+            accepts: if self.owner_key.is_some() { vec![protocol::broadcast::Capability::Broadcast] } else { Vec::new() },
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
