@@ -57,7 +57,11 @@ pub struct Owner {
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
     signer: Option<SigningKey>,
+    /// The updates this run sends by broadcast, and the broadcasts made so far.
+    broadcasting: broadcast::Broadcasting,
 }
+
+mod broadcast;
 
 /// Default grace period of a rotated key: a week.
 pub const DEFAULT_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -166,6 +170,8 @@ pub fn init_with(
         silent_after_intervals: crate::config::default_silent_after_intervals(),
         alert_interval: crate::config::default_alert_interval(),
         require_approval: false,
+        broadcast_address: None,
+        broadcast_min: crate::config::default_broadcast_min(),
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -222,7 +228,15 @@ impl Owner {
             Signing::Hmac => None,
             Signing::HmacEd25519 => Some(signing_key(&state.db)?),
         };
-        Ok(Owner { cfg, state, store, manifests: RefCell::default(), server_limit: None, signer })
+        Ok(Owner {
+            cfg,
+            state,
+            store,
+            manifests: RefCell::default(),
+            server_limit: None,
+            signer,
+            broadcasting: broadcast::Broadcasting::default(),
+        })
     }
 
     /// The configuration.
@@ -449,6 +463,7 @@ impl Owner {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += self.begin_run(transport).await?;
+        self.survey(transport).await?;
         process_inbox(self, transport, &mut report).await?;
         report.sent += self.end_run(transport).await?;
         Ok(report)
@@ -720,6 +735,9 @@ impl Owner {
     /// request is answered exactly once. Parts are built one at a time, so memory follows the part size,
     /// not the reply.
     fn answer(&mut self, plan: AnswerPlan, digest: &Digest, now: u64) -> Result<Handled> {
+        if let Some(key) = self.joins_broadcast(&plan) {
+            return self.answer_ticket(plan, key, digest, now);
+        }
         let packer = Packer {
             store: &self.store,
             level: self.cfg.owner.compression_level,
