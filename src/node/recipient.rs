@@ -48,6 +48,8 @@ macro_rules! refuse {
     };
 }
 
+mod broadcast;
+
 /// A recipient node with its state open.
 #[derive(Debug)]
 pub struct Recipient {
@@ -803,6 +805,7 @@ impl Recipient {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
+        self.expire_held_broadcasts()?;
         if let Some(done) = self.install_due(install::local_now())? {
             report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
         }
@@ -1023,6 +1026,10 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
+        // A broadcast part is signed by the owner, not MACed for anyone: its own path (§7.10).
+        if let Some(done) = self.broadcast_part(raw, digest)? {
+            return Ok(done);
+        }
         let main = self.cfg.main().clone();
         let view = self.view(&main);
         let policy = self.policy();
@@ -1076,6 +1083,9 @@ impl Recipient {
             }
             PartStep::Standing(standing) => return self.standing(&tree, &nonce, digest, &reply, standing),
             PartStep::Keep { .. } => {}
+        }
+        if reply.broadcast.is_some() {
+            return self.accept_ticket(&tree, &reply, &msg.attachments, &msg.key, digest);
         }
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
@@ -1170,6 +1180,7 @@ impl Recipient {
 
     fn forget_parts(&self, tree: &Subscription, reply_id: &ReplyId) -> Result<()> {
         self.state.db.sub(&tree.channel)?.forget_parts(reply_id)?;
+        self.state.db.sub(&tree.channel)?.forget_ticket(reply_id)?;
         let dir = self.parts_dir(tree, reply_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
