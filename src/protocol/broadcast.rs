@@ -271,3 +271,111 @@ pub fn broadcast_pack_aad(id: &ReplyId, channel: &str, generation: u64, root: &D
     let fields = (id, channel, generation, root, base);
     [b"mailferry broadcast pack v1\0".as_slice(), &super::encode(&fields)].concat()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Frame, Kind, Nonce, Reply, decode_control, encode};
+
+    fn part() -> Broadcast {
+        Broadcast {
+            mailferry: VERSION,
+            kind: BroadcastKind::Broadcast,
+            broadcast: BROADCAST_VERSION,
+            channel: "default".into(),
+            broadcast_id: ReplyId::unchecked("ee".repeat(16)),
+            part: 1,
+            parts: 1,
+            created: 0,
+            generation: 2,
+            root: Digest([2; 32]),
+            base: Digest([1; 32]),
+            payloads: vec![Payload { id: "pack-0001.bin".into(), size: 10, blake3: Digest([3; 32]) }],
+        }
+    }
+
+    #[test]
+    fn a_broadcast_part_verifies_only_by_the_pinned_owner_key_and_its_own_context() {
+        let owner = SigningKey::from_hex(&"22".repeat(32)).unwrap();
+        let other = SigningKey::from_hex(&"33".repeat(32)).unwrap();
+        let limits = Limits::default();
+        let control = encode(&part());
+        let auth = encode(&BroadcastAuth::sign(&owner, &control));
+        assert!(is_broadcast_auth(&auth));
+        assert_eq!(open_broadcast(Some(&owner.public()), &auth, &control, &limits).unwrap(), part());
+        let reason = |auth: &[u8], control: &[u8], key: Option<&PublicKey>| {
+            open_broadcast(key, auth, control, &limits).unwrap_err().reason
+        };
+        // Forged: another key, no pinned key, bytes changed after signing.
+        assert_eq!(reason(&auth, &control, Some(&other.public())), Reason::BadSignature);
+        assert_eq!(reason(&auth, &control, None), Reason::BadSignature);
+        let changed = encode(&Broadcast { generation: 3, ..part() });
+        assert_eq!(reason(&auth, &changed, Some(&owner.public())), Reason::BadSignature);
+        // The owner's reply signature over the same bytes is not a broadcast signature.
+        let as_reply = encode(&BroadcastAuth { signature: owner.sign(&control), ..BroadcastAuth::sign(&owner, &control) });
+        assert_eq!(reason(&as_reply, &control, Some(&owner.public())), Reason::BadSignature);
+        // Signed, but not a valid part: an unknown field, a format this build does not speak, parts out of range.
+        let sign = |c: &[u8]| encode(&BroadcastAuth::sign(&owner, c));
+        let extra = String::from_utf8(control.clone()).unwrap().replacen('{', r#"{"x":1,"#, 1).into_bytes();
+        assert_eq!(reason(&sign(&extra), &extra, Some(&owner.public())), Reason::Malformed);
+        let v2 = encode(&Broadcast { broadcast: 2, ..part() });
+        assert_eq!(reason(&sign(&v2), &v2, Some(&owner.public())), Reason::UnsupportedVersion);
+        let beyond = encode(&Broadcast { part: 2, ..part() });
+        assert_eq!(reason(&sign(&beyond), &beyond, Some(&owner.public())), Reason::Limit);
+        // A plain reply's auth part is no broadcast's.
+        let hmac = encode(&crate::protocol::Auth::sign("site1", &crate::crypto::Key::from_hex(&"11".repeat(32)).unwrap(), &control));
+        assert!(!is_broadcast_auth(&hmac));
+    }
+
+    #[test]
+    fn a_request_announces_what_it_accepts_and_unknown_names_are_dropped() {
+        #[derive(Deserialize)]
+        struct A(#[serde(deserialize_with = "accepts_list")] Vec<Capability>);
+        let parse = |s: &str| serde_json::from_str::<A>(s).map(|a| a.0);
+        assert_eq!(parse(r#"["broadcast-1"]"#).unwrap(), vec![Capability::Broadcast]);
+        assert_eq!(parse(r#"["broadcast-9","broadcast-1","broadcast-1"]"#).unwrap(), vec![Capability::Broadcast]);
+        let many = format!("[{}]", vec![r#""x""#; MAX_ACCEPTS + 1].join(","));
+        assert!(parse(&many).is_err());
+        assert!(parse("[1]").is_err());
+    }
+
+    #[test]
+    fn a_ticket_has_the_shape_of_one_message_carrying_nothing() {
+        let ticket = Reply {
+            mailferry: VERSION,
+            kind: Kind::Reply,
+            recipient: "site1".into(),
+            channel: "default".into(),
+            nonce: Nonce([7; 16]),
+            request_seq: 1,
+            reply_id: ReplyId::unchecked("ab".repeat(16)),
+            part: 1,
+            parts: 2,
+            created: 0,
+            generation: 2,
+            root: Digest([2; 32]),
+            base: Digest([1; 32]),
+            need_full_inventory: false,
+            payloads: (1..=2).map(|k| Payload { id: format!("pack-{k:04}.bin"), size: 10, blake3: Digest([3; 32]) }).collect(),
+            body: Frame { offset: 0, length: 10, size: 10, blake3: Digest([0; 32]) },
+            rekey: None,
+            same_as: None,
+            standing: None,
+            pinned: None,
+            sealed_key: None,
+            broadcast: Some(BroadcastRef { id: ReplyId::unchecked("ee".repeat(16)) }),
+        };
+        let limits = Limits::default();
+        assert!(decode_control(&encode(&ticket), &limits).is_ok());
+        let malformed = |r: Reply| decode_control(&encode(&r), &limits).unwrap_err().reason;
+        assert_eq!(malformed(Reply { part: 2, ..ticket.clone() }), Reason::Malformed);
+        assert_eq!(malformed(Reply { need_full_inventory: true, ..ticket.clone() }), Reason::Malformed);
+        let own_id = Reply { broadcast: Some(BroadcastRef { id: ticket.reply_id.clone() }), ..ticket.clone() };
+        assert_eq!(malformed(own_id), Reason::Malformed);
+        // Its pack is bound to the broadcast, not to the recipient: the same for every ticket.
+        let other = Reply { recipient: "site2".into(), reply_id: ReplyId::unchecked("cd".repeat(16)), ..ticket.clone() };
+        assert_eq!(crate::protocol::pack_aad(&ticket), crate::protocol::pack_aad(&other));
+        let plain = Reply { broadcast: None, ..ticket.clone() };
+        assert_ne!(crate::protocol::pack_aad(&plain), crate::protocol::pack_aad(&ticket));
+    }
+}
