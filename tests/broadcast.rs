@@ -115,8 +115,7 @@ fn a_fleet_on_one_base_is_sent_the_update_once_and_a_ticket_each() {
     // The straggler (another base) and the unpinned site get private replies.
     assert_eq!(kinds(&waiting(&late, &w)), (0, 0, 1));
     assert_eq!(kinds(&waiting(&unpinned, &w)), (0, 0, 1));
-    let private: u64 =
-        [&late, &unpinned].iter().map(|s| fs::metadata(&waiting(s, &w)[0].0).unwrap().len()).sum();
+    let private: u64 = [&late, &unpinned].iter().map(|s| fs::metadata(&waiting(s, &w)[0].0).unwrap().len()).sum();
     let unpinned_reply = fs::metadata(&waiting(&unpinned, &w)[0].0).unwrap().len();
     assert!(unpinned_reply > 300_000, "a private reply to an empty tree carries the payload: {unpinned_reply}");
     // What the owner handed its transport: one payload and twenty tickets, beside the two private
@@ -127,7 +126,11 @@ fn a_fleet_on_one_base_is_sent_the_update_once_and_a_ticket_each() {
         "fleet bytes {fleet}, one broadcast {broadcast_bytes}: should be one payload plus 20 tickets"
     );
     assert!(fleet >= broadcast_bytes, "the broadcast itself is sent: {fleet} < {broadcast_bytes}");
-    assert!(fleet * 10 < 20 * unpinned_reply, "20 private replies would cost {}; broadcast {fleet}", 20 * unpinned_reply);
+    assert!(
+        fleet * 10 < 20 * unpinned_reply,
+        "20 private replies would cost {}; broadcast {fleet}",
+        20 * unpinned_reply
+    );
     assert_eq!(submissions, 1 + 20 + 2, "one submission for the broadcast, one per ticket and private reply");
     let owner = Db::open(&w.path("owner/state.db")).unwrap();
     let made = owner.broadcasts().unwrap();

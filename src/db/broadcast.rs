@@ -89,7 +89,8 @@ impl Db {
     /// SQLite errors.
     pub fn broadcasts(&self) -> Result<Vec<(ReplyId, u32, u64, u64)>> {
         let mut st = self.conn.prepare("SELECT id, parts, bytes, tickets FROM broadcasts ORDER BY created_at, id")?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64)))?;
+        let rows =
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -129,7 +130,15 @@ impl Sub<'_> {
                 "SELECT reply_id, broadcast_id, nonce, key_id, control FROM tickets
                  WHERE subscription = ?1 AND broadcast_id = ?2 ORDER BY at DESC LIMIT 1",
                 params![self.name, id],
-                |r| Ok(TicketRow { reply_id: r.get(0)?, broadcast_id: r.get(1)?, nonce: r.get(2)?, key_id: r.get(3)?, control: r.get(4)? }),
+                |r| {
+                    Ok(TicketRow {
+                        reply_id: r.get(0)?,
+                        broadcast_id: r.get(1)?,
+                        nonce: r.get(2)?,
+                        key_id: r.get(3)?,
+                        control: r.get(4)?,
+                    })
+                },
             )
             .optional()?)
     }
@@ -198,7 +207,9 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn drop_held_part(&self, id: &ReplyId, part: u32) -> Result<()> {
-        self.db.conn.execute("DELETE FROM held_broadcast_parts WHERE broadcast_id = ?1 AND part = ?2", params![id, part])?;
+        self.db
+            .conn
+            .execute("DELETE FROM held_broadcast_parts WHERE broadcast_id = ?1 AND part = ?2", params![id, part])?;
         Ok(())
     }
 }

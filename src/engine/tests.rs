@@ -1310,7 +1310,8 @@ fn broadcast_a_reply_joins_only_when_it_is_an_update_for_a_shared_key() {
     let old = answer(&w, &request());
     assert_eq!(owner::joins_broadcast(&old, &shared, true, limit), None, "a request without accepts");
     let mut w = owner_world();
-    w.earlier = Some(protocol::SameAs { reply_id: ReplyId::unchecked("cd".repeat(16)), nonce: Nonce([3; 16]), parts: 1 });
+    w.earlier =
+        Some(protocol::SameAs { reply_id: ReplyId::unchecked("cd".repeat(16)), nonce: Nonce([3; 16]), parts: 1 });
     let reference = answer(&w, &with_tickets(request()));
     assert!(reference.same_as.is_some());
     assert_eq!(owner::joins_broadcast(&reference, &shared, true, limit), None, "a reference reply");
@@ -1387,12 +1388,18 @@ fn broadcast_a_ticket_is_checked_as_any_reply_part() {
     assert!(matches!(recipient_step(&v, &signed(&t, "site1", &key(1)), pinned.as_ref()), PartStep::Keep { .. }));
     // A ticket made for another recipient (its key, its name) is refused before anything of it is read.
     let theirs = Reply { recipient: "site2".into(), ..t.clone() };
-    assert_eq!(part_refusal(&recipient_step(&v, &signed(&theirs, "site2", &key(2)), pinned.as_ref())).0, Reason::WrongRecipient);
+    assert_eq!(
+        part_refusal(&recipient_step(&v, &signed(&theirs, "site2", &key(2)), pinned.as_ref())).0,
+        Reason::WrongRecipient
+    );
     // Under this recipient's name but another's key.
     assert_eq!(part_refusal(&recipient_step(&v, &signed(&t, "site1", &key(2)), pinned.as_ref())).0, Reason::BadMac);
     // A replayed ticket: its nonce is no longer outstanding.
     let replayed = Reply { nonce: Nonce([8; 16]), ..t.clone() };
-    assert_eq!(part_refusal(&recipient_step(&v, &signed(&replayed, "site1", &key(1)), pinned.as_ref())), (Reason::Replay, false));
+    assert_eq!(
+        part_refusal(&recipient_step(&v, &signed(&replayed, "site1", &key(1)), pinned.as_ref())),
+        (Reason::Replay, false)
+    );
     // A ticket for an older generation is a rollback, as any reply.
     let old = Reply { generation: 0, ..t.clone() };
     assert_eq!(part_refusal(&recipient_step(&v, &signed(&old, "site1", &key(1)), pinned.as_ref())).0, Reason::Rollback);

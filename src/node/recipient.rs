@@ -940,7 +940,11 @@ impl Recipient {
             fresh: sub.fresh_next,
             registration,
             // Broadcast tickets need a pinned owner key: without it a broadcast part could not be verified.
-            accepts: if self.owner_key.is_some() { vec![protocol::broadcast::Capability::Broadcast] } else { Vec::new() },
+            accepts: if self.owner_key.is_some() {
+                vec![protocol::broadcast::Capability::Broadcast]
+            } else {
+                Vec::new()
+            },
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));

@@ -213,7 +213,10 @@ pub fn open_broadcast(
     if b.mailferry != VERSION || b.broadcast != BROADCAST_VERSION {
         return Err(Refusal::new(
             Reason::UnsupportedVersion,
-            format!("broadcast format {} of protocol {}; this build speaks format {BROADCAST_VERSION}", b.broadcast, b.mailferry),
+            format!(
+                "broadcast format {} of protocol {}; this build speaks format {BROADCAST_VERSION}",
+                b.broadcast, b.mailferry
+            ),
         ));
     }
     if !super::valid_reply_id(b.broadcast_id.as_str()) {
@@ -259,7 +262,10 @@ pub fn matches_ticket(ticket: &super::Reply, part: &Broadcast) -> Result<(), Ref
     match differs {
         Some(what) => Err(Refusal::new(
             Reason::Malformed,
-            format!("broadcast {} part {} differs from its ticket (reply {}) in its {what}", part.broadcast_id, part.part, ticket.reply_id),
+            format!(
+                "broadcast {} part {} differs from its ticket (reply {}) in its {what}",
+                part.broadcast_id, part.part, ticket.reply_id
+            ),
         )),
         None => Ok(()),
     }
@@ -312,7 +318,8 @@ mod tests {
         let changed = encode(&Broadcast { generation: 3, ..part() });
         assert_eq!(reason(&auth, &changed, Some(&owner.public())), Reason::BadSignature);
         // The owner's reply signature over the same bytes is not a broadcast signature.
-        let as_reply = encode(&BroadcastAuth { signature: owner.sign(&control), ..BroadcastAuth::sign(&owner, &control) });
+        let as_reply =
+            encode(&BroadcastAuth { signature: owner.sign(&control), ..BroadcastAuth::sign(&owner, &control) });
         assert_eq!(reason(&as_reply, &control, Some(&owner.public())), Reason::BadSignature);
         // Signed, but not a valid part: an unknown field, a format this build does not speak, parts out of range.
         let sign = |c: &[u8]| encode(&BroadcastAuth::sign(&owner, c));
@@ -323,7 +330,11 @@ mod tests {
         let beyond = encode(&Broadcast { part: 2, ..part() });
         assert_eq!(reason(&sign(&beyond), &beyond, Some(&owner.public())), Reason::Limit);
         // A plain reply's auth part is no broadcast's.
-        let hmac = encode(&crate::protocol::Auth::sign("site1", &crate::crypto::Key::from_hex(&"11".repeat(32)).unwrap(), &control));
+        let hmac = encode(&crate::protocol::Auth::sign(
+            "site1",
+            &crate::crypto::Key::from_hex(&"11".repeat(32)).unwrap(),
+            &control,
+        ));
         assert!(!is_broadcast_auth(&hmac));
     }
 
@@ -356,7 +367,9 @@ mod tests {
             root: Digest([2; 32]),
             base: Digest([1; 32]),
             need_full_inventory: false,
-            payloads: (1..=2).map(|k| Payload { id: format!("pack-{k:04}.bin"), size: 10, blake3: Digest([3; 32]) }).collect(),
+            payloads: (1..=2)
+                .map(|k| Payload { id: format!("pack-{k:04}.bin"), size: 10, blake3: Digest([3; 32]) })
+                .collect(),
             body: Frame { offset: 0, length: 10, size: 10, blake3: Digest([0; 32]) },
             rekey: None,
             same_as: None,
@@ -373,7 +386,8 @@ mod tests {
         let own_id = Reply { broadcast: Some(BroadcastRef { id: ticket.reply_id.clone() }), ..ticket.clone() };
         assert_eq!(malformed(own_id), Reason::Malformed);
         // Its pack is bound to the broadcast, not to the recipient: the same for every ticket.
-        let other = Reply { recipient: "site2".into(), reply_id: ReplyId::unchecked("cd".repeat(16)), ..ticket.clone() };
+        let other =
+            Reply { recipient: "site2".into(), reply_id: ReplyId::unchecked("cd".repeat(16)), ..ticket.clone() };
         assert_eq!(crate::protocol::pack_aad(&ticket), crate::protocol::pack_aad(&other));
         let plain = Reply { broadcast: None, ..ticket.clone() };
         assert_ne!(crate::protocol::pack_aad(&plain), crate::protocol::pack_aad(&ticket));

@@ -110,9 +110,11 @@ impl Owner {
         head.parts = made.payloads.len() as u32;
         head.payloads = made.payloads.clone();
         head.broadcast = Some(BroadcastRef { id: made.id.clone() });
-        head.sealed_key = made.sealing.as_ref().map(|s| s.for_recipient(&head.recipient, &head.channel, &plan.key, &mut rng));
+        head.sealed_key =
+            made.sealing.as_ref().map(|s| s.for_recipient(&head.recipient, &head.channel, &plan.key, &mut rng));
         let control = protocol::encode(&head);
-        let auth = protocol::encode(&Auth::sign(&head.recipient, &plan.key, &control).signed_by(Some(&signer), &control));
+        let auth =
+            protocol::encode(&Auth::sign(&head.recipient, &plan.key, &control).signed_by(Some(&signer), &control));
         let (rec, req) = (&plan.recipient, &plan.request);
         let from = self.cfg.owner.address.clone();
         let list = self.cfg.owner.broadcast_address.clone();
@@ -153,7 +155,15 @@ impl Owner {
             match &first {
                 Some(parts) => {
                     let bytes: usize = parts.iter().map(Vec::len).sum();
-                    db.record_broadcast(&id, &key.channel, key.generation, &head.root, &key.base, parts.len() as u32, bytes as u64)?;
+                    db.record_broadcast(
+                        &id,
+                        &key.channel,
+                        key.generation,
+                        &head.root,
+                        &key.base,
+                        parts.len() as u32,
+                        bytes as u64,
+                    )?;
                     // The first ticket's address starts the envelope recipients; a list address is all of them.
                     let to = list.as_deref().unwrap_or(&rec.address);
                     for (k, raw) in (1..).zip(parts) {
@@ -229,7 +239,13 @@ impl Owner {
         crate::node::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
         let body = packed.body_frame;
         let id = ReplyId::unchecked(rng.hex_id(16));
-        let aad = protocol::broadcast::broadcast_pack_aad(&id, &key.channel, key.generation, &plan.generation.root, &key.base);
+        let aad = protocol::broadcast::broadcast_pack_aad(
+            &id,
+            &key.channel,
+            key.generation,
+            &plan.generation.root,
+            &key.base,
+        );
         let (packed, sealing) = sealing::seal_broadcast_pack(&self.state.db, &key.channel, &aad, packed, rng)?;
         let head = Broadcast {
             mailferry: VERSION,
@@ -316,7 +332,10 @@ fn cut(
             &Outgoing {
                 from,
                 to,
-                subject: format!("mailferry: generation {} of channel {} (broadcast{of})", head.generation, head.channel),
+                subject: format!(
+                    "mailferry: generation {} of channel {} (broadcast{of})",
+                    head.generation, head.channel
+                ),
                 text: format!(
                     "This is an automatic message from mailferry: part of an update sent once to every recipient\n\
                      on the same tree. Each recipient's own ticket says whether it is for it; there is nothing to do\n\
@@ -329,7 +348,11 @@ fn cut(
             },
             &env,
         )?;
-        anyhow::ensure!(raw.len() as u64 <= limit, "broadcast part {k} is {} bytes, over the {limit}-byte limit (a bug)", raw.len());
+        anyhow::ensure!(
+            raw.len() as u64 <= limit,
+            "broadcast part {k} is {} bytes, over the {limit}-byte limit (a bug)",
+            raw.len()
+        );
         out.push(raw);
     }
     Ok((payloads, out))

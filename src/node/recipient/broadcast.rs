@@ -129,7 +129,10 @@ impl Recipient {
     ) -> Result<Result<Handled, Refusal>> {
         let Some(b) = &ticket.broadcast else { anyhow::bail!("not a ticket") };
         if let Some(name) = attachments.keys().next() {
-            return Ok(Err(Refusal::new(Reason::BadPayload, format!("a ticket carries no attachment, this one {name:?}"))));
+            return Ok(Err(Refusal::new(
+                Reason::BadPayload,
+                format!("a ticket carries no attachment, this one {name:?}"),
+            )));
         }
         let nonce = ticket.nonce.to_hex();
         let row = TicketRow {
