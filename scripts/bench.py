@@ -1016,7 +1016,14 @@ def run_fleet(args, binary, n, broadcast):
         for name, _ in sites:
             before[name] = set(maildir_messages(spool, f"{name}@fleet.example"))
         db = d / "owner" / "state.db"
-        db_before = db.stat().st_size + (Path(str(db) + "-wal").stat().st_size if Path(str(db) + "-wal").exists() else 0)
+
+        def used():
+            # Pages in use (free pages left by sent outbox messages are reused, not growth).
+            q = run_plain(["sqlite3", db, "PRAGMA page_count;", "PRAGMA freelist_count;", "PRAGMA page_size;"])
+            pages, free, size = (int(x) for x in q.stdout.split())
+            return (pages - free) * size
+
+        db_before = used()
         ans = run(owner_cfg, "owner")
         digests, total, copies = set(), 0, 0
         for name, _ in sites:
@@ -1033,7 +1040,7 @@ def run_fleet(args, binary, n, broadcast):
         for _, cfg in sites:
             run(cfg, "recipient", "--no-request")
         rec = run(owner_cfg, "owner")
-        db_after = db.stat().st_size + (Path(str(db) + "-wal").stat().st_size if Path(str(db) + "-wal").exists() else 0)
+        db_after = used()
         return {"bytes": total, "messages": len(digests), "copies": copies, "cpu": ans.cpu, "rss_kb": ans.maxrss_kb,
                 "receipt_cpu": rec.cpu, "db_growth": db_after - db_before}
 

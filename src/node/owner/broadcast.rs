@@ -336,11 +336,10 @@ fn cut(
                     "mailferry: generation {} of channel {} (broadcast{of})",
                     head.generation, head.channel
                 ),
-                text: format!(
-                    "This is an automatic message from mailferry: part of an update sent once to every recipient\n\
-                     on the same tree. Each recipient's own ticket says whether it is for it; there is nothing to do\n\
-                     by hand.\n"
-                ),
+                text: "This is an automatic message from mailferry: part of an update sent once to every recipient\n\
+                       on the same tree. Each recipient's own ticket says whether it is for it; there is nothing to do\n\
+                       by hand.\n"
+                    .to_owned(),
                 kind: Kind::Reply,
                 control: &control,
                 auth: &auth,
