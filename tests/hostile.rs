@@ -900,6 +900,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         full_content: false,
         resend: None,
         fresh: false,
+        methods: Vec::new(),
     };
     let control = mailferry::protocol::encode(&req);
     let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));

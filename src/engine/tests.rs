@@ -190,6 +190,7 @@ fn request() -> Request {
         full_content: false,
         resend: None,
         fresh: false,
+        methods: Vec::new(),
     }
 }
 

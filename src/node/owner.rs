@@ -622,6 +622,8 @@ impl Owner {
         let packer = Packer {
             store: &self.store,
             level: self.cfg.owner.compression_level,
+            lines: plan.request.decodes(protocol::Method::Lines),
+            bsdiff_max: super::pack::bsdiff_max_input(),
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
             bsdiff_budget: std::cell::Cell::new(super::pack::bsdiff_allowance(

@@ -28,8 +28,8 @@ use crate::manifest::{Digest, Entry, Listed};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request, Resend,
-    Update, VERSION, Want,
+    self, Auth, Control, InventoryKind, Kind, Method, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId, Request,
+    Resend, Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};
@@ -528,6 +528,7 @@ impl Recipient {
             full_content,
             resend,
             fresh: sub.fresh_next,
+            methods: Method::ALL.to_vec(),
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
