@@ -623,6 +623,18 @@ impl Db {
         Ok(())
     }
 
+    /// Records a refusal of a message that was never read (refused by its size): no sender, no digest.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_unread_rejection(&self, refusal: &Refusal) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO rejections (at, reason, detail) VALUES (?1, ?2, ?3)",
+            params![now() as i64, refusal.reason.code(), refusal.detail],
+        )?;
+        Ok(())
+    }
+
     /// Rejections recorded after id `after`, oldest first, with their ids.
     ///
     /// # Errors

@@ -1229,6 +1229,10 @@ impl Role for Recipient {
         &self.state.db
     }
 
+    fn max_message_bytes(&self) -> u64 {
+        self.cfg.limits.max_message_bytes
+    }
+
     fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
     }
