@@ -282,12 +282,16 @@ pub struct AnswerPlan {
     pub key: Key,
     /// The key a rotation is delivering, to send sealed in the reply.
     pub rekey: Option<Rotation>,
-    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory.
+    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory (unless
+    /// `current`).
     pub inventory: Option<Manifest>,
+    /// The recipient's tree is the generation itself (a changes-only request naming the newest generation
+    /// with no changes and its root): the reply says "current", and no file list was loaded or diffed.
+    pub current: bool,
     /// The generation the reply brings.
     pub generation: Generation,
-    /// Its tree.
-    pub target: Arc<Manifest>,
+    /// Its tree; `None` when `current` (not loaded).
+    pub target: Option<Arc<Manifest>>,
     /// The operations that turn the recipient's tree into it (none without an inventory).
     pub ops: Vec<Op>,
     /// The size its parts must fit, with this step's effects taken into account.
@@ -536,8 +540,19 @@ fn on_request(
             b.bytes
         );
     }
+    // An up-to-date tree: a changes-only request naming the newest generation with no changes describes
+    // exactly that generation, whose root is known. It is answered without loading, rebuilding or diffing
+    // a file list, which on a large tree costs far more than the rest of the answer.
+    let current = req.inventory_kind == InventoryKind::Changes
+        && req.generation == generation.number
+        && req.inventory.is_empty()
+        && req.removed.is_empty();
+    if current && req.root != generation.root {
+        refuse!(Reason::Malformed, "request root does not match its inventory");
+    }
     // R3 and R4: the recipient's tree, listed whole, or rebuilt from the generation it names plus its changes.
     let inventory = match req.inventory_kind {
+        _ if current => None,
         InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
             Ok(m) => Some(m),
             Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
@@ -577,9 +592,13 @@ fn on_request(
     {
         return Ok(Outcome::Resend(Box::new(ResendPlan { effects, ..plan })));
     }
-    let target = view.manifest(generation.number)?.ok_or_else(|| {
-        anyhow::format_err!("the newest generation {} has no manifest in the state database", generation.number)
-    })?;
+    let target = if current {
+        None
+    } else {
+        Some(view.manifest(generation.number)?.ok_or_else(|| {
+            anyhow::format_err!("the newest generation {} has no manifest in the state database", generation.number)
+        })?)
+    };
     // R7: the same tree, for the same generation, was answered before and that reply is still on its way
     // (or lost): a reference to it costs a few kilobytes, a new reply as much as the first. A recipient
     // that cannot use the earlier reply asks `fresh`.
@@ -587,8 +606,8 @@ fn on_request(
         (Some(_), None, false) => view.repeat_of(&rec.name, &req.root, generation.number, req.full_content)?,
         _ => None,
     };
-    let ops = match (&inventory, &same_as) {
-        (Some(inv), None) => diff(inv, &target),
+    let ops = match (&inventory, &same_as, &target) {
+        (Some(inv), None, Some(target)) => diff(inv, target),
         _ => Vec::new(),
     };
     // A limit this very step learns applies to the reply it sends.
@@ -606,6 +625,7 @@ fn on_request(
         key,
         rekey,
         inventory,
+        current,
         generation,
         target,
         ops,
@@ -796,7 +816,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         generation: plan.generation.number,
         root: plan.generation.root,
         base: plan.request.root,
-        need_full_inventory: plan.inventory.is_none(),
+        need_full_inventory: plan.inventory.is_none() && !plan.current,
         payloads: Vec::new(),
         body,
         // The next key travels sealed under the key the reply is made under.
