@@ -402,3 +402,32 @@ fn a_rebuilt_binary_travels_as_a_bsdiff_patch() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 2);
 }
+
+#[test]
+fn a_queued_reply_is_stored_once() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "db.bin", &noise(1 << 20, 21), 0o644);
+    w.publish();
+    site.run(true);
+    // The recipient's Maildir cannot take mail for now: the reply stays queued at the owner.
+    let tmp = site.maildir(&w).join("tmp");
+    fs::remove_dir_all(&tmp).unwrap();
+    fs::write(&tmp, b"in the way").unwrap();
+    w.owner_run();
+    let db = rusqlite::Connection::open(w.path("owner/state.db")).unwrap();
+    let queued: i64 = db.query_row("SELECT count(*) FROM outbox WHERE failed_at IS NULL", [], |r| r.get(0)).unwrap();
+    assert_eq!(queued, 1, "the reply is queued");
+    let bytes = |table: &str| -> i64 {
+        db.query_row(&format!("SELECT coalesce(sum(length(raw)), 0) FROM {table}"), [], |r| r.get(0)).unwrap()
+    };
+    assert!(bytes("sent_parts") > 1 << 20, "the part is kept for resending");
+    assert_eq!(bytes("outbox"), 0, "the queued part refers to the kept copy instead of holding its own");
+    drop(db);
+    // Sent from the kept copy once the Maildir is back.
+    fs::remove_file(&tmp).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}

@@ -569,7 +569,7 @@ impl Role for Owner {
                     let mut bytes = 0;
                     for (k, raw) in &parts {
                         bytes += raw.len();
-                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), from, &rec.address, raw)?;
+                        db.outbox_put_kept(&format!("reply-{nonce}-{k:04}"), from, &rec.address, &reply_id, *k)?;
                     }
                     db.record_answer(&Answered {
                         recipient: &rec.name,
@@ -637,6 +637,7 @@ impl Owner {
                 self.cfg.owner.bsdiff_daily_budget,
                 now,
             )?),
+            made: Default::default(),
         };
         let ops = plan.ops.clone();
         let n_ops = ops.len();
@@ -657,7 +658,9 @@ impl Owner {
             let keys = (&plan.key, signer.as_ref());
             let parts = split(&head, &packed, limit, keys, (&from, &to), n_ops, &mut rng, |k, token, raw| {
                 bytes += raw.len();
-                db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
+                // Kept for resending, and queued as a reference to that one copy.
+                db.keep_sent_part(&head.reply_id, k, &rec.name, raw)?;
+                db.outbox_put_kept(&format!("reply-{nonce}-{k:04}"), &from, &to, &head.reply_id, k)?;
                 if let Some(id) = envelope::hints(raw).message_id {
                     let sent = SentMessage {
                         recipient: rec.name.clone(),
@@ -668,7 +671,7 @@ impl Owner {
                     };
                     db.record_sent_id(&id, &sent)?;
                 }
-                db.keep_sent_part(&head.reply_id, k, &rec.name, raw)
+                Ok(())
             })?;
             db.record_answer(&Answered {
                 recipient: &rec.name,

@@ -168,6 +168,9 @@ pub struct Packer<'a> {
     /// Most bytes (bases plus outputs) that fresh bsdiff diffs may take for this reply; what is left
     /// goes down as they are made. `u64::MAX` for no bound, 0 for no fresh bsdiff at all.
     pub bsdiff_budget: Cell<u64>,
+    /// Cache entries this packer made: a stream made to measure a method and then used is fresh work of
+    /// this reply, not a cache hit (the stats say what earlier replies saved).
+    pub made: std::cell::RefCell<HashSet<PathBuf>>,
 }
 
 /// Meta key of the bsdiff bytes `recipient` spent: the value is "DAY BYTES" (days since the epoch).
@@ -434,7 +437,8 @@ impl Packer<'_> {
         {
             let frame = cached.split_off(32);
             let digest = Digest(cached.try_into().expect("32 bytes"));
-            return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: true }));
+            let cached = !self.made.borrow().contains(&path);
+            return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached }));
         }
         if method == Method::Bsdiff {
             // Counted before the work, from the declared sizes: the suffix sort of the base and the scan
@@ -476,6 +480,7 @@ impl Packer<'_> {
         tmp.write_all(&digest.0)?;
         tmp.write_all(&frame)?;
         tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("failed to cache `{}`", path.display()))?;
+        self.made.borrow_mut().insert(path);
         Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: false }))
     }
 
@@ -664,6 +669,7 @@ mod tests {
                 cache: dir.path().join(cache),
                 tmp: dir.path().join("tmp"),
                 bsdiff_budget: Cell::new(budget),
+                made: Default::default(),
             };
             let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
             check_contents(&store, &packed, &want);
@@ -705,6 +711,7 @@ mod tests {
             cache: dir.path().join("cache"),
             tmp: dir.path().join("tmp"),
             bsdiff_budget: Cell::new(u64::MAX),
+            made: Default::default(),
         };
         let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
         let s = packed.stats;
@@ -752,6 +759,7 @@ mod tests {
                 cache: dir.path().join(cache),
                 tmp: dir.path().join("tmp"),
                 bsdiff_budget: Cell::new(u64::MAX),
+                made: Default::default(),
             };
             let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
             check_contents(&store, &packed, &want);
