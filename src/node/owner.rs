@@ -33,7 +33,7 @@ use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply, ReplyId};
-use crate::scan::{Exclude, ForeignKind, scan_excluding};
+use crate::scan::{Exclude, ForeignKind, StatCache, scan_excluding_cached};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
 
@@ -299,8 +299,22 @@ impl Owner {
         let state = Exclude::directory(&self.cfg.state_dir)
             .with_context(|| format!("failed to list the state directory `{}`", self.cfg.state_dir.display()))?;
         let batch = self.store.batch();
-        let scan = scan_excluding(&source, &|p| batch.put_file(p), &state)
+        // Files whose stamp is as at the last publish are not read again: their content is in the store
+        // (in the newest generation, which pruning keeps). The cache is used only with the generation it
+        // was saved with.
+        let latest = self.state.db.latest_generation()?;
+        let cache = PublishCache::new(&self.cfg.state_dir);
+        let old = cache.load(latest.as_ref().map(|g| g.root));
+        let cached = scan_excluding_cached(&source, &|p| batch.put_file(p), &state, &old)
             .with_context(|| format!("cannot publish `{}`", source.display()))?;
+        tracing::debug!(files = cached.scan.manifest.len(), read = cached.hashed, "scanned the source tree");
+        // No new cache means the old one still holds; an old one not used (stale) must not stay.
+        let keep = match cached.cache {
+            Some(c) => Some(c),
+            None if old.is_empty() => Some(StatCache::new()),
+            None => None,
+        };
+        let scan = cached.scan;
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
                 ForeignKind::Symlink { target } => {
@@ -331,14 +345,16 @@ impl Owner {
         manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
-        if let Some(latest) = self.state.db.latest_generation()?
+        if let Some(latest) = latest
             && latest.root == root
         {
+            cache.save(keep.as_ref(), root);
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
         // The new objects are durable and in place before the generation that refers to them exists.
         batch.commit().context("failed to store the new generation's content")?;
         let generation = self.state.db.add_generation(&manifest)?;
+        cache.save(keep.as_ref(), root);
         info!(generation, root = %root.short(), files, bytes, "published");
         self.prune()?;
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
@@ -456,6 +472,50 @@ impl Owner {
         self.state.db.start_key_rotation(name, &key.to_hex(), &key.id(), grace.as_secs())?;
         info!(recipient = name, key = %key.id(), "key rotation started");
         Ok(key.id())
+    }
+}
+
+/// The stat cache of `owner publish` (the recipient's format, [`crate::statcache`]): `publish-stat-cache`
+/// in the state directory, with `publish-stat-cache.root` naming the root of the generation it was saved
+/// with. It is only an optimisation: a missing, damaged or stale one costs one full read of the source.
+struct PublishCache {
+    file: PathBuf,
+    root_file: PathBuf,
+}
+
+impl PublishCache {
+    fn new(state_dir: &Path) -> PublishCache {
+        PublishCache {
+            file: state_dir.join("publish-stat-cache"),
+            root_file: state_dir.join("publish-stat-cache.root"),
+        }
+    }
+
+    /// The cache, if it was saved with the generation whose root is `latest`; else the empty cache.
+    fn load(&self, latest: Option<Digest>) -> StatCache {
+        let saved_with = std::fs::read_to_string(&self.root_file).ok().and_then(|t| Digest::from_hex(t.trim()).ok());
+        if latest.is_none() || saved_with != latest {
+            return StatCache::new();
+        }
+        StatCache::load(&self.file).unwrap_or_else(|e| {
+            warn!("{:#}; every source file will be read again", anyhow::Error::from(e));
+            StatCache::new()
+        })
+    }
+
+    /// Keeps `cache` (when the scan made a new one) for the generation whose root is `root`. Failing to is
+    /// not fatal: the next publish reads everything.
+    fn save(&self, cache: Option<&StatCache>, root: Digest) {
+        // The root is written last and removed first: a cache and a root that disagree are never used.
+        let _ = std::fs::remove_file(&self.root_file);
+        let saved = cache.map_or(Ok(()), |c| c.save(&self.file)).and_then(|()| {
+            let tmp = self.root_file.with_extension("root.tmp");
+            std::fs::write(&tmp, format!("{}\n", root.to_hex()))?;
+            std::fs::rename(&tmp, &self.root_file)
+        });
+        if let Err(e) = saved {
+            warn!("failed to keep the publish stat cache `{}`: {e}", self.file.display());
+        }
     }
 }
 
