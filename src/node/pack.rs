@@ -24,9 +24,9 @@
 //!   same base, and smaller than the file's frame, the file travels alone as that patch. Executables shift
 //!   addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
 //!
-//! zstd-prefix streams are compressed at a level chosen for their window ([`prefix_level`]), not at the
-//! store's `compression-level`: high levels pay off on small windows and cost minutes (and lose ratio)
-//! on windows of tens of megabytes, where a low level with long-distance matching does better.
+//! zstd-prefix streams are compressed at levels chosen for their window ([`prefix_levels`]), not at the
+//! store's `compression-level`: high levels pay off on small windows and cost minutes (and sometimes lose
+//! ratio) on windows of tens of megabytes, where the smaller of levels 12 and 3 does better.
 //!
 //! bsdiff is the one method whose cost a request can choose: its inventory names, for every path, a content
 //! the owner stores (any kept version of any file), and each new choice of bases misses the cache. Fresh
@@ -85,17 +85,15 @@ pub const LINES_GAIN: (u64, u64) = (7, 8);
 /// Most bytes of a file or its old version diffed line by line (about 40 bytes of memory per line).
 pub const LINES_MAX_INPUT: u64 = PATCH_WINDOW;
 
-/// The zstd level of a zstd-prefix stream whose prefix plus output is `window` bytes: 19 up to 8 MiB,
-/// 15 up to 32 MiB, then 3 (with long-distance matching, as every stream has). Measured on the benchmark's
-/// pairs (`docs/benchmark.md`): above a few dozen megabytes the high levels' match finders take minutes
-/// and find less than level 3 with long-distance matching (the 100 MB signature database: level 19 gave
-/// 2.66 MB, level 9 282 KB, level 3 251 KB).
-pub fn prefix_level(window: u64) -> i32 {
-    match window {
-        0..=0x80_0000 => 19,
-        0x80_0001..=0x200_0000 => 15,
-        _ => 3,
-    }
+/// The zstd levels tried for a zstd-prefix stream whose prefix plus output is `window` bytes; the smallest
+/// frame is sent. Measured with `zstd --long=31 --patch-from` on the benchmark's pairs (`docs/benchmark.md`):
+/// up to 8 MiB level 19 is best and cheap enough. Above, it takes seconds to minutes and on some content
+/// fails badly (the 100 MB signature database's 45 MB file: 2.66 MB at 19, 218 KB at 3), while level 12
+/// stays under a second and is far better than 3 on source code (typescript's 54 MB window: 149 KB at 12,
+/// 223 KB at 3, 197 KB at 9) and level 3 better on long verbatim runs (the signature database: 218 KB at 3,
+/// 240 KB at 12). Both cost about as much as level 12 alone.
+pub fn prefix_levels(window: u64) -> &'static [i32] {
+    if window <= 8 << 20 { &[19] } else { &[12, 3] }
 }
 
 /// The largest base (and output) diffed with bsdiff on this machine: [`bsdiff::MAX_INPUT`] always, and up
@@ -155,7 +153,7 @@ pub struct Packer<'a> {
     /// Where the content comes from.
     pub store: &'a Store,
     /// zstd level of the reply body (the store's `compression-level`, within 3..=19). Delta streams have
-    /// their own levels: [`prefix_level`], [`BSDIFF_LEVEL`], [`lines::LEVEL`].
+    /// their own levels: [`prefix_levels`], [`BSDIFF_LEVEL`], [`lines::LEVEL`].
     pub level: i32,
     /// Whether the recipient decodes line deltas (its request names the `lines` method).
     pub lines: bool,
@@ -415,14 +413,16 @@ impl Packer<'_> {
     /// bsdiff patch not cached that the budget has no room for, which is then not cached either).
     fn stream(&self, group: &[&Need], bases: &[Base], method: Method, stats: &mut PackStats) -> Result<Option<Delta>> {
         let window = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
-        let level = match method {
-            Method::ZstdPrefix => prefix_level(window),
-            Method::Bsdiff => BSDIFF_LEVEL,
-            Method::Lines => lines::LEVEL,
+        let levels = match method {
+            Method::ZstdPrefix => prefix_levels(window),
+            Method::Bsdiff => &[BSDIFF_LEVEL],
+            Method::Lines => &[lines::LEVEL],
         };
         let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v4");
         key.update(method.code().as_bytes()).update(b"m");
-        key.update(&level.to_le_bytes());
+        for level in levels {
+            key.update(&level.to_le_bytes());
+        }
         for b in bases {
             key.update(&b.blake3.0).update(b"b");
         }
@@ -471,7 +471,16 @@ impl Packer<'_> {
             }
         }
         let frame = match method {
-            Method::ZstdPrefix => delta::compress(&prefix, &output, level)?,
+            Method::ZstdPrefix => {
+                let mut best: Option<Vec<u8>> = None;
+                for &level in levels {
+                    let frame = delta::compress(&prefix, &output, level)?;
+                    if best.as_ref().is_none_or(|b| frame.len() < b.len()) {
+                        best = Some(frame);
+                    }
+                }
+                best.unwrap_or_default()
+            }
             Method::Bsdiff => self.patch(&prefix, &output, &digest)?.unwrap_or_default(),
             Method::Lines => line_delta(&prefix, &output, &digest)?.unwrap_or_default(),
         };
