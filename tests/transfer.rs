@@ -431,3 +431,31 @@ fn a_queued_reply_is_stored_once() {
     site.run(false);
     assert_same_tree(&w.source, &site.data);
 }
+
+#[test]
+fn requests_from_the_same_base_answered_together_share_one_pack() {
+    let w = World::new();
+    let sites = [w.site("site1"), w.site("site2"), w.site("site3")];
+    let text: String = (0..20_000).map(|i| format!("Sig.Agent-{i}:0:*:{:016x}\n", i * 7919)).collect();
+    put(&w.source, "db/main.hdb", text.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        w.sync(s);
+    }
+    let edited: String = text.lines().filter(|l| !l.ends_with('7')).map(|l| format!("{l}\n")).collect::<String>()
+        + "Sig.Agent-new:0:*:00ff\n";
+    put(&w.source, "db/main.hdb", edited.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        s.run(true);
+    }
+    let log = w.owner_run();
+    let answers: Vec<&str> = log.lines().filter(|l| l.contains("answered request")).collect();
+    assert_eq!(answers.len(), 3, "{log}");
+    assert!(answers[0].contains("reused=false") && answers[0].contains("lines=1"), "a line delta: {log}");
+    assert!(answers[1..].iter().all(|a| a.contains("reused=true")), "packed once: {log}");
+    for s in &sites {
+        s.run(false);
+        assert_same_tree(&w.source, &s.data);
+    }
+}

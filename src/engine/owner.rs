@@ -284,7 +284,7 @@ pub struct AnswerPlan {
     pub rekey: Option<Rotation>,
     /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory (unless
     /// `current`).
-    pub inventory: Option<Manifest>,
+    pub inventory: Option<Arc<Manifest>>,
     /// The recipient's tree is the generation itself (a changes-only request naming the newest generation
     /// with no changes and its root): the reply says "current", and no file list was loaded or diffed.
     pub current: bool,
@@ -554,12 +554,15 @@ fn on_request(
     let inventory = match req.inventory_kind {
         _ if current => None,
         InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
-            Ok(m) => Some(m),
+            Ok(m) => Some(Arc::new(m)),
             Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
         },
         InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
         InventoryKind::Changes => match view.manifest(req.generation)? {
             None => None,
+            // No changes: the tree is that generation, shared rather than copied (a stored generation is
+            // a valid tree).
+            Some(base) if req.removed.is_empty() && req.inventory.is_empty() => Some(base),
             Some(base) => {
                 let mut m = (*base).clone();
                 for p in &req.removed {
@@ -577,7 +580,7 @@ fn on_request(
                 if let Err(e) = m.validate_shape() {
                     refuse!(Reason::BadPath, "inventory is not a valid tree: {e}");
                 }
-                Some(m)
+                Some(Arc::new(m))
             }
         },
     };

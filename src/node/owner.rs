@@ -54,7 +54,23 @@ pub struct Owner {
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
     signer: Option<SigningKey>,
+    /// Packs made recently, by what determines them: a fleet on the same base and generation is packed
+    /// once, and each recipient's reply only cut into parts and authenticated.
+    packs: RefCell<Vec<(PackKey, Rc<Packed>)>>,
 }
+
+/// What a pack is a function of: the recipient's tree (by its root), the generation, whole files or not,
+/// and whether line deltas may be used. (The bsdiff budget only decides how compact a pack is.)
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct PackKey {
+    base: Digest,
+    generation: u64,
+    full_content: bool,
+    lines: bool,
+}
+
+/// How many packs an owner keeps in memory (each is a temporary file and its body).
+const KEEP_PACKS: usize = 4;
 
 /// Default grace period of a rotated key: a week.
 pub const DEFAULT_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -215,7 +231,15 @@ impl Owner {
             Signing::Hmac => None,
             Signing::HmacEd25519 => Some(signing_key(&state.db)?),
         };
-        Ok(Owner { cfg, state, store, manifests: RefCell::default(), server_limit: None, signer })
+        Ok(Owner {
+            cfg,
+            state,
+            store,
+            manifests: RefCell::default(),
+            server_limit: None,
+            signer,
+            packs: RefCell::default(),
+        })
     }
 
     /// The configuration.
@@ -701,8 +725,31 @@ impl Owner {
         };
         let ops = plan.ops.clone();
         let n_ops = ops.len();
-        let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
-        super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
+        // Only a fresh answer with operations is worth keeping (a reference or "current" packs nothing).
+        let key = (plan.inventory.is_some() && plan.same_as.is_none() && n_ops > 0).then_some(PackKey {
+            base: plan.request.root,
+            generation: plan.generation.number,
+            full_content: plan.request.full_content,
+            lines: packer.lines,
+        });
+        let kept =
+            key.and_then(|k| self.packs.borrow().iter().find(|(p, _)| *p == k).map(|(_, packed)| packed.clone()));
+        let reused = kept.is_some();
+        let packed = match kept {
+            Some(p) => p,
+            None => {
+                let p = Rc::new(packer.pack(plan.inventory.as_deref(), ops, plan.request.full_content)?);
+                super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, p.stats.bsdiff_bytes, now)?;
+                if let Some(k) = key {
+                    let mut packs = self.packs.borrow_mut();
+                    if packs.len() >= KEEP_PACKS {
+                        packs.remove(0);
+                    }
+                    packs.push((k, p.clone()));
+                }
+                p
+            }
+        };
         let mut rng = SystemEntropy;
         let head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
         let limit = plan.limit;
@@ -761,7 +808,7 @@ impl Owner {
         info!(
             recipient = %rec.name, generation = head.generation, ops = n_ops, parts, bytes, to = %to,
             local = stats.local, frames = stats.frames, streamed = stats.streamed,
-            streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff,
+            streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff, lines = stats.lines, reused,
             "answered request"
         );
         Ok(Handled::Answered { recipient: rec.name.clone(), generation: head.generation, ops: n_ops })
