@@ -25,8 +25,9 @@
 //!   addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
 //!
 //! zstd-prefix streams are compressed at levels chosen for their window ([`prefix_levels`]), not at the
-//! store's `compression-level`: high levels pay off on small windows and cost minutes (and sometimes lose
-//! ratio) on windows of tens of megabytes, where the smaller of levels 12 and 3 does better.
+//! store's `compression-level`: high levels pay off on small windows and on groups where content moves
+//! between files, and cost minutes (and sometimes lose ratio) on one large file against its old version,
+//! where the smaller of levels 12 and 3 does better.
 //!
 //! bsdiff is the one method whose cost a request can choose: its inventory names, for every path, a content
 //! the owner stores (any kept version of any file), and each new choice of bases misses the cache. Fresh
@@ -85,15 +86,21 @@ pub const LINES_GAIN: (u64, u64) = (7, 8);
 /// Most bytes of a file or its old version diffed line by line (about 40 bytes of memory per line).
 pub const LINES_MAX_INPUT: u64 = PATCH_WINDOW;
 
-/// The zstd levels tried for a zstd-prefix stream whose prefix plus output is `window` bytes; the smallest
-/// frame is sent. Measured with `zstd --long=31 --patch-from` on the benchmark's pairs (`docs/benchmark.md`):
-/// up to 8 MiB level 19 is best and cheap enough. Above, it takes seconds to minutes and on some content
-/// fails badly (the 100 MB signature database's 45 MB file: 2.66 MB at 19, 218 KB at 3), while level 12
-/// stays under a second and is far better than 3 on source code (typescript's 54 MB window: 149 KB at 12,
-/// 223 KB at 3, 197 KB at 9) and level 3 better on long verbatim runs (the signature database: 218 KB at 3,
-/// 240 KB at 12). Both cost about as much as level 12 alone.
-pub fn prefix_levels(window: u64) -> &'static [i32] {
-    if window <= 8 << 20 { &[19] } else { &[12, 3] }
+/// The zstd levels tried for a zstd-prefix stream of `files` files whose prefix plus output is `window`
+/// bytes; the smallest frame is sent. Measured with `zstd --long=31 --patch-from` on the benchmark's pairs
+/// (`docs/benchmark.md`): up to 8 MiB level 19 is best and cheap enough. Above, it takes seconds to
+/// minutes, and on one file against its old version it can fail badly (the 100 MB signature database's
+/// 45 MB file: 2.66 MB at 19, 218 KB at 3), where level 12 stays under a second and the smaller of 12 and 3
+/// is within a few percent of the best (240 KB and 218 KB there). A group of several files up to 64 MiB,
+/// where content moves between files (a bundler's output), gains most from 19: typescript's changed
+/// files, 54 MB with their old versions, are 132 KB at 19, 149 KB at 12, 223 KB at 3 (19 costs about
+/// 10 s, once per pair of generations: streams are cached).
+pub fn prefix_levels(window: u64, files: usize) -> &'static [i32] {
+    match window {
+        0..=0x80_0000 => &[19],
+        _ if files > 1 && window <= 64 << 20 => &[19, 3],
+        _ => &[12, 3],
+    }
 }
 
 /// The largest base (and output) diffed with bsdiff on this machine: [`bsdiff::MAX_INPUT`] always, and up
@@ -414,7 +421,7 @@ impl Packer<'_> {
     fn stream(&self, group: &[&Need], bases: &[Base], method: Method, stats: &mut PackStats) -> Result<Option<Delta>> {
         let window = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
         let levels = match method {
-            Method::ZstdPrefix => prefix_levels(window),
+            Method::ZstdPrefix => prefix_levels(window, group.len()),
             Method::Bsdiff => &[BSDIFF_LEVEL],
             Method::Lines => &[lines::LEVEL],
         };
