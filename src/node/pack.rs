@@ -159,8 +159,9 @@ pub struct PackStats {
 pub struct Packer<'a> {
     /// Where the content comes from.
     pub store: &'a Store,
-    /// zstd level of the reply body (the store's `compression-level`, within 3..=19). Delta streams have
-    /// their own levels: [`prefix_levels`], [`BSDIFF_LEVEL`], [`lines::LEVEL`].
+    /// zstd level of the reply body (the store's `compression-level`, within 3..=19) and of streams
+    /// without bases (files compressed together). Delta streams have their own levels:
+    /// [`prefix_levels`], [`BSDIFF_LEVEL`], [`lines::LEVEL`].
     pub level: i32,
     /// Whether the recipient decodes line deltas (its request names the `lines` method).
     pub lines: bool,
@@ -421,6 +422,9 @@ impl Packer<'_> {
     fn stream(&self, group: &[&Need], bases: &[Base], method: Method, stats: &mut PackStats) -> Result<Option<Delta>> {
         let window = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
         let levels = match method {
+            // Without bases a stream only compresses files together (a first sync): the store's level,
+            // as their frames have.
+            Method::ZstdPrefix if bases.is_empty() => std::slice::from_ref(&self.level),
             Method::ZstdPrefix => prefix_levels(window, group.len()),
             Method::Bsdiff => &[BSDIFF_LEVEL],
             Method::Lines => &[lines::LEVEL],
