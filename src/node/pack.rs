@@ -88,16 +88,17 @@ pub const LINES_MAX_INPUT: u64 = PATCH_WINDOW;
 
 /// The zstd levels tried for a zstd-prefix stream of `files` files whose prefix plus output is `window`
 /// bytes; the smallest frame is sent. Measured with `zstd --long=31 --patch-from` on the benchmark's pairs
-/// (`docs/benchmark.md`): up to 8 MiB level 19 is best and cheap enough. Above, it takes seconds to
-/// minutes, and on one file against its old version it can fail badly (the 100 MB signature database's
-/// 45 MB file: 2.66 MB at 19, 218 KB at 3), where level 12 stays under a second and the smaller of 12 and 3
-/// is within a few percent of the best (240 KB and 218 KB there). A group of several files up to 64 MiB,
-/// where content moves between files (a bundler's output), gains most from 19: typescript's changed
-/// files, 54 MB with their old versions, are 132 KB at 19, 149 KB at 12, 223 KB at 3 (19 costs about
-/// 10 s, once per pair of generations: streams are cached).
+/// (`docs/benchmark.md`):
+/// - up to 1 MiB, level 19 is best and cheap;
+/// - a group of several files up to 64 MiB, where content moves between files (a bundler's output), gains
+///   most from 19: typescript's changed files, 54 MB with their old versions, are 132 KB at 19, 149 KB at
+///   12, 223 KB at 3 (19 costs about 10 s, once per pair of generations: streams are cached);
+/// - one file against its old version, and anything larger: the smaller of 12 and 3. Level 19 takes seconds
+///   to minutes there and on some content fails badly (the 100 MB signature database's 45 MB file:
+///   2.66 MB at 19, 240 KB at 12, 218 KB at 3), while 12 stays under a second.
 pub fn prefix_levels(window: u64, files: usize) -> &'static [i32] {
     match window {
-        0..=0x80_0000 => &[19],
+        0..=0x10_0000 => &[19],
         _ if files > 1 && window <= 64 << 20 => &[19, 3],
         _ => &[12, 3],
     }
