@@ -6,8 +6,8 @@
 //! nonce, a sequence number, the generation it has applied and what is in its tree now. The **owner**
 //! checks the request against the recipient it registered, diffs the tree against its newest immutable
 //! **generation**, and mails back a **reply** to the recipient's *registered* address: the operations that
-//! turn the recipient's tree into the generation, with the new contents as local copies, zstd or bsdiff
-//! deltas against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
+//! turn the recipient's tree into the generation, with the new contents as local copies, zstd, line or
+//! bsdiff deltas against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
 //! into parts that fit the relays, each part authenticated by an HMAC under that recipient's own key. The recipient verifies everything,
 //! stages the new files beside the tree, commits a journal, and renames them into place; after a crash the
 //! next run finishes the journal, so the tree is the old generation or the new one. It then mails a
@@ -37,8 +37,9 @@
 //!   take a verified message, a read-only view of the state and the time, and return a refusal or a plan
 //!   with the effects the shell applies in one transaction; randomness comes in through
 //!   [`engine::Entropy`]. Tested table-driven, one case per refusal rule of `docs/protocol.md` §11.
-//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
-//!   binaries (our own applier); both streamed and bounded when decoding.
+//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), [`delta::bsdiff`] patches for
+//!   binaries and [`delta::lines`] line deltas for text (our own appliers); all streamed and bounded when
+//!   decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //! - [`registration`]: a recipient's registration facts (bounded, canonically encoded, digested),

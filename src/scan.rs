@@ -244,6 +244,21 @@ pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanErr
     walk(root, &hash_file, Some(cache), &Exclude::default(), now_ns())
 }
 
+/// [`scan_excluding`] with a stat cache: `read` is called only for files whose [`Stamp`] differs from the
+/// one in `cache` (the owner's `publish`, which stores what it reads). What is cached and when is as for
+/// [`scan_cached`].
+///
+/// # Errors
+/// [`ScanError::Excluded`], and see [`ScanError`].
+pub fn scan_excluding_cached(
+    root: &Path,
+    read: &FileReader<'_>,
+    exclude: &Exclude,
+    cache: &StatCache,
+) -> Result<CachedScan, ScanError> {
+    walk(root, read, Some(cache), exclude, now_ns())
+}
+
 fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }

@@ -402,3 +402,60 @@ fn a_rebuilt_binary_travels_as_a_bsdiff_patch() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 2);
 }
+
+#[test]
+fn a_queued_reply_is_stored_once() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "db.bin", &noise(1 << 20, 21), 0o644);
+    w.publish();
+    site.run(true);
+    // The recipient's Maildir cannot take mail for now: the reply stays queued at the owner.
+    let tmp = site.maildir(&w).join("tmp");
+    fs::remove_dir_all(&tmp).unwrap();
+    fs::write(&tmp, b"in the way").unwrap();
+    w.owner_run();
+    let db = rusqlite::Connection::open(w.path("owner/state.db")).unwrap();
+    let queued: i64 = db.query_row("SELECT count(*) FROM outbox WHERE failed_at IS NULL", [], |r| r.get(0)).unwrap();
+    assert_eq!(queued, 1, "the reply is queued");
+    let bytes = |table: &str| -> i64 {
+        db.query_row(&format!("SELECT coalesce(sum(length(raw)), 0) FROM {table}"), [], |r| r.get(0)).unwrap()
+    };
+    assert!(bytes("sent_parts") > 1 << 20, "the part is kept for resending");
+    assert_eq!(bytes("outbox"), 0, "the queued part refers to the kept copy instead of holding its own");
+    drop(db);
+    // Sent from the kept copy once the Maildir is back.
+    fs::remove_file(&tmp).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn requests_from_the_same_base_answered_together_share_one_pack() {
+    let w = World::new();
+    let sites = [w.site("site1"), w.site("site2"), w.site("site3")];
+    let text: String = (0..20_000).map(|i| format!("Sig.Agent-{i}:0:*:{:016x}\n", i * 7919)).collect();
+    put(&w.source, "db/main.hdb", text.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        w.sync(s);
+    }
+    let edited: String = text.lines().filter(|l| !l.ends_with('7')).map(|l| format!("{l}\n")).collect::<String>()
+        + "Sig.Agent-new:0:*:00ff\n";
+    put(&w.source, "db/main.hdb", edited.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        s.run(true);
+    }
+    let log = w.owner_run();
+    let answers: Vec<&str> = log.lines().filter(|l| l.contains("answered request")).collect();
+    assert_eq!(answers.len(), 3, "{log}");
+    assert!(answers[0].contains("reused=false") && answers[0].contains("lines=1"), "a line delta: {log}");
+    assert!(answers[1..].iter().all(|a| a.contains("reused=true")), "packed once: {log}");
+    for s in &sites {
+        s.run(false);
+        assert_same_tree(&w.source, &s.data);
+    }
+}

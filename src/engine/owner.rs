@@ -405,12 +405,16 @@ pub struct AnswerPlan {
     pub key: Key,
     /// The key a rotation is delivering, to send sealed in the reply.
     pub rekey: Option<Rotation>,
-    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory.
-    pub inventory: Option<Manifest>,
+    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory (unless
+    /// `current`).
+    pub inventory: Option<Arc<Manifest>>,
+    /// The recipient's tree is the generation itself (a changes-only request naming the newest generation
+    /// with no changes and its root): the reply says "current", and no file list was loaded or diffed.
+    pub current: bool,
     /// The generation the reply brings.
     pub generation: Generation,
-    /// Its tree.
-    pub target: Arc<Manifest>,
+    /// Its tree; `None` when `current` (not loaded).
+    pub target: Option<Arc<Manifest>>,
     /// The operations that turn the recipient's tree into it (none without an inventory).
     pub ops: Vec<Op>,
     /// The size its parts must fit, with this step's effects taken into account.
@@ -750,15 +754,29 @@ fn on_request(
         },
         _ => latest,
     };
+    // An up-to-date tree: a changes-only request naming the newest generation with no changes describes
+    // exactly that generation, whose root is known. It is answered without loading, rebuilding or diffing
+    // a file list, which on a large tree costs far more than the rest of the answer.
+    let current = req.inventory_kind == InventoryKind::Changes
+        && req.generation == generation.number
+        && req.inventory.is_empty()
+        && req.removed.is_empty();
+    if current && req.root != generation.root {
+        refuse!(Reason::Malformed, "request root does not match its inventory");
+    }
     // R3 and R4: the recipient's tree, listed whole, or rebuilt from the generation it names plus its changes.
     let inventory = match req.inventory_kind {
+        _ if current => None,
         InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
-            Ok(m) => Some(m),
+            Ok(m) => Some(Arc::new(m)),
             Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
         },
         InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
         InventoryKind::Changes => match view.manifest(&req.channel, req.generation)? {
             None => None,
+            // No changes: the tree is that generation, shared rather than copied (a stored generation is
+            // a valid tree).
+            Some(base) if req.removed.is_empty() && req.inventory.is_empty() => Some(base),
             Some(base) => {
                 let mut m = (*base).clone();
                 for p in &req.removed {
@@ -776,7 +794,7 @@ fn on_request(
                 if let Err(e) = m.validate_shape() {
                     refuse!(Reason::BadPath, "inventory is not a valid tree: {e}");
                 }
-                Some(m)
+                Some(Arc::new(m))
             }
         },
     };
@@ -791,13 +809,17 @@ fn on_request(
     {
         return Ok(Outcome::Resend(Box::new(ResendPlan { effects, ..plan })));
     }
-    let target = view.manifest(&req.channel, generation.number)?.ok_or_else(|| {
-        anyhow::format_err!(
-            "generation {} of channel {:?} has no manifest in the state database",
-            generation.number,
-            req.channel
-        )
-    })?;
+    let target = if current {
+        None
+    } else {
+        Some(view.manifest(&req.channel, generation.number)?.ok_or_else(|| {
+            anyhow::format_err!(
+                "generation {} of channel {:?} has no manifest in the state database",
+                generation.number,
+                req.channel
+            )
+        })?)
+    };
     // R7: the same tree, for the same generation, was answered before and that reply is still on its way
     // (or lost): a reference to it costs a few kilobytes, a new reply as much as the first. A recipient
     // that cannot use the earlier reply asks `fresh`.
@@ -807,8 +829,8 @@ fn on_request(
         }
         _ => None,
     };
-    let ops = match (&inventory, &same_as) {
-        (Some(inv), None) => diff(inv, &target),
+    let ops = match (&inventory, &same_as, &target) {
+        (Some(inv), None, Some(target)) => diff(inv, target),
         _ => Vec::new(),
     };
     // A limit this very step learns applies to the reply it sends.
@@ -826,6 +848,7 @@ fn on_request(
         key,
         rekey,
         inventory,
+        current,
         generation,
         target,
         ops,
@@ -860,9 +883,10 @@ fn denial(
         request: req,
         key,
         rekey: None,
-        inventory: Some(Manifest::default()),
+        inventory: Some(Arc::new(Manifest::default())),
+        current: false,
         generation,
-        target: Arc::new(Manifest::default()),
+        target: None,
         ops: Vec::new(),
         limit,
         same_as: None,
@@ -1054,7 +1078,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         generation: plan.generation.number,
         root: plan.generation.root,
         base: plan.request.root,
-        need_full_inventory: plan.inventory.is_none() && plan.standing.is_none(),
+        need_full_inventory: plan.inventory.is_none() && !plan.current,
         payloads: Vec::new(),
         body,
         // The next key travels sealed under the key the reply is made under.

@@ -31,8 +31,8 @@ use crate::manifest::{Digest, Entry, Listed};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, FailureReason, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId,
-    Request, Resend, Update, VERSION, Want,
+    self, Auth, Control, FailureReason, InventoryKind, Kind, Method, Reason, Receipt, ReceiptStatus, Refusal, Reply,
+    ReplyId, Request, Resend, Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};
@@ -953,6 +953,7 @@ impl Recipient {
             resend,
             fresh: sub.fresh_next,
             registration,
+            methods: Method::ALL.to_vec(),
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
@@ -1955,6 +1956,10 @@ fn notice_tree_staleness(db: &Db, cfg: &RecipientConfig, tree: &Subscription) ->
 impl Role for Recipient {
     fn db(&self) -> &Db {
         &self.state.db
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.cfg.limits.max_message_bytes
     }
 
     fn state_dir(&self) -> &Path {
