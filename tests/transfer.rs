@@ -459,3 +459,55 @@ fn requests_from_the_same_base_answered_together_share_one_pack() {
         assert_same_tree(&w.source, &s.data);
     }
 }
+
+#[test]
+fn a_recipient_that_does_not_name_line_deltas_is_never_sent_one() {
+    use mailferry::manifest::Listed;
+    use mailferry::protocol::{Auth, InventoryKind, Kind, Request, VERSION, Want};
+    let w = World::new();
+    let site = w.site("site1");
+    let text: String = (0..20_000).map(|i| format!("Sig.Agent-{i}:0:*:{:016x}\n", i * 7919)).collect();
+    put(&w.source, "db/main.hdb", text.as_bytes(), 0o644);
+    w.publish();
+    w.sync(&site);
+    let edited: String = text.lines().filter(|l| !l.ends_with('7')).map(|l| format!("{l}\n")).collect::<String>()
+        + "Sig.Agent-new:0:*:00ff\n";
+    put(&w.source, "db/main.hdb", edited.as_bytes(), 0o644);
+    w.publish();
+    // A request as a recipient from before line deltas writes it: no `methods`.
+    let tree = mailferry::scan::scan(&site.data).unwrap().manifest;
+    let old = |seq: u64, methods: Vec<mailferry::protocol::Method>| Request {
+        mailferry: VERSION,
+        kind: Kind::Request,
+        recipient: "site1".into(),
+        nonce: mailferry::crypto::Nonce::generate(),
+        seq,
+        created: 0,
+        generation: 1,
+        root: tree.root(),
+        inventory_kind: InventoryKind::Full,
+        inventory: tree.iter().map(|(p, e)| Listed { path: p.clone(), entry: e.clone() }).collect(),
+        removed: vec![],
+        inventory_payload: None,
+        want: Want::Latest,
+        full_content: false,
+        resend: None,
+        fresh: true,
+        methods,
+    };
+    let answer = |req: Request, name: &str| {
+        let control = mailferry::protocol::encode(&req);
+        let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));
+        fs::write(
+            w.spool.join(OWNER).join("new").join(name),
+            forge(Kind::Request, (&site.address, OWNER), &control, &auth, &[]),
+        )
+        .unwrap();
+        let log = w.owner_run();
+        log.lines().find(|l| l.contains("answered request")).unwrap_or_else(|| panic!("{log}")).to_owned()
+    };
+    let line = answer(old(100, Vec::new()), "old-request");
+    assert!(line.contains("lines=0") && line.contains("streams=1"), "a zstd-prefix delta instead: {line}");
+    let line = answer(old(101, mailferry::protocol::Method::ALL.to_vec()), "new-request");
+    assert!(line.contains("lines=1"), "named, so sent: {line}");
+}

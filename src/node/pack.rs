@@ -82,7 +82,7 @@ pub const TEXT_SNIFF: usize = 64 << 10;
 /// A text file that would otherwise share a group travels alone as a line delta only when the delta is at
 /// most this fraction of the zstd-prefix stream of the file alone over the same base. A file larger than a
 /// group travels alone anyway, and takes whichever is smaller.
-pub const LINES_GAIN: (u64, u64) = (7, 8);
+pub const LINES_GAIN: (u64, u64) = (15, 16);
 /// Most bytes of a file or its old version diffed line by line (about 40 bytes of memory per line).
 pub const LINES_MAX_INPUT: u64 = PATCH_WINDOW;
 
