@@ -70,11 +70,14 @@
 //!   decrypted; kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
-//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for `recipient approve` or an apply window); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
-//!   between, capped backoff with jitter, an injected shutdown).
-//! - [`fleet`]: the owner's version database seen whole: each recipient's state (current, behind,
-//!   in flight, silent, failed, held, never seen) derived purely from what its requests and receipts
-//!   stated and the time; its history; batched, rate-limited alerts to the admin.
+//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what
+//!   happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for
+//!   `recipient approve` or an apply window), per tree; [`node::run`], the daemon loop (a step at a time
+//!   under the state lock, IDLE or polling in between, capped backoff with jitter, an injected shutdown).
+//! - [`fleet`]: the owner's version database seen whole: each recipient's state per channel (current,
+//!   behind, in flight, silent, failed, held, not entitled, expired, never seen) derived purely from what
+//!   its requests and receipts stated, its entitlement and the time; its history; batched, rate-limited
+//!   alerts to the admin.
 //! - [`console`]: the owner's web console (`owner serve`): axum and maud, a login with CSRF tokens,
 //!   read-only pages from short read transactions, the admin's actions ([`console::actions`], shared
 //!   with `owner approve`, `owner suspend`, `owner resume`); never the state lock.
