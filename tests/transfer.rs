@@ -480,6 +480,7 @@ fn a_recipient_that_does_not_name_line_deltas_is_never_sent_one() {
         mailferry: VERSION,
         kind: Kind::Request,
         recipient: "site1".into(),
+        channel: "default".into(),
         nonce: mailferry::crypto::Nonce::generate(),
         seq,
         created: 0,
@@ -494,6 +495,7 @@ fn a_recipient_that_does_not_name_line_deltas_is_never_sent_one() {
         resend: None,
         fresh: true,
         methods,
+        registration: None,
     };
     let answer = |req: Request, name: &str| {
         let control = mailferry::protocol::encode(&req);
