@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """mailferry benchmark: mail bytes, CPU, wall time and memory of real update pairs over the Maildir
-transport, next to `rsync -acz` over a local pipe and `zstd --patch-from`; rescan time next to
-`git status`; cold hashing next to `b3sum`; a large update split into parts by a relay limit.
+transport, next to `rsync -acz` over a local pipe and `zstd --patch-from`; rescan, republish and an
+up-to-date request next to `git status`; cold hashing next to `b3sum`; a large update split into parts by a
+relay limit; a fleet of recipients on the same base.
 
     scripts/bench.py [--quick] [--only NAME[,NAME...]] [--keep DIR] [--json FILE]
                      [--pair NAME DIR_A DIR_B]... [--bin PATH] [--build]
@@ -52,7 +53,14 @@ PACKAGE_PAIRS = {
         "rsync_reference": 1975 * KB,
     },
 }
-ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "tree100k", "parts"]
+ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "tree100k", "parts", "fleet"]
+
+# Issue 15's targets.
+SIGDB_TARGET = 312 * KB  # the 100 MB signature database update, all mail
+ANCHOR_FACTOR, ANCHOR_SLACK = 1.37, 8 * KB  # every pair: at most 1.37 x the best single anchor + 8 KB
+FLEET_SIZES = (10, 100, 1000)
+FLEET_CPU_TARGET_S = 0.002  # owner CPU per request
+FLEET_DB_TARGET = 2 * KB  # database growth per recipient and generation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -773,8 +781,17 @@ def rescan_extra(args):
                          "request_bytes": m["r2o_bytes"] if m["r2o_msgs"] else None,
                          "request_msgs_to_owner": m["r2o_msgs"], "cycle": m})
         w.verify(w.status(w.site_cfg).get("generation"), "rescan")
+        # The owner's answer to the last of those requests: the tree is up to date.
+        up = runs[-1]["cycle"]["steps"][1]
         res["rescan"] = {"runs": runs, "wall_s": runs[-1]["request_step_wall_s"],
-                         "request_bytes": runs[-1]["request_bytes"]}
+                         "request_bytes": runs[-1]["request_bytes"],
+                         "uptodate_answer": {"wall_s": up["wall_s"], "cpu_s": up["cpu_s"],
+                                             "peak_rss_kb": up["peak_rss_kb"]}}
+        # Republishing the unchanged source, twice: the first may still read files changed within two
+        # seconds of the last scan (they are not cached), the second is the steady state.
+        reps = [w.publish()[0] for _ in range(2)]
+        res["republish"] = {"runs": [{"wall_s": p.wall, "cpu_s": p.cpu, "peak_rss_kb": p.maxrss_kb} for p in reps],
+                            "wall_s": reps[-1].wall, "cpu_s": reps[-1].cpu}
         res["git_status"] = git_status(w.data, w.base / "git-dir")
 
     return extra
@@ -953,6 +970,91 @@ def lost_reply(args, binary, tree_a, tree_b, parts_supported, limit=None):
             "lost_msg_bytes": lost_bytes, "resend": resend}
 
 
+def db_bytes(state_dir):
+    """Size of an owner's state database on disk (the file and its write-ahead log)."""
+    return sum(f.stat().st_size for f in state_dir.glob("state.db*") if f.is_file())
+
+
+def stored_reply_bytes(state_dir):
+    """Reply bytes the owner's database holds: kept parts and queued messages."""
+    import sqlite3
+    con = sqlite3.connect(f"file:{state_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        total = 0
+        for table in ("sent_parts", "outbox"):
+            total += con.execute(f"SELECT coalesce(sum(length(raw)), 0) FROM {table}").fetchone()[0]
+        return total
+    finally:
+        con.close()
+
+
+def run_fleet(args, binary, quick):
+    """N recipients on the same base (the signature database's A, as hard-linked copies) ask at once; one
+    `owner run --once` answers them all with generation B. Owner CPU per request, RSS, database growth and
+    the bytes handed to the transport, next to what N private replies cost (the same today: no broadcast)."""
+    size = 10_000_000
+    tree_a, tree_b = sigdb_trees(size, "quick")
+    name = "fleet"
+    sizes = FLEET_SIZES
+    title = (f"N recipients on one base (signature database, {size / 1e6:.0f} MB: A -> B), "
+             f"N = {', '.join(str(n) for n in sizes)}")
+    log(f"== {name}: {title}")
+    res = {"name": name, "title": title, "runs": []}
+    for n in sizes:
+        log(f"   N = {n}")
+        work = new_workdir(args, f"fleet-{n}")
+        w = World(binary, work)
+        copy_tree(tree_a, w.source)
+        w.mf("owner", "init", "--dir", w.base / "owner", "--source", w.source, "--address", OWNER,
+             "--transport-root", w.spool)
+        # Large enough a budget that the fleet is never refused for it.
+        set_keys(w.owner_cfg, "owner", {"budget-replies": "100000"})
+        w.publish()
+        w.replace_source(tree_b)
+        _, g2 = w.publish()
+        addresses = []
+        for i in range(n):
+            site = f"fleet{i:04d}"
+            addr = f"{site}@customer.example"
+            enr = w.base / f"{site}.enrollment"
+            w.mf("owner", "add-recipient", "--config", w.owner_cfg, "--name", site, "--address", addr, "--out", enr)
+            data = w.base / "data" / site
+            data.parent.mkdir(exist_ok=True)
+            run_plain(["cp", "-al", str(tree_a), str(data)])
+            w.mf("recipient", "init", "--dir", w.base / site, "--data", data, "--enrollment", enr,
+                 "--transport-root", w.spool)
+            w.mf("recipient", "run", "--config", w.base / site / "recipient.toml", "--once")
+            addresses.append(addr)
+        state = w.base / "owner"
+        db_before = db_bytes(state)
+        p = w.mf("owner", "run", "--config", w.owner_cfg, "--once")
+        db_after = db_bytes(state)
+        stored = stored_reply_bytes(state)
+        sizes_out = []
+        for addr in addresses:
+            msgs = maildir_messages(w.spool, addr)
+            sizes_out.append(sum(msgs.values()))
+        handed = sum(sizes_out)
+        one = min(sizes_out) if sizes_out else 0
+        # Check one recipient really gets B from it.
+        site0 = w.base / "fleet0000" / "recipient.toml"
+        w.mf("recipient", "run", "--config", site0, "--once", "--no-request")
+        st = w.status(site0)
+        if st.get("generation") != g2:
+            die(f"fleet: recipient 0 is at generation {st.get('generation')}, expected {g2}")
+        diff = compare_trees(tree_b, w.base / "data" / "fleet0000")
+        if diff:
+            die(f"fleet: recipient 0's tree differs from B:\n{diff}")
+        res["runs"].append({
+            "n": n, "owner_cpu_s": p.cpu, "owner_wall_s": p.wall, "owner_peak_rss_kb": p.maxrss_kb,
+            "cpu_per_request_s": p.cpu / n, "db_growth_bytes": db_after - db_before,
+            "db_growth_per_recipient": (db_after - db_before) / n, "stored_reply_bytes": stored,
+            "handed_bytes": handed, "one_reply_bytes": one, "private_bytes": one * n,
+        })
+        done_workdir(args, work)
+    return res
+
+
 # ----------------------------------------------------------------------------------------------------------
 # report
 
@@ -1094,7 +1196,7 @@ def report(results, args, meta):
     out.append("")
     targets = []
     for r in results:
-        if r["name"] == "parts":
+        if r["name"] in ("parts", "fleet"):
             continue
         out.append(f"== {r['name']}: {r['title']}")
         out.append(f"   A: {r['a']['files']:,} files, {r['a']['bytes']:,} bytes; "
@@ -1127,9 +1229,21 @@ def report(results, args, meta):
             targets.append([r["name"], "update mail, both ways", f"<= {fmt_kb(t)}", fmt_kb(v), verdict(v <= t),
                             f"rsync {fmt_kb(rs['bytes']) if rs else '—'} (issue: {fmt_kb(pp['rsync_reference'])}), "
                             f"zstd {fmt_kb(z['bytes'])}"])
+        elif r["name"] == "sigdb":
+            v = r["update"]["total_bytes"]
+            targets.append([r["name"], "update mail, both ways", f"<= {fmt_kb(SIGDB_TARGET)}", fmt_kb(v),
+                            "—" if args.quick else verdict(v <= SIGDB_TARGET),
+                            "quick: 10 MB set" if args.quick else f"zstd {fmt_kb(z['bytes'])}"])
         else:
             targets.append([r["name"], "update mail, both ways", "—", fmt_kb(r["update"]["total_bytes"]), "—",
                             f"rsync {fmt_kb(rs['bytes']) if rs else '—'}, zstd {fmt_kb(z['bytes'])}"])
+        anchors = [x for x in (rs["bytes"] if rs else None, z["bytes"]) if x]
+        if anchors:
+            best = min(anchors)
+            limit = ANCHOR_FACTOR * best + ANCHOR_SLACK
+            v = r["update"]["total_bytes"]
+            targets.append([r["name"], "update vs best anchor", f"<= {fmt_kb(limit)}", fmt_kb(v), verdict(v <= limit),
+                            f"1.37 x {fmt_kb(best)} + 8 KB; {v / best:.2f} x the best anchor"])
         if "rescan" in r:
             rsn, gs = r["rescan"], r.get("git_status")
             out.append("   rescan of the unchanged tree (recipient run --once: process start, stat-cache scan, "
@@ -1147,6 +1261,21 @@ def report(results, args, meta):
                 targets.append([r["name"], "rescan wall (2nd run)", f"<= git status {gs['wall_s']:.2f} s",
                                 f"{rsn['wall_s']:.2f} s", "—" if quick else verdict(rsn["wall_s"] <= gs["wall_s"]),
                                 "quick: smaller tree" if quick else ""])
+        if "republish" in r:
+            rp, gs = r["republish"], r.get("git_status")
+            up = r["rescan"]["uptodate_answer"]
+            out.append("   owner publish of the unchanged source (whole process, publish stat cache): "
+                       + ", ".join(f"run {i}: {x['wall_s']:.2f} s wall, {x['cpu_s']:.2f} s CPU"
+                                   for i, x in enumerate(rp["runs"], 1)))
+            out.append(f"   owner answer to the up-to-date request (whole `owner run --once`): {up['wall_s']:.3f} s wall, "
+                       f"{up['cpu_s']:.3f} s CPU, {up['peak_rss_kb'] / 1024:.0f} MiB")
+            if gs:
+                targets.append([r["name"], "republish, unchanged tree", f"<= 2 x git status {2 * gs['wall_s']:.2f} s",
+                                f"{rp['wall_s']:.2f} s", "—" if args.quick else verdict(rp["wall_s"] <= 2 * gs["wall_s"]),
+                                "quick: smaller tree" if args.quick else ""])
+            targets.append([r["name"], "up-to-date request, owner CPU", "<= 20 ms", f"{up['cpu_s'] * 1000:.0f} ms",
+                            "—" if args.quick else verdict(up["cpu_s"] <= 0.020),
+                            "whole process" + ("; quick: smaller tree" if args.quick else "")])
         if "coldhash" in r:
             ch = r["coldhash"]
             mf = ch["mailferry"]
@@ -1200,10 +1329,36 @@ def report(results, args, meta):
                 targets.append(["parts", "one part lost: only it resent", "1 msg", f"{rs['o2r_msgs']} msgs",
                                 verdict(rs["o2r_msgs"] == 1), f"{fmt_kb(rs['o2r_bytes'])} resent"])
         out.append("")
+    for r in results:
+        if r["name"] != "fleet":
+            continue
+        out.append(f"== fleet: {r['title']}")
+        out.append("   one `owner run --once` answers N waiting requests; no signed broadcast yet (issue 15 item 1),")
+        out.append("   so the bytes handed to the transport are N private replies")
+        rows = []
+        for x in r["runs"]:
+            rows.append([x["n"], fmt_s(x["owner_cpu_s"]), f"{x['cpu_per_request_s'] * 1000:.1f}",
+                         fmt_mib(x["owner_peak_rss_kb"]), fmt_bytes(x["db_growth_bytes"]),
+                         fmt_bytes(int(x["db_growth_per_recipient"])), fmt_bytes(x["stored_reply_bytes"]),
+                         fmt_bytes(x["handed_bytes"]), fmt_bytes(x["private_bytes"])])
+        out.append(table(["N", "owner CPU s", "ms/request", "owner RSS MiB", "db growth", "db/recipient",
+                          "reply bytes in db", "handed to transport", "N private replies"], rows))
+        for x in r["runs"]:
+            n, one = x["n"], x["one_reply_bytes"]
+            limit = 1.2 * one + n * 4 * KB
+            targets.append(["fleet", f"N={n}: bytes to transport", f"<= {fmt_kb(limit)}", fmt_kb(x["handed_bytes"]),
+                            verdict(x["handed_bytes"] <= limit), "1.2 x one payload + N x 4 KB (needs broadcast)"])
+            targets.append(["fleet", f"N={n}: owner CPU per request", "<= 2 ms",
+                            f"{x['cpu_per_request_s'] * 1000:.1f} ms", verdict(x["cpu_per_request_s"] <= FLEET_CPU_TARGET_S),
+                            "whole run / N"])
+            targets.append(["fleet", f"N={n}: db growth per recipient", f"<= {fmt_kb(FLEET_DB_TARGET)}",
+                            fmt_kb(x["db_growth_per_recipient"]), verdict(x["db_growth_per_recipient"] <= FLEET_DB_TARGET),
+                            "file size before and after the run"])
+        out.append("")
     out.append("== summary: one update per pair (all mail both ways, headers included; CPU, wall, RSS of the update phase)")
     rows = []
     for r in results:
-        if r["name"] == "parts":
+        if r["name"] in ("parts", "fleet"):
             continue
         u, f = r["update"], r["first"]
         rows.append([r["name"], fmt_bytes(f["total_bytes"]), fmt_bytes(u["total_bytes"]), u["total_msgs"],
@@ -1297,6 +1452,8 @@ def main():
                                         zstd_level=ZSTD_LARGE_LEVEL))
             elif name == "parts":
                 results.append(run_parts(args, binary, args.quick))
+            elif name == "fleet":
+                results.append(run_fleet(args, binary, args.quick))
             else:
                 _, da, db = next(p for p in args.pair if p[0] == name)
                 results.append(run_pair(args, binary, name, f"{da} -> {db}", Path(da).resolve(), Path(db).resolve()))

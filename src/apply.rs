@@ -393,6 +393,7 @@ fn decode_stream(
     let decoded = match stream.method {
         Method::ZstdPrefix => delta::decompress(frame, &prefix, stream.size, &mut out),
         Method::Bsdiff => delta::bsdiff::apply(frame, &prefix, stream.size, &mut out),
+        Method::Lines => delta::lines::apply(frame, &prefix, stream.size, &mut out),
     };
     let (n, d) = decoded.map_err(|e| match e {
         DecodeError::Io(source) => io_err(source),

@@ -142,7 +142,7 @@ pub struct OwnerSection {
     /// console's button); until then they are answered with the newest approved one. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_approval: bool,
-    /// Where a broadcast (`docs/protocol.md` §7.10) is sent: a list address or MTA alias that expands to
+    /// Where a broadcast (`docs/protocol.md` §7.11) is sent: a list address or MTA alias that expands to
     /// the recipients. Default: none, so each broadcast part is one submission with every recipient that
     /// got a ticket as an envelope recipient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -386,6 +386,51 @@ pub struct SubscriptionSection {
     /// What to do with files the owner does not list. Default: as `[recipient] on-extra`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_extra: Option<OnExtra>,
+    /// `pre-apply` for this tree (each install key unset is `[recipient]`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_apply: Option<String>,
+    /// `post-apply` for this tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_apply: Option<String>,
+    /// `hook-timeout` for this tree.
+    #[serde(default, with = "duration_opt", skip_serializing_if = "Option::is_none")]
+    pub hook_timeout: Option<Duration>,
+    /// `shipped-hooks` for this tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipped_hooks: Option<bool>,
+    /// `on-hook-failure` for this tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_hook_failure: Option<crate::node::install::OnHookFailure>,
+    /// `install` for this tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallMode>,
+    /// `apply-window` for this tree.
+    #[serde(default, deserialize_with = "opt_one_or_many", skip_serializing_if = "Option::is_none")]
+    pub apply_window: Option<Vec<String>>,
+}
+
+/// A `[[subscription]]`'s own install keys (`pre-apply`, `post-apply`, `hook-timeout`, `shipped-hooks`,
+/// `on-hook-failure`, `install`, `apply-window`): each one set replaces `[recipient]`'s for that tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstallOverrides {
+    /// `pre-apply`.
+    pub pre_apply: Option<String>,
+    /// `post-apply`.
+    pub post_apply: Option<String>,
+    /// `hook-timeout`.
+    pub hook_timeout: Option<Duration>,
+    /// `shipped-hooks`.
+    pub shipped_hooks: Option<bool>,
+    /// `on-hook-failure`.
+    pub on_hook_failure: Option<crate::node::install::OnHookFailure>,
+    /// `install`.
+    pub install: Option<InstallMode>,
+    /// `apply-window`.
+    pub apply_window: Option<Vec<String>>,
+}
+
+fn opt_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    one_or_many(d).map(Some)
 }
 
 /// One data tree a recipient keeps, resolved: its channel, its tree, and where its own state lives.
@@ -402,6 +447,8 @@ pub struct Subscription {
     /// Where this tree's journal, stat cache, kept parts and rollback store live: the state directory for
     /// the main tree, `STATE/channels/CHANNEL` for the others.
     pub dir: PathBuf,
+    /// Its own install keys (none for the main tree: `[recipient]`'s are its own).
+    pub install: InstallOverrides,
 }
 
 #[derive(Deserialize)]
@@ -584,9 +631,12 @@ impl NodeConfig {
                     crate::crypto::PublicKey::from_hex(k)
                         .with_context(|| format!("config file `{}`: owner-public-key", path.display()))?;
                 }
-                crate::node::install::InstallPolicy::from_section(&recipient)
-                    .with_context(|| format!("config file `{}` is invalid", path.display()))?;
                 let subscriptions = resolve_subscriptions(&path, &base, &recipient, raw.subscription, &state_dir)?;
+                for t in &subscriptions {
+                    crate::node::install::InstallPolicy::for_tree(&recipient, &t.install).with_context(|| {
+                        format!("config file `{}` is invalid (channel {:?})", path.display(), t.channel)
+                    })?;
+                }
                 Ok(NodeConfig::Recipient(RecipientConfig {
                     path,
                     recipient,
@@ -617,6 +667,7 @@ fn resolve_subscriptions(
         staging_dir: r.staging_dir.clone(),
         on_extra: r.on_extra,
         dir: state_dir.to_path_buf(),
+        install: InstallOverrides::default(),
     };
     let mut all = vec![main];
     for s in extra {
@@ -626,6 +677,15 @@ fn resolve_subscriptions(
             data: resolve(base, &s.data),
             staging_dir: s.staging_dir.as_deref().map(|p| resolve(base, p)),
             on_extra: s.on_extra.unwrap_or(r.on_extra),
+            install: InstallOverrides {
+                pre_apply: s.pre_apply,
+                post_apply: s.post_apply,
+                hook_timeout: s.hook_timeout,
+                shipped_hooks: s.shipped_hooks,
+                on_hook_failure: s.on_hook_failure,
+                install: s.install,
+                apply_window: s.apply_window,
+            },
         });
     }
     for (i, s) in all.iter().enumerate() {

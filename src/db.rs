@@ -276,7 +276,11 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE admin_actions (
         id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         target TEXT NOT NULL);",
-    // 8: the signed broadcast (protocol §7.10). On an owner, each broadcast made (its parts travel through
+    // 8: a reply part is stored once. A queued reply part refers to the kept copy in `sent_parts` (which
+    // its resends need anyway) instead of holding its own bytes: `raw` is then empty.
+    "ALTER TABLE outbox ADD COLUMN kept_reply TEXT;
+     ALTER TABLE outbox ADD COLUMN kept_part INTEGER;",
+    // 9: the signed broadcast (protocol §7.11). On an owner, each broadcast made (its parts travel through
     // the outbox, once). On a recipient, the tickets it accepted and the broadcast parts it holds for a
     // ticket to come, with the message's hints for the refusal recorded when the bound passes.
     "CREATE TABLE broadcasts (
@@ -853,6 +857,18 @@ impl Db {
         Ok(())
     }
 
+    /// Records a refusal of a message that was never read (refused by its size): no sender, no digest.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn record_unread_rejection(&self, refusal: &Refusal) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO rejections (at, reason, detail) VALUES (?1, ?2, ?3)",
+            params![now() as i64, refusal.reason.code(), refusal.detail],
+        )?;
+        Ok(())
+    }
+
     /// Rejections recorded after id `after`, oldest first, with their ids.
     ///
     /// # Errors
@@ -923,6 +939,20 @@ impl Db {
         Ok(())
     }
 
+    /// Queues the kept reply part `part` of `reply_id` (see [`Db::keep_sent_part`]) for `to` under `name`,
+    /// without storing its bytes a second time. The part stays kept while it is queued.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn outbox_put_kept(&self, name: &str, from: &str, to: &str, reply_id: &ReplyId, part: u32) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO outbox (name, queued_at, sender, rcpt, raw, kept_reply, kept_part)
+             VALUES (?1, ?2, ?3, ?4, x'', ?5, ?6)",
+            params![name, now() as i64, from, to, reply_id, part],
+        )?;
+        Ok(())
+    }
+
     /// Names of queued messages not marked failed, oldest first.
     ///
     /// # Errors
@@ -938,9 +968,17 @@ impl Db {
     /// # Errors
     /// SQLite errors or no such message.
     pub fn outbox_get(&self, name: &str) -> Result<(String, String, Vec<u8>)> {
-        Ok(self.conn.query_row("SELECT sender, rcpt, raw FROM outbox WHERE name = ?1", [name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?)
+        let (from, to, raw, kept): (String, String, Option<Vec<u8>>, Option<String>) = self.conn.query_row(
+            "SELECT o.sender, o.rcpt, CASE WHEN o.kept_reply IS NULL THEN o.raw ELSE p.raw END, o.kept_reply
+             FROM outbox o LEFT JOIN sent_parts p ON p.reply_id = o.kept_reply AND p.part = o.kept_part
+             WHERE o.name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let raw = raw.with_context(|| {
+            format!("queued message {name:?} is reply {} whose kept part is gone", kept.unwrap_or_default())
+        })?;
+        Ok((from, to, raw))
     }
 
     /// Removes a message the transport accepted.
@@ -2250,9 +2288,13 @@ impl Db {
         let cutoff = now().saturating_sub(max_age) as i64;
         // Message ids outlive the parts (a report may come after a receipt dropped them), not their age.
         self.conn.execute("DELETE FROM sent_ids WHERE at < ?1", [cutoff])?;
-        Ok(self
-            .conn
-            .execute("DELETE FROM sent_parts WHERE reply_id = ?1 OR created < ?2", params![reply_id, cutoff])?)
+        // A part still queued is the outbox's only copy of it: it stays until sent (or failed).
+        Ok(self.conn.execute(
+            "DELETE FROM sent_parts WHERE (reply_id = ?1 OR created < ?2)
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kept_reply = sent_parts.reply_id
+                               AND o.kept_part = sent_parts.part AND o.failed_at IS NULL)",
+            params![reply_id, cutoff],
+        )?)
     }
 }
 
@@ -2388,6 +2430,24 @@ mod tests {
         assert_eq!((got.generation, got.base, got.journal), (3, Digest::of(b"base"), b"{}".to_vec()), "replaced");
         db.clear_waiting_install().unwrap();
         assert!(db.waiting_install().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_queued_reply_part_is_its_kept_copy_and_stays_kept_while_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        let id = ReplyId::unchecked("ab".repeat(16));
+        db.keep_sent_part(&id, 1, "site1", b"the part").unwrap();
+        db.outbox_put_kept("reply-n-0001", "o@x", "s@x", &id, 1).unwrap();
+        assert_eq!(db.outbox_get("reply-n-0001").unwrap(), ("o@x".into(), "s@x".into(), b"the part".to_vec()));
+        // A receipt (or age) drops kept parts, but not one the outbox still has to send.
+        assert_eq!(db.drop_sent_parts(Some(&id), 0).unwrap(), 0);
+        assert_eq!(db.outbox_get("reply-n-0001").unwrap().2, b"the part");
+        db.outbox_sent("reply-n-0001").unwrap();
+        assert_eq!(db.drop_sent_parts(Some(&id), 0).unwrap(), 1, "sent: dropped");
+        db.outbox_put_kept("reply-n-0002", "o@x", "s@x", &id, 2).unwrap();
+        let err = format!("{:#}", db.outbox_get("reply-n-0002").unwrap_err());
+        assert!(err.contains("whose kept part is gone"), "{err}");
     }
 
     #[test]

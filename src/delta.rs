@@ -15,6 +15,7 @@
 //! Pure: bytes in, bytes out (the decoder streams from any reader to any writer).
 
 pub mod bsdiff;
+pub mod lines;
 
 use std::io::{self, BufRead, Read, Write};
 

@@ -6,8 +6,8 @@
 //! nonce, a sequence number, the generation it has applied and what is in its tree now. The **owner**
 //! checks the request against the recipient it registered, diffs the tree against its newest immutable
 //! **generation**, and mails back a **reply** to the recipient's *registered* address: the operations that
-//! turn the recipient's tree into the generation, with the new contents as local copies, zstd or bsdiff
-//! deltas against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
+//! turn the recipient's tree into the generation, with the new contents as local copies, zstd, line or
+//! bsdiff deltas against the recipient's own files, or whole zstd frames, whichever is smallest; all in one **pack** cut
 //! into parts that fit the relays, each part authenticated by an HMAC under that recipient's own key. The recipient verifies everything,
 //! stages the new files beside the tree, commits a journal, and renames them into place; after a crash the
 //! next run finishes the journal, so the tree is the old generation or the new one. It then mails a
@@ -38,8 +38,9 @@
 //!   take a verified message, a read-only view of the state and the time, and return a refusal or a plan
 //!   with the effects the shell applies in one transaction; randomness comes in through
 //!   [`engine::Entropy`]. Tested table-driven, one case per refusal rule of `docs/protocol.md` §11.
-//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), and [`delta::bsdiff`] patches for
-//!   binaries (our own applier); both streamed and bounded when decoding.
+//! - [`delta`]: zstd frames with a reference prefix (`--patch-from`), [`delta::bsdiff`] patches for
+//!   binaries and [`delta::lines`] line deltas for text (our own appliers); all streamed and bounded when
+//!   decoding.
 //! - [`limits`]: bounds on what one message may make a node do.
 //! - [`apply::plan`]: whether and how a verified reply may be applied to a scanned tree.
 //! - [`registration`]: a recipient's registration facts (bounded, canonically encoded, digested),
@@ -71,11 +72,14 @@
 //!   decrypted; kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the
-//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for `recipient approve` or an apply window); [`node::run`], the daemon loop (a step at a time under the state lock, IDLE or polling in
-//!   between, capped backoff with jitter, an injected shutdown).
-//! - [`fleet`]: the owner's version database seen whole: each recipient's state (current, behind,
-//!   in flight, silent, failed, held, never seen) derived purely from what its requests and receipts
-//!   stated and the time; its history; batched, rate-limited alerts to the admin.
+//!   hold); [`node::grants`], the owner's groups, grants and suspensions; [`node::install`], what
+//!   happens around an install (hooks, shipped scripts, a failed hook rolled back, updates kept ready for
+//!   `recipient approve` or an apply window), per tree; [`node::run`], the daemon loop (a step at a time
+//!   under the state lock, IDLE or polling in between, capped backoff with jitter, an injected shutdown).
+//! - [`fleet`]: the owner's version database seen whole: each recipient's state per channel (current,
+//!   behind, in flight, silent, failed, held, not entitled, expired, never seen) derived purely from what
+//!   its requests and receipts stated, its entitlement and the time; its history; batched, rate-limited
+//!   alerts to the admin.
 //! - [`console`]: the owner's web console (`owner serve`): axum and maud, a login with CSRF tokens,
 //!   read-only pages from short read transactions, the admin's actions ([`console::actions`], shared
 //!   with `owner approve`, `owner suspend`, `owner resume`); never the state lock.

@@ -154,13 +154,16 @@ impl Exclude {
             let m = fs::symlink_metadata(&d)?;
             ex.ids.insert((m.dev(), m.ino()), d.clone());
             for e in fs::read_dir(&d)? {
-                let path = e?.path();
+                let e = e?;
+                // The directory entry's type and inode come with the listing: the store's many objects cost
+                // no stat each (a file's device is its directory's; only directories can be mount points).
                 // Files may come and go while the state is in use: one gone already matters no more.
-                let Ok(m) = fs::symlink_metadata(&path) else { continue };
-                if m.is_dir() {
-                    todo.push(path);
-                } else if m.is_file() {
-                    ex.ids.insert((m.dev(), m.ino()), path);
+                let Ok(kind) = e.file_type() else { continue };
+                if kind.is_dir() {
+                    todo.push(e.path());
+                } else if kind.is_file() {
+                    use std::os::unix::fs::DirEntryExt as _;
+                    ex.ids.insert((m.dev(), e.ino()), e.path());
                 }
             }
         }
@@ -242,6 +245,21 @@ pub struct CachedScan {
 /// See [`ScanError`].
 pub fn scan_cached(root: &Path, cache: &StatCache) -> Result<CachedScan, ScanError> {
     walk(root, &hash_file, Some(cache), &Exclude::default(), now_ns())
+}
+
+/// [`scan_excluding`] with a stat cache: `read` is called only for files whose [`Stamp`] differs from the
+/// one in `cache` (the owner's `publish`, which stores what it reads). What is cached and when is as for
+/// [`scan_cached`].
+///
+/// # Errors
+/// [`ScanError::Excluded`], and see [`ScanError`].
+pub fn scan_excluding_cached(
+    root: &Path,
+    read: &FileReader<'_>,
+    exclude: &Exclude,
+    cache: &StatCache,
+) -> Result<CachedScan, ScanError> {
+    walk(root, read, Some(cache), exclude, now_ns())
 }
 
 fn now_ns() -> i64 {

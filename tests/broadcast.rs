@@ -1,4 +1,4 @@
-//! The signed broadcast (`docs/protocol.md` §7.10): a fleet on one base is sent the update once, plus a
+//! The signed broadcast (`docs/protocol.md` §7.11): a fleet on one base is sent the update once, plus a
 //! ticket each; stragglers, recipients without a pinned owner key and unsolicited broadcast parts.
 
 use std::fs;

@@ -80,7 +80,7 @@ impl Drop for Driver {
 }
 
 /// One HTTP/1.1 request on its own connection: status, headers (lowercased names), body.
-fn http(addr: &str, method: &str, path: &str, cookie: Option<&str>, body: &str) -> (u16, String, String) {
+pub(crate) fn http(addr: &str, method: &str, path: &str, cookie: Option<&str>, body: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let cookie = cookie.map(|c| format!("Cookie: {c}\r\n")).unwrap_or_default();

@@ -219,6 +219,20 @@ fn a_fleet_of_fifty_shows_each_recipient_in_its_true_state_and_alerts_once_per_t
         "{r:#}"
     );
     assert_eq!(code, 1, "a failed recipient makes the fleet need attention");
+    // The console shows every recipient in the same state.
+    let shown = console_states(&w);
+    let want: Vec<(String, String)> = v["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), r["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(shown.len(), want.len());
+    let mut shown_sorted = shown.clone();
+    shown_sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(shown_sorted, want_sorted, "the console and `owner fleet --json` agree");
     // The owner's status no longer shows the rolled-back recipient at the generation it left.
     let status = w.owner_status();
     let shown = status["recipients"].as_array().unwrap().iter().find(|x| x["name"] == "rolled").unwrap();
@@ -264,6 +278,44 @@ fn a_fleet_of_fifty_shows_each_recipient_in_its_true_state_and_alerts_once_per_t
     assert_eq!(mentions(&mails, "full (default): failed (disk-full)"), 1);
     assert_eq!(mentions(&mails, "quiet (default): silent ("), 1);
     assert!(mails.iter().all(|m| !m.contains("site") && !m.contains("rolled (")), "only the alarming ones are listed");
+}
+
+/// Starts `owner serve`, logs in over plain HTTP, and reads the fleet table: (name, state) per row.
+fn console_states(w: &World) -> Vec<(String, String)> {
+    use crate::console::http;
+    let pw = w.path("console.password");
+    fs::write(&pw, "fleet-secret\n").unwrap();
+    fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let args = ["owner", "serve", "--config", &w.owner_config, "--listen", "127.0.0.1:0", "--password-file"];
+    let serve = Daemon::start(&[&args[..], &[pw.to_str().unwrap()]].concat(), w.path("serve.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let log = serve.log();
+        if let Some(url) = log.split("console listening on http://").nth(1).and_then(|r| r.split_whitespace().next()) {
+            break url.trim_end_matches('/').to_owned();
+        }
+        assert!(Instant::now() < deadline, "the console did not start: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (_, head, page) = http(&addr, "GET", "/login", None, "");
+    let cookie = head.split("set-cookie: ").nth(1).unwrap().split(';').next().unwrap().to_owned();
+    let token = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let (status, head, _) = http(&addr, "POST", "/login", Some(&cookie), &format!("secret=fleet-secret&csrf={token}"));
+    assert_eq!(status, 303, "{head}");
+    let cookie = head.split("set-cookie: ").nth(1).map_or(cookie.clone(), |c| c.split(';').next().unwrap().to_owned());
+    let (status, _, page) = http(&addr, "GET", "/", Some(&cookie), "");
+    assert_eq!(status, 200, "{page}");
+    let rows = page
+        .split("<tr data-name=\"")
+        .skip(1)
+        .map(|r| {
+            let name = r.split('"').next().unwrap().to_owned();
+            let state = r.split("data-state=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+            (name, state)
+        })
+        .collect();
+    serve.stop();
+    rows
 }
 
 /// Runs mailferry and returns stdout if it exits 0 or 1.

@@ -903,6 +903,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         fresh: false,
         registration: None,
         accepts: Vec::new(),
+        methods: Vec::new(),
     };
     let control = mailferry::protocol::encode(&req);
     let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));

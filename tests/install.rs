@@ -483,3 +483,52 @@ fn a_shipped_script_that_is_a_link_in_the_signed_tree_does_not_run() {
     assert_eq!(shipped_log(&site), "");
     assert!(out.contains("does not list it as a regular file"), "{out}");
 }
+
+#[test]
+fn a_subscription_has_its_own_hooks_and_install_mode_and_inherits_the_rest() {
+    let w = World::new();
+    put(&w.source, "README", b"main tree\n", 0o644);
+    w.publish();
+    let sig = w.path("src-sigdb");
+    put(&sig, "main.cvd", b"signatures 1\n", 0o644);
+    ok(&[
+        "owner",
+        "channel",
+        "add",
+        "--config",
+        &w.owner_config,
+        "--name",
+        "sigdb",
+        "--source",
+        sig.to_str().unwrap(),
+        "--open",
+    ]);
+    ok(&["owner", "publish", "--config", &w.owner_config, "--channel", "sigdb"]);
+    let site = w.site("site1");
+    let (main_hook, main_log, _) = recording_hook(&w, "main");
+    let (sig_hook, sig_log, _) = recording_hook(&w, "sig");
+    configure(&site, &format!("post-apply = {}", q(main_hook.to_str().unwrap())));
+    let tree = w.path("site1-sigdb");
+    ok(&["recipient", "subscribe", "--config", &site.config, "--channel", "sigdb", "--data", tree.to_str().unwrap()]);
+    // The [[subscription]] table is the file's last: its own hook, and a manual install.
+    let mut text = fs::read_to_string(&site.config).unwrap();
+    text.push_str(&format!("post-apply = {}\ninstall = \"manual\"\n", q(sig_hook.to_str().unwrap())));
+    fs::write(&site.config, text).unwrap();
+    w.sync(&site);
+    assert_same_tree(&w.source, &site.data);
+    assert_eq!(runs(&main_log).len(), 1, "the main tree's hook ran for the main tree");
+    assert!(runs(&main_log)[0].contains("channel=default"), "{:?}", runs(&main_log));
+    assert_eq!(count(&tree), 0, "sigdb waits for approve");
+    assert!(runs(&sig_log).is_empty());
+    let st = site.status();
+    let sub = st["subscriptions"].as_array().unwrap().iter().find(|s| s["channel"] == "sigdb").unwrap().clone();
+    assert_eq!(sub["waiting"]["reason"], "manual", "{sub}");
+    assert_eq!(st["waiting"], serde_json::Value::Null, "the main tree installs at once");
+    let out = ok(&["recipient", "approve", "--config", &site.config, "--channel", "sigdb", "--json"]);
+    assert!(out.contains("\"generation\":1"), "{out}");
+    assert_same_tree(&sig, &tree);
+    let r = runs(&sig_log);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(r[0].contains("channel=sigdb"), "its own hook, told its channel: {r:?}");
+    assert_eq!(runs(&main_log).len(), 1, "the main tree's hook did not run for sigdb");
+}

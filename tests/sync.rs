@@ -588,3 +588,59 @@ fn a_dry_run_lists_what_an_apply_would_change_and_changes_nothing() {
     let out = ok(&["recipient", "run", "--config", &site.config, "--dry-run"]);
     assert!(out.is_empty(), "nothing waits now: {out}");
 }
+
+/// `owner publish` with debug logs: its output and how many source files it read.
+fn publish_reading(w: &World) -> (String, usize) {
+    let args = ["owner", "publish", "--config", &w.owner_config];
+    let out = std::process::Command::new(bin()).args(args).env("MAILFERRY_LOG", "mailferry=debug").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let read = stderr
+        .lines()
+        .find(|l| l.contains("scanned the source tree"))
+        .and_then(|l| l.split(" read=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no scan line in {stderr}"));
+    (String::from_utf8(out.stdout).unwrap(), read)
+}
+
+#[test]
+fn publish_rereads_only_what_changed_and_catches_a_same_size_same_mtime_edit() {
+    let w = World::new();
+    for i in 0..20 {
+        put(&w.source, &format!("d/f{i:02}.txt"), format!("file {i:02}\n").as_bytes(), 0o644);
+    }
+    // Files changed within two seconds of a scan are never cached: let the tree age first.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (out, read) = publish_reading(&w);
+    assert!(out.starts_with("generation 1"), "{out}");
+    assert_eq!(read, 20, "the first publish reads everything");
+    let (out, read) = publish_reading(&w);
+    assert!(out.contains("unchanged") || out.starts_with("generation 1"), "{out}");
+    assert_eq!(read, 0, "an unchanged tree is not read again");
+
+    // The same size, and the modification time set back: the change time still differs.
+    let edited = w.source.join("d/f07.txt");
+    let before = fs::metadata(&edited).unwrap().modified().unwrap();
+    put(&w.source, "d/f07.txt", b"FILE 07\n", 0o644);
+    fs::File::options().write(true).open(&edited).unwrap().set_modified(before).unwrap();
+    let (out, read) = publish_reading(&w);
+    assert!(out.starts_with("generation 2"), "the edit is published: {out}");
+    assert_eq!(read, 1, "only the edited file is read");
+
+    // A file written just now is read, but not cached: a second write in the same clock tick (on a
+    // file system with coarse times) could leave its stamp as it is.
+    put(&w.source, "d/new.txt", b"new\n", 0o644);
+    let (out, _) = publish_reading(&w);
+    assert!(out.starts_with("generation 3"), "{out}");
+    let cache = mailferry::statcache::StatCache::load(&w.path("owner/publish-stat-cache")).unwrap();
+    assert!(cache.get("d/f00.txt").is_some() && cache.get("d/new.txt").is_none(), "racily clean files are not cached");
+    let (_, read) = publish_reading(&w);
+    assert_eq!(read, 2, "so they are read again next time: the new file and the edited one");
+
+    // A cache that does not belong to the newest generation is not used.
+    fs::write(w.path("owner/publish-stat-cache.root"), "00".repeat(32)).unwrap();
+    let (_, read) = publish_reading(&w);
+    assert_eq!(read, 21, "a stale cache costs one full read");
+}

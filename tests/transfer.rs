@@ -402,3 +402,115 @@ fn a_rebuilt_binary_travels_as_a_bsdiff_patch() {
     assert_same_tree(&w.source, &site.data);
     assert_eq!(site.status()["generation"], 2);
 }
+
+#[test]
+fn a_queued_reply_is_stored_once() {
+    let w = World::new();
+    let site = w.site("site1");
+    put(&w.source, "db.bin", &noise(1 << 20, 21), 0o644);
+    w.publish();
+    site.run(true);
+    // The recipient's Maildir cannot take mail for now: the reply stays queued at the owner.
+    let tmp = site.maildir(&w).join("tmp");
+    fs::remove_dir_all(&tmp).unwrap();
+    fs::write(&tmp, b"in the way").unwrap();
+    w.owner_run();
+    let db = rusqlite::Connection::open(w.path("owner/state.db")).unwrap();
+    let queued: i64 = db.query_row("SELECT count(*) FROM outbox WHERE failed_at IS NULL", [], |r| r.get(0)).unwrap();
+    assert_eq!(queued, 1, "the reply is queued");
+    let bytes = |table: &str| -> i64 {
+        db.query_row(&format!("SELECT coalesce(sum(length(raw)), 0) FROM {table}"), [], |r| r.get(0)).unwrap()
+    };
+    assert!(bytes("sent_parts") > 1 << 20, "the part is kept for resending");
+    assert_eq!(bytes("outbox"), 0, "the queued part refers to the kept copy instead of holding its own");
+    drop(db);
+    // Sent from the kept copy once the Maildir is back.
+    fs::remove_file(&tmp).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    w.owner_run();
+    site.run(false);
+    assert_same_tree(&w.source, &site.data);
+}
+
+#[test]
+fn requests_from_the_same_base_answered_together_share_one_pack() {
+    let w = World::new();
+    let sites = [w.site("site1"), w.site("site2"), w.site("site3")];
+    let text: String = (0..20_000).map(|i| format!("Sig.Agent-{i}:0:*:{:016x}\n", i * 7919)).collect();
+    put(&w.source, "db/main.hdb", text.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        w.sync(s);
+    }
+    let edited: String = text.lines().filter(|l| !l.ends_with('7')).map(|l| format!("{l}\n")).collect::<String>()
+        + "Sig.Agent-new:0:*:00ff\n";
+    put(&w.source, "db/main.hdb", edited.as_bytes(), 0o644);
+    w.publish();
+    for s in &sites {
+        s.run(true);
+    }
+    let log = w.owner_run();
+    let answers: Vec<&str> = log.lines().filter(|l| l.contains("answered request")).collect();
+    assert_eq!(answers.len(), 3, "{log}");
+    assert!(answers[0].contains("reused=false") && answers[0].contains("lines=1"), "a line delta: {log}");
+    assert!(answers[1..].iter().all(|a| a.contains("reused=true")), "packed once: {log}");
+    for s in &sites {
+        s.run(false);
+        assert_same_tree(&w.source, &s.data);
+    }
+}
+
+#[test]
+fn a_recipient_that_does_not_name_line_deltas_is_never_sent_one() {
+    use mailferry::manifest::Listed;
+    use mailferry::protocol::{Auth, InventoryKind, Kind, Request, VERSION, Want};
+    let w = World::new();
+    let site = w.site("site1");
+    let text: String = (0..20_000).map(|i| format!("Sig.Agent-{i}:0:*:{:016x}\n", i * 7919)).collect();
+    put(&w.source, "db/main.hdb", text.as_bytes(), 0o644);
+    w.publish();
+    w.sync(&site);
+    let edited: String = text.lines().filter(|l| !l.ends_with('7')).map(|l| format!("{l}\n")).collect::<String>()
+        + "Sig.Agent-new:0:*:00ff\n";
+    put(&w.source, "db/main.hdb", edited.as_bytes(), 0o644);
+    w.publish();
+    // A request as a recipient from before line deltas writes it: no `methods`.
+    let tree = mailferry::scan::scan(&site.data).unwrap().manifest;
+    let old = |seq: u64, methods: Vec<mailferry::protocol::Method>| Request {
+        mailferry: VERSION,
+        kind: Kind::Request,
+        recipient: "site1".into(),
+        channel: "default".into(),
+        nonce: mailferry::crypto::Nonce::generate(),
+        seq,
+        created: 0,
+        generation: 1,
+        root: tree.root(),
+        inventory_kind: InventoryKind::Full,
+        inventory: tree.iter().map(|(p, e)| Listed { path: p.clone(), entry: e.clone() }).collect(),
+        removed: vec![],
+        inventory_payload: None,
+        want: Want::Latest,
+        full_content: false,
+        resend: None,
+        fresh: true,
+        methods,
+        registration: None,
+        accepts: Vec::new(),
+    };
+    let answer = |req: Request, name: &str| {
+        let control = mailferry::protocol::encode(&req);
+        let auth = mailferry::protocol::encode(&Auth::sign("site1", &site.key(), &control));
+        fs::write(
+            w.spool.join(OWNER).join("new").join(name),
+            forge(Kind::Request, (&site.address, OWNER), &control, &auth, &[]),
+        )
+        .unwrap();
+        let log = w.owner_run();
+        log.lines().find(|l| l.contains("answered request")).unwrap_or_else(|| panic!("{log}")).to_owned()
+    };
+    let line = answer(old(100, Vec::new()), "old-request");
+    assert!(line.contains("lines=0") && line.contains("streams=1"), "a zstd-prefix delta instead: {line}");
+    let line = answer(old(101, mailferry::protocol::Method::ALL.to_vec()), "new-request");
+    assert!(line.contains("lines=1"), "named, so sent: {line}");
+}

@@ -1,4 +1,4 @@
-//! The signed broadcast's state (`docs/protocol.md` §7.10): on an owner, the broadcasts it made; on a
+//! The signed broadcast's state (`docs/protocol.md` §7.11): on an owner, the broadcasts it made; on a
 //! recipient, the tickets it accepted and the broadcast parts it holds until a ticket names them.
 
 use anyhow::Result;

@@ -406,12 +406,16 @@ pub struct AnswerPlan {
     pub key: Key,
     /// The key a rotation is delivering, to send sealed in the reply.
     pub rekey: Option<Rotation>,
-    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory.
-    pub inventory: Option<Manifest>,
+    /// The recipient's tree, when the owner could rebuild it; `None` asks for the full inventory (unless
+    /// `current`).
+    pub inventory: Option<Arc<Manifest>>,
+    /// The recipient's tree is the generation itself (a changes-only request naming the newest generation
+    /// with no changes and its root): the reply says "current", and no file list was loaded or diffed.
+    pub current: bool,
     /// The generation the reply brings.
     pub generation: Generation,
-    /// Its tree.
-    pub target: Arc<Manifest>,
+    /// Its tree; `None` when `current` (not loaded).
+    pub target: Option<Arc<Manifest>>,
     /// The operations that turn the recipient's tree into it (none without an inventory).
     pub ops: Vec<Op>,
     /// The size its parts must fit, with this step's effects taken into account.
@@ -751,15 +755,29 @@ fn on_request(
         },
         _ => latest,
     };
+    // An up-to-date tree: a changes-only request naming the newest generation with no changes describes
+    // exactly that generation, whose root is known. It is answered without loading, rebuilding or diffing
+    // a file list, which on a large tree costs far more than the rest of the answer.
+    let current = req.inventory_kind == InventoryKind::Changes
+        && req.generation == generation.number
+        && req.inventory.is_empty()
+        && req.removed.is_empty();
+    if current && req.root != generation.root {
+        refuse!(Reason::Malformed, "request root does not match its inventory");
+    }
     // R3 and R4: the recipient's tree, listed whole, or rebuilt from the generation it names plus its changes.
     let inventory = match req.inventory_kind {
+        _ if current => None,
         InventoryKind::Full => match Manifest::from_listing(req.inventory.clone()) {
-            Ok(m) => Some(m),
+            Ok(m) => Some(Arc::new(m)),
             Err(e) => refuse!(Reason::BadPath, "inventory is not a valid tree: {e}"),
         },
         InventoryKind::Changes if req.generation == 0 || req.generation > generation.number => None,
         InventoryKind::Changes => match view.manifest(&req.channel, req.generation)? {
             None => None,
+            // No changes: the tree is that generation, shared rather than copied (a stored generation is
+            // a valid tree).
+            Some(base) if req.removed.is_empty() && req.inventory.is_empty() => Some(base),
             Some(base) => {
                 let mut m = (*base).clone();
                 for p in &req.removed {
@@ -777,7 +795,7 @@ fn on_request(
                 if let Err(e) = m.validate_shape() {
                     refuse!(Reason::BadPath, "inventory is not a valid tree: {e}");
                 }
-                Some(m)
+                Some(Arc::new(m))
             }
         },
     };
@@ -792,13 +810,17 @@ fn on_request(
     {
         return Ok(Outcome::Resend(Box::new(ResendPlan { effects, ..plan })));
     }
-    let target = view.manifest(&req.channel, generation.number)?.ok_or_else(|| {
-        anyhow::format_err!(
-            "generation {} of channel {:?} has no manifest in the state database",
-            generation.number,
-            req.channel
-        )
-    })?;
+    let target = if current {
+        None
+    } else {
+        Some(view.manifest(&req.channel, generation.number)?.ok_or_else(|| {
+            anyhow::format_err!(
+                "generation {} of channel {:?} has no manifest in the state database",
+                generation.number,
+                req.channel
+            )
+        })?)
+    };
     // R7: the same tree, for the same generation, was answered before and that reply is still on its way
     // (or lost): a reference to it costs a few kilobytes, a new reply as much as the first. A recipient
     // that cannot use the earlier reply asks `fresh`.
@@ -808,8 +830,8 @@ fn on_request(
         }
         _ => None,
     };
-    let ops = match (&inventory, &same_as) {
-        (Some(inv), None) => diff(inv, &target),
+    let ops = match (&inventory, &same_as, &target) {
+        (Some(inv), None, Some(target)) => diff(inv, target),
         _ => Vec::new(),
     };
     // A limit this very step learns applies to the reply it sends.
@@ -827,6 +849,7 @@ fn on_request(
         key,
         rekey,
         inventory,
+        current,
         generation,
         target,
         ops,
@@ -861,9 +884,10 @@ fn denial(
         request: req,
         key,
         rekey: None,
-        inventory: Some(Manifest::default()),
+        inventory: Some(Arc::new(Manifest::default())),
+        current: false,
         generation,
-        target: Arc::new(Manifest::default()),
+        target: None,
         ops: Vec::new(),
         limit,
         same_as: None,
@@ -1055,7 +1079,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         generation: plan.generation.number,
         root: plan.generation.root,
         base: plan.request.root,
-        need_full_inventory: plan.inventory.is_none() && plan.standing.is_none(),
+        need_full_inventory: plan.inventory.is_none() && !plan.current,
         payloads: Vec::new(),
         body,
         // The next key travels sealed under the key the reply is made under.
@@ -1072,7 +1096,7 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
     }
 }
 
-/// What requests must have in common to be answered by one broadcast (`docs/protocol.md` §7.10): the
+/// What requests must have in common to be answered by one broadcast (`docs/protocol.md` §7.11): the
 /// channel, the tree they describe (its root) and the generation they are brought to. Whole files only
 /// (`full-content`) never share one: such a recipient could not use the deltas it carries.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
@@ -1083,6 +1107,9 @@ pub struct BroadcastKey {
     pub base: Digest,
     /// The generation the update brings.
     pub generation: u64,
+    /// Whether the recipients decode line deltas (their requests name `lines`): a pack that uses them
+    /// is for those only.
+    pub lines: bool,
 }
 
 /// Whether `req`, looked at before any request of the run is answered, could be answered by a broadcast
@@ -1096,7 +1123,12 @@ pub fn broadcast_candidate(req: &Request, latest: Option<&Generation>, signing: 
         && !req.full_content
         && req.resend.is_none()
         && req.root != latest.root;
-    eligible.then(|| BroadcastKey { channel: req.channel.clone(), base: req.root, generation: latest.number })
+    eligible.then(|| BroadcastKey {
+        channel: req.channel.clone(),
+        base: req.root,
+        generation: latest.number,
+        lines: req.decodes(protocol::Method::Lines),
+    })
 }
 
 /// The keys at least `min` surveyed requests share (at least one): those requests are answered by one
@@ -1126,7 +1158,12 @@ pub fn joins_broadcast(
         && plan.inventory.is_some()
         && !plan.ops.is_empty()
         && plan.limit >= relay_limit;
-    let key = BroadcastKey { channel: req.channel.clone(), base: req.root, generation: plan.generation.number };
+    let key = BroadcastKey {
+        channel: req.channel.clone(),
+        base: req.root,
+        generation: plan.generation.number,
+        lines: req.decodes(protocol::Method::Lines),
+    };
     let eligible = update
         && signing
         && req.accepts(crate::protocol::broadcast::Capability::Broadcast)

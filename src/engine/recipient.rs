@@ -358,7 +358,7 @@ pub fn on_whole(
     Ok(WholeStep::Apply { plan, effects, scan })
 }
 
-/// What to do with one broadcast part whose owner signature verified (`docs/protocol.md` §7.10).
+/// What to do with one broadcast part whose owner signature verified (`docs/protocol.md` §7.11).
 #[derive(Debug, PartialEq, Eq)]
 pub enum BroadcastStep {
     /// Refuse it: it changes nothing.

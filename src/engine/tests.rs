@@ -89,6 +89,8 @@ struct MemOwner {
     earlier: Option<protocol::SameAs>,
     access: HashMap<String, Access>,
     last_seq: HashMap<(String, String), u64>,
+    /// How many generation file lists the engine asked for.
+    manifest_reads: std::cell::Cell<u32>,
 }
 
 impl OwnerView for MemOwner {
@@ -111,6 +113,7 @@ impl OwnerView for MemOwner {
         Ok(self.generations.iter().map(|(g, _)| *g).find(|g| g.number == number).filter(|_| channel == "default"))
     }
     fn manifest(&self, channel: &str, generation: u64) -> Result<Option<Arc<Manifest>>> {
+        self.manifest_reads.set(self.manifest_reads.get() + 1);
         Ok(self
             .generations
             .iter()
@@ -213,6 +216,7 @@ fn request() -> Request {
         fresh: false,
         registration: None,
         accepts: Vec::new(),
+        methods: Vec::new(),
     }
 }
 
@@ -316,6 +320,11 @@ fn owner_cases() -> Vec<(&'static str, Vec<u8>, Reason)> {
             Reason::Malformed,
         ),
         ("r4_root_does_not_match_inventory", ok(&Request { root: Digest([1; 32]), ..req.clone() }), Reason::Malformed),
+        (
+            "r4_up_to_date_root_does_not_match",
+            ok(&Request { generation: 2, root: Digest([1; 32]), ..req.clone() }),
+            Reason::Malformed,
+        ),
         // Receipts.
         (
             "c1_receipt_for_a_nonce_never_answered",
@@ -742,6 +751,66 @@ fn a_changes_request_is_diffed_against_the_newest_generation() {
     let raw = mail(Kind::Request, &Request { generation: 9, ..request() }, "site1", &key(1), &[]);
     let Outcome::Answer(plan) = owner_step(&w, &raw) else { panic!("answered") };
     assert!(plan.inventory.is_none() && plan.ops.is_empty());
+}
+
+#[test]
+fn an_up_to_date_request_is_answered_without_file_list_work() {
+    let w = owner_world();
+    let newest = new_tree().root();
+    let cases: Vec<(&str, Request, bool, bool)> = vec![
+        // (case, request, answered as current, file lists read)
+        ("no changes at the newest generation", Request { generation: 2, root: newest, ..request() }, true, false),
+        ("no changes at an older generation", request(), false, true),
+        (
+            "the newest generation with drift",
+            Request {
+                generation: 2,
+                inventory: vec![Listed { path: path("x"), entry: file(b"x") }],
+                root: {
+                    let mut m = new_tree();
+                    m.insert(path("x"), file(b"x"));
+                    m.root()
+                },
+                ..request()
+            },
+            false,
+            true,
+        ),
+        (
+            "a full inventory of the newest tree",
+            Request {
+                generation: 2,
+                root: newest,
+                inventory_kind: InventoryKind::Full,
+                inventory: new_tree().iter().map(|(p, e)| Listed { path: p.clone(), entry: e.clone() }).collect(),
+                ..request()
+            },
+            false,
+            true,
+        ),
+    ];
+    for (name, req, current, reads) in cases {
+        w.manifest_reads.set(0);
+        let Outcome::Answer(plan) = owner_step(&w, &mail(Kind::Request, &req, "site1", &key(1), &[])) else {
+            panic!("{name}: answered")
+        };
+        assert_eq!(plan.current, current, "{name}");
+        assert_eq!(w.manifest_reads.get() > 0, reads, "{name}: file lists read");
+        if current {
+            assert!(plan.ops.is_empty() && plan.target.is_none() && plan.inventory.is_none(), "{name}");
+            let head = owner::reply_head(
+                &plan,
+                &mut SeededEntropy::new(1),
+                NOW,
+                Frame { offset: 0, length: 0, size: 0, blake3: Digest([0; 32]) },
+            );
+            assert!(!head.need_full_inventory, "{name}: says current, asks for nothing");
+            assert_eq!((head.generation, head.root, head.base), (2, newest, newest), "{name}");
+        } else {
+            let inv = plan.inventory.as_ref().unwrap();
+            assert_eq!(inv.apply(&plan.ops).unwrap().root(), newest, "{name}");
+        }
+    }
 }
 
 fn reply_at(generation: u64, root: Digest) -> Reply {
@@ -1255,14 +1324,14 @@ fn the_keyrings_name_the_role_of_the_key() {
     assert_eq!(ring.lookup("site1", &key(2).id(), NOW + 10).unwrap().unwrap_err().reason, Reason::BadMac, "grace over");
 }
 
-// ---- the signed broadcast (docs/protocol.md §7.10) ----
+// ---- the signed broadcast (docs/protocol.md §7.11) ----
 
 fn with_tickets(r: Request) -> Request {
     Request { accepts: vec![protocol::broadcast::Capability::Broadcast], ..r }
 }
 
 fn bkey(base: Digest, generation: u64) -> owner::BroadcastKey {
-    owner::BroadcastKey { channel: "default".into(), base, generation }
+    owner::BroadcastKey { channel: "default".into(), base, generation, lines: false }
 }
 
 #[test]

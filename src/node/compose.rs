@@ -135,6 +135,12 @@ impl Role for Node {
         self.state.dir()
     }
 
+    fn max_message_bytes(&self) -> u64 {
+        let up = self.upstream.as_ref().map(|u| u.config().limits.max_message_bytes);
+        let down = self.downstream.as_ref().map(|d| d.config().limits.max_message_bytes);
+        up.into_iter().chain(down).max().unwrap_or_else(|| crate::limits::Limits::default().max_message_bytes)
+    }
+
     fn act(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let (up, down) = match (&mut self.upstream, &mut self.downstream) {
             (Some(up), None) => return up.act(raw, digest),

@@ -114,6 +114,24 @@ impl InstallPolicy {
     /// # Errors
     /// An `apply-window` that does not parse, an empty hook command, or a zero `hook-timeout`.
     pub fn from_section(r: &RecipientSection) -> Result<InstallPolicy> {
+        InstallPolicy::for_tree(r, &crate::config::InstallOverrides::default())
+    }
+
+    /// The policy of one tree: its `[[subscription]]`'s own install keys, each unset one `[recipient]`'s.
+    ///
+    /// # Errors
+    /// As [`InstallPolicy::from_section`].
+    pub fn for_tree(r: &RecipientSection, own: &crate::config::InstallOverrides) -> Result<InstallPolicy> {
+        let r = &RecipientSection {
+            pre_apply: own.pre_apply.clone().or_else(|| r.pre_apply.clone()),
+            post_apply: own.post_apply.clone().or_else(|| r.post_apply.clone()),
+            hook_timeout: own.hook_timeout.or(r.hook_timeout),
+            shipped_hooks: own.shipped_hooks.unwrap_or(r.shipped_hooks),
+            on_hook_failure: own.on_hook_failure.unwrap_or(r.on_hook_failure),
+            install: own.install.unwrap_or(r.install),
+            apply_window: own.apply_window.clone().unwrap_or_else(|| r.apply_window.clone()),
+            ..r.clone()
+        };
         let windows = r.apply_window.iter().map(|w| w.parse()).collect::<Result<Vec<Window>, WindowError>>()?;
         for (key, cmd) in [("pre-apply", &r.pre_apply), ("post-apply", &r.post_apply)] {
             if cmd.as_deref().is_some_and(|c| c.trim().is_empty()) {

@@ -142,6 +142,12 @@ pub trait Role {
     /// The state directory.
     fn state_dir(&self) -> &Path;
 
+    /// The largest message this node reads (`max-message-bytes`): a larger one waiting in the inbox is
+    /// refused by its size, without being read.
+    fn max_message_bytes(&self) -> u64 {
+        crate::limits::Limits::default().max_message_bytes
+    }
+
     /// Acts on one message that the seen-store has not handled before and makes the effects durable.
     /// Outer `Err` is a local failure (the message stays where it is); a refusal is `Ok(Err(..))`.
     ///
@@ -210,9 +216,16 @@ pub async fn process_inbox<N: Role, T: Transport>(
     transport: &mut T,
     report: &mut RunReport,
 ) -> Result<()> {
-    let messages = transport.fetch().await?;
-    tracing::debug!(count = messages.len(), "fetched the messages waiting");
-    for msg in messages {
+    let waiting = transport.waiting().await?;
+    tracing::debug!(count = waiting.len(), "listed the messages waiting");
+    // One message at a time: memory follows the largest message accepted, not the inbox.
+    let max = node.max_message_bytes();
+    for w in waiting {
+        if w.size() > max {
+            refuse_unread(node, transport, w.id(), w.size(), max, report).await?;
+            continue;
+        }
+        let Some(msg) = transport.read(w, max).await? else { continue };
         let handled = node.handle(&msg.raw)?;
         if matches!(handled, Handled::Refused(_)) {
             // A local copy gives `log` a file to point at whatever the transport does with the original;
@@ -233,6 +246,30 @@ pub async fn process_inbox<N: Role, T: Transport>(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a waiting message by its size alone, without reading it: recorded, logged, and filed as
+/// rejected (not in the seen-store, whose key is the digest of bytes never read).
+async fn refuse_unread<N: Role, T: Transport>(
+    node: &mut N,
+    transport: &mut T,
+    id: &str,
+    size: u64,
+    max: u64,
+    report: &mut RunReport,
+) -> Result<()> {
+    let refusal = Refusal::new(
+        Reason::Limit,
+        format!("message `{id}` is {size} bytes, over max-message-bytes ({max}); refused without reading it"),
+    );
+    node.db().record_unread_rejection(&refusal)?;
+    warn!(reason = refusal.reason.code(), id = %id, "refused message: {}", refusal.detail);
+    let handled = Handled::Refused(refusal);
+    report.count(&handled);
+    if let Err(e) = transport.settle(id, crate::transport::Disposition::Rejected).await {
+        warn!(id = %id, error = %format!("{e:#}"), "could not file message; it will be seen again");
     }
     Ok(())
 }
@@ -595,5 +632,82 @@ impl RunReport {
             _ => self.handled += 1,
         }
         self.outcomes.push(h.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::maildir::MaildirTransport;
+
+    /// A node that records which messages it was asked to act on.
+    struct Counting {
+        db: Db,
+        dir: tempfile::TempDir,
+        acted: Vec<usize>,
+    }
+
+    impl Role for Counting {
+        fn db(&self) -> &Db {
+            &self.db
+        }
+
+        fn state_dir(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn max_message_bytes(&self) -> u64 {
+            1 << 20
+        }
+
+        fn act(&mut self, raw: &[u8], _digest: &Digest) -> Result<Result<Handled, Refusal>> {
+            self.acted.push(raw.len());
+            Ok(Ok(Handled::NotForThisNode("counted".into())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_is_refused_by_its_size_without_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let mut t = MaildirTransport::new(&spool, "owner@example.org").unwrap();
+        // 200 MB of junk that costs no disk (sparse), beside one small message.
+        let junk = t.inbox().join("new/junk");
+        File::create(&junk).unwrap().set_len(200_000_000).unwrap();
+        MaildirTransport::deliver_into(&t.inbox(), b"small").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let db = Db::open(&state.path().join("state.db")).unwrap();
+        let mut node = Counting { db, dir: state, acted: Vec::new() };
+        let mut report = RunReport::default();
+        process_inbox(&mut node, &mut t, &mut report).await.unwrap();
+
+        assert_eq!(node.acted, vec![5], "only the small message was read and acted on");
+        assert_eq!((report.messages, report.refused), (2, 1));
+        let rejections = node.db.rejections_after(0).unwrap();
+        assert_eq!(rejections.len(), 1);
+        let (_, r) = &rejections[0];
+        assert_eq!(r.reason, "limit");
+        assert!(
+            r.detail.contains(
+                "message `junk` is 200000000 bytes, over max-message-bytes (1048576); refused without reading it"
+            ),
+            "{}",
+            r.detail
+        );
+        assert!(!junk.exists() && t.inbox().join(".rejected/cur/junk:2,S").exists(), "filed as rejected");
+    }
+
+    #[tokio::test]
+    async fn a_message_is_read_no_further_than_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = MaildirTransport::new(dir.path(), "owner@example.org").unwrap();
+        let name = MaildirTransport::deliver_into(&t.inbox(), &[7u8; 1000]).unwrap();
+        let waiting = t.waiting().await.unwrap();
+        assert_eq!(waiting.iter().map(|w| (w.id().to_owned(), w.size())).collect::<Vec<_>>(), vec![(name, 1000)]);
+        // Grown past the limit since it was listed: read one byte past the limit, which refuses it.
+        let m = t.read(waiting[0].clone(), 100).await.unwrap().unwrap();
+        assert_eq!(m.raw.len(), 101);
+        fs::remove_file(t.inbox().join("new").join(&m.id)).unwrap();
+        assert!(t.read(waiting[0].clone(), 100).await.unwrap().is_none(), "gone: settled by another run");
     }
 }

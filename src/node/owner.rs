@@ -36,7 +36,7 @@ use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply, ReplyId};
-use crate::scan::{Exclude, ForeignKind, scan_excluding};
+use crate::scan::{Exclude, ForeignKind, StatCache, scan_excluding_cached};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
 
@@ -59,7 +59,26 @@ pub struct Owner {
     signer: Option<SigningKey>,
     /// The updates this run sends by broadcast, and the broadcasts made so far.
     broadcasting: broadcast::Broadcasting,
+    /// Packs made recently, by what determines them: a fleet on the same base and generation is packed
+    /// once, and each recipient's reply only cut into parts and authenticated.
+    packs: RefCell<Vec<(PackKey, Rc<Packed>)>>,
 }
+
+/// What a pack is a function of: the channel, the recipient's tree (by its root), the generation, whole
+/// files or not, and whether line deltas may be used. (The bsdiff budget only decides how compact a pack
+/// is.)
+#[derive(Clone, PartialEq, Eq, Debug)]
+struct PackKey {
+    // Generation numbers count per channel, and two channels' trees may share a root (an empty one).
+    channel: String,
+    base: Digest,
+    generation: u64,
+    full_content: bool,
+    lines: bool,
+}
+
+/// How many packs an owner keeps in memory (each is a temporary file and its body).
+const KEEP_PACKS: usize = 4;
 
 mod broadcast;
 
@@ -236,6 +255,7 @@ impl Owner {
             server_limit: None,
             signer,
             broadcasting: broadcast::Broadcasting::default(),
+            packs: RefCell::default(),
         })
     }
 
@@ -349,8 +369,22 @@ impl Owner {
         let state = Exclude::directory(&self.cfg.state_dir)
             .with_context(|| format!("failed to list the state directory `{}`", self.cfg.state_dir.display()))?;
         let batch = self.store.batch();
-        let scan = scan_excluding(&source, &|p| batch.put_file(p), &state)
+        // Files whose stamp is as at the last publish are not read again: their content is in the store
+        // (in the newest generation, which pruning keeps). The cache is used only with the generation it
+        // was saved with.
+        let latest = self.state.db.latest_generation(channel)?;
+        let cache = PublishCache::new(&self.cfg.state_dir, channel);
+        let old = cache.load(latest.as_ref().map(|g| g.root));
+        let cached = scan_excluding_cached(&source, &|p| batch.put_file(p), &state, &old)
             .with_context(|| format!("cannot publish `{}`", source.display()))?;
+        tracing::debug!(files = cached.scan.manifest.len(), read = cached.hashed, "scanned the source tree");
+        // No new cache means the old one still holds; an old one not used (stale) must not stay.
+        let keep = match cached.cache {
+            Some(c) => Some(c),
+            None if old.is_empty() => Some(StatCache::new()),
+            None => None,
+        };
+        let scan = cached.scan;
         if let Some(f) = scan.foreign.first() {
             let what = match &f.kind {
                 ForeignKind::Symlink { target } => {
@@ -381,14 +415,16 @@ impl Owner {
         manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
-        if let Some(latest) = self.state.db.latest_generation(channel)?
+        if let Some(latest) = latest
             && latest.root == root
         {
+            cache.save(keep.as_ref(), root);
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
         // The new objects are durable and in place before the generation that refers to them exists.
         batch.commit().context("failed to store the new generation's content")?;
         let generation = self.state.db.add_generation(channel, &manifest)?;
+        cache.save(keep.as_ref(), root);
         info!(channel, generation, root = %root.short(), files, bytes, "published");
         self.prune(channel)?;
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
@@ -555,6 +591,53 @@ impl Owner {
     }
 }
 
+/// The stat cache of `owner publish` (the recipient's format, [`crate::statcache`]): `publish-stat-cache`
+/// in the state directory for the default channel (`publish-stat-cache.CHANNEL` for the others), with
+/// `….root` beside it naming the root of the generation it was saved with. It is only an optimisation: a missing, damaged or stale one costs one full read of the source.
+struct PublishCache {
+    file: PathBuf,
+    root_file: PathBuf,
+}
+
+impl PublishCache {
+    fn new(state_dir: &Path, channel: &str) -> PublishCache {
+        // Channel names are plain file names (letters, digits, `-`, `_`, `.`, never starting with `.`).
+        let name = if channel == protocol::DEFAULT_CHANNEL {
+            "publish-stat-cache".to_owned()
+        } else {
+            format!("publish-stat-cache.{channel}")
+        };
+        PublishCache { file: state_dir.join(&name), root_file: state_dir.join(format!("{name}.root")) }
+    }
+
+    /// The cache, if it was saved with the generation whose root is `latest`; else the empty cache.
+    fn load(&self, latest: Option<Digest>) -> StatCache {
+        let saved_with = std::fs::read_to_string(&self.root_file).ok().and_then(|t| Digest::from_hex(t.trim()).ok());
+        if latest.is_none() || saved_with != latest {
+            return StatCache::new();
+        }
+        StatCache::load(&self.file).unwrap_or_else(|e| {
+            warn!("{:#}; every source file will be read again", anyhow::Error::from(e));
+            StatCache::new()
+        })
+    }
+
+    /// Keeps `cache` (when the scan made a new one) for the generation whose root is `root`. Failing to is
+    /// not fatal: the next publish reads everything.
+    fn save(&self, cache: Option<&StatCache>, root: Digest) {
+        // The root is written last and removed first: a cache and a root that disagree are never used.
+        let _ = std::fs::remove_file(&self.root_file);
+        let saved = cache.map_or(Ok(()), |c| c.save(&self.file)).and_then(|()| {
+            let tmp = self.root_file.with_extension("root.tmp");
+            std::fs::write(&tmp, format!("{}\n", root.to_hex()))?;
+            std::fs::rename(&tmp, &self.root_file)
+        });
+        if let Err(e) = saved {
+            warn!("failed to keep the publish stat cache `{}`: {e}", self.file.display());
+        }
+    }
+}
+
 /// The owner's status, read without taking the state lock (so it works while the daemon runs).
 ///
 /// # Errors
@@ -609,6 +692,10 @@ pub fn status(cfg: &OwnerConfig) -> Result<OwnerStatus> {
 impl Role for Owner {
     fn db(&self) -> &Db {
         &self.state.db
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.cfg.limits.max_message_bytes
     }
 
     fn state_dir(&self) -> &Path {
@@ -671,7 +758,7 @@ impl Role for Owner {
                     let mut bytes = 0;
                     for (k, raw) in &parts {
                         bytes += raw.len();
-                        db.outbox_put(&format!("reply-{nonce}-{k:04}"), from, &rec.address, raw)?;
+                        db.outbox_put_kept(&format!("reply-{nonce}-{k:04}"), from, &rec.address, &reply_id, *k)?;
                     }
                     db.record_answer(&Answered {
                         recipient: &rec.name,
@@ -741,6 +828,8 @@ impl Owner {
         let packer = Packer {
             store: &self.store,
             level: self.cfg.owner.compression_level,
+            lines: plan.request.decodes(protocol::Method::Lines),
+            bsdiff_max: super::pack::bsdiff_max_input(),
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
             bsdiff_budget: std::cell::Cell::new(super::pack::bsdiff_allowance(
@@ -750,11 +839,37 @@ impl Owner {
                 self.cfg.owner.bsdiff_daily_budget,
                 now,
             )?),
+            made: Default::default(),
         };
         let ops = plan.ops.clone();
         let n_ops = ops.len();
-        let packed = packer.pack(plan.inventory.as_ref(), ops, plan.request.full_content)?;
-        super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
+        // Only a fresh answer with operations is worth keeping (a reference or "current" packs nothing).
+        let key = (plan.inventory.is_some() && plan.same_as.is_none() && n_ops > 0).then(|| PackKey {
+            channel: plan.request.channel.clone(),
+            base: plan.request.root,
+            generation: plan.generation.number,
+            full_content: plan.request.full_content,
+            lines: packer.lines,
+        });
+        let kept = key
+            .as_ref()
+            .and_then(|k| self.packs.borrow().iter().find(|(p, _)| p == k).map(|(_, packed)| packed.clone()));
+        let reused = kept.is_some();
+        let packed = match kept {
+            Some(p) => p,
+            None => {
+                let p = Rc::new(packer.pack(plan.inventory.as_deref(), ops, plan.request.full_content)?);
+                super::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, p.stats.bsdiff_bytes, now)?;
+                if let Some(k) = key {
+                    let mut packs = self.packs.borrow_mut();
+                    if packs.len() >= KEEP_PACKS {
+                        packs.remove(0);
+                    }
+                    packs.push((k, p.clone()));
+                }
+                p
+            }
+        };
         let mut rng = SystemEntropy;
         let mut head = engine::owner::reply_head(&plan, &mut rng, now, packed.body_frame);
         // A channel that encrypts: the whole pack is encrypted before it is cut into parts.
@@ -772,7 +887,9 @@ impl Owner {
             let keys = (&plan.key, signer.as_ref());
             let parts = split(&head, &packed, limit, keys, (&from, &to), n_ops, &mut rng, |k, token, raw| {
                 bytes += raw.len();
-                db.outbox_put(&format!("reply-{nonce}-{k:04}"), &from, &to, raw)?;
+                // Kept for resending, and queued as a reference to that one copy.
+                db.keep_sent_part(&head.reply_id, k, &rec.name, raw)?;
+                db.outbox_put_kept(&format!("reply-{nonce}-{k:04}"), &from, &to, &head.reply_id, k)?;
                 if let Some(id) = envelope::hints(raw).message_id {
                     let sent = SentMessage {
                         recipient: rec.name.clone(),
@@ -783,7 +900,7 @@ impl Owner {
                     };
                     db.record_sent_id(&id, &sent)?;
                 }
-                db.keep_sent_part(&head.reply_id, k, &rec.name, raw)
+                Ok(())
             })?;
             db.record_answer(&Answered {
                 recipient: &rec.name,
@@ -816,7 +933,7 @@ impl Owner {
         info!(
             recipient = %rec.name, generation = head.generation, ops = n_ops, parts, bytes, to = %to,
             local = stats.local, frames = stats.frames, streamed = stats.streamed,
-            streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff,
+            streams = stats.streams, cached = stats.cached, bsdiff = stats.bsdiff, lines = stats.lines, reused,
             "answered request"
         );
         Ok(Handled::Answered { recipient: rec.name.clone(), generation: head.generation, ops: n_ops })

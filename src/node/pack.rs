@@ -10,11 +10,24 @@
 //!    frames cannot. A group is sent this way only if that is smaller than its files' stored frames.
 //! 3. **frame**: the file's zstd frame from the content store, as published.
 //!
-//! Before that, a changed binary (at least [`BSDIFF_MIN`] bytes with a NUL byte in its first
-//! [`BINARY_SNIFF`] bytes, it and its old version at most [`bsdiff::MAX_INPUT`]) is diffed with bsdiff
-//! against its old version. If the patch is clearly smaller (at most [`BSDIFF_GAIN`]) than a zstd-prefix
-//! stream over the same base, and smaller than the file's frame, the file travels alone as that patch.
-//! Executables shift addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
+//! Before that, the method is chosen from what the content is, and measured against zstd-prefix:
+//! - a changed **text** file (at least [`LINES_MIN`] bytes, no NUL byte and short lines in its first
+//!   [`TEXT_SNIFF`] bytes, see [`lines::looks_like_text`]) is diffed line by line against its old version,
+//!   when the recipient decodes line deltas ([`Packer::lines`]). If the delta is smaller than a
+//!   zstd-prefix stream of the file alone over the same base (by [`LINES_GAIN`] when the file would
+//!   otherwise share a group) and than its frame, the file travels alone as that delta: a signature
+//!   database gains and loses whole lines, which a line delta sends near the floor (the new lines at
+//!   zstd -19).
+//! - a changed **binary** (at least [`BSDIFF_MIN`] bytes with a NUL byte in its first [`BINARY_SNIFF`]
+//!   bytes, it and its old version at most [`bsdiff_max_input`]) is diffed with bsdiff against its old
+//!   version. If the patch is clearly smaller (at most [`BSDIFF_GAIN`]) than a zstd-prefix stream over the
+//!   same base, and smaller than the file's frame, the file travels alone as that patch. Executables shift
+//!   addresses everywhere, which bsdiff encodes far more compactly than LZ matching does.
+//!
+//! zstd-prefix streams are compressed at levels chosen for their window ([`prefix_levels`]), not at the
+//! store's `compression-level`: high levels pay off on small windows and on groups where content moves
+//! between files, and cost minutes (and sometimes lose ratio) on one large file against its old version,
+//! where the smaller of levels 12 and 3 does better.
 //!
 //! bsdiff is the one method whose cost a request can choose: its inventory names, for every path, a content
 //! the owner stores (any kept version of any file), and each new choice of bases misses the cache. Fresh
@@ -39,7 +52,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 
 use crate::db::Db;
-use crate::delta::{self, bsdiff};
+use crate::delta::{self, bsdiff, lines};
 use crate::manifest::{Digest, Entry, Manifest, Op, Source};
 use crate::protocol::{Base, Body, Frame, Method, Stream, VERSION};
 use crate::store::Store;
@@ -61,6 +74,48 @@ pub const BSDIFF_LEVEL: i32 = 19;
 /// A binary travels alone as a bsdiff patch only when the patch is at most this fraction (numerator,
 /// denominator) of the zstd-prefix stream over the same base.
 pub const BSDIFF_GAIN: (u64, u64) = (3, 4);
+/// Smallest changed text file tried as a line delta: below this a group's zstd-prefix stream, which shares
+/// redundancy across files, is as small.
+pub const LINES_MIN: u64 = 64 << 10;
+/// How much of a file is looked at to tell text (see [`lines::looks_like_text`]).
+pub const TEXT_SNIFF: usize = 64 << 10;
+/// A text file that would otherwise share a group travels alone as a line delta only when the delta is at
+/// most this fraction of the zstd-prefix stream of the file alone over the same base. A file larger than a
+/// group travels alone anyway, and takes whichever is smaller.
+pub const LINES_GAIN: (u64, u64) = (15, 16);
+/// Most bytes of a file or its old version diffed line by line (about 40 bytes of memory per line).
+pub const LINES_MAX_INPUT: u64 = PATCH_WINDOW;
+
+/// The zstd levels tried for a zstd-prefix stream of `files` files whose prefix plus output is `window`
+/// bytes; the smallest frame is sent. Measured with `zstd --long=31 --patch-from` on the benchmark's pairs
+/// (`docs/benchmark.md`):
+/// - up to 1 MiB, level 19 is best and cheap;
+/// - a group of several files up to 64 MiB, where content moves between files (a bundler's output), gains
+///   most from 19: typescript's changed files, 54 MB with their old versions, are 132 KB at 19, 149 KB at
+///   12, 223 KB at 3 (19 costs about 10 s, once per pair of generations: streams are cached);
+/// - one file against its old version, and anything larger: the smaller of 12 and 3. Level 19 takes seconds
+///   to minutes there and on some content fails badly (the 100 MB signature database's 45 MB file:
+///   2.66 MB at 19, 240 KB at 12, 218 KB at 3), while 12 stays under a second.
+pub fn prefix_levels(window: u64, files: usize) -> &'static [i32] {
+    match window {
+        0..=0x10_0000 => &[19],
+        _ if files > 1 && window <= 64 << 20 => &[19, 3],
+        _ => &[12, 3],
+    }
+}
+
+/// The largest base (and output) diffed with bsdiff on this machine: [`bsdiff::MAX_INPUT`] always, and up
+/// to 256 MiB when the memory available (`MemAvailable` in `/proc/meminfo`) covers the suffix sort's 16
+/// bytes per base byte with room to spare (a quarter of what is available).
+pub fn bsdiff_max_input() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb.saturating_mul(1024))
+    });
+    available.map_or(bsdiff::MAX_INPUT, |a| (a / 4 / 16).clamp(bsdiff::MAX_INPUT, 256 << 20))
+}
 
 /// What the packer produced.
 #[derive(Debug)]
@@ -94,6 +149,8 @@ pub struct PackStats {
     pub bsdiff: usize,
     /// Bytes (bases plus outputs) fed to fresh bsdiff diffs: what counts against the budget.
     pub bsdiff_bytes: u64,
+    /// Delta streams that are line deltas.
+    pub lines: usize,
     /// Binaries not diffed with bsdiff because the budget was spent.
     pub bsdiff_skipped: usize,
 }
@@ -103,8 +160,14 @@ pub struct PackStats {
 pub struct Packer<'a> {
     /// Where the content comes from.
     pub store: &'a Store,
-    /// zstd level for delta streams.
+    /// zstd level of the reply body (the store's `compression-level`, within 3..=19) and of streams
+    /// without bases (files compressed together). Delta streams have their own levels:
+    /// [`prefix_levels`], [`BSDIFF_LEVEL`], [`lines::LEVEL`].
     pub level: i32,
+    /// Whether the recipient decodes line deltas (its request names the `lines` method).
+    pub lines: bool,
+    /// Largest base and output diffed with bsdiff ([`bsdiff_max_input`]).
+    pub bsdiff_max: u64,
     /// Directory of cached delta frames.
     pub cache: PathBuf,
     /// Directory for the temporary pack file.
@@ -112,6 +175,9 @@ pub struct Packer<'a> {
     /// Most bytes (bases plus outputs) that fresh bsdiff diffs may take for this reply; what is left
     /// goes down as they are made. `u64::MAX` for no bound, 0 for no fresh bsdiff at all.
     pub bsdiff_budget: Cell<u64>,
+    /// Cache entries this packer made: a stream made to measure a method and then used is fresh work of
+    /// this reply, not a cache hit (the stats say what earlier replies saved).
+    pub made: std::cell::RefCell<HashSet<PathBuf>>,
 }
 
 /// Meta key of the bsdiff bytes `recipient` spent: the value is "DAY BYTES" (days since the epoch).
@@ -230,7 +296,7 @@ impl Packer<'_> {
         let mut group_out = 0u64;
         for need in &needs {
             if let Some(base) = need.base
-                && let Some(patch) = self.bsdiff_alone(need, base, &mut stats)?
+                && let Some(patch) = self.alone(need, base, &mut stats)?
             {
                 put_stream(&[need], &[base], patch, &mut w, &mut streams, &mut sources, &mut stats)?;
                 progress.add(need.size);
@@ -286,28 +352,30 @@ impl Packer<'_> {
         Ok(Packed { body, file, size, body_frame, stats })
     }
 
-    /// The bsdiff patch of `need` against its old version `base`, when it is clearly the best way for the
-    /// file to travel: `need` is a binary (see [`BSDIFF_MIN`]) and the patch is smaller than its stored
-    /// frame and at most [`BSDIFF_GAIN`] of the zstd-prefix stream over the same base. The margin is there
-    /// because a file sent alone leaves its group, whose other files could have found content in its old
-    /// version.
-    ///
-    /// A patch not cached is made only while the budget lasts ([`Packer::bsdiff_budget`]).
-    fn bsdiff_alone(&self, need: &Need, base: Base, stats: &mut PackStats) -> Result<Option<Delta>> {
-        if need.size < BSDIFF_MIN || need.size > bsdiff::MAX_INPUT || base.size > bsdiff::MAX_INPUT {
+    /// The delta of `need` against its old version `base` by the method its content calls for, when that is
+    /// clearly the best way for the file to travel alone: a line delta for text, a bsdiff patch for a
+    /// binary (see the module doc). The margins are there because a file sent alone leaves its group,
+    /// whose other files could have found content in its old version.
+    fn alone(&self, need: &Need, base: Base, stats: &mut PackStats) -> Result<Option<Delta>> {
+        let text_size = self.lines && need.size >= LINES_MIN && need.size.max(base.size) <= LINES_MAX_INPUT;
+        let binary_size = need.size >= BSDIFF_MIN && need.size.max(base.size) <= self.bsdiff_max;
+        if !text_size && !binary_size {
             return Ok(None);
         }
         let (frame, frame_len) = self.store.open_frame(&need.blake3)?;
-        let mut head = Vec::with_capacity(BINARY_SNIFF);
-        zstd::stream::read::Decoder::new(frame)?.take(BINARY_SNIFF as u64).read_to_end(&mut head)?;
-        if !head.contains(&0) {
+        let mut head = Vec::with_capacity(TEXT_SNIFF);
+        zstd::stream::read::Decoder::new(frame)?.take(TEXT_SNIFF as u64).read_to_end(&mut head)?;
+        let (method, (num, den)) = if binary_size && head[..head.len().min(BINARY_SNIFF)].contains(&0) {
+            (Method::Bsdiff, BSDIFF_GAIN)
+        } else if text_size && lines::looks_like_text(&head) {
+            (Method::Lines, if need.size > GROUP_OUTPUT { (1, 1) } else { LINES_GAIN })
+        } else {
             return Ok(None);
-        }
-        let Some(patch) = self.stream(&[need], &[base], Method::Bsdiff, stats)? else { return Ok(None) };
+        };
+        let Some(delta) = self.stream(&[need], &[base], method, stats)? else { return Ok(None) };
         let Some(lz) = self.stream(&[need], &[base], Method::ZstdPrefix, stats)? else { return Ok(None) };
-        let (num, den) = BSDIFF_GAIN;
-        let len = patch.frame.len() as u64;
-        Ok((len < frame_len && len * den <= lz.frame.len() as u64 * num).then_some(patch))
+        let len = delta.frame.len() as u64;
+        Ok((len < frame_len && len * den <= lz.frame.len() as u64 * num).then_some(delta))
     }
 
     /// Sends `group` as one zstd-prefix delta stream over `bases` if that is smaller than its stored
@@ -353,9 +421,20 @@ impl Packer<'_> {
     /// over [`bsdiff::max_raw`], or one that does not apply back, which would be a bug in the diff; and a
     /// bsdiff patch not cached that the budget has no room for, which is then not cached either).
     fn stream(&self, group: &[&Need], bases: &[Base], method: Method, stats: &mut PackStats) -> Result<Option<Delta>> {
-        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v3");
+        let window = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
+        let levels = match method {
+            // Without bases a stream only compresses files together (a first sync): the store's level,
+            // as their frames have.
+            Method::ZstdPrefix if bases.is_empty() => std::slice::from_ref(&self.level),
+            Method::ZstdPrefix => prefix_levels(window, group.len()),
+            Method::Bsdiff => &[BSDIFF_LEVEL],
+            Method::Lines => &[lines::LEVEL],
+        };
+        let mut key = blake3::Hasher::new_derive_key("mailferry delta cache v4");
         key.update(method.code().as_bytes()).update(b"m");
-        key.update(&self.level.to_le_bytes());
+        for level in levels {
+            key.update(&level.to_le_bytes());
+        }
         for b in bases {
             key.update(&b.blake3.0).update(b"b");
         }
@@ -370,12 +449,13 @@ impl Packer<'_> {
         {
             let frame = cached.split_off(32);
             let digest = Digest(cached.try_into().expect("32 bytes"));
-            return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: true }));
+            let cached = !self.made.borrow().contains(&path);
+            return Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached }));
         }
         if method == Method::Bsdiff {
             // Counted before the work, from the declared sizes: the suffix sort of the base and the scan
             // of the output are what a hostile choice of bases makes the owner do again and again.
-            let cost = bases.iter().map(|b| b.size).chain(group.iter().map(|n| n.size)).fold(0u64, u64::saturating_add);
+            let cost = window;
             let left = self.bsdiff_budget.get();
             if cost > left {
                 stats.bsdiff_skipped += 1;
@@ -403,14 +483,25 @@ impl Packer<'_> {
             }
         }
         let frame = match method {
-            Method::ZstdPrefix => delta::compress(&prefix, &output, self.level)?,
+            Method::ZstdPrefix => {
+                let mut best: Option<Vec<u8>> = None;
+                for &level in levels {
+                    let frame = delta::compress(&prefix, &output, level)?;
+                    if best.as_ref().is_none_or(|b| frame.len() < b.len()) {
+                        best = Some(frame);
+                    }
+                }
+                best.unwrap_or_default()
+            }
             Method::Bsdiff => self.patch(&prefix, &output, &digest)?.unwrap_or_default(),
+            Method::Lines => line_delta(&prefix, &output, &digest)?.unwrap_or_default(),
         };
         fs::create_dir_all(&self.cache)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&self.cache)?;
         tmp.write_all(&digest.0)?;
         tmp.write_all(&frame)?;
         tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("failed to cache `{}`", path.display()))?;
+        self.made.borrow_mut().insert(path);
         Ok((!frame.is_empty()).then_some(Delta { method, frame, output: digest, cached: false }))
     }
 
@@ -418,7 +509,7 @@ impl Packer<'_> {
     /// would; `None` when there is no usable patch.
     fn patch(&self, base: &[u8], output: &[u8], digest: &Digest) -> Result<Option<Vec<u8>>> {
         let Some(raw) = bsdiff::diff(base, output) else { return Ok(None) };
-        let frame = delta::compress(&[], &raw, self.level.max(BSDIFF_LEVEL))?;
+        let frame = delta::compress(&[], &raw, BSDIFF_LEVEL)?;
         drop(raw);
         let size = output.len() as u64;
         let why = match bsdiff::apply(&frame[..], base, size, io::sink()) {
@@ -429,6 +520,22 @@ impl Packer<'_> {
         tracing::warn!(output = %digest.short(), "a bsdiff patch does not apply back, not using it: {why}");
         Ok(None)
     }
+}
+
+/// The zstd frame of the line delta from `base` to `output`, checked by applying it as a recipient would;
+/// `None` when it does not apply back (a bug in the diff, logged).
+fn line_delta(base: &[u8], output: &[u8], digest: &Digest) -> Result<Option<Vec<u8>>> {
+    let raw = lines::diff(base, output);
+    let frame = delta::compress(&[], &raw, lines::LEVEL)?;
+    drop(raw);
+    let size = output.len() as u64;
+    let why = match lines::apply(&frame[..], base, size, io::sink()) {
+        Ok((n, d)) if n == size && d == *digest => return Ok(Some(frame)),
+        Ok((n, d)) => format!("it gives {n} bytes with digest {}", d.short()),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(output = %digest.short(), "a line delta does not apply back, not using it: {why}");
+    Ok(None)
 }
 
 /// Writes `delta`, the stream of `group` over `bases`, into the pack, and makes it the source of the
@@ -455,6 +562,7 @@ fn put_stream(
     stats.streamed += group.len();
     stats.cached += usize::from(delta.cached);
     stats.bsdiff += usize::from(method == Method::Bsdiff);
+    stats.lines += usize::from(method == Method::Lines);
     Ok(())
 }
 
@@ -550,6 +658,7 @@ mod tests {
                     let (n, digest) = match s.method {
                         Method::ZstdPrefix => delta::decompress(slice(s.offset, s.length), &prefix, s.size, &mut out),
                         Method::Bsdiff => bsdiff::apply(slice(s.offset, s.length), &prefix, s.size, &mut out),
+                        Method::Lines => lines::apply(slice(s.offset, s.length), &prefix, s.size, &mut out),
                     }
                     .unwrap();
                     assert_eq!((n, digest), (s.size, s.blake3));
@@ -576,9 +685,12 @@ mod tests {
             let packer = Packer {
                 store: &store,
                 level: 9,
+                lines: true,
+                bsdiff_max: bsdiff::MAX_INPUT,
                 cache: dir.path().join(cache),
                 tmp: dir.path().join("tmp"),
                 bsdiff_budget: Cell::new(budget),
+                made: Default::default(),
             };
             let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
             check_contents(&store, &packed, &want);
@@ -615,14 +727,81 @@ mod tests {
         let packer = Packer {
             store: &store,
             level: 9,
+            lines: true,
+            bsdiff_max: bsdiff::MAX_INPUT,
             cache: dir.path().join("cache"),
             tmp: dir.path().join("tmp"),
             bsdiff_budget: Cell::new(u64::MAX),
+            made: Default::default(),
         };
         let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
         let s = packed.stats;
         assert_eq!((s.bsdiff, s.streams, s.frames), (0, 0, 1), "the file travels as its frame: {s:?}");
         check_contents(&store, &packed, &[(Digest::of(&new), new.as_slice())].into_iter().collect());
+    }
+
+    /// Signature-database-like text: unique lines of hex.
+    fn sig_text(from: usize, n: usize) -> Vec<u8> {
+        (from..from + n)
+            .flat_map(|i| format!("Win.Trojan.Agent-{i}:0:*:{:016x}{:08x}\n", i * 7919, i * 31).into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn the_method_follows_the_content_and_what_the_recipient_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 9).unwrap();
+        // A text file that loses scattered lines and gains new ones, and a rebuilt binary.
+        let old_text = sig_text(0, 40_000);
+        let new_text: Vec<u8> = [
+            old_text
+                .split_inclusive(|&b| b == b'\n')
+                .enumerate()
+                .filter(|(i, _)| i % 150 != 3)
+                .flat_map(|(_, l)| l.to_vec())
+                .collect(),
+            sig_text(900_000, 400),
+        ]
+        .concat();
+        let old_bin = machine_code(600_000, 5);
+        let new_bin = rebuilt(&old_bin);
+        let have = tree(&store, &[("db/main.hdb", &old_text), ("lib/a.so", &old_bin)]);
+        let target = tree(&store, &[("db/main.hdb", &new_text), ("lib/a.so", &new_bin)]);
+        let want: HashMap<Digest, &[u8]> =
+            [(Digest::of(&new_text), new_text.as_slice()), (Digest::of(&new_bin), new_bin.as_slice())]
+                .into_iter()
+                .collect();
+        let pack = |lines: bool, cache: &str| {
+            let packer = Packer {
+                store: &store,
+                level: 9,
+                lines,
+                bsdiff_max: bsdiff::MAX_INPUT,
+                cache: dir.path().join(cache),
+                tmp: dir.path().join("tmp"),
+                bsdiff_budget: Cell::new(u64::MAX),
+                made: Default::default(),
+            };
+            let packed = packer.pack(Some(&have), diff(&have, &target), false).unwrap();
+            check_contents(&store, &packed, &want);
+            packed
+        };
+        let new = pack(true, "new");
+        let methods: Vec<Method> = new.body.streams.iter().map(|s| s.method).collect();
+        assert_eq!((new.stats.lines, new.stats.bsdiff), (1, 1), "{methods:?}");
+        // A recipient that does not name `lines` never gets one: the text travels by zstd-prefix.
+        let old = pack(false, "old");
+        assert!(old.body.streams.iter().all(|s| s.method != Method::Lines), "{:?}", old.body.streams);
+        assert_eq!((old.stats.lines, old.stats.bsdiff), (0, 1));
+        let text_stream = |p: &Packed| {
+            let Some(Op::Put { source: Some(Source::Delta { stream, .. }), .. }) =
+                p.body.ops.iter().find(|o| matches!(o, Op::Put { blake3, .. } if *blake3 == Digest::of(&new_text)))
+            else {
+                panic!("the text file travels in a stream")
+            };
+            p.body.streams[*stream as usize].length
+        };
+        assert!(text_stream(&new) < text_stream(&old), "the line delta is the smaller");
     }
 
     #[test]

@@ -31,8 +31,8 @@ use crate::manifest::{Digest, Entry, Listed};
 use crate::path::RelPath;
 use crate::protocol::envelope::{self, Outgoing};
 use crate::protocol::{
-    self, Auth, Control, FailureReason, InventoryKind, Kind, Reason, Receipt, ReceiptStatus, Refusal, Reply, ReplyId,
-    Request, Resend, Update, VERSION, Want,
+    self, Auth, Control, FailureReason, InventoryKind, Kind, Method, Reason, Receipt, ReceiptStatus, Refusal, Reply,
+    ReplyId, Request, Resend, Update, VERSION, Want,
 };
 use crate::scan;
 use crate::statcache::{self, StatCache};
@@ -59,7 +59,8 @@ pub struct Recipient {
     /// The owner's pinned Ed25519 key: replies must be signed under it.
     owner_key: Option<PublicKey>,
     /// Hooks, manual installation, apply windows.
-    install: InstallPolicy,
+    /// How each tree's updates are installed, by channel.
+    install: std::collections::BTreeMap<String, InstallPolicy>,
 }
 
 /// What installing a waiting update did.
@@ -291,6 +292,13 @@ pub fn subscribe(cfg: &RecipientConfig, channel: &str, data: &Path) -> Result<Su
         data: data.clone(),
         staging_dir: None,
         on_extra: None,
+        pre_apply: None,
+        post_apply: None,
+        hook_timeout: None,
+        shipped_hooks: None,
+        on_hook_failure: None,
+        install: None,
+        apply_window: None,
     };
     let added = toml::to_string(&Table { subscription: [&section] })?;
     let text = format!(
@@ -402,7 +410,11 @@ impl Recipient {
         );
         let key = read_key_file(&cfg.recipient.key_file)?;
         let owner_key = cfg.recipient.owner_public_key.as_deref().map(PublicKey::from_hex).transpose()?;
-        let install = InstallPolicy::from_section(&cfg.recipient)?;
+        let install = cfg
+            .subscriptions
+            .iter()
+            .map(|t| Ok((t.channel.clone(), InstallPolicy::for_tree(&cfg.recipient, &t.install)?)))
+            .collect::<Result<_>>()?;
         let mut r = Recipient { cfg, state, key, owner_key, install };
         // A key taken up just before a crash is written now.
         r.finish_key()?;
@@ -562,14 +574,19 @@ impl Recipient {
 
     /// The hooks of one tree: `[recipient]`'s install keys, for the tree's channel and state.
     fn hooks<'a>(&'a self, tree: &'a Subscription) -> install::Hooks<'a> {
-        install::Hooks { policy: &self.install, channel: &tree.channel, state_dir: &tree.dir }
+        install::Hooks { policy: self.install_policy(tree), channel: &tree.channel, state_dir: &tree.dir }
+    }
+
+    /// How `tree`'s updates are installed.
+    fn install_policy(&self, tree: &Subscription) -> &InstallPolicy {
+        &self.install[&tree.channel]
     }
 
     /// A post-apply hook of `journal` failed after the swap. The failure is recorded; then with
     /// `on-hook-failure = "rollback"` the tree returns to the generation before (which also holds the
     /// failed one back), else (or when there is no way back) the apply is recorded as usual.
     fn hook_failed(&mut self, tree: &Subscription, journal: &Journal, failure: &install::HookFailure) -> Result<()> {
-        let back = match self.install.on_hook_failure {
+        let back = match self.install_policy(tree).on_hook_failure {
             OnHookFailure::Keep => Err(String::new()),
             OnHookFailure::Rollback => {
                 let (before, _, manifest) = self.state.db.sub(&tree.channel)?.applied()?;
@@ -945,6 +962,7 @@ impl Recipient {
             } else {
                 Vec::new()
             },
+            methods: Method::ALL.to_vec(),
         };
         let control = protocol::encode(&req);
         let auth = protocol::encode(&Auth::sign(&self.cfg.recipient.name, &self.key, &control));
@@ -1030,7 +1048,7 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
-        // A broadcast part is signed by the owner, not MACed for anyone: its own path (§7.10).
+        // A broadcast part is signed by the owner, not MACed for anyone: its own path (§7.11).
         if let Some(done) = self.broadcast_part(raw, digest)? {
             return Ok(done);
         }
@@ -1308,7 +1326,7 @@ impl Recipient {
                 return self.referred(tree, nonce, digest, &same, step, &effects);
             }
         };
-        let wait = self.install.wait(install::local_now());
+        let wait = self.install_policy(tree).wait(install::local_now());
         if let Some(wait) = wait
             && let Some(w) = self.state.db.sub(&tree.channel)?.waiting_install()?
             && (w.generation, w.base) == (reply.generation, reply.base)
@@ -1450,11 +1468,12 @@ impl Recipient {
     /// # Errors
     /// Local failures; see [`Recipient::approve`].
     pub fn install_due(&mut self, now: jiff::civil::DateTime) -> Result<Option<Installed>> {
-        if self.install.install == InstallMode::Manual || self.install.wait(now).is_some() {
-            return Ok(None);
-        }
         let mut done = None;
         for tree in self.cfg.subscriptions.clone() {
+            let policy = self.install_policy(&tree);
+            if policy.install == InstallMode::Manual || policy.wait(now).is_some() {
+                continue;
+            }
             let Some(w) = self.state.db.sub(&tree.channel)?.waiting_install()? else { continue };
             info!(channel = %tree.channel, generation = w.generation, "the apply window is open: installing the update that waited");
             match self.install_waiting(&tree, w)? {
@@ -1883,7 +1902,7 @@ fn subscription_status(db: &Db, cfg: &RecipientConfig, tree: &Subscription) -> R
         stale: stale_since(db, cfg, tree)?.is_some(),
         standing: sub.standing,
         pinned: sub.pinned,
-        waiting: install::waiting_status(db, &tree.channel, &InstallPolicy::from_section(&cfg.recipient)?)?,
+        waiting: install::waiting_status(db, &tree.channel, &InstallPolicy::for_tree(&cfg.recipient, &tree.install)?)?,
         last_hook_failure: sdb.last_hook_failure()?,
     })
 }
@@ -1954,6 +1973,10 @@ fn notice_tree_staleness(db: &Db, cfg: &RecipientConfig, tree: &Subscription) ->
 impl Role for Recipient {
     fn db(&self) -> &Db {
         &self.state.db
+    }
+
+    fn max_message_bytes(&self) -> u64 {
+        self.cfg.limits.max_message_bytes
     }
 
     fn state_dir(&self) -> &Path {

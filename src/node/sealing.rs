@@ -65,7 +65,13 @@ pub fn encrypts(db: &Db, head: &Reply) -> Result<bool> {
 ///
 /// # Errors
 /// State failures, or local I/O errors.
-pub fn seal_pack(db: &Db, head: &mut Reply, packed: Packed, under: &Key, rng: &mut dyn Entropy) -> Result<Packed> {
+pub fn seal_pack(
+    db: &Db,
+    head: &mut Reply,
+    packed: std::rc::Rc<Packed>,
+    under: &Key,
+    rng: &mut dyn Entropy,
+) -> Result<std::rc::Rc<Packed>> {
     if !encrypts(db, head)? {
         return Ok(packed);
     }
@@ -91,7 +97,15 @@ pub fn seal_pack(db: &Db, head: &mut Reply, packed: Packed, under: &Key, rng: &m
     anyhow::ensure!(n == packed.size, "the pack changed while it was encrypted ({n} bytes, {} packed)", packed.size);
     let size = out.as_file().metadata()?.len();
     anyhow::ensure!(stream::sealed_len(n) == Some(size), "the encrypted pack is {size} bytes, not as its plaintext's");
-    Ok(Packed { file: out, size, ..packed })
+    // The plaintext pack may be kept for the next recipient on the same base: the encrypted one is this
+    // reply's alone (its associated data names the recipient and the reply).
+    Ok(std::rc::Rc::new(Packed {
+        body: packed.body.clone(),
+        file: out,
+        size,
+        body_frame: packed.body_frame,
+        stats: packed.stats,
+    }))
 }
 
 /// The channel key of an encrypted reply, opened under `under` (the key its MAC verified under).

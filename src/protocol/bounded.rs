@@ -51,7 +51,12 @@ pub enum List {
     Streams,
     /// One stream's `bases`.
     Bases,
+    /// A request's `methods`.
+    Methods,
 }
+
+/// Most delta methods a request may name.
+pub const MAX_METHODS: usize = 16;
 
 impl List {
     fn name(self) -> &'static str {
@@ -62,6 +67,7 @@ impl List {
             List::Ops => "operations",
             List::Streams => "delta streams",
             List::Bases => "bases in one stream",
+            List::Methods => "delta methods",
         }
     }
 
@@ -70,12 +76,13 @@ impl List {
             List::Inventory => limits.max_inventory_entries,
             List::Payloads | List::Resend => limits.max_parts,
             List::Ops | List::Streams | List::Bases => limits.max_files_per_reply,
+            List::Methods => MAX_METHODS,
         }
     }
 
     /// Whether the counts of all lists of this kind in one value add up (rather than each counting alone).
     fn shared(self) -> bool {
-        self != List::Bases
+        !matches!(self, List::Bases | List::Methods)
     }
 
     /// Whether an element holds a bounded list itself, so even a counting pass must decode it.

@@ -1,4 +1,4 @@
-//! The signed broadcast (`docs/protocol.md` §7.10): one payload for every recipient on the same tree.
+//! The signed broadcast (`docs/protocol.md` §7.11): one payload for every recipient on the same tree.
 //!
 //! When several recipients need the same update (the same channel, base tree and generation), the owner
 //! packs it once and sends it once, as **broadcast parts**: messages with no per-recipient data, signed

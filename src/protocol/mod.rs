@@ -83,6 +83,25 @@ fn stream_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<V
 fn base_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
     bounded::seq(d, List::Bases)
 }
+/// A request's `methods`: names this build does not know are dropped, not refused (the list says what the
+/// sender can decode, so a newer sender's extra names are no error).
+fn method_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
+    struct Name(Option<Method>);
+    impl<'de> Deserialize<'de> for Name {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+            let s = String::deserialize(d)?;
+            Ok(Name(Method::ALL.into_iter().find(|m| m.code() == s)))
+        }
+    }
+    let names: Vec<Name> = bounded::seq(d, List::Methods)?;
+    let mut out: Vec<Method> = Vec::new();
+    for m in names.into_iter().filter_map(|n| n.0) {
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
 
 /// What kind of control message this is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -170,16 +189,27 @@ pub struct Request {
     /// enrollment and after they change; authenticated with the request, kept by the owner with its answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration: Option<Box<crate::registration::Facts>>,
-    /// What this recipient can take besides plain replies (`docs/protocol.md` §7.10): a recipient that
+    /// What this recipient can take besides plain replies (`docs/protocol.md` §7.11): a recipient that
     /// pinned the owner's key announces broadcast tickets. Names this build does not know are dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "broadcast::accepts_list")]
     pub accepts: Vec<broadcast::Capability>,
+    /// The delta methods this recipient decodes. Empty (absent on the wire) means the two every v1
+    /// recipient decodes, `zstd-prefix` and `bsdiff`; see [`Request::decodes`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "method_list")]
+    pub methods: Vec<Method>,
 }
 
 impl Request {
     /// Whether the request announces `capability`.
     pub fn accepts(&self, capability: broadcast::Capability) -> bool {
         self.accepts.contains(&capability)
+    }
+
+    /// Whether the sender can decode a delta stream of `method`: every v1 recipient decodes
+    /// [`Method::ZstdPrefix`] and [`Method::Bsdiff`]; a newer method only when the request names it, so a
+    /// recipient that predates it is never sent one.
+    pub fn decodes(&self, method: Method) -> bool {
+        matches!(method, Method::ZstdPrefix | Method::Bsdiff) || self.methods.contains(&method)
     }
 }
 
@@ -289,7 +319,7 @@ pub struct Reply {
     /// are of the encrypted pack; the body frame's and the body's offsets are in the decrypted pack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
-    /// A **ticket** (`docs/protocol.md` §7.10): this reply's chunks travel as the parts of the broadcast
+    /// A **ticket** (`docs/protocol.md` §7.11): this reply's chunks travel as the parts of the broadcast
     /// named here, signed by the owner and sent once to every recipient on the same tree; the ticket
     /// itself carries no attachment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -456,14 +486,22 @@ pub enum Method {
     /// The frame decompresses (without a prefix) to a bsdiff patch that turns the bases into the output;
     /// see [`crate::delta::bsdiff`].
     Bsdiff,
+    /// The frame decompresses (without a prefix) to a line delta that turns the bases into the output:
+    /// deleted line ranges and inserted lines; see [`crate::delta::lines`]. Sent only to a recipient whose
+    /// request names it ([`Request::decodes`]).
+    Lines,
 }
 
 impl Method {
+    /// Every method this build decodes.
+    pub const ALL: [Method; 3] = [Method::ZstdPrefix, Method::Bsdiff, Method::Lines];
+
     /// The kebab-case name, as on the wire.
     pub fn code(self) -> &'static str {
         match self {
             Method::ZstdPrefix => "zstd-prefix",
             Method::Bsdiff => "bsdiff",
+            Method::Lines => "lines",
         }
     }
 }
@@ -1762,7 +1800,33 @@ mod tests {
             fresh: false,
             registration: None,
             accepts: Vec::new(),
+            methods: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_request_names_the_delta_methods_it_decodes() {
+        let limits = Limits::default();
+        let decode = |json: &str| match decode_control(json.as_bytes(), &limits) {
+            Ok(Control::Request(r)) => Ok(r),
+            Ok(other) => panic!("{other:?}"),
+            Err(r) => Err(r.reason),
+        };
+        let plain = String::from_utf8(encode(&request(vec![]))).unwrap();
+        assert!(!plain.contains("methods"), "absent when empty: {plain}");
+        let old = decode(&plain).unwrap();
+        assert!(old.decodes(Method::ZstdPrefix) && old.decodes(Method::Bsdiff), "every v1 recipient decodes these");
+        assert!(!old.decodes(Method::Lines), "a request that does not name `lines` is never sent one");
+        let with = |names: &str| plain.replace(r#","want""#, &format!(r#","methods":[{names}],"want""#));
+        let new = decode(&with(r#""zstd-prefix","bsdiff","lines""#)).unwrap();
+        assert!(new.decodes(Method::Lines));
+        assert_eq!(decode(&String::from_utf8(encode(&new)).unwrap()).unwrap(), new, "round trip");
+        // Names this build does not know say what a newer recipient decodes: dropped, not refused.
+        let newer = decode(&with(r#""lines","xdelta3","lines""#)).unwrap();
+        assert_eq!(newer.methods, vec![Method::Lines]);
+        let many = vec![r#""lines""#; bounded::MAX_METHODS + 1].join(",");
+        assert_eq!(decode(&with(&many)).unwrap_err(), Reason::Limit);
+        assert_eq!(decode(&with("1")).unwrap_err(), Reason::Malformed);
     }
 
     #[test]

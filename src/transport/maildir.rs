@@ -7,12 +7,17 @@
 //!
 //! Delivered file names are derived from the message's BLAKE3, so delivering the same bytes twice (an
 //! outbox retried after a crash) leaves one file.
+//!
+//! The inbox is listed with each file's size ([`Transport::waiting`]) and read one message at a time
+//! ([`Transport::read`], never more than the node's limit plus one byte), so a node's memory follows the
+//! largest message it accepts, not the inbox: a file over the limit is refused by its size and filed
+//! without being read.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Disposition, Incoming, Transport, TransportError, TransportErrorKind};
+use super::{Disposition, Incoming, Transport, TransportError, TransportErrorKind, Waiting};
 use crate::crypto::hex;
 
 /// A node's view of a Maildir spool.
@@ -108,8 +113,18 @@ impl Transport for MaildirTransport {
     }
 
     async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError> {
+        let mut out = Vec::new();
+        for w in self.waiting().await? {
+            if let Some(m) = self.read(w, u64::MAX).await? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn waiting(&mut self) -> Result<Vec<Waiting>, TransportError> {
         let new = self.inbox().join("new");
-        let mut names: Vec<(std::time::SystemTime, String)> = Vec::new();
+        let mut names: Vec<(std::time::SystemTime, String, u64)> = Vec::new();
         let entries = fs::read_dir(&new).map_err(io_err(format!("failed to list `{}`", new.display())))?;
         for e in entries {
             let e = e.map_err(io_err(format!("failed to list `{}`", new.display())))?;
@@ -119,21 +134,30 @@ impl Transport for MaildirTransport {
             }
             let meta = e.metadata().map_err(io_err(format!("failed to stat `{}`", e.path().display())))?;
             if meta.is_file() {
-                names.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), name));
+                names.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), name, meta.len()));
             }
         }
         names.sort();
-        let mut out = Vec::with_capacity(names.len());
-        for (_, name) in names {
-            let path = new.join(&name);
-            match fs::read(&path) {
-                Ok(raw) => out.push(Incoming { id: name, raw }),
-                // Settled by a concurrent run between listing and reading.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(TransportError::io(format!("failed to read `{}`", path.display()), e)),
-            }
-        }
-        Ok(out)
+        Ok(names.into_iter().map(|(_, id, size)| Waiting::Listed { id, size }).collect())
+    }
+
+    async fn read(&mut self, waiting: Waiting, max: u64) -> Result<Option<Incoming>, TransportError> {
+        let id = match waiting {
+            Waiting::Read(m) => return Ok(Some(m)),
+            Waiting::Listed { id, .. } => id,
+        };
+        let path = self.inbox().join("new").join(&id);
+        let what = || format!("failed to read `{}`", path.display());
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Settled by a concurrent run between listing and reading.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TransportError::io(what(), e)),
+        };
+        let len = file.metadata().map_err(|e| TransportError::io(what(), e))?.len();
+        let mut raw = Vec::with_capacity(usize::try_from(len.min(max.saturating_add(1))).unwrap_or(0));
+        file.take(max.saturating_add(1)).read_to_end(&mut raw).map_err(|e| TransportError::io(what(), e))?;
+        Ok(Some(Incoming { id, raw }))
     }
 
     async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError> {

@@ -34,6 +34,39 @@ pub struct Incoming {
     pub raw: Vec<u8>,
 }
 
+/// A message waiting in the node's mailbox, listed and perhaps not read yet: a node reads one message at
+/// a time, and refuses one whose size is over its limit without reading it at all.
+#[derive(Debug, Clone)]
+pub enum Waiting {
+    /// Read already (a transport that fetches whole messages).
+    Read(Incoming),
+    /// Listed only; [`Transport::read`] reads it.
+    Listed {
+        /// As [`Incoming::id`].
+        id: String,
+        /// Its size in bytes, as the mailbox says (a file's length).
+        size: u64,
+    },
+}
+
+impl Waiting {
+    /// The handle to read or settle it by.
+    pub fn id(&self) -> &str {
+        match self {
+            Waiting::Read(m) => &m.id,
+            Waiting::Listed { id, .. } => id,
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Waiting::Read(m) => m.raw.len() as u64,
+            Waiting::Listed { size, .. } => *size,
+        }
+    }
+}
+
 /// Where a handled message is filed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
@@ -137,6 +170,24 @@ pub trait Transport: fmt::Debug {
 
     /// Files a fetched message as processed or rejected.
     async fn settle(&mut self, id: &str, disposition: Disposition) -> Result<(), TransportError>;
+
+    /// The messages waiting in this node's own mailbox, oldest first, without moving them, each read only
+    /// when [`Transport::read`] is asked for it. The default fetches them all at once.
+    async fn waiting(&mut self) -> Result<Vec<Waiting>, TransportError> {
+        Ok(self.fetch().await?.into_iter().map(Waiting::Read).collect())
+    }
+
+    /// Reads one message that [`Transport::waiting`] listed, at most `max + 1` bytes of it (so that a
+    /// message grown past the limit since it was listed is still refused by size, not read whole); `None`
+    /// when it is gone (settled by a concurrent run). A transport whose `waiting` lists messages unread
+    /// implements this.
+    async fn read(&mut self, waiting: Waiting, max: u64) -> Result<Option<Incoming>, TransportError> {
+        let _ = max;
+        Ok(match waiting {
+            Waiting::Read(m) => Some(m),
+            Waiting::Listed { .. } => None,
+        })
+    }
 
     /// The largest message the outgoing server accepts, if it says (SMTP `SIZE`). A spool has none.
     async fn size_limit(&mut self) -> Option<u64> {
@@ -298,6 +349,20 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Maildir(t) => t.settle(id, disposition).await,
             AnyTransport::Mail(t) => t.settle(id, disposition).await,
+        }
+    }
+
+    async fn waiting(&mut self) -> Result<Vec<Waiting>, TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.waiting().await,
+            AnyTransport::Mail(t) => t.waiting().await,
+        }
+    }
+
+    async fn read(&mut self, waiting: Waiting, max: u64) -> Result<Option<Incoming>, TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.read(waiting, max).await,
+            AnyTransport::Mail(t) => t.read(waiting, max).await,
         }
     }
 

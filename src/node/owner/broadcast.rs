@@ -1,4 +1,4 @@
-//! The owner's side of the signed broadcast (`docs/protocol.md` §7.10).
+//! The owner's side of the signed broadcast (`docs/protocol.md` §7.11).
 //!
 //! Before a run answers anything, [`Owner::survey`] looks at the requests waiting (verified, nothing
 //! changed) and [`engine::owner::shared_broadcasts`] decides which updates enough of them share. The first
@@ -224,6 +224,9 @@ impl Owner {
         let packer = Packer {
             store: &self.store,
             level: self.cfg.owner.compression_level,
+            // Every ticket's recipient decodes line deltas, or none does: it is part of the key.
+            lines: key.lines,
+            bsdiff_max: crate::node::pack::bsdiff_max_input(),
             cache: self.cfg.state_dir.join("deltas"),
             tmp: self.cfg.state_dir.join("tmp"),
             bsdiff_budget: std::cell::Cell::new(crate::node::pack::bsdiff_allowance(
@@ -233,9 +236,10 @@ impl Owner {
                 self.cfg.owner.bsdiff_daily_budget,
                 now,
             )?),
+            made: Default::default(),
         };
         let ops = plan.ops.len();
-        let packed = packer.pack(plan.inventory.as_ref(), plan.ops.clone(), false)?;
+        let packed = packer.pack(plan.inventory.as_deref(), plan.ops.clone(), false)?;
         crate::node::pack::charge_bsdiff(&self.state.db, &plan.recipient.name, packed.stats.bsdiff_bytes, now)?;
         let body = packed.body_frame;
         let id = ReplyId::unchecked(rng.hex_id(16));

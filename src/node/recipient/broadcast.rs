@@ -1,4 +1,4 @@
-//! The recipient's side of the signed broadcast (`docs/protocol.md` §7.10).
+//! The recipient's side of the signed broadcast (`docs/protocol.md` §7.11).
 //!
 //! A **ticket** (a reply with `broadcast`) passes every check a reply part does (MAC, owner signature,
 //! outstanding nonce, seq, rollback, hold) and is recorded; its chunks are the parts of the broadcast it
