@@ -1063,9 +1063,9 @@ def run_fleet(args, binary, quick):
 # the fleet: N recipients on one base, with the signed broadcast and with N private replies
 
 
-def fleet_trees(tag):
+def broadcast_fleet_trees(tag):
     """Tree A (about 2 MB: binary blobs and text) and B (+300 KB new content, a few edits)."""
-    base = cache_dir() / f"fleet-{tag}"
+    base = cache_dir() / f"broadcast-fleet-{tag}"
     a, b = base / "a", base / "b"
     if (base / "done").exists():
         return a, b
@@ -1088,10 +1088,10 @@ def fleet_trees(tag):
     return a, b
 
 
-def run_fleet(args, binary, n, broadcast):
+def run_broadcast_fleet(args, binary, n, broadcast):
     """N recipients synced to A, then B published and every one asks: the owner's answer step measured."""
     d = new_workdir(args, f"fleet-{n}-{'broadcast' if broadcast else 'private'}")
-    a, b = fleet_trees("v1")
+    a, b = broadcast_fleet_trees("v1")
     env = dict(os.environ, MAILFERRY_LOG="warn", RUST_LOG="warn")
     mf = lambda *x, check=True: Proc([binary, *x], env=env, check=check)  # noqa: E731
     source, spool, owner_cfg = d / "source", d / "spool", d / "owner" / "owner.toml"
@@ -1165,7 +1165,7 @@ def run_fleet(args, binary, n, broadcast):
     return r
 
 
-def fleet_report(rows):
+def broadcast_fleet_report(rows):
     out = ["## fleet: N recipients on one base (B published, every site asks)", ""]
     head = ["N", "mode", "bytes to transport", "messages", "per recipient", "owner CPU/request", "owner RSS",
             "DB growth/recipient"]
@@ -1395,8 +1395,8 @@ def main():
         for n in [int(x) for x in args.fleet.split(",")]:
             for broadcast in (True, False):
                 log(f"fleet: {n} recipients, {'broadcast' if broadcast else 'private replies'}")
-                rows.append(run_fleet(args, binary, n, broadcast))
-        print(fleet_report(rows))
+                rows.append(run_broadcast_fleet(args, binary, n, broadcast))
+        print(broadcast_fleet_report(rows))
         if args.json:
             Path(args.json).write_text(json.dumps({"fleet": rows}, indent=2) + "\n")
         return 0
