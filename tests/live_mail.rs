@@ -585,3 +585,42 @@ fn channels_over_real_mail_each_site_gets_exactly_its_entitled_trees() {
     assert_eq!(state("pro1"), Some("current".into()));
     assert_eq!(state("eval1"), Some("expired".into()));
 }
+
+/// The signed broadcast over real mail: one submission with many `RCPT TO` through Postfix, a ticket
+/// each, and every recipient applies the update it was sent once.
+#[test]
+fn a_broadcast_reaches_three_recipients_through_one_submission() {
+    let m = mailserver::shared();
+    let w = MailWorld::new(m, SUBMISSION_STARTTLS, IMAPS);
+    let cfg = fs::read_to_string(&w.owner.config).unwrap();
+    fs::write(&w.owner.config, cfg.replacen("signing = \"hmac\"", "signing = \"hmac+ed25519\"", 1)).unwrap();
+    varied_tree(&w.source);
+    w.publish();
+    let sites: Vec<MailSite> = ["b1", "b2", "b3"].iter().map(|n| w.site(n, SUBMISSION_STARTTLS, IMAPS)).collect();
+    for s in &sites {
+        w.sync(s);
+    }
+    change_tree(&w.source);
+    put(&w.source, "big.bin", &noise(300_000, 7), 0o644);
+    w.publish();
+    for s in &sites {
+        s.run(true);
+    }
+    w.wait_inbox(&w.owner, sites.len());
+    let log = w.owner_run();
+    assert!(log.contains("broadcast"), "{log}");
+    for s in &sites {
+        // The ticket and the broadcast's part(s).
+        w.wait_inbox(&s.node, 2);
+        s.run(false);
+        assert_same_tree(&w.source, &s.data);
+        assert_eq!(s.node.status()["generation"], 2);
+        s.node.assert_outbox_empty();
+    }
+    w.owner.assert_outbox_empty();
+    // Each recipient's mailbox got the broadcast's one copy: two messages for this update, both filed.
+    for s in &sites {
+        assert_eq!(w.count(&s.node, "INBOX"), 0);
+        assert_eq!(w.count(&s.node, PROCESSED), 1 + 2, "generation 1's reply, then the ticket and the broadcast");
+    }
+}
