@@ -633,9 +633,11 @@ mod tests {
         store.retain(&std::collections::HashSet::from([d_new])).unwrap();
         let path = store.delta_path(&d_old);
         let good = fs::read(&path).unwrap();
-        // Another whole object named as the base: the delta applies, to other bytes, which the digest
-        // check refuses.
-        let other = store.put_bytes(&sig_text(1, 4_100)).unwrap();
+        // Another whole object of the same size named as the base (one byte differs): the delta applies,
+        // to other bytes, which only the digest check refuses.
+        let mut near = new.clone();
+        near[0] = b'X';
+        let other = store.put_bytes(&near).unwrap();
         let mut rebased = good.clone();
         rebased[9..41].copy_from_slice(&other.0);
         fs::write(&path, &rebased).unwrap();
