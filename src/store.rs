@@ -269,8 +269,26 @@ impl Store {
     }
 
     fn delta_content(&self, d: &Digest) -> io::Result<Vec<u8>> {
+        self.delta_content_on(d, None)
+    }
+
+    /// The content of `d`, whole or from its delta; `base` is a whole object's digest and content the
+    /// caller has already read, used when it is `d`'s delta base (retiring many old versions of one path
+    /// reads their common base once).
+    ///
+    /// # Errors
+    /// As [`Store::content`].
+    pub fn content_on(&self, d: &Digest, base: Option<(&Digest, &[u8])>) -> io::Result<Vec<u8>> {
+        if !self.has_whole(d) && self.delta_path(d).is_file() {
+            return self.delta_content_on(d, base);
+        }
+        self.content(d)
+    }
+
+    fn delta_content_on(&self, d: &Digest, known: Option<(&Digest, &[u8])>) -> io::Result<Vec<u8>> {
         let path = self.delta_path(d);
-        let raw = fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("store delta `{}`: {e}", path.display())))?;
+        let raw =
+            fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("store delta `{}`: {e}", path.display())))?;
         let (head, frame) = DeltaHeader::parse(&raw, d)?;
         // A delta's base is whole by construction; a delta on a delta would be a damaged store.
         if !self.has_whole(&head.base) {
@@ -280,11 +298,18 @@ impl Store {
                 head.base.to_hex()
             )));
         }
-        let base = self.content(&head.base)?;
+        let read;
+        let base = match known {
+            Some((k, data)) if *k == head.base => data,
+            _ => {
+                read = self.content(&head.base)?;
+                &read[..]
+            }
+        };
         let mut out = Vec::with_capacity(usize::try_from(head.size).unwrap_or(0).min(1 << 30));
         let got = match head.method {
-            DeltaMethod::Lines => crate::delta::lines::apply(frame, &base, head.size, &mut out),
-            DeltaMethod::Prefix => crate::delta::decompress(frame, &base, head.size, &mut out),
+            DeltaMethod::Lines => crate::delta::lines::apply(frame, base, head.size, &mut out),
+            DeltaMethod::Prefix => crate::delta::decompress(frame, base, head.size, &mut out),
         };
         match got {
             Ok((n, digest)) if n == head.size && digest == *d => Ok(out),
@@ -306,25 +331,32 @@ impl Store {
     /// # Errors
     /// I/O errors, a `base` the store does not hold whole, or `content` that is not `d`'s.
     pub fn put_delta(&self, d: &Digest, content: &[u8], base: &Digest) -> io::Result<Option<u64>> {
-        if Digest::of(content) != *d {
-            return Err(io::Error::other(format!("content given for {} has another digest", d.to_hex())));
-        }
         if !self.has_whole(base) {
             return Err(io::Error::other(format!("delta base {} is not a whole object", base.to_hex())));
         }
         let base_data = self.content(base)?;
-        let whole = match self.has_whole(d) {
-            true => fs::metadata(self.object_path(d))?.len(),
-            false => self.compress_from(&mut &content[..], false)?.2.as_file().metadata()?.len(),
-        };
+        self.put_delta_on(d, content, base, &base_data)
+    }
+
+    /// [`Store::put_delta`] with the base's content already read (`base_data`, checked against `base`).
+    ///
+    /// # Errors
+    /// As [`Store::put_delta`].
+    pub fn put_delta_on(&self, d: &Digest, content: &[u8], base: &Digest, base_data: &[u8]) -> io::Result<Option<u64>> {
+        if Digest::of(content) != *d {
+            return Err(io::Error::other(format!("content given for {} has another digest", d.to_hex())));
+        }
+        if !self.has_whole(base) || Digest::of(base_data) != *base {
+            return Err(io::Error::other(format!("delta base {} is not a whole object", base.to_hex())));
+        }
         let mut best: Option<(DeltaMethod, Vec<u8>)> = None;
         let sample = &content[..content.len().min(64 << 10)];
         if crate::delta::lines::looks_like_text(sample) {
-            let raw = crate::delta::lines::diff(&base_data, content);
+            let raw = crate::delta::lines::diff(base_data, content);
             best = Some((DeltaMethod::Lines, crate::delta::compress(&[], &raw, self.level.clamp(1, 19))?));
         }
         // A low level: the window is the whole base, and old versions are read rarely.
-        let prefix = crate::delta::compress(&base_data, content, PREFIX_LEVEL)?;
+        let prefix = crate::delta::compress(base_data, content, PREFIX_LEVEL)?;
         if best.as_ref().is_none_or(|(_, b)| prefix.len() < b.len()) {
             best = Some((DeltaMethod::Prefix, prefix));
         }
@@ -332,6 +364,14 @@ impl Store {
         let head = DeltaHeader { method, base: *base, size: content.len() as u64 };
         let mut raw = head.encode();
         raw.extend_from_slice(&frame);
+        // Compressing the whole content only to compare costs more than the delta: a delta under an
+        // eighth of the base's own frame (another version of the same path) is clearly the smaller.
+        let base_frame = fs::metadata(self.object_path(base))?.len();
+        let whole = match self.has_whole(d) {
+            true => fs::metadata(self.object_path(d))?.len(),
+            false if (raw.len() as u64).saturating_mul(8) < base_frame => u64::MAX,
+            false => self.compress_from(&mut &content[..], false)?.2.as_file().metadata()?.len(),
+        };
         if raw.len() as u64 >= whole {
             if !self.has_whole(d) {
                 self.put_bytes(content)?;
@@ -347,7 +387,7 @@ impl Store {
         tmp.persist(&dest).map_err(|e| e.error)?;
         File::open(dir)?.sync_all()?;
         // Checked as it will be read: a delta that does not give `d` back is never kept.
-        if let Err(e) = self.delta_content(d) {
+        if let Err(e) = self.delta_content_on(d, Some((base, base_data))) {
             let _ = fs::remove_file(&dest);
             return Err(e);
         }
@@ -590,7 +630,10 @@ mod tests {
 
     /// Signature-database-like text: `n` unique lines from line `from`.
     fn sig_text(from: usize, n: usize) -> Vec<u8> {
-        (from..from + n).map(|i| format!("Win.Trojan.Agent-{i}:0:*:{:064x}\n", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))).collect::<String>().into_bytes()
+        (from..from + n)
+            .map(|i| format!("Win.Trojan.Agent-{i}:0:*:{:064x}\n", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .collect::<String>()
+            .into_bytes()
     }
 
     #[test]

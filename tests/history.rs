@@ -15,7 +15,9 @@ fn set_owner(w: &World, from: &str, to: &str) {
 /// A signature database of `n` unique lines from line `from`.
 fn sigs(from: usize, n: usize) -> String {
     (from..from + n)
-        .map(|i| format!("Win.Trojan.Agent-{i}:0:*:{:032x}{:032x}\n", (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15), i))
+        .map(|i| {
+            format!("Win.Trojan.Agent-{i}:0:*:{:032x}{:032x}\n", (i as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15), i)
+        })
         .collect()
 }
 

@@ -69,20 +69,31 @@ pub fn retire(db: &Db, store: &Store, keep: KeepHistory, now: u64) -> Result<Ret
     }
     let mut keep_whole: HashSet<Digest> = kept.clone();
     let mut keep_delta: HashSet<Digest> = HashSet::new();
+    // Old versions of one path share their bases: in that order, each base is read once.
+    let mut order: Vec<(Digest, Option<Digest>, Option<Digest>)> = Vec::with_capacity(old.len());
     for (d, base) in &old {
+        order.push((*d, store.delta_base(d)?, *base));
+    }
+    order.sort_by_key(|(d, now, new)| (*now, *new, *d));
+    let mut bases = Bases::default();
+    for (d, current, base) in &order {
         // Gone before (pruned by an older mailferry, or dropped as unreadable): nothing to keep.
         if !store.contains(d) {
             continue;
         }
-        if let Some(b) = store.delta_base(d)?
-            && kept.contains(&b)
-            && store.has_whole(&b)
+        if let Some(b) = current
+            && kept.contains(b)
+            && store.has_whole(b)
         {
             keep_delta.insert(*d);
             continue;
         }
         // A new old version, or a delta whose base is leaving: read it while its base is still there.
-        let content = match store.content(d) {
+        let got = match current {
+            Some(b) => bases.get(store, b).and_then(|data| store.content_on(d, Some((b, &data)))),
+            None => store.content(d),
+        };
+        let content = match got {
             Ok(c) => c,
             Err(e) => {
                 warn!(object = %d.short(), "an old version cannot be read back, dropping it: {e}");
@@ -90,7 +101,7 @@ pub fn retire(db: &Db, store: &Store, keep: KeepHistory, now: u64) -> Result<Ret
             }
         };
         match base.filter(|b| store.has_whole(b)) {
-            Some(b) => match store.put_delta(d, &content, &b)? {
+            Some(b) => match store.put_delta_on(d, &content, &b, &bases.get(store, &b)?)? {
                 Some(_) => {
                     keep_delta.insert(*d);
                     done.deltas += 1;
@@ -109,9 +120,29 @@ pub fn retire(db: &Db, store: &Store, keep: KeepHistory, now: u64) -> Result<Ret
             }
         }
     }
+    drop(bases);
     let (objects, bytes) = store.retain(&keep_whole)?;
     let (deltas, delta_bytes) = store.retain_deltas(&keep_delta)?;
     done.removed = objects + deltas;
     done.removed_bytes = bytes + delta_bytes;
     Ok(done)
+}
+
+/// The bases read last: in the order [`retire`] goes, the old versions of one path come together.
+#[derive(Default)]
+struct Bases(Vec<(Digest, std::rc::Rc<Vec<u8>>)>);
+
+impl Bases {
+    fn get(&mut self, store: &Store, d: &Digest) -> std::io::Result<std::rc::Rc<Vec<u8>>> {
+        if let Some((_, data)) = self.0.iter().find(|(k, _)| k == d) {
+            return Ok(data.clone());
+        }
+        let data = std::rc::Rc::new(store.content(d)?);
+        // Two: the base an old version is read through and the one it is made a delta against.
+        if self.0.len() >= 2 {
+            self.0.remove(0);
+        }
+        self.0.push((*d, data.clone()));
+        Ok(data)
+    }
 }
