@@ -684,7 +684,8 @@ mod tests {
         let mut rebased = good.clone();
         rebased[9..41].copy_from_slice(&other.0);
         fs::write(&path, &rebased).unwrap();
-        let e = store.content(&d_old).err().expect("wrong content is refused").to_string();
+        let Err(e) = store.content(&d_old) else { panic!("wrong content is refused") };
+        let e = e.to_string();
         assert!(e.contains("corrupt"), "{e}");
         // A flipped byte in the frame, a cut frame, a bad header: errors all.
         let mut flipped = good.clone();
@@ -700,7 +701,8 @@ mod tests {
         assert_eq!(store.content(&d_old).unwrap(), old);
         store.put_delta(&d_new, &new, &other).unwrap().expect("a delta is smaller");
         store.retain(&std::collections::HashSet::from([other])).unwrap();
-        let e = store.content(&d_old).err().expect("a chain is refused").to_string();
+        let Err(e) = store.content(&d_old) else { panic!("a chain is refused") };
+        let e = e.to_string();
         assert!(e.contains("does not hold whole"), "{e}");
     }
 }
