@@ -1151,6 +1151,130 @@ def run_history(args, binary):
 # report
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the fleet: N recipients on one base, with the signed broadcast and with N private replies
+
+
+def broadcast_fleet_trees(tag):
+    """Tree A (about 2 MB: binary blobs and text) and B (+300 KB new content, a few edits)."""
+    base = cache_dir() / f"broadcast-fleet-{tag}"
+    a, b = base / "a", base / "b"
+    if (base / "done").exists():
+        return a, b
+    shutil.rmtree(base, ignore_errors=True)
+    rng = random.Random(15)
+    for i in range(8):
+        p = a / "db" / f"part{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(200_000))
+    for i in range(40):
+        p = a / "docs" / f"page{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(" ".join(_words(rng, 2000)) + "\n")
+    copy_tree(a, b)
+    (b / "db" / "daily.bin").write_bytes(rng.randbytes(300_000))
+    for i in range(0, 40, 8):
+        with open(b / "docs" / f"page{i}.txt", "a") as f:
+            f.write(" ".join(_words(rng, 200)) + "\n")
+    (base / "done").write_text("ok\n")
+    return a, b
+
+
+def run_broadcast_fleet(args, binary, n, broadcast):
+    """N recipients synced to A, then B published and every one asks: the owner's answer step measured."""
+    d = new_workdir(args, f"fleet-{n}-{'broadcast' if broadcast else 'private'}")
+    a, b = broadcast_fleet_trees("v1")
+    env = dict(os.environ, MAILFERRY_LOG="warn", RUST_LOG="warn")
+    mf = lambda *x, check=True: Proc([binary, *x], env=env, check=check)  # noqa: E731
+    source, spool, owner_cfg = d / "source", d / "spool", d / "owner" / "owner.toml"
+    copy_tree(a, source)
+    mf("owner", "init", "--dir", d / "owner", "--source", source, "--address", OWNER, "--transport-root", spool)
+    # Private replies: the owner does not sign, so it never broadcasts; everything else is the same.
+    set_keys(owner_cfg, "owner", {"signing": '"hmac+ed25519"' if broadcast else '"hmac"'})
+    sites = []
+    for i in range(n):
+        name = f"s{i:04d}"
+        enr = d / f"{name}.enrollment"
+        mf("owner", "add-recipient", "--config", owner_cfg, "--name", name, "--address", f"{name}@fleet.example",
+           "--out", enr)
+        mf("recipient", "init", "--dir", d / name, "--data", d / f"{name}-data", "--enrollment", enr,
+           "--transport-root", spool)
+        sites.append((name, d / name / "recipient.toml"))
+    mf("owner", "publish", "--config", owner_cfg)
+    run = lambda cfg, role, *x: mf(role, "run", "--config", cfg, "--once", "--fail-on-refusal", *x)  # noqa: E731
+
+    def round_trip():
+        for _, cfg in sites:
+            run(cfg, "recipient")
+        before = {}
+        for name, _ in sites:
+            before[name] = set(maildir_messages(spool, f"{name}@fleet.example"))
+        db = d / "owner" / "state.db"
+
+        def used():
+            # Pages in use (free pages left by sent outbox messages are reused, not growth).
+            q = run_plain(["sqlite3", db, "PRAGMA page_count;", "PRAGMA freelist_count;", "PRAGMA page_size;"])
+            pages, free, size = (int(x) for x in q.stdout.split())
+            return (pages - free) * size
+
+        db_before = used()
+        ans = run(owner_cfg, "owner")
+        digests, total, copies = set(), 0, 0
+        for name, _ in sites:
+            box = spool / f"{name}@fleet.example" / "new"
+            for f in box.iterdir():
+                if f.name.split(":", 1)[0] in before[name]:
+                    continue
+                data = f.read_bytes()
+                copies += 1
+                h = hashlib.sha256(data).digest()
+                if h not in digests:  # a broadcast part reaches every site as the same bytes: handed over once
+                    digests.add(h)
+                    total += len(data)
+        for _, cfg in sites:
+            run(cfg, "recipient", "--no-request")
+        rec = run(owner_cfg, "owner")
+        db_after = used()
+        return {"bytes": total, "messages": len(digests), "copies": copies, "cpu": ans.cpu, "rss_kb": ans.maxrss_kb,
+                "receipt_cpu": rec.cpu, "db_growth": db_after - db_before}
+
+    round_trip()  # every site on A (not measured)
+    shutil.rmtree(source)
+    copy_tree(b, source)
+    mf("owner", "publish", "--config", owner_cfg)
+    r = round_trip()
+    for _, cfg in sites[:3] + sites[-1:]:
+        st = json.loads(mf("status", "--config", cfg, "--json", check=False).stdout or "{}")
+        if st.get("generation") != 2:
+            die(f"fleet {n}: a site did not reach generation 2: {st}")
+    bcast = ""
+    if broadcast:
+        q = subprocess.run(["sqlite3", d / "owner" / "state.db", "SELECT coalesce(sum(bytes),0) FROM broadcasts "
+                            "WHERE generation = 2"], stdout=subprocess.PIPE, text=True)
+        bcast = q.stdout.strip()
+    r.update({"n": n, "mode": "broadcast" if broadcast else "private", "payload": int(bcast) if bcast else None})
+    done_workdir(args, d)
+    return r
+
+
+def broadcast_fleet_report(rows):
+    out = ["## fleet: N recipients on one base (B published, every site asks)", ""]
+    head = ["N", "mode", "bytes to transport", "messages", "per recipient", "owner CPU/request", "owner RSS",
+            "DB growth/recipient"]
+    lines = []
+    for r in rows:
+        lines.append([f"{r['n']:,}", r["mode"], fmt_bytes(r["bytes"]), f"{r['messages']:,}",
+                      fmt_bytes(r["bytes"] // r["n"]), f"{r['cpu'] / r['n'] * 1000:.1f} ms",
+                      f"{fmt_mib(r['rss_kb'])} MiB", fmt_bytes(r["db_growth"] // r["n"])])
+    out.append(table(head, lines, right={0, 2, 3, 4, 5, 6, 7}))
+    for r in rows:
+        if r["mode"] == "broadcast" and r.get("payload"):
+            limit = 1.2 * r["payload"] + r["n"] * 4096
+            out.append(f"N={r['n']:,}: payload {fmt_bytes(r['payload'])}, target 1.2 x payload + N x 4 KB = "
+                       f"{fmt_bytes(int(limit))}: {verdict(r['bytes'] <= limit)}")
+    return "\n".join(out)
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -1373,7 +1497,21 @@ def main():
                     help="an extra update pair of your own (no targets); repeatable")
     ap.add_argument("--bin", help="mailferry binary to use (default: target/release/mailferry, built if missing)")
     ap.add_argument("--build", action="store_true", help="run cargo build --release even if the binary exists")
+    ap.add_argument("--fleet", metavar="N[,N...]",
+                    help="only the fleet pair: N recipients on one base, with the signed broadcast and with N "
+                         "private replies (e.g. 10,100,1000)")
     args = ap.parse_args()
+    if args.fleet:
+        binary, _ = ensure_binary(args)
+        rows = []
+        for n in [int(x) for x in args.fleet.split(",")]:
+            for broadcast in (True, False):
+                log(f"fleet: {n} recipients, {'broadcast' if broadcast else 'private replies'}")
+                rows.append(run_broadcast_fleet(args, binary, n, broadcast))
+        print(broadcast_fleet_report(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"fleet": rows}, indent=2) + "\n")
+        return 0
 
     names = ALL_NAMES + [p[0] for p in args.pair]
     if args.only:

@@ -750,6 +750,7 @@ mod tests {
             rekey: None,
             same_as: None,
             sealed_key: None,
+            broadcast: None,
             channel: "default".into(),
             standing: None,
             pinned: None,

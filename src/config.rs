@@ -149,6 +149,20 @@ pub struct OwnerSection {
     /// whole files. Default `"1y"`.
     #[serde(default)]
     pub keep_history: KeepHistory,
+    /// Where a broadcast (`docs/protocol.md` §7.11) is sent: a list address or MTA alias that expands to
+    /// the recipients. Default: none, so each broadcast part is one submission with every recipient that
+    /// got a ticket as an envelope recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broadcast_address: Option<String>,
+    /// How many requests of one run must need the same update (channel, base tree, generation) before it
+    /// is sent once as a broadcast, with a ticket each, instead of a reply each. Needs `signing =
+    /// "hmac+ed25519"` and recipients that pinned the owner key. Default 2; at least 1.
+    #[serde(default = "default_broadcast_min")]
+    pub broadcast_min: usize,
+}
+
+pub(crate) fn default_broadcast_min() -> usize {
+    2
 }
 
 /// `keep-history`: how long old generations stay answerable by delta.
@@ -624,6 +638,13 @@ impl NodeConfig {
                 owner.source = resolve(&base, &owner.source);
                 let state_dir = owner.state_dir.as_deref().map_or_else(|| base.clone(), |s| resolve(&base, s));
                 crate::transport::maildir::check_address(&owner.address).map_err(anyhow::Error::msg)?;
+                if let Some(list) = &owner.broadcast_address {
+                    crate::transport::maildir::check_address(list)
+                        .map_err(|e| anyhow::format_err!("config file `{}`: broadcast-address: {e}", path.display()))?;
+                }
+                if owner.broadcast_min == 0 {
+                    bail!("config file `{}`: broadcast-min must be at least 1", path.display());
+                }
                 if owner.relay_limit < MIN_RELAY_LIMIT {
                     bail!(
                         "config file `{}`: relay-limit = {} is below the smallest usable {MIN_RELAY_LIMIT}",

@@ -323,8 +323,14 @@ impl SigningKey {
 
     /// The signature of a control part, 128 hex digits.
     pub fn sign(&self, control: &[u8]) -> String {
+        self.sign_with(SIGNATURE_CONTEXT, control)
+    }
+
+    /// The signature of `context` ‖ `bytes`, 128 hex digits: each kind of signed message has its own
+    /// context, so a signature of one kind never verifies as another.
+    pub fn sign_with(&self, context: &[u8], bytes: &[u8]) -> String {
         use ed25519_dalek::Signer;
-        hex(&self.0.sign(&[SIGNATURE_CONTEXT, control].concat()).to_bytes())
+        hex(&self.0.sign(&[context, bytes].concat()).to_bytes())
     }
 }
 
@@ -357,10 +363,15 @@ impl PublicKey {
     /// Whether `signature` (128 hex digits) is this key's signature of `control`. Strict verification:
     /// no malleable or small-order forms.
     pub fn verify(&self, control: &[u8], signature: &str) -> bool {
+        self.verify_with(SIGNATURE_CONTEXT, control, signature)
+    }
+
+    /// Whether `signature` is this key's signature of `context` ‖ `bytes` (strict verification).
+    pub fn verify_with(&self, context: &[u8], bytes: &[u8], signature: &str) -> bool {
         let Some(sig) = unhex(signature).and_then(|b| ed25519_dalek::Signature::from_slice(&b).ok()) else {
             return false;
         };
-        self.0.verify_strict(&[SIGNATURE_CONTEXT, control].concat(), &sig).is_ok()
+        self.0.verify_strict(&[context, bytes].concat(), &sig).is_ok()
     }
 }
 

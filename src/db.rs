@@ -20,9 +20,11 @@ use crate::manifest::{Digest, Listed, Manifest};
 use crate::protocol::envelope::Hints;
 use crate::protocol::{Refusal, ReplyId};
 
+mod broadcast;
 mod channels;
 mod subscription;
 
+pub use broadcast::{HeldPart, TicketRow};
 pub use channels::{ChannelRow, GrantRow, GroupRow};
 pub use subscription::Sub;
 
@@ -278,7 +280,22 @@ const MIGRATIONS: &[&str] = &[
     // its resends need anyway) instead of holding its own bytes: `raw` is then empty.
     "ALTER TABLE outbox ADD COLUMN kept_reply TEXT;
      ALTER TABLE outbox ADD COLUMN kept_part INTEGER;",
-    // 9: old generations. A generation beyond `keep-generations` keeps its file list here (its content
+    // 9: the signed broadcast (protocol §7.11). On an owner, each broadcast made (its parts travel through
+    // the outbox, once). On a recipient, the tickets it accepted and the broadcast parts it holds for a
+    // ticket to come, with the message's hints for the refusal recorded when the bound passes.
+    "CREATE TABLE broadcasts (
+        id TEXT PRIMARY KEY, channel TEXT NOT NULL, generation INTEGER NOT NULL, root TEXT NOT NULL,
+        base TEXT NOT NULL, parts INTEGER NOT NULL, bytes INTEGER NOT NULL, tickets INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL);
+     CREATE TABLE tickets (
+        reply_id TEXT PRIMARY KEY, subscription TEXT NOT NULL, broadcast_id TEXT NOT NULL, nonce TEXT NOT NULL,
+        key_id TEXT NOT NULL, control BLOB NOT NULL, at INTEGER NOT NULL);
+     CREATE INDEX tickets_by_broadcast ON tickets (broadcast_id);
+     CREATE TABLE held_broadcast_parts (
+        broadcast_id TEXT NOT NULL, part INTEGER NOT NULL, subscription TEXT NOT NULL, control BLOB NOT NULL,
+        size INTEGER NOT NULL, digest TEXT NOT NULL, sender TEXT, message_id TEXT, subject TEXT,
+        at INTEGER NOT NULL, PRIMARY KEY (broadcast_id, part));",
+    // 10: old generations. A generation beyond `keep-generations` keeps its file list here (its content
     // maybe only as deltas in the store), so a request naming it is still rebuilt and answered directly;
     // `keep-history` bounds how long.
     "CREATE TABLE old_generations (

@@ -31,7 +31,8 @@
 //!   streamed XChaCha20-Poly1305 encryption of an encrypting channel's packs.
 //! - [`protocol`]: control messages (request, reply part, receipt), the reply body, auth part, refusal
 //!   reasons, [`protocol::envelope`] for MIME (and how large a chunk fits a message, delivery tokens),
-//!   and [`protocol::bounded`], decoding that counts and caps as the bytes stream in.
+//!   [`protocol::bounded`], decoding that counts and caps as the bytes stream in, and
+//!   [`protocol::broadcast`], the signed broadcast's parts, tickets and capability.
 //! - [`engine`]: the protocol's decisions. [`engine::verify`] is the one verification pipeline of both
 //!   roles (raw bytes to a verified message or a refusal); [`engine::owner`] and [`engine::recipient`]
 //!   take a verified message, a read-only view of the state and the time, and return a refusal or a plan
@@ -66,7 +67,8 @@
 //!   through [`engine`] and performing the effects (the recipient's one `finish` ends every journal:
 //!   apply, rollback, recovery); [`node::compose::Node`] holds both roles on one state and routes each
 //!   message to its part (a relay); [`node::pack`] chooses how each file travels and writes the pack; the
-//!   outbox (in the state database); [`node::sealing`], a channel's key and its packs encrypted and
+//!   outbox (in the state database); the signed broadcast (the owner's survey of waiting requests, one
+//!   payload and a ticket each; the recipient's tickets and held broadcast parts); [`node::sealing`], a channel's key and its packs encrypted and
 //!   decrypted; kept parts on both sides; staleness and admin notices;
 //!   [`node::registration`], the facts of the machine a recipient runs on;
 //!   [`node::rollback`], the recipient's local return to the generation before (the kept store, the

@@ -154,13 +154,16 @@ impl Exclude {
             let m = fs::symlink_metadata(&d)?;
             ex.ids.insert((m.dev(), m.ino()), d.clone());
             for e in fs::read_dir(&d)? {
-                let path = e?.path();
+                let e = e?;
+                // The directory entry's type and inode come with the listing: the store's many objects cost
+                // no stat each (a file's device is its directory's; only directories can be mount points).
                 // Files may come and go while the state is in use: one gone already matters no more.
-                let Ok(m) = fs::symlink_metadata(&path) else { continue };
-                if m.is_dir() {
-                    todo.push(path);
-                } else if m.is_file() {
-                    ex.ids.insert((m.dev(), m.ino()), path);
+                let Ok(kind) = e.file_type() else { continue };
+                if kind.is_dir() {
+                    todo.push(e.path());
+                } else if kind.is_file() {
+                    use std::os::unix::fs::DirEntryExt as _;
+                    ex.ids.insert((m.dev(), e.ino()), e.path());
                 }
             }
         }

@@ -902,6 +902,7 @@ fn forged_request(w: &World, site: &Site, payload: Option<&[u8]>) -> std::path::
         resend: None,
         fresh: false,
         registration: None,
+        accepts: Vec::new(),
         methods: Vec::new(),
     };
     let control = mailferry::protocol::encode(&req);

@@ -23,6 +23,8 @@ mod keys;
 mod enroll;
 // Payload encryption per channel: what another reader of a reply mail can read of it.
 mod encryption;
+// The signed broadcast: one payload for a fleet on one base, a ticket each; stragglers; unsolicited parts.
+mod broadcast;
 // The shipped units' sandbox (state directory and data tree on separate mounts), the package, man pages.
 mod units;
 // The fleet view: a scripted fleet of 50 recipients, failures, rollbacks, silence, alerts.

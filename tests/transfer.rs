@@ -498,6 +498,7 @@ fn a_recipient_that_does_not_name_line_deltas_is_never_sent_one() {
         fresh: true,
         methods,
         registration: None,
+        accepts: Vec::new(),
     };
     let answer = |req: Request, name: &str| {
         let control = mailferry::protocol::encode(&req);

@@ -205,7 +205,9 @@ pub fn fleet(page: &FleetPage, filter: &Filter, now: u64) -> Markup {
                         td data-label="Last contact" { (when(r.last_contact_at, now)) }
                         td data-label="Note" {
                             @if r.suspended { strong.error { "suspended" } " " }
-                            @if let Some(why) = &r.reason { (why) }
+                            @if let Some(why) = r.reason.as_deref().filter(|w| !(r.suspended && *w == "suspended")) {
+                                (why)
+                            }
                         }
                     }
                 }

@@ -16,8 +16,8 @@ use crate::protocol::ReplyId;
 /// The state database, scoped to one subscription of a recipient.
 #[derive(Clone, Copy, Debug)]
 pub struct Sub<'a> {
-    db: &'a Db,
-    name: &'a str,
+    pub(super) db: &'a Db,
+    pub(super) name: &'a str,
 }
 
 impl Db {

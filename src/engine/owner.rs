@@ -8,6 +8,7 @@
 //! Packing (reading the content store, computing deltas) is the shell's: the engine says which tree to
 //! diff against which generation, and [`reply_head`] says what the reply looks like.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -1092,7 +1093,85 @@ pub fn reply_head(plan: &AnswerPlan, rng: &mut dyn Entropy, created: u64, body: 
         }),
         same_as: plan.same_as.clone(),
         sealed_key: None,
+        broadcast: None,
         standing: plan.standing.clone(),
         pinned: plan.pinned,
     }
+}
+
+/// What requests must have in common to be answered by one broadcast (`docs/protocol.md` §7.11): the
+/// channel, the tree they describe (its root) and the generation they are brought to. Whole files only
+/// (`full-content`) never share one: such a recipient could not use the deltas it carries.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct BroadcastKey {
+    /// The channel.
+    pub channel: String,
+    /// The recipients' tree root: the reply's `base`.
+    pub base: Digest,
+    /// The generation the update brings.
+    pub generation: u64,
+    /// Whether the recipients decode line deltas (their requests name `lines`): a pack that uses them
+    /// is for those only.
+    pub lines: bool,
+}
+
+/// Whether `req`, looked at before any request of the run is answered, could be answered by a broadcast
+/// bringing `latest` (the newest generation of its channel offered, if any): the owner signs
+/// (`signing`), the request announces tickets, asks for no lost parts and not for whole files, and its
+/// tree is not `latest` already. The survey counts these per [`BroadcastKey`].
+pub fn broadcast_candidate(req: &Request, latest: Option<&Generation>, signing: bool) -> Option<BroadcastKey> {
+    let latest = latest?;
+    let eligible = signing
+        && req.accepts(crate::protocol::broadcast::Capability::Broadcast)
+        && !req.full_content
+        && req.resend.is_none()
+        && req.root != latest.root;
+    eligible.then(|| BroadcastKey {
+        channel: req.channel.clone(),
+        base: req.root,
+        generation: latest.number,
+        lines: req.decodes(protocol::Method::Lines),
+    })
+}
+
+/// The keys at least `min` surveyed requests share (at least one): those requests are answered by one
+/// broadcast each key, the rest privately.
+pub fn shared_broadcasts(keys: impl IntoIterator<Item = BroadcastKey>, min: usize) -> BTreeSet<BroadcastKey> {
+    let mut counts: BTreeMap<BroadcastKey, usize> = BTreeMap::new();
+    for k in keys {
+        *counts.entry(k).or_default() += 1;
+    }
+    counts.into_iter().filter(|(_, n)| *n >= min.max(1)).map(|(k, _)| k).collect()
+}
+
+/// Whether the reply `plan` calls for goes as a ticket to the broadcast of its key: the key is one the
+/// survey found shared, the owner signs, the request announces tickets and is not a resend or a request
+/// for whole files, and the reply is an update with operations (not a reference, an answer without an
+/// update, a request for the full tree or a current reply), cut for the relay limit every recipient shares
+/// (a recipient whose relays taught a smaller part size is answered privately).
+pub fn joins_broadcast(
+    plan: &AnswerPlan,
+    shared: &BTreeSet<BroadcastKey>,
+    signing: bool,
+    relay_limit: u64,
+) -> Option<BroadcastKey> {
+    let req = &plan.request;
+    let update = plan.same_as.is_none()
+        && plan.standing.is_none()
+        && plan.inventory.is_some()
+        && !plan.ops.is_empty()
+        && plan.limit >= relay_limit;
+    let key = BroadcastKey {
+        channel: req.channel.clone(),
+        base: req.root,
+        generation: plan.generation.number,
+        lines: req.decodes(protocol::Method::Lines),
+    };
+    let eligible = update
+        && signing
+        && req.accepts(crate::protocol::broadcast::Capability::Broadcast)
+        && !req.full_content
+        && req.resend.is_none()
+        && shared.contains(&key);
+    eligible.then_some(key)
 }

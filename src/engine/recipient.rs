@@ -357,3 +357,65 @@ pub fn on_whole(
     }
     Ok(WholeStep::Apply { plan, effects, scan })
 }
+
+/// What to do with one broadcast part whose owner signature verified (`docs/protocol.md` §7.11).
+#[derive(Debug, PartialEq, Eq)]
+pub enum BroadcastStep {
+    /// Refuse it: it changes nothing.
+    Refused(Refusal),
+    /// No ticket names it yet: hold its chunk (bounded) until one does, or drop it when the bound passes.
+    Hold,
+    /// The ticket of an outstanding request names it, and it carries exactly the chunk the ticket lists:
+    /// keep it as that reply's part.
+    Adopt,
+}
+
+/// A ticket naming a broadcast, as the recipient keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct TicketState<'a> {
+    /// The ticket's control part (a reply with `broadcast`), authenticated by its MAC.
+    pub ticket: &'a Reply,
+    /// Whether the request it answers is still outstanding.
+    pub outstanding: bool,
+}
+
+/// Decides what a verified broadcast part `part` does: with a ticket of this tree naming its broadcast,
+/// whose request is outstanding, it must agree with the ticket in everything (id, channel, generation,
+/// root, base, chunks) to be kept as its part; without one it is held if `held` bytes plus its chunk stay
+/// within `max_held`. A broadcast part is never applied on its own: what it carries counts only through
+/// the chunk digests a ticket's MAC vouches for.
+pub fn on_broadcast_part(
+    part: &crate::protocol::broadcast::Broadcast,
+    ticket: Option<TicketState<'_>>,
+    held: u64,
+    max_held: u64,
+) -> BroadcastStep {
+    match ticket {
+        Some(t) if !t.outstanding => BroadcastStep::Refused(Refusal::new(
+            Reason::Replay,
+            format!(
+                "broadcast {} part {}: the request its ticket (reply {}) answered is no longer outstanding",
+                part.broadcast_id, part.part, t.ticket.reply_id
+            ),
+        )),
+        Some(t) => match crate::protocol::broadcast::matches_ticket(t.ticket, part) {
+            Ok(()) => BroadcastStep::Adopt,
+            Err(r) => BroadcastStep::Refused(r),
+        },
+        None => {
+            let size = part.own_payload().map_or(0, |p| p.size);
+            if held.saturating_add(size) > max_held {
+                BroadcastStep::Refused(Refusal::new(
+                    Reason::Limit,
+                    format!(
+                        "broadcast {} part {}: no ticket names it, and holding it would pass the {max_held} bytes \
+                         held for tickets to come",
+                        part.broadcast_id, part.part
+                    ),
+                ))
+            } else {
+                BroadcastStep::Hold
+            }
+        }
+    }
+}

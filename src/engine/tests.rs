@@ -215,6 +215,7 @@ fn request() -> Request {
         resend: None,
         fresh: false,
         registration: None,
+        accepts: Vec::new(),
         methods: Vec::new(),
     }
 }
@@ -832,6 +833,7 @@ fn reply_at(generation: u64, root: Digest) -> Reply {
         rekey: None,
         same_as: None,
         sealed_key: None,
+        broadcast: None,
         channel: "default".into(),
         standing: None,
         pinned: None,
@@ -1320,4 +1322,158 @@ fn the_keyrings_name_the_role_of_the_key() {
     assert_eq!(ring.lookup("site1", &key(1).id(), NOW).unwrap().unwrap().role, KeyRole::Current);
     assert_eq!(ring.lookup("site1", &key(2).id(), NOW).unwrap().unwrap().role, KeyRole::Retired);
     assert_eq!(ring.lookup("site1", &key(2).id(), NOW + 10).unwrap().unwrap_err().reason, Reason::BadMac, "grace over");
+}
+
+// ---- the signed broadcast (docs/protocol.md §7.11) ----
+
+fn with_tickets(r: Request) -> Request {
+    Request { accepts: vec![protocol::broadcast::Capability::Broadcast], ..r }
+}
+
+fn bkey(base: Digest, generation: u64) -> owner::BroadcastKey {
+    owner::BroadcastKey { channel: "default".into(), base, generation, lines: false }
+}
+
+#[test]
+fn broadcast_only_requests_that_announce_tickets_and_need_the_same_update_share_one() {
+    let latest = Generation { number: 2, root: new_tree().root() };
+    let base = site_tree().root();
+    let resend = protocol::Resend { reply_id: ReplyId::unchecked("cd".repeat(16)), parts: vec![1] };
+    // Name, request, whether the owner signs, the latest generation, the key it counts under.
+    type Case = (&'static str, Request, bool, Option<Generation>, Option<owner::BroadcastKey>);
+    let cases: Vec<Case> = vec![
+        ("announces_tickets", with_tickets(request()), true, Some(latest), Some(bkey(base, 2))),
+        ("an_old_recipient_or_no_pinned_key", request(), true, Some(latest), None),
+        ("the_owner_does_not_sign", with_tickets(request()), false, Some(latest), None),
+        ("whole_files_only", with_tickets(Request { full_content: true, ..request() }), true, Some(latest), None),
+        ("asks_for_lost_parts", with_tickets(Request { resend: Some(resend), ..request() }), true, Some(latest), None),
+        ("already_current", with_tickets(Request { root: new_tree().root(), ..request() }), true, Some(latest), None),
+        ("nothing_published", with_tickets(request()), true, None, None),
+    ];
+    for (name, req, signing, latest, want) in cases {
+        assert_eq!(owner::broadcast_candidate(&req, latest.as_ref(), signing), want, "{name}");
+    }
+    let (a, b) = (bkey(base, 2), bkey(new_tree().root(), 2));
+    let keys = || vec![a.clone(), b.clone(), a.clone()];
+    assert_eq!(owner::shared_broadcasts(keys(), 2), [a.clone()].into(), "a straggler alone gets a private reply");
+    assert_eq!(owner::shared_broadcasts(keys(), 1), [a.clone(), b.clone()].into());
+    assert!(owner::shared_broadcasts(keys(), 3).is_empty());
+    assert_eq!(owner::shared_broadcasts(keys(), 0), [a.clone(), b.clone()].into(), "a minimum of 0 is 1");
+}
+
+#[test]
+fn broadcast_a_reply_joins_only_when_it_is_an_update_for_a_shared_key() {
+    let answer = |w: &MemOwner, r: &Request| match owner_step(w, &mail(Kind::Request, r, "site1", &key(1), &[])) {
+        Outcome::Answer(plan) => *plan,
+        other => panic!("{other:?}"),
+    };
+    let w = owner_world();
+    let shared = [bkey(site_tree().root(), 2)].into();
+    let limit = policy().relay_limit;
+    let plan = answer(&w, &with_tickets(request()));
+    assert_eq!(owner::joins_broadcast(&plan, &shared, true, limit), Some(bkey(site_tree().root(), 2)));
+    assert_eq!(owner::joins_broadcast(&plan, &Default::default(), true, limit), None, "not shared this run");
+    assert_eq!(owner::joins_broadcast(&plan, &shared, false, limit), None, "no signing key");
+    let small = owner::AnswerPlan { limit: limit - 1, ..plan.clone() };
+    assert_eq!(owner::joins_broadcast(&small, &shared, true, limit), None, "a learned smaller part size");
+    let old = answer(&w, &request());
+    assert_eq!(owner::joins_broadcast(&old, &shared, true, limit), None, "a request without accepts");
+    let mut w = owner_world();
+    w.earlier =
+        Some(protocol::SameAs { reply_id: ReplyId::unchecked("cd".repeat(16)), nonce: Nonce([3; 16]), parts: 1 });
+    let reference = answer(&w, &with_tickets(request()));
+    assert!(reference.same_as.is_some());
+    assert_eq!(owner::joins_broadcast(&reference, &shared, true, limit), None, "a reference reply");
+}
+
+fn broadcast_part_of(ticket: &Reply, part: u32) -> protocol::broadcast::Broadcast {
+    protocol::broadcast::Broadcast {
+        mailferry: VERSION,
+        kind: protocol::broadcast::BroadcastKind::Broadcast,
+        broadcast: protocol::broadcast::BROADCAST_VERSION,
+        channel: ticket.channel.clone(),
+        broadcast_id: ticket.broadcast.as_ref().unwrap().id.clone(),
+        part,
+        parts: ticket.parts,
+        created: NOW,
+        generation: ticket.generation,
+        root: ticket.root,
+        base: ticket.base,
+        payloads: ticket.payloads.clone(),
+    }
+}
+
+fn ticket() -> Reply {
+    let payloads = (1..=2)
+        .map(|k| protocol::Payload { id: format!("pack-{k:04}.bin"), size: 50, blake3: Digest([k as u8; 32]) })
+        .collect();
+    Reply {
+        parts: 2,
+        payloads,
+        broadcast: Some(protocol::broadcast::BroadcastRef { id: ReplyId::unchecked("ee".repeat(16)) }),
+        ..reply()
+    }
+}
+
+#[test]
+fn broadcast_a_part_is_kept_only_for_an_outstanding_ticket_naming_its_exact_chunk() {
+    let t = ticket();
+    let part = broadcast_part_of(&t, 2);
+    let live = Some(rcp::TicketState { ticket: &t, outstanding: true });
+    assert_eq!(rcp::on_broadcast_part(&part, live, 0, 1000), rcp::BroadcastStep::Adopt);
+    let reason = |step: rcp::BroadcastStep| match step {
+        rcp::BroadcastStep::Refused(r) => r.reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // No ticket yet: held within the bound, refused past it.
+    assert_eq!(rcp::on_broadcast_part(&part, None, 950, 1000), rcp::BroadcastStep::Hold);
+    assert_eq!(reason(rcp::on_broadcast_part(&part, None, 951, 1000)), Reason::Limit);
+    // The ticket's request was answered already: a replayed broadcast changes nothing.
+    let closed = Some(rcp::TicketState { ticket: &t, outstanding: false });
+    assert_eq!(reason(rcp::on_broadcast_part(&part, closed, 0, 1000)), Reason::Replay);
+    // Anything the ticket's MAC vouches for that differs: another chunk, generation, base or channel.
+    let mut other_chunk = part.clone();
+    other_chunk.payloads[1].blake3 = Digest([9; 32]);
+    let mut other_generation = part.clone();
+    other_generation.generation += 1;
+    let other_base = protocol::broadcast::Broadcast { base: Digest([4; 32]), ..part.clone() };
+    let other_channel = protocol::broadcast::Broadcast { channel: "other".into(), ..part.clone() };
+    for forged in [other_chunk, other_generation, other_base, other_channel] {
+        assert_eq!(reason(rcp::on_broadcast_part(&forged, live, 0, 1000)), Reason::Malformed, "{forged:?}");
+    }
+}
+
+#[test]
+fn broadcast_a_ticket_is_checked_as_any_reply_part() {
+    let v = site();
+    let t = ticket();
+    let signer = SigningKey::from_hex(&"22".repeat(32)).unwrap();
+    let signed = |r: &Reply, name: &str, k: &Key| {
+        let control = protocol::encode(r);
+        let auth = protocol::encode(&Auth::sign(name, k, &control).signed_by(Some(&signer), &control));
+        seal(Kind::Reply, &control, &auth, &[])
+    };
+    let pinned = Some(signer.public());
+    assert!(matches!(recipient_step(&v, &signed(&t, "site1", &key(1)), pinned.as_ref()), PartStep::Keep { .. }));
+    // A ticket made for another recipient (its key, its name) is refused before anything of it is read.
+    let theirs = Reply { recipient: "site2".into(), ..t.clone() };
+    assert_eq!(
+        part_refusal(&recipient_step(&v, &signed(&theirs, "site2", &key(2)), pinned.as_ref())).0,
+        Reason::WrongRecipient
+    );
+    // Under this recipient's name but another's key.
+    assert_eq!(part_refusal(&recipient_step(&v, &signed(&t, "site1", &key(2)), pinned.as_ref())).0, Reason::BadMac);
+    // A replayed ticket: its nonce is no longer outstanding.
+    let replayed = Reply { nonce: Nonce([8; 16]), ..t.clone() };
+    assert_eq!(
+        part_refusal(&recipient_step(&v, &signed(&replayed, "site1", &key(1)), pinned.as_ref())),
+        (Reason::Replay, false)
+    );
+    // A ticket for an older generation is a rollback, as any reply.
+    let old = Reply { generation: 0, ..t.clone() };
+    assert_eq!(part_refusal(&recipient_step(&v, &signed(&old, "site1", &key(1)), pinned.as_ref())).0, Reason::Rollback);
+    // Unsigned, at a recipient that pinned the owner key.
+    let control = protocol::encode(&t);
+    let unsigned = seal(Kind::Reply, &control, &protocol::encode(&Auth::sign("site1", &key(1), &control)), &[]);
+    assert_eq!(part_refusal(&recipient_step(&v, &unsigned, pinned.as_ref())).0, Reason::BadSignature);
 }

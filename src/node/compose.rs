@@ -99,6 +99,9 @@ impl Node {
         {
             report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
         }
+        if let Some(o) = &mut self.downstream {
+            o.survey(transport).await?;
+        }
         process_inbox(self, transport, &mut report).await?;
         if request && let Some(r) = &mut self.upstream {
             report.requested = r.maybe_request()?;

@@ -469,7 +469,14 @@ impl Outbox {
         }
         for name in pending {
             let (from, to, raw) = db.outbox_get(&name)?;
-            match transport.send(&from, &to, &raw).await {
+            // A broadcast part is queued once for all its envelope recipients, one address a line.
+            let many: Vec<&str> = to.split('\n').collect();
+            let sent = if many.len() > 1 {
+                transport.send_many(&from, &many, &raw).await
+            } else {
+                transport.send(&from, &to, &raw).await
+            };
+            match sent {
                 Ok(()) => {
                     db.outbox_sent(&name)?;
                     report.sent += 1;

@@ -57,6 +57,8 @@ pub struct Owner {
     server_limit: Option<u64>,
     /// The Ed25519 key replies are signed with (`signing = "hmac+ed25519"`).
     signer: Option<SigningKey>,
+    /// The updates this run sends by broadcast, and the broadcasts made so far.
+    broadcasting: broadcast::Broadcasting,
     /// Packs made recently, by what determines them: a fleet on the same base and generation is packed
     /// once, and each recipient's reply only cut into parts and authenticated.
     packs: RefCell<Vec<(PackKey, Rc<Packed>)>>,
@@ -77,6 +79,8 @@ struct PackKey {
 
 /// How many packs an owner keeps in memory (each is a temporary file and its body).
 const KEEP_PACKS: usize = 4;
+
+mod broadcast;
 
 /// Default grace period of a rotated key: a week.
 pub const DEFAULT_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -186,6 +190,8 @@ pub fn init_with(
         alert_interval: crate::config::default_alert_interval(),
         require_approval: false,
         keep_history: Default::default(),
+        broadcast_address: None,
+        broadcast_min: crate::config::default_broadcast_min(),
     };
     let state = state_dir.unwrap_or(dir);
     if state != dir {
@@ -249,6 +255,7 @@ impl Owner {
             manifests: RefCell::default(),
             server_limit: None,
             signer,
+            broadcasting: broadcast::Broadcasting::default(),
             packs: RefCell::default(),
         })
     }
@@ -501,6 +508,7 @@ impl Owner {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += self.begin_run(transport).await?;
+        self.survey(transport).await?;
         process_inbox(self, transport, &mut report).await?;
         report.sent += self.end_run(transport).await?;
         Ok(report)
@@ -823,6 +831,9 @@ impl Owner {
     /// request is answered exactly once. Parts are built one at a time, so memory follows the part size,
     /// not the reply.
     fn answer(&mut self, plan: AnswerPlan, digest: &Digest, now: u64) -> Result<Handled> {
+        if let Some(key) = self.joins_broadcast(&plan) {
+            return self.answer_ticket(plan, key, digest, now);
+        }
         let packer = Packer {
             store: &self.store,
             level: self.cfg.owner.compression_level,

@@ -48,6 +48,8 @@ macro_rules! refuse {
     };
 }
 
+mod broadcast;
+
 /// A recipient node with its state open.
 #[derive(Debug)]
 pub struct Recipient {
@@ -820,6 +822,7 @@ impl Recipient {
     pub async fn run_once<T: Transport>(&mut self, transport: &mut T, request: bool) -> Result<RunReport> {
         let mut report = RunReport::default();
         report.sent += Outbox::flush(&self.state.db, transport).await?.sent;
+        self.expire_held_broadcasts()?;
         if let Some(done) = self.install_due(install::local_now())? {
             report.outcomes.push(Handled::Applied { generation: done.generation, ops: done.ops });
         }
@@ -953,6 +956,12 @@ impl Recipient {
             resend,
             fresh: sub.fresh_next,
             registration,
+            // Broadcast tickets need a pinned owner key: without it a broadcast part could not be verified.
+            accepts: if self.owner_key.is_some() {
+                vec![protocol::broadcast::Capability::Broadcast]
+            } else {
+                Vec::new()
+            },
             methods: Method::ALL.to_vec(),
         };
         let control = protocol::encode(&req);
@@ -1039,6 +1048,10 @@ impl Recipient {
 
     fn evaluate(&mut self, raw: &[u8], digest: &Digest) -> Result<Result<Handled, Refusal>> {
         let now = now();
+        // A broadcast part is signed by the owner, not MACed for anyone: its own path (§7.11).
+        if let Some(done) = self.broadcast_part(raw, digest)? {
+            return Ok(done);
+        }
         let main = self.cfg.main().clone();
         let view = self.view(&main);
         let policy = self.policy();
@@ -1092,6 +1105,9 @@ impl Recipient {
             }
             PartStep::Standing(standing) => return self.standing(&tree, &nonce, digest, &reply, standing),
             PartStep::Keep { .. } => {}
+        }
+        if reply.broadcast.is_some() {
+            return self.accept_ticket(&tree, &reply, &msg.attachments, &msg.key, digest);
         }
         // A part that does not carry its chunk intact is refused alone: the others stay, and the missing
         // one is asked for again after `reply-timeout`.
@@ -1186,6 +1202,7 @@ impl Recipient {
 
     fn forget_parts(&self, tree: &Subscription, reply_id: &ReplyId) -> Result<()> {
         self.state.db.sub(&tree.channel)?.forget_parts(reply_id)?;
+        self.state.db.sub(&tree.channel)?.forget_ticket(reply_id)?;
         let dir = self.parts_dir(tree, reply_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -178,3 +178,63 @@ pub fn open_pack_file(reply: &Reply, under: &Key, sealed: &Path, plain: &Path) -
     let _ = std::fs::remove_file(sealed);
     res
 }
+
+/// How a broadcast's pack was encrypted: what each of its tickets seals for its recipient.
+#[derive(Clone, Debug)]
+pub struct BroadcastSealing {
+    /// The channel key's epoch.
+    pub epoch: u64,
+    /// The channel key.
+    pub key: Key,
+    /// The stream's nonce prefix, hex.
+    pub nonce_prefix: String,
+    /// The plaintext pack's length.
+    pub plain_size: u64,
+}
+
+impl BroadcastSealing {
+    /// The `sealed-key` of the ticket to `recipient`: the channel key sealed under `under` (that
+    /// recipient's key) alone.
+    pub fn for_recipient(&self, recipient: &str, channel: &str, under: &Key, rng: &mut dyn Entropy) -> SealedKey {
+        let mut nonce = [0u8; 12];
+        rng.fill(&mut nonce);
+        SealedKey {
+            epoch: self.epoch,
+            sealed: under.seal_channel_key(recipient, channel, self.epoch, &self.key, nonce),
+            nonce_prefix: self.nonce_prefix.clone(),
+            plain_size: self.plain_size,
+            alg: stream::ALG.to_owned(),
+        }
+    }
+}
+
+/// When `channel` encrypts: encrypts a broadcast's pack once, under the channel key, with associated data
+/// `aad` ([`protocol::broadcast::broadcast_pack_aad`]: no recipient), and says how, for the tickets.
+///
+/// # Errors
+/// State failures, or local I/O errors.
+pub fn seal_broadcast_pack(
+    db: &Db,
+    channel: &str,
+    aad: &[u8],
+    packed: Packed,
+    rng: &mut dyn Entropy,
+) -> Result<(Packed, Option<BroadcastSealing>)> {
+    if !db.channel(channel)?.is_some_and(|c| c.encrypt) {
+        return Ok((packed, None));
+    }
+    let (epoch, key) = channel_key(db, channel)?;
+    let mut prefix = [0u8; stream::PREFIX];
+    rng.fill(&mut prefix);
+    let dir = packed.file.path().parent().context("the pack has no directory")?;
+    let out = tempfile::NamedTempFile::new_in(dir)?;
+    let plain = BufReader::with_capacity(stream::SEGMENT, packed.file.reopen()?);
+    let mut w = BufWriter::with_capacity(stream::SEGMENT, out.reopen()?);
+    let n = stream::encrypt(&key, &prefix, aad, plain, &mut w)
+        .map_err(|e| anyhow::anyhow!("failed to encrypt the broadcast pack: {e}"))?;
+    w.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    anyhow::ensure!(n == packed.size, "the pack changed while it was encrypted ({n} bytes, {} packed)", packed.size);
+    let size = out.as_file().metadata()?.len();
+    let sealing = BroadcastSealing { epoch, key, nonce_prefix: hex(&prefix), plain_size: n };
+    Ok((Packed { file: out, size, ..packed }, Some(sealing)))
+}

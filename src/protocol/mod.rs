@@ -10,6 +10,7 @@
 //! two in step.
 
 pub mod bounded;
+pub mod broadcast;
 pub mod envelope;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -188,6 +189,10 @@ pub struct Request {
     /// enrollment and after they change; authenticated with the request, kept by the owner with its answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration: Option<Box<crate::registration::Facts>>,
+    /// What this recipient can take besides plain replies (`docs/protocol.md` §7.11): a recipient that
+    /// pinned the owner's key announces broadcast tickets. Names this build does not know are dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "broadcast::accepts_list")]
+    pub accepts: Vec<broadcast::Capability>,
     /// The delta methods this recipient decodes. Empty (absent on the wire) means the two every v1
     /// recipient decodes, `zstd-prefix` and `bsdiff`; see [`Request::decodes`].
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "method_list")]
@@ -195,6 +200,11 @@ pub struct Request {
 }
 
 impl Request {
+    /// Whether the request announces `capability`.
+    pub fn accepts(&self, capability: broadcast::Capability) -> bool {
+        self.accepts.contains(&capability)
+    }
+
     /// Whether the sender can decode a delta stream of `method`: every v1 recipient decodes
     /// [`Method::ZstdPrefix`] and [`Method::Bsdiff`]; a newer method only when the request names it, so a
     /// recipient that predates it is never sent one.
@@ -309,6 +319,11 @@ pub struct Reply {
     /// are of the encrypted pack; the body frame's and the body's offsets are in the decrypted pack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// A **ticket** (`docs/protocol.md` §7.11): this reply's chunks travel as the parts of the broadcast
+    /// named here, signed by the owner and sent once to every recipient on the same tree; the ticket
+    /// itself carries no attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broadcast: Option<broadcast::BroadcastRef>,
 }
 
 /// How a reply's pack is encrypted, and the channel key that decrypts it, sealed for the recipient.
@@ -338,6 +353,10 @@ impl SealedKey {
 /// The associated data of every segment of a reply's encrypted pack: the reply's recipient, channel, id,
 /// generation and root, so a pack decrypts only as the reply it was made for.
 pub fn pack_aad(reply: &Reply) -> Vec<u8> {
+    // A ticket's pack is the broadcast's, encrypted once for every recipient: bound to the broadcast.
+    if let Some(b) = &reply.broadcast {
+        return broadcast::broadcast_pack_aad(&b.id, &reply.channel, reply.generation, &reply.root, &reply.base);
+    }
     let fields = (&reply.recipient, &reply.channel, &reply.reply_id, reply.generation, &reply.root);
     [b"mailferry pack v1\0".as_slice(), &encode(&fields)].concat()
 }
@@ -1152,6 +1171,18 @@ fn check_reply_shape(r: &Reply, limits: &Limits) -> Result<(), Refusal> {
             return Err(Refusal::new(Reason::Malformed, format!("expiry date {on:?} is not YYYY-MM-DD")));
         }
     }
+    if let Some(b) = &r.broadcast {
+        // A ticket answers with an update carried elsewhere: one message, nothing else it could be.
+        if !valid_reply_id(b.id.as_str()) || b.id == r.reply_id {
+            return Err(Refusal::new(Reason::Malformed, format!("broadcast id {:?} is not valid", b.id)));
+        }
+        if r.standing.is_some() || r.same_as.is_some() || r.need_full_inventory || r.part != 1 {
+            return Err(Refusal::new(
+                Reason::Malformed,
+                "a ticket is part 1 and has no standing, same-as or need-full-inventory",
+            ));
+        }
+    }
     if let Some(same) = &r.same_as {
         // The id names a directory of kept parts, and the count a resend to ask for: both are bounded.
         if !valid_reply_id(same.reply_id.as_str()) || same.reply_id == r.reply_id {
@@ -1450,6 +1481,7 @@ mod tests {
             rekey: None,
             same_as: None,
             sealed_key: None,
+            broadcast: None,
         }
     }
 
@@ -1767,6 +1799,7 @@ mod tests {
             resend: None,
             fresh: false,
             registration: None,
+            accepts: Vec::new(),
             methods: Vec::new(),
         }
     }

@@ -155,6 +155,16 @@ pub trait Transport: fmt::Debug {
     /// Delivers `raw` to the mailbox of `to`, sent from `from`.
     async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError>;
 
+    /// Delivers one message to several envelope recipients at once (a broadcast): a mail server gets
+    /// one submission with a `RCPT TO` per address and delivers a copy to each. The default sends one
+    /// copy per address, as a spool does.
+    async fn send_many(&mut self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), TransportError> {
+        for t in to {
+            self.send(from, t, raw).await?;
+        }
+        Ok(())
+    }
+
     /// Returns the messages waiting in this node's own mailbox, oldest first, without moving them.
     async fn fetch(&mut self) -> Result<Vec<Incoming>, TransportError>;
 
@@ -318,6 +328,13 @@ impl Transport for AnyTransport {
         match self {
             AnyTransport::Maildir(t) => t.send(from, to, raw).await,
             AnyTransport::Mail(t) => t.send(from, to, raw).await,
+        }
+    }
+
+    async fn send_many(&mut self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), TransportError> {
+        match self {
+            AnyTransport::Maildir(t) => t.send_many(from, to, raw).await,
+            AnyTransport::Mail(t) => t.send_many(from, to, raw).await,
         }
     }
 

@@ -71,6 +71,14 @@ impl Transport for MailTransport {
         self.smtp.send(from, to, raw).await
     }
 
+    /// One SMTP transaction with a `RCPT TO` per address.
+    async fn send_many(&mut self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), TransportError> {
+        if let Err(e) = self.smtp.size_limit().await {
+            tracing::debug!(error = %e, "could not learn the SMTP SIZE limit; sending anyway");
+        }
+        self.smtp.send_to(from, to, raw).await
+    }
+
     async fn size_limit(&mut self) -> Option<u64> {
         match self.smtp.size_limit().await {
             Ok(limit) => limit,

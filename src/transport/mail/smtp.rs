@@ -72,7 +72,17 @@ impl SmtpSender {
     ///   address, a certificate that does not verify.
     /// - [`TransportErrorKind::Transient`]: a 4xx reply, a refused or dropped connection, a timeout.
     pub async fn send(&mut self, from: &str, to: &str, raw: &[u8]) -> Result<(), TransportError> {
-        let what = format!("smtp send from {from} to {to} via {} as {}", self.endpoint.addr(), self.endpoint.username);
+        self.send_to(from, &[to], raw).await
+    }
+
+    /// As [`SmtpSender::send`], to several envelope recipients in one transaction.
+    ///
+    /// # Errors
+    /// As [`SmtpSender::send`].
+    pub async fn send_to(&mut self, from: &str, to: &[&str], raw: &[u8]) -> Result<(), TransportError> {
+        let to_text = to.join(", ");
+        let what =
+            format!("smtp send from {from} to {to_text} via {} as {}", self.endpoint.addr(), self.endpoint.username);
         let envelope = envelope(from, to).map_err(|e| TransportError::new(TransportErrorKind::Permanent, &what, e))?;
         if let Some(Some(limit)) = self.size_limit
             && raw.len() as u64 > limit
@@ -267,10 +277,13 @@ fn parse_size<'a>(lines: impl Iterator<Item = &'a str>) -> Option<u64> {
         .next()
 }
 
-fn envelope(from: &str, to: &str) -> anyhow::Result<Envelope> {
+fn envelope(from: &str, to: &[&str]) -> anyhow::Result<Envelope> {
     let from: Address = from.parse().map_err(|e| anyhow::anyhow!("invalid sender address `{from}`: {e}"))?;
-    let to: Address = to.parse().map_err(|e| anyhow::anyhow!("invalid recipient address `{to}`: {e}"))?;
-    Ok(Envelope::new(Some(from), vec![to])?)
+    let to = to
+        .iter()
+        .map(|t| t.parse::<Address>().map_err(|e| anyhow::anyhow!("invalid recipient address `{t}`: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Envelope::new(Some(from), to)?)
 }
 
 /// Maps a lettre error onto what a retry policy needs to know.
@@ -318,10 +331,11 @@ mod tests {
 
     #[test]
     fn envelope_addresses_are_checked() {
-        assert!(envelope("a@example.org", "b@example.org").is_ok());
-        let err = envelope("not an address", "b@example.org").unwrap_err().to_string();
+        assert!(envelope("a@example.org", &["b@example.org"]).is_ok());
+        assert_eq!(envelope("a@example.org", &["b@example.org", "c@example.org"]).unwrap().to().len(), 2);
+        let err = envelope("not an address", &["b@example.org"]).unwrap_err().to_string();
         assert!(err.contains("invalid sender address `not an address`"), "{err}");
-        let err = envelope("a@example.org", "").unwrap_err().to_string();
+        let err = envelope("a@example.org", &[""]).unwrap_err().to_string();
         assert!(err.contains("invalid recipient address"), "{err}");
     }
 }
