@@ -53,12 +53,13 @@ PACKAGE_PAIRS = {
         "rsync_reference": 1975 * KB,
     },
 }
-ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "tree100k", "parts", "fleet"]
+ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "tree100k", "parts", "fleet", "history"]
 
 # Issue 15's targets.
 SIGDB_TARGET = 312 * KB  # the 100 MB signature database update, all mail
 ANCHOR_FACTOR, ANCHOR_SLACK = 1.37, 8 * KB  # every pair: at most 1.37 x the best single anchor + 8 KB
 FLEET_SIZES = (10, 100, 1000)
+HISTORY_GENERATIONS = 100  # how far behind the recipient of the "history" case is
 FLEET_CPU_TARGET_S = 0.002  # owner CPU per request
 FLEET_DB_TARGET = 2 * KB  # database growth per recipient and generation
 
@@ -1055,6 +1056,97 @@ def run_fleet(args, binary, quick):
     return res
 
 
+def store_bytes(store, sub):
+    d = store / sub
+    if not d.is_dir():
+        return 0
+    return sum(e.stat().st_size for sub_d in os.scandir(d) for e in os.scandir(sub_d.path))
+
+
+def run_history(args, binary):
+    """A recipient 100 generations behind: the signature database (quick set, 10 MB), one generation after
+    another each appending 0.5% new lines to every file, the owner at `keep-generations = 1`. The
+    recipient, still on generation 1, syncs once: its reply against a direct delta (an owner that kept
+    both generations), the round trips, and the owner's store against one generation plus the deltas."""
+    size = 10_000_000
+    tree_a, _ = sigdb_trees(size, "quick")
+    gens = HISTORY_GENERATIONS
+    name = "history"
+    title = (f"a recipient {gens} generations behind (signature database, {size / 1e6:.0f} MB; "
+             "each generation appends 0.5% lines to every file; keep-generations = 1)")
+    log(f"== {name}: {title}")
+    rng = random.Random(20261201)
+    files = sorted(p.name for p in tree_a.iterdir())
+    base_lines = {f: (tree_a / f).read_text().count("\n") for f in files}
+    n = 10 ** 7
+
+    def appended(f):
+        nonlocal n
+        out = []
+        for _ in range(max(1, base_lines[f] // 200)):
+            n += 1
+            out.append(f"Win.Trojan.Agent-{n}:0:*:{rng.randbytes(rng.randint(16, 80)).hex()}\n")
+        return "".join(out)
+
+    work = new_workdir(args, name)
+    w = World(binary, work)
+    w.setup(tree_a)
+    set_keys(w.owner_cfg, "owner", {"keep-generations": "1"})
+    w.publish()
+    w.cycle()
+    w.steps = []
+    one_gen = store_bytes(work / "owner" / "store", "objects")
+    step_floor = 0
+    publish_cpu = []
+    for g in range(2, gens + 2):
+        added = ""
+        for f in files:
+            more = appended(f)
+            added += more
+            with open(w.source / f, "a") as fh:
+                fh.write(more)
+        p, got = w.publish()
+        if got != g:
+            die(f"history: publish made generation {got}, expected {g}")
+        publish_cpu.append(p.cpu)
+        # The floor of the delta between consecutive generations: the appended lines at zstd -19.
+        raw = subprocess.run(["zstd", "-19", "-c"], input=added.encode(), stdout=subprocess.PIPE, check=True).stdout
+        step_floor += len(raw)
+    newest = gens + 1
+    store = work / "owner" / "store"
+    objects, deltas = store_bytes(store, "objects"), store_bytes(store, "deltas")
+    before = w.snapshot()
+    w.cycle()
+    res = w.measure(before)
+    # A need-full-inventory answer would leave the tree on generation 1 here (the apply step sends no
+    # second request), which verify() reports.
+    w.verify(newest, "history")
+    reply = res["o2r_bytes"]
+    requests = res["r2o_msgs"] - 1  # less the receipt
+
+    # The reference: an owner that kept both generation 1 and the newest.
+    ref = new_workdir(args, name + "-direct")
+    r = World(binary, ref)
+    r.setup(tree_a)
+    r.publish()
+    r.cycle()
+    r.steps = []
+    r.replace_source(w.source)
+    done_workdir(args, work)
+    r.publish()
+    before = r.snapshot()
+    r.cycle()
+    res_ref = r.measure(before)
+    r.verify(2, "history reference")
+    done_workdir(args, ref)
+    return {
+        "name": name, "title": title, "generations": gens, "reply_bytes": reply, "direct_bytes": res_ref["o2r_bytes"],
+        "requests": requests, "replies": res["o2r_msgs"],
+        "owner_cpu_s": res["owner_cpu_s"], "store_objects": objects, "store_deltas": deltas, "one_generation": one_gen,
+        "step_deltas_floor": step_floor, "publish_cpu_s": publish_cpu,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # report
 
@@ -1196,7 +1288,7 @@ def report(results, args, meta):
     out.append("")
     targets = []
     for r in results:
-        if r["name"] in ("parts", "fleet"):
+        if r["name"] in ("parts", "fleet", "history"):
             continue
         out.append(f"== {r['name']}: {r['title']}")
         out.append(f"   A: {r['a']['files']:,} files, {r['a']['bytes']:,} bytes; "
@@ -1355,10 +1447,30 @@ def report(results, args, meta):
                             fmt_kb(x["db_growth_per_recipient"]), verdict(x["db_growth_per_recipient"] <= FLEET_DB_TARGET),
                             "file size before and after the run"])
         out.append("")
+    for r in results:
+        if r["name"] != "history":
+            continue
+        out.append(f"== history: {r['title']}")
+        old = r["store_objects"] + r["store_deltas"]
+        rows = [[fmt_bytes(r["reply_bytes"]), fmt_bytes(r["direct_bytes"]), fmt_s(r["reply_bytes"] / max(1, r["direct_bytes"])),
+                 r["requests"], fmt_bytes(r["one_generation"]), fmt_bytes(r["store_objects"]), fmt_bytes(r["store_deltas"]),
+                 fmt_bytes(r["step_deltas_floor"]), fmt_s(sum(r["publish_cpu_s"]) / len(r["publish_cpu_s"])),
+                 fmt_s(r["publish_cpu_s"][-1])]]
+        out.append(table(["reply", "direct delta", "ratio", "requests", "one generation", "store: whole", "store: deltas",
+                          "step deltas (floor)", "publish CPU s (mean)", "(last)"], rows))
+        limit = 1.2 * r["direct_bytes"]
+        targets.append(["history", f"{r['generations']} behind: reply", f"<= {fmt_kb(limit)}", fmt_kb(r["reply_bytes"]),
+                        verdict(r["reply_bytes"] <= limit), "1.2 x a direct delta from its base"])
+        targets.append(["history", f"{r['generations']} behind: round trips", "1", str(r["requests"]),
+                        verdict(r["requests"] == 1), "requests sent for the update"])
+        slimit = 1.5 * r["one_generation"] + r["step_deltas_floor"]
+        targets.append(["history", "owner store, all generations", f"<= {fmt_kb(slimit)}", fmt_kb(old),
+                        verdict(old <= slimit), "1.5 x one generation + the step deltas (zstd -19 floor)"])
+        out.append("")
     out.append("== summary: one update per pair (all mail both ways, headers included; CPU, wall, RSS of the update phase)")
     rows = []
     for r in results:
-        if r["name"] in ("parts", "fleet"):
+        if r["name"] in ("parts", "fleet", "history"):
             continue
         u, f = r["update"], r["first"]
         rows.append([r["name"], fmt_bytes(f["total_bytes"]), fmt_bytes(u["total_bytes"]), u["total_msgs"],
@@ -1454,6 +1566,8 @@ def main():
                 results.append(run_parts(args, binary, args.quick))
             elif name == "fleet":
                 results.append(run_fleet(args, binary, args.quick))
+            elif name == "history":
+                results.append(run_history(args, binary))
             else:
                 _, da, db = next(p for p in args.pair if p[0] == name)
                 results.append(run_pair(args, binary, name, f"{da} -> {db}", Path(da).resolve(), Path(db).resolve()))

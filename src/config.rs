@@ -142,6 +142,13 @@ pub struct OwnerSection {
     /// console's button); until then they are answered with the newest approved one. Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_approval: bool,
+    /// How long a generation beyond `keep-generations` stays answerable by delta: its file list is kept
+    /// and its content as deltas against the newest version of each path (`docs/protocol.md` §10.4). A
+    /// duration since it was published (`"1y"`, `"90d"`) or a number of old generations per channel.
+    /// Past it the generation is forgotten, and a recipient still on it sends its whole inventory and gets
+    /// whole files. Default `"1y"`.
+    #[serde(default)]
+    pub keep_history: KeepHistory,
     /// Where a broadcast (`docs/protocol.md` §7.11) is sent: a list address or MTA alias that expands to
     /// the recipients. Default: none, so each broadcast part is one submission with every recipient that
     /// got a ticket as an envelope recipient.
@@ -156,6 +163,47 @@ pub struct OwnerSection {
 
 pub(crate) fn default_broadcast_min() -> usize {
     2
+}
+
+/// `keep-history`: how long old generations stay answerable by delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepHistory {
+    /// Old generations published less than this long ago.
+    Age(Duration),
+    /// The newest this many old generations of each channel.
+    Generations(u64),
+}
+
+impl Default for KeepHistory {
+    fn default() -> Self {
+        KeepHistory::Age(Duration::from_secs(31_557_600))
+    }
+}
+
+impl Serialize for KeepHistory {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            KeepHistory::Age(d) => duration::serialize(d, s),
+            KeepHistory::Generations(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeepHistory {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(KeepHistory::Generations(n)),
+            Raw::Text(t) => humantime::parse_duration(&t).map(KeepHistory::Age).map_err(|e| {
+                serde::de::Error::custom(format!("{t:?} is neither a duration nor a number of generations: {e}"))
+            }),
+        }
+    }
 }
 
 pub(crate) fn default_silent_after_intervals() -> u32 {

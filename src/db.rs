@@ -295,6 +295,12 @@ const MIGRATIONS: &[&str] = &[
         broadcast_id TEXT NOT NULL, part INTEGER NOT NULL, subscription TEXT NOT NULL, control BLOB NOT NULL,
         size INTEGER NOT NULL, digest TEXT NOT NULL, sender TEXT, message_id TEXT, subject TEXT,
         at INTEGER NOT NULL, PRIMARY KEY (broadcast_id, part));",
+    // 10: old generations. A generation beyond `keep-generations` keeps its file list here (its content
+    // maybe only as deltas in the store), so a request naming it is still rebuilt and answered directly;
+    // `keep-history` bounds how long.
+    "CREATE TABLE old_generations (
+        channel TEXT NOT NULL, number INTEGER NOT NULL, root TEXT NOT NULL, created INTEGER NOT NULL,
+        pruned_at INTEGER NOT NULL, manifest BLOB NOT NULL, PRIMARY KEY (channel, number));",
 ];
 
 /// The schema version this build writes: the number of migrations.
@@ -1137,11 +1143,93 @@ impl Db {
             .query_map(params![channel, cutoff], |r| r.get::<_, i64>(0))?
             .map(|n| n.map(|n| n as u64))
             .collect::<Result<_, _>>()?;
+        // Their file lists stay, as old generations (see `old_generation_manifest`).
+        self.conn.execute(
+            &format!(
+                "INSERT OR REPLACE INTO old_generations (channel, number, root, created, pruned_at, manifest)
+                 SELECT channel, number, root, created, ?3, manifest FROM generations
+                 WHERE channel = ?1 AND number <= ?2 AND number NOT IN ({pinned})"
+            ),
+            params![channel, cutoff, now() as i64],
+        )?;
         self.conn.execute(
             &format!("DELETE FROM generations WHERE channel = ?1 AND number <= ?2 AND number NOT IN ({pinned})"),
             params![channel, cutoff],
         )?;
         Ok(gone)
+    }
+
+    /// The file list of generation `number` of `channel` if it is an old generation (beyond
+    /// `keep-generations`, within `keep-history`), `None` otherwise.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn old_generation_manifest(&self, channel: &str, number: u64) -> Result<Option<Manifest>> {
+        let data: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT manifest FROM old_generations WHERE channel = ?1 AND number = ?2",
+                params![channel, number as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        data.map(|d| unpack_manifest(&d)).transpose()
+    }
+
+    /// Every old generation: channel, number, when it was published, and its file list; oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn old_generations(&self) -> Result<Vec<(String, u64, u64, Manifest)>> {
+        let mut st =
+            self.conn.prepare("SELECT channel, number, created, manifest FROM old_generations ORDER BY number")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?))
+        })?;
+        rows.map(|row| {
+            let (c, n, created, data) = row?;
+            Ok((c, n as u64, created as u64, unpack_manifest(&data)?))
+        })
+        .collect()
+    }
+
+    /// Forgets old generations past the history horizon: those published before `before`, and, with a
+    /// count, all but the newest `keep` old ones of each channel. Returns how many were forgotten.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn forget_old_generations(&self, before: Option<u64>, keep: Option<u64>) -> Result<usize> {
+        let mut n = 0;
+        if let Some(before) = before {
+            n += self.conn.execute("DELETE FROM old_generations WHERE created < ?1", [before as i64])?;
+        }
+        if let Some(keep) = keep {
+            n += self.conn.execute(
+                "DELETE FROM old_generations WHERE number <= (SELECT max(o.number) FROM old_generations o
+                   WHERE o.channel = old_generations.channel) - ?1",
+                [keep as i64],
+            )?;
+        }
+        Ok(n)
+    }
+
+    /// The newest version of every path of every kept generation, by channel and path: what an old version
+    /// of the same path is kept as a delta against.
+    ///
+    /// # Errors
+    /// SQLite errors or a corrupt manifest.
+    pub fn newest_versions(&self) -> Result<std::collections::HashMap<(String, crate::path::RelPath), Digest>> {
+        let mut st = self.conn.prepare("SELECT channel, manifest FROM generations ORDER BY number DESC")?;
+        let mut out = std::collections::HashMap::new();
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+            let (channel, data) = row?;
+            for (path, e) in unpack_manifest(&data)?.iter() {
+                if let crate::manifest::Entry::File(m) = e {
+                    out.entry((channel.clone(), path.clone())).or_insert(m.blake3);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every content digest a kept generation refers to.

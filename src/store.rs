@@ -9,6 +9,17 @@
 //! `syncfs` makes them all durable, and only then are they renamed into place (the object directories
 //! synced once each). So an object under its final name is always complete, at the cost of two flushes
 //! per publish instead of two per file.
+//!
+//! # Old versions as deltas
+//!
+//! Content that no kept generation refers to any more, but an old generation does (one beyond
+//! `keep-generations` whose file list is still kept), is kept small, the way git packs keep old versions:
+//! as a delta against a newer version of the same path, at `store/deltas/<2 hex>/<64 hex>.delta` under the
+//! old content's digest. A delta file is a header (the magic `MFDELTA1`, the method byte: 1 for a line
+//! delta, 2 for a zstd frame with the base as its reference prefix; the base's BLAKE3; the content's size,
+//! 8 bytes little-endian) and the frame. A delta's base is always a whole object, never another delta, so
+//! reading one back costs one base and one frame. Reading verifies the BLAKE3 of the result: a damaged
+//! delta (or base) is an error, never other content.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -46,8 +57,18 @@ impl Store {
         self.root.join("objects").join(&h[..2]).join(format!("{h}.zst"))
     }
 
-    /// Whether the store holds `d`.
+    fn delta_path(&self, d: &Digest) -> PathBuf {
+        let h = d.to_hex();
+        self.root.join("deltas").join(&h[..2]).join(format!("{h}.delta"))
+    }
+
+    /// Whether the store holds `d`, whole or as a delta.
     pub fn contains(&self, d: &Digest) -> bool {
+        self.has_whole(d) || self.delta_path(d).is_file()
+    }
+
+    /// Whether the store holds `d` as a whole object (a zstd frame of its own).
+    pub fn has_whole(&self, d: &Digest) -> bool {
         self.object_path(d).is_file()
     }
 
@@ -82,7 +103,9 @@ impl Store {
             };
             // Content the store has costs a hash, not a compression (a publish after a small change).
             let (size, digest) = crate::scan::hash_reader(&mut f, before.len())?;
-            if self.contains(&digest) {
+            // Only a whole object counts: an old version kept as a delta may come back (a revert), and a
+            // kept generation's content must be whole to serve as a base.
+            if self.has_whole(&digest) {
                 if unchanged(size)? {
                     return Ok((size, digest, None));
                 }
@@ -186,22 +209,7 @@ impl Store {
     /// # Errors
     /// An unreadable store directory.
     pub fn retain(&self, keep: &std::collections::HashSet<Digest>) -> io::Result<(usize, u64)> {
-        let (mut n, mut bytes) = (0, 0);
-        for dir in fs::read_dir(self.root.join("objects"))? {
-            for e in fs::read_dir(dir?.path())? {
-                let e = e?;
-                let name = e.file_name();
-                let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".zst")) else { continue };
-                if Digest::from_hex(hex).is_ok_and(|d| keep.contains(&d)) {
-                    continue;
-                }
-                let len = e.metadata()?.len();
-                fs::remove_file(e.path())?;
-                n += 1;
-                bytes += len;
-            }
-        }
-        Ok((n, bytes))
+        remove_unkept(&self.root.join("objects"), ".zst", keep)
     }
 
     /// The stored zstd frame of `d`, opened for streaming, and its length.
@@ -221,12 +229,283 @@ impl Store {
     /// # Errors
     /// As [`Store::frame`], or a corrupt object.
     pub fn content(&self, d: &Digest) -> io::Result<Vec<u8>> {
+        if !self.has_whole(d) && self.delta_path(d).is_file() {
+            return self.delta_content(d);
+        }
         let data = zstd::stream::decode_all(&self.frame(d)?[..])?;
         if Digest::of(&data) != *d {
             return Err(io::Error::other(format!("store object {} is corrupt", d.to_hex())));
         }
         Ok(data)
     }
+
+    /// The first `limit` bytes of `d`'s content (all of it when shorter), whole or from its delta: what a
+    /// delta base is read through.
+    ///
+    /// # Errors
+    /// As [`Store::content`].
+    pub fn content_prefix(&self, d: &Digest, limit: u64) -> io::Result<Vec<u8>> {
+        if !self.has_whole(d) && self.delta_path(d).is_file() {
+            let mut data = self.delta_content(d)?;
+            data.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            return Ok(data);
+        }
+        let (frame, _) = self.open_frame(d)?;
+        let mut data = Vec::new();
+        zstd::stream::read::Decoder::new(frame)?.take(limit).read_to_end(&mut data)?;
+        Ok(data)
+    }
+
+    /// The base a delta-stored `d` is read through, `None` when `d` is not stored as a delta.
+    ///
+    /// # Errors
+    /// An unreadable or damaged delta header.
+    pub fn delta_base(&self, d: &Digest) -> io::Result<Option<Digest>> {
+        match fs::read(self.delta_path(d)) {
+            Ok(raw) => Ok(Some(DeltaHeader::parse(&raw, d)?.0.base)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn delta_content(&self, d: &Digest) -> io::Result<Vec<u8>> {
+        self.delta_content_on(d, None)
+    }
+
+    /// The content of `d`, whole or from its delta; `base` is a whole object's digest and content the
+    /// caller has already read, used when it is `d`'s delta base (retiring many old versions of one path
+    /// reads their common base once).
+    ///
+    /// # Errors
+    /// As [`Store::content`].
+    pub fn content_on(&self, d: &Digest, base: Option<(&Digest, &[u8])>) -> io::Result<Vec<u8>> {
+        if !self.has_whole(d) && self.delta_path(d).is_file() {
+            return self.delta_content_on(d, base);
+        }
+        self.content(d)
+    }
+
+    fn delta_content_on(&self, d: &Digest, known: Option<(&Digest, &[u8])>) -> io::Result<Vec<u8>> {
+        let path = self.delta_path(d);
+        let raw =
+            fs::read(&path).map_err(|e| io::Error::new(e.kind(), format!("store delta `{}`: {e}", path.display())))?;
+        let (head, frame) = DeltaHeader::parse(&raw, d)?;
+        // A delta's base is whole by construction; a delta on a delta would be a damaged store.
+        if !self.has_whole(&head.base) {
+            return Err(io::Error::other(format!(
+                "store delta {} names base {}, which the store does not hold whole",
+                d.to_hex(),
+                head.base.to_hex()
+            )));
+        }
+        let read;
+        let base = match known {
+            Some((k, data)) if *k == head.base => data,
+            _ => {
+                read = self.content(&head.base)?;
+                &read[..]
+            }
+        };
+        let mut out = Vec::with_capacity(usize::try_from(head.size).unwrap_or(0).min(1 << 30));
+        let got = match head.method {
+            DeltaMethod::Lines => crate::delta::lines::apply(frame, base, head.size, &mut out),
+            DeltaMethod::Prefix => crate::delta::decompress(frame, base, head.size, &mut out),
+        };
+        match got {
+            Ok((n, digest)) if n == head.size && digest == *d => Ok(out),
+            Ok((n, digest)) => Err(io::Error::other(format!(
+                "store delta {} is corrupt: it gives {n} bytes with digest {}",
+                d.to_hex(),
+                digest.to_hex()
+            ))),
+            Err(e) => Err(io::Error::other(format!("store delta {} is corrupt: {e}", d.to_hex()))),
+        }
+    }
+
+    /// Keeps `d` (whose content is `content`) as a delta against the whole object `base`, by the smaller of
+    /// a line delta (for text) and a zstd frame with `base` as its prefix, when that is smaller than `d`'s
+    /// whole frame; returns the bytes the delta takes, or `None` when `d` stays (or is made) whole. The
+    /// delta is read back and checked before it is put in place; the whole object, if any, is left for
+    /// [`Store::retain`] to remove.
+    ///
+    /// # Errors
+    /// I/O errors, a `base` the store does not hold whole, or `content` that is not `d`'s.
+    pub fn put_delta(&self, d: &Digest, content: &[u8], base: &Digest) -> io::Result<Option<u64>> {
+        if !self.has_whole(base) {
+            return Err(io::Error::other(format!("delta base {} is not a whole object", base.to_hex())));
+        }
+        let base_data = self.content(base)?;
+        self.put_delta_on(d, content, base, &base_data)
+    }
+
+    /// [`Store::put_delta`] with the base's content already read (`base_data`, checked against `base`).
+    ///
+    /// # Errors
+    /// As [`Store::put_delta`].
+    pub fn put_delta_on(&self, d: &Digest, content: &[u8], base: &Digest, base_data: &[u8]) -> io::Result<Option<u64>> {
+        if Digest::of(content) != *d {
+            return Err(io::Error::other(format!("content given for {} has another digest", d.to_hex())));
+        }
+        if !self.has_whole(base) || Digest::of(base_data) != *base {
+            return Err(io::Error::other(format!("delta base {} is not a whole object", base.to_hex())));
+        }
+        let mut best: Option<(DeltaMethod, Vec<u8>)> = None;
+        let sample = &content[..content.len().min(64 << 10)];
+        if crate::delta::lines::looks_like_text(sample) {
+            let raw = crate::delta::lines::diff(base_data, content);
+            best = Some((DeltaMethod::Lines, crate::delta::compress(&[], &raw, self.level.clamp(1, 19))?));
+        }
+        // A low level: the window is the whole base, and old versions are read rarely.
+        let prefix = crate::delta::compress(base_data, content, PREFIX_LEVEL)?;
+        if best.as_ref().is_none_or(|(_, b)| prefix.len() < b.len()) {
+            best = Some((DeltaMethod::Prefix, prefix));
+        }
+        let Some((method, frame)) = best else { return Ok(None) };
+        let head = DeltaHeader { method, base: *base, size: content.len() as u64 };
+        let mut raw = head.encode();
+        raw.extend_from_slice(&frame);
+        // Compressing the whole content only to compare costs more than the delta: a delta under an
+        // eighth of the base's own frame (another version of the same path) is clearly the smaller.
+        let base_frame = fs::metadata(self.object_path(base))?.len();
+        let whole = match self.has_whole(d) {
+            true => fs::metadata(self.object_path(d))?.len(),
+            false if (raw.len() as u64).saturating_mul(8) < base_frame => u64::MAX,
+            false => self.compress_from(&mut &content[..], false)?.2.as_file().metadata()?.len(),
+        };
+        if raw.len() as u64 >= whole {
+            if !self.has_whole(d) {
+                self.put_bytes(content)?;
+            }
+            return Ok(None);
+        }
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
+        tmp.as_file().write_all(&raw)?;
+        tmp.as_file().sync_all()?;
+        let dest = self.delta_path(d);
+        let dir = dest.parent().expect("delta paths have a parent");
+        fs::create_dir_all(dir)?;
+        tmp.persist(&dest).map_err(|e| e.error)?;
+        File::open(dir)?.sync_all()?;
+        // Checked as it will be read: a delta that does not give `d` back is never kept.
+        if let Err(e) = self.delta_content_on(d, Some((base, base_data))) {
+            let _ = fs::remove_file(&dest);
+            return Err(e);
+        }
+        Ok(Some(raw.len() as u64))
+    }
+
+    /// Removes every delta not in `keep`; returns how many deltas and stored bytes were removed.
+    ///
+    /// # Errors
+    /// An unreadable store directory.
+    pub fn retain_deltas(&self, keep: &std::collections::HashSet<Digest>) -> io::Result<(usize, u64)> {
+        remove_unkept(&self.root.join("deltas"), ".delta", keep)
+    }
+
+    /// Stored bytes and count of whole objects and of deltas.
+    ///
+    /// # Errors
+    /// An unreadable store directory.
+    pub fn usage(&self) -> io::Result<StoreUsage> {
+        let count = |dir: &Path| -> io::Result<(u64, u64)> {
+            let (mut n, mut bytes) = (0, 0);
+            let Ok(dirs) = fs::read_dir(dir) else { return Ok((0, 0)) };
+            for sub in dirs {
+                for e in fs::read_dir(sub?.path())? {
+                    n += 1;
+                    bytes += e?.metadata()?.len();
+                }
+            }
+            Ok((n, bytes))
+        };
+        let (objects, object_bytes) = count(&self.root.join("objects"))?;
+        let (deltas, delta_bytes) = count(&self.root.join("deltas"))?;
+        Ok(StoreUsage { objects, object_bytes, deltas, delta_bytes })
+    }
+}
+
+/// What a store holds, as [`Store::usage`] counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Whole objects.
+    pub objects: u64,
+    /// Their stored bytes.
+    pub object_bytes: u64,
+    /// Old versions kept as deltas.
+    pub deltas: u64,
+    /// Their stored bytes.
+    pub delta_bytes: u64,
+}
+
+/// zstd level of a stored delta with a reference prefix.
+const PREFIX_LEVEL: i32 = 3;
+
+/// How a stored delta is applied to its base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeltaMethod {
+    Lines,
+    Prefix,
+}
+
+/// The header of a stored delta (see the module doc).
+#[derive(Debug)]
+struct DeltaHeader {
+    method: DeltaMethod,
+    base: Digest,
+    size: u64,
+}
+
+const DELTA_MAGIC: &[u8; 8] = b"MFDELTA1";
+const DELTA_HEADER: usize = 8 + 1 + 32 + 8;
+
+impl DeltaHeader {
+    fn encode(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(DELTA_HEADER);
+        raw.extend_from_slice(DELTA_MAGIC);
+        raw.push(match self.method {
+            DeltaMethod::Lines => 1,
+            DeltaMethod::Prefix => 2,
+        });
+        raw.extend_from_slice(&self.base.0);
+        raw.extend_from_slice(&self.size.to_le_bytes());
+        raw
+    }
+
+    fn parse<'a>(raw: &'a [u8], d: &Digest) -> io::Result<(DeltaHeader, &'a [u8])> {
+        let bad = |why: &str| io::Error::other(format!("store delta {} is corrupt: {why}", d.to_hex()));
+        if raw.len() < DELTA_HEADER || &raw[..8] != DELTA_MAGIC {
+            return Err(bad("no delta header"));
+        }
+        let method = match raw[8] {
+            1 => DeltaMethod::Lines,
+            2 => DeltaMethod::Prefix,
+            _ => return Err(bad("unknown method")),
+        };
+        let base = Digest(raw[9..41].try_into().expect("32 bytes"));
+        let size = u64::from_le_bytes(raw[41..49].try_into().expect("8 bytes"));
+        Ok((DeltaHeader { method, base, size }, &raw[DELTA_HEADER..]))
+    }
+}
+
+/// Removes every file `<hex><suffix>` under the two-level directory `dir` whose digest is not in `keep`.
+fn remove_unkept(dir: &Path, suffix: &str, keep: &std::collections::HashSet<Digest>) -> io::Result<(usize, u64)> {
+    let (mut n, mut bytes) = (0, 0);
+    let Ok(dirs) = fs::read_dir(dir) else { return Ok((0, 0)) };
+    for sub in dirs {
+        for e in fs::read_dir(sub?.path())? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(suffix)) else { continue };
+            if Digest::from_hex(hex).is_ok_and(|d| keep.contains(&d)) {
+                continue;
+            }
+            let len = e.metadata()?.len();
+            fs::remove_file(e.path())?;
+            n += 1;
+            bytes += len;
+        }
+    }
+    Ok((n, bytes))
 }
 
 /// Content up to this size is compressed in memory with a reused context.
@@ -347,5 +626,83 @@ mod tests {
         assert_eq!(tmp_files(), 1);
         Store::open(&dir.path().join("store"), 3).unwrap();
         assert_eq!(tmp_files(), 0);
+    }
+
+    /// Signature-database-like text: `n` unique lines from line `from`.
+    fn sig_text(from: usize, n: usize) -> Vec<u8> {
+        (from..from + n)
+            .map(|i| format!("Win.Trojan.Agent-{i}:0:*:{:064x}\n", (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[test]
+    fn an_old_version_is_kept_as_a_small_delta_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 3).unwrap();
+        let old = sig_text(0, 20_000);
+        let mut new = old.clone();
+        new.extend_from_slice(&sig_text(20_000, 100));
+        let (d_old, d_new) = (store.put_bytes(&old).unwrap(), store.put_bytes(&new).unwrap());
+        let whole = store.frame(&d_old).unwrap().len() as u64;
+        let stored = store.put_delta(&d_old, &old, &d_new).unwrap().expect("a delta is smaller");
+        assert!(stored * 20 < whole, "delta {stored} bytes against a whole frame of {whole}");
+        // The whole object goes; the old version is still there, read through its base.
+        store.retain(&std::collections::HashSet::from([d_new])).unwrap();
+        assert!(!store.has_whole(&d_old) && store.contains(&d_old));
+        assert_eq!(store.delta_base(&d_old).unwrap(), Some(d_new));
+        assert_eq!(store.content(&d_old).unwrap(), old);
+        assert_eq!(store.content_prefix(&d_old, 10).unwrap(), &old[..10]);
+        assert_eq!(store.delta_base(&d_new).unwrap(), None);
+        let usage = store.usage().unwrap();
+        assert_eq!((usage.objects, usage.deltas, usage.delta_bytes), (1, 1, stored));
+        // Content that is not the digest's is refused, and so is a base that is not whole.
+        assert!(store.put_delta(&d_old, &new, &d_new).is_err());
+        assert!(store.put_delta(&d_new, &new, &d_old).is_err());
+        // Deltas not kept go.
+        assert_eq!(store.retain_deltas(&std::collections::HashSet::new()).unwrap().0, 1);
+        assert!(!store.contains(&d_old));
+    }
+
+    #[test]
+    fn a_damaged_delta_is_an_error_never_other_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store"), 3).unwrap();
+        let old = sig_text(0, 5_000);
+        let mut new = sig_text(0, 4_000);
+        new.extend_from_slice(&sig_text(9_000, 50));
+        let (d_old, d_new) = (store.put_bytes(&old).unwrap(), store.put_bytes(&new).unwrap());
+        store.put_delta(&d_old, &old, &d_new).unwrap().expect("a delta is smaller");
+        store.retain(&std::collections::HashSet::from([d_new])).unwrap();
+        let path = store.delta_path(&d_old);
+        let good = fs::read(&path).unwrap();
+        // Another whole object of the same size named as the base (one byte differs): the delta applies,
+        // to other bytes, which only the digest check refuses.
+        let mut near = new.clone();
+        near[0] = b'X';
+        let other = store.put_bytes(&near).unwrap();
+        let mut rebased = good.clone();
+        rebased[9..41].copy_from_slice(&other.0);
+        fs::write(&path, &rebased).unwrap();
+        let Err(e) = store.content(&d_old) else { panic!("wrong content is refused") };
+        let e = e.to_string();
+        assert!(e.contains("corrupt"), "{e}");
+        // A flipped byte in the frame, a cut frame, a bad header: errors all.
+        let mut flipped = good.clone();
+        let at = flipped.len() - 3;
+        flipped[at] ^= 0x55;
+        for bad in [flipped, good[..good.len() - 5].to_vec(), b"MFDELTA2".to_vec()] {
+            fs::write(&path, &bad).unwrap();
+            assert!(store.content(&d_old).is_err(), "a damaged delta is an error");
+            assert!(store.content_prefix(&d_old, 1 << 20).is_err(), "a damaged delta is an error");
+        }
+        // A base stored only as a delta is not followed: the chain is one deep.
+        fs::write(&path, &good).unwrap();
+        assert_eq!(store.content(&d_old).unwrap(), old);
+        store.put_delta(&d_new, &new, &other).unwrap().expect("a delta is smaller");
+        store.retain(&std::collections::HashSet::from([other])).unwrap();
+        let Err(e) = store.content(&d_old) else { panic!("a chain is refused") };
+        let e = e.to_string();
+        assert!(e.contains("does not hold whole"), "{e}");
     }
 }

@@ -7,6 +7,8 @@ mod util;
 mod sync;
 // Deltas, local copies, replies in parts, lost parts sent again.
 mod transfer;
+// Old generations beyond keep-generations: one round trip, a direct delta, old content kept as deltas.
+mod history;
 // Forged, tampered, replayed, hostile and oversized input.
 mod hostile;
 // kill -9 at every step of an apply and while answering.

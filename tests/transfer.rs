@@ -296,7 +296,9 @@ fn a_delivery_report_without_the_parts_token_changes_nothing() {
 fn pruned_generations_free_the_store_and_recipients_on_them_still_sync() {
     let w = World::new();
     let site = w.site("site1");
+    // No old generations kept (`keep-history = 0`): what is pruned is gone.
     set_owner(&w, "keep-generations = 16", "keep-generations = 2");
+    set_owner(&w, "keep-history = \"1year\"", "keep-history = 0");
     put(&w.source, "only-in-1.bin", &noise(50_000, 9), 0o644);
     put(&w.source, "kept.txt", b"kept\n", 0o644);
     w.publish();

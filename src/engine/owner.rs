@@ -230,7 +230,10 @@ pub trait OwnerView {
     /// # Errors
     /// Local failures.
     fn generation(&self, channel: &str, number: u64) -> Result<Option<Generation>>;
-    /// The tree of a kept generation of `channel`, `None` when it was pruned or never existed.
+    /// The tree of generation `generation` of `channel`: a kept generation, or an old one whose file list
+    /// is still kept (beyond `keep-generations`, within `keep-history`); `None` when it was forgotten or
+    /// never existed. Only a kept generation can be a reply's target ([`OwnerView::generation`]); an old
+    /// one is what a changes-only request is rebuilt from (R3/R4).
     ///
     /// # Errors
     /// Local failures.

@@ -13,6 +13,7 @@
 
 pub mod compose;
 pub mod grants;
+pub mod history;
 pub mod install;
 pub mod owner;
 pub mod pack;

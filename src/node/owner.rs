@@ -189,6 +189,7 @@ pub fn init_with(
         silent_after_intervals: crate::config::default_silent_after_intervals(),
         alert_interval: crate::config::default_alert_interval(),
         require_approval: false,
+        keep_history: Default::default(),
         broadcast_address: None,
         broadcast_min: crate::config::default_broadcast_min(),
     };
@@ -430,8 +431,10 @@ impl Owner {
         Ok(Published { generation, root, files: files as u64, bytes, new: true })
     }
 
-    /// Keeps the newest `keep-generations` generations and the content they refer to. Replies already
-    /// made are unaffected: their parts are kept whole, apart from the store.
+    /// Keeps the newest `keep-generations` generations and the content they refer to; older ones become
+    /// old generations (their file lists kept, their content as deltas, until `keep-history`: see
+    /// [`super::history`]). Replies already made are unaffected: their parts are kept whole, apart from
+    /// the store.
     fn prune(&mut self, channel: &str) -> Result<()> {
         let gone = self.state.db.prune_generations(channel, self.cfg.owner.keep_generations)?;
         if gone.is_empty() {
@@ -440,10 +443,16 @@ impl Owner {
         for g in &gone {
             self.manifests.borrow_mut().remove(&(channel.to_owned(), *g));
         }
-        let keep = self.state.db.kept_contents()?;
-        let (objects, bytes) = self.store.retain(&keep)?;
+        let r = super::history::retire(&self.state.db, &self.store, self.cfg.owner.keep_history, crate::db::now())?;
+        if r.forgotten > 0 {
+            self.manifests.borrow_mut().clear();
+        }
         let cached = super::pack::prune_cache(&self.cfg.state_dir.join("deltas"), KEEP_DELTAS)?;
-        info!(channel, generations = ?gone, objects, bytes, cached, "pruned generations beyond keep-generations");
+        info!(
+            channel, generations = ?gone, deltas = r.deltas, whole = r.whole, removed = r.removed,
+            bytes = r.removed_bytes, forgotten = r.forgotten, cached,
+            "generations beyond keep-generations kept as old generations"
+        );
         Ok(())
     }
 
@@ -1033,10 +1042,16 @@ impl OwnerView for View<'_> {
         if let Some(m) = self.manifests.borrow().get(&at) {
             return Ok(Some(m.clone()));
         }
-        if !self.db.has_generation(channel, generation)? {
-            return Ok(None);
-        }
-        let m = Arc::new(self.db.generation_manifest(channel, generation)?);
+        // A kept generation, or an old one (beyond `keep-generations`, within `keep-history`).
+        let m = if self.db.has_generation(channel, generation)? {
+            self.db.generation_manifest(channel, generation)?
+        } else {
+            match self.db.old_generation_manifest(channel, generation)? {
+                Some(m) => m,
+                None => return Ok(None),
+            }
+        };
+        let m = Arc::new(m);
         self.manifests.borrow_mut().insert(at, m.clone());
         Ok(Some(m))
     }

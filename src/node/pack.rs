@@ -474,9 +474,9 @@ impl Packer<'_> {
             // A base's size comes from the request: read no more of it than claimed, and use no base of
             // another size. A small claim for a large stored file would otherwise get past
             // `bsdiff::MAX_INPUT`, `GROUP_PREFIX` and the budget. Not cached: the lie is the request's.
-            let (frame, _) = self.store.open_frame(&b.blake3)?;
+            // Read through the store: an old version kept as a delta is a base like any kept file.
             let start = prefix.len();
-            zstd::stream::read::Decoder::new(frame)?.take(b.size.saturating_add(1)).read_to_end(&mut prefix)?;
+            prefix.extend_from_slice(&self.store.content_prefix(&b.blake3, b.size.saturating_add(1))?);
             if (prefix.len() - start) as u64 != b.size {
                 tracing::warn!(base = %b.blake3.short(), claimed = b.size, "a request gave a base another size than it has; not using it");
                 return Ok(None);
