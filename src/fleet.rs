@@ -4,7 +4,7 @@
 //! The version database (tables `fleet`, `fleet_events`, `fleet_alerts` of [`crate::db`]) holds facts only:
 //! what each recipient's authenticated requests and receipts stated, when it last made contact, and every
 //! outcome its receipts reported. A recipient's one [`FleetState`] is derived from those facts and the time
-//! by [`derive`], a pure function; [`fleet`] reads the facts and derives every row. [`pending_alerts`] (pure)
+//! by [`derive()`], a pure function; [`fleet`] reads the facts and derives every row. [`pending_alerts`] (pure)
 //! says which transitions an alert mail must list, and [`queue_alerts`] queues at most one such mail per
 //! `alert-interval` through the outbox, recording what it alerted in the same transaction, so that each
 //! transition alerts once, across restarts too.
@@ -28,7 +28,7 @@ pub const DEFAULT_CHANNEL: &str = "default";
 /// without a request.
 pub const DEFAULT_SILENT_AFTER_INTERVALS: u32 = 3;
 
-/// A recipient's state on one channel, derived from the facts by [`derive`].
+/// A recipient's state on one channel, derived from the facts by [`derive()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FleetState {
