@@ -412,16 +412,17 @@ impl Owner {
             );
         }
         let manifest = scan.manifest;
-        // Recipients may run on case-insensitive file systems: a generation must be portable.
-        manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         let root = manifest.root();
         let (files, bytes) = manifest.file_stats();
+        // The same root is the same tree, checked when that generation was published.
         if let Some(latest) = latest
             && latest.root == root
         {
             cache.save(keep.as_ref(), root);
             return Ok(Published { generation: latest.number, root, files: files as u64, bytes, new: false });
         }
+        // Recipients may run on case-insensitive file systems: a generation must be portable.
+        manifest.validate().with_context(|| format!("cannot publish `{}`", source.display()))?;
         // The new objects are durable and in place before the generation that refers to them exists.
         batch.commit().context("failed to store the new generation's content")?;
         let generation = self.state.db.add_generation(channel, &manifest)?;
