@@ -53,7 +53,7 @@ PACKAGE_PAIRS = {
         "rsync_reference": 1975 * KB,
     },
 }
-ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "tree100k", "parts", "fleet", "history"]
+ALL_NAMES = ["typescript", "django", "numpy", "sigdb", "sigdb-issue", "tree100k", "parts", "fleet", "history"]
 
 # Issue 15's targets.
 SIGDB_TARGET = 312 * KB  # the 100 MB signature database update, all mail
@@ -321,10 +321,11 @@ def _words(rng, n):
     return ["".join(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(n)]
 
 
-def sigdb_trees(total_bytes, tag):
+def sigdb_trees(total_bytes, tag, append_div=100, delete_div=200):
     """A signature database of text lines in four files; B appends ~1% new lines to each file and deletes
-    ~0.5% scattered lines."""
-    base = cache_dir() / "trees" / f"synthetic-sigdb-{tag}-v1"
+    ~0.5% scattered lines (`append_div`, `delete_div`: one line in that many)."""
+    variant = "" if (append_div, delete_div) == (100, 200) else f"-a{append_div}-d{delete_div}"
+    base = cache_dir() / "trees" / f"synthetic-sigdb-{tag}{variant}-v1"
     done = base.with_name(base.name + ".ok")
     if done.exists():
         return base / "A", base / "B"
@@ -352,9 +353,9 @@ def sigdb_trees(total_bytes, tag):
             lines.append(line)
             size += len(line)
         (base / "A" / name).write_text("".join(lines))
-        deleted = set(rng.sample(range(len(lines)), len(lines) // 200))
+        deleted = set(rng.sample(range(len(lines)), len(lines) // delete_div))
         kept = [line for i, line in enumerate(lines) if i not in deleted]
-        kept.extend(sig_line() for _ in range(len(lines) // 100))
+        kept.extend(sig_line() for _ in range(len(lines) // append_div))
         (base / "B" / name).write_text("".join(kept))
     done.touch()
     return base / "A", base / "B"
@@ -1321,6 +1322,11 @@ def report(results, args, meta):
             targets.append([r["name"], "update mail, both ways", f"<= {fmt_kb(t)}", fmt_kb(v), verdict(v <= t),
                             f"rsync {fmt_kb(rs['bytes']) if rs else '—'} (issue: {fmt_kb(pp['rsync_reference'])}), "
                             f"zstd {fmt_kb(z['bytes'])}"])
+        elif r["name"] == "sigdb-issue":
+            v = r["update"]["total_bytes"]
+            targets.append([r["name"], "update mail, both ways", f"<= {fmt_kb(SIGDB_TARGET)}", fmt_kb(v),
+                            "—" if args.quick else verdict(v <= SIGDB_TARGET),
+                            "quick: 10 MB set" if args.quick else f"zstd {fmt_kb(z['bytes'])}"])
         elif r["name"] == "sigdb":
             v = r["update"]["total_bytes"]
             targets.append([r["name"], "update mail, both ways", f"<= {fmt_kb(SIGDB_TARGET)}", fmt_kb(v),
@@ -1556,6 +1562,13 @@ def main():
                          "0.5% scattered lines deleted")
                 results.append(run_pair(args, binary, name, title, a, b, extra=coldhash_extra(args),
                                         zstd_level=ZSTD_LARGE_LEVEL))
+            elif name == "sigdb-issue":
+                # The set of issue 15 and docs' anchors: 0.5% of lines appended, 0.1% deleted.
+                size = 10_000_000 if args.quick else 100_000_000
+                a, b = sigdb_trees(size, "quick" if args.quick else "full", append_div=200, delete_div=1000)
+                title = (f"signature database, {size / 1e6:.0f} MB of text lines in 4 files; B: +0.5% lines appended, "
+                         "0.1% scattered lines deleted (issue 15's set)")
+                results.append(run_pair(args, binary, name, title, a, b, zstd_level=ZSTD_LARGE_LEVEL))
             elif name == "tree100k":
                 n = 10_000 if args.quick else 100_000
                 a, b = tree_trees(n, "quick" if args.quick else "full")
