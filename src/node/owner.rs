@@ -35,7 +35,7 @@ use crate::engine::owner::{
 use crate::engine::{self, Entropy, verify};
 use crate::manifest::{Digest, Manifest};
 use crate::protocol::envelope::{self, Outgoing};
-use crate::protocol::{self, Auth, Kind, Payload, Refusal, Reply, ReplyId};
+use crate::protocol::{self, Auth, Kind, Refusal, Reply, ReplyId};
 use crate::scan::{Exclude, ForeignKind, StatCache, scan_excluding_cached};
 use crate::store::Store;
 use crate::transport::{Transport, maildir::check_address};
@@ -1144,43 +1144,15 @@ fn split(
     rng: &mut dyn Entropy,
     mut emit: impl FnMut(u32, &str, &[u8]) -> Result<()>,
 ) -> Result<u32> {
-    use std::io::{Read, Seek, SeekFrom};
-    let chunk_id = |k: u32| format!("pack-{k:04}.bin");
-    // The control part grows with the number of parts (each lists every chunk): find a chunk size that
-    // leaves room for it.
-    let mut chunk = envelope::chunk_size(limit, 0);
-    let mut parts;
-    loop {
-        parts = u32::try_from(packed.size.div_ceil(chunk).max(1)).context("reply needs too many parts")?;
-        let probe = Reply {
-            part: parts,
-            parts,
-            payloads: (1..=parts).map(|k| Payload { id: chunk_id(k), size: chunk, blake3: Digest([0; 32]) }).collect(),
-            ..head.clone()
-        };
-        let fits = envelope::chunk_size(limit, protocol::encode(&probe).len());
-        if fits >= chunk {
-            break;
-        }
-        chunk = fits;
-    }
-    let mut file = packed.file.reopen()?;
-    let mut read_chunk = |k: u32| -> Result<Vec<u8>> {
-        let start = u64::from(k - 1) * chunk;
-        let len = chunk.min(packed.size - start);
-        let mut buf = vec![0; usize::try_from(len)?];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        Ok(buf)
-    };
-    let mut payloads = Vec::with_capacity(parts as usize);
-    for k in 1..=parts {
-        let bytes = read_chunk(k)?;
-        payloads.push(Payload { id: chunk_id(k), size: bytes.len() as u64, blake3: Digest::of(&bytes) });
-    }
+    // The control part grows with the number of parts (each lists every chunk): the chunks leave room for it.
+    let mut chunks = super::pack::Chunks::cut(packed, limit, |parts, chunk| {
+        let probe = Reply { part: parts, parts, payloads: super::pack::probe_payloads(parts, chunk), ..head.clone() };
+        protocol::encode(&probe).len()
+    })?;
+    let (parts, payloads) = (chunks.parts(), chunks.payloads.clone());
     let changed = if ops == 0 { "no changes: you are current".to_owned() } else { format!("{ops} changes") };
     for k in 1..=parts {
-        let bytes = read_chunk(k)?;
+        let bytes = chunks.read(k)?;
         let reply = Reply { part: k, parts, payloads: payloads.clone(), ..head.clone() };
         let control = protocol::encode(&reply);
         let auth = protocol::encode(&Auth::sign(&head.recipient, key, &control).signed_by(signer, &control));

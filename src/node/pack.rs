@@ -599,6 +599,75 @@ pub fn prune_cache(cache: &Path, max_age: std::time::Duration) -> io::Result<usi
     Ok(removed)
 }
 
+/// A pack cut into chunks that fit a part size: every chunk's descriptor, and a reader of each chunk.
+pub(crate) struct Chunks<'a> {
+    packed: &'a Packed,
+    file: std::fs::File,
+    chunk: u64,
+    /// The chunks' descriptors, `pack-0001.bin` on (every part lists them all).
+    pub payloads: Vec<crate::protocol::Payload>,
+}
+
+impl<'a> Chunks<'a> {
+    /// Cuts `packed` into the fewest chunks such that a part carrying one, with a control part of
+    /// `control_len(parts, chunk)` bytes (it lists every chunk, so it grows with their number), fits
+    /// `limit` once encoded.
+    ///
+    /// # Errors
+    /// Reading the pack, or more parts than a `u32` counts.
+    pub(crate) fn cut(packed: &'a Packed, limit: u64, control_len: impl Fn(u32, u64) -> usize) -> Result<Chunks<'a>> {
+        let mut chunk = crate::protocol::envelope::chunk_size(limit, 0);
+        let parts = loop {
+            let parts = u32::try_from(packed.size.div_ceil(chunk).max(1)).context("a pack needs too many parts")?;
+            let fits = crate::protocol::envelope::chunk_size(limit, control_len(parts, chunk));
+            if fits >= chunk {
+                break parts;
+            }
+            chunk = fits;
+        };
+        let mut c = Chunks { packed, file: packed.file.reopen()?, chunk, payloads: Vec::with_capacity(parts as usize) };
+        for k in 1..=parts {
+            let bytes = c.read(k)?;
+            c.payloads.push(crate::protocol::Payload {
+                id: chunk_id(k),
+                size: bytes.len() as u64,
+                blake3: Digest::of(&bytes),
+            });
+        }
+        Ok(c)
+    }
+
+    /// The number of parts.
+    pub(crate) fn parts(&self) -> u32 {
+        self.payloads.len() as u32
+    }
+
+    /// The bytes of chunk `k` (from 1).
+    ///
+    /// # Errors
+    /// Reading the pack.
+    pub(crate) fn read(&mut self, k: u32) -> Result<Vec<u8>> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let start = u64::from(k - 1) * self.chunk;
+        let len = self.chunk.min(self.packed.size - start);
+        let mut buf = vec![0; usize::try_from(len)?];
+        self.file.seek(SeekFrom::Start(start))?;
+        self.file.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// The attachment name of chunk `k`.
+pub(crate) fn chunk_id(k: u32) -> String {
+    format!("pack-{k:04}.bin")
+}
+
+/// The chunk descriptors a size probe lists: `parts` chunks of `chunk` bytes (digests do not change the
+/// encoded length).
+pub(crate) fn probe_payloads(parts: u32, chunk: u64) -> Vec<crate::protocol::Payload> {
+    (1..=parts).map(|k| crate::protocol::Payload { id: chunk_id(k), size: chunk, blake3: Digest([0; 32]) }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,41 +285,15 @@ fn cut(
     (from, to): (&str, &str),
     rng: &mut dyn Entropy,
 ) -> Result<(Vec<Payload>, Vec<Vec<u8>>)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let chunk_id = |k: u32| format!("pack-{k:04}.bin");
-    let mut chunk = envelope::chunk_size(limit, 0);
-    let mut parts;
-    loop {
-        parts = u32::try_from(packed.size.div_ceil(chunk).max(1)).context("broadcast needs too many parts")?;
-        let probe = Broadcast {
-            part: parts,
-            parts,
-            payloads: (1..=parts).map(|k| Payload { id: chunk_id(k), size: chunk, blake3: Digest([0; 32]) }).collect(),
-            ..head.clone()
-        };
-        let fits = envelope::chunk_size(limit, protocol::encode(&probe).len());
-        if fits >= chunk {
-            break;
-        }
-        chunk = fits;
-    }
-    let mut file = packed.file.reopen()?;
-    let mut read_chunk = |k: u32| -> Result<Vec<u8>> {
-        let start = u64::from(k - 1) * chunk;
-        let len = chunk.min(packed.size - start);
-        let mut buf = vec![0; usize::try_from(len)?];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        Ok(buf)
-    };
-    let mut payloads = Vec::with_capacity(parts as usize);
-    for k in 1..=parts {
-        let bytes = read_chunk(k)?;
-        payloads.push(Payload { id: chunk_id(k), size: bytes.len() as u64, blake3: Digest::of(&bytes) });
-    }
+    let mut chunks = crate::node::pack::Chunks::cut(packed, limit, |parts, chunk| {
+        let probe =
+            Broadcast { part: parts, parts, payloads: crate::node::pack::probe_payloads(parts, chunk), ..head.clone() };
+        protocol::encode(&probe).len()
+    })?;
+    let (parts, payloads) = (chunks.parts(), chunks.payloads.clone());
     let mut out = Vec::with_capacity(parts as usize);
     for k in 1..=parts {
-        let bytes = read_chunk(k)?;
+        let bytes = chunks.read(k)?;
         let part = Broadcast { part: k, parts, payloads: payloads.clone(), ..head.clone() };
         let control = protocol::encode(&part);
         let auth = protocol::encode(&BroadcastAuth::sign(signer, &control));
