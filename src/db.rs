@@ -490,8 +490,11 @@ pub struct Answered<'a> {
     pub generation: u64,
     /// That generation's root.
     pub root: Digest,
-    /// The root of the tree the reply was computed against.
+    /// The root of the tree the reply was computed against (the request's).
     pub base: Digest,
+    /// The generation the request says the recipient has (with `base`, what the fleet's version database
+    /// notes of it).
+    pub stated_generation: u64,
     /// Operations in it.
     pub ops: usize,
     /// Bytes queued.
@@ -905,10 +908,14 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rejections(&self) -> Result<Vec<Rejection>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id")?;
-        let rows = st.query_map([], |r| {
+        self.rejections_where("ORDER BY id", [])
+    }
+
+    fn rejections_where<P: rusqlite::Params>(&self, clause: &str, p: P) -> Result<Vec<Rejection>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections {clause}"
+        ))?;
+        let rows = st.query_map(p, |r| {
             Ok(Rejection {
                 at: r.get::<_, i64>(0)? as u64,
                 reason: r.get(1)?,
@@ -1490,6 +1497,7 @@ impl Db {
             reply_bytes,
             parts,
             full_content,
+            stated_generation,
         } = *a;
         self.conn.execute(
             "INSERT INTO requests (nonce, recipient, seq, received_at, reply_id, generation, ops, reply_bytes, root, base,
@@ -1523,6 +1531,8 @@ impl Db {
                     last_request_at = ?3, last_reply_at = ?3 WHERE name = ?1",
             params![recipient, seq as i64, t, channel],
         )?;
+        // What the recipient has, as its authenticated request says, and that it made contact.
+        self.fleet_note(recipient, channel, stated_generation, &base, created)?;
         Ok(())
     }
 
@@ -2212,21 +2222,7 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn recent_rejections(&self, limit: u64) -> Result<Vec<Rejection>> {
-        let mut st = self.conn.prepare(
-            "SELECT at, reason, detail, sender, message_id, subject, digest FROM rejections ORDER BY id DESC LIMIT ?1",
-        )?;
-        let rows = st.query_map([limit as i64], |r| {
-            Ok(Rejection {
-                at: r.get::<_, i64>(0)? as u64,
-                reason: r.get(1)?,
-                detail: r.get(2)?,
-                sender: r.get(3)?,
-                message_id: r.get(4)?,
-                subject: r.get(5)?,
-                digest: r.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.rejections_where("ORDER BY id DESC LIMIT ?1", [limit as i64])
     }
 
     // ---- recipient ----

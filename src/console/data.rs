@@ -15,29 +15,23 @@ pub const CHANNEL: &str = crate::db::DEFAULT_SUBSCRIPTION;
 /// A recipient's state, as the fleet table shows and filters it: the owner's version database's.
 pub use crate::fleet::FleetState;
 
-/// One recipient's line in the fleet table.
+/// One recipient's line in the fleet table: its row in the owner's version database
+/// ([`crate::fleet::FleetRow`], whose fields it reads as its own), and whether it is suspended.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetRow {
-    /// The recipient's name.
-    pub name: String,
-    /// Its channel.
-    pub channel: String,
-    /// Its state.
-    pub state: FleetState,
-    /// The generation it has, as its last receipt reported.
-    pub generation: Option<u64>,
-    /// That generation's root, hex.
-    pub root: Option<String>,
-    /// How many generations it is behind the one offered (when it has one).
-    pub behind: Option<u64>,
-    /// When it last made authenticated contact (a request answered, a receipt).
-    pub last_contact_at: Option<u64>,
-    /// Why it is failed, held, silent, not entitled or expired.
-    pub reason: Option<String>,
-    /// A sentence on the reason.
-    pub detail: Option<String>,
+    /// The version database's row.
+    #[serde(flatten)]
+    pub row: crate::fleet::FleetRow,
     /// Suspended: the owner answers its requests with "suspended" and nothing else.
     pub suspended: bool,
+}
+
+impl std::ops::Deref for FleetRow {
+    type Target = crate::fleet::FleetRow;
+
+    fn deref(&self) -> &crate::fleet::FleetRow {
+        &self.row
+    }
 }
 
 /// What decides the offered generation (`[owner] require-approval`).
@@ -67,19 +61,8 @@ pub fn fleet_rows(db: &Db, policy: &RowPolicy, now: u64) -> Result<Vec<FleetRow>
     crate::fleet::fleet(db, &policy.fleet, now)?.into_iter().map(|r| row_of(db, r)).collect()
 }
 
-fn row_of(db: &Db, r: crate::fleet::FleetRow) -> Result<FleetRow> {
-    Ok(FleetRow {
-        suspended: db.suspended(&r.name)?,
-        name: r.name,
-        channel: r.channel,
-        state: r.state,
-        generation: r.generation,
-        root: r.root,
-        behind: r.behind,
-        last_contact_at: r.last_contact_at,
-        reason: r.reason,
-        detail: r.detail,
-    })
+fn row_of(db: &Db, row: crate::fleet::FleetRow) -> Result<FleetRow> {
+    Ok(FleetRow { suspended: db.suspended(&row.name)?, row })
 }
 
 /// The fleet table's filter, from the query string (`?state=behind&state=failed&channel=default&q=site`).
@@ -289,15 +272,20 @@ mod tests {
         assert_eq!(f.states, vec![FleetState::Behind, FleetState::Failed, FleetState::NeverSeen]);
         assert_eq!((f.channel, f.q.as_deref()), (None, Some("Site1")));
         let row = |name: &str, state| FleetRow {
-            name: name.into(),
-            channel: CHANNEL.into(),
-            state,
-            generation: None,
-            root: None,
-            behind: None,
-            last_contact_at: None,
-            reason: None,
-            detail: None,
+            row: crate::fleet::FleetRow {
+                name: name.into(),
+                channel: CHANNEL.into(),
+                state,
+                generation: None,
+                root: None,
+                behind: None,
+                last_contact_at: None,
+                reason: None,
+                detail: None,
+                in_flight: None,
+                address: format!("{name}@example.org"),
+                expected_interval: 3600,
+            },
             suspended: false,
         };
         let f = Filter::parse("state=behind&q=site1");

@@ -21,13 +21,25 @@ pub struct Sub<'a> {
 }
 
 impl Db {
-    /// The state of subscription `name` (its row is made on first use).
+    /// The state of subscription `name`. Reading one that has no row yet (a tree subscribed to but never
+    /// opened) gives its empty state; the recipient makes every configured one's row when it opens
+    /// ([`Db::add_subscriptions`]), before anything is written.
+    ///
+    /// # Errors
+    /// None today; kept fallible so that callers need not change if scoping ever reads the database.
+    pub fn sub<'a>(&'a self, name: &'a str) -> Result<Sub<'a>> {
+        Ok(Sub { db: self, name })
+    }
+
+    /// Makes the rows of subscriptions `names` that have none (once, when a recipient opens its state).
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn sub<'a>(&'a self, name: &'a str) -> Result<Sub<'a>> {
-        self.conn.execute("INSERT OR IGNORE INTO subscriptions (name) VALUES (?1)", [name])?;
-        Ok(Sub { db: self, name })
+    pub fn add_subscriptions<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        for name in names {
+            self.conn.execute("INSERT OR IGNORE INTO subscriptions (name) VALUES (?1)", [name])?;
+        }
+        Ok(())
     }
 
     /// The names of the subscriptions this state holds, `default` first.
@@ -67,31 +79,36 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors.
     pub fn subscription(&self) -> Result<Subscription> {
-        Ok(self.db.conn.query_row(
-            "SELECT seq, applied_generation, applied_root, applied_key_id, last_request_at, last_reply_at,
+        Ok(self
+            .db
+            .conn
+            .query_row(
+                "SELECT seq, applied_generation, applied_root, applied_key_id, last_request_at, last_reply_at,
                     stale_notified_at, need_full_inventory, full_content, rollback_hold, standing, pinned,
                     fresh_next
              FROM subscriptions WHERE name = ?1",
-            [self.name],
-            |r| {
-                let opt = |v: Option<i64>| v.map(|v| v as u64);
-                Ok(Subscription {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    applied_generation: r.get::<_, i64>(1)? as u64,
-                    applied_root: r.get(2)?,
-                    applied_key_id: r.get(3)?,
-                    last_request_at: opt(r.get(4)?),
-                    last_reply_at: opt(r.get(5)?),
-                    stale_notified_at: opt(r.get(6)?),
-                    need_full_inventory: r.get(7)?,
-                    full_content: r.get(8)?,
-                    rollback_hold: r.get::<_, i64>(9)? as u64,
-                    standing: r.get(10)?,
-                    pinned: opt(r.get(11)?),
-                    fresh_next: r.get(12)?,
-                })
-            },
-        )?)
+                [self.name],
+                |r| {
+                    let opt = |v: Option<i64>| v.map(|v| v as u64);
+                    Ok(Subscription {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        applied_generation: r.get::<_, i64>(1)? as u64,
+                        applied_root: r.get(2)?,
+                        applied_key_id: r.get(3)?,
+                        last_request_at: opt(r.get(4)?),
+                        last_reply_at: opt(r.get(5)?),
+                        stale_notified_at: opt(r.get(6)?),
+                        need_full_inventory: r.get(7)?,
+                        full_content: r.get(8)?,
+                        rollback_hold: r.get::<_, i64>(9)? as u64,
+                        standing: r.get(10)?,
+                        pinned: opt(r.get(11)?),
+                        fresh_next: r.get(12)?,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
     }
 
     /// Whether the next request lists the whole tree (the owner asked for it).
@@ -322,11 +339,16 @@ impl Sub<'_> {
     /// # Errors
     /// SQLite errors or a corrupt manifest.
     pub fn previous(&self) -> Result<Option<Previous>> {
-        let (generation, store): (i64, Option<String>) = self.db.conn.query_row(
-            "SELECT previous_generation, previous_store FROM subscriptions WHERE name = ?1",
-            [self.name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let row: Option<(i64, Option<String>)> = self
+            .db
+            .conn
+            .query_row(
+                "SELECT previous_generation, previous_store FROM subscriptions WHERE name = ?1",
+                [self.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (generation, store) = row.unwrap_or((0, None));
         let store = store.filter(|s| !s.is_empty());
         let manifest = self.manifest_named("previous")?;
         let (Some(store), Some(manifest), true) = (store, manifest, generation > 0) else { return Ok(None) };

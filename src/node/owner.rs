@@ -784,8 +784,8 @@ impl Role for Owner {
                         reply_bytes: bytes,
                         parts: n as u32,
                         full_content: req.full_content,
+                        stated_generation: req.generation,
                     })?;
-                    db.fleet_note(&rec.name, &req.channel, req.generation, &req.root, req.created)?;
                     db.mark_seen(digest, "processed")
                 })?;
                 info!(recipient = %rec.name, reply = %reply_id, parts = n, "sent lost parts again");
@@ -926,9 +926,8 @@ impl Owner {
                 reply_bytes: bytes,
                 parts,
                 full_content: req.full_content,
+                stated_generation: req.generation,
             })?;
-            // What the recipient has, as its request says, for the fleet's version database.
-            db.fleet_note(&rec.name, &req.channel, req.generation, &req.root, req.created)?;
             db.mark_seen(digest, "processed")?;
             Ok((parts, bytes))
         })?;

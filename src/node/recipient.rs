@@ -415,6 +415,7 @@ impl Recipient {
             .iter()
             .map(|t| Ok((t.channel.clone(), InstallPolicy::for_tree(&cfg.recipient, &t.install)?)))
             .collect::<Result<_>>()?;
+        state.db.add_subscriptions(cfg.subscriptions.iter().map(|t| t.channel.as_str()))?;
         let mut r = Recipient { cfg, state, key, owner_key, install };
         // A key taken up just before a crash is written now.
         r.finish_key()?;

@@ -196,8 +196,8 @@ impl Owner {
                 reply_bytes: raw.len(),
                 parts: head.parts,
                 full_content: req.full_content,
+                stated_generation: req.generation,
             })?;
-            db.fleet_note(&rec.name, &req.channel, req.generation, &req.root, req.created)?;
             db.mark_seen(digest, "processed")
         })?;
         crate::failpoint::hit("owner-queued");
