@@ -1913,9 +1913,13 @@ impl Db {
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
+        // The newest outcome by the recipient's clock (whole seconds). Within one second a failure comes
+        // after a success: an install hook fails after its apply, and the two receipts may arrive in either
+        // order.
         let mut outcome = self.conn.prepare_cached(
             "SELECT event, at, reply_id, generation, reason, detail FROM fleet_events
-             WHERE recipient = ?1 AND channel = ?2 ORDER BY coalesce(created, at) DESC, id DESC LIMIT 1",
+             WHERE recipient = ?1 AND channel = ?2
+             ORDER BY coalesce(created, at) DESC, event = 'failed' DESC, id DESC LIMIT 1",
         )?;
         // The newest reply that changes the tree and has no outcome yet, sent after the last outcome.
         let mut flight = self.conn.prepare_cached(
